@@ -1,0 +1,182 @@
+"""The peer's side of a lease: register, renew, re-register, unregister.
+
+Each exchange is its own short connection (the seed's connect-announce-close
+shape), so this is a timer, not a long-lived ``ClientService`` link.  A failed
+attempt is retried with capped exponential backoff and jitter; the peer keeps
+serving files whatever the relay does.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+
+from twisted.application.service import Service
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+
+from p2p import wire
+from p2p.request import request_lines
+from p2p.service import ListeningService
+
+FIRST_RETRY_SECONDS = 1.0
+# Before the relay has told us its renewal interval, retries are capped here.
+DEFAULT_MAX_RETRY_SECONDS = 20.0
+UNREGISTER_TIMEOUT_SECONDS = 5.0
+
+
+class Announcer(Service):
+    """
+    Keep a lease at the relay for the port a L{ListeningService} bound.
+
+    :param relay: where the relay listens.
+    :param listening: the peer's file server; its bound port is announced.
+    :param clock: the reactor (for timers and timeouts).
+    :param name: optional display name sent with each registration.
+    :param jitter: returns a float in [0, 1); spreads the peers' renewals.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        relay: IStreamClientEndpoint,
+        listening: ListeningService,
+        clock: IReactorTime,
+        name: str | None = None,
+        token: str | None = None,
+        request_timeout: float = 10.0,
+        jitter: Callable[[], float] = random.random,
+    ) -> None:
+        self.relay = relay
+        self.listening = listening
+        self.clock = clock
+        self.name = name
+        self.token = token
+        self.request_timeout = request_timeout
+        self.jitter = jitter
+        self.port: int | None = None
+        self.lease: wire.Registered | None = None
+        self.failures = 0
+        self._timer: IDelayedCall | None = None
+        self._in_flight: Deferred | None = None
+        self._registered_waiters: list[Deferred[wire.Registered]] = []
+
+    def startService(self) -> None:
+        super().startService()
+        self.listening.when_listening().addCallback(self._start)
+
+    def _start(self, port) -> None:
+        self.port = port.getHost().port
+        if self.running:
+            self._register()
+
+    def when_registered(self) -> Deferred[wire.Registered]:
+        """Fires with the next successful registration (or the current one)."""
+        if self.lease is not None:
+            return succeed(self.lease)
+        d: Deferred[wire.Registered] = Deferred()
+        self._registered_waiters.append(d)
+        return d
+
+    def _register(self) -> None:
+        self._timer = None
+        assert self.port is not None
+        request = wire.Register(self.port, self.name, token=self.token)
+        d = request_lines(
+            self.relay,
+            "relay",
+            request.to_line(),
+            self.clock,
+            timeout=self.request_timeout,
+        )
+        self._in_flight = d
+        d.addCallback(lambda lines: wire.Registered.from_line(lines[0]))
+        d.addCallbacks(self._registered, self._failed)
+        d.addBoth(self._done)
+
+    def _done(self, _: object) -> None:
+        self._in_flight = None
+
+    def _registered(self, reply: wire.Registered) -> None:
+        first = self.lease is None
+        self.lease = reply
+        self.failures = 0
+        if first:
+            self.log.info(
+                "registered at the relay as {peer_id} "
+                "(seen as {observed}, lease {ttl}s)",
+                peer_id=reply.peer_id,
+                observed=reply.observed,
+                ttl=reply.ttl,
+            )
+        else:
+            self.log.debug("lease renewed for {ttl}s", ttl=reply.ttl)
+        waiters, self._registered_waiters = self._registered_waiters, []
+        for waiter in waiters:
+            waiter.callback(reply)
+        # Renew a little early, by a random fraction of a tenth of the interval,
+        # so that peers started together do not renew together.
+        self._schedule(reply.renew * (1 - 0.1 * self.jitter()))
+
+    def _failed(self, failure: Failure) -> None:
+        if not self.running:
+            return
+        self.failures += 1
+        cap = self.lease.renew if self.lease is not None else DEFAULT_MAX_RETRY_SECONDS
+        delay = min(cap, FIRST_RETRY_SECONDS * 2 ** (self.failures - 1))
+        delay *= 0.5 + 0.5 * self.jitter()
+        self.lease = None
+        self.log.warn(
+            "relay registration failed ({error}); retrying in {delay:.1f}s",
+            error=_describe(failure),
+            delay=delay,
+        )
+        self._schedule(delay)
+
+    def _schedule(self, delay: float) -> None:
+        if self.running:
+            self._timer = self.clock.callLater(delay, self._register)
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if self._in_flight is not None:
+            self._in_flight.cancel()
+        if self.lease is None or self.port is None:
+            return succeed(None)
+        self.lease = None
+        request = wire.Unregister(self.port, token=self.token)
+        d = request_lines(
+            self.relay,
+            "relay",
+            request.to_line(),
+            self.clock,
+            timeout=UNREGISTER_TIMEOUT_SECONDS,
+        )
+        d.addCallbacks(
+            lambda _: self.log.info("unregistered from the relay"),
+            lambda f: self.log.warn(
+                "could not unregister: {error}", error=_describe(f)
+            ),
+        )
+        return d
+
+
+def _describe(failure: Failure) -> str:
+    """One human line for an expected failure."""
+    value = failure.value
+    text = str(value) or type(value).__name__
+    return (
+        f"{type(value).__name__}: {text}"
+        if not isinstance(value, wire.RemoteError)
+        else f"ERR {text}"
+    )

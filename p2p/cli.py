@@ -1,0 +1,460 @@
+"""The ``p2p`` command: ``get``, ``peers``, ``ls`` and ``demo``.
+
+stdout carries only results (file content, peer or file lines); progress and
+diagnostics go to stderr.  Every failure ends in one line on stderr and a
+documented exit status, never a traceback.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import threading
+from collections.abc import Callable
+from typing import IO, NoReturn, TypeVar
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python import usage
+from twisted.python.failure import Failure
+
+from p2p import __version__, wire
+from p2p.client import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    SKIPPABLE,
+    Attempt,
+    Fetcher,
+    NotFoundAnywhere,
+    list_files,
+    list_peers,
+    peer_endpoint,
+)
+from p2p.endpoints import client_description, client_endpoint, relay_from_environment
+from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
+from p2p.sink import SpoolSink
+
+T = TypeVar("T")
+
+EXIT_OK = 0
+EXIT_NOT_FOUND = 1
+EXIT_USAGE = 2
+EXIT_RELAY = 3
+EXIT_OUTPUT = 4
+EXIT_INTERRUPTED = 130
+
+PROMPT = "file name (empty line or 'quit' to stop)> "
+
+
+class GetOptions(usage.Options):
+    synopsis = "[-o PATH] [NAME ...]"
+    longdesc = (
+        "Fetch each NAME from the first active peer that has it and print it "
+        "(or save it with -o).  With no NAME, ask for names interactively."
+    )
+    optParameters = [
+        [
+            "output",
+            "o",
+            None,
+            "Save to PATH (a folder when several names) instead of printing.",
+        ]
+    ]
+
+    def parseArgs(self, *names: str) -> None:
+        self["names"] = list(names)
+
+
+class PeersOptions(usage.Options):
+    synopsis = ""
+    longdesc = "Print the active peers, one 'HOST:PORT ID [NAME]' line each."
+
+
+class LsOptions(usage.Options):
+    synopsis = ""
+    longdesc = "List the files of every active peer: 'SIZE HOST:PORT NAME' lines."
+
+
+class DemoOptions(usage.Options):
+    synopsis = "[--peers N] [--files DIR] [NAME ...]"
+    longdesc = (
+        "Start a relay and N peers on 127.0.0.1 in this process, spread the "
+        "sample files (or DIR's files) evenly among them, then fetch NAMEs "
+        "(or ask for names)."
+    )
+    optParameters = [
+        ["peers", "p", 3, "Number of peers.", int],
+        ["files", "f", None, "Distribute this folder's files instead of the samples."],
+    ]
+
+    def parseArgs(self, *names: str) -> None:
+        self["names"] = list(names)
+
+    def postOptions(self) -> None:
+        if not 1 <= self["peers"] <= 100:
+            raise usage.UsageError("--peers must be between 1 and 100")
+        if self["files"] is not None and not os.path.isdir(self["files"]):
+            raise usage.UsageError(f"--files {self['files']!r} is not a directory")
+
+
+class Options(usage.Options):
+    synopsis = "[options] COMMAND [ARGS]"
+    longdesc = (
+        "Relay-based peer-to-peer file sharing client.  Exit status: 0 success, "
+        "1 not found on any peer, 2 usage error, 3 relay unreachable or failing, "
+        "4 output cannot be written, 130 interrupted."
+    )
+    optParameters = [
+        [
+            "relay",
+            "r",
+            None,
+            "Relay endpoint or HOST:PORT (default $P2P_RELAY or tcp:127.0.0.1:8000).",
+        ],
+        [
+            "connect-timeout",
+            None,
+            DEFAULT_CONNECT_TIMEOUT_SECONDS,
+            "Seconds to wait for each connection.",
+            float,
+        ],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT_SECONDS,
+            "Seconds of silence after which a peer is skipped.",
+            float,
+        ],
+    ]
+    optFlags = [
+        ["quiet", "q", "No progress or diagnostics on stderr (errors still show)."],
+        ["verbose", "v", "Also show Twisted's log on stderr."],
+    ]
+    subCommands = [
+        ["get", None, GetOptions, "Fetch files by name."],
+        ["peers", None, PeersOptions, "Print the active peers."],
+        ["ls", None, LsOptions, "List the files across all active peers."],
+        [
+            "demo",
+            None,
+            DemoOptions,
+            "Run a relay, peers and this client in one process.",
+        ],
+    ]
+
+    def opt_version(self) -> NoReturn:
+        print(f"p2p {__version__}")
+        sys.exit(0)
+
+    def postOptions(self) -> None:
+        if self.subCommand is None:
+            raise usage.UsageError("missing COMMAND (get, peers, ls or demo)")
+        if self["connect-timeout"] <= 0 or self["idle-timeout"] <= 0:
+            raise usage.UsageError("timeouts must be positive")
+        self["relay"] = relay_from_environment(self["relay"])
+
+
+class Console:
+    """The client's two output streams and its input."""
+
+    def __init__(
+        self, stdin: IO[str], stdout: IO[bytes], stderr: IO[str], quiet: bool
+    ) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.quiet = quiet
+
+    def say(self, text: str) -> None:
+        """Progress: suppressed by -q."""
+        if not self.quiet:
+            self.error(text)
+
+    def error(self, text: str) -> None:
+        self.stderr.write(f"p2p: {text}\n")
+        self.stderr.flush()
+
+    def prompt(self) -> None:
+        self.stderr.write(PROMPT)
+        self.stderr.flush()
+
+
+def in_daemon_thread(reactor, work: Callable[[], T]) -> Deferred[T]:
+    """
+    Run blocking C{work} (terminal input, a large write to stdout) off the
+    reactor thread.  A daemon thread, unlike the reactor's pool, cannot keep
+    the process alive after Ctrl-C while it waits for input.
+    """
+    d: Deferred[T] = Deferred()
+
+    def runner() -> None:
+        try:
+            result = work()
+        except BaseException:
+            reactor.callFromThread(d.errback, Failure())
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=runner, daemon=True).start()
+    return d
+
+
+class Client:
+    """Carries out one ``p2p`` command against one relay."""
+
+    def __init__(self, reactor, options: Options, console: Console) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.console = console
+        self.relay_text = options["relay"]
+        self.relay = client_endpoint(reactor, self.relay_text)
+        self.request_timeout = max(
+            options["connect-timeout"], DEFAULT_REQUEST_TIMEOUT_SECONDS
+        )
+
+    @inlineCallbacks
+    def peers(self):
+        """Phase 2; prints nothing itself on success."""
+        entries = yield list_peers(self.relay, self.reactor, self.request_timeout)
+        return entries
+
+    def relay_failed(self, failure: Failure) -> int:
+        failure.trap(*SKIPPABLE)
+        self.console.error(
+            f"relay {client_description(self.relay_text)}: {_one_line(failure)}"
+        )
+        return EXIT_RELAY
+
+    @inlineCallbacks
+    def print_peers(self):
+        try:
+            entries = yield self.peers()
+        except SKIPPABLE:
+            return self.relay_failed(Failure())
+        self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
+        for entry in entries:
+            line = f"{entry.address} {entry.peer_id}"
+            if entry.name:
+                line += f" {entry.name}"
+            self.console.stdout.write(line.encode() + b"\n")
+        self.console.stdout.flush()
+        return EXIT_OK
+
+    @inlineCallbacks
+    def list_all_files(self):
+        try:
+            entries = yield self.peers()
+        except SKIPPABLE:
+            return self.relay_failed(Failure())
+        self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
+        rows = []
+        for entry in entries:
+            endpoint = peer_endpoint(
+                self.reactor, entry, self.options["connect-timeout"]
+            )
+            try:
+                files = yield list_files(endpoint, self.reactor, self.request_timeout)
+            except SKIPPABLE:
+                self.console.error(
+                    f"{entry.address}: cannot list files: {_one_line(Failure())}"
+                )
+                continue
+            rows.extend((f.name, f.size, entry.address) for f in files)
+        rows.sort()
+        for name, size, address in rows:
+            self.console.stdout.write(f"{size:>12} {address:<22} {name}\n".encode())
+        self.console.stdout.flush()
+        return EXIT_OK
+
+    @inlineCallbacks
+    def get(self, names: list[str], output: str | None):
+        """Phase 2 then phase 3 for each name; interactive without names."""
+        if output is not None and (len(names) > 1 or not names):
+            if not os.path.isdir(output):
+                self.console.error(
+                    f"-o {output}: must be a folder when fetching several names"
+                )
+                return EXIT_USAGE
+        worst = EXIT_OK
+        if names:
+            for name in names:
+                code = yield self.get_one(name, output)
+                worst = max(worst, code)
+                if code == EXIT_RELAY:
+                    break
+            return worst
+        while True:
+            self.console.prompt()
+            line = yield in_daemon_thread(self.reactor, self.console.stdin.readline)
+            name = line.strip()
+            if not line or name in ("", "quit", "exit"):
+                return worst
+            code = yield self.get_one(name, output)
+            worst = max(worst, code)
+
+    @inlineCallbacks
+    def get_one(self, name: str, output: str | None):
+        try:
+            wire.Get(name).to_line()
+        except ValueError:
+            self.console.error(f"{name[:60]!r}: not a valid file name")
+            return EXIT_NOT_FOUND
+        try:
+            peers = yield self.peers()
+        except SKIPPABLE:
+            return self.relay_failed(Failure())
+        self.console.say(f"relay {self.relay_text}: {len(peers)} active peer(s)")
+        if not peers:
+            self.console.error(f"{name}: no active peers")
+            return EXIT_NOT_FOUND
+        target = _target_path(name, output)
+        spool_dir = os.path.dirname(os.path.abspath(target)) if target else None
+        sink = SpoolSink(spool_dir)
+        fetcher = Fetcher(
+            self.reactor,
+            self.options["connect-timeout"],
+            self.options["idle-timeout"],
+            report=lambda attempt: self._report(name, attempt),
+        )
+        try:
+            result = yield fetcher.fetch(name, peers, sink)
+        except NotFoundAnywhere as e:
+            sink.discard()
+            self.console.error(
+                f"{name}: not found on any of {len(e.attempts)} active peer(s)"
+            )
+            return EXIT_NOT_FOUND
+        except BaseException:
+            sink.discard()
+            raise
+        try:
+            if target is None:
+                yield in_daemon_thread(
+                    self.reactor, lambda: sink.copy_to(self.console.stdout)
+                )
+                where = "stdout"
+            else:
+                sink.save_as(target)
+                where = target
+        except OSError as e:
+            sink.discard()
+            self.console.error(
+                f"{name}: cannot write {target or 'stdout'}: {e.strerror or e}"
+            )
+            return EXIT_OUTPUT
+        self.console.say(
+            f"{name}: {result.header.size} bytes from {result.peer.address} "
+            f"(sha256 {result.header.sha256[:12]}..., verified) -> {where}"
+        )
+        return EXIT_OK
+
+    def _report(self, name: str, attempt: Attempt) -> None:
+        ms = attempt.seconds * 1000
+        if attempt.ok:
+            self.console.say(f"{name}: found at {attempt.peer.address} ({ms:.0f} ms)")
+        else:
+            where = attempt.peer.address
+            self.console.say(f"{name}: skipped {where}: {attempt.reason} ({ms:.0f} ms)")
+
+
+def _target_path(name: str, output: str | None) -> str | None:
+    if output is None:
+        return None
+    if os.path.isdir(output):
+        return os.path.join(output, os.path.basename(name))
+    return output
+
+
+def _one_line(failure: Failure) -> str:
+    value = failure.value
+    from twisted.internet.defer import TimeoutError
+    from twisted.internet.error import ConnectError
+
+    if isinstance(value, TimeoutError):
+        return "timed out"
+    if isinstance(value, ConnectError):
+        return f"cannot connect: {value.osError or value.__class__.__name__}"
+    if isinstance(value, wire.RemoteError):
+        return f"refused: ERR {value.code} {value.message}"
+    return f"{value}" or type(value).__name__
+
+
+def parse(argv: list[str]) -> Options:
+    options = Options()
+    options.parseOptions(argv)
+    return options
+
+
+@inlineCallbacks
+def run(reactor, argv: list[str], console: Console | None = None):
+    """Run one ``p2p`` command; fires with the exit status."""
+    console = console or Console(sys.stdin, sys.stdout.buffer, sys.stderr, False)
+    try:
+        options = parse(argv)
+        console.quiet = options["quiet"]
+        client = Client(reactor, options, console)
+    except (usage.UsageError, ValueError) as e:
+        console.error(f"{e}")
+        console.error("try 'p2p --help'")
+        return EXIT_USAGE
+    command, sub = options.subCommand, options.subOptions
+    if command == "get":
+        return (yield client.get(sub["names"], sub["output"]))
+    if command == "peers":
+        return (yield client.print_peers())
+    if command == "ls":
+        return (yield client.list_all_files())
+    from p2p.demo import run_demo
+
+    return (yield run_demo(reactor, options, sub, console))
+
+
+def main(argv: list[str] | None = None) -> NoReturn:
+    """Console-script entry point."""
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    args = sys.argv[1:] if argv is None else argv
+    if "-v" in args or "--verbose" in args:
+        globalLogBeginner.beginLoggingTo(
+            [textFileLogObserver(sys.stderr)], redirectStandardIO=False
+        )
+    else:
+        globalLogBeginner.beginLoggingTo(
+            [_errors_only(sys.stderr)], redirectStandardIO=False
+        )
+    outcome: list[int] = []
+
+    def finished(result: object) -> None:
+        if isinstance(result, Failure):
+            if result.check(SystemExit):
+                outcome.append(result.value.code or 0)
+            else:
+                sys.stderr.write(f"p2p: internal error: {_one_line(result)}\n")
+                outcome.append(70)
+        else:
+            outcome.append(result)  # type: ignore[arg-type]
+        if reactor.running:
+            reactor.stop()
+
+    def start() -> None:
+        run(reactor, args).addBoth(finished)
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    sys.stdout.flush()
+    sys.exit(outcome[0] if outcome else EXIT_INTERRUPTED)
+
+
+def _errors_only(stream: IO[str]):
+    """A log observer that shows only unexpected errors, one line each."""
+    from twisted.logger import LogLevel, formatEvent
+
+    def observe(event: dict) -> None:
+        if event.get("log_level") is LogLevel.critical:
+            text = formatEvent(event) or "unexpected error"
+            failure = event.get("log_failure")
+            if failure is not None:
+                text += f": {failure.getErrorMessage()}"
+            stream.write(f"p2p: internal error: {text}\n")
+
+    return observe

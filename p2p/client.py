@@ -1,0 +1,323 @@
+"""The client: ask the relay for peers, then try them one at a time.
+
+``FileFetchProtocol`` fetches one file from one peer into a sink and checks
+its SHA-256.  ``Fetcher.fetch`` is the phase-3 Deferred chain: each attempt's
+errback traps the failures that mean "this peer cannot help" and starts the
+next attempt; anything else (a bug) propagates.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+
+from p2p import wire
+from p2p.request import IncompleteReply, request_lines
+from p2p.sink import SpoolSink
+from p2p.wire import WireError
+
+DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
+DEFAULT_IDLE_TIMEOUT_SECONDS = 10.0
+
+
+class PeerFailed(Exception):
+    """This peer could not deliver the file; the message says why."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+class NotFoundAnywhere(Exception):
+    """No active peer delivered the file."""
+
+    def __init__(self, name: str, attempts: list[Attempt]) -> None:
+        super().__init__(f"{name}: not found on any of {len(attempts)} peer(s)")
+        self.name = name
+        self.attempts = attempts
+
+
+# The failures that mean "move on to the next peer".
+SKIPPABLE = (
+    PeerFailed,
+    ConnectError,
+    ConnectionClosed,
+    TimeoutError,
+    CancelledError,
+    IncompleteReply,
+    WireError,
+    wire.RemoteError,
+)
+
+
+@dataclass
+class Attempt:
+    """What happened when one peer was asked for a file."""
+
+    peer: wire.PeerEntry
+    ok: bool
+    reason: str
+    seconds: float
+
+
+@dataclass
+class FetchResult:
+    name: str
+    peer: wire.PeerEntry
+    header: wire.FileHeader
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+class FileFetchProtocol(LineReceiver, TimeoutMixin):
+    """
+    Fetch one file from one peer into C{sink}.
+
+    C{result} fires with the L{wire.FileHeader} once every byte arrived and
+    matched the announced SHA-256; it fails with L{PeerFailed} for a refusal,
+    a broken or corrupted transfer, a protocol violation or a silence longer
+    than C{idle_timeout}.  Cancelling it aborts the connection.
+    """
+
+    delimiter = wire.DELIMITER
+    MAX_LENGTH = wire.MAX_LINE_LENGTH
+
+    def __init__(
+        self,
+        request: wire.Get,
+        sink: SpoolSink,
+        clock: IReactorTime,
+        idle_timeout: float | None,
+    ) -> None:
+        self.request = request
+        self.sink = sink
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.header: wire.FileHeader | None = None
+        self.remaining = 0
+        self._greeted = False
+        self.result: Deferred[wire.FileHeader] = Deferred(self._cancel)
+
+    def callLater(self, period, func):  # TimeoutMixin hook: use our clock
+        return self.clock.callLater(period, func)
+
+    def _cancel(self, _: Deferred) -> None:
+        self.setTimeout(None)
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        try:
+            if not self._greeted:
+                wire.check_banner(line, "peer")
+                self._greeted = True
+                self.sendLine(self.request.to_line())
+                return
+            header = wire.FileHeader.from_line(line)
+        except wire.RemoteError as e:
+            self._fail(f"refused: ERR {e.code} {e.message}", abort=False)
+            return
+        except WireError as e:
+            self._fail(f"protocol error: {e.message}")
+            return
+        if header.offset != self.request.offset:
+            self._fail("protocol error: the peer answered for another offset")
+            return
+        self.header = header
+        self.remaining = header.count
+        self.sink.begin(header)
+        self.setRawMode()
+        if self.remaining == 0:
+            self._complete()
+
+    def rawDataReceived(self, data: bytes) -> None:
+        if self.result.called:
+            return
+        self.resetTimeout()
+        if len(data) > self.remaining:
+            self._fail("protocol error: more bytes than announced")
+            return
+        self.sink.write(data)
+        self.remaining -= len(data)
+        if self.remaining == 0:
+            self._complete()
+
+    def _complete(self) -> None:
+        assert self.header is not None
+        if self.sink.hexdigest() != self.header.sha256:
+            self._fail("corrupted: SHA-256 does not match the header")
+            return
+        self.setTimeout(None)
+        self.transport.loseConnection()
+        self.result.callback(self.header)
+
+    def _fail(self, reason: str, abort: bool = True) -> None:
+        self.setTimeout(None)
+        if abort:
+            self.transport.abortConnection()
+        else:
+            self.transport.loseConnection()
+        if not self.result.called:
+            self.result.errback(PeerFailed(reason))
+
+    def timeoutConnection(self) -> None:
+        self._fail(f"timed out: silent for {self.idle_timeout:g}s")
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._fail("protocol error: reply line too long")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)
+        if not self.result.called:
+            if self.header is None:
+                self.result.errback(PeerFailed("connection closed before a reply"))
+            else:
+                got = self.header.count - self.remaining
+                self.result.errback(
+                    PeerFailed(
+                        f"broken transfer after {got} of {self.header.count} bytes"
+                    )
+                )
+
+
+def peer_endpoint(
+    reactor: IReactorTCP, peer: wire.PeerEntry, timeout: float
+) -> IStreamClientEndpoint:
+    """A plain TCP endpoint for a peer from the relay's list."""
+    if ":" in peer.host:
+        return TCP6ClientEndpoint(reactor, peer.host, peer.port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, peer.host, peer.port, timeout=timeout)
+
+
+EndpointFor = Callable[[wire.PeerEntry], IStreamClientEndpoint]
+
+
+def _reason(failure: Failure) -> str:
+    value = failure.value
+    if isinstance(value, PeerFailed):
+        return value.reason
+    if isinstance(value, ConnectError):
+        return f"cannot connect: {value.osError or type(value).__name__}"
+    if isinstance(value, (TimeoutError, CancelledError)):
+        return "timed out"
+    return f"{type(value).__name__}: {value}"
+
+
+class Fetcher:
+    """
+    Phase 3: fetch a file from the first peer, in list order, that has it.
+
+    :param reactor: provides time (and TCP, for the default endpoints).
+    :param connect_timeout: seconds to wait for each peer's connection.
+    :param idle_timeout: seconds of silence after which a peer is skipped.
+    :param endpoint_for: builds a client endpoint for a peer (TLS later).
+    :param report: called with each finished L{Attempt}, for progress output.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        endpoint_for: EndpointFor | None = None,
+        report: Callable[[Attempt], None] = lambda attempt: None,
+        now: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.endpoint_for = endpoint_for or (
+            lambda peer: peer_endpoint(reactor, peer, connect_timeout)
+        )
+        self.report = report
+        self.now = now
+
+    def attempt(
+        self, name: str, peer: wire.PeerEntry, sink: SpoolSink
+    ) -> Deferred[wire.FileHeader]:
+        """Ask one peer for C{name}."""
+        protocol = FileFetchProtocol(
+            wire.Get(name), sink, self.reactor, self.idle_timeout
+        )
+        endpoint = self.endpoint_for(peer)
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False
+        d = endpoint.connect(factory)
+        # The endpoint's own timeout may be coarse (whole seconds); this one
+        # bounds the connection attempt exactly.  After that, the protocol's
+        # idle timeout takes over.
+        d.addTimeout(self.connect_timeout, self.reactor)
+        d.addCallback(lambda _: protocol.result)
+        return d
+
+    def fetch(
+        self, name: str, peers: Sequence[wire.PeerEntry], sink: SpoolSink
+    ) -> Deferred[FetchResult]:
+        """
+        Try C{peers} one at a time until one delivers C{name} intact.
+
+        Fails with L{NotFoundAnywhere} (listing every attempt) when none does.
+        """
+        attempts: list[Attempt] = []
+
+        def try_peer(index: int) -> Deferred[FetchResult]:
+            if index == len(peers):
+                return fail(NotFoundAnywhere(name, attempts))
+            peer = peers[index]
+            started = self.now()
+            d = self.attempt(name, peer, sink)
+            d.addCallbacks(
+                succeeded, failed, (peer, started), None, (index, peer, started)
+            )
+            return d
+
+        def succeeded(header, peer, started) -> FetchResult:
+            attempt = Attempt(peer, True, "found", self.now() - started)
+            attempts.append(attempt)
+            self.report(attempt)
+            return FetchResult(name, peer, header, attempts)
+
+        def failed(
+            failure: Failure, index: int, peer, started
+        ) -> Deferred[FetchResult]:
+            failure.trap(*SKIPPABLE)
+            sink.reset()
+            attempt = Attempt(peer, False, _reason(failure), self.now() - started)
+            attempts.append(attempt)
+            self.report(attempt)
+            return try_peer(index + 1)
+
+        return try_peer(0)
+
+
+def list_peers(
+    relay: IStreamClientEndpoint, clock: IReactorTime, timeout: float
+) -> Deferred[list[wire.PeerEntry]]:
+    """Phase 2: the relay's list of active peers."""
+    d = request_lines(relay, "relay", wire.Peers().to_line(), clock, True, timeout)
+    d.addCallback(lambda lines: [wire.PeerEntry.from_line(line) for line in lines[1:]])
+    return d
+
+
+def list_files(
+    endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
+) -> Deferred[list[wire.FileEntry]]:
+    """The files one peer shares."""
+    d = request_lines(
+        endpoint, "peer", wire.ListFiles().to_line(), clock, True, timeout
+    )
+    d.addCallback(lambda lines: [wire.FileEntry.from_line(line) for line in lines[1:]])
+    return d

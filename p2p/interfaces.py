@@ -1,0 +1,60 @@
+"""Interfaces that decouple the protocols from their state."""
+
+from __future__ import annotations
+
+from zope.interface import Attribute, Interface
+
+
+class IRegistry(Interface):
+    """The relay's table of peer leases.
+
+    The relay protocol talks only to this interface, so a shared store (for
+    several relays) can replace the in-memory table without touching it.
+    Times are seconds on the relay's clock; the registry never reads a clock
+    itself.
+    """
+
+    def register(host, port, name, now):
+        """
+        Create or renew the lease of the peer listening at C{host}:C{port}.
+
+        :return: the L{p2p.registry.Lease} now in force.
+        :raise p2p.registry.RegistryFull: when a limit forbids a new lease.
+        """
+
+    def unregister(host, port):
+        """
+        End the lease of C{host}:C{port} at once.
+
+        :return: the ended lease, or C{None} if there was none.
+        """
+
+    def expire(now):
+        """
+        End every lease whose time is up.
+
+        Cost is proportional to the number of leases that expire, not to the
+        size of the table.
+
+        :return: the list of expired leases.
+        """
+
+    def active(now, limit):
+        """
+        :return: at most C{limit} unexpired leases, oldest registration first.
+        """
+
+    def __len__():
+        """The number of leases held (expired ones may linger until expire)."""
+
+
+class ILease(Interface):
+    """One peer's registration."""
+
+    peer_id = Attribute("Stable id derived from the peer's address.")
+    host = Attribute("The address the relay observed (or a trusted claim).")
+    port = Attribute("The port the peer serves on.")
+    name = Attribute("Optional display name, or None.")
+    registered = Attribute("When the lease was first granted.")
+    renewed = Attribute("When the lease was last renewed.")
+    expires = Attribute("When the lease ends unless renewed.")

@@ -1,0 +1,234 @@
+"""The peer's file server: ``GET``/``RESUME`` stream a file, ``LIST`` lists.
+
+A file goes out as one header line (count, SHA-256, offset, size) and then
+exactly ``count`` raw bytes, pulled from disk chunk by chunk as the socket
+drains, so memory stays flat whatever the file size.  While a file is being
+sent the connection reads no further requests.
+"""
+
+from __future__ import annotations
+
+import os
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionLost
+from twisted.internet.interfaces import IConsumer, IPullProducer, IReactorTime
+from twisted.internet.protocol import ServerFactory
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from p2p import wire
+from p2p.share import OpenedFile, ShareFolder
+from p2p.wire import Code, WireError
+
+DEFAULT_IDLE_TIMEOUT_SECONDS = 30
+# Large enough that per-chunk overhead is small, small enough to keep the
+# process's memory flat (one chunk in flight per connection).
+CHUNK_BYTES = 256 * 1024
+
+
+class FileShrank(Exception):
+    """The file ended before the promised byte count was sent."""
+
+
+@implementer(IPullProducer)
+class FileRangeProducer:
+    """
+    Pull producer writing C{count} bytes of C{fd} from C{offset}.
+
+    Reads use C{os.pread}, so the descriptor's offset is never shared state.
+    C{done} fires when every byte was written, or fails if the consumer went
+    away (L{ConnectionLost}) or the file shrank (L{FileShrank}).
+    """
+
+    def __init__(
+        self,
+        fd: int,
+        offset: int,
+        count: int,
+        consumer: IConsumer,
+        on_progress=lambda: None,
+        chunk_bytes: int = CHUNK_BYTES,
+    ) -> None:
+        self.fd = fd
+        self.position = offset
+        self.remaining = count
+        self.consumer = consumer
+        self.on_progress = on_progress
+        self.chunk_bytes = chunk_bytes
+        self.done: Deferred[None] = Deferred()
+
+    def start(self) -> Deferred[None]:
+        if self.remaining == 0:
+            self.done.callback(None)
+        else:
+            self.consumer.registerProducer(self, False)
+        return self.done
+
+    def resumeProducing(self) -> None:
+        if self.done.called:
+            return
+        chunk = os.pread(self.fd, min(self.chunk_bytes, self.remaining), self.position)
+        if not chunk:
+            self._finish(Failure(FileShrank()))
+            return
+        self.position += len(chunk)
+        self.remaining -= len(chunk)
+        self.consumer.write(chunk)
+        self.on_progress()
+        if self.remaining == 0:
+            self._finish(None)
+
+    def stopProducing(self) -> None:
+        if not self.done.called:
+            self.done.errback(ConnectionLost("the consumer stopped the transfer"))
+
+    def _finish(self, result: Failure | None) -> None:
+        self.consumer.unregisterProducer()
+        if result is None:
+            self.done.callback(None)
+        else:
+            self.done.errback(result)
+
+
+class PeerProtocol(LineReceiver, TimeoutMixin):
+    """One client connection to a peer."""
+
+    delimiter = wire.DELIMITER
+    MAX_LENGTH = wire.MAX_LINE_LENGTH
+    log = Logger()
+
+    def __init__(
+        self, share: ShareFolder, clock: IReactorTime, idle_timeout: float | None
+    ) -> None:
+        self.share = share
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self._opened: OpenedFile | None = None
+        self._header_sent = False
+        self._lost = False
+
+    def callLater(self, period, func):  # TimeoutMixin hook: use our clock
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+        self.sendLine(wire.banner("peer"))
+
+    def connectionLost(self, reason=None) -> None:
+        self._lost = True
+        self.setTimeout(None)
+        self._close_file()
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        if not line.strip():
+            return
+        try:
+            request = wire.parse_peer_request(line)
+            if isinstance(request, wire.Get):
+                self._serve(request)
+            else:
+                self._send_listing()
+        except WireError as e:
+            self.log.warn("refused a request: {error}", error=str(e))
+            self.sendLine(e.to_line())
+
+    def _send_listing(self) -> None:
+        entries = self.share.list()
+        lines = [wire.format_count(len(entries))]
+        lines.extend(entry.to_line() for entry in entries)
+        self.transport.writeSequence([line + self.delimiter for line in lines])
+
+    def _serve(self, request: wire.Get) -> None:
+        opened = self.share.open(request.name)
+        if request.offset > opened.size:
+            opened.close()
+            raise WireError(
+                Code.BAD_OFFSET, f"offset beyond the end ({opened.size} bytes)"
+            )
+        self._opened = opened
+        # Read no further requests until this file is out.
+        self.pauseProducing()
+        d = self.share.digest(opened)
+        d.addCallback(self._send_file, opened, request.offset)
+        d.addCallbacks(self._sent, self._send_failed, (opened,), None, (opened,))
+
+    def _send_file(
+        self, digest: str, opened: OpenedFile, offset: int
+    ) -> Deferred[None]:
+        if self._lost:
+            raise ConnectionLost("client left before the transfer started")
+        header = wire.FileHeader(opened.size - offset, digest, offset, opened.size)
+        self.sendLine(header.to_line())
+        self._header_sent = True
+        producer = FileRangeProducer(
+            opened.fd, offset, header.count, self.transport, self.resetTimeout
+        )
+        return producer.start()
+
+    def _sent(self, _: None, opened: OpenedFile) -> None:
+        self.log.info("sent {name} ({size} bytes)", name=opened.name, size=opened.size)
+        self._close_file()
+        self.resumeProducing()
+
+    def _send_failed(self, failure: Failure, opened: OpenedFile) -> None:
+        self._close_file()
+        if failure.check(ConnectionLost):
+            self.log.info("client left during {name}", name=opened.name)
+        elif failure.check(FileShrank):
+            self.log.warn("{name} shrank while being sent", name=opened.name)
+        elif not self._header_sent and failure.check(OSError):
+            self.log.error(
+                "cannot read {name}: {error}", name=opened.name, error=failure.value
+            )
+            self.sendLine(wire.format_error(Code.INTERNAL, "cannot read the file"))
+            self.resumeProducing()
+            return
+        else:
+            self.log.failure("sending {name} failed", failure, name=opened.name)
+        # The byte stream can no longer match its header: end the connection.
+        if not self._lost:
+            self.transport.abortConnection()
+
+    def _close_file(self) -> None:
+        self._header_sent = False
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.sendLine(wire.format_error(Code.LINE_TOO_LONG, "line too long"))
+        self.transport.loseConnection()
+
+    def timeoutConnection(self) -> None:
+        if self._opened is None:
+            self.sendLine(wire.format_error(Code.TIMEOUT, "idle timeout"))
+            self.transport.loseConnection()
+        else:
+            # Mid-transfer an error line would corrupt the byte stream.
+            self.transport.abortConnection()
+
+
+class PeerFactory(ServerFactory):
+    """Builds a L{PeerProtocol} per client, all serving one share folder."""
+
+    noisy = False
+
+    def __init__(
+        self,
+        share: ShareFolder,
+        clock: IReactorTime,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
+    ) -> None:
+        self.share = share
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+
+    def buildProtocol(self, addr) -> PeerProtocol:
+        protocol = PeerProtocol(self.share, self.clock, self.idle_timeout)
+        protocol.factory = self
+        return protocol

@@ -1,0 +1,122 @@
+"""``twistd relay``: options and service tree."""
+
+from __future__ import annotations
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.python import usage
+
+from p2p.endpoints import server_description, server_endpoint
+from p2p.registry import MemoryRegistry
+from p2p.relay import (
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    DEFAULT_TTL_SECONDS,
+    Relay,
+    RelayFactory,
+    default_renew_interval,
+)
+from p2p.service import ListeningService, PortFileService
+
+DEFAULT_LISTEN = "tcp:8000"
+
+
+class Options(usage.Options):
+    synopsis = "[options] [PORT]"
+    longdesc = (
+        "Run a relay: peers register (a lease of --ttl seconds, renewed "
+        "periodically), clients ask for the active peers.  PORT is the seed's "
+        "short form of --listen tcp:PORT."
+    )
+    optParameters = [
+        ["ttl", None, DEFAULT_TTL_SECONDS, "Lease length in seconds.", int],
+        ["renew", None, None, "Renewal interval asked of peers (default ttl/3).", int],
+        [
+            "idle-timeout",
+            None,
+            DEFAULT_IDLE_TIMEOUT_SECONDS,
+            "Close connections silent for this many seconds.",
+            float,
+        ],
+        ["max-peers", None, 100_000, "Most leases held at once (0: no limit).", int],
+        [
+            "max-per-host",
+            None,
+            1000,
+            "Most leases per source address (0: no limit).",
+            int,
+        ],
+        ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
+    ]
+    optFlags = [
+        [
+            "allow-claimed-host",
+            None,
+            "Record the host= a peer claims instead of the observed address. "
+            "Only behind a trusted proxy: anyone could list a victim's address.",
+        ],
+    ]
+
+    def __init__(self) -> None:
+        super().__init__()
+        self["listen"] = []
+
+    def opt_listen(self, description: str) -> None:
+        """Endpoint to listen on (repeatable; default tcp:8000)."""
+        self["listen"].append(server_description(description))
+
+    opt_l = opt_listen
+
+    def parseArgs(self, port: str | None = None) -> None:
+        if port is not None:
+            if not port.isdigit():
+                raise usage.UsageError(f"PORT must be a number, not {port!r}")
+            self["listen"].append(server_description(port))
+
+    def postOptions(self) -> None:
+        if not self["listen"]:
+            self["listen"] = [DEFAULT_LISTEN]
+        if self["ttl"] < 1:
+            raise usage.UsageError("--ttl must be at least 1 second")
+        if self["renew"] is None:
+            self["renew"] = default_renew_interval(self["ttl"])
+        if not 1 <= self["renew"] <= self["ttl"]:
+            raise usage.UsageError("--renew must be between 1 and --ttl seconds")
+        if self["idle-timeout"] <= 0:
+            raise usage.UsageError("--idle-timeout must be positive")
+
+
+def expiry_period(ttl: int) -> float:
+    """How often to sweep expired leases: often enough to log them promptly."""
+    return max(0.5, min(5.0, ttl / 4))
+
+
+def makeService(config: Options, reactor=None) -> MultiService:
+    if reactor is None:
+        from twisted.internet import reactor
+    registry = MemoryRegistry(
+        config["ttl"], config["max-peers"], config["max-per-host"]
+    )
+    relay = Relay(
+        registry,
+        reactor,
+        ttl=config["ttl"],
+        renew=config["renew"],
+        allow_claimed_host=config["allow-claimed-host"],
+    )
+    factory = RelayFactory(relay, config["idle-timeout"])
+    parent = MultiService()
+    listeners = []
+    for description in config["listen"]:
+        try:
+            endpoint = server_endpoint(reactor, description)
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
+        listener = ListeningService(endpoint, factory, "relay")
+        listener.setServiceParent(parent)
+        listeners.append(listener)
+    sweeper = TimerService(expiry_period(config["ttl"]), relay.expire)
+    sweeper.clock = reactor
+    sweeper.setServiceParent(parent)
+    if config["port-file"]:
+        PortFileService(config["port-file"], listeners).setServiceParent(parent)
+    return parent

@@ -1,0 +1,113 @@
+"""One-shot line requests: connect, read the banner, ask, read the reply, close.
+
+Both the relay (REGISTER, UNREGISTER, PEERS) and a peer's LIST follow the
+seed's connect-ask-close shape, so one small protocol serves them all.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.protocol import Factory
+from twisted.protocols.basic import LineReceiver
+from twisted.python.failure import Failure
+
+from p2p import wire
+from p2p.wire import WireError
+
+DEFAULT_REQUEST_TIMEOUT_SECONDS = 10
+# A relay or peer that promises more lines than this is misbehaving.
+MAX_LISTING_LINES = 100_000
+
+
+class IncompleteReply(Exception):
+    """The connection closed before the whole reply arrived."""
+
+
+class LineRequestProtocol(LineReceiver):
+    """
+    Send C{request} once the banner of a C{role} server arrived; collect the
+    reply.  With C{listing}, the reply is ``OK <n>`` plus n lines.
+
+    C{result} fires with the reply lines, or fails with L{WireError} (a
+    malformed reply), L{wire.RemoteError} (an ``ERR`` reply) or
+    L{IncompleteReply}.  Cancelling it aborts the connection.
+    """
+
+    delimiter = wire.DELIMITER
+    MAX_LENGTH = wire.MAX_LINE_LENGTH
+
+    def __init__(self, role: str, request: bytes, listing: bool) -> None:
+        self.role = role
+        self.request = request
+        self.listing = listing
+        self.lines: list[bytes] = []
+        self._greeted = False
+        self._expected: int | None = None
+        self.result: Deferred[list[bytes]] = Deferred(self._cancel)
+
+    def _cancel(self, _: Deferred) -> None:
+        if self.transport is not None:
+            self.transport.abortConnection()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.result.called:
+            return
+        try:
+            self._line(line)
+        except (WireError, wire.RemoteError) as e:
+            self._finish(Failure(e))
+
+    def _line(self, line: bytes) -> None:
+        if not self._greeted:
+            wire.check_banner(line, self.role)
+            self._greeted = True
+            self.sendLine(self.request)
+            return
+        self.lines.append(line)
+        if self._expected is None:
+            if not self.listing:
+                wire.parse_ok(wire.decode_line(line))
+                self._finish(self.lines)
+                return
+            self._expected = wire.parse_count(line, MAX_LISTING_LINES)
+        if len(self.lines) == self._expected + 1:
+            self._finish(self.lines)
+
+    def _finish(self, result: list[bytes] | Failure) -> None:
+        self.transport.loseConnection()
+        if isinstance(result, Failure):
+            self.result.errback(result)
+        else:
+            self.result.callback(result)
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self._finish(Failure(WireError(wire.Code.LINE_TOO_LONG, "reply line too long")))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if not self.result.called:
+            why = reason.value if reason is not None else ConnectionDone()
+            self.result.errback(IncompleteReply(f"connection closed: {why}"))
+
+
+def request_lines(
+    endpoint: IStreamClientEndpoint,
+    role: str,
+    request: bytes,
+    clock: IReactorTime,
+    listing: bool = False,
+    timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
+) -> Deferred[list[bytes]]:
+    """
+    Connect to C{endpoint}, send C{request}, and return the reply lines.
+
+    The whole exchange (connect included) is bounded by C{timeout} seconds,
+    after which it fails with L{twisted.internet.defer.TimeoutError}.
+    """
+    factory = Factory.forProtocol(lambda: LineRequestProtocol(role, request, listing))
+    factory.noisy = False
+    d = endpoint.connect(factory)
+    d.addCallback(lambda protocol: protocol.result)
+    d.addTimeout(timeout, clock)
+    return d

@@ -1,0 +1,97 @@
+"""Where fetched bytes go: a spool file, hashed as it is written.
+
+Nothing reaches its final place (stdout or the ``-o`` path) until the whole
+content matched the SHA-256 its peer announced.  Saving renames the spool file
+into place, so a partial file never stands under the final name; printing
+copies the verified spool file to stdout.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from typing import BinaryIO
+
+from p2p import wire
+
+
+class SpoolSink:
+    """
+    Receives one file's bytes into a temporary file in C{directory}.
+
+    Keep the spool on the same filesystem as the destination so that
+    L{save_as} is an atomic rename.
+    """
+
+    def __init__(self, directory: str | None = None) -> None:
+        self.directory = directory
+        self._file: BinaryIO | None = None
+        self._path: str | None = None
+        self._hash = hashlib.sha256()
+        self.received = 0
+        self.header: wire.FileHeader | None = None
+
+    def begin(self, header: wire.FileHeader) -> None:
+        """Start receiving C{header.count} bytes (from offset 0 for now)."""
+        self.reset()
+        fd, self._path = tempfile.mkstemp(
+            dir=self.directory, prefix=".p2p-", suffix=".part"
+        )
+        self._file = os.fdopen(fd, "w+b")
+        self.header = header
+
+    def write(self, data: bytes) -> None:
+        assert self._file is not None
+        self._file.write(data)
+        self._hash.update(data)
+        self.received += len(data)
+
+    def hexdigest(self) -> str:
+        return self._hash.hexdigest()
+
+    def reset(self) -> None:
+        """Throw away whatever was received (the peer failed)."""
+        self.discard()
+        self._hash = hashlib.sha256()
+        self.received = 0
+        self.header = None
+
+    def discard(self) -> None:
+        """Remove the spool file."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        if self._path is not None:
+            try:
+                os.unlink(self._path)
+            except FileNotFoundError:
+                pass
+            self._path = None
+
+    def save_as(self, path: str) -> None:
+        """Durably move the verified content to C{path} (atomic rename)."""
+        assert self._file is not None and self._path is not None
+        self._file.flush()
+        os.fsync(self._file.fileno())
+        self._file.close()
+        self._file = None
+        os.chmod(self._path, 0o644 & ~_umask())
+        os.replace(self._path, path)
+        self._path = None
+
+    def copy_to(self, stream: BinaryIO) -> None:
+        """Write the verified content to C{stream}, then discard the spool."""
+        assert self._file is not None
+        self._file.flush()
+        self._file.seek(0)
+        shutil.copyfileobj(self._file, stream, 1024 * 1024)
+        stream.flush()
+        self.discard()
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

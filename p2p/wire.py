@@ -1,0 +1,484 @@
+"""The P2P/1 wire format: parse and format protocol lines, nothing else.
+
+No I/O and no reactor here, so every rule of ``docs/protocol.rst`` can be
+tested as a pure function.  Lines are UTF-8 text ended by ``\\n`` (a trailing
+``\\r`` is ignored, so ``nc -C`` and telnet work too).  Every server greets
+with a banner ``P2P/1 <role>``; every failure is ``ERR <code> <message>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import ipaddress
+import re
+from dataclasses import dataclass
+from enum import IntEnum
+
+PROTOCOL = "P2P/1"
+DELIMITER = b"\n"
+
+# Requests are short; 1 KiB is far more than the longest legal request (a
+# GET with a 255-byte name and a few path components) yet small enough that a
+# hostile client cannot make us buffer much before we refuse it.
+MAX_LINE_LENGTH = 1024
+
+# A share-relative file name: generous, but bounded so that a listing line and
+# a GET line always fit in MAX_LINE_LENGTH.
+MAX_NAME_LENGTH = 900
+
+_DISPLAY_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=-]{1,256}")
+_PEER_ID = re.compile(r"[0-9a-f]{16}")
+_SHA256 = re.compile(r"[0-9a-f]{64}")
+_DIGITS = re.compile(r"[0-9]{1,20}")
+
+
+class Code(IntEnum):
+    """Error codes carried by ``ERR`` replies (documented in protocol.rst)."""
+
+    BAD_REQUEST = 400
+    UNAUTHORIZED = 401
+    FORBIDDEN = 403
+    NOT_FOUND = 404
+    TIMEOUT = 408
+    LINE_TOO_LONG = 413
+    BAD_OFFSET = 416
+    TOO_MANY = 429
+    INTERNAL = 500
+    UNKNOWN_COMMAND = 501
+    UNAVAILABLE = 503
+    VERSION = 505
+
+
+class WireError(Exception):
+    """A request or reply that breaks the protocol; becomes an ``ERR`` line."""
+
+    def __init__(self, code: Code, message: str) -> None:
+        super().__init__(f"{int(code)} {message}")
+        self.code = code
+        self.message = message
+
+    def to_line(self) -> bytes:
+        return format_error(self.code, self.message)
+
+
+# -- generic helpers ---------------------------------------------------------
+
+
+def decode_line(line: bytes) -> str:
+    """Decode one received line, dropping a trailing CR."""
+    if line.endswith(b"\r"):
+        line = line[:-1]
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError:
+        raise WireError(Code.BAD_REQUEST, "line is not valid UTF-8") from None
+    if any(ch < " " and ch != "\t" for ch in text) or "\x7f" in text:
+        raise WireError(Code.BAD_REQUEST, "control characters are not allowed")
+    return text
+
+
+def encode_line(text: str) -> bytes:
+    """Encode one line to send (without its delimiter)."""
+    data = text.encode("utf-8")
+    if len(data) > MAX_LINE_LENGTH or "\n" in text or "\r" in text:
+        raise ValueError(f"not a valid protocol line: {text[:60]!r}")
+    return data
+
+
+def banner(role: str) -> bytes:
+    """The greeting a server sends as soon as a connection is made."""
+    return encode_line(f"{PROTOCOL} {role}")
+
+
+def check_banner(line: bytes, role: str) -> None:
+    """Raise L{WireError} unless C{line} is the banner of a C{role} server."""
+    text = decode_line(line)
+    parts = text.split(" ")
+    if not parts or not parts[0].startswith("P2P/"):
+        raise WireError(Code.VERSION, f"not a P2P server (greeting {text[:40]!r})")
+    if parts[0] != PROTOCOL:
+        raise WireError(Code.VERSION, f"unsupported protocol version {parts[0]!r}")
+    if len(parts) < 2 or parts[1] != role:
+        raise WireError(Code.BAD_REQUEST, f"expected a {role}, not {text[:40]!r}")
+
+
+def format_error(code: Code | int, message: str) -> bytes:
+    message = " ".join(message.split())[:200] or "error"
+    return encode_line(f"ERR {int(code)} {message}")
+
+
+def split_verb(text: str) -> tuple[str, str]:
+    """Split a request into its upper-cased verb and the rest of the line."""
+    verb, _, rest = text.partition(" ")
+    if not verb:
+        raise WireError(Code.BAD_REQUEST, "empty request")
+    return verb.upper(), rest
+
+
+def parse_int(text: str, what: str, low: int = 0, high: int = 2**63 - 1) -> int:
+    if not _DIGITS.fullmatch(text):
+        raise WireError(Code.BAD_REQUEST, f"{what} must be a decimal number")
+    value = int(text)
+    if not low <= value <= high:
+        raise WireError(Code.BAD_REQUEST, f"{what} must be in {low}..{high}")
+    return value
+
+
+def parse_port(text: str) -> int:
+    return parse_int(text, "port", 1, 65535)
+
+
+def parse_options(tokens: list[str], allowed: frozenset[str]) -> dict[str, str]:
+    """Parse ``key=value`` tokens; unknown or repeated keys are errors."""
+    options: dict[str, str] = {}
+    for token in tokens:
+        key, sep, value = token.partition("=")
+        if not sep or key not in allowed:
+            raise WireError(Code.BAD_REQUEST, f"unexpected argument {token[:40]!r}")
+        if key in options:
+            raise WireError(Code.BAD_REQUEST, f"repeated option {key!r}")
+        options[key] = value
+    return options
+
+
+def parse_display_name(text: str) -> str:
+    if not _DISPLAY_NAME.fullmatch(text):
+        raise WireError(
+            Code.BAD_REQUEST, "name must be 1-64 characters of A-Z a-z 0-9 . _ -"
+        )
+    return text
+
+
+def parse_host(text: str) -> str:
+    """Accept an IP literal only, normalised (IPv4-mapped IPv6 becomes IPv4)."""
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise WireError(Code.BAD_REQUEST, "host must be an IP address") from None
+    return normalise_host(str(address))
+
+
+def normalise_host(host: str) -> str:
+    """Canonical text of an IP address; IPv4-mapped IPv6 becomes plain IPv4."""
+    try:
+        address = ipaddress.ip_address(host.split("%", 1)[0])
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped:
+        return str(address.ipv4_mapped)
+    return str(address)
+
+
+def peer_id_for(host: str, port: int) -> str:
+    """A stable id for the peer listening at C{host}:C{port}."""
+    return hashlib.sha256(f"{host} {port}".encode()).hexdigest()[:16]
+
+
+def format_address(host: str, port: int) -> str:
+    """``HOST:PORT``, with IPv6 hosts in brackets."""
+    if ":" in host:
+        return f"[{host}]:{port}"
+    return f"{host}:{port}"
+
+
+def parse_ok(text: str) -> list[str]:
+    """Split an ``OK`` reply into its fields, or raise the ``ERR`` it carries."""
+    if text == "OK" or text.startswith("OK "):
+        return text.split(" ")[1:]
+    if text.startswith("ERR "):
+        code_text, _, message = text[4:].partition(" ")
+        if _DIGITS.fullmatch(code_text) and len(code_text) == 3:
+            raise RemoteError(int(code_text), message)
+    raise WireError(Code.BAD_REQUEST, f"unexpected reply {text[:60]!r}")
+
+
+class RemoteError(Exception):
+    """The other side answered ``ERR <code> <message>``."""
+
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(f"{code} {message}")
+        self.code = code
+        self.message = message
+
+
+# -- relay requests ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Register:
+    """``REGISTER <port> [name=<name>] [host=<ip>] [token=<token>]``"""
+
+    port: int
+    name: str | None = None
+    host: str | None = None
+    token: str | None = None
+
+    def to_line(self) -> bytes:
+        words = ["REGISTER", str(self.port)]
+        if self.name:
+            words.append(f"name={self.name}")
+        if self.host:
+            words.append(f"host={self.host}")
+        if self.token:
+            words.append(f"token={self.token}")
+        return encode_line(" ".join(words))
+
+
+@dataclass(frozen=True)
+class Unregister:
+    """``UNREGISTER <port> [token=<token>]``"""
+
+    port: int
+    token: str | None = None
+
+    def to_line(self) -> bytes:
+        words = ["UNREGISTER", str(self.port)]
+        if self.token:
+            words.append(f"token={self.token}")
+        return encode_line(" ".join(words))
+
+
+@dataclass(frozen=True)
+class Peers:
+    """``PEERS [token=<token>]``"""
+
+    token: str | None = None
+
+    def to_line(self) -> bytes:
+        return encode_line("PEERS" + (f" token={self.token}" if self.token else ""))
+
+
+RelayRequest = Register | Unregister | Peers
+
+
+def _parse_token(options: dict[str, str]) -> str | None:
+    token = options.get("token")
+    if token is not None and not _TOKEN.fullmatch(token):
+        raise WireError(Code.BAD_REQUEST, "malformed token")
+    return token
+
+
+def parse_relay_request(line: bytes) -> RelayRequest:
+    """Parse one line sent to a relay."""
+    verb, rest = split_verb(decode_line(line))
+    args = rest.split()
+    if verb == "REGISTER":
+        if not args:
+            raise WireError(Code.BAD_REQUEST, "usage: REGISTER <port> [name=<name>]")
+        options = parse_options(args[1:], frozenset({"name", "host", "token"}))
+        name = options.get("name")
+        host = options.get("host")
+        return Register(
+            port=parse_port(args[0]),
+            name=parse_display_name(name) if name is not None else None,
+            host=parse_host(host) if host is not None else None,
+            token=_parse_token(options),
+        )
+    if verb == "UNREGISTER":
+        if not args:
+            raise WireError(Code.BAD_REQUEST, "usage: UNREGISTER <port>")
+        options = parse_options(args[1:], frozenset({"token"}))
+        return Unregister(port=parse_port(args[0]), token=_parse_token(options))
+    if verb == "PEERS":
+        options = parse_options(args, frozenset({"token"}))
+        return Peers(token=_parse_token(options))
+    raise WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb[:32]!r}")
+
+
+# -- relay replies -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Registered:
+    """``OK <peer-id> ttl=<s> renew=<s> observed=<ip>``"""
+
+    peer_id: str
+    ttl: int
+    renew: int
+    observed: str
+
+    def to_line(self) -> bytes:
+        return encode_line(
+            f"OK {self.peer_id} ttl={self.ttl} renew={self.renew} "
+            f"observed={self.observed}"
+        )
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Registered:
+        fields = parse_ok(decode_line(line))
+        if not fields or not _PEER_ID.fullmatch(fields[0]):
+            raise WireError(Code.BAD_REQUEST, "malformed REGISTER reply")
+        options = parse_options(fields[1:], frozenset({"ttl", "renew", "observed"}))
+        if set(options) != {"ttl", "renew", "observed"}:
+            raise WireError(Code.BAD_REQUEST, "incomplete REGISTER reply")
+        return cls(
+            peer_id=fields[0],
+            ttl=parse_int(options["ttl"], "ttl", 1, 10**7),
+            renew=parse_int(options["renew"], "renew", 1, 10**7),
+            observed=parse_host(options["observed"]),
+        )
+
+
+@dataclass(frozen=True)
+class PeerEntry:
+    """``PEER <peer-id> <ip> <port> age=<s> [name=<name>]``"""
+
+    peer_id: str
+    host: str
+    port: int
+    age: int = 0
+    name: str | None = None
+
+    @property
+    def address(self) -> str:
+        return format_address(self.host, self.port)
+
+    def to_line(self) -> bytes:
+        text = f"PEER {self.peer_id} {self.host} {self.port} age={self.age}"
+        if self.name:
+            text += f" name={self.name}"
+        return encode_line(text)
+
+    @classmethod
+    def from_line(cls, line: bytes) -> PeerEntry:
+        fields = decode_line(line).split(" ")
+        if len(fields) < 5 or fields[0] != "PEER" or not _PEER_ID.fullmatch(fields[1]):
+            raise WireError(Code.BAD_REQUEST, "malformed PEER line")
+        options = parse_options(fields[4:], frozenset({"age", "name"}))
+        if "age" not in options:
+            raise WireError(Code.BAD_REQUEST, "PEER line without age")
+        name = options.get("name")
+        return cls(
+            peer_id=fields[1],
+            host=parse_host(fields[2]),
+            port=parse_port(fields[3]),
+            age=parse_int(options["age"], "age"),
+            name=parse_display_name(name) if name is not None else None,
+        )
+
+
+def format_count(count: int) -> bytes:
+    """``OK <count>``: the header of a listing of C{count} lines."""
+    return encode_line(f"OK {count}")
+
+
+def parse_count(line: bytes, maximum: int) -> int:
+    """Parse ``OK <count>``; a count above C{maximum} is a protocol error."""
+    fields = parse_ok(decode_line(line))
+    if len(fields) != 1:
+        raise WireError(Code.BAD_REQUEST, "malformed listing header")
+    return parse_int(fields[0], "count", 0, maximum)
+
+
+# -- peer requests -----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Get:
+    """``GET <name>`` or ``RESUME <offset> <name>`` (name: rest of the line)."""
+
+    name: str
+    offset: int = 0
+
+    def to_line(self) -> bytes:
+        if self.offset:
+            return encode_line(f"RESUME {self.offset} {self.name}")
+        return encode_line(f"GET {self.name}")
+
+
+@dataclass(frozen=True)
+class ListFiles:
+    """``LIST``"""
+
+    def to_line(self) -> bytes:
+        return encode_line("LIST")
+
+
+PeerRequest = Get | ListFiles
+
+
+def _parse_name(text: str) -> str:
+    if not text:
+        raise WireError(Code.BAD_REQUEST, "missing file name")
+    if len(text.encode("utf-8")) > MAX_NAME_LENGTH:
+        raise WireError(Code.BAD_REQUEST, "file name too long")
+    return text
+
+
+def parse_peer_request(line: bytes) -> PeerRequest:
+    """Parse one line sent to a peer."""
+    verb, rest = split_verb(decode_line(line))
+    if verb == "GET":
+        return Get(name=_parse_name(rest))
+    if verb == "RESUME":
+        offset_text, _, name = rest.partition(" ")
+        return Get(name=_parse_name(name), offset=parse_int(offset_text, "offset"))
+    if verb == "LIST":
+        if rest.strip():
+            raise WireError(Code.BAD_REQUEST, "LIST takes no arguments")
+        return ListFiles()
+    raise WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb[:32]!r}")
+
+
+# -- peer replies ------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """``OK <count> sha256=<hex> offset=<n> size=<n>``, then C{count} raw bytes.
+
+    C{size} is the whole file's size and C{sha256} the whole file's digest;
+    C{count} = C{size} - C{offset} bytes follow the line.
+    """
+
+    count: int
+    sha256: str
+    offset: int
+    size: int
+
+    def to_line(self) -> bytes:
+        return encode_line(
+            f"OK {self.count} sha256={self.sha256} offset={self.offset} "
+            f"size={self.size}"
+        )
+
+    @classmethod
+    def from_line(cls, line: bytes) -> FileHeader:
+        fields = parse_ok(decode_line(line))
+        if not fields:
+            raise WireError(Code.BAD_REQUEST, "malformed file header")
+        options = parse_options(fields[1:], frozenset({"sha256", "offset", "size"}))
+        if set(options) != {"sha256", "offset", "size"}:
+            raise WireError(Code.BAD_REQUEST, "incomplete file header")
+        if not _SHA256.fullmatch(options["sha256"]):
+            raise WireError(Code.BAD_REQUEST, "malformed sha256 in file header")
+        header = cls(
+            count=parse_int(fields[0], "count"),
+            sha256=options["sha256"],
+            offset=parse_int(options["offset"], "offset"),
+            size=parse_int(options["size"], "size"),
+        )
+        if header.offset + header.count != header.size:
+            raise WireError(Code.BAD_REQUEST, "file header: offset + count != size")
+        return header
+
+
+@dataclass(frozen=True)
+class FileEntry:
+    """``FILE <size> <name>`` (name: rest of the line)."""
+
+    size: int
+    name: str
+
+    def to_line(self) -> bytes:
+        return encode_line(f"FILE {self.size} {self.name}")
+
+    @classmethod
+    def from_line(cls, line: bytes) -> FileEntry:
+        text = decode_line(line)
+        verb, _, rest = text.partition(" ")
+        size_text, _, name = rest.partition(" ")
+        if verb != "FILE":
+            raise WireError(Code.BAD_REQUEST, "malformed FILE line")
+        return cls(size=parse_int(size_text, "size"), name=_parse_name(name))
