@@ -63,6 +63,9 @@ class Announcer(Service):
         self.jitter = jitter
         self.port: int | None = None
         self.lease: wire.Registered | None = None
+        # The relay's renew interval, kept after the lease is lost: it caps
+        # the retry backoff for as long as the relay stays down.
+        self.renew_interval: float | None = None
         self.failures = 0
         self._timer: IDelayedCall | None = None
         self._in_flight: Deferred | None = None
@@ -70,7 +73,15 @@ class Announcer(Service):
 
     def startService(self) -> None:
         super().startService()
-        self.listening.when_listening().addCallback(self._start)
+        d = self.listening.when_listening()
+        d.addCallbacks(self._start, self._not_listening)
+
+    def _not_listening(self, failure: Failure) -> None:
+        # The listening service logs the cause; just say why we stay quiet.
+        self.log.error(
+            "not announcing: the file server is not listening ({error})",
+            error=_describe(failure),
+        )
 
     def _start(self, port) -> None:
         self.port = port.getHost().port
@@ -107,6 +118,7 @@ class Announcer(Service):
     def _registered(self, reply: wire.Registered) -> None:
         first = self.lease is None
         self.lease = reply
+        self.renew_interval = reply.renew
         self.failures = 0
         if first:
             self.log.info(
@@ -129,7 +141,7 @@ class Announcer(Service):
         if not self.running:
             return
         self.failures += 1
-        cap = self.lease.renew if self.lease is not None else DEFAULT_MAX_RETRY_SECONDS
+        cap = self.renew_interval or DEFAULT_MAX_RETRY_SECONDS
         delay = min(cap, FIRST_RETRY_SECONDS * 2 ** (self.failures - 1))
         delay *= 0.5 + 0.5 * self.jitter()
         self.lease = None

@@ -14,6 +14,7 @@ from collections.abc import Callable
 from typing import IO, NoReturn, TypeVar
 
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.error import DNSLookupError
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -43,6 +44,11 @@ EXIT_OUTPUT = 4
 EXIT_INTERRUPTED = 130
 
 PROMPT = "file name (empty line or 'quit' to stop)> "
+
+# What "the relay cannot be reached or misbehaved" looks like: the peer-level
+# failures plus a name that does not resolve (peers are IP literals, so only
+# the relay's address goes through DNS).
+RELAY_FAILURES = (*SKIPPABLE, DNSLookupError)
 
 
 class GetOptions(usage.Options):
@@ -218,7 +224,7 @@ class Client:
         return entries
 
     def relay_failed(self, failure: Failure) -> int:
-        failure.trap(*SKIPPABLE)
+        failure.trap(*RELAY_FAILURES)
         self.console.error(
             f"relay {client_description(self.relay_text)}: {_one_line(failure)}"
         )
@@ -228,7 +234,7 @@ class Client:
     def print_peers(self):
         try:
             entries = yield self.peers()
-        except SKIPPABLE:
+        except RELAY_FAILURES:
             return self.relay_failed(Failure())
         self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
         for entry in entries:
@@ -243,7 +249,7 @@ class Client:
     def list_all_files(self):
         try:
             entries = yield self.peers()
-        except SKIPPABLE:
+        except RELAY_FAILURES:
             return self.relay_failed(Failure())
         self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
         rows = []
@@ -298,16 +304,23 @@ class Client:
         except ValueError:
             self.console.error(f"{name[:60]!r}: not a valid file name")
             return EXIT_NOT_FOUND
+        target = _target_path(name, output)
+        spool_dir = os.path.dirname(os.path.abspath(target)) if target else None
+        # The spool file is created next to the target (for an atomic rename);
+        # find out now, not mid-transfer, that it cannot be.
+        if spool_dir is not None and not (
+            os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)
+        ):
+            self.console.error(f"{name}: cannot write {target}: no writable folder")
+            return EXIT_OUTPUT
         try:
             peers = yield self.peers()
-        except SKIPPABLE:
+        except RELAY_FAILURES:
             return self.relay_failed(Failure())
         self.console.say(f"relay {self.relay_text}: {len(peers)} active peer(s)")
         if not peers:
             self.console.error(f"{name}: no active peers")
             return EXIT_NOT_FOUND
-        target = _target_path(name, output)
-        spool_dir = os.path.dirname(os.path.abspath(target)) if target else None
         sink = SpoolSink(spool_dir)
         fetcher = Fetcher(
             self.reactor,
@@ -372,7 +385,11 @@ def _one_line(failure: Failure) -> str:
     if isinstance(value, TimeoutError):
         return "timed out"
     if isinstance(value, ConnectError):
-        return f"cannot connect: {value.osError or value.__class__.__name__}"
+        # osError is an errno for refusals, a message or None otherwise.
+        reason = value.osError
+        if isinstance(reason, int):
+            reason = os.strerror(reason)
+        return f"cannot connect: {reason or value.__class__.__name__}"
     if isinstance(value, wire.RemoteError):
         return f"refused: ERR {value.code} {value.message}"
     return f"{value}" or type(value).__name__
@@ -393,8 +410,8 @@ def run(reactor, argv: list[str], console: Console | None = None):
         console.quiet = options["quiet"]
         client = Client(reactor, options, console)
     except (usage.UsageError, ValueError) as e:
-        console.error(f"{e}")
-        console.error("try 'p2p --help'")
+        # One line, like every other failure.
+        console.error(f"{e} (try 'p2p --help')")
         return EXIT_USAGE
     command, sub = options.subCommand, options.subOptions
     if command == "get":

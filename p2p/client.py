@@ -1,18 +1,23 @@
 """The client: ask the relay for peers, then try them one at a time.
 
 ``FileFetchProtocol`` fetches one file from one peer into a sink and checks
-its SHA-256.  ``Fetcher.fetch`` is the phase-3 Deferred chain: each attempt's
-errback traps the failures that mean "this peer cannot help" and starts the
-next attempt; anything else (a bug) propagates.
+its SHA-256.  ``Fetcher.fetch`` is phase 3: one attempt after the other, where
+the failures that mean "this peer cannot help" start the next attempt and
+anything else (a bug) propagates.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import CancelledError, Deferred, TimeoutError, fail
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    inlineCallbacks,
+)
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
@@ -22,7 +27,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.request import IncompleteReply, request_lines
+from p2p.request import IncompleteReply, cancelled_to_timeout, request_lines
 from p2p.sink import SpoolSink
 from p2p.wire import WireError
 
@@ -47,10 +52,13 @@ class NotFoundAnywhere(Exception):
         self.attempts = attempts
 
 
-# The failures that mean "move on to the next peer".
+# The failures that mean "move on to the next peer".  Python's own
+# ConnectionError (refused, reset, aborted) covers endpoints that report a
+# socket error without wrapping it in Twisted's ConnectError.
 SKIPPABLE = (
     PeerFailed,
     ConnectError,
+    ConnectionError,
     ConnectionClosed,
     TimeoutError,
     CancelledError,
@@ -161,17 +169,20 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self._fail("corrupted: SHA-256 does not match the header")
             return
         self.setTimeout(None)
-        self.transport.loseConnection()
+        # Fire before closing: a transport may report connectionLost from
+        # inside loseConnection, which would fire a "broken transfer" first.
         self.result.callback(self.header)
+        self.transport.loseConnection()
 
     def _fail(self, reason: str, abort: bool = True) -> None:
         self.setTimeout(None)
+        # As in _complete: the real reason first, then the close.
+        if not self.result.called:
+            self.result.errback(PeerFailed(reason))
         if abort:
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
-        if not self.result.called:
-            self.result.errback(PeerFailed(reason))
 
     def timeoutConnection(self) -> None:
         self._fail(f"timed out: silent for {self.idle_timeout:g}s")
@@ -211,6 +222,8 @@ def _reason(failure: Failure) -> str:
         return value.reason
     if isinstance(value, ConnectError):
         return f"cannot connect: {value.osError or type(value).__name__}"
+    if isinstance(value, ConnectionError):
+        return f"cannot connect: {type(value).__name__}"
     if isinstance(value, (TimeoutError, CancelledError)):
         return "timed out"
     return f"{type(value).__name__}: {value}"
@@ -259,48 +272,42 @@ class Fetcher:
         # The endpoint's own timeout may be coarse (whole seconds); this one
         # bounds the connection attempt exactly.  After that, the protocol's
         # idle timeout takes over.
-        d.addTimeout(self.connect_timeout, self.reactor)
+        d.addTimeout(
+            self.connect_timeout, self.reactor, onTimeoutCancel=cancelled_to_timeout
+        )
         d.addCallback(lambda _: protocol.result)
         return d
 
+    @inlineCallbacks
     def fetch(
         self, name: str, peers: Sequence[wire.PeerEntry], sink: SpoolSink
-    ) -> Deferred[FetchResult]:
+    ) -> Generator[Deferred[wire.FileHeader], wire.FileHeader, FetchResult]:
         """
         Try C{peers} one at a time until one delivers C{name} intact.
 
-        Fails with L{NotFoundAnywhere} (listing every attempt) when none does.
+        Returns a Deferred firing with a L{FetchResult}; it fails with
+        L{NotFoundAnywhere} (listing every attempt) when no peer delivers.
+        A loop rather than a chain of errbacks: endpoints that fail at once
+        would otherwise nest one errback per peer and overflow the stack
+        with a relay's full list (1000 peers).
         """
         attempts: list[Attempt] = []
-
-        def try_peer(index: int) -> Deferred[FetchResult]:
-            if index == len(peers):
-                return fail(NotFoundAnywhere(name, attempts))
-            peer = peers[index]
+        for peer in peers:
             started = self.now()
-            d = self.attempt(name, peer, sink)
-            d.addCallbacks(
-                succeeded, failed, (peer, started), None, (index, peer, started)
-            )
-            return d
-
-        def succeeded(header, peer, started) -> FetchResult:
+            try:
+                header = yield self.attempt(name, peer, sink)
+            except SKIPPABLE:
+                failure = Failure()
+                sink.reset()
+                attempt = Attempt(peer, False, _reason(failure), self.now() - started)
+                attempts.append(attempt)
+                self.report(attempt)
+                continue
             attempt = Attempt(peer, True, "found", self.now() - started)
             attempts.append(attempt)
             self.report(attempt)
             return FetchResult(name, peer, header, attempts)
-
-        def failed(
-            failure: Failure, index: int, peer, started
-        ) -> Deferred[FetchResult]:
-            failure.trap(*SKIPPABLE)
-            sink.reset()
-            attempt = Attempt(peer, False, _reason(failure), self.now() - started)
-            attempts.append(attempt)
-            self.report(attempt)
-            return try_peer(index + 1)
-
-        return try_peer(0)
+        raise NotFoundAnywhere(name, attempts)
 
 
 def list_peers(

@@ -12,9 +12,17 @@ DEFAULT_RELAY = "tcp:127.0.0.1:8000"
 RELAY_ENVIRONMENT_VARIABLE = "P2P_RELAY"
 
 _HOST_PORT = re.compile(
-    r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]+)):(?P<port>\d{1,5})"
+    r"(?:\[(?P<v6>[0-9A-Fa-f:.%\w]+)\]|(?P<host>[^:\[\]]+)):(?P<port>[0-9]{1,5})"
 )
-_PORT = re.compile(r"\d{1,5}")
+# ASCII digits only: \d would also accept other scripts' digits.
+_PORT = re.compile(r"[0-9]{1,5}")
+MAX_PORT = 65535
+
+
+def _checked_port(text: str, low: int) -> str:
+    if not low <= int(text) <= MAX_PORT:
+        raise ValueError(f"port {text} is out of range ({low}-{MAX_PORT})")
+    return text
 
 
 def escape(text: str) -> str:
@@ -28,22 +36,29 @@ def client_description(text: str) -> str:
 
     Accepts an endpoint string (``tcp:host:port``, ``tls:...``, ``unix:...``),
     ``HOST:PORT``, ``[IPV6]:PORT`` or a bare port (on 127.0.0.1).
+
+    :raise ValueError: for a port number outside 1-65535.
     """
     text = text.strip()
     if _PORT.fullmatch(text):
-        return f"tcp:host=127.0.0.1:port={text}"
+        return f"tcp:host=127.0.0.1:port={_checked_port(text, 1)}"
     match = _HOST_PORT.fullmatch(text)
     if match:
         host = match.group("v6") or match.group("host")
-        return f"tcp:host={escape(host)}:port={match.group('port')}"
+        port = _checked_port(match.group("port"), 1)
+        return f"tcp:host={escape(host)}:port={port}"
     return text
 
 
 def server_description(text: str) -> str:
-    """A bare port number means ``tcp:PORT``, as the seed's relay takes it."""
+    """
+    A bare port number means ``tcp:PORT``, as the seed's relay takes it.
+
+    :raise ValueError: for a port number outside 0-65535.
+    """
     text = text.strip()
     if _PORT.fullmatch(text):
-        return f"tcp:{text}"
+        return f"tcp:{_checked_port(text, 0)}"
     return text
 
 
@@ -56,16 +71,36 @@ def client_endpoint(reactor, text: str) -> IStreamClientEndpoint:
     """
     :raise ValueError: with a readable message for an unusable description.
     """
-    description = client_description(text)
+    # Endpoint parsers fail in many ways: ValueError, TypeError or KeyError
+    # for bad arguments, NameError for tls: without pyOpenSSL.
     try:
-        return clientFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+        return clientFromString(reactor, client_description(text))
+    except Exception as e:
         raise ValueError(f"bad endpoint {text!r}: {e}") from None
 
 
 def server_endpoint(reactor, text: str) -> IStreamServerEndpoint:
-    description = server_description(text)
+    """
+    :raise ValueError: with a readable message for an unusable description.
+    """
     try:
-        return serverFromString(reactor, description)
-    except (ValueError, TypeError, KeyError) as e:
+        return serverFromString(reactor, server_description(text))
+    except Exception as e:
         raise ValueError(f"bad listening endpoint {text!r}: {e}") from None
+
+
+# Options must reject a bad endpoint while parsing: twistd and twist print a
+# traceback for a UsageError raised later, from makeService.  Parsing needs no
+# reactor (the endpoint constructors only store it), and importing the global
+# one during option parsing would pre-empt twistd's --reactor choice.
+_NO_REACTOR = None
+
+
+def check_client(text: str) -> None:
+    """:raise ValueError: unless C{text} is a usable client description."""
+    client_endpoint(_NO_REACTOR, text)
+
+
+def check_server(text: str) -> None:
+    """:raise ValueError: unless C{text} is a usable server description."""
+    server_endpoint(_NO_REACTOR, text)

@@ -176,12 +176,15 @@ class PeerProtocol(LineReceiver, TimeoutMixin):
         self.resumeProducing()
 
     def _send_failed(self, failure: Failure, opened: OpenedFile) -> None:
+        # Read this before _close_file resets it: after the header, an error
+        # line would land where the client expects file bytes.
+        header_sent = self._header_sent
         self._close_file()
         if failure.check(ConnectionLost):
             self.log.info("client left during {name}", name=opened.name)
         elif failure.check(FileShrank):
             self.log.warn("{name} shrank while being sent", name=opened.name)
-        elif not self._header_sent and failure.check(OSError):
+        elif not header_sent and failure.check(OSError):
             self.log.error(
                 "cannot read {name}: {error}", name=opened.name, error=failure.value
             )

@@ -10,7 +10,13 @@ from twisted.python import usage
 
 from p2p import wire
 from p2p.announce import Announcer
-from p2p.endpoints import client_endpoint, relay_from_environment, server_endpoint
+from p2p.endpoints import (
+    check_client,
+    check_server,
+    client_endpoint,
+    relay_from_environment,
+    server_endpoint,
+)
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
@@ -53,7 +59,7 @@ class Options(usage.Options):
     def parseArgs(self, *args: str) -> None:
         if not args:
             return
-        if len(args) != 2 or not args[1].isdigit():
+        if len(args) != 2 or not (args[1].isascii() and args[1].isdigit()):
             raise usage.UsageError("expected RELAY_HOST RELAY_PORT (or use --relay)")
         if self["relay"]:
             raise usage.UsageError("give the relay either as --relay or as arguments")
@@ -62,6 +68,11 @@ class Options(usage.Options):
 
     def postOptions(self) -> None:
         self["relay"] = relay_from_environment(self["relay"])
+        try:
+            check_client(self["relay"])
+            check_server(self["listen"])
+        except ValueError as e:
+            raise usage.UsageError(str(e)) from None
         if not os.path.isdir(self["share"]):
             raise usage.UsageError(f"--share {self['share']!r} is not a directory")
         if self["name"] is not None:

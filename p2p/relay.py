@@ -86,12 +86,18 @@ class Relay:
                 )
             host = request.host
         now = self.clock.seconds()
+        # Sweep first: a lease whose time is up must not count against the
+        # limits, nor be revived as a "renewal" by its peer's next REGISTER.
+        self.expire()
+        held = len(self.registry)
         try:
             lease = self.registry.register(host, request.port, request.name, now)
         except RegistryFull as e:
             self.log.warn("registration refused: {reason}", reason=str(e))
             raise WireError(Code.TOO_MANY, str(e)) from None
-        event = "registered" if lease.registered == now else "renewed"
+        # New iff the table grew: comparing lease.registered with now would
+        # call a renewal at the same clock reading a registration.
+        event = "registered" if len(self.registry) > held else "renewed"
         self.log.info(
             "peer {peer_id} {event} at {address}",
             peer_id=lease.peer_id,

@@ -6,7 +6,7 @@ from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.python import usage
 
-from p2p.endpoints import server_description, server_endpoint
+from p2p.endpoints import check_server, server_description, server_endpoint
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -62,19 +62,24 @@ class Options(usage.Options):
 
     def opt_listen(self, description: str) -> None:
         """Endpoint to listen on (repeatable; default tcp:8000)."""
-        self["listen"].append(server_description(description))
+        self["listen"].append(_listen_description(description))
 
     opt_l = opt_listen
 
     def parseArgs(self, port: str | None = None) -> None:
         if port is not None:
-            if not port.isdigit():
+            if not (port.isascii() and port.isdigit()):
                 raise usage.UsageError(f"PORT must be a number, not {port!r}")
-            self["listen"].append(server_description(port))
+            self["listen"].append(_listen_description(port))
 
     def postOptions(self) -> None:
         if not self["listen"]:
             self["listen"] = [DEFAULT_LISTEN]
+        for description in self["listen"]:
+            try:
+                check_server(description)
+            except ValueError as e:
+                raise usage.UsageError(str(e)) from None
         if self["ttl"] < 1:
             raise usage.UsageError("--ttl must be at least 1 second")
         if self["renew"] is None:
@@ -83,6 +88,13 @@ class Options(usage.Options):
             raise usage.UsageError("--renew must be between 1 and --ttl seconds")
         if self["idle-timeout"] <= 0:
             raise usage.UsageError("--idle-timeout must be positive")
+
+
+def _listen_description(text: str) -> str:
+    try:
+        return server_description(text)
+    except ValueError as e:
+        raise usage.UsageError(str(e)) from None
 
 
 def expiry_period(ttl: int) -> float:

@@ -6,8 +6,8 @@ seed's connect-ask-close shape, so one small protocol serves them all.
 
 from __future__ import annotations
 
-from twisted.internet.defer import Deferred
-from twisted.internet.error import ConnectionDone
+from twisted.internet.defer import CancelledError, Deferred, TimeoutError
+from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
@@ -76,19 +76,37 @@ class LineRequestProtocol(LineReceiver):
             self._finish(self.lines)
 
     def _finish(self, result: list[bytes] | Failure) -> None:
-        self.transport.loseConnection()
+        # Fire first: a transport may report connectionLost from inside
+        # loseConnection, which would otherwise fire an IncompleteReply first.
         if isinstance(result, Failure):
             self.result.errback(result)
         else:
             self.result.callback(result)
+        self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
+        if self.result.called:
+            return  # junk after a complete reply (we are closing anyway)
         self._finish(Failure(WireError(wire.Code.LINE_TOO_LONG, "reply line too long")))
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         if not self.result.called:
             why = reason.value if reason is not None else ConnectionDone()
             self.result.errback(IncompleteReply(f"connection closed: {why}"))
+
+
+def cancelled_to_timeout(result: object, timeout: float) -> object:
+    """
+    C{onTimeoutCancel} for L{Deferred.addTimeout} around a connection.
+
+    Cancelling a real TCP endpoint's connection attempt fails with
+    L{ConnectingCancelledError}, not L{CancelledError}, which addTimeout's
+    default conversion lets through unchanged; both mean the time ran out.
+    """
+    if isinstance(result, Failure):
+        result.trap(CancelledError, ConnectingCancelledError)
+        raise TimeoutError(timeout, "timed out")
+    return result
 
 
 def request_lines(
@@ -109,5 +127,5 @@ def request_lines(
     factory.noisy = False
     d = endpoint.connect(factory)
     d.addCallback(lambda protocol: protocol.result)
-    d.addTimeout(timeout, clock)
+    d.addTimeout(timeout, clock, onTimeoutCancel=cancelled_to_timeout)
     return d

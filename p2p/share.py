@@ -101,7 +101,10 @@ class ShareFolder:
     def _inside(self, path: str) -> str | None:
         """The share-relative form of real path C{path}, or None if outside."""
         relative = os.path.relpath(path, self.root)
-        if relative == os.curdir or relative.startswith(os.pardir):
+        # Compare whole components: "..notes" is a file inside the folder.
+        if relative in (os.curdir, os.pardir) or relative.startswith(
+            os.pardir + os.sep
+        ):
             return None
         return relative
 
@@ -186,7 +189,11 @@ class ShareFolder:
         opened.close()
         entry = wire.FileEntry(opened.size, name)
         try:
-            entry.to_line()
-        except (ValueError, UnicodeEncodeError):
+            # Round-trip through the client's parser: one unparseable line
+            # (a control character, an over-long name) would make the whole
+            # listing unreadable for every client.
+            if wire.FileEntry.from_line(entry.to_line()) != entry:
+                return None
+        except (ValueError, UnicodeEncodeError, WireError):
             return None  # a name the protocol cannot carry
         return entry

@@ -73,7 +73,9 @@ def decode_line(line: bytes) -> str:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
         raise WireError(Code.BAD_REQUEST, "line is not valid UTF-8") from None
-    if any(ch < " " and ch != "\t" for ch in text) or "\x7f" in text:
+    # C0 (except tab), DEL and C1: all of Unicode's control characters.  C1
+    # matters too: U+0085 is whitespace to str.split(), U+009B a terminal CSI.
+    if any((ch < " " and ch != "\t") or "\x7f" <= ch <= "\x9f" for ch in text):
         raise WireError(Code.BAD_REQUEST, "control characters are not allowed")
     return text
 

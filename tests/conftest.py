@@ -1,0 +1,81 @@
+"""
+pytest fixtures (trial never reads this file).
+
+The integration fixtures start real processes (see L{tests._processes}) and
+kill every one of them at teardown, whatever the test's outcome.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import pytest
+import pytest_twisted
+from twisted.trial.unittest import SynchronousTestCase
+
+from ._processes import Daemon, Launcher
+
+
+@pytest.fixture(autouse=True)
+def _trial_tests_in_tmp_path(request, tmp_path, monkeypatch):
+    """
+    Under pytest, a SynchronousTestCase's C{mktemp()} is relative to the
+    working directory: run those tests in a temporary one, as trial does
+    (C{_trial_temp}), so they never litter the checkout.
+    """
+    if isinstance(request.instance, SynchronousTestCase):
+        monkeypatch.chdir(tmp_path)
+
+
+@pytest.fixture
+def reactor():
+    """The global reactor pytest-twisted runs."""
+    from twisted.internet import reactor
+
+    return reactor
+
+
+@pytest_twisted.async_yield_fixture
+async def launcher(reactor, tmp_path) -> AsyncIterator[Launcher]:
+    """Starts processes for one test; all are killed at its end."""
+    processes = Launcher(reactor, str(tmp_path))
+    try:
+        yield processes
+    finally:
+        await processes.stop_all()
+    # Every timeout the test armed was cancelled when its Deferred fired
+    # (pytest-twisted has no dirty-reactor check of its own).
+    assert reactor.getDelayedCalls() == []
+
+
+@dataclass
+class Seed:
+    """The seed scenario: one relay and three peers, one sample file each."""
+
+    launcher: Launcher
+    relay: Daemon
+    peers: list[Daemon]
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def seed(tmp_path_factory) -> AsyncIterator[Seed]:
+    """
+    One relay and three peers holding sample1.txt, sample2.txt, sample3.txt.
+
+    The peers start one after the other, so the relay lists them in that
+    order and fetching sample2.txt has to fall back past peer1.  Tests must
+    not change this cluster (no kills): it is shared by the whole module.
+    """
+    from twisted.internet import reactor
+
+    processes = Launcher(reactor, str(tmp_path_factory.mktemp("seed")))
+    try:
+        relay = await processes.relay()
+        peers = []
+        for index in (1, 2, 3):
+            peer = await processes.peer(relay.address, [f"sample{index}.txt"])
+            peers.append(peer)
+        yield Seed(processes, relay, peers)
+    finally:
+        await processes.stop_all()

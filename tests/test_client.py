@@ -1,0 +1,922 @@
+"""Tests for L{p2p.client}: one fetch from one peer, and the fallback chain.
+
+L{FileFetchProtocol} is fed by hand on a StringTransport.  L{Fetcher} runs
+against scripted peers: real L{PeerProtocol} servers wired in memory (see
+L{tests.test_peer.connect_in_memory}), peers that refuse, blackhole, stay
+silent, lie about the digest or hang up.  Time moves only with the Clock.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+
+from twisted.internet import error
+from twisted.internet.address import IPv4Address
+from twisted.internet.defer import (
+    CancelledError,
+    Deferred,
+    TimeoutError,
+    fail,
+    succeed,
+)
+from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
+from twisted.internet.error import ConnectionDone, ConnectionLost
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import (
+    MemoryReactorClock,
+    StringTransport,
+    StringTransportWithDisconnection,
+)
+from twisted.python.failure import Failure
+from twisted.test import iosim
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import wire
+from p2p.client import (
+    Attempt,
+    Fetcher,
+    FileFetchProtocol,
+    NotFoundAnywhere,
+    PeerFailed,
+    list_files,
+    list_peers,
+    peer_endpoint,
+)
+from p2p.peer import PeerFactory
+from p2p.share import OpenedFile, ShareFolder
+from p2p.sink import SpoolSink
+from tests.test_peer import connect_in_memory
+from tests.test_share import open_descriptor_count, temp_dir, write
+
+IDLE = 10.0
+CONNECT = 5.0
+PEER_IDLE = 30.0
+CONTENT = b"the file everybody wants\n" * 1000
+DIGEST = hashlib.sha256(CONTENT).hexdigest()
+NAME = "wanted.txt"
+
+
+def header_for(data: bytes, offset: int = 0, digest: str | None = None) -> bytes:
+    """The header line a peer sends for C{data} (from C{offset})."""
+    header = wire.FileHeader(
+        len(data) - offset,
+        digest or hashlib.sha256(data).hexdigest(),
+        offset,
+        len(data),
+    )
+    return header.to_line() + b"\n"
+
+
+def spool_files(directory: str) -> list[str]:
+    return sorted(name for name in os.listdir(directory) if name.endswith(".part"))
+
+
+class FileFetchProtocolTests(SynchronousTestCase):
+    """One fetch, on a StringTransport, fed by hand."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.spool = temp_dir(self)
+        self.sink = SpoolSink(self.spool)
+        self.addCleanup(self.sink.discard)
+
+    def connect(self, transport=None, name=NAME, offset=0, idle=IDLE):
+        self.protocol = FileFetchProtocol(
+            wire.Get(name, offset), self.sink, self.clock, idle
+        )
+        self.transport = transport or StringTransport()
+        if isinstance(self.transport, StringTransportWithDisconnection):
+            self.transport.protocol = self.protocol
+        self.protocol.makeConnection(self.transport)
+        return self.protocol
+
+    def greet(self) -> None:
+        self.protocol.dataReceived(b"P2P/1 peer\n")
+
+    def content(self) -> bytes:
+        out = io.BytesIO()
+        self.sink.copy_to(out)
+        return out.getvalue()
+
+    def assertFailed(self, fragment: str) -> PeerFailed:
+        failure = self.failureResultOf(self.protocol.result, PeerFailed)
+        self.assertIn(fragment, failure.value.reason)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        return failure.value
+
+    def test_request_after_banner(self) -> None:
+        """The GET line goes out once the peer's banner arrived, not before."""
+        self.connect()
+        self.assertEqual(self.transport.value(), b"")
+        self.greet()
+        self.assertEqual(self.transport.value(), b"GET wanted.txt\n")
+
+    def test_resume_request(self) -> None:
+        """An offset turns the request into RESUME."""
+        self.connect(offset=7)
+        self.greet()
+        self.assertEqual(self.transport.value(), b"RESUME 7 wanted.txt\n")
+
+    def test_success_one_segment(self) -> None:
+        """
+        Banner, header and every byte in one segment: the result is the
+        header, the sink holds the verified content, the timer is gone.
+        """
+        self.connect()
+        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(CONTENT) + CONTENT)
+        header = self.successResultOf(self.protocol.result)
+        self.assertEqual(header.sha256, DIGEST)
+        self.assertEqual(header.count, len(CONTENT))
+        self.assertTrue(self.transport.disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(self.sink.received, len(CONTENT))
+        self.assertEqual(self.content(), CONTENT)
+
+    def test_success_byte_by_byte(self) -> None:
+        """The same stream delivered one byte at a time gives the same result."""
+        self.connect()
+        for byte in b"P2P/1 peer\n" + header_for(CONTENT[:300]) + CONTENT[:300]:
+            self.protocol.dataReceived(bytes([byte]))
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), CONTENT[:300])
+
+    def test_empty_file(self) -> None:
+        """A count of 0 completes on the header alone."""
+        self.connect()
+        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(b""))
+        self.assertEqual(self.successResultOf(self.protocol.result).size, 0)
+        self.assertEqual(self.content(), b"")
+
+    def test_digest_mismatch(self) -> None:
+        """Bytes that do not match the announced SHA-256 are a PeerFailed."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header_for(CONTENT, digest="0" * 64) + CONTENT)
+        self.assertFailed("corrupted")
+        self.assertTrue(self.transport.disconnected)  # aborted
+
+    def test_err_reply(self) -> None:
+        """An ERR reply is a PeerFailed naming it; the close is a clean one."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(b"ERR 404 no such file\n")
+        self.assertEqual(
+            self.assertFailed("refused").reason, "refused: ERR 404 no such file"
+        )
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.transport.disconnected)
+
+    def test_more_bytes_than_announced(self) -> None:
+        """A peer sending past the announced count is cut off: PeerFailed."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header_for(b"abc") + b"abcd")
+        self.assertFailed("more bytes than announced")
+        self.assertTrue(self.transport.disconnected)
+
+    def test_more_bytes_in_a_later_segment(self) -> None:
+        """Extra bytes after a complete file do not change the result."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header_for(b"abc") + b"abc")
+        self.successResultOf(self.protocol.result)
+        self.protocol.dataReceived(b"junk")
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.content(), b"abc")
+
+    def test_closed_mid_transfer(self) -> None:
+        """A connection lost mid-file says how far the transfer got."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header_for(b"0123456789") + b"012")
+        self.protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(
+            self.assertFailed("broken").reason, "broken transfer after 3 of 10 bytes"
+        )
+
+    def test_closed_before_reply(self) -> None:
+        """A connection lost before any header is a PeerFailed."""
+        self.connect()
+        self.greet()
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFailed("connection closed before a reply")
+
+    def test_wrong_banner(self) -> None:
+        """A relay (or anything else) answering is a protocol error."""
+        self.connect()
+        self.protocol.dataReceived(b"P2P/1 relay\n")
+        self.assertFailed("protocol error")
+        self.assertEqual(self.transport.value(), b"")
+
+    def test_malformed_header(self) -> None:
+        """A header that does not parse is a protocol error."""
+        for line in (
+            b"OK 3\n",
+            b"OK 3 sha256=xyz offset=0 size=3\n",
+            b"OK 3 sha256=%s offset=0 size=4\n" % (b"a" * 64),
+            b"HELLO\n",
+        ):
+            self.connect()
+            self.greet()
+            self.protocol.dataReceived(line)
+            self.assertFailed("protocol error")
+
+    def test_header_for_another_offset(self) -> None:
+        """A header answering another offset than asked is refused."""
+        self.connect(offset=2)
+        self.greet()
+        self.protocol.dataReceived(header_for(b"abcdef", offset=0))
+        self.assertFailed("another offset")
+
+    def test_line_too_long(self) -> None:
+        """An endless header line is a protocol error."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(b"O" * (wire.MAX_LINE_LENGTH + 2))
+        self.assertFailed("too long")
+
+    def test_idle_timeout(self) -> None:
+        """
+        A peer that stays silent for C{idle_timeout} is dropped with a
+        PeerFailed, and no timer is left.
+        """
+        self.connect()
+        self.greet()
+        self.clock.advance(IDLE - 0.1)
+        self.assertNoResult(self.protocol.result)
+        self.clock.advance(0.2)
+        self.assertFailed("timed out: silent for 10s")
+        self.assertTrue(self.transport.disconnected)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_idle_timeout_before_banner(self) -> None:
+        """Silence from the very start times out the same way."""
+        self.connect()
+        self.clock.advance(IDLE)
+        self.assertFailed("timed out")
+
+    def test_progress_resets_timeout(self) -> None:
+        """A slow transfer that keeps delivering bytes is not timed out."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header_for(CONTENT))
+        for start in range(0, len(CONTENT), 5000):
+            self.clock.advance(IDLE - 1)
+            self.protocol.dataReceived(CONTENT[start : start + 5000])
+        self.assertGreater(self.clock.seconds(), IDLE * 3)
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stalled_transfer_times_out(self) -> None:
+        """A transfer that stops mid-file times out."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header_for(CONTENT) + CONTENT[:100])
+        self.clock.advance(IDLE)
+        self.assertFailed("timed out")
+
+    def test_no_timeout(self) -> None:
+        """An idle timeout of None schedules nothing."""
+        self.connect(idle=None)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_cancel(self) -> None:
+        """Cancelling aborts the connection and the timer."""
+        self.connect()
+        self.greet()
+        self.protocol.result.cancel()
+        self.failureResultOf(self.protocol.result, CancelledError)
+        self.assertTrue(self.transport.disconnected)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+    def test_synchronous_disconnection(self) -> None:
+        """
+        On a transport that reports connectionLost from inside
+        loseConnection/abortConnection, the outcome is still the real one:
+        success stays success, and a corrupted file is reported as such.
+        """
+        self.connect(StringTransportWithDisconnection())
+        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(b"abc") + b"abc")
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+        self.connect(StringTransportWithDisconnection())
+        self.protocol.dataReceived(
+            b"P2P/1 peer\n" + header_for(b"abc", digest="0" * 64) + b"abc"
+        )
+        self.assertFailed("corrupted")
+
+
+# -- scripted peers ----------------------------------------------------------
+
+
+class LyingShare(ShareFolder):
+    """A share that announces a wrong SHA-256 for every file."""
+
+    def digest(self, opened: OpenedFile) -> Deferred[str]:
+        d = super().digest(opened)
+        d.addCallback(lambda real: "0" * 64)
+        return d
+
+
+class ScriptedServer(Protocol):
+    """A peer that greets, then answers any request with canned bytes."""
+
+    def __init__(self, reply: bytes = b"", close: bool = False) -> None:
+        self.reply = reply
+        self.close = close
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"P2P/1 peer\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.reply:
+            self.transport.write(self.reply)
+        if self.close:
+            self.transport.loseConnection()
+
+
+class Network:
+    """
+    The scripted peers a L{Fetcher} talks to, by peer address.
+
+    Behaviours: a L{ShareFolder} (a real peer serving it, in memory), or
+    ``"refuse"``, ``"refuse-builtin"``, ``"blackhole"`` (a connection that
+    never completes), ``"silent"`` (accepts, never says a word), or a
+    L{Protocol} factory for a scripted server.
+    """
+
+    def __init__(self, case: SynchronousTestCase, clock: Clock) -> None:
+        self.case = case
+        self.clock = clock
+        self.behaviours: dict[int, object] = {}
+        self.pumps: list[iosim.IOPump] = []
+        self.contacted: list[int] = []
+        self.peers: list[wire.PeerEntry] = []
+
+    def add(self, behaviour: object) -> wire.PeerEntry:
+        port = 7000 + len(self.peers)
+        count = len(self.peers)
+        host = f"10.0.{count // 250}.{count % 250 + 1}"
+        peer = wire.PeerEntry(wire.peer_id_for(host, port), host, port)
+        self.behaviours[port] = behaviour
+        self.peers.append(peer)
+        return peer
+
+    def endpoint_for(self, peer: wire.PeerEntry) -> _ScriptedEndpoint:
+        return _ScriptedEndpoint(self, peer)
+
+    def flush(self) -> None:
+        """Move bytes on every connection until nothing moves."""
+        moved = True
+        while moved:
+            moved = False
+            for pump in list(self.pumps):
+                moved = pump.flush() or moved
+
+    def run(self, d: Deferred, limit: int = 50) -> None:
+        """
+        Let the network and time run until C{d} fires: flush, and when
+        nothing moves, jump the clock to the next timer.
+        """
+        fired: list[bool] = []
+
+        def mark(result):
+            fired.append(True)
+            return result
+
+        d.addBoth(mark)  # d.called is already true while d waits on a peer
+        for _ in range(limit):
+            self.flush()
+            if fired:
+                self.flush()  # let the closes reach the servers
+                return
+            calls = self.clock.getDelayedCalls()
+            self.case.assertTrue(calls, "stuck: nothing to flush and no timer")
+            self.clock.advance(min(c.getTime() for c in calls) - self.clock.seconds())
+        self.case.fail("the fetch never finished")
+
+
+class _ScriptedEndpoint:
+    """The endpoint L{Network.endpoint_for} gives for one peer."""
+
+    def __init__(self, network: Network, peer: wire.PeerEntry) -> None:
+        self.network = network
+        self.peer = peer
+
+    def connect(self, factory):
+        network = self.network
+        network.contacted.append(self.peer.port)
+        behaviour = network.behaviours[self.peer.port]
+        if behaviour == "refuse":
+            return fail(error.ConnectionRefusedError())
+        if behaviour == "refuse-builtin":
+            return fail(ConnectionRefusedError())
+        if behaviour == "blackhole":
+            return Deferred()
+        client = factory.buildProtocol(
+            IPv4Address("TCP", self.peer.host, self.peer.port)
+        )
+        if behaviour == "silent":
+            client.makeConnection(StringTransport())
+            return succeed(client)
+        if isinstance(behaviour, ShareFolder):
+            server = PeerFactory(behaviour, network.clock, PEER_IDLE).buildProtocol(
+                IPv4Address("TCP", "10.9.9.9", 5555)
+            )
+        else:
+            server = behaviour()
+        network.pumps.append(connect_in_memory(server, client, network.clock))
+        return succeed(client)
+
+
+class FetcherTests(SynchronousTestCase):
+    """L{Fetcher.fetch}: peers in order until one delivers the file intact."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.network = Network(self, self.clock)
+        self.reports: list[Attempt] = []
+        self.fetcher = Fetcher(
+            self.clock,
+            connect_timeout=CONNECT,
+            idle_timeout=IDLE,
+            endpoint_for=self.network.endpoint_for,
+            report=self.reports.append,
+            now=self.clock.seconds,
+        )
+        base = temp_dir(self)
+        self.spool = os.path.join(base, "spool")
+        os.mkdir(self.spool)
+        self.sink = SpoolSink(self.spool)
+        self.addCleanup(self.sink.discard)
+        self.has_it = self.make_share("has-it", {NAME: CONTENT, "other": b"x"})
+        self.lacks_it = self.make_share("lacks-it", {"other": b"x"})
+        self.fds_before = open_descriptor_count()
+
+    def make_share(self, label: str, files: dict[str, bytes], cls=ShareFolder):
+        root = os.path.join(temp_dir(self), label)
+        os.mkdir(root)
+        for name, data in files.items():
+            write(os.path.join(root, name), data)
+        return cls(root)
+
+    def fetch(self, name: str = NAME) -> Deferred:
+        d = self.fetcher.fetch(name, self.network.peers, self.sink)
+        self.network.run(d)
+        return d
+
+    def assertReasons(self, attempts: list[Attempt], expected: list[str]) -> None:
+        """Attempts happened in peer order with these reasons (prefixes)."""
+        self.assertEqual(
+            [a.peer for a in attempts], self.network.peers[: len(expected)]
+        )
+        for attempt, reason in zip(attempts, expected, strict=True):
+            self.assertTrue(attempt.reason.startswith(reason), (attempt.reason, reason))
+            self.assertEqual(attempt.ok, reason == "found")
+        self.assertEqual(self.reports, attempts)
+
+    def assertDelivered(self, result) -> None:
+        """The sink holds the exact verified content; nothing else is left."""
+        self.assertEqual(result.header.sha256, DIGEST)
+        self.assertEqual(len(spool_files(self.spool)), 1)
+        target = os.path.join(self.spool, "..", "saved.txt")
+        self.sink.save_as(target)
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), CONTENT)
+        self.assertEqual(spool_files(self.spool), [])
+
+    def assertQuiet(self) -> None:
+        """
+        No timer survives the fetch, on the client or on any server, and
+        every descriptor (served files, hashers, spool) is closed.
+        """
+        self.network.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.sink.discard()
+        self.assertEqual(open_descriptor_count(), self.fds_before)
+
+    def test_first_peer(self) -> None:
+        """The first peer has it: one attempt, and the content is right."""
+        self.network.add(self.has_it)
+        self.network.add("refuse")
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[0])
+        self.assertEqual(result.name, NAME)
+        self.assertReasons(result.attempts, ["found"])
+        self.assertEqual(self.network.contacted, [7000])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_found_on_third(self) -> None:
+        """Two peers answer 404, the third delivers."""
+        for share in (self.lacks_it, self.lacks_it, self.has_it, self.has_it):
+            self.network.add(share)
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[2])
+        self.assertReasons(
+            result.attempts,
+            ["refused: ERR 404", "refused: ERR 404", "found"],
+        )
+        self.assertEqual(self.network.contacted, [7000, 7001, 7002])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_not_found_anywhere(self) -> None:
+        """
+        Nobody has it: NotFoundAnywhere lists every attempt in order, and no
+        spool file is left.
+        """
+        self.network.add(self.lacks_it)
+        self.network.add("refuse")
+        self.network.add(self.lacks_it)
+        failure = self.failureResultOf(self.fetch(), NotFoundAnywhere)
+        self.assertEqual(failure.value.name, NAME)
+        self.assertReasons(
+            failure.value.attempts,
+            ["refused: ERR 404", "cannot connect", "refused: ERR 404"],
+        )
+        self.assertEqual(spool_files(self.spool), [])
+        self.assertQuiet()
+
+    def test_no_peers(self) -> None:
+        """An empty peer list fails at once with no attempts."""
+        failure = self.failureResultOf(
+            self.fetcher.fetch(NAME, [], self.sink), NotFoundAnywhere
+        )
+        self.assertEqual(failure.value.attempts, [])
+
+    def test_refused(self) -> None:
+        """A refused connection moves on to the next peer."""
+        self.network.add("refuse")
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(
+            result.attempts, ["cannot connect: ConnectionRefusedError", "found"]
+        )
+        self.assertEqual(result.attempts[0].seconds, 0)
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_refused_builtin_error(self) -> None:
+        """
+        An endpoint failing with Python's own ConnectionRefusedError (not
+        Twisted's) is skipped the same way.
+        """
+        self.network.add("refuse-builtin")
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(result.attempts, ["cannot connect", "found"])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_connect_timeout(self) -> None:
+        """
+        A connection that never completes is given up after exactly
+        C{connect_timeout}, then the next peer is tried.
+        """
+        self.network.add("blackhole")
+        self.network.add(self.has_it)
+        d = self.fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.clock.advance(CONNECT - 0.1)
+        self.assertEqual(self.network.contacted, [7000])
+        self.clock.advance(0.1)
+        self.assertEqual(self.network.contacted, [7000, 7001])
+        self.network.run(d)
+        result = self.successResultOf(d)
+        self.assertReasons(result.attempts, ["timed out", "found"])
+        self.assertEqual(result.attempts[0].seconds, CONNECT)
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_silent_peer(self) -> None:
+        """
+        A peer that accepts but never says a word is dropped after
+        C{idle_timeout}; the next peer delivers.
+        """
+        self.network.add("silent")
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(result.attempts, ["timed out: silent for 10s", "found"])
+        self.assertEqual(result.attempts[0].seconds, IDLE)
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_peer_never_answers_request(self) -> None:
+        """A peer that greets but never answers the GET is dropped too."""
+        self.network.add(ScriptedServer)
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(result.attempts, ["timed out", "found"])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_digest_mismatch(self) -> None:
+        """A peer whose bytes do not match its header is skipped."""
+        self.network.add(self.make_share("liar", {NAME: CONTENT}, cls=LyingShare))
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(result.attempts, ["corrupted", "found"])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_corrupted_content(self) -> None:
+        """A peer serving different bytes under the right digest is skipped."""
+        wrong = CONTENT[:-1] + b"!"
+        self.network.add(lambda: ScriptedServer(header_for(CONTENT) + wrong))
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(result.attempts, ["corrupted", "found"])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_broken_transfer(self) -> None:
+        """A peer hanging up mid-file is skipped; its partial bytes vanish."""
+        self.network.add(
+            lambda: ScriptedServer(header_for(CONTENT) + CONTENT[:999], close=True)
+        )
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(
+            result.attempts,
+            [f"broken transfer after 999 of {len(CONTENT)} bytes", "found"],
+        )
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_too_many_bytes(self) -> None:
+        """A peer sending more than it announced is skipped."""
+        self.network.add(lambda: ScriptedServer(header_for(CONTENT) + CONTENT + b"+"))
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(result.attempts, ["protocol error: more bytes", "found"])
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_hang_up_at_once(self) -> None:
+        """A peer that closes right after greeting is skipped."""
+        self.network.add(lambda: ScriptedServer(close=True))
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(
+            result.attempts, ["connection closed before a reply", "found"]
+        )
+        self.assertQuiet()
+
+    def test_every_kind_of_failure(self) -> None:
+        """
+        The whole gauntlet in one list: refused, blackholed, silent, mute
+        after greeting, lying, hanging up, missing the file, then a good
+        peer.  Each failure is recorded in order with its reason and
+        duration, the good peer's content is the result, and no timer or
+        spool file remains.
+        """
+        self.network.add("refuse")
+        self.network.add("blackhole")
+        self.network.add("silent")
+        self.network.add(ScriptedServer)
+        self.network.add(self.make_share("liar", {NAME: CONTENT}, cls=LyingShare))
+        self.network.add(lambda: ScriptedServer(header_for(CONTENT) + b"x", close=True))
+        self.network.add(self.lacks_it)
+        self.network.add(self.has_it)
+        self.network.add("refuse")  # never reached
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[7])
+        self.assertReasons(
+            result.attempts,
+            [
+                "cannot connect",
+                "timed out",
+                "timed out: silent for 10s",
+                "timed out: silent for 10s",
+                "corrupted",
+                "broken transfer after 1 of",
+                "refused: ERR 404",
+                "found",
+            ],
+        )
+        self.assertEqual(
+            [a.seconds for a in result.attempts[:4]], [0, CONNECT, IDLE, IDLE]
+        )
+        self.assertEqual(self.network.contacted, list(range(7000, 7008)))
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_unexpected_error_propagates(self) -> None:
+        """
+        A failure that is not a peer's fault (a bug) is not skipped: it
+        fails the fetch and no further peer is contacted.
+        """
+        self.network.add("refuse")
+        self.network.add(self.has_it)  # its endpoint is replaced below
+        self.network.add(self.has_it)
+
+        def buggy(peer):
+            if peer.port == 7001:
+                return _Failing(RuntimeError("bug"))
+            return self.network.endpoint_for(peer)
+
+        self.fetcher.endpoint_for = buggy
+        d = self.fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.failureResultOf(d, RuntimeError)
+        self.assertEqual(self.network.contacted, [7000])
+        self.assertEqual(len(self.reports), 1)
+
+    def test_many_peers_failing_synchronously(self) -> None:
+        """
+        A thousand peers (the relay's reply limit) whose endpoints all fail
+        at once end in NotFoundAnywhere, not in a RecursionError.
+        """
+        for _ in range(1000):
+            self.network.add("refuse")
+        failure = self.failureResultOf(
+            self.fetcher.fetch(NAME, self.network.peers, self.sink),
+            NotFoundAnywhere,
+        )
+        self.assertEqual(len(failure.value.attempts), 1000)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_sink_reused_after_partial_transfer(self) -> None:
+        """
+        The partial bytes of a failed peer never mix with the next peer's:
+        the sink is reset between attempts.
+        """
+        self.network.add(
+            lambda: ScriptedServer(header_for(CONTENT) + b"GARBAGE", close=True)
+        )
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(self.sink.received, len(CONTENT))
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+
+class RealEndpointTests(SynchronousTestCase):
+    """
+    L{Fetcher} with its default endpoints (L{peer_endpoint}: Twisted's TCP
+    endpoints) on a L{MemoryReactorClock}, which records connection
+    attempts and completes them only when the test says so.
+    """
+
+    def setUp(self) -> None:
+        self.reactor = MemoryReactorClock()
+        root = os.path.join(temp_dir(self), "share")
+        write(os.path.join(root, NAME), CONTENT)
+        self.share = ShareFolder(root)
+        self.sink = SpoolSink(temp_dir(self))
+        self.addCleanup(self.sink.discard)
+        self.peers = [
+            wire.PeerEntry("0000000000000001", "10.0.0.1", 7000),
+            wire.PeerEntry("0000000000000002", "2001:db8::2", 7001),
+        ]
+        self.fetcher = Fetcher(self.reactor, connect_timeout=CONNECT, idle_timeout=IDLE)
+
+    def complete(self, index: int) -> iosim.IOPump:
+        """Let connection attempt C{index} succeed, to a real peer."""
+        host, port, factory, timeout, bind = self.reactor.tcpClients[index]
+        client = factory.buildProtocol(IPv4Address("TCP", host, port))
+        server = PeerFactory(self.share, self.reactor, PEER_IDLE).buildProtocol(
+            IPv4Address("TCP", "10.9.9.9", 5555)
+        )
+        pump = connect_in_memory(server, client, self.reactor)
+        pump.flush()
+        return pump
+
+    def test_endpoint_kinds(self) -> None:
+        """IPv4 peers get a TCP4 endpoint, IPv6 peers a TCP6 one, both
+        bounded by the connect timeout."""
+        self.assertIsInstance(
+            peer_endpoint(self.reactor, self.peers[0], 3), TCP4ClientEndpoint
+        )
+        self.assertIsInstance(
+            peer_endpoint(self.reactor, self.peers[1], 3), TCP6ClientEndpoint
+        )
+
+    def test_success(self) -> None:
+        """A peer accepting at once delivers the file; no timer remains."""
+        d = self.fetcher.fetch(NAME, self.peers, self.sink)
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("10.0.0.1", 7000))
+        pump = self.complete(0)
+        result = self.successResultOf(d)
+        self.assertEqual(result.peer, self.peers[0])
+        pump.flush()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_connect_timeout_skips_peer(self) -> None:
+        """
+        A TCP connection attempt that never completes is abandoned after
+        C{connect_timeout} (the connector is stopped) and the next peer is
+        tried.  Cancelling a real TCP attempt fails with
+        ConnectingCancelledError, which must count as a timeout too.
+        """
+        d = self.fetcher.fetch(NAME, self.peers, self.sink)
+        self.reactor.advance(CONNECT - 0.1)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(0.1)
+        self.assertTrue(self.reactor.connectors[0].stoppedConnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertEqual(self.reactor.tcpClients[1][:2], ("2001:db8::2", 7001))
+        pump = self.complete(1)
+        result = self.successResultOf(d)
+        self.assertEqual(result.peer, self.peers[1])
+        self.assertEqual([a.reason for a in result.attempts], ["timed out", "found"])
+        pump.flush()
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+    def test_connection_failed_skips_peer(self) -> None:
+        """A refused TCP connection moves on to the next peer."""
+        d = self.fetcher.fetch(NAME, self.peers, self.sink)
+        connector = self.reactor.connectors[0]
+        factory = self.reactor.tcpClients[0][2]
+        factory.clientConnectionFailed(
+            connector, Failure(error.ConnectionRefusedError())
+        )
+        self.complete(1).flush()
+        result = self.successResultOf(d)
+        self.assertTrue(result.attempts[0].reason.startswith("cannot connect"))
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class _Failing:
+    """An endpoint whose connect fails with a given exception."""
+
+    def __init__(self, exception: Exception) -> None:
+        self.exception = exception
+
+    def connect(self, factory):
+        return fail(self.exception)
+
+
+class ListingTests(SynchronousTestCase):
+    """L{list_peers} and L{list_files}."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def test_list_files(self) -> None:
+        """A peer's LIST comes back as FileEntry objects, in its order."""
+        root = temp_dir(self)
+        write(os.path.join(root, "b.txt"), b"bb")
+        write(os.path.join(root, "a", "c.txt"), b"c")
+        network = Network(self, self.clock)
+        peer = network.add(ShareFolder(root))
+        d = list_files(network.endpoint_for(peer), self.clock, 3)
+        network.run(d)
+        self.assertEqual(
+            self.successResultOf(d),
+            [wire.FileEntry(1, "a/c.txt"), wire.FileEntry(2, "b.txt")],
+        )
+        network.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_list_peers(self) -> None:
+        """The relay's PEERS reply comes back as PeerEntry objects."""
+        entries = [
+            wire.PeerEntry("0123456789abcdef", "10.0.0.1", 7000, 5, "alice"),
+            wire.PeerEntry("fedcba9876543210", "2001:db8::1", 7001, 0),
+        ]
+        reply = b"".join(
+            line + b"\n"
+            for line in [wire.format_count(2)] + [e.to_line() for e in entries]
+        )
+        relay = _Relay(b"P2P/1 relay\n", reply)
+        d = list_peers(relay, self.clock, 3)
+        self.assertEqual(relay.requests, [b"PEERS\n"])
+        self.assertEqual(self.successResultOf(d), entries)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_list_peers_malformed(self) -> None:
+        """A malformed PEER line fails the whole listing with WireError."""
+        relay = _Relay(b"P2P/1 relay\n", b"OK 1\nPEER nonsense\n")
+        self.failureResultOf(list_peers(relay, self.clock, 3), wire.WireError)
+
+    def test_list_peers_timeout(self) -> None:
+        """A relay that never answers times out."""
+        relay = _Relay(b"P2P/1 relay\n", b"")
+        d = list_peers(relay, self.clock, 3)
+        self.clock.advance(3)
+        self.failureResultOf(d, TimeoutError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _Relay:
+    """A relay endpoint that greets, records the request and replies."""
+
+    def __init__(self, banner: bytes, reply: bytes) -> None:
+        self.banner = banner
+        self.reply = reply
+        self.requests: list[bytes] = []
+
+    def connect(self, factory):
+        protocol = factory.buildProtocol(IPv4Address("TCP", "192.0.2.1", 4001))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(self.banner)
+        self.requests.append(transport.value())
+        if self.reply:
+            protocol.dataReceived(self.reply)
+        return succeed(protocol)

@@ -1,0 +1,789 @@
+"""
+Tests for ``p2p.relay``: the relay's policy and its line protocol.
+
+Every connection is a ``StringTransport`` whose peer address plays the
+observed source, and every time comes from a ``Clock``; nothing touches the
+network or the global reactor.
+"""
+
+from __future__ import annotations
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import wire
+from p2p.registry import MemoryRegistry
+from p2p.relay import (
+    MAX_PEERS_PER_REPLY,
+    Relay,
+    RelayFactory,
+    RelayProtocol,
+    default_renew_interval,
+    observed_host,
+)
+from p2p.wire import Code
+
+TTL = 60
+IDLE = 30.0
+# Start the clock well away from zero, so an age or expiry computed from
+# absolute times instead of differences shows up.
+START = 1000.0
+
+PEER_A = IPv4Address("TCP", "10.0.0.5", 5555)
+PEER_B = IPv4Address("TCP", "10.0.0.6", 6666)
+PEER_A_OTHER_PORT = IPv4Address("TCP", "10.0.0.5", 7777)
+
+
+class Connection:
+    """One in-memory client connection to a ``RelayProtocol``."""
+
+    def __init__(self, factory: RelayFactory, peer) -> None:
+        self.transport = StringTransport(peerAddress=peer)
+        self.protocol = factory.buildProtocol(peer)
+        self.protocol.makeConnection(self.transport)
+
+    def output(self) -> list[bytes]:
+        """Lines written since the last call (each must end with LF)."""
+        data = self.transport.value()
+        self.transport.clear()
+        if data and not data.endswith(b"\n"):
+            raise AssertionError(f"unterminated output {data!r}")
+        return data.split(b"\n")[:-1]
+
+    def send(self, data: bytes) -> list[bytes]:
+        """Deliver raw bytes; return the lines written in response."""
+        self.output()
+        self.protocol.dataReceived(data)
+        return self.output()
+
+    def request(self, line: bytes) -> list[bytes]:
+        """Send one request line; return the reply lines."""
+        return self.send(line + b"\n")
+
+    @property
+    def open(self) -> bool:
+        """False once the protocol asked for the connection to close."""
+        return not self.transport.disconnecting
+
+    def lose(self) -> None:
+        """Deliver the end of the connection, as a real transport would."""
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+
+
+class RelayTestCase(SynchronousTestCase):
+    """A relay on a fresh registry and clock, plus connection helpers."""
+
+    max_peers = 0
+    max_per_host = 0
+    allow_claimed_host = False
+    renew: int | None = None
+    idle_timeout: float | None = IDLE
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(START)
+        self.registry = MemoryRegistry(TTL, self.max_peers, self.max_per_host)
+        self.relay = Relay(
+            self.registry,
+            self.clock,
+            ttl=TTL,
+            renew=self.renew,
+            allow_claimed_host=self.allow_claimed_host,
+        )
+        self.factory = RelayFactory(self.relay, self.idle_timeout)
+
+    def connect(self, peer=PEER_A) -> Connection:
+        """Open a connection from ``peer`` and swallow the banner."""
+        connection = Connection(self.factory, peer)
+        self.assertEqual(connection.output(), [b"P2P/1 relay"])
+        return connection
+
+    def advance_to(self, offset: float) -> None:
+        """Move the clock to ``START + offset`` seconds."""
+        self.clock.advance(START + offset - self.clock.seconds())
+
+    def register(self, connection: Connection, line: bytes) -> wire.Registered:
+        """Send a REGISTER line and parse the (single-line) reply."""
+        reply = connection.request(line)
+        self.assertEqual(len(reply), 1, reply)
+        return wire.Registered.from_line(reply[0])
+
+    def peers(self, connection: Connection | None = None) -> list[wire.PeerEntry]:
+        """Ask for PEERS and parse the listing, checking its header count."""
+        reply = (connection or self.connect(PEER_B)).request(b"PEERS")
+        count = wire.parse_count(reply[0], MAX_PEERS_PER_REPLY)
+        self.assertEqual(count, len(reply) - 1)
+        return [wire.PeerEntry.from_line(line) for line in reply[1:]]
+
+    def assertError(self, reply: list[bytes], code: Code) -> str:
+        """``reply`` is one ``ERR <code> <message>`` line; return the message."""
+        self.assertEqual(len(reply), 1, reply)
+        self.assertRegex(reply[0], rb"\AERR [0-9]{3} \S[ -~]*\Z")
+        error = self.assertRaises(wire.RemoteError, wire.parse_ok, reply[0].decode())
+        self.assertEqual(error.code, code, reply)
+        return error.message
+
+
+class HelperTests(SynchronousTestCase):
+    """The relay module's small functions."""
+
+    def test_default_renew_interval(self) -> None:
+        """Peers are asked to renew three times per lease, at least every 1 s."""
+        self.assertEqual(default_renew_interval(60), 20)
+        self.assertEqual(default_renew_interval(10), 3)
+        self.assertEqual(default_renew_interval(2), 1)
+        self.assertEqual(default_renew_interval(1), 1)
+
+    def test_observed_host(self) -> None:
+        """The source IP, with IPv4-mapped IPv6 shown as IPv4."""
+        self.assertEqual(observed_host(PEER_A), "10.0.0.5")
+        self.assertEqual(
+            observed_host(IPv6Address("TCP", "::ffff:10.0.0.5", 1)), "10.0.0.5"
+        )
+        self.assertEqual(
+            observed_host(IPv6Address("TCP", "2001:db8::1", 1)), "2001:db8::1"
+        )
+
+    def test_observed_host_not_ip(self) -> None:
+        """A non-IP connection cannot register: 400."""
+        error = self.assertRaises(
+            wire.WireError, observed_host, UNIXAddress(b"/tmp/sock")
+        )
+        self.assertIs(error.code, Code.BAD_REQUEST)
+
+
+class ConnectionTests(RelayTestCase):
+    """Connection setup and framing."""
+
+    def test_banner(self) -> None:
+        """The relay greets first with a banner a client accepts."""
+        connection = Connection(self.factory, PEER_A)
+        [banner] = connection.output()
+        wire.check_banner(banner, "relay")
+        self.assertTrue(connection.open)
+
+    def test_factory(self) -> None:
+        """Each connection gets its own protocol sharing the one Relay."""
+        one = self.factory.buildProtocol(PEER_A)
+        two = self.factory.buildProtocol(PEER_B)
+        self.assertIsInstance(one, RelayProtocol)
+        self.assertIsNot(one, two)
+        self.assertIs(one.relay, self.relay)
+        self.assertIs(two.relay, self.relay)
+        self.assertIs(one.factory, self.factory)
+
+    def test_several_requests_in_one_write(self) -> None:
+        """Requests arriving together are answered in order."""
+        connection = self.connect()
+        reply = connection.send(b"REGISTER 9000\nPEERS\nUNREGISTER 9000\nPEERS\n")
+        peer_id = wire.peer_id_for("10.0.0.5", 9000)
+        self.assertEqual(len(reply), 5, reply)
+        self.assertEqual(wire.Registered.from_line(reply[0]).peer_id, peer_id)
+        self.assertEqual(reply[1], b"OK 1")
+        self.assertEqual(wire.PeerEntry.from_line(reply[2]).peer_id, peer_id)
+        self.assertEqual(reply[3], f"OK {peer_id}".encode())
+        self.assertEqual(reply[4], b"OK 0")
+
+    def test_many_requests_one_connection(self) -> None:
+        """A connection serves any number of requests in sequence."""
+        connection = self.connect()
+        for port in range(9000, 9010):
+            self.register(connection, b"REGISTER %d" % (port,))
+        self.assertEqual(len(self.peers(connection)), 10)
+        self.assertTrue(connection.open)
+
+    def test_split_request(self) -> None:
+        """A request split across segments is answered once complete."""
+        connection = self.connect()
+        self.assertEqual(connection.send(b"PE"), [])
+        self.assertEqual(connection.send(b"ER"), [])
+        self.assertEqual(connection.send(b"S\n"), [b"OK 0"])
+
+    def test_crlf(self) -> None:
+        """CRLF line ends (telnet, nc -C) work."""
+        connection = self.connect()
+        self.assertEqual(connection.send(b"PEERS\r\n"), [b"OK 0"])
+        self.assertEqual(len(connection.send(b"REGISTER 9000\r\n")), 1)
+
+    def test_lower_case(self) -> None:
+        """Verbs are case-insensitive."""
+        self.assertEqual(self.connect().request(b"peers"), [b"OK 0"])
+
+    def test_blank_lines_ignored(self) -> None:
+        """Empty and whitespace-only lines get no reply and no error."""
+        connection = self.connect()
+        self.assertEqual(connection.send(b"\n\r\n   \n\t\n"), [])
+        self.assertEqual(connection.request(b"PEERS"), [b"OK 0"])
+        self.assertTrue(connection.open)
+
+
+class RegisterTests(RelayTestCase):
+    """REGISTER: leases at the observed address."""
+
+    def test_reply(self) -> None:
+        """The reply names the peer id, the lease times and the observed host."""
+        reply = self.register(self.connect(), b"REGISTER 9000 name=box")
+        self.assertEqual(
+            reply,
+            wire.Registered(
+                wire.peer_id_for("10.0.0.5", 9000), TTL, TTL // 3, "10.0.0.5"
+            ),
+        )
+
+    def test_lease_at_observed_address(self) -> None:
+        """The lease is recorded at the transport's peer address."""
+        self.register(self.connect(), b"REGISTER 9000 name=box")
+        [lease] = list(self.registry)
+        self.assertEqual(
+            (lease.host, lease.port, lease.name), ("10.0.0.5", 9000, "box")
+        )
+        self.assertEqual(lease.registered, START)
+        self.assertEqual(lease.expires, START + TTL)
+
+    def test_source_port_irrelevant(self) -> None:
+        """The source port of the connection plays no part in the lease."""
+        first = self.register(self.connect(PEER_A), b"REGISTER 9000")
+        second = self.register(self.connect(PEER_A_OTHER_PORT), b"REGISTER 9000")
+        self.assertEqual(first, second)
+        self.assertEqual(len(self.registry), 1)
+
+    def test_ipv4_mapped_source(self) -> None:
+        """A dual-stack listener's IPv4-mapped source is recorded as IPv4."""
+        peer = IPv6Address("TCP", "::ffff:10.0.0.5", 5555)
+        reply = self.register(self.connect(peer), b"REGISTER 9000")
+        self.assertEqual(reply.observed, "10.0.0.5")
+        self.assertEqual(reply.peer_id, wire.peer_id_for("10.0.0.5", 9000))
+
+    def test_ipv6_source(self) -> None:
+        """IPv6 sources are recorded and listed in canonical form."""
+        peer = IPv6Address("TCP", "2001:DB8:0::1", 5555)
+        reply = self.register(self.connect(peer), b"REGISTER 9000")
+        self.assertEqual(reply.observed, "2001:db8::1")
+        [entry] = self.peers()
+        self.assertEqual(entry.address, "[2001:db8::1]:9000")
+
+    def test_claimed_host_refused(self) -> None:
+        """host= naming another address is a 403, and nothing is recorded."""
+        connection = self.connect()
+        reply = connection.request(b"REGISTER 9000 host=192.0.2.1")
+        self.assertIn("host=", self.assertError(reply, Code.FORBIDDEN))
+        self.assertEqual(len(self.registry), 0)
+        self.assertTrue(connection.open)
+
+    def test_claimed_host_matching_source(self) -> None:
+        """host= equal to the observed address is harmless and accepted."""
+        reply = self.register(self.connect(), b"REGISTER 9000 host=::ffff:10.0.0.5")
+        self.assertEqual(reply.observed, "10.0.0.5")
+
+    def test_renewal(self) -> None:
+        """A second REGISTER renews: same id, later expiry, one lease."""
+        connection = self.connect()
+        first = self.register(connection, b"REGISTER 9000")
+        self.advance_to(20)
+        second = self.register(connection, b"REGISTER 9000 name=new")
+        self.assertEqual(first, second)
+        [lease] = list(self.registry)
+        self.assertEqual((lease.registered, lease.renewed), (START, START + 20))
+        self.assertEqual(lease.name, "new")
+
+    def test_renewal_postpones_expiry(self) -> None:
+        """A renewed lease outlives its first ttl and ends ttl after renewal."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(50)
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(TTL + 10)
+        self.assertEqual(len(self.peers()), 1)
+        self.advance_to(50 + TTL - 0.1)
+        self.assertEqual(len(self.peers()), 1)
+        self.advance_to(50 + TTL)
+        self.assertEqual(self.peers(), [])
+
+    def test_register_after_expiry(self) -> None:
+        """After its lease ran out, a peer's REGISTER starts a new lease."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(TTL + 5)
+        self.register(connection, b"REGISTER 9000")
+        [lease] = list(self.registry)
+        self.assertEqual(lease.registered, START + TTL + 5)
+        [entry] = self.peers()
+        self.assertEqual(entry.age, 0)
+
+    def test_malformed(self) -> None:
+        """A malformed REGISTER is a 400 and registers nothing."""
+        for line in [b"REGISTER", b"REGISTER 0", b"REGISTER 9000 name=a/b"]:
+            self.assertError(self.connect().request(line), Code.BAD_REQUEST)
+        self.assertEqual(len(self.registry), 0)
+
+
+class CustomRenewTests(RelayTestCase):
+    """The renew interval given to the Relay is what peers are told."""
+
+    renew = 7
+
+    def test_renew(self) -> None:
+        """REGISTER replies carry the configured renew interval."""
+        reply = self.register(self.connect(), b"REGISTER 9000")
+        self.assertEqual((reply.ttl, reply.renew), (TTL, 7))
+
+
+class ClaimedHostTests(RelayTestCase):
+    """With allow_claimed_host, host= is recorded (trusted proxy setups)."""
+
+    allow_claimed_host = True
+
+    def test_claimed_host_recorded(self) -> None:
+        """The lease uses the claimed host; the reply still shows the source."""
+        reply = self.register(self.connect(), b"REGISTER 9000 host=192.0.2.1")
+        self.assertEqual(reply.peer_id, wire.peer_id_for("192.0.2.1", 9000))
+        self.assertEqual(reply.observed, "10.0.0.5")
+        [entry] = self.peers()
+        self.assertEqual(entry.address, "192.0.2.1:9000")
+
+    def test_without_claim(self) -> None:
+        """Without host=, the observed address is used as usual."""
+        self.register(self.connect(), b"REGISTER 9000")
+        [entry] = self.peers()
+        self.assertEqual(entry.host, "10.0.0.5")
+
+
+class UnregisterTests(RelayTestCase):
+    """UNREGISTER: only ever the observed host's own entry."""
+
+    def test_unregister(self) -> None:
+        """OK <peer-id>, and the peer leaves the listing."""
+        connection = self.connect()
+        reply = self.register(connection, b"REGISTER 9000")
+        self.assertEqual(
+            connection.request(b"UNREGISTER 9000"), [f"OK {reply.peer_id}".encode()]
+        )
+        self.assertEqual(self.peers(), [])
+
+    def test_unknown(self) -> None:
+        """Unregistering what is not registered is a 404."""
+        connection = self.connect()
+        self.assertError(connection.request(b"UNREGISTER 9000"), Code.NOT_FOUND)
+        self.register(connection, b"REGISTER 9000")
+        connection.request(b"UNREGISTER 9000")
+        self.assertError(connection.request(b"UNREGISTER 9000"), Code.NOT_FOUND)
+        self.assertTrue(connection.open)
+
+    def test_other_hosts_entry_untouched(self) -> None:
+        """Another host cannot end a peer's lease by naming its port."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        reply = self.connect(PEER_B).request(b"UNREGISTER 9000")
+        self.assertError(reply, Code.NOT_FOUND)
+        [entry] = self.peers()
+        self.assertEqual(entry.address, "10.0.0.5:9000")
+
+    def test_only_that_port(self) -> None:
+        """Only the named port's lease ends; the host's others stay."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.register(connection, b"REGISTER 9001")
+        self.register(self.connect(PEER_B), b"REGISTER 9000")
+        connection.request(b"UNREGISTER 9000")
+        self.assertEqual(
+            sorted(entry.address for entry in self.peers()),
+            ["10.0.0.5:9001", "10.0.0.6:9000"],
+        )
+
+    def test_from_another_connection(self) -> None:
+        """Any connection from the same host may end the host's lease."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        reply = self.connect(PEER_A_OTHER_PORT).request(b"UNREGISTER 9000")
+        self.assertEqual(len(reply), 1)
+        self.assertTrue(reply[0].startswith(b"OK "))
+        self.assertEqual(self.peers(), [])
+
+
+class PeersTests(RelayTestCase):
+    """PEERS: the listing of live leases."""
+
+    def test_empty(self) -> None:
+        """No peers: just the header."""
+        self.assertEqual(self.connect().request(b"PEERS"), [b"OK 0"])
+
+    def test_format(self) -> None:
+        """One PEER line per lease, oldest registration first."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000 name=alpha")
+        self.advance_to(1)
+        self.register(self.connect(PEER_B), b"REGISTER 9001")
+        reply = self.connect().request(b"PEERS")
+        self.assertEqual(
+            reply,
+            [
+                b"OK 2",
+                b"PEER %s 10.0.0.5 9000 age=1 name=alpha"
+                % (wire.peer_id_for("10.0.0.5", 9000).encode(),),
+                b"PEER %s 10.0.0.6 9001 age=0"
+                % (wire.peer_id_for("10.0.0.6", 9001).encode(),),
+            ],
+        )
+
+    def test_ages(self) -> None:
+        """Ages are whole seconds since the last renewal."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(7.5)
+        self.assertEqual([entry.age for entry in self.peers()], [7])
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(9.9)
+        self.assertEqual([entry.age for entry in self.peers()], [2])
+        self.advance_to(TTL + 7.4)
+        self.assertEqual([entry.age for entry in self.peers()], [59])
+
+    def test_expired_missing(self) -> None:
+        """A lease is listed up to ttl - 0.1 and missing from ttl on."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        self.advance_to(30)
+        self.register(self.connect(PEER_B), b"REGISTER 9000")
+        self.advance_to(TTL - 0.1)
+        self.assertEqual(len(self.peers()), 2)
+        self.advance_to(TTL)
+        self.assertEqual([e.host for e in self.peers()], ["10.0.0.6"])
+        self.advance_to(30 + TTL)
+        self.assertEqual(self.peers(), [])
+
+    def test_reply_bounded(self) -> None:
+        """At most MAX_PEERS_PER_REPLY peers are listed, however many exist."""
+        for port in range(1, MAX_PEERS_PER_REPLY + 6):
+            self.registry.register("10.0.0.9", port, None, START)
+        reply = self.connect().request(b"PEERS")
+        self.assertEqual(reply[0], b"OK %d" % (MAX_PEERS_PER_REPLY,))
+        self.assertEqual(len(reply), MAX_PEERS_PER_REPLY + 1)
+
+    def test_token_accepted(self) -> None:
+        """A token is accepted (and, with no auth configured, ignored)."""
+        self.assertEqual(self.connect().request(b"PEERS token=abc"), [b"OK 0"])
+
+
+class ErrorTests(RelayTestCase):
+    """Every refusal is one ``ERR <code> <message>`` line; the link survives."""
+
+    def assertRefusedThenUsable(self, line: bytes, code: Code) -> None:
+        """``line`` gets an ERR ``code``; the next request is still served."""
+        connection = self.connect()
+        message = self.assertError(connection.request(line), code)
+        self.assertTrue(message, line)
+        self.assertTrue(connection.open, line)
+        self.assertEqual(connection.request(b"PEERS")[0][:3], b"OK ", line)
+
+    def test_bad_request(self) -> None:
+        """Malformed requests, bad bytes and control characters are a 400."""
+        for line in [
+            b"REGISTER",
+            b"REGISTER 70000",
+            b"REGISTER 9000 colour=red",
+            b"UNREGISTER",
+            b"PEERS now",
+            b"PEERS token=",
+            b" PEERS",
+            b"PEERS\xff",
+            b"\xc3\x28",
+            b"PEERS\x00",
+            b"PEERS\x1b[2J",
+            b"PEERS\x7f",
+            b"PEERS\xc2\x85",
+        ]:
+            self.assertRefusedThenUsable(line, Code.BAD_REQUEST)
+
+    def test_forbidden(self) -> None:
+        """A claimed host is a 403."""
+        self.assertRefusedThenUsable(b"REGISTER 9000 host=192.0.2.1", Code.FORBIDDEN)
+
+    def test_not_found(self) -> None:
+        """Unregistering nothing is a 404."""
+        self.assertRefusedThenUsable(b"UNREGISTER 9000", Code.NOT_FOUND)
+
+    def test_unknown_command(self) -> None:
+        """Unknown verbs, including a peer's, are a 501."""
+        for line in [b"HELLO", b"GET file.txt", b"LIST", b"X" * 1000]:
+            self.assertRefusedThenUsable(line, Code.UNKNOWN_COMMAND)
+
+    def test_non_ip_connection(self) -> None:
+        """A connection without an IP source is refused with a 400."""
+        connection = self.connect(UNIXAddress(b"/tmp/relay.sock"))
+        self.assertError(connection.request(b"REGISTER 9000"), Code.BAD_REQUEST)
+        self.assertTrue(connection.open)
+        self.assertEqual(len(self.registry), 0)
+
+
+class FullRegistryTests(RelayTestCase):
+    """429 when a registry limit is reached; nobody is evicted."""
+
+    max_peers = 2
+    max_per_host = 1
+
+    def test_max_per_host(self) -> None:
+        """A second port from one host is a 429; the first lease stays."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        message = self.assertError(connection.request(b"REGISTER 9001"), Code.TOO_MANY)
+        self.assertIn("per address", message)
+        self.assertTrue(connection.open)
+        self.assertEqual([e.port for e in self.peers()], [9000])
+
+    def test_max_peers(self) -> None:
+        """A newcomer to a full relay is a 429; current peers stay."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        self.register(self.connect(PEER_B), b"REGISTER 9000")
+        connection = self.connect(IPv4Address("TCP", "10.0.0.7", 1))
+        message = self.assertError(connection.request(b"REGISTER 9000"), Code.TOO_MANY)
+        self.assertIn("maximum", message)
+        self.assertEqual(len(self.peers()), 2)
+
+    def test_renewal_when_full(self) -> None:
+        """Peers already registered can renew when the relay is full."""
+        connection = self.connect(PEER_A)
+        self.register(connection, b"REGISTER 9000")
+        self.register(self.connect(PEER_B), b"REGISTER 9000")
+        self.advance_to(40)
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(TTL + 1)
+        self.assertEqual([e.host for e in self.peers()], ["10.0.0.5"])
+
+    def test_expired_leases_make_room(self) -> None:
+        """
+        Leases whose time is up free their place at once, even if no sweep
+        has run since: a dead peer must not keep a live one out.
+        """
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        self.register(self.connect(PEER_B), b"REGISTER 9000")
+        self.advance_to(TTL)
+        newcomer = self.connect(IPv4Address("TCP", "10.0.0.7", 1))
+        self.register(newcomer, b"REGISTER 9000")
+        self.assertEqual([e.host for e in self.peers()], ["10.0.0.7"])
+
+
+class LineLengthTests(RelayTestCase):
+    """Over-long lines: ERR 413, then the relay hangs up."""
+
+    def test_long_line(self) -> None:
+        """A complete line over MAX_LINE_LENGTH gets 413 and a disconnect."""
+        connection = self.connect()
+        reply = connection.send(b"X" * (wire.MAX_LINE_LENGTH + 1) + b"\nPEERS\n")
+        self.assertError(reply, Code.LINE_TOO_LONG)
+        self.assertFalse(connection.open)
+
+    def test_long_partial_line(self) -> None:
+        """Buffering stops as soon as an unfinished line is too long."""
+        connection = self.connect()
+        self.assertEqual(connection.send(b"X" * wire.MAX_LINE_LENGTH), [])
+        self.assertTrue(connection.open)
+        self.assertError(connection.send(b"XX"), Code.LINE_TOO_LONG)
+        self.assertFalse(connection.open)
+
+    def test_longest_line_accepted(self) -> None:
+        """A line of exactly MAX_LINE_LENGTH bytes is read (and answered)."""
+        connection = self.connect()
+        reply = connection.request(b"X" * wire.MAX_LINE_LENGTH)
+        self.assertError(reply, Code.UNKNOWN_COMMAND)
+        self.assertTrue(connection.open)
+
+    def test_no_timer_left(self) -> None:
+        """Once the hung-up connection is gone, no timer is pending."""
+        connection = self.connect()
+        connection.send(b"X" * (wire.MAX_LINE_LENGTH + 2))
+        connection.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+
+
+class TimeoutTests(RelayTestCase):
+    """The idle timeout, driven by the clock."""
+
+    def test_idle_timeout(self) -> None:
+        """Open at IDLE - 0.1; at IDLE an ERR 408 and a disconnect."""
+        connection = self.connect()
+        self.clock.advance(IDLE - 0.1)
+        self.assertTrue(connection.open)
+        self.assertEqual(connection.output(), [])
+        self.clock.advance(0.1)
+        self.assertError(connection.output(), Code.TIMEOUT)
+        self.assertFalse(connection.open)
+        connection.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_request_resets_timeout(self) -> None:
+        """Each request line restarts the idle period."""
+        connection = self.connect()
+        self.clock.advance(IDLE - 1)
+        connection.request(b"PEERS")
+        self.clock.advance(IDLE - 0.1)
+        self.assertTrue(connection.open)
+        self.clock.advance(0.1)
+        self.assertError(connection.output(), Code.TIMEOUT)
+        self.assertFalse(connection.open)
+
+    def test_trickled_bytes_do_not_reset(self) -> None:
+        """A client trickling a line byte by byte is still cut off."""
+        connection = self.connect()
+        for byte in b"PEERS":
+            connection.send(bytes([byte]))
+            self.clock.advance(IDLE / 6)
+        self.assertTrue(connection.open)
+        self.clock.advance(IDLE / 6)
+        self.assertError(connection.output(), Code.TIMEOUT)
+        self.assertFalse(connection.open)
+
+    def test_lost_before_timeout(self) -> None:
+        """Closing the connection cancels the timer; nothing fires later."""
+        connection = self.connect()
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        connection.request(b"PEERS")
+        connection.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+        self.clock.advance(10 * IDLE)
+        # No ERR 408 and no close request: the cancelled timer never fired.
+        self.assertEqual(connection.output(), [])
+        self.assertFalse(connection.transport.disconnecting)
+
+    def test_each_connection_has_its_own_timer(self) -> None:
+        """A busy connection does not keep an idle one alive."""
+        idle = self.connect(PEER_A)
+        busy = self.connect(PEER_B)
+        for _ in range(4):
+            self.clock.advance(IDLE / 4)
+            busy.request(b"PEERS")
+        self.assertFalse(idle.open)
+        self.assertTrue(busy.open)
+        idle.lose()
+        busy.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+
+
+class NoTimeoutTests(RelayTestCase):
+    """idle_timeout=None disables the timer entirely."""
+
+    idle_timeout = None
+
+    def test_no_timer(self) -> None:
+        """No delayed call is ever scheduled, and the link stays open."""
+        connection = self.connect()
+        self.assertFalse(self.clock.getDelayedCalls())
+        self.clock.advance(10 * IDLE)
+        self.assertTrue(connection.open)
+        connection.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+
+
+class LoggingTests(RelayTestCase):
+    """Structured log events for registration, renewal, expiry and queries."""
+
+    max_peers = 1
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def relay_events(self, **fields) -> list[dict]:
+        """Events from the Relay policy object whose fields match ``fields``."""
+        return [
+            event
+            for event in self.events
+            if event.get("log_namespace") == "p2p.relay.Relay"
+            and all(event.get(key) == value for key, value in fields.items())
+        ]
+
+    def test_registered(self) -> None:
+        """A new lease logs an info "registered" event with its id and name."""
+        self.register(self.connect(), b"REGISTER 9000 name=box")
+        [event] = self.relay_events(event="registered")
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertEqual(event["peer_id"], wire.peer_id_for("10.0.0.5", 9000))
+        self.assertEqual(event["name"], "box")
+        self.assertEqual(event["address"], "10.0.0.5:9000")
+        self.assertIs(event["log_source"], self.relay)
+
+    def test_renewed(self) -> None:
+        """A renewal logs "renewed", not a second "registered"."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.advance_to(20)
+        self.register(connection, b"REGISTER 9000")
+        self.assertEqual(len(self.relay_events(event="registered")), 1)
+        self.assertEqual(len(self.relay_events(event="renewed")), 1)
+
+    def test_renewed_at_same_instant(self) -> None:
+        """A renewal is a renewal even when the clock has not moved."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.register(connection, b"REGISTER 9000")
+        self.assertEqual(len(self.relay_events(event="registered")), 1)
+        self.assertEqual(len(self.relay_events(event="renewed")), 1)
+
+    def test_expired(self) -> None:
+        """A sweep after ttl logs one "expired" event per lease, once."""
+        self.register(self.connect(), b"REGISTER 9000")
+        self.advance_to(TTL - 0.1)
+        self.relay.expire()
+        self.assertEqual(self.expired_events(), [])
+        self.advance_to(TTL)
+        self.relay.expire()
+        self.relay.expire()
+        [event] = self.expired_events()
+        self.assertEqual(event["peer_id"], wire.peer_id_for("10.0.0.5", 9000))
+        self.assertEqual(event["log_level"], LogLevel.info)
+
+    def test_expired_by_query(self) -> None:
+        """Leases found expired while answering PEERS are logged too."""
+        self.register(self.connect(), b"REGISTER 9000")
+        self.advance_to(TTL)
+        self.peers()
+        self.assertEqual(len(self.expired_events()), 1)
+
+    def expired_events(self) -> list[dict]:
+        """The "expired" events logged so far."""
+        return [
+            event
+            for event in self.relay_events()
+            if event["log_format"].endswith("expired at {address}")
+        ]
+
+    def test_query(self) -> None:
+        """PEERS logs how many peers were listed."""
+        self.register(self.connect(), b"REGISTER 9000")
+        self.peers()
+        [event] = self.relay_events(count=1)
+        self.assertEqual(event["log_level"], LogLevel.info)
+        self.assertIn("{count}", event["log_format"])
+
+    def test_unregistered(self) -> None:
+        """UNREGISTER logs the ended lease."""
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        connection.request(b"UNREGISTER 9000")
+        [event] = [
+            event
+            for event in self.relay_events()
+            if "unregistered" in event["log_format"]
+        ]
+        self.assertEqual(event["peer_id"], wire.peer_id_for("10.0.0.5", 9000))
+
+    def test_refused_registration(self) -> None:
+        """A 429 logs a warning with the reason."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        self.connect(PEER_B).request(b"REGISTER 9000")
+        [event] = [
+            event
+            for event in self.relay_events()
+            if event["log_level"] == LogLevel.warn
+        ]
+        self.assertIn("maximum", event["reason"])
+
+    def test_refused_request(self) -> None:
+        """Any refused request logs a warning from the protocol."""
+        self.connect().request(b"HELLO")
+        [event] = [
+            event
+            for event in self.events
+            if event.get("log_namespace") == "p2p.relay.RelayProtocol"
+        ]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertIn("501", event["error"])

@@ -1,0 +1,176 @@
+"""Tests for L{p2p.sink.SpoolSink}: spool, hash, then save or print."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import stat
+import tempfile
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import wire
+from p2p.sink import SpoolSink
+from tests.test_share import temp_dir
+
+DATA = b"some verified content\n" * 100
+
+
+def header_for(data: bytes) -> wire.FileHeader:
+    return wire.FileHeader(len(data), hashlib.sha256(data).hexdigest(), 0, len(data))
+
+
+class SpoolSinkTests(SynchronousTestCase):
+    """The sink's life cycle: begin, write, then save_as/copy_to/reset."""
+
+    def setUp(self) -> None:
+        self.directory = temp_dir(self)
+        self.sink = SpoolSink(self.directory)
+        self.addCleanup(self.sink.discard)
+        self.target = os.path.join(self.directory, "final.txt")
+
+    def spool_files(self) -> list[str]:
+        return [name for name in os.listdir(self.directory) if name.endswith(".part")]
+
+    def fill(self, data: bytes = DATA, pieces: int = 7) -> None:
+        self.sink.begin(header_for(data))
+        step = max(1, len(data) // pieces)
+        for start in range(0, len(data), step):
+            self.sink.write(data[start : start + step])
+
+    def test_begin_creates_hidden_spool(self) -> None:
+        """begin() creates one hidden ``.p2p-*.part`` file in the directory."""
+        self.sink.begin(header_for(DATA))
+        [name] = self.spool_files()
+        self.assertTrue(name.startswith(".p2p-"))
+        self.assertEqual(self.sink.header, header_for(DATA))
+
+    def test_write_hashes_and_counts(self) -> None:
+        """Written bytes are counted and hashed as they arrive."""
+        self.fill()
+        self.assertEqual(self.sink.received, len(DATA))
+        self.assertEqual(self.sink.hexdigest(), hashlib.sha256(DATA).hexdigest())
+
+    def test_save_as_is_atomic(self) -> None:
+        """
+        Nothing stands under the final name until save_as, which moves the
+        complete content there in one rename; the spool file is gone.
+        """
+        self.fill()
+        self.assertFalse(os.path.exists(self.target))
+        self.sink.save_as(self.target)
+        with open(self.target, "rb") as stream:
+            self.assertEqual(stream.read(), DATA)
+        self.assertEqual(self.spool_files(), [])
+
+    def test_save_as_replaces_in_one_step(self) -> None:
+        """
+        An existing file keeps its old content until save_as, then has the
+        new content; it is replaced (new inode), never rewritten in place.
+        """
+        with open(self.target, "wb") as stream:
+            stream.write(b"old content")
+        old_inode = os.stat(self.target).st_ino
+        self.fill()
+        with open(self.target, "rb") as stream:
+            self.assertEqual(stream.read(), b"old content")
+        self.sink.save_as(self.target)
+        with open(self.target, "rb") as stream:
+            self.assertEqual(stream.read(), DATA)
+        self.assertNotEqual(os.stat(self.target).st_ino, old_inode)
+
+    def test_save_as_mode(self) -> None:
+        """The saved file is world-readable as the umask allows (not 0600)."""
+        old = os.umask(0o022)
+        self.addCleanup(os.umask, old)
+        self.fill()
+        self.sink.save_as(self.target)
+        self.assertEqual(stat.S_IMODE(os.stat(self.target).st_mode), 0o644)
+
+    def test_save_as_respects_umask(self) -> None:
+        """A stricter umask gives a stricter mode."""
+        old = os.umask(0o077)
+        self.addCleanup(os.umask, old)
+        self.fill()
+        self.sink.save_as(self.target)
+        self.assertEqual(stat.S_IMODE(os.stat(self.target).st_mode), 0o600)
+
+    def test_save_empty(self) -> None:
+        """An empty file saves as an empty file."""
+        self.sink.begin(header_for(b""))
+        self.sink.save_as(self.target)
+        self.assertEqual(os.path.getsize(self.target), 0)
+
+    def test_save_failure_keeps_spool_for_discard(self) -> None:
+        """
+        A failed rename (the target is a directory) raises OSError; discard
+        then removes the spool file.
+        """
+        os.mkdir(self.target)
+        self.fill()
+        self.assertRaises(OSError, self.sink.save_as, self.target)
+        self.sink.discard()
+        self.assertEqual(self.spool_files(), [])
+
+    def test_reset(self) -> None:
+        """reset() removes the spool file and forgets the bytes and hash."""
+        self.fill()
+        self.sink.reset()
+        self.assertEqual(self.spool_files(), [])
+        self.assertEqual(self.sink.received, 0)
+        self.assertIsNone(self.sink.header)
+        self.assertEqual(self.sink.hexdigest(), hashlib.sha256(b"").hexdigest())
+
+    def test_begin_again_starts_over(self) -> None:
+        """A second begin() drops the first spool and its hash."""
+        self.fill(b"first attempt, broken")
+        self.fill()
+        self.assertEqual(len(self.spool_files()), 1)
+        self.assertEqual(self.sink.received, len(DATA))
+        self.assertEqual(self.sink.hexdigest(), hashlib.sha256(DATA).hexdigest())
+        self.sink.save_as(self.target)
+        with open(self.target, "rb") as stream:
+            self.assertEqual(stream.read(), DATA)
+
+    def test_discard(self) -> None:
+        """discard() removes the spool file; twice, or before begin, is harmless."""
+        self.sink.discard()
+        self.fill()
+        self.sink.discard()
+        self.sink.discard()
+        self.assertEqual(self.spool_files(), [])
+
+    def test_discard_after_external_removal(self) -> None:
+        """A spool file already removed by someone else is not an error."""
+        self.fill()
+        [name] = self.spool_files()
+        os.unlink(os.path.join(self.directory, name))
+        self.sink.discard()
+
+    def test_copy_to(self) -> None:
+        """copy_to() writes the exact content, then removes the spool file."""
+        self.fill()
+        out = io.BytesIO()
+        self.sink.copy_to(out)
+        self.assertEqual(out.getvalue(), DATA)
+        self.assertEqual(self.spool_files(), [])
+
+    def test_copy_large(self) -> None:
+        """Content larger than the copy buffer is copied whole."""
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        self.fill(data, pieces=50)
+        out = io.BytesIO()
+        self.sink.copy_to(out)
+        self.assertEqual(out.getvalue(), data)
+
+    def test_default_directory(self) -> None:
+        """Without a directory the spool goes to the system temporary folder."""
+        directory = temp_dir(self)
+        self.patch(tempfile, "tempdir", directory)
+        sink = SpoolSink()
+        self.addCleanup(sink.discard)
+        sink.begin(header_for(DATA))
+        self.assertEqual(len(os.listdir(directory)), 1)
+        sink.discard()
+        self.assertEqual(os.listdir(directory), [])

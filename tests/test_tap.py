@@ -1,0 +1,397 @@
+"""Tests for the twistd tap modules: Options parsing and makeService trees."""
+
+from __future__ import annotations
+
+import os
+
+from twisted.application.internet import TimerService
+from twisted.application.service import MultiService
+from twisted.internet.error import CannotListenError
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import peer_tap, relay_tap
+from p2p.announce import UNREGISTER_TIMEOUT_SECONDS, Announcer
+from p2p.endpoints import DEFAULT_RELAY
+from p2p.peer import PeerFactory
+from p2p.relay import RelayFactory
+from p2p.service import ListeningService, PortFileService
+
+from ._support import set_relay_environment
+
+PEER_ID = "0123456789abcdef"
+
+
+def parse_relay(*argv: str) -> relay_tap.Options:
+    config = relay_tap.Options()
+    config.parseOptions(list(argv))
+    return config
+
+
+def children(parent: MultiService, kind: type) -> list:
+    return [service for service in parent if isinstance(service, kind)]
+
+
+class RelayOptionsTests(SynchronousTestCase):
+    def test_defaults(self) -> None:
+        self.assertEqual(
+            dict(parse_relay()),
+            {
+                "listen": ["tcp:8000"],
+                "ttl": 60,
+                "renew": 20,
+                "idle-timeout": 30,
+                "max-peers": 100_000,
+                "max-per-host": 1000,
+                "port-file": None,
+                "allow-claimed-host": 0,
+            },
+        )
+
+    def test_seed_port_argument(self) -> None:
+        """``twistd relay 8000`` is the seed's spelling of ``--listen tcp:8000``."""
+        self.assertEqual(parse_relay("9001")["listen"], ["tcp:9001"])
+
+    def test_listen_repeatable(self) -> None:
+        config = parse_relay(
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "-l",
+            r"tcp6:0:interface=\:\:1",
+            "--listen=7000",
+        )
+        self.assertEqual(
+            config["listen"],
+            ["tcp:0:interface=127.0.0.1", r"tcp6:0:interface=\:\:1", "tcp:7000"],
+        )
+
+    def test_listen_and_port_argument_combine(self) -> None:
+        self.assertEqual(
+            parse_relay("--listen", "tcp:7000", "8000")["listen"],
+            ["tcp:7000", "tcp:8000"],
+        )
+
+    def test_ttl_sets_default_renew(self) -> None:
+        config = parse_relay("--ttl", "9")
+        self.assertEqual((config["ttl"], config["renew"]), (9, 3))
+        config = parse_relay("--ttl", "1")
+        self.assertEqual((config["ttl"], config["renew"]), (1, 1))
+
+    def test_explicit_values(self) -> None:
+        config = parse_relay(
+            "--ttl",
+            "30",
+            "--renew",
+            "5",
+            "--idle-timeout",
+            "2.5",
+            "--max-peers",
+            "10",
+            "--max-per-host",
+            "0",
+            "--port-file",
+            "relay.port",
+            "--allow-claimed-host",
+        )
+        self.assertEqual(config["renew"], 5)
+        self.assertEqual(config["idle-timeout"], 2.5)
+        self.assertEqual((config["max-peers"], config["max-per-host"]), (10, 0))
+        self.assertEqual(config["port-file"], "relay.port")
+        self.assertTrue(config["allow-claimed-host"])
+
+    def test_bad_values(self) -> None:
+        for argv in (
+            ["abc"],
+            ["80a"],
+            ["\u0663"],
+            ["65536"],
+            ["1", "2"],
+            ["--ttl", "x"],
+            ["--ttl", "0"],
+            ["--renew", "0"],
+            ["--ttl", "60", "--renew", "61"],
+            ["--idle-timeout", "0"],
+            ["--idle-timeout", "soon"],
+            ["--max-peers", "many"],
+            ["--listen", "bogus:x"],
+            ["--listen", "tcp:abc"],
+            ["--listen", "99999"],
+            ["--no-such-option"],
+        ):
+            with self.assertRaises(usage.UsageError, msg=argv):
+                parse_relay(*argv)
+
+    def test_help(self) -> None:
+        text = str(relay_tap.Options())
+        for fragment in ("--listen", "--ttl", "--port-file", "[PORT]", "lease"):
+            self.assertIn(fragment, text)
+
+
+class RelayServiceTests(SynchronousTestCase):
+    def make(self, *argv: str) -> tuple[MultiService, MemoryReactorClock]:
+        reactor = MemoryReactorClock()
+        return relay_tap.makeService(parse_relay(*argv), reactor), reactor
+
+    def test_children(self) -> None:
+        service, reactor = self.make()
+        self.assertIsInstance(service, MultiService)
+        self.assertEqual(len(children(service, ListeningService)), 1)
+        self.assertEqual(len(children(service, TimerService)), 1)
+        self.assertEqual(children(service, PortFileService), [])
+        self.assertEqual(len(list(service)), 2)
+
+    def test_listens_on_every_endpoint(self) -> None:
+        service, reactor = self.make(
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--listen",
+            r"tcp6:0:interface=\:\:1",
+        )
+        service.startService()
+        self.addCleanup(service.stopService)
+        self.assertEqual(
+            [(port, interface) for port, _, _, interface in reactor.tcpServers],
+            [(0, "127.0.0.1"), (0, "::1")],
+        )
+        factories = {id(factory) for _, factory, _, _ in reactor.tcpServers}
+        self.assertEqual(len(factories), 1, "one RelayFactory shared by listeners")
+        self.assertIsInstance(reactor.tcpServers[0][1], RelayFactory)
+
+    def test_seed_port(self) -> None:
+        service, reactor = self.make("8000")
+        service.startService()
+        self.addCleanup(service.stopService)
+        port, _, _, interface = reactor.tcpServers[0]
+        self.assertEqual((port, interface), (8000, ""))
+
+    def test_reactor_threaded_into_relay(self) -> None:
+        service, reactor = self.make("--ttl", "8", "--idle-timeout", "4")
+        factory = children(service, ListeningService)[0].factory
+        self.assertIs(factory.relay.clock, reactor)
+        self.assertEqual((factory.relay.ttl, factory.relay.renew), (8, 2))
+        self.assertEqual(factory.idle_timeout, 4.0)
+
+    def test_sweeper_runs_on_the_clock(self) -> None:
+        """Expired leases are swept by a TimerService on the injected clock."""
+        service, reactor = self.make("--ttl", "8")
+        (sweeper,) = children(service, TimerService)
+        self.assertIs(sweeper.clock, reactor)
+        self.assertEqual(sweeper.step, relay_tap.expiry_period(8))
+        registry = children(service, ListeningService)[0].factory.relay.registry
+        registry.register("127.0.0.1", 9000, None, reactor.seconds())
+        service.startService()
+        self.assertEqual(len(reactor.getDelayedCalls()), 1)
+        reactor.advance(7.9)
+        self.assertEqual(len(registry), 1)
+        reactor.advance(sweeper.step)
+        self.assertEqual(len(registry), 0)
+        self.successResultOf(service.stopService())
+        self.assertEqual(reactor.getDelayedCalls(), [])
+        self.assertIsNone(children(service, ListeningService)[0].port)
+
+    def test_port_file(self) -> None:
+        path = self.mktemp()
+        service, reactor = self.make(
+            "--listen", "tcp:7001", "--listen", "tcp:7002", "--port-file", path
+        )
+        self.assertEqual(len(children(service, PortFileService)), 1)
+        service.startService()
+        with open(path) as stream:
+            # MemoryReactor's fake ports report 0.0.0.0 for IPv4 listeners.
+            self.assertEqual(stream.read(), "0.0.0.0 7001\n0.0.0.0 7002\n")
+        self.successResultOf(service.stopService())
+        self.assertFalse(os.path.exists(path))
+
+    def test_bad_endpoint_from_config_is_usage_error(self) -> None:
+        config = parse_relay()
+        config["listen"] = ["bogus:x"]
+        self.assertRaises(
+            usage.UsageError, relay_tap.makeService, config, MemoryReactorClock()
+        )
+
+    def test_listen_failure_is_raised_at_startup(self) -> None:
+        """A port in use stops twistd at startup instead of being only logged."""
+
+        class Busy(MemoryReactorClock):
+            def listenTCP(self, port, factory, backlog=50, interface=""):
+                raise CannotListenError(interface, port, OSError("in use"))
+
+        service = relay_tap.makeService(parse_relay("8000"), Busy())
+        self.assertRaises(CannotListenError, service.startService)
+        self.assertFalse(children(service, ListeningService)[0].running)
+
+
+class PeerOptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        set_relay_environment(self, None)
+        self.share = self.mktemp()
+        os.mkdir(self.share)
+
+    def parse(self, *argv: str) -> peer_tap.Options:
+        config = peer_tap.Options()
+        config.parseOptions(["--share", self.share, *argv])
+        return config
+
+    def test_defaults(self) -> None:
+        config = peer_tap.Options()
+        config.parseOptions([])
+        self.assertEqual(
+            dict(config),
+            {
+                "relay": DEFAULT_RELAY,
+                "share": ".",
+                "listen": "tcp:0",
+                "name": None,
+                "idle-timeout": 30,
+                "port-file": None,
+                "include-hidden": 0,
+            },
+        )
+
+    def test_seed_host_port(self) -> None:
+        """``twistd peer HOST PORT`` is the seed's spelling of ``--relay``."""
+        self.assertEqual(
+            self.parse("relay.example", "4001")["relay"], "relay.example:4001"
+        )
+
+    def test_seed_ipv6_host(self) -> None:
+        self.assertEqual(self.parse("::1", "4001")["relay"], "[::1]:4001")
+
+    def test_relay_option(self) -> None:
+        self.assertEqual(
+            self.parse("--relay", "tcp:10.0.0.1:9")["relay"], "tcp:10.0.0.1:9"
+        )
+        self.assertEqual(self.parse("-r", "[::1]:9")["relay"], "[::1]:9")
+
+    def test_environment(self) -> None:
+        set_relay_environment(self, "relay.example:4001")
+        self.assertEqual(self.parse()["relay"], "relay.example:4001")
+        self.assertEqual(self.parse("10.0.0.1", "9")["relay"], "10.0.0.1:9")
+        self.assertEqual(self.parse("--relay", "10.0.0.2:9")["relay"], "10.0.0.2:9")
+
+    def test_other_options(self) -> None:
+        config = self.parse(
+            "--listen",
+            "tcp:0:interface=127.0.0.1",
+            "--name",
+            "peer-1.a_b",
+            "--idle-timeout",
+            "1.5",
+            "--port-file",
+            "peer.port",
+            "--include-hidden",
+        )
+        self.assertEqual(config["listen"], "tcp:0:interface=127.0.0.1")
+        self.assertEqual(config["name"], "peer-1.a_b")
+        self.assertEqual(config["idle-timeout"], 1.5)
+        self.assertEqual(config["port-file"], "peer.port")
+        self.assertTrue(config["include-hidden"])
+
+    def test_bad_values(self) -> None:
+        missing = self.mktemp()
+        for argv in (
+            ["host"],
+            ["host", "port"],
+            ["host", "\u0663"],
+            ["host", "1", "2"],
+            ["--relay", "10.0.0.1:9", "host", "1"],
+            ["host", "70000"],
+            ["--relay", "bogus:x"],
+            ["--relay", "tcp:nohost"],
+            ["--listen", "bogus:x"],
+            ["--share", missing],
+            ["--name", "two words"],
+            ["--name", "x" * 65],
+            ["--idle-timeout", "0"],
+            ["--idle-timeout", "x"],
+        ):
+            with self.assertRaises(usage.UsageError, msg=argv):
+                self.parse(*argv)
+
+    def test_help(self) -> None:
+        text = str(peer_tap.Options())
+        for fragment in ("--relay", "--share", "--listen", "RELAY_HOST RELAY_PORT"):
+            self.assertIn(fragment, text)
+
+
+class PeerServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        set_relay_environment(self, None)
+        self.share = self.mktemp()
+        os.mkdir(self.share)
+        self.reactor = MemoryReactorClock()
+
+    def make(self, *argv: str) -> MultiService:
+        config = peer_tap.Options()
+        config.parseOptions(["--share", self.share, *argv])
+        return peer_tap.makeService(config, self.reactor)
+
+    def test_children(self) -> None:
+        service = self.make()
+        self.assertEqual(len(children(service, ListeningService)), 1)
+        self.assertEqual(len(children(service, Announcer)), 1)
+        self.assertEqual(children(service, PortFileService), [])
+        self.assertEqual(len(list(service)), 2)
+        self.assertEqual(
+            len(children(self.make("--port-file", "p"), PortFileService)), 1
+        )
+
+    def test_listens_and_registers(self) -> None:
+        """
+        Starting listens on --listen and registers that port at the relay;
+        stopping unregisters and leaves no timer behind.
+        """
+        service = self.make(
+            "--listen", "tcp:0:interface=127.0.0.1", "--name", "p1", "10.0.0.1", "4001"
+        )
+        (listener,) = children(service, ListeningService)
+        (announcer,) = children(service, Announcer)
+        self.assertIs(announcer.clock, self.reactor)
+        self.assertIs(listener.factory.clock, self.reactor)
+        self.assertIsInstance(listener.factory, PeerFactory)
+        self.assertEqual(
+            os.path.realpath(listener.factory.share.root),
+            os.path.realpath(self.share),
+        )
+
+        service.startService()
+        port, _, _, interface = self.reactor.tcpServers[0]
+        self.assertEqual((port, interface), (0, "127.0.0.1"))
+        host, relay_port, factory = self.reactor.tcpClients[0][:3]
+        self.assertEqual((host, relay_port), ("10.0.0.1", 4001))
+
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"P2P/1 relay\n")
+        self.assertEqual(transport.value(), b"REGISTER 0 name=p1\n")
+        protocol.dataReceived(
+            f"OK {PEER_ID} ttl=60 renew=20 observed=10.0.0.2\n".encode()
+        )
+        registered = self.successResultOf(announcer.when_registered())
+        self.assertEqual(registered.peer_id, PEER_ID)
+        self.assertEqual(len(self.reactor.getDelayedCalls()), 1, "the renewal")
+
+        stopped = service.stopService()
+        self.assertEqual(len(self.reactor.tcpClients), 2, "the UNREGISTER")
+        self.assertNoResult(stopped)
+        # No relay answers: the unregistration gives up after its timeout.
+        self.reactor.advance(UNREGISTER_TIMEOUT_SECONDS)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertIsNone(listener.port)
+
+    def test_default_relay(self) -> None:
+        self.make().startService()
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 8000))
+
+    def test_ipv6_relay(self) -> None:
+        self.make("::1", "4001").startService()
+        self.assertEqual(self.reactor.tcpClients[0][:2], ("::1", 4001))
+
+    def test_bad_endpoint_from_config_is_usage_error(self) -> None:
+        config = peer_tap.Options()
+        config.parseOptions(["--share", self.share])
+        config["relay"] = "bogus:x"
+        self.assertRaises(usage.UsageError, peer_tap.makeService, config, self.reactor)

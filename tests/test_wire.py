@@ -1,0 +1,830 @@
+"""Tests for ``p2p.wire``: pure parsing and formatting of P2P/1 lines."""
+
+from __future__ import annotations
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import wire
+from p2p.wire import Code, RemoteError, WireError
+
+PEER_ID = wire.peer_id_for("10.0.0.5", 9000)
+SHA = "ab" * 32
+
+# Property tests must be reproducible and must not write a database into the
+# working tree (trial runs in _trial_temp, pytest in the checkout).
+deterministic = settings(derandomize=True, database=None, max_examples=100)
+
+
+class WireAssertions:
+    """Mixin: assert that a call fails with a ``WireError`` of a given code."""
+
+    def assertWireError(self, code: Code, f, *args, **kwargs) -> WireError:
+        """Call ``f`` and check it raises ``WireError`` carrying ``code``."""
+        error = self.assertRaises(WireError, f, *args, **kwargs)
+        self.assertIs(error.code, code, f"{error} from {f.__name__}{args!r}")
+        return error
+
+    def assertAllRefused(self, f, code: Code, lines) -> None:
+        """Every line in ``lines`` makes ``f`` raise a ``code`` ``WireError``."""
+        for line in lines:
+            with naming(line):
+                self.assertWireError(code, f, line)
+
+
+class naming:
+    """Context manager: re-raise an AssertionError naming the offending input.
+
+    (trial's reporter has no ``addSubTest``, so loops over cases use this
+    to say which case failed.)
+    """
+
+    def __init__(self, value) -> None:
+        self.value = value
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind, error, tb) -> bool:
+        if kind is not None and issubclass(kind, AssertionError):
+            raise AssertionError(f"input {self.value!r}: {error}") from error
+        return False
+
+
+class DecodeLineTests(WireAssertions, SynchronousTestCase):
+    """``wire.decode_line``: the UTF-8 and control-character gate."""
+
+    def test_plain(self) -> None:
+        """An ASCII line decodes unchanged."""
+        self.assertEqual(wire.decode_line(b"PEERS"), "PEERS")
+
+    def test_trailing_cr_dropped(self) -> None:
+        """One trailing CR (from CRLF clients like nc -C) is ignored."""
+        self.assertEqual(wire.decode_line(b"PEERS\r"), "PEERS")
+
+    def test_only_one_cr_dropped(self) -> None:
+        """A second CR is part of the line, hence a control character."""
+        self.assertWireError(Code.BAD_REQUEST, wire.decode_line, b"PEERS\r\r")
+
+    def test_utf8(self) -> None:
+        """Non-ASCII UTF-8 is accepted and decoded."""
+        self.assertEqual(wire.decode_line("GET ré.txt".encode()), "GET ré.txt")
+
+    def test_not_utf8(self) -> None:
+        """Bytes that are not UTF-8 are a 400."""
+        for line in [b"\xff", b"GET \xc3\x28", b"PEERS \x80", "é".encode("latin-1")]:
+            with naming(line):
+                error = self.assertWireError(Code.BAD_REQUEST, wire.decode_line, line)
+                self.assertIn("UTF-8", error.message)
+
+    def test_control_characters(self) -> None:
+        """C0 controls (except tab), an inner CR, DEL and C1 controls are a 400."""
+        for line in [
+            b"PEERS\x00",
+            b"\x01PEERS",
+            b"PEERS \x1b[31m",
+            b"PE\rERS",
+            b"PEERS\x7f",
+            b"PEERS\x0b",
+            "PEERS\x80".encode(),
+            "REGISTER 9000\x85name=a".encode(),
+            "GET a\x9b31m".encode(),
+        ]:
+            with naming(line):
+                error = self.assertWireError(Code.BAD_REQUEST, wire.decode_line, line)
+                self.assertIn("control", error.message)
+
+    def test_other_unicode_allowed(self) -> None:
+        """Printable characters just outside the control ranges pass."""
+        for text in ["GET \xa0", "GET ~", "GET \u2028"]:
+            self.assertEqual(wire.decode_line(text.encode()), text)
+
+    def test_tab_allowed(self) -> None:
+        """Tab is the one control character let through (file names)."""
+        self.assertEqual(wire.decode_line(b"GET a\tb"), "GET a\tb")
+
+
+class EncodeLineTests(SynchronousTestCase):
+    """``wire.encode_line``: what we send is always one legal line."""
+
+    def test_encodes_utf8(self) -> None:
+        """Text is encoded as UTF-8, with no delimiter appended."""
+        self.assertEqual(wire.encode_line("FILE 1 é"), "FILE 1 é".encode())
+
+    def test_longest_line(self) -> None:
+        """A line of exactly MAX_LINE_LENGTH bytes is allowed."""
+        text = "x" * wire.MAX_LINE_LENGTH
+        self.assertEqual(wire.encode_line(text), text.encode())
+
+    def test_too_long(self) -> None:
+        """One byte more than MAX_LINE_LENGTH is a programming error."""
+        self.assertRaises(
+            ValueError, wire.encode_line, "x" * (wire.MAX_LINE_LENGTH + 1)
+        )
+
+    def test_multibyte_counts_bytes(self) -> None:
+        """The limit counts encoded bytes, not characters."""
+        text = "é" * (wire.MAX_LINE_LENGTH // 2 + 1)
+        self.assertRaises(ValueError, wire.encode_line, text)
+
+    def test_newlines_refused(self) -> None:
+        """An embedded LF or CR would split the line: refused."""
+        self.assertRaises(ValueError, wire.encode_line, "OK\nERR 500 x")
+        self.assertRaises(ValueError, wire.encode_line, "OK\r")
+
+
+class BannerTests(WireAssertions, SynchronousTestCase):
+    """``wire.banner`` and ``wire.check_banner``."""
+
+    def test_banner(self) -> None:
+        """The banner is the protocol version and the server's role."""
+        self.assertEqual(wire.banner("relay"), b"P2P/1 relay")
+        self.assertEqual(wire.banner("peer"), b"P2P/1 peer")
+
+    def test_accepts_own_banner(self) -> None:
+        """check_banner accepts what banner produces, with or without CR."""
+        wire.check_banner(wire.banner("relay"), "relay")
+        wire.check_banner(wire.banner("peer") + b"\r", "peer")
+
+    def test_extra_words_ignored(self) -> None:
+        """Words after the role are reserved for future use: ignored."""
+        wire.check_banner(b"P2P/1 relay tls=1 whatever", "relay")
+
+    def test_wrong_version(self) -> None:
+        """Another P2P version is a 505 naming that version."""
+        for line in [b"P2P/2 relay", b"P2P/10 relay", b"P2P/ relay", b"P2P/1.1 relay"]:
+            with naming(line):
+                error = self.assertWireError(
+                    Code.VERSION, wire.check_banner, line, "relay"
+                )
+                self.assertIn("version", error.message)
+
+    def test_not_p2p(self) -> None:
+        """A greeting from some other service is a 505 too."""
+        for line in [
+            b"SSH-2.0-OpenSSH_9.6",
+            b"HTTP/1.1 400 Bad Request",
+            b"",
+            b"p2p/1",
+        ]:
+            with naming(line):
+                error = self.assertWireError(
+                    Code.VERSION, wire.check_banner, line, "relay"
+                )
+                self.assertIn("not a P2P server", error.message)
+
+    def test_wrong_role(self) -> None:
+        """The right version from the wrong kind of server is a 400."""
+        self.assertWireError(
+            Code.BAD_REQUEST, wire.check_banner, b"P2P/1 peer", "relay"
+        )
+        self.assertWireError(Code.BAD_REQUEST, wire.check_banner, b"P2P/1", "relay")
+        self.assertWireError(
+            Code.BAD_REQUEST, wire.check_banner, b"P2P/1  relay", "relay"
+        )
+
+    def test_banner_not_utf8(self) -> None:
+        """A banner that is not UTF-8 is a 400 from the decoding gate."""
+        self.assertWireError(
+            Code.BAD_REQUEST, wire.check_banner, b"P2P/1 \xffrelay", "relay"
+        )
+
+
+class ErrorTests(SynchronousTestCase):
+    """``wire.format_error``, ``wire.WireError`` and ``wire.Code``."""
+
+    def test_format(self) -> None:
+        """An error line is ``ERR <code> <message>``."""
+        self.assertEqual(
+            wire.format_error(Code.NOT_FOUND, "no such file"), b"ERR 404 no such file"
+        )
+        self.assertEqual(wire.format_error(418, "teapot"), b"ERR 418 teapot")
+
+    def test_whitespace_collapsed(self) -> None:
+        """Runs of whitespace (including newlines) become single spaces."""
+        self.assertEqual(
+            wire.format_error(Code.INTERNAL, "  a\n b\t\tc  "), b"ERR 500 a b c"
+        )
+
+    def test_empty_message(self) -> None:
+        """An empty message still yields a three-field line."""
+        self.assertEqual(wire.format_error(Code.INTERNAL, " "), b"ERR 500 error")
+
+    def test_truncated(self) -> None:
+        """Messages are cut at 200 characters, keeping the line bounded."""
+        line = wire.format_error(Code.BAD_REQUEST, "x" * 5000)
+        self.assertEqual(line, b"ERR 400 " + b"x" * 200)
+
+    def test_wire_error(self) -> None:
+        """WireError keeps code and message and renders its own ERR line."""
+        error = WireError(Code.FORBIDDEN, "go away")
+        self.assertIs(error.code, Code.FORBIDDEN)
+        self.assertEqual(error.message, "go away")
+        self.assertEqual(str(error), "403 go away")
+        self.assertEqual(error.to_line(), b"ERR 403 go away")
+
+    def test_codes(self) -> None:
+        """The documented codes have their HTTP-like values."""
+        self.assertEqual(
+            {code.name: int(code) for code in Code},
+            {
+                "BAD_REQUEST": 400,
+                "UNAUTHORIZED": 401,
+                "FORBIDDEN": 403,
+                "NOT_FOUND": 404,
+                "TIMEOUT": 408,
+                "LINE_TOO_LONG": 413,
+                "BAD_OFFSET": 416,
+                "TOO_MANY": 429,
+                "INTERNAL": 500,
+                "UNKNOWN_COMMAND": 501,
+                "UNAVAILABLE": 503,
+                "VERSION": 505,
+            },
+        )
+
+
+class FieldTests(WireAssertions, SynchronousTestCase):
+    """The field parsers shared by all messages."""
+
+    def test_split_verb(self) -> None:
+        """The verb is upper-cased; the rest is kept verbatim."""
+        self.assertEqual(wire.split_verb("get A  b"), ("GET", "A  b"))
+        self.assertEqual(wire.split_verb("LIST"), ("LIST", ""))
+
+    def test_split_verb_empty(self) -> None:
+        """An empty verb (empty line or leading space) is a 400."""
+        self.assertWireError(Code.BAD_REQUEST, wire.split_verb, "")
+        self.assertWireError(Code.BAD_REQUEST, wire.split_verb, " PEERS")
+
+    def test_parse_int(self) -> None:
+        """Decimal digits within the bounds are accepted."""
+        self.assertEqual(wire.parse_int("0", "n"), 0)
+        self.assertEqual(wire.parse_int("007", "n"), 7)
+        self.assertEqual(wire.parse_int("9" * 18, "n"), int("9" * 18))
+        self.assertEqual(wire.parse_int("5", "n", 5, 5), 5)
+
+    def test_parse_int_malformed(self) -> None:
+        """Signs, decimals, spaces, non-ASCII digits and 21 digits are a 400."""
+        for text in ["", "-1", "+1", "1.0", " 1", "1 ", "0x10", "١٢", "1" * 21, "1e3"]:
+            with naming(text):
+                error = self.assertWireError(
+                    Code.BAD_REQUEST, wire.parse_int, text, "size"
+                )
+                self.assertIn("size", error.message)
+
+    def test_parse_int_bounds(self) -> None:
+        """Values outside low..high are a 400 naming the range."""
+        self.assertWireError(Code.BAD_REQUEST, wire.parse_int, "4", "n", 5, 9)
+        self.assertWireError(Code.BAD_REQUEST, wire.parse_int, "10", "n", 5, 9)
+        error = self.assertWireError(
+            Code.BAD_REQUEST, wire.parse_int, "9" * 20, "offset"
+        )
+        self.assertIn("offset must be in", error.message)
+
+    def test_parse_port(self) -> None:
+        """Ports are 1..65535."""
+        self.assertEqual(wire.parse_port("1"), 1)
+        self.assertEqual(wire.parse_port("65535"), 65535)
+        self.assertAllRefused(wire.parse_port, Code.BAD_REQUEST, ["0", "65536", "x"])
+
+    def test_parse_options(self) -> None:
+        """key=value tokens become a dict; the value may contain '='."""
+        self.assertEqual(
+            wire.parse_options(["a=1", "b=x=y", "c="], frozenset("abc")),
+            {"a": "1", "b": "x=y", "c": ""},
+        )
+        self.assertEqual(wire.parse_options([], frozenset("a")), {})
+
+    def test_parse_options_malformed(self) -> None:
+        """Unknown keys, bare words and repeats are a 400."""
+        allowed = frozenset({"a"})
+        for tokens in [["b=1"], ["a"], ["=1"], ["a=1", "a=2"], ["A=1"]]:
+            with naming(tokens):
+                self.assertWireError(
+                    Code.BAD_REQUEST, wire.parse_options, tokens, allowed
+                )
+
+    def test_display_name(self) -> None:
+        """Names are 1-64 characters of a small safe alphabet."""
+        for name in ["a", "Peer-1.home_x", "x" * 64]:
+            self.assertEqual(wire.parse_display_name(name), name)
+        self.assertAllRefused(
+            wire.parse_display_name,
+            Code.BAD_REQUEST,
+            ["", "x" * 65, "a b", "ré", "a/b", "a=b", "a;b"],
+        )
+
+    def test_parse_host(self) -> None:
+        """IP literals are accepted in canonical form."""
+        self.assertEqual(wire.parse_host("10.0.0.5"), "10.0.0.5")
+        self.assertEqual(wire.parse_host("2001:DB8:0:0::1"), "2001:db8::1")
+        self.assertEqual(wire.parse_host("::1"), "::1")
+
+    def test_parse_host_ipv4_mapped(self) -> None:
+        """IPv4-mapped IPv6 becomes the plain IPv4 address."""
+        self.assertEqual(wire.parse_host("::ffff:10.0.0.5"), "10.0.0.5")
+        self.assertEqual(wire.parse_host("::FFFF:a00:5"), "10.0.0.5")
+
+    def test_parse_host_malformed(self) -> None:
+        """Host names, ports, CIDR and leading-zero octets are a 400."""
+        self.assertAllRefused(
+            wire.parse_host,
+            Code.BAD_REQUEST,
+            [
+                "",
+                "example.com",
+                "10.0.0.256",
+                "10.0.0.5:80",
+                "[::1]",
+                "10.0.0.0/8",
+                "010.0.0.1",
+                "1",
+            ],
+        )
+
+    def test_normalise_host(self) -> None:
+        """Canonical text for IPs; mapped IPv6 and scopes are simplified."""
+        self.assertEqual(wire.normalise_host("::ffff:192.0.2.1"), "192.0.2.1")
+        self.assertEqual(wire.normalise_host("2001:0db8::0001"), "2001:db8::1")
+        self.assertEqual(wire.normalise_host("fe80::1%eth0"), "fe80::1")
+        self.assertEqual(wire.normalise_host("192.0.2.1"), "192.0.2.1")
+
+    def test_normalise_host_not_ip(self) -> None:
+        """Anything that is not an IP is returned untouched."""
+        self.assertEqual(wire.normalise_host("example.com"), "example.com")
+
+    def test_peer_id(self) -> None:
+        """Peer ids are 16 hex digits, stable, and differ per address."""
+        first = wire.peer_id_for("10.0.0.5", 9000)
+        self.assertRegex(first, r"\A[0-9a-f]{16}\Z")
+        self.assertEqual(first, wire.peer_id_for("10.0.0.5", 9000))
+        self.assertNotEqual(first, wire.peer_id_for("10.0.0.5", 9001))
+        self.assertNotEqual(first, wire.peer_id_for("10.0.0.6", 9000))
+
+    def test_format_address(self) -> None:
+        """IPv6 hosts are bracketed so the port stays unambiguous."""
+        self.assertEqual(wire.format_address("10.0.0.5", 80), "10.0.0.5:80")
+        self.assertEqual(wire.format_address("2001:db8::1", 80), "[2001:db8::1]:80")
+
+
+class ParseOkTests(WireAssertions, SynchronousTestCase):
+    """``wire.parse_ok``: the common front of every reply."""
+
+    def test_ok(self) -> None:
+        """``OK`` and ``OK <fields>`` yield the fields."""
+        self.assertEqual(wire.parse_ok("OK"), [])
+        self.assertEqual(wire.parse_ok("OK 1 a=b"), ["1", "a=b"])
+
+    def test_err(self) -> None:
+        """``ERR <code> <message>`` raises RemoteError with both parts."""
+        error = self.assertRaises(RemoteError, wire.parse_ok, "ERR 404 no such file")
+        self.assertEqual((error.code, error.message), (404, "no such file"))
+        self.assertEqual(str(error), "404 no such file")
+
+    def test_err_without_message(self) -> None:
+        """A bare code is still understood as a remote error."""
+        error = self.assertRaises(RemoteError, wire.parse_ok, "ERR 500")
+        self.assertEqual((error.code, error.message), (500, ""))
+
+    def test_malformed(self) -> None:
+        """Anything else, including bad ERR codes, is a 400."""
+        self.assertAllRefused(
+            wire.parse_ok,
+            Code.BAD_REQUEST,
+            ["", "OKAY", "ok", "ERR", "ERR x oops", "ERR 40 short", "ERR 4040 long"],
+        )
+
+
+class RelayRequestTests(WireAssertions, SynchronousTestCase):
+    """``wire.parse_relay_request`` and the relay request types."""
+
+    parse = staticmethod(wire.parse_relay_request)
+
+    def test_register_minimal(self) -> None:
+        """``REGISTER <port>`` alone leaves every option unset."""
+        self.assertEqual(self.parse(b"REGISTER 9000"), wire.Register(9000))
+
+    def test_register_options(self) -> None:
+        """Every option is parsed, in any order."""
+        self.assertEqual(
+            self.parse(b"REGISTER 9000 token=s3cr/t+= host=10.0.0.7 name=box-1"),
+            wire.Register(9000, name="box-1", host="10.0.0.7", token="s3cr/t+="),
+        )
+
+    def test_register_lenient_framing(self) -> None:
+        """A lower-case verb and a trailing CR are accepted."""
+        self.assertEqual(
+            self.parse(b"register 9000 name=a\r"), wire.Register(9000, name="a")
+        )
+
+    def test_register_host_normalised(self) -> None:
+        """A claimed IPv4-mapped IPv6 host is normalised to IPv4."""
+        request = self.parse(b"REGISTER 9000 host=::ffff:10.0.0.7")
+        self.assertEqual(request.host, "10.0.0.7")
+
+    def test_register_round_trip(self) -> None:
+        """to_line output parses back to an equal request."""
+        for request in [
+            wire.Register(1),
+            wire.Register(65535, name="n"),
+            wire.Register(80, host="2001:db8::1"),
+            wire.Register(80, name="n", host="10.0.0.1", token="t"),
+        ]:
+            self.assertEqual(self.parse(request.to_line()), request)
+        self.assertEqual(
+            wire.Register(80, name="n", host="10.0.0.1", token="t").to_line(),
+            b"REGISTER 80 name=n host=10.0.0.1 token=t",
+        )
+
+    def test_register_malformed(self) -> None:
+        """Each broken REGISTER is a 400."""
+        self.assertAllRefused(
+            self.parse,
+            Code.BAD_REQUEST,
+            [
+                b"REGISTER",
+                b"REGISTER ",
+                b"REGISTER 0",
+                b"REGISTER 65536",
+                b"REGISTER -1",
+                b"REGISTER http",
+                b"REGISTER name=a",
+                b"REGISTER 9000 extra",
+                b"REGISTER 9000 port=1",
+                b"REGISTER 9000 name=",
+                b"REGISTER 9000 name=a b",
+                b"REGISTER 9000 name=" + b"x" * 65,
+                b"REGISTER 9000 name=a name=b",
+                b"REGISTER 9000 host=peer.example",
+                b"REGISTER 9000 host=",
+                b"REGISTER 9000 token=",
+                b"REGISTER 9000 token=a;b",
+                b"REGISTER 9000 token=" + b"t" * 257,
+            ],
+        )
+
+    def test_unregister(self) -> None:
+        """``UNREGISTER <port> [token=...]`` parses and round-trips."""
+        self.assertEqual(self.parse(b"UNREGISTER 9000"), wire.Unregister(9000))
+        self.assertEqual(
+            self.parse(b"unregister 9000 token=t"), wire.Unregister(9000, "t")
+        )
+        for request in [wire.Unregister(1), wire.Unregister(65535, token="x=")]:
+            self.assertEqual(self.parse(request.to_line()), request)
+
+    def test_unregister_malformed(self) -> None:
+        """Each broken UNREGISTER is a 400."""
+        self.assertAllRefused(
+            self.parse,
+            Code.BAD_REQUEST,
+            [
+                b"UNREGISTER",
+                b"UNREGISTER 0",
+                b"UNREGISTER x",
+                b"UNREGISTER 9000 name=a",
+                b"UNREGISTER 9000 host=10.0.0.5",
+                b"UNREGISTER 9000 token=",
+                b"UNREGISTER 9000 token=a token=b",
+                b"UNREGISTER 9000 9001",
+            ],
+        )
+
+    def test_peers(self) -> None:
+        """``PEERS [token=...]`` parses and round-trips."""
+        self.assertEqual(self.parse(b"PEERS"), wire.Peers())
+        self.assertEqual(self.parse(b"peers token=abc\r"), wire.Peers("abc"))
+        for request in [wire.Peers(), wire.Peers(token="abc")]:
+            self.assertEqual(self.parse(request.to_line()), request)
+        self.assertEqual(wire.Peers().to_line(), b"PEERS")
+
+    def test_peers_malformed(self) -> None:
+        """Each broken PEERS is a 400."""
+        self.assertAllRefused(
+            self.parse,
+            Code.BAD_REQUEST,
+            [b"PEERS 10", b"PEERS name=a", b"PEERS token=", b"PEERS token=a b"],
+        )
+
+    def test_unknown_command(self) -> None:
+        """Unknown verbs, including peer verbs sent to a relay, are a 501."""
+        for line in [b"HELLO", b"GET x", b"LIST", b"REGISTERX 9000", b"X" * 100]:
+            with naming(line):
+                error = self.assertWireError(Code.UNKNOWN_COMMAND, self.parse, line)
+                self.assertLessEqual(len(error.message), 60)
+
+    def test_empty(self) -> None:
+        """An empty line or a leading space is a 400, not a 501."""
+        self.assertAllRefused(self.parse, Code.BAD_REQUEST, [b"", b"\r", b" PEERS"])
+
+    def test_bad_bytes(self) -> None:
+        """Non-UTF-8 and control characters are a 400 before verb lookup."""
+        self.assertAllRefused(
+            self.parse,
+            Code.BAD_REQUEST,
+            [b"\xffPEERS", b"REGISTER 9000 name=\xe9", b"PEERS\x00", b"PEERS\x1b"],
+        )
+
+    @deterministic
+    @given(
+        port=st.integers(1, 65535),
+        name=st.none() | st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z"),
+        host=st.none() | st.ip_addresses().map(str),
+        token=st.none() | st.from_regex(r"\A[A-Za-z0-9._~+/=-]{1,256}\Z"),
+    )
+    def test_register_round_trip_property(self, port, name, host, token) -> None:
+        """Any valid Register survives to_line/parse (hosts come back canonical)."""
+        request = wire.Register(port, name, host, token)
+        parsed = self.parse(request.to_line())
+        expected_host = None if host is None else wire.normalise_host(host)
+        self.assertEqual(parsed, wire.Register(port, name, expected_host, token))
+
+
+class RegisteredTests(WireAssertions, SynchronousTestCase):
+    """``wire.Registered``: the relay's answer to REGISTER."""
+
+    def test_to_line(self) -> None:
+        """The reply carries the id, lease times and observed address."""
+        reply = wire.Registered(PEER_ID, 60, 20, "10.0.0.5")
+        self.assertEqual(
+            reply.to_line(), f"OK {PEER_ID} ttl=60 renew=20 observed=10.0.0.5".encode()
+        )
+
+    def test_round_trip(self) -> None:
+        """from_line inverts to_line, for IPv4 and IPv6 observations."""
+        for observed in ["10.0.0.5", "2001:db8::1"]:
+            reply = wire.Registered(PEER_ID, 60, 20, observed)
+            self.assertEqual(wire.Registered.from_line(reply.to_line()), reply)
+
+    def test_fields_any_order_and_cr(self) -> None:
+        """Options may come in any order; a trailing CR is ignored."""
+        line = f"OK {PEER_ID} observed=10.0.0.5 renew=1 ttl=10000000\r".encode()
+        self.assertEqual(
+            wire.Registered.from_line(line),
+            wire.Registered(PEER_ID, 10**7, 1, "10.0.0.5"),
+        )
+
+    def test_observed_ipv4_mapped(self) -> None:
+        """An IPv4-mapped observation is normalised to IPv4."""
+        line = f"OK {PEER_ID} ttl=60 renew=20 observed=::ffff:10.0.0.5".encode()
+        self.assertEqual(wire.Registered.from_line(line).observed, "10.0.0.5")
+
+    def test_remote_error(self) -> None:
+        """An ERR reply raises RemoteError rather than WireError."""
+        error = self.assertRaises(
+            RemoteError, wire.Registered.from_line, b"ERR 429 relay full"
+        )
+        self.assertEqual((error.code, error.message), (429, "relay full"))
+
+    def test_malformed(self) -> None:
+        """Each broken reply is a 400."""
+        good = {"ttl": "60", "renew": "20", "observed": "10.0.0.5"}
+
+        def line(peer_id=PEER_ID, **changes) -> bytes:
+            fields = {**good, **changes}
+            words = [f"{k}={v}" for k, v in fields.items() if v is not None]
+            return " ".join(["OK", peer_id, *words]).encode()
+
+        self.assertAllRefused(
+            wire.Registered.from_line,
+            Code.BAD_REQUEST,
+            [
+                b"OK",
+                b"HELLO",
+                b"OK \xff",
+                line(peer_id="XYZ"),
+                line(peer_id=PEER_ID.upper()),
+                line(peer_id=PEER_ID[:-1]),
+                line(ttl=None),
+                line(renew=None),
+                line(observed=None),
+                line(ttl="0"),
+                line(ttl="10000001"),
+                line(renew="0"),
+                line(ttl="x"),
+                line(observed="relay.example"),
+                line() + b" ttl=60",
+                line() + b" extra=1",
+                line() + b" bare",
+            ],
+        )
+
+
+class PeerEntryTests(WireAssertions, SynchronousTestCase):
+    """``wire.PeerEntry``: one line of a PEERS listing."""
+
+    def test_to_line(self) -> None:
+        """The name is appended only when there is one."""
+        self.assertEqual(
+            wire.PeerEntry(PEER_ID, "10.0.0.5", 9000, 3).to_line(),
+            f"PEER {PEER_ID} 10.0.0.5 9000 age=3".encode(),
+        )
+        self.assertEqual(
+            wire.PeerEntry(PEER_ID, "10.0.0.5", 9000, 0, "box").to_line(),
+            f"PEER {PEER_ID} 10.0.0.5 9000 age=0 name=box".encode(),
+        )
+
+    def test_round_trip(self) -> None:
+        """from_line inverts to_line."""
+        for entry in [
+            wire.PeerEntry(PEER_ID, "10.0.0.5", 9000),
+            wire.PeerEntry(PEER_ID, "2001:db8::1", 1, 12345, "n.a-m_e"),
+        ]:
+            self.assertEqual(wire.PeerEntry.from_line(entry.to_line()), entry)
+
+    def test_host_normalised(self) -> None:
+        """IPv4-mapped hosts in a listing are normalised to IPv4."""
+        line = f"PEER {PEER_ID} ::ffff:10.0.0.5 9000 age=1\r".encode()
+        entry = wire.PeerEntry.from_line(line)
+        self.assertEqual(entry.host, "10.0.0.5")
+        self.assertEqual(entry.address, "10.0.0.5:9000")
+
+    def test_address(self) -> None:
+        """address is HOST:PORT, bracketing IPv6."""
+        self.assertEqual(
+            wire.PeerEntry(PEER_ID, "2001:db8::1", 9000).address, "[2001:db8::1]:9000"
+        )
+
+    def test_malformed(self) -> None:
+        """Each broken PEER line is a 400."""
+        head = f"PEER {PEER_ID}"
+        self.assertAllRefused(
+            wire.PeerEntry.from_line,
+            Code.BAD_REQUEST,
+            [
+                b"",
+                f"{head} 10.0.0.5 9000".encode(),
+                f"PEERS {PEER_ID} 10.0.0.5 9000 age=1".encode(),
+                b"PEER nothex0000000000 10.0.0.5 9000 age=1",
+                f"{head} peer.example 9000 age=1".encode(),
+                f"{head} 10.0.0.5 0 age=1".encode(),
+                f"{head} 10.0.0.5 9000 name=a".encode(),
+                f"{head} 10.0.0.5 9000 age=-1".encode(),
+                f"{head} 10.0.0.5 9000 age=1 name=".encode(),
+                f"{head} 10.0.0.5 9000 age=1 name=a name=b".encode(),
+                f"{head} 10.0.0.5 9000 age=1 ttl=5".encode(),
+                f"{head}  10.0.0.5 9000 age=1".encode(),
+                f"{head} 10.0.0.5 9000 age=1\x00".encode(),
+            ],
+        )
+
+    @deterministic
+    @given(
+        host=st.ip_addresses().map(str),
+        port=st.integers(1, 65535),
+        age=st.integers(0, 2**63 - 1),
+        name=st.none() | st.from_regex(r"\A[A-Za-z0-9._-]{1,64}\Z"),
+    )
+    def test_round_trip_property(self, host, port, age, name) -> None:
+        """Any valid entry survives to_line/from_line (hosts come back canonical)."""
+        host = wire.normalise_host(host)
+        entry = wire.PeerEntry(wire.peer_id_for(host, port), host, port, age, name)
+        self.assertEqual(wire.PeerEntry.from_line(entry.to_line()), entry)
+
+
+class CountTests(WireAssertions, SynchronousTestCase):
+    """``wire.format_count`` and ``wire.parse_count``: listing headers."""
+
+    def test_round_trip(self) -> None:
+        """``OK <count>`` within the maximum parses back."""
+        self.assertEqual(wire.format_count(3), b"OK 3")
+        self.assertEqual(wire.parse_count(wire.format_count(0), 10), 0)
+        self.assertEqual(wire.parse_count(b"OK 10\r", 10), 10)
+
+    def test_remote_error(self) -> None:
+        """An ERR in place of the header raises RemoteError."""
+        self.assertRaises(RemoteError, wire.parse_count, b"ERR 503 busy", 10)
+
+    def test_malformed(self) -> None:
+        """Missing, extra, non-numeric or excessive counts are a 400."""
+        for line in [b"OK", b"OK 1 2", b"OK x", b"OK 11", b"OK -1", b"PEERS 1"]:
+            with naming(line):
+                self.assertWireError(Code.BAD_REQUEST, wire.parse_count, line, 10)
+
+
+class PeerRequestTests(WireAssertions, SynchronousTestCase):
+    """``wire.parse_peer_request``: GET, RESUME and LIST."""
+
+    parse = staticmethod(wire.parse_peer_request)
+
+    def test_get(self) -> None:
+        """The name is the rest of the line, spaces included."""
+        self.assertEqual(self.parse(b"GET a b.txt"), wire.Get("a b.txt"))
+        self.assertEqual(self.parse(b"get dir/x\r"), wire.Get("dir/x"))
+        self.assertEqual(self.parse("GET é".encode()), wire.Get("é"))
+
+    def test_resume(self) -> None:
+        """RESUME carries an offset before the name."""
+        self.assertEqual(self.parse(b"RESUME 10 a b"), wire.Get("a b", 10))
+        self.assertEqual(self.parse(b"RESUME 0 a"), wire.Get("a", 0))
+
+    def test_list(self) -> None:
+        """LIST takes no arguments (trailing spaces are tolerated)."""
+        self.assertEqual(self.parse(b"LIST"), wire.ListFiles())
+        self.assertEqual(self.parse(b"list  "), wire.ListFiles())
+
+    def test_round_trip(self) -> None:
+        """to_line output parses back; offset 0 is sent as a plain GET."""
+        self.assertEqual(wire.Get("a", 0).to_line(), b"GET a")
+        self.assertEqual(wire.Get("a", 5).to_line(), b"RESUME 5 a")
+        self.assertEqual(wire.ListFiles().to_line(), b"LIST")
+        for request in [wire.Get("a b"), wire.Get("x", 2**40), wire.ListFiles()]:
+            self.assertEqual(self.parse(request.to_line()), request)
+
+    def test_longest_name(self) -> None:
+        """A name of exactly MAX_NAME_LENGTH bytes is accepted."""
+        name = "n" * wire.MAX_NAME_LENGTH
+        self.assertEqual(self.parse(b"GET " + name.encode()), wire.Get(name))
+
+    def test_malformed(self) -> None:
+        """Each broken peer request is a 400."""
+        self.assertAllRefused(
+            self.parse,
+            Code.BAD_REQUEST,
+            [
+                b"GET",
+                b"GET ",
+                b"GET " + b"n" * (wire.MAX_NAME_LENGTH + 1),
+                b"GET " + "é".encode() * (wire.MAX_NAME_LENGTH // 2 + 1),
+                b"RESUME",
+                b"RESUME 10",
+                b"RESUME 10 ",
+                b"RESUME x a",
+                b"RESUME -1 a",
+                b"LIST x",
+                b"GET \xff",
+                b"GET a\x00",
+                b"",
+            ],
+        )
+
+    def test_unknown_command(self) -> None:
+        """Relay verbs and nonsense sent to a peer are a 501."""
+        self.assertAllRefused(
+            self.parse, Code.UNKNOWN_COMMAND, [b"PEERS", b"REGISTER 1", b"FETCH a"]
+        )
+
+
+class FileHeaderTests(WireAssertions, SynchronousTestCase):
+    """``wire.FileHeader``: the line before a file's bytes."""
+
+    def test_round_trip(self) -> None:
+        """to_line/from_line agree, for whole and resumed transfers."""
+        for header in [
+            wire.FileHeader(10, SHA, 0, 10),
+            wire.FileHeader(4, SHA, 6, 10),
+            wire.FileHeader(0, SHA, 10, 10),
+        ]:
+            self.assertEqual(wire.FileHeader.from_line(header.to_line()), header)
+        self.assertEqual(
+            wire.FileHeader(4, SHA, 6, 10).to_line(),
+            f"OK 4 sha256={SHA} offset=6 size=10".encode(),
+        )
+
+    def test_remote_error(self) -> None:
+        """An ERR reply raises RemoteError."""
+        error = self.assertRaises(
+            RemoteError, wire.FileHeader.from_line, b"ERR 416 bad offset"
+        )
+        self.assertEqual(error.code, 416)
+
+    def test_malformed(self) -> None:
+        """Missing fields, bad digests and inconsistent sizes are a 400."""
+        self.assertAllRefused(
+            wire.FileHeader.from_line,
+            Code.BAD_REQUEST,
+            [
+                b"OK",
+                b"OK 10",
+                f"OK 10 sha256={SHA} offset=0".encode(),
+                f"OK 10 sha256={SHA} size=10".encode(),
+                b"OK 10 offset=0 size=10",
+                f"OK x sha256={SHA} offset=0 size=10".encode(),
+                f"OK 10 sha256={SHA.upper()} offset=0 size=10".encode(),
+                f"OK 10 sha256={SHA[:-1]} offset=0 size=10".encode(),
+                f"OK 10 sha256={SHA} offset=0 size=11".encode(),
+                f"OK 10 sha256={SHA} offset=1 size=10".encode(),
+                f"OK 10 sha256={SHA} offset=0 size=10 extra=1".encode(),
+                f"OK 10 sha256={SHA} offset=0 offset=0 size=10".encode(),
+                f"FILE 10 sha256={SHA} offset=0 size=10".encode(),
+            ],
+        )
+
+
+class FileEntryTests(WireAssertions, SynchronousTestCase):
+    """``wire.FileEntry``: one line of a LIST reply."""
+
+    def test_round_trip(self) -> None:
+        """The name is the rest of the line, spaces included."""
+        entry = wire.FileEntry(12, "a b/c é.txt")
+        self.assertEqual(entry.to_line(), "FILE 12 a b/c é.txt".encode())
+        self.assertEqual(wire.FileEntry.from_line(entry.to_line() + b"\r"), entry)
+
+    def test_malformed(self) -> None:
+        """Wrong verb, bad size or a missing name is a 400."""
+        self.assertAllRefused(
+            wire.FileEntry.from_line,
+            Code.BAD_REQUEST,
+            [b"FILES 1 a", b"FILE x a", b"FILE 1", b"FILE 1 ", b"FILE", b"", b"F\xff"],
+        )
