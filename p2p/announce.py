@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IReactorTime,
@@ -22,6 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
+from p2p.client import describe
 from p2p.request import request_lines
 from p2p.service import ListeningService
 
@@ -80,12 +81,12 @@ class Announcer(Service):
         # The listening service logs the cause; just say why we stay quiet.
         self.log.error(
             "not announcing: the file server is not listening ({error})",
-            error=_describe(failure),
+            error=describe(failure),
         )
 
     def _start(self, port) -> None:
         self.port = port.getHost().port
-        if self.running:
+        if self.running and self._timer is None and self._in_flight is None:
             self._register()
 
     def when_registered(self) -> Deferred[wire.Registered]:
@@ -110,10 +111,16 @@ class Announcer(Service):
         self._in_flight = d
         d.addCallback(lambda lines: wire.Registered.from_line(lines[0]))
         d.addCallbacks(self._registered, self._failed)
+        d.addErrback(self._bug)
         d.addBoth(self._done)
 
     def _done(self, _: object) -> None:
         self._in_flight = None
+
+    def _bug(self, failure: Failure) -> None:
+        # Never let an unexpected error end the renewals silently.
+        self.log.failure("unexpected error while registering", failure)
+        self._schedule(self.renew_interval or DEFAULT_MAX_RETRY_SECONDS)
 
     def _registered(self, reply: wire.Registered) -> None:
         first = self.lease is None
@@ -147,7 +154,7 @@ class Announcer(Service):
         self.lease = None
         self.log.warn(
             "relay registration failed ({error}); retrying in {delay:.1f}s",
-            error=_describe(failure),
+            error=describe(failure),
             delay=delay,
         )
         self._schedule(delay)
@@ -163,6 +170,9 @@ class Announcer(Service):
         self._timer = None
         if self._in_flight is not None:
             self._in_flight.cancel()
+        waiters, self._registered_waiters = self._registered_waiters, []
+        for waiter in waiters:
+            waiter.errback(CancelledError("the peer stopped before registering"))
         if self.lease is None or self.port is None:
             return succeed(None)
         self.lease = None
@@ -176,19 +186,6 @@ class Announcer(Service):
         )
         d.addCallbacks(
             lambda _: self.log.info("unregistered from the relay"),
-            lambda f: self.log.warn(
-                "could not unregister: {error}", error=_describe(f)
-            ),
+            lambda f: self.log.warn("could not unregister: {error}", error=describe(f)),
         )
         return d
-
-
-def _describe(failure: Failure) -> str:
-    """One human line for an expected failure."""
-    value = failure.value
-    text = str(value) or type(value).__name__
-    return (
-        f"{type(value).__name__}: {text}"
-        if not isinstance(value, wire.RemoteError)
-        else f"ERR {text}"
-    )

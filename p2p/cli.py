@@ -26,11 +26,13 @@ from p2p.client import (
     Attempt,
     Fetcher,
     NotFoundAnywhere,
+    OutputFailed,
+    describe,
     list_files,
     list_peers,
     peer_endpoint,
 )
-from p2p.endpoints import client_description, client_endpoint, relay_from_environment
+from p2p.endpoints import client_endpoint, relay_from_environment
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import SpoolSink
 
@@ -103,9 +105,10 @@ class DemoOptions(usage.Options):
 
 
 class Options(usage.Options):
-    synopsis = "[options] COMMAND [ARGS]"
+    synopsis = "Usage: p2p [options]"
     longdesc = (
-        "Relay-based peer-to-peer file sharing client.  Exit status: 0 success, "
+        "Relay-based peer-to-peer file sharing client.  'p2p HOST PORT' is the "
+        "seed client's form of 'p2p --relay HOST:PORT get'.  Exit status: 0 success, "
         "1 not found on any peer, 2 usage error, 3 relay unreachable or failing, "
         "4 output cannot be written, 130 interrupted."
     )
@@ -225,9 +228,7 @@ class Client:
 
     def relay_failed(self, failure: Failure) -> int:
         failure.trap(*RELAY_FAILURES)
-        self.console.error(
-            f"relay {client_description(self.relay_text)}: {_one_line(failure)}"
-        )
+        self.console.error(f"relay {self.relay_text}: {describe(failure)}")
         return EXIT_RELAY
 
     @inlineCallbacks
@@ -261,7 +262,7 @@ class Client:
                 files = yield list_files(endpoint, self.reactor, self.request_timeout)
             except SKIPPABLE:
                 self.console.error(
-                    f"{entry.address}: cannot list files: {_one_line(Failure())}"
+                    f"{entry.address}: cannot list files: {describe(Failure())}"
                 )
                 continue
             rows.extend((f.name, f.size, entry.address) for f in files)
@@ -336,6 +337,10 @@ class Client:
                 f"{name}: not found on any of {len(e.attempts)} active peer(s)"
             )
             return EXIT_NOT_FOUND
+        except OutputFailed as e:
+            sink.discard()
+            self.console.error(f"{name}: cannot store what was received: {e}")
+            return EXIT_OUTPUT
         except BaseException:
             sink.discard()
             raise
@@ -377,27 +382,31 @@ def _target_path(name: str, output: str | None) -> str | None:
     return output
 
 
-def _one_line(failure: Failure) -> str:
-    value = failure.value
-    from twisted.internet.defer import TimeoutError
-    from twisted.internet.error import ConnectError
+COMMANDS = frozenset({"get", "peers", "ls", "demo"})
+# Global options that take a value (the seed form must skip those values).
+_VALUED = frozenset({"-r", "--relay", "--connect-timeout", "--idle-timeout"})
 
-    if isinstance(value, TimeoutError):
-        return "timed out"
-    if isinstance(value, ConnectError):
-        # osError is an errno for refusals, a message or None otherwise.
-        reason = value.osError
-        if isinstance(reason, int):
-            reason = os.strerror(reason)
-        return f"cannot connect: {reason or value.__class__.__name__}"
-    if isinstance(value, wire.RemoteError):
-        return f"refused: ERR {value.code} {value.message}"
-    return f"{value}" or type(value).__name__
+
+def seed_form(argv: list[str]) -> list[str]:
+    """
+    Rewrite the seed client's ``HOST PORT [NAME ...]`` as
+    ``--relay HOST:PORT get [NAME ...]``; other command lines are unchanged.
+    """
+    index = 0
+    while index < len(argv) and argv[index].startswith("-"):
+        takes_value = argv[index] in _VALUED
+        index += 2 if takes_value else 1
+    rest = argv[index:]
+    if len(rest) >= 2 and rest[0] not in COMMANDS and rest[1].isdigit():
+        host, port = rest[0], rest[1]
+        relay = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        return argv[:index] + ["--relay", relay, "get", *rest[2:]]
+    return argv
 
 
 def parse(argv: list[str]) -> Options:
     options = Options()
-    options.parseOptions(argv)
+    options.parseOptions(seed_form(argv))
     return options
 
 
@@ -446,7 +455,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             if result.check(SystemExit):
                 outcome.append(result.value.code or 0)
             else:
-                sys.stderr.write(f"p2p: internal error: {_one_line(result)}\n")
+                sys.stderr.write(f"p2p: internal error: {describe(result)}\n")
                 outcome.append(70)
         else:
             outcome.append(result)  # type: ignore[arg-type]
@@ -458,7 +467,13 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     reactor.callWhenRunning(start)
     reactor.run()
-    sys.stdout.flush()
+    try:
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader went away (``p2p get x | head``): say nothing more, and
+        # keep the interpreter's own final flush from printing a traceback.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        outcome[:] = outcome or [EXIT_OUTPUT]
     sys.exit(outcome[0] if outcome else EXIT_INTERRUPTED)
 
 

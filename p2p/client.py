@@ -8,6 +8,7 @@ anything else (a bug) propagates.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Generator, Sequence
 from dataclasses import dataclass, field
@@ -41,6 +42,17 @@ class PeerFailed(Exception):
     def __init__(self, reason: str) -> None:
         super().__init__(reason)
         self.reason = reason
+
+
+class OutputFailed(Exception):
+    """The received bytes could not be stored locally (disk full, folder gone).
+
+    Not a fault of the peer: the fetch stops instead of trying the next one.
+    """
+
+    def __init__(self, error: OSError) -> None:
+        super().__init__(error.strerror or str(error))
+        self.error = error
 
 
 class NotFoundAnywhere(Exception):
@@ -146,7 +158,8 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             return
         self.header = header
         self.remaining = header.count
-        self.sink.begin(header)
+        if not self._store(self.sink.begin, header):
+            return
         self.setRawMode()
         if self.remaining == 0:
             self._complete()
@@ -158,10 +171,21 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if len(data) > self.remaining:
             self._fail("protocol error: more bytes than announced")
             return
-        self.sink.write(data)
+        if not self._store(self.sink.write, data):
+            return
         self.remaining -= len(data)
         if self.remaining == 0:
             self._complete()
+
+    def _store(self, operation, argument) -> bool:
+        try:
+            operation(argument)
+        except OSError as e:
+            self.setTimeout(None)
+            self.result.errback(OutputFailed(e))
+            self.transport.abortConnection()
+            return False
+        return True
 
     def _complete(self) -> None:
         assert self.header is not None
@@ -216,17 +240,26 @@ def peer_endpoint(
 EndpointFor = Callable[[wire.PeerEntry], IStreamClientEndpoint]
 
 
-def _reason(failure: Failure) -> str:
+def describe(failure: Failure) -> str:
+    """One human line for an expected failure of a relay or a peer."""
     value = failure.value
     if isinstance(value, PeerFailed):
         return value.reason
     if isinstance(value, ConnectError):
-        return f"cannot connect: {value.osError or type(value).__name__}"
+        # osError is an errno for refusals, a message or None otherwise.
+        reason = value.osError
+        if isinstance(reason, int):
+            reason = os.strerror(reason)
+        return f"cannot connect: {reason or type(value).__name__}"
     if isinstance(value, ConnectionError):
-        return f"cannot connect: {type(value).__name__}"
+        return f"cannot connect: {value.strerror or type(value).__name__}"
     if isinstance(value, (TimeoutError, CancelledError)):
         return "timed out"
-    return f"{type(value).__name__}: {value}"
+    if isinstance(value, wire.RemoteError):
+        return f"refused: ERR {value.code} {value.message}"
+    if isinstance(value, WireError):
+        return f"protocol error: {value.message}"
+    return str(value) or type(value).__name__
 
 
 class Fetcher:
@@ -299,7 +332,7 @@ class Fetcher:
             except SKIPPABLE:
                 failure = Failure()
                 sink.reset()
-                attempt = Attempt(peer, False, _reason(failure), self.now() - started)
+                attempt = Attempt(peer, False, describe(failure), self.now() - started)
                 attempts.append(attempt)
                 self.report(attempt)
                 continue

@@ -72,6 +72,10 @@ class MemoryRegistry:
         key = (host, port)
         expires = now + self.ttl
         lease = self._leases.get(key)
+        if lease is not None and lease.expires <= now:
+            # Run out but not yet swept: a new registration, not a renewal.
+            self.unregister(host, port)
+            lease = None
         if lease is None:
             if self.max_peers and len(self._leases) >= self.max_peers:
                 raise RegistryFull(
