@@ -23,9 +23,6 @@ from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     SKIPPABLE,
-    Attempt,
-    Fetcher,
-    NotFoundAnywhere,
     OutputFailed,
     describe,
     list_files,
@@ -33,6 +30,7 @@ from p2p.client import (
     peer_endpoint,
 )
 from p2p.endpoints import client_endpoint, relay_from_environment
+from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import SpoolSink
 
@@ -133,6 +131,14 @@ class Options(usage.Options):
             "Seconds of silence after which a peer is skipped.",
             float,
         ],
+        [
+            "stagger",
+            None,
+            DEFAULT_STAGGER_SECONDS,
+            "Seconds after which a silent peer is joined by the next attempt "
+            "(0: strictly one peer at a time).",
+            float,
+        ],
     ]
     optFlags = [
         ["quiet", "q", "No progress or diagnostics on stderr (errors still show)."],
@@ -159,6 +165,8 @@ class Options(usage.Options):
             raise usage.UsageError("missing COMMAND (get, peers, ls or demo)")
         if self["connect-timeout"] <= 0 or self["idle-timeout"] <= 0:
             raise usage.UsageError("timeouts must be positive")
+        if self["stagger"] < 0:
+            raise usage.UsageError("--stagger must not be negative")
         self["relay"] = relay_from_environment(self["relay"])
 
 
@@ -328,14 +336,13 @@ class Client:
             self.options["connect-timeout"],
             self.options["idle-timeout"],
             report=lambda attempt: self._report(name, attempt),
+            stagger=self.options["stagger"],
         )
         try:
             result = yield fetcher.fetch(name, peers, sink)
         except NotFoundAnywhere as e:
             sink.discard()
-            self.console.error(
-                f"{name}: not found on any of {len(e.attempts)} active peer(s)"
-            )
+            self.console.error(f"{name}: not found on any of {e.peers} active peer(s)")
             return EXIT_NOT_FOUND
         except OutputFailed as e:
             sink.discard()
@@ -367,10 +374,12 @@ class Client:
 
     def _report(self, name: str, attempt: Attempt) -> None:
         ms = attempt.seconds * 1000
+        where = attempt.peer.address
+        if attempt.offset:
+            where += f" (resuming at byte {attempt.offset})"
         if attempt.ok:
-            self.console.say(f"{name}: found at {attempt.peer.address} ({ms:.0f} ms)")
+            self.console.say(f"{name}: found at {where} ({ms:.0f} ms)")
         else:
-            where = attempt.peer.address
             self.console.say(f"{name}: skipped {where}: {attempt.reason} ({ms:.0f} ms)")
 
 
@@ -384,7 +393,9 @@ def _target_path(name: str, output: str | None) -> str | None:
 
 COMMANDS = frozenset({"get", "peers", "ls", "demo"})
 # Global options that take a value (the seed form must skip those values).
-_VALUED = frozenset({"-r", "--relay", "--connect-timeout", "--idle-timeout"})
+_VALUED = frozenset(
+    {"-r", "--relay", "--connect-timeout", "--idle-timeout", "--stagger"}
+)
 
 
 def seed_form(argv: list[str]) -> list[str]:

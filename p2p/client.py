@@ -1,34 +1,30 @@
-"""The client: ask the relay for peers, then try them one at a time.
+"""The client's protocols: the relay's peer list, one peer's file or listing.
 
 ``FileFetchProtocol`` fetches one file from one peer into a sink and checks
-its SHA-256.  ``Fetcher.fetch`` is phase 3: one attempt after the other, where
-the failures that mean "this peer cannot help" start the next attempt and
-anything else (a bug) propagates.
+its SHA-256; ``p2p.fetch`` drives it across the peers (phase 3).
+``SKIPPABLE`` names the failures that mean "this peer cannot help"; anything
+else is a bug and propagates.
 """
 
 from __future__ import annotations
 
 import os
-import time
-from collections.abc import Callable, Generator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable
 
 from twisted.internet.defer import (
     CancelledError,
     Deferred,
     TimeoutError,
-    inlineCallbacks,
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
-from twisted.internet.protocol import Factory
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.request import IncompleteReply, cancelled_to_timeout, request_lines
+from p2p.request import IncompleteReply, request_lines
 from p2p.sink import SpoolSink
 from p2p.wire import WireError
 
@@ -37,11 +33,20 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 10.0
 
 
 class PeerFailed(Exception):
-    """This peer could not deliver the file; the message says why."""
+    """
+    This peer could not deliver the file; the message says why.
 
-    def __init__(self, reason: str) -> None:
+    C{kind} sorts the reasons for the fallback driver: ``refused`` (an ERR
+    reply), ``broken`` (closed or stalled mid-transfer, the bytes so far are
+    good to resume from), ``corrupted`` (SHA-256 mismatch: the bytes are
+    not), ``other-content`` (the peer's file differs from the partial one),
+    ``protocol`` (a malformed reply) or ``timeout``.
+    """
+
+    def __init__(self, reason: str, kind: str = "refused") -> None:
         super().__init__(reason)
         self.reason = reason
+        self.kind = kind
 
 
 class OutputFailed(Exception):
@@ -53,15 +58,6 @@ class OutputFailed(Exception):
     def __init__(self, error: OSError) -> None:
         super().__init__(error.strerror or str(error))
         self.error = error
-
-
-class NotFoundAnywhere(Exception):
-    """No active peer delivered the file."""
-
-    def __init__(self, name: str, attempts: list[Attempt]) -> None:
-        super().__init__(f"{name}: not found on any of {len(attempts)} peer(s)")
-        self.name = name
-        self.attempts = attempts
 
 
 # The failures that mean "move on to the next peer".  Python's own
@@ -78,24 +74,6 @@ SKIPPABLE = (
     WireError,
     wire.RemoteError,
 )
-
-
-@dataclass
-class Attempt:
-    """What happened when one peer was asked for a file."""
-
-    peer: wire.PeerEntry
-    ok: bool
-    reason: str
-    seconds: float
-
-
-@dataclass
-class FetchResult:
-    name: str
-    peer: wire.PeerEntry
-    header: wire.FileHeader
-    attempts: list[Attempt] = field(default_factory=list)
 
 
 class FileFetchProtocol(LineReceiver, TimeoutMixin):
@@ -117,11 +95,15 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         sink: SpoolSink,
         clock: IReactorTime,
         idle_timeout: float | None,
+        accept_header: Callable[[wire.FileHeader], None] = lambda header: None,
     ) -> None:
         self.request = request
         self.sink = sink
         self.clock = clock
         self.idle_timeout = idle_timeout
+        # Called with a well-formed header before any byte is stored; raising
+        # PeerFailed turns the peer down (e.g. another peer already won).
+        self.accept_header = accept_header
         self.header: wire.FileHeader | None = None
         self.remaining = 0
         self._greeted = False
@@ -148,13 +130,25 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 return
             header = wire.FileHeader.from_line(line)
         except wire.RemoteError as e:
-            self._fail(f"refused: ERR {e.code} {e.message}", abort=False)
+            # A peer whose copy is too short for our offset has other content.
+            kind = "other-content" if e.code == wire.Code.BAD_OFFSET else "refused"
+            self._fail(f"refused: ERR {e.code} {e.message}", kind, abort=False)
             return
         except WireError as e:
-            self._fail(f"protocol error: {e.message}")
+            self._fail(f"protocol error: {e.message}", "protocol")
             return
         if header.offset != self.request.offset:
-            self._fail("protocol error: the peer answered for another offset")
+            self._fail("protocol error: the reply is for another offset", "protocol")
+            return
+        if header.offset and not self.sink.continues(header):
+            self._fail(
+                f"has other content (sha256 {header.sha256[:12]}...)", "other-content"
+            )
+            return
+        try:
+            self.accept_header(header)
+        except PeerFailed as e:
+            self._fail(e.reason, e.kind)
             return
         self.header = header
         self.remaining = header.count
@@ -169,7 +163,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             return
         self.resetTimeout()
         if len(data) > self.remaining:
-            self._fail("protocol error: more bytes than announced")
+            self._fail("protocol error: more bytes than announced", "protocol")
             return
         if not self._store(self.sink.write, data):
             return
@@ -190,7 +184,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def _complete(self) -> None:
         assert self.header is not None
         if self.sink.hexdigest() != self.header.sha256:
-            self._fail("corrupted: SHA-256 does not match the header")
+            self._fail("corrupted: SHA-256 does not match the header", "corrupted")
             return
         self.setTimeout(None)
         # Fire before closing: a transport may report connectionLost from
@@ -198,32 +192,36 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self.result.callback(self.header)
         self.transport.loseConnection()
 
-    def _fail(self, reason: str, abort: bool = True) -> None:
+    def _fail(self, reason: str, kind: str = "refused", abort: bool = True) -> None:
         self.setTimeout(None)
         # As in _complete: the real reason first, then the close.
         if not self.result.called:
-            self.result.errback(PeerFailed(reason))
+            self.result.errback(PeerFailed(reason, kind))
         if abort:
             self.transport.abortConnection()
         else:
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        self._fail(f"timed out: silent for {self.idle_timeout:g}s")
+        kind = "broken" if self.header is not None else "timeout"
+        self._fail(f"timed out: silent for {self.idle_timeout:g}s", kind)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail("protocol error: reply line too long")
+        self._fail("protocol error: reply line too long", "protocol")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
         if not self.result.called:
             if self.header is None:
-                self.result.errback(PeerFailed("connection closed before a reply"))
+                self.result.errback(
+                    PeerFailed("connection closed before a reply", "broken")
+                )
             else:
                 got = self.header.count - self.remaining
                 self.result.errback(
                     PeerFailed(
-                        f"broken transfer after {got} of {self.header.count} bytes"
+                        f"broken transfer after {got} of {self.header.count} bytes",
+                        "broken",
                     )
                 )
 
@@ -260,87 +258,6 @@ def describe(failure: Failure) -> str:
     if isinstance(value, WireError):
         return f"protocol error: {value.message}"
     return str(value) or type(value).__name__
-
-
-class Fetcher:
-    """
-    Phase 3: fetch a file from the first peer, in list order, that has it.
-
-    :param reactor: provides time (and TCP, for the default endpoints).
-    :param connect_timeout: seconds to wait for each peer's connection.
-    :param idle_timeout: seconds of silence after which a peer is skipped.
-    :param endpoint_for: builds a client endpoint for a peer (TLS later).
-    :param report: called with each finished L{Attempt}, for progress output.
-    """
-
-    def __init__(
-        self,
-        reactor,
-        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
-        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
-        endpoint_for: EndpointFor | None = None,
-        report: Callable[[Attempt], None] = lambda attempt: None,
-        now: Callable[[], float] = time.monotonic,
-    ) -> None:
-        self.reactor = reactor
-        self.connect_timeout = connect_timeout
-        self.idle_timeout = idle_timeout
-        self.endpoint_for = endpoint_for or (
-            lambda peer: peer_endpoint(reactor, peer, connect_timeout)
-        )
-        self.report = report
-        self.now = now
-
-    def attempt(
-        self, name: str, peer: wire.PeerEntry, sink: SpoolSink
-    ) -> Deferred[wire.FileHeader]:
-        """Ask one peer for C{name}."""
-        protocol = FileFetchProtocol(
-            wire.Get(name), sink, self.reactor, self.idle_timeout
-        )
-        endpoint = self.endpoint_for(peer)
-        factory = Factory.forProtocol(lambda: protocol)
-        factory.noisy = False
-        d = endpoint.connect(factory)
-        # The endpoint's own timeout may be coarse (whole seconds); this one
-        # bounds the connection attempt exactly.  After that, the protocol's
-        # idle timeout takes over.
-        d.addTimeout(
-            self.connect_timeout, self.reactor, onTimeoutCancel=cancelled_to_timeout
-        )
-        d.addCallback(lambda _: protocol.result)
-        return d
-
-    @inlineCallbacks
-    def fetch(
-        self, name: str, peers: Sequence[wire.PeerEntry], sink: SpoolSink
-    ) -> Generator[Deferred[wire.FileHeader], wire.FileHeader, FetchResult]:
-        """
-        Try C{peers} one at a time until one delivers C{name} intact.
-
-        Returns a Deferred firing with a L{FetchResult}; it fails with
-        L{NotFoundAnywhere} (listing every attempt) when no peer delivers.
-        A loop rather than a chain of errbacks: endpoints that fail at once
-        would otherwise nest one errback per peer and overflow the stack
-        with a relay's full list (1000 peers).
-        """
-        attempts: list[Attempt] = []
-        for peer in peers:
-            started = self.now()
-            try:
-                header = yield self.attempt(name, peer, sink)
-            except SKIPPABLE:
-                failure = Failure()
-                sink.reset()
-                attempt = Attempt(peer, False, describe(failure), self.now() - started)
-                attempts.append(attempt)
-                self.report(attempt)
-                continue
-            attempt = Attempt(peer, True, "found", self.now() - started)
-            attempts.append(attempt)
-            self.report(attempt)
-            return FetchResult(name, peer, header, attempts)
-        raise NotFoundAnywhere(name, attempts)
 
 
 def list_peers(

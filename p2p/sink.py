@@ -4,6 +4,10 @@ Nothing reaches its final place (stdout or the ``-o`` path) until the whole
 content matched the SHA-256 its peer announced.  Saving renames the spool file
 into place, so a partial file never stands under the final name; printing
 copies the verified spool file to stdout.
+
+A transfer that breaks leaves its bytes in the spool: another peer that
+offers the same content (same SHA-256 and size) can continue from
+``resume_offset``, and the running hash covers the whole file end to end.
 """
 
 from __future__ import annotations
@@ -33,8 +37,33 @@ class SpoolSink:
         self.received = 0
         self.header: wire.FileHeader | None = None
 
+    @property
+    def resume_offset(self) -> int:
+        """Where a continuation of the partial content would start (0: none)."""
+        return self.received if self._file is not None else 0
+
+    def continues(self, header: wire.FileHeader) -> bool:
+        """Whether C{header} describes the content already partly received."""
+        return (
+            self.header is not None
+            and header.offset == self.resume_offset
+            and (header.sha256, header.size) == (self.header.sha256, self.header.size)
+        )
+
     def begin(self, header: wire.FileHeader) -> None:
-        """Start receiving C{header.count} bytes (from offset 0 for now)."""
+        """
+        Start receiving C{header.count} bytes.
+
+        At offset 0 this starts afresh; at a later offset the header must
+        L{continue <continues>} the partial content.
+
+        :raise ValueError: for a header that does not continue it.
+        :raise OSError: when the spool file cannot be created.
+        """
+        if header.offset:
+            if not self.continues(header):
+                raise ValueError("the header does not continue the partial content")
+            return
         self.reset()
         fd, self._path = tempfile.mkstemp(
             dir=self.directory, prefix=".p2p-", suffix=".part"

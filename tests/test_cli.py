@@ -294,8 +294,8 @@ class GetTests(CommandTestCase):
         --connect-timeout, and the next peer serves the file."""
         target = self.mktemp()
         d = self.run_cli(
-            "-q", "--connect-timeout", "2", "--relay", "127.0.0.1:9",
-            "get", "-o", target, "a.txt",
+            "-q", "--connect-timeout", "2", "--stagger", "0",
+            "--relay", "127.0.0.1:9", "get", "-o", target, "a.txt",
         )  # fmt: skip
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
         self.reactor.advance(2 - 0.1)

@@ -36,15 +36,13 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
 from p2p.client import (
-    Attempt,
-    Fetcher,
     FileFetchProtocol,
-    NotFoundAnywhere,
     PeerFailed,
     list_files,
     list_peers,
     peer_endpoint,
 )
+from p2p.fetch import Attempt, Fetcher, NotFoundAnywhere
 from p2p.peer import PeerFactory
 from p2p.share import OpenedFile, ShareFolder
 from p2p.sink import SpoolSink
@@ -448,6 +446,9 @@ class FetcherTests(SynchronousTestCase):
             endpoint_for=self.network.endpoint_for,
             report=self.reports.append,
             now=self.clock.seconds,
+            # These tests pin the seed's strict one-at-a-time order;
+            # staggered attempts have tests of their own.
+            stagger=0,
         )
         base = temp_dir(self)
         self.spool = os.path.join(base, "spool")
@@ -470,10 +471,17 @@ class FetcherTests(SynchronousTestCase):
         self.network.run(d)
         return d
 
-    def assertReasons(self, attempts: list[Attempt], expected: list[str]) -> None:
-        """Attempts happened in peer order with these reasons (prefixes)."""
+    def assertReasons(
+        self,
+        attempts: list[Attempt],
+        expected: list[str],
+        order: list[int] | None = None,
+    ) -> None:
+        """Attempts happened in peer order (or C{order}, as indexes into the
+        peer list) with these reasons (prefixes)."""
+        indexes = order if order is not None else list(range(len(expected)))
         self.assertEqual(
-            [a.peer for a in attempts], self.network.peers[: len(expected)]
+            [a.peer for a in attempts], [self.network.peers[i] for i in indexes]
         )
         for attempt, reason in zip(attempts, expected, strict=True):
             self.assertTrue(attempt.reason.startswith(reason), (attempt.reason, reason))
@@ -670,10 +678,14 @@ class FetcherTests(SynchronousTestCase):
     def test_every_kind_of_failure(self) -> None:
         """
         The whole gauntlet in one list: refused, blackholed, silent, mute
-        after greeting, lying, hanging up, missing the file, then a good
-        peer.  Each failure is recorded in order with its reason and
-        duration, the good peer's content is the result, and no timer or
-        spool file remains.
+        after greeting, lying, hanging up after one byte, missing the file,
+        a good peer, then a refusing one.  The good peer is first asked to
+        resume after the hang-up's byte, which was wrong, so the whole-file
+        digest fails; the list is finished, and a second pass without
+        resuming asks the peers that had a copy again, in list order.  Each
+        attempt is recorded in order with its reason, offset and duration;
+        the good peer's content is the result; no timer or spool file
+        remains.
         """
         self.network.add("refuse")
         self.network.add("blackhole")
@@ -683,7 +695,7 @@ class FetcherTests(SynchronousTestCase):
         self.network.add(lambda: ScriptedServer(header_for(CONTENT) + b"x", close=True))
         self.network.add(self.lacks_it)
         self.network.add(self.has_it)
-        self.network.add("refuse")  # never reached
+        self.network.add("refuse")
         result = self.successResultOf(self.fetch())
         self.assertEqual(result.peer, self.network.peers[7])
         self.assertReasons(
@@ -696,13 +708,21 @@ class FetcherTests(SynchronousTestCase):
                 "corrupted",
                 "broken transfer after 1 of",
                 "refused: ERR 404",
+                "corrupted",
+                "cannot connect",
+                "corrupted",
+                "broken transfer after 1 of",
                 "found",
             ],
+            order=[*range(9), 4, 5, 7],
+        )
+        self.assertEqual(
+            [a.offset for a in result.attempts], [0] * 6 + [1, 1] + [0] * 4
         )
         self.assertEqual(
             [a.seconds for a in result.attempts[:4]], [0, CONNECT, IDLE, IDLE]
         )
-        self.assertEqual(self.network.contacted, list(range(7000, 7008)))
+        self.assertEqual(self.network.contacted, [*range(7000, 7009), 7004, 7005, 7007])
         self.assertDelivered(result)
         self.assertQuiet()
 
@@ -742,8 +762,9 @@ class FetcherTests(SynchronousTestCase):
 
     def test_sink_reused_after_partial_transfer(self) -> None:
         """
-        The partial bytes of a failed peer never mix with the next peer's:
-        the sink is reset between attempts.
+        A peer that sends bad bytes and hangs up cannot poison the file: the
+        next peer resumes, the whole-file digest fails, and a second pass
+        fetches the file whole from the peers that had a copy.
         """
         self.network.add(
             lambda: ScriptedServer(header_for(CONTENT) + b"GARBAGE", close=True)
@@ -773,7 +794,9 @@ class RealEndpointTests(SynchronousTestCase):
             wire.PeerEntry("0000000000000001", "10.0.0.1", 7000),
             wire.PeerEntry("0000000000000002", "2001:db8::2", 7001),
         ]
-        self.fetcher = Fetcher(self.reactor, connect_timeout=CONNECT, idle_timeout=IDLE)
+        self.fetcher = Fetcher(
+            self.reactor, connect_timeout=CONNECT, idle_timeout=IDLE, stagger=0
+        )
 
     def complete(self, index: int) -> iosim.IOPump:
         """Let connection attempt C{index} succeed, to a real peer."""
@@ -920,3 +943,165 @@ class _Relay:
         if self.reply:
             protocol.dataReceived(self.reply)
         return succeed(protocol)
+
+
+class StaggerAndResumeTests(SynchronousTestCase):
+    """
+    L{Fetcher} with staggered attempts (RFC 8305 style) and resume from the
+    next holder of the same content, all on a L{Clock}.
+    """
+
+    STAGGER = 0.25
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.network = Network(self, self.clock)
+        self.reports: list[Attempt] = []
+        self.fetcher = Fetcher(
+            self.clock,
+            connect_timeout=CONNECT,
+            idle_timeout=IDLE,
+            endpoint_for=self.network.endpoint_for,
+            report=self.reports.append,
+            now=self.clock.seconds,
+            stagger=self.STAGGER,
+            max_parallel=3,
+        )
+        self.sink = SpoolSink(temp_dir(self))
+        self.addCleanup(self.sink.discard)
+
+    def share(self, files: dict[str, bytes]) -> ShareFolder:
+        root = temp_dir(self)
+        for name, data in files.items():
+            write(os.path.join(root, name), data)
+        return ShareFolder(root)
+
+    def fetch(self) -> Deferred:
+        d = self.fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.network.run(d)
+        return d
+
+    def assertContent(self, content: bytes = CONTENT) -> None:
+        """The spool holds exactly C{content}; no timer is left."""
+        received = io.BytesIO()
+        self.sink.copy_to(received)
+        self.assertEqual(received.getvalue(), content)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def breaks_after(self, count: int, content: bytes = CONTENT):
+        """A peer that sends the header and C{count} bytes, then hangs up."""
+        return lambda: ScriptedServer(header_for(content) + content[:count], close=True)
+
+    def test_blackholed_peer_costs_the_stagger_delay(self) -> None:
+        """
+        A first peer that never accepts costs one stagger delay, not the
+        connect timeout: the second attempt starts after 0.25 s and wins;
+        the loser is cancelled with its timers.
+        """
+        self.network.add("blackhole")
+        self.network.add(self.share({NAME: CONTENT}))
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[1])
+        self.assertEqual(self.clock.seconds(), self.STAGGER)
+        self.assertEqual([a.reason for a in result.attempts], ["found"])
+        self.assertContent()
+
+    def test_fast_failures_stay_one_at_a_time(self) -> None:
+        """
+        Peers that refuse or lack the file answer at once, so they are asked
+        strictly in turn, without waiting for the stagger timer.
+        """
+        self.network.add("refuse")
+        self.network.add(self.share({"other": b"x"}))
+        self.network.add(self.share({NAME: CONTENT}))
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(self.clock.seconds(), 0)
+        self.assertEqual(self.network.contacted, [7000, 7001, 7002])
+        self.assertEqual(len(result.attempts), 3)
+        self.assertContent()
+
+    def test_parallel_attempts_are_capped(self) -> None:
+        """At most max_parallel attempts are in flight at once."""
+        for _ in range(5):
+            self.network.add("blackhole")
+        self.network.add(self.share({NAME: CONTENT}))
+        d = self.fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.clock.advance(self.STAGGER)
+        self.clock.advance(self.STAGGER)
+        self.assertEqual(len(self.network.contacted), 3)
+        self.clock.advance(CONNECT)  # the first three time out by now
+        self.assertTrue(len(self.network.contacted) > 3)
+        self.network.run(d)
+        result = self.successResultOf(d)
+        self.assertEqual(result.peer, self.network.peers[5])
+        self.assertContent()
+
+    def test_resume_from_next_holder(self) -> None:
+        """
+        A peer that hangs up mid-transfer leaves its bytes in the spool; the
+        next peer with the same content is asked to RESUME from there, and
+        the whole file verifies end to end.
+        """
+        half = len(CONTENT) // 2
+        self.network.add(self.breaks_after(half))
+        self.network.add(self.share({NAME: CONTENT}))
+        result = self.successResultOf(self.fetch())
+        self.assertEqual([a.offset for a in result.attempts], [0, half])
+        self.assertEqual(result.header.offset, half)
+        self.assertEqual(result.header.count, len(CONTENT) - half)
+        self.assertEqual(self.sink.received, len(CONTENT))
+        self.assertContent()
+
+    def test_resume_skips_other_content(self) -> None:
+        """
+        Only a peer offering the same SHA-256 may continue a partial file: a
+        peer with another version is skipped, the next holder resumes.
+        """
+        half = len(CONTENT) // 2
+        self.network.add(self.breaks_after(half))
+        self.network.add(self.share({NAME: b"another version\n" * 2000}))
+        self.network.add(self.share({NAME: CONTENT}))
+        result = self.successResultOf(self.fetch())
+        self.assertTrue(result.attempts[1].reason.startswith("has other content"))
+        self.assertEqual(result.peer, self.network.peers[2])
+        self.assertContent()
+
+    def test_other_version_when_nobody_can_resume(self) -> None:
+        """
+        When no peer can continue the partial file, a second pass fetches
+        the file whole from a peer that has a copy (another version here).
+        """
+        other = b"another version\n" * 2000
+        self.network.add(self.breaks_after(100))
+        self.network.add(self.share({NAME: other}))
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[1])
+        self.assertEqual(result.header.sha256, hashlib.sha256(other).hexdigest())
+        self.assertContent(other)
+
+    def test_winner_failure_brings_back_abandoned_peers(self) -> None:
+        """
+        A slow peer abandoned because a faster one answered goes back in the
+        queue: when the faster one breaks, the transfer resumes elsewhere
+        and nothing is left running.
+        """
+        half = len(CONTENT) // 2
+        self.network.add("silent")
+        self.network.add(self.breaks_after(half))
+        self.network.add(self.share({NAME: CONTENT}))
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[2])
+        self.assertEqual(result.header.offset, half)
+        self.assertEqual(self.network.contacted[:2], [7000, 7001])
+        self.assertIn(7000, self.network.contacted[2:])
+        self.assertContent()
+
+    def test_cancel_stops_everything(self) -> None:
+        """Cancelling a fetch cancels every attempt and timer."""
+        self.network.add("blackhole")
+        self.network.add("blackhole")
+        d = self.fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.clock.advance(self.STAGGER)
+        d.cancel()
+        self.failureResultOf(d, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

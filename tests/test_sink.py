@@ -174,3 +174,50 @@ class SpoolSinkTests(SynchronousTestCase):
         self.assertEqual(len(os.listdir(directory)), 1)
         sink.discard()
         self.assertEqual(os.listdir(directory), [])
+
+
+class ResumeTests(SynchronousTestCase):
+    """A spool keeps a broken transfer's bytes for another peer to continue."""
+
+    CONTENT = b"0123456789" * 100
+
+    def setUp(self) -> None:
+        self.sink = SpoolSink(tempfile.mkdtemp())
+        self.addCleanup(self.sink.discard)
+        digest = hashlib.sha256(self.CONTENT).hexdigest()
+        self.first = wire.FileHeader(1000, digest, 0, 1000)
+        self.sink.begin(self.first)
+        self.sink.write(self.CONTENT[:400])
+
+    def test_continues_same_content_at_offset(self) -> None:
+        """Only a header for the same digest and size at the received offset
+        continues the partial content."""
+        self.assertEqual(self.sink.resume_offset, 400)
+        same = wire.FileHeader(600, self.first.sha256, 400, 1000)
+        self.assertTrue(self.sink.continues(same))
+        self.assertFalse(
+            self.sink.continues(wire.FileHeader(700, self.first.sha256, 300, 1000))
+        )
+        self.assertFalse(self.sink.continues(wire.FileHeader(600, "0" * 64, 400, 1000)))
+        self.assertFalse(
+            self.sink.continues(wire.FileHeader(601, self.first.sha256, 400, 1001))
+        )
+
+    def test_resumed_digest_covers_whole_file(self) -> None:
+        """After a resume the running hash is the whole file's."""
+        self.sink.begin(wire.FileHeader(600, self.first.sha256, 400, 1000))
+        self.sink.write(self.CONTENT[400:])
+        self.assertEqual(self.sink.hexdigest(), self.first.sha256)
+        out = io.BytesIO()
+        self.sink.copy_to(out)
+        self.assertEqual(out.getvalue(), self.CONTENT)
+
+    def test_begin_refuses_a_non_continuation(self) -> None:
+        """A header at an offset that does not continue is refused."""
+        with self.assertRaises(ValueError):
+            self.sink.begin(wire.FileHeader(600, "0" * 64, 400, 1000))
+
+    def test_reset_forgets(self) -> None:
+        """After reset there is nothing to resume."""
+        self.sink.reset()
+        self.assertEqual(self.sink.resume_offset, 0)

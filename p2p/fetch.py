@@ -1,0 +1,353 @@
+"""Phase 3: fetch a file from the peers, falling back from one to the next.
+
+The peers are tried in the relay's order.  A peer that refuses, cannot be
+reached, stays silent or delivers a broken or corrupted copy is skipped, and
+the next attempt starts at once.  Two refinements over the seed's strict
+one-at-a-time loop:
+
+* **Staggered attempts** (RFC 8305 "Happy Eyeballs").  When the current
+  peer has not answered within ``stagger`` seconds (default 0.25 s), the
+  next attempt starts too, without abandoning the first; at most
+  ``max_parallel`` attempts are in flight.  The first peer to answer with a
+  file header wins and the others are cancelled (and requeued in list
+  order, should the winner fail later).  Peers that answer quickly, as
+  healthy ones do, are still asked strictly one at a time; a blackholed
+  peer costs ``stagger`` seconds, not the connect timeout.
+* **Resume.**  When a transfer breaks, the bytes so far stay in the spool
+  and the next peer is asked to ``RESUME`` from that offset.  Only a peer
+  offering the same content (same SHA-256 and size) may continue; the
+  digest is checked over the whole file at the end.  If no peer can
+  continue, or a resumed file fails its digest, a second pass fetches the
+  file whole, never resuming, from the peers that had a copy.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
+from twisted.internet.protocol import Factory
+from twisted.python.failure import Failure
+
+from p2p import wire
+from p2p.client import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    SKIPPABLE,
+    EndpointFor,
+    FileFetchProtocol,
+    PeerFailed,
+    describe,
+    peer_endpoint,
+)
+from p2p.request import cancelled_to_timeout
+from p2p.sink import SpoolSink
+
+# RFC 8305's recommended Connection Attempt Delay.
+DEFAULT_STAGGER_SECONDS = 0.25
+DEFAULT_MAX_PARALLEL = 3
+
+
+@dataclass
+class Attempt:
+    """What happened when one peer was asked for a file."""
+
+    peer: wire.PeerEntry
+    ok: bool
+    reason: str
+    seconds: float
+    offset: int = 0
+
+
+@dataclass
+class FetchResult:
+    name: str
+    peer: wire.PeerEntry
+    header: wire.FileHeader
+    attempts: list[Attempt] = field(default_factory=list)
+
+
+class NotFoundAnywhere(Exception):
+    """No active peer delivered the file."""
+
+    def __init__(self, name: str, attempts: list[Attempt]) -> None:
+        peers = len({attempt.peer.peer_id for attempt in attempts})
+        super().__init__(f"{name}: not found on any of {peers} peer(s)")
+        self.name = name
+        self.attempts = attempts
+        self.peers = peers
+
+
+class Fetcher:
+    """
+    Fetches files from lists of peers.
+
+    :param reactor: provides time (and TCP, for the default endpoints).
+    :param connect_timeout: seconds to wait for each peer's connection.
+    :param idle_timeout: seconds of silence after which a peer is skipped,
+        before its reply and during a transfer.
+    :param stagger: seconds after which a silent attempt is joined by the
+        next one (0: strictly one at a time).
+    :param max_parallel: most attempts in flight at once.
+    :param endpoint_for: builds a client endpoint for a peer (e.g. TLS).
+    :param report: called with each finished L{Attempt}, for progress output.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS,
+        idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        endpoint_for: EndpointFor | None = None,
+        report: Callable[[Attempt], None] = lambda attempt: None,
+        now: Callable[[], float] = time.monotonic,
+        stagger: float = DEFAULT_STAGGER_SECONDS,
+        max_parallel: int = DEFAULT_MAX_PARALLEL,
+    ) -> None:
+        self.reactor = reactor
+        self.connect_timeout = connect_timeout
+        self.idle_timeout = idle_timeout
+        self.endpoint_for = endpoint_for or (
+            lambda peer: peer_endpoint(reactor, peer, connect_timeout)
+        )
+        self.report = report
+        self.now = now
+        self.stagger = stagger
+        self.max_parallel = max(1, max_parallel)
+
+    def fetch(
+        self, name: str, peers: Sequence[wire.PeerEntry], sink: SpoolSink
+    ) -> Deferred[FetchResult]:
+        """
+        Fetch C{name} into C{sink} from the first of C{peers} that can.
+
+        Fires with a L{FetchResult}, or fails with L{NotFoundAnywhere}
+        (listing every attempt) when no peer delivers.  Cancelling it stops
+        every attempt.
+        """
+        return _FetchRun(self, name, list(peers), sink).start()
+
+
+class _Try:
+    """One attempt in flight."""
+
+    def __init__(self, index: int, peer: wire.PeerEntry, offset: int, now: float):
+        self.index = index
+        self.peer = peer
+        self.offset = offset
+        self.started = now
+        self.abandoned = False
+        self.deferred: Deferred[wire.FileHeader] | None = None
+
+
+class _FetchRun:
+    """The state of one fetch: the queue of peers and the attempts in flight."""
+
+    def __init__(
+        self,
+        fetcher: Fetcher,
+        name: str,
+        peers: list[wire.PeerEntry],
+        sink: SpoolSink,
+    ) -> None:
+        self.fetcher = fetcher
+        self.name = name
+        self.peers = peers
+        self.sink = sink
+        self.queue: deque[int] = deque(range(len(peers)))
+        self.pending: dict[int, _Try] = {}
+        self.active: _Try | None = None
+        self.attempts: list[Attempt] = []
+        # Peers that sent a header: they hold some copy of the file.
+        self.holders: set[int] = set()
+        self.second_pass = False
+        self.timer: IDelayedCall | None = None
+        self._launching = False
+        self._relaunch = False
+        self.done: Deferred[FetchResult] = Deferred(self._cancel)
+
+    def start(self) -> Deferred[FetchResult]:
+        self._launch()
+        return self.done
+
+    # -- scheduling ------------------------------------------------------
+
+    def _launch(self) -> None:
+        """
+        Start the next attempt if allowed, then arm the stagger timer.
+
+        An attempt that fails at once calls back in here; a loop instead of
+        recursion keeps a long list of such peers off the stack.
+        """
+        if self._launching:
+            self._relaunch = True
+            return
+        self._launching = True
+        try:
+            self._relaunch = True
+            while self._relaunch:
+                self._relaunch = False
+                self._launch_once()
+        finally:
+            self._launching = False
+
+    def _launch_once(self) -> None:
+        if self.done.called or self.active is not None:
+            return
+        if not self.queue:
+            if not self.pending:
+                self._exhausted()
+            return
+        if len(self.pending) >= self.fetcher.max_parallel:
+            return
+        self._start(self.queue.popleft())
+        self._arm()
+
+    def _arm(self) -> None:
+        self._disarm()
+        if self.fetcher.stagger > 0 and self.queue:
+            self.timer = self.fetcher.reactor.callLater(
+                self.fetcher.stagger, self._stagger_elapsed
+            )
+
+    def _disarm(self) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
+        self.timer = None
+
+    def _stagger_elapsed(self) -> None:
+        self.timer = None
+        self._launch()
+
+    def _start(self, index: int) -> None:
+        fetcher = self.fetcher
+        if self.second_pass:
+            # Resuming already failed once: every attempt starts from zero, so
+            # a peer that sends bad bytes cannot poison the next one's copy.
+            self.sink.reset()
+        attempt = _Try(index, self.peers[index], self.sink.resume_offset, fetcher.now())
+        self.pending[index] = attempt
+        protocol = FileFetchProtocol(
+            wire.Get(self.name, attempt.offset),
+            self.sink,
+            fetcher.reactor,
+            fetcher.idle_timeout,
+            accept_header=lambda header: self._accept(attempt, header),
+        )
+        factory = Factory.forProtocol(lambda: protocol)
+        factory.noisy = False
+        try:
+            d = fetcher.endpoint_for(attempt.peer).connect(factory)
+        except Exception:
+            d = Deferred()
+            d.errback(Failure())
+        # The endpoint's own timeout may be coarse (whole seconds); this one
+        # bounds the connection attempt exactly.  After that, the protocol's
+        # idle timeout takes over.
+        d.addTimeout(
+            fetcher.connect_timeout,
+            fetcher.reactor,
+            onTimeoutCancel=cancelled_to_timeout,
+        )
+        d.addCallback(lambda _: protocol.result)
+        attempt.deferred = d
+        d.addCallbacks(self._succeeded, self._failed, (attempt,), None, (attempt,))
+        d.addErrback(self._crashed)
+
+    # -- outcomes --------------------------------------------------------
+
+    def _accept(self, attempt: _Try, header: wire.FileHeader) -> None:
+        """A peer answered with a header: it wins, the others stand down."""
+        if self.active is not None or self.done.called:
+            raise PeerFailed("another peer is already sending", "abandoned")
+        self.holders.add(attempt.index)
+        del self.pending[attempt.index]
+        self.active = attempt
+        self._disarm()
+        for other in list(self.pending.values()):
+            other.abandoned = True
+            assert other.deferred is not None
+            other.deferred.cancel()
+
+    def _record(self, attempt: _Try, ok: bool, reason: str) -> None:
+        finished = Attempt(
+            attempt.peer,
+            ok,
+            reason,
+            self.fetcher.now() - attempt.started,
+            attempt.offset,
+        )
+        self.attempts.append(finished)
+        self.fetcher.report(finished)
+
+    def _succeeded(self, header: wire.FileHeader, attempt: _Try) -> None:
+        self.active = None
+        self._record(attempt, True, "found")
+        self.done.callback(FetchResult(self.name, attempt.peer, header, self.attempts))
+
+    def _failed(self, failure: Failure, attempt: _Try) -> None:
+        if attempt.abandoned:
+            # Cancelled because another peer answered first; it may still be
+            # needed if that peer fails, so it goes back in the queue.
+            self.pending.pop(attempt.index, None)
+            self.queue.append(attempt.index)
+            self.queue = deque(sorted(self.queue))
+            return
+        if self.done.called:
+            return
+        failure.trap(*SKIPPABLE)
+        self.pending.pop(attempt.index, None)
+        if self.active is attempt:
+            self.active = None
+        kind = failure.value.kind if isinstance(failure.value, PeerFailed) else ""
+        if kind == "corrupted":
+            # The spool holds bad bytes.  After a resume the fault may lie
+            # with an earlier peer: give this one a second, whole chance.
+            if attempt.offset:
+                self.holders.add(attempt.index)
+            self.sink.reset()
+        elif kind == "other-content":
+            self.holders.add(attempt.index)
+        self._record(attempt, False, describe(failure))
+        self._launch()
+
+    def _exhausted(self) -> None:
+        if not self.second_pass and self.holders and self._resumed_anything():
+            # Whatever was partly received could not be completed: start
+            # over, whole, with every peer that had a copy.
+            self.second_pass = True
+            self.sink.reset()
+            self.queue = deque(sorted(self.holders))
+            self.holders = set()
+            self._launch()
+            return
+        self.done.errback(NotFoundAnywhere(self.name, self.attempts))
+
+    def _resumed_anything(self) -> bool:
+        return self.sink.resume_offset > 0 or any(a.offset for a in self.attempts)
+
+    def _crashed(self, failure: Failure) -> None:
+        # A bug, not a peer's fault: stop everything and let it propagate.
+        if not self.done.called:
+            self._stop_all()
+            self.done.errback(failure)
+
+    def _stop_all(self) -> None:
+        self._disarm()
+        running = list(self.pending.values())
+        if self.active is not None:
+            running.append(self.active)
+        self.pending.clear()
+        self.active = None
+        self.queue.clear()
+        for attempt in running:
+            attempt.abandoned = True
+            if attempt.deferred is not None:
+                attempt.deferred.cancel()
+
+    def _cancel(self, _: Deferred) -> None:
+        self._stop_all()
