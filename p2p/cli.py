@@ -65,6 +65,9 @@ class GetOptions(usage.Options):
             "Save to PATH (a folder when several names) instead of printing.",
         ]
     ]
+    optFlags = [
+        ["fsync", None, "With -o: flush each file to the disk before renaming it."]
+    ]
 
     def parseArgs(self, *names: str) -> None:
         self["names"] = list(names)
@@ -223,6 +226,8 @@ class Client:
         self.options = options
         self.console = console
         self.relay_text = options["relay"]
+        # With -o --fsync: saved files are flushed to the disk before renaming.
+        self.durable = False
         self.relay = client_endpoint(reactor, self.relay_text)
         self.request_timeout = max(
             options["connect-timeout"], DEFAULT_REQUEST_TIMEOUT_SECONDS
@@ -358,7 +363,7 @@ class Client:
                 )
                 where = "stdout"
             else:
-                sink.save_as(target)
+                sink.save_as(target, durable=self.durable)
                 where = target
         except OSError as e:
             sink.discard()
@@ -435,6 +440,7 @@ def run(reactor, argv: list[str], console: Console | None = None):
         return EXIT_USAGE
     command, sub = options.subCommand, options.subOptions
     if command == "get":
+        client.durable = sub["fsync"]
         return (yield client.get(sub["names"], sub["output"]))
     if command == "peers":
         return (yield client.print_peers())

@@ -30,6 +30,7 @@ from p2p.wire import WireError
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_IDLE_TIMEOUT_SECONDS = 10.0
+RECEIVE_CHUNK_BYTES = 1024 * 1024
 
 
 class PeerFailed(Exception):
@@ -154,6 +155,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self.remaining = header.count
         if not self._store(self.sink.begin, header):
             return
+        # Twisted reads 64 KiB per call by default; larger reads cut the
+        # per-chunk Python work of a bulk transfer several times over.
+        if hasattr(self.transport, "bufferSize"):
+            self.transport.bufferSize = RECEIVE_CHUNK_BYTES
         self.setRawMode()
         if self.remaining == 0:
             self._complete()

@@ -99,11 +99,18 @@ class SpoolSink:
                 pass
             self._path = None
 
-    def save_as(self, path: str) -> None:
-        """Durably move the verified content to C{path} (atomic rename)."""
+    def save_as(self, path: str, durable: bool = False) -> None:
+        """
+        Move the verified content to C{path} with an atomic rename.
+
+        :param durable: flush it to the disk first (``fsync``), so that it
+            survives a power cut too.  Off by default, as in curl, wget and
+            rsync: it costs seconds per gigabyte.
+        """
         assert self._file is not None and self._path is not None
         self._file.flush()
-        os.fsync(self._file.fileno())
+        if durable:
+            os.fsync(self._file.fileno())
         self._file.close()
         self._file = None
         os.chmod(self._path, 0o644 & ~_umask())

@@ -221,3 +221,29 @@ class ResumeTests(SynchronousTestCase):
         """After reset there is nothing to resume."""
         self.sink.reset()
         self.assertEqual(self.sink.resume_offset, 0)
+
+
+class DurabilityTests(SynchronousTestCase):
+    """save_as flushes to the disk only when asked (``p2p get --fsync``)."""
+
+    def setUp(self) -> None:
+        self.synced: list[int] = []
+        self.patch(os, "fsync", self.synced.append)
+        self.folder = tempfile.mkdtemp()
+        self.sink = SpoolSink(self.folder)
+        self.addCleanup(self.sink.discard)
+        self.sink.begin(wire.FileHeader(3, hashlib.sha256(b"abc").hexdigest(), 0, 3))
+        self.sink.write(b"abc")
+
+    def test_not_durable_by_default(self) -> None:
+        """By default the rename happens without fsync."""
+        self.sink.save_as(os.path.join(self.folder, "out"))
+        self.assertEqual(self.synced, [])
+
+    def test_durable(self) -> None:
+        """durable=True fsyncs the content before the rename."""
+        target = os.path.join(self.folder, "out")
+        self.sink.save_as(target, durable=True)
+        self.assertEqual(len(self.synced), 1)
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), b"abc")

@@ -1,0 +1,272 @@
+"""Shared machinery for the benchmarks: daemons, timed commands, tables.
+
+Every server a benchmark starts is a child process watched through its log
+lines (events, never sleeps) and stopped by its pid.  Results are printed as
+tables of "ours", each baseline, the ratio, and min-max over repeated runs
+with the median quoted; ``Report.write_json`` keeps them for tracking.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+# twist (python -m twisted) writes no pid file; text logs carry our events.
+TWISTD = [sys.executable, "-m", "twisted", "--log-format=text"]
+P2P = [sys.executable, "-m", "p2p"]
+LOOPBACK = "tcp:0:interface=127.0.0.1"
+MiB = 1024 * 1024
+GiB = 1024 * MiB
+
+
+@dataclass
+class Daemon:
+    """A child process whose log lines we watch for events."""
+
+    name: str
+    argv: list[str]
+    cwd: str | None = None
+    process: subprocess.Popen | None = None
+    lines: list[str] = field(default_factory=list)
+    # Index of the first log line of interest (e.g. since a restart).
+    mark: int = 0
+    changed: threading.Condition = field(default_factory=threading.Condition)
+
+    def start(self) -> Daemon:
+        self.lines = []
+        self.mark = 0
+        self.process = subprocess.Popen(
+            self.argv,
+            cwd=self.cwd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
+        return self
+
+    def _read(self, process: subprocess.Popen) -> None:
+        assert process.stdout is not None
+        for line in process.stdout:
+            with self.changed:
+                if process is self.process:
+                    self.lines.append(line)
+                self.changed.notify_all()
+        with self.changed:
+            self.changed.notify_all()
+
+    def wait_for(self, text: str, timeout: float, after: int | None = None) -> str:
+        """Block until a log line (from index C{after}) contains C{text}."""
+        start = self.mark if after is None else after
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for line in self.lines[start:]:
+                    if text in line:
+                        return line
+                remaining = deadline - time.monotonic()
+                if remaining <= 0 or not self.alive:
+                    tail = "".join(self.lines[-5:])
+                    raise RuntimeError(
+                        f"{self.name}: no {text!r} within {timeout}s\n{tail}"
+                    )
+                self.changed.wait(remaining)
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
+        if not self.alive:
+            return
+        assert self.process is not None
+        self.process.send_signal(sig)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def listening_port(daemon: Daemon, timeout: float = 30) -> int:
+    line = daemon.wait_for("listening on", timeout)
+    return int(line.rsplit(":", 1)[1])
+
+
+def start_relay(*extra: str, listen: str = LOOPBACK) -> tuple[Daemon, int]:
+    relay = Daemon("relay", TWISTD + ["relay", "--listen", listen, *extra]).start()
+    return relay, listening_port(relay)
+
+
+def start_peer(relay_port: int, share: str, name: str = "peer", *extra: str) -> Daemon:
+    peer = Daemon(
+        name,
+        TWISTD
+        + ["peer", "--relay", f"127.0.0.1:{relay_port}", "--share", share]
+        + ["--listen", LOOPBACK, *extra],
+    ).start()
+    peer.wait_for("registered at the relay", 30)
+    return peer
+
+
+@dataclass
+class Run:
+    """One timed child process."""
+
+    seconds: float
+    returncode: int
+    stdout: bytes
+    stderr: bytes
+    max_rss_bytes: int
+
+
+def run_timed(argv: list[str], timeout: float = 600, **kwargs) -> Run:
+    """Run C{argv} to completion; wall time and peak RSS (from wait4)."""
+    started = time.perf_counter()
+    process = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs
+    )
+    out: list[bytes] = []
+    err: list[bytes] = []
+    waited: dict = {}
+
+    def drain(stream, chunks: list[bytes]) -> None:
+        for chunk in iter(lambda: stream.read(65536), b""):
+            chunks.append(chunk)
+
+    def reap() -> None:
+        # wait4, unlike Popen.wait, reports the child's own peak RSS.
+        waited["result"] = os.wait4(process.pid, 0)
+        waited["at"] = time.perf_counter()
+
+    threads = [
+        threading.Thread(target=drain, args=(process.stdout, out), daemon=True),
+        threading.Thread(target=drain, args=(process.stderr, err), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    reaper = threading.Thread(target=reap, daemon=True)
+    reaper.start()
+    reaper.join(timeout)
+    if reaper.is_alive():
+        process.kill()
+        reaper.join()
+    _, status, usage = waited["result"]
+    process.returncode = os.waitstatus_to_exitcode(status)
+    for thread in threads:
+        thread.join()
+    return Run(
+        waited["at"] - started,
+        process.returncode,
+        b"".join(out),
+        b"".join(err),
+        usage.ru_maxrss * 1024,
+    )
+
+
+def peak_rss_bytes(pid: int) -> int:
+    """A running process's peak resident set (VmHWM)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmHWM for pid {pid}")
+
+
+def rss_bytes(pid: int) -> int:
+    """A running process's current resident set (VmRSS)."""
+    with open(f"/proc/{pid}/status") as status:
+        for line in status:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def make_file(path: str, size: int) -> None:
+    """Random, incompressible content of C{size} bytes."""
+    chunk = os.urandom(4 * MiB)
+    with open(path, "wb") as stream:
+        left = size
+        while left > 0:
+            stream.write(chunk[: min(left, len(chunk))])
+            left -= len(chunk)
+
+
+@dataclass
+class Series:
+    """Repeated measurements of one thing."""
+
+    label: str
+    values: list[float]
+    unit: str
+
+    @property
+    def median(self) -> float:
+        return statistics.median(self.values)
+
+    def spread(self) -> str:
+        return f"{min(self.values):.4g}-{max(self.values):.4g}"
+
+
+class Report:
+    """Collects tables; prints them and writes them as JSON."""
+
+    def __init__(self) -> None:
+        self.tables: list[dict] = []
+
+    def table(
+        self,
+        title: str,
+        ours: Series,
+        baselines: list[Series],
+        higher_is_better: bool = True,
+        note: str = "",
+    ) -> None:
+        """Print ours against each baseline with ratios (ours / baseline)."""
+        print(f"\n## {title}")
+        header = f"{'':28} {'median':>12} {'min-max':>21} {'ours/this':>10}"
+        print(header)
+        rows = [ours, *baselines]
+        entry: dict = {"title": title, "unit": ours.unit, "rows": []}
+        for series in rows:
+            ratio = ours.median / series.median if series.median else float("nan")
+            ratio_text = "" if series is ours else f"{ratio:.2f}"
+            print(
+                f"{series.label:28} {series.median:>10.4g} {series.unit:<1} "
+                f"{series.spread():>21} {ratio_text:>10}"
+            )
+            entry["rows"].append(
+                {
+                    "label": series.label,
+                    "unit": series.unit,
+                    "median": series.median,
+                    "values": series.values,
+                    "ratio_ours_over": None if series is ours else ratio,
+                }
+            )
+        if note:
+            print(note)
+        entry["higher_is_better"] = higher_is_better
+        entry["note"] = note
+        self.tables.append(entry)
+
+    def line(self, title: str, text: str, **values: object) -> None:
+        """A result that is a single figure or statement, not a comparison."""
+        print(f"\n## {title}\n{text}")
+        self.tables.append({"title": title, "text": text, "values": values})
+
+    def write_json(self, path: str) -> None:
+        with open(path, "w") as stream:
+            json.dump({"tables": self.tables}, stream, indent=2)
