@@ -7,6 +7,7 @@ documented exit status, never a traceback.
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import threading
@@ -111,7 +112,7 @@ class Options(usage.Options):
         "Relay-based peer-to-peer file sharing client.  'p2p HOST PORT' is the "
         "seed client's form of 'p2p --relay HOST:PORT get'.  Exit status: 0 success, "
         "1 not found on any peer, 2 usage error, 3 relay unreachable or failing, "
-        "4 output cannot be written, 130 interrupted."
+        "4 output cannot be written, 70 internal error, 130 interrupted."
     )
     optParameters = [
         [
@@ -160,6 +161,7 @@ class Options(usage.Options):
     ]
 
     def opt_version(self) -> NoReturn:
+        """Print the version and exit."""
         print(f"p2p {__version__}")
         sys.exit(0)
 
@@ -194,8 +196,38 @@ class Console:
         self.stderr.flush()
 
     def prompt(self) -> None:
-        self.stderr.write(PROMPT)
-        self.stderr.flush()
+        """Ask for a name, when a person is typing (not when input is piped)."""
+        isatty = getattr(self.stdin, "isatty", None)
+        if isatty is not None and isatty():
+            self.stderr.write(PROMPT)
+            self.stderr.flush()
+
+    def write(self, data: bytes) -> bool:
+        """Write results to stdout; False (after one error line) if it fails."""
+        try:
+            self.stdout.write(data)
+            self.stdout.flush()
+        except OSError as e:
+            self.error(f"cannot write to stdout: {e.strerror or e}")
+            return False
+        return True
+
+
+class ClosedOutput:
+    """Stands in for a stdout the process was started without (``>&-``)."""
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def flush(self) -> None:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+
+def standard_output():
+    """The binary stdout, or a L{ClosedOutput} when there is none."""
+    if sys.stdout is None:
+        return ClosedOutput()
+    return sys.stdout.buffer
 
 
 def in_daemon_thread(reactor, work: Callable[[], T]) -> Deferred[T]:
@@ -251,13 +283,13 @@ class Client:
         except RELAY_FAILURES:
             return self.relay_failed(Failure())
         self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
+        lines = []
         for entry in entries:
             line = f"{entry.address} {entry.peer_id}"
             if entry.name:
                 line += f" {entry.name}"
-            self.console.stdout.write(line.encode() + b"\n")
-        self.console.stdout.flush()
-        return EXIT_OK
+            lines.append(line.encode() + b"\n")
+        return EXIT_OK if self.console.write(b"".join(lines)) else EXIT_OUTPUT
 
     @inlineCallbacks
     def list_all_files(self):
@@ -280,10 +312,10 @@ class Client:
                 continue
             rows.extend((f.name, f.size, entry.address) for f in files)
         rows.sort()
-        for name, size, address in rows:
-            self.console.stdout.write(f"{size:>12} {address:<22} {name}\n".encode())
-        self.console.stdout.flush()
-        return EXIT_OK
+        text = "".join(
+            f"{size:>12} {address:<22} {name}\n" for name, size, address in rows
+        )
+        return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
 
     @inlineCallbacks
     def get(self, names: list[str], output: str | None):
@@ -429,7 +461,7 @@ def parse(argv: list[str]) -> Options:
 @inlineCallbacks
 def run(reactor, argv: list[str], console: Console | None = None):
     """Run one ``p2p`` command; fires with the exit status."""
-    console = console or Console(sys.stdin, sys.stdout.buffer, sys.stderr, False)
+    console = console or Console(sys.stdin, standard_output(), sys.stderr, False)
     try:
         options = parse(argv)
         console.quiet = options["quiet"]
@@ -471,6 +503,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if isinstance(result, Failure):
             if result.check(SystemExit):
                 outcome.append(result.value.code or 0)
+            elif result.check(BrokenPipeError):
+                # e.g. ``p2p --help | head -1``: the reader left; nothing to say.
+                outcome.append(EXIT_OUTPUT)
             else:
                 sys.stderr.write(f"p2p: internal error: {describe(result)}\n")
                 outcome.append(70)
@@ -485,8 +520,9 @@ def main(argv: list[str] | None = None) -> NoReturn:
     reactor.callWhenRunning(start)
     reactor.run()
     try:
-        sys.stdout.flush()
-    except BrokenPipeError:
+        if sys.stdout is not None:
+            sys.stdout.flush()
+    except OSError:
         # The reader went away (``p2p get x | head``): say nothing more, and
         # keep the interpreter's own final flush from printing a traceback.
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())

@@ -254,7 +254,7 @@ def describe(failure: Failure) -> str:
         if isinstance(reason, int):
             reason = os.strerror(reason)
         return f"cannot connect: {reason or type(value).__name__}"
-    if isinstance(value, ConnectionError):
+    if isinstance(value, (ConnectionRefusedError, ConnectionResetError)):
         return f"cannot connect: {value.strerror or type(value).__name__}"
     if isinstance(value, (TimeoutError, CancelledError)):
         return "timed out"

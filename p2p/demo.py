@@ -78,6 +78,8 @@ class Narrator:
         namespace = event.get("log_namespace", "")
         if not namespace.startswith("p2p.") or event.get("log_level") is LogLevel.debug:
             return
+        if event.get("event") == "renewed":
+            return  # routine, and it would bury the prompt
         source = event.get("log_source")
         label = self.labels.get(id(source))
         if label is None and source is not None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import os
+import re
 import stat
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -28,6 +29,8 @@ RunBlocking = Callable[[Callable[[], T]], "Deferred[T]"]
 HASH_CHUNK_BYTES = 1024 * 1024
 MAX_LISTED_FILES = 10_000
 MAX_CACHED_DIGESTS = 4096
+# twistd's pid file and (rotated) log files, at the top of the share.
+TWISTD_FILES = re.compile(r"twistd\.pid|twistd\.log(\.[0-9_]+)?")
 
 
 def run_inline(work: Callable[[], T]) -> Deferred[T]:
@@ -96,6 +99,10 @@ class ShareFolder:
             )
         if not self.include_hidden and any(p.startswith(".") for p in parts):
             raise WireError(Code.FORBIDDEN, "hidden files are not shared")
+        if len(parts) == 1 and TWISTD_FILES.fullmatch(parts[0]):
+            # twistd writes these into its working folder, which is the
+            # default share: a peer must not hand out its own pid and logs.
+            raise WireError(Code.FORBIDDEN, "twistd's own files are not shared")
         return parts
 
     def _inside(self, path: str) -> str | None:
