@@ -8,9 +8,9 @@ one-at-a-time loop:
 * **Staggered attempts** (RFC 8305 "Happy Eyeballs").  When the current
   peer has not answered within ``stagger`` seconds (default 0.25 s), the
   next attempt starts too, without abandoning the first; at most
-  ``max_parallel`` attempts are in flight.  The first peer to answer with a
-  file header wins and the others are cancelled (and requeued in list
-  order, should the winner fail later).  Peers that answer quickly, as
+  ``max_parallel`` (16) attempts are in flight.  The first peer to answer
+  with a file header wins and the others are cancelled (and requeued in
+  list order, should the winner fail later).  Peers that answer quickly, as
   healthy ones do, are still asked strictly one at a time; a blackholed
   peer costs ``stagger`` seconds, not the connect timeout.
 * **Resume.**  When a transfer breaks, the bytes so far stay in the spool
@@ -49,7 +49,10 @@ from p2p.sink import SpoolSink
 
 # RFC 8305's recommended Connection Attempt Delay.
 DEFAULT_STAGGER_SECONDS = 0.25
-DEFAULT_MAX_PARALLEL = 3
+# Generous: an attempt in flight costs one socket, and each blackholed peer
+# holds its slot until the connect timeout; a small cap would turn a few of
+# them back into a wait of the whole timeout.
+DEFAULT_MAX_PARALLEL = 16
 
 
 @dataclass
