@@ -40,6 +40,8 @@ class Announcer(Service):
     :param listening: the peer's file server; its bound port is announced.
     :param clock: the reactor (for timers and timeouts).
     :param name: optional display name sent with each registration.
+    :param token: the relay's shared secret, sent as ``token=`` with
+        REGISTER and UNREGISTER (never logged).
     :param jitter: returns a float in [0, 1); spreads the peers' renewals.
     """
 
@@ -152,11 +154,22 @@ class Announcer(Service):
         delay = min(cap, FIRST_RETRY_SECONDS * 2 ** (self.failures - 1))
         delay *= 0.5 + 0.5 * self.jitter()
         self.lease = None
-        self.log.warn(
-            "relay registration failed ({error}); retrying in {delay:.1f}s",
-            error=describe(failure),
-            delay=delay,
-        )
+        if failure.check(wire.RemoteError) and failure.value.code == 401:
+            # A configuration error, not an outage: say so louder.  Keep
+            # retrying all the same (the relay's token may be changed).
+            self.log.error(
+                "the relay refused our token ({error}): check --token or "
+                "${variable}; retrying in {delay:.1f}s",
+                error=describe(failure),
+                variable=wire.TOKEN_ENVIRONMENT_VARIABLE,
+                delay=delay,
+            )
+        else:
+            self.log.warn(
+                "relay registration failed ({error}); retrying in {delay:.1f}s",
+                error=describe(failure),
+                delay=delay,
+            )
         self._schedule(delay)
 
     def _schedule(self, delay: float) -> None:

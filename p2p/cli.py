@@ -35,6 +35,8 @@ from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywher
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import SpoolSink
 
+TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
+
 T = TypeVar("T")
 
 EXIT_OK = 0
@@ -136,6 +138,20 @@ class Options(usage.Options):
             float,
         ],
         [
+            "peer-ca",
+            None,
+            None,
+            "Connect to peers with TLS, trusting this CA (a PEM file or a folder "
+            "of .pem files); peers without a valid certificate for their address "
+            "are skipped.",
+        ],
+        [
+            "token",
+            None,
+            None,
+            "Token for a relay that requires one for queries (default $P2P_TOKEN).",
+        ],
+        [
             "stagger",
             None,
             DEFAULT_STAGGER_SECONDS,
@@ -173,6 +189,14 @@ class Options(usage.Options):
         if self["stagger"] < 0:
             raise usage.UsageError("--stagger must not be negative")
         self["relay"] = relay_from_environment(self["relay"])
+        if self["token"] is None:
+            self["token"] = os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
+        if self["token"] is not None:
+            try:
+                wire.parse_token(self["token"])
+            except wire.WireError as e:
+                # Say what is wrong without repeating the secret.
+                raise usage.UsageError(f"--token: {e.message}") from None
 
 
 class Console:
@@ -261,6 +285,13 @@ class Client:
         # With -o --fsync: saved files are flushed to the disk before renaming.
         self.durable = False
         self.relay = client_endpoint(reactor, self.relay_text)
+        timeout = options["connect-timeout"]
+        if options["peer-ca"] is not None:
+            from p2p.tls import peer_endpoint_for
+
+            self.endpoint_for = peer_endpoint_for(reactor, options["peer-ca"], timeout)
+        else:
+            self.endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)
         self.request_timeout = max(
             options["connect-timeout"], DEFAULT_REQUEST_TIMEOUT_SECONDS
         )
@@ -268,7 +299,9 @@ class Client:
     @inlineCallbacks
     def peers(self):
         """Phase 2; prints nothing itself on success."""
-        entries = yield list_peers(self.relay, self.reactor, self.request_timeout)
+        entries = yield list_peers(
+            self.relay, self.reactor, self.request_timeout, self.options["token"]
+        )
         return entries
 
     def relay_failed(self, failure: Failure) -> int:
@@ -300,9 +333,7 @@ class Client:
         self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
         rows = []
         for entry in entries:
-            endpoint = peer_endpoint(
-                self.reactor, entry, self.options["connect-timeout"]
-            )
+            endpoint = self.endpoint_for(entry)
             try:
                 files = yield list_files(endpoint, self.reactor, self.request_timeout)
             except SKIPPABLE:
@@ -372,6 +403,7 @@ class Client:
             self.reactor,
             self.options["connect-timeout"],
             self.options["idle-timeout"],
+            endpoint_for=self.endpoint_for,
             report=lambda attempt: self._report(name, attempt),
             stagger=self.options["stagger"],
         )
@@ -431,7 +463,15 @@ def _target_path(name: str, output: str | None) -> str | None:
 COMMANDS = frozenset({"get", "peers", "ls", "demo"})
 # Global options that take a value (the seed form must skip those values).
 _VALUED = frozenset(
-    {"-r", "--relay", "--connect-timeout", "--idle-timeout", "--stagger"}
+    {
+        "-r",
+        "--relay",
+        "--connect-timeout",
+        "--idle-timeout",
+        "--stagger",
+        "--peer-ca",
+        "--token",
+    }
 )
 
 
@@ -535,6 +575,10 @@ def _errors_only(stream: IO[str]):
     from twisted.logger import LogLevel, formatEvent
 
     def observe(event: dict) -> None:
+        if event.get("log_namespace", "").startswith("twisted.internet._sslverify"):
+            # Twisted logs service_identity errors it then ignores; p2p.tls
+            # checks certificates again and reports refusals itself.
+            return
         if event.get("log_level") is LogLevel.critical:
             text = formatEvent(event) or "unexpected error"
             failure = event.get("log_failure")

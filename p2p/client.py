@@ -18,6 +18,7 @@ from twisted.internet.defer import (
 )
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
+from twisted.internet.error import TimeoutError as ConnectingTimeout
 from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
@@ -88,7 +89,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     """
 
     delimiter = wire.DELIMITER
-    MAX_LENGTH = wire.MAX_LINE_LENGTH
+    MAX_LENGTH = wire.MAX_RECEIVE_LENGTH
 
     def __init__(
         self,
@@ -248,6 +249,9 @@ def describe(failure: Failure) -> str:
     value = failure.value
     if isinstance(value, PeerFailed):
         return value.reason
+    if isinstance(value, ConnectingTimeout):
+        # Twisted's own connect timeout (the endpoint's) fired first.
+        return "timed out"
     if isinstance(value, ConnectError):
         # osError is an errno for refusals, a message or None otherwise.
         reason = value.osError
@@ -266,10 +270,14 @@ def describe(failure: Failure) -> str:
 
 
 def list_peers(
-    relay: IStreamClientEndpoint, clock: IReactorTime, timeout: float
+    relay: IStreamClientEndpoint,
+    clock: IReactorTime,
+    timeout: float,
+    token: str | None = None,
 ) -> Deferred[list[wire.PeerEntry]]:
     """Phase 2: the relay's list of active peers."""
-    d = request_lines(relay, "relay", wire.Peers().to_line(), clock, True, timeout)
+    request = wire.Peers(token=token).to_line()
+    d = request_lines(relay, "relay", request, clock, True, timeout)
     d.addCallback(lambda lines: [wire.PeerEntry.from_line(line) for line in lines[1:]])
     return d
 

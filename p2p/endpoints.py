@@ -74,9 +74,16 @@ def client_endpoint(reactor, text: str) -> IStreamClientEndpoint:
     # Endpoint parsers fail in many ways: ValueError, TypeError or KeyError
     # for bad arguments, NameError for tls: without pyOpenSSL.
     try:
-        return clientFromString(reactor, client_description(text))
+        description = client_description(text)
+        endpoint = clientFromString(reactor, description)
     except Exception as e:
         raise ValueError(f"bad endpoint {text!r}: {e}") from None
+    if description.split(":", 1)[0].lower() == "tls":
+        # Imported only here: TLS brings in pyOpenSSL and cryptography.
+        from p2p.tls import checked_tls_endpoint
+
+        endpoint = checked_tls_endpoint(description, endpoint)
+    return endpoint
 
 
 def server_endpoint(reactor, text: str) -> IStreamServerEndpoint:

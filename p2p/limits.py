@@ -1,21 +1,45 @@
-"""Connection limits shared by the relay and the peer.
+"""Limits shared by the relay and the peer: connections, idle time, errors.
 
 A server that accepts without bound can be exhausted by one host opening
 connections in a loop.  ``ConnectionLimits`` counts open connections in
 total and per source address; a factory asks it before building a protocol
 and, past a limit, answers with ``RefusingProtocol``: the banner, one
 ``ERR 503`` line saying which limit, then a close.
+
+``ServerLineProtocol`` is the framing both servers share, with the limits
+every connection lives under (see ``docs/security.rst``):
+
+* the idle timeout, restarted only by a complete, non-blank line, so a
+  client trickling bytes (slowloris) or sending bare newlines is cut off;
+* the line length (``ERR 413``, then a close);
+* the error budget: after ``MAX_ERRORS_PER_CONNECTION`` error replies the
+  connection gets ``ERR 429 too many errors`` and is closed, so one
+  connection cannot be used as an error-reply pump.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
+from twisted.internet.interfaces import IHalfCloseableProtocol, IReactorTime
 from twisted.internet.protocol import Protocol
+from twisted.logger import Logger
+from twisted.protocols.basic import LineReceiver
+from twisted.protocols.policies import TimeoutMixin
+from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p import wire
-from p2p.wire import Code
+from p2p.wire import Code, WireError
 
 DEFAULT_MAX_CONNECTIONS = 1000
 DEFAULT_MAX_CONNECTIONS_PER_HOST = 64
+# A well-behaved client makes one request per connection; ten refusals in a
+# row is a broken or hostile one.
+MAX_ERRORS_PER_CONNECTION = 10
+
+# The replies after which a server always hangs up.
+_CLOSING_CODES = frozenset({Code.LINE_TOO_LONG, Code.TIMEOUT})
 
 
 class ConnectionLimits:
@@ -24,14 +48,19 @@ class ConnectionLimits:
 
     :param max_total: connections allowed at once (0: no limit).
     :param max_per_host: connections allowed at once from one source
-        address (0: no limit).
+        address (0: no limit).  Connections without an IP source (UNIX
+        sockets) all count as one host.
     """
+
+    log = Logger()
 
     def __init__(
         self,
         max_total: int = DEFAULT_MAX_CONNECTIONS,
         max_per_host: int = DEFAULT_MAX_CONNECTIONS_PER_HOST,
     ) -> None:
+        if max_total < 0 or max_per_host < 0:
+            raise ValueError("connection limits must be 0 (no limit) or more")
         self.max_total = max_total
         self.max_per_host = max_per_host
         self.total = 0
@@ -58,7 +87,36 @@ class ConnectionLimits:
             del self._per_host[host]
 
     def open_from(self, host: str) -> int:
+        """How many counted connections C{host} holds."""
         return self._per_host.get(host, 0)
+
+    def protocol_for(
+        self,
+        address: object,
+        role: str,
+        build: Callable[[Callable[[], None]], Protocol],
+    ) -> Protocol:
+        """
+        The protocol for a new connection from C{address}: C{build(release)}
+        if the limits admit it, else a L{RefusingProtocol}.
+
+        C{release} must be called exactly once, when the connection is lost
+        (L{ServerLineProtocol} does that).
+        """
+        host = source_host(address)
+        refusal = self.admit(host)
+        if refusal is not None:
+            # No address in the log: a flood would fill it with one victim's
+            # (possibly spoofed-by-proxy) address; the reason says enough.
+            self.log.warn(
+                "refused a {role} connection: {reason}", role=role, reason=refusal
+            )
+            return RefusingProtocol(role, refusal)
+        try:
+            return build(lambda: self.release(host))
+        except BaseException:
+            self.release(host)
+            raise
 
 
 class RefusingProtocol(Protocol):
@@ -77,8 +135,126 @@ class RefusingProtocol(Protocol):
         )
         self.transport.loseConnection()
 
+    def dataReceived(self, data: bytes) -> None:
+        """Whatever the client sends is ignored: we are hanging up."""
 
-def source_host(address) -> str:
+
+def source_host(address: object) -> str:
     """The host part of a connection's address, for counting ("?" if none)."""
     host = getattr(address, "host", None)
     return wire.normalise_host(host) if isinstance(host, str) else "?"
+
+
+@implementer(IHalfCloseableProtocol)
+class ServerLineProtocol(LineReceiver, TimeoutMixin):
+    """
+    The relay's and the peer's connection: a banner, then request lines.
+
+    A client that half-closes after its requests (``printf 'PEERS\\n' | nc
+    -N``) still gets every answer: the connection closes once the last
+    request is answered, not when the client's end of input arrives.
+
+    Subclasses set C{role} and implement L{request_received}, raising
+    L{WireError} to refuse a request.
+
+    :param clock: the reactor's clock; the idle timer runs on it.
+    :param idle_timeout: seconds without a complete request line before
+        the server sends ``ERR 408`` and closes (C{None}: never).
+    :param on_lost: called once when the connection is lost (releases its
+        place in the L{ConnectionLimits}).
+    """
+
+    delimiter = wire.DELIMITER
+    # The longest legal line plus the CR of a CRLF line end; decode_line
+    # refuses (413) what is longer once the CR is gone.
+    MAX_LENGTH = wire.MAX_RECEIVE_LENGTH
+    role = "server"
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float | None,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.errors = 0
+        self._on_lost = on_lost
+        self._input_ended = False
+
+    def callLater(self, period, func):  # TimeoutMixin hook: use our clock
+        return self.clock.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        self.setTimeout(self.idle_timeout)
+        self.sendLine(wire.banner(self.role))
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.setTimeout(None)
+        on_lost, self._on_lost = self._on_lost, None
+        if on_lost is not None:
+            on_lost()
+
+    def lineReceived(self, line: bytes) -> None:
+        if self.transport.disconnecting:
+            # LineReceiver hands over one more buffered line after a close
+            # was asked for (e.g. on resumeProducing): ignore it.
+            return
+        # Only a complete, non-blank line is progress: bare newlines and
+        # bytes trickled without a line end never restart the idle timer.
+        if not line.strip():
+            return
+        self.resetTimeout()
+        try:
+            self.request_received(line)
+        except WireError as e:
+            self.refuse(e)
+
+    def request_received(self, line: bytes) -> None:
+        """Answer one non-blank request line (subclasses)."""
+        raise NotImplementedError
+
+    def readConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client will send nothing more."""
+        self._input_ended = True
+        self.close_if_done()
+
+    def writeConnectionLost(self) -> None:
+        """IHalfCloseableProtocol: the client reads nothing more."""
+        self.transport.loseConnection()
+
+    def close_if_done(self) -> None:
+        """Close a half-closed connection once no request is in progress."""
+        if self._input_ended and not self.paused:
+            self.transport.loseConnection()
+
+    def refuse(self, error: WireError) -> None:
+        """Log a refused request and reply with its ``ERR`` line."""
+        self.log.warn("refused a request: {error}", error=str(error))
+        self.send_error(error.code, error.message)
+
+    def send_error(self, code: Code, message: str) -> None:
+        """
+        Send ``ERR <code> <message>``; close after a 413 or 408, or once the
+        connection has used up its error budget.
+        """
+        self.sendLine(wire.format_error(code, message))
+        if code in _CLOSING_CODES:
+            self.transport.loseConnection()
+            return
+        self.errors += 1
+        if self.errors >= MAX_ERRORS_PER_CONNECTION:
+            self.log.warn(
+                "closing a connection after {count} error replies",
+                count=self.errors,
+            )
+            self.sendLine(wire.format_error(Code.TOO_MANY, "too many errors"))
+            self.transport.loseConnection()
+
+    def lineLengthExceeded(self, line: bytes) -> None:
+        self.log.warn("refused a request: line too long")
+        self.send_error(Code.LINE_TOO_LONG, "line too long")
+
+    def timeoutConnection(self) -> None:
+        self.send_error(Code.TIMEOUT, "idle timeout")

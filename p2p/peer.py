@@ -9,18 +9,18 @@ sent the connection reads no further requests.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import IConsumer, IPullProducer, IReactorTime
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
+from p2p.limits import ConnectionLimits, ServerLineProtocol
 from p2p.share import OpenedFile, ShareFolder
 from p2p.wire import Code, WireError
 
@@ -94,48 +94,40 @@ class FileRangeProducer:
             self.done.errback(result)
 
 
-class PeerProtocol(LineReceiver, TimeoutMixin):
-    """One client connection to a peer."""
+class PeerProtocol(ServerLineProtocol):
+    """One client connection to a peer.
 
-    delimiter = wire.DELIMITER
-    MAX_LENGTH = wire.MAX_LINE_LENGTH
+    Framing, idle timeout, line length and error budget come from
+    L{ServerLineProtocol}.
+    """
+
+    role = "peer"
     log = Logger()
 
     def __init__(
-        self, share: ShareFolder, clock: IReactorTime, idle_timeout: float | None
+        self,
+        share: ShareFolder,
+        clock: IReactorTime,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        on_lost: Callable[[], None] | None = None,
     ) -> None:
+        super().__init__(clock, idle_timeout, on_lost)
         self.share = share
-        self.clock = clock
-        self.idle_timeout = idle_timeout
         self._opened: OpenedFile | None = None
         self._header_sent = False
         self._lost = False
 
-    def callLater(self, period, func):  # TimeoutMixin hook: use our clock
-        return self.clock.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
-        self.sendLine(wire.banner("peer"))
-
     def connectionLost(self, reason=None) -> None:
         self._lost = True
-        self.setTimeout(None)
         self._close_file()
+        super().connectionLost(reason)
 
-    def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
-        if not line.strip():
-            return
-        try:
-            request = wire.parse_peer_request(line)
-            if isinstance(request, wire.Get):
-                self._serve(request)
-            else:
-                self._send_listing()
-        except WireError as e:
-            self.log.warn("refused a request: {error}", error=str(e))
-            self.sendLine(e.to_line())
+    def request_received(self, line: bytes) -> None:
+        request = wire.parse_peer_request(line)
+        if isinstance(request, wire.Get):
+            self._serve(request)
+        else:
+            self._send_listing()
 
     def _send_listing(self) -> None:
         entries = self.share.list()
@@ -165,6 +157,12 @@ class PeerProtocol(LineReceiver, TimeoutMixin):
         header = wire.FileHeader(opened.size - offset, digest, offset, opened.size)
         self.sendLine(header.to_line())
         self._header_sent = True
+        self.log.info(
+            "sending {name} ({count} bytes from byte {offset})",
+            name=opened.name,
+            count=header.count,
+            offset=offset,
+        )
         producer = FileRangeProducer(
             opened.fd, offset, header.count, self.transport, self.resetTimeout
         )
@@ -173,7 +171,7 @@ class PeerProtocol(LineReceiver, TimeoutMixin):
     def _sent(self, _: None, opened: OpenedFile) -> None:
         self.log.info("sent {name} ({size} bytes)", name=opened.name, size=opened.size)
         self._close_file()
-        self.resumeProducing()
+        self._read_next()
 
     def _send_failed(self, failure: Failure, opened: OpenedFile) -> None:
         # Read this before _close_file resets it: after the header, an error
@@ -188,8 +186,8 @@ class PeerProtocol(LineReceiver, TimeoutMixin):
             self.log.error(
                 "cannot read {name}: {error}", name=opened.name, error=failure.value
             )
-            self.sendLine(wire.format_error(Code.INTERNAL, "cannot read the file"))
-            self.resumeProducing()
+            self.send_error(Code.INTERNAL, "cannot read the file")
+            self._read_next()
             return
         else:
             self.log.failure("sending {name} failed", failure, name=opened.name)
@@ -197,27 +195,35 @@ class PeerProtocol(LineReceiver, TimeoutMixin):
         if not self._lost:
             self.transport.abortConnection()
 
+    def _read_next(self) -> None:
+        """Read requests again after a file, unless the connection is closing
+        (the error budget may just have run out)."""
+        if not self._lost and not self.transport.disconnecting:
+            self.resumeProducing()
+            self.close_if_done()
+
     def _close_file(self) -> None:
         self._header_sent = False
         if self._opened is not None:
             self._opened.close()
             self._opened = None
 
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.sendLine(wire.format_error(Code.LINE_TOO_LONG, "line too long"))
-        self.transport.loseConnection()
-
     def timeoutConnection(self) -> None:
         if self._opened is None:
-            self.sendLine(wire.format_error(Code.TIMEOUT, "idle timeout"))
-            self.transport.loseConnection()
+            super().timeoutConnection()
         else:
             # Mid-transfer an error line would corrupt the byte stream.
             self.transport.abortConnection()
 
 
 class PeerFactory(ServerFactory):
-    """Builds a L{PeerProtocol} per client, all serving one share folder."""
+    """
+    Builds a L{PeerProtocol} per client, all serving one share folder.
+
+    :param limits: open-connection limits; past them a connection gets a
+        L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
+        source address.
+    """
 
     noisy = False
 
@@ -226,12 +232,17 @@ class PeerFactory(ServerFactory):
         share: ShareFolder,
         clock: IReactorTime,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.share = share
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.limits = limits if limits is not None else ConnectionLimits()
 
-    def buildProtocol(self, addr) -> PeerProtocol:
-        protocol = PeerProtocol(self.share, self.clock, self.idle_timeout)
+    def buildProtocol(self, addr) -> Protocol:
+        return self.limits.protocol_for(addr, "peer", self._build)
+
+    def _build(self, on_lost: Callable[[], None]) -> PeerProtocol:
+        protocol = PeerProtocol(self.share, self.clock, self.idle_timeout, on_lost)
         protocol.factory = self
         return protocol

@@ -17,9 +17,17 @@ from p2p.endpoints import (
     relay_from_environment,
     server_endpoint,
 )
+from p2p.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
+from p2p.relay_tap import (
+    CONNECTION_LIMIT_OPTIONS,
+    check_limits,
+    connection_limits,
+    token_option,
+)
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
+from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 DEFAULT_LISTEN = "tcp:0"
 
@@ -52,6 +60,28 @@ class Options(usage.Options):
             "Close connections silent for this many seconds.",
             float,
         ],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Most client connections open at once (0: no limit).",
+            int,
+        ],
+        [
+            "max-connections-per-host",
+            None,
+            DEFAULT_MAX_CONNECTIONS_PER_HOST,
+            "Most client connections open at once from one address (0: no limit).",
+            int,
+        ],
+        [
+            "token",
+            None,
+            None,
+            "Shared secret sent to the relay with REGISTER and UNREGISTER "
+            f"(default ${TOKEN_ENVIRONMENT_VARIABLE}).  Prefer the environment "
+            "variable: a command line is visible to other users.",
+        ],
         ["port-file", None, None, "Write 'HOST PORT' here once listening."],
     ]
     optFlags = [["include-hidden", None, "Also serve dot files and dot folders."]]
@@ -82,6 +112,8 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--name: {e.message}") from None
         if self["idle-timeout"] <= 0:
             raise usage.UsageError("--idle-timeout must be positive")
+        check_limits(self, CONNECTION_LIMIT_OPTIONS)
+        self["token"] = token_option(self["token"])
 
 
 def makeService(config: Options, reactor=None) -> MultiService:
@@ -92,7 +124,9 @@ def makeService(config: Options, reactor=None) -> MultiService:
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     share = ShareFolder(config["share"], in_thread, config["include-hidden"])
-    factory = PeerFactory(share, reactor, config["idle-timeout"])
+    factory = PeerFactory(
+        share, reactor, config["idle-timeout"], connection_limits(config)
+    )
     try:
         listen = server_endpoint(reactor, config["listen"])
         relay = client_endpoint(reactor, config["relay"])
@@ -101,7 +135,9 @@ def makeService(config: Options, reactor=None) -> MultiService:
     parent = MultiService()
     listener = ListeningService(listen, factory, "peer")
     listener.setServiceParent(parent)
-    Announcer(relay, listener, reactor, config["name"]).setServiceParent(parent)
+    Announcer(
+        relay, listener, reactor, config["name"], token=config["token"]
+    ).setServiceParent(parent)
     if config["port-file"]:
         PortFileService(config["port-file"], [listener]).setServiceParent(parent)
     return parent

@@ -55,6 +55,9 @@ class MemoryRegistry:
     def __init__(self, ttl: float, max_peers: int = 0, max_per_host: int = 0) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
+        if max_peers < 0 or max_per_host < 0:
+            # A negative limit would refuse every registration.
+            raise ValueError("registration limits must be 0 (no limit) or more")
         self.ttl = ttl
         self.max_peers = max_peers
         self.max_per_host = max_per_host

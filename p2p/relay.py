@@ -7,14 +7,16 @@ L{p2p.interfaces.IRegistry}.  See ``docs/protocol.rst``.
 
 from __future__ import annotations
 
+import hmac
+from collections.abc import Callable
+
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.protocol import ServerFactory
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
-from twisted.protocols.basic import LineReceiver
-from twisted.protocols.policies import TimeoutMixin
 
 from p2p import wire
 from p2p.interfaces import IRegistry
+from p2p.limits import ConnectionLimits, ServerLineProtocol
 from p2p.registry import RegistryFull
 from p2p.wire import Code, WireError
 
@@ -47,9 +49,13 @@ class Relay:
     :param clock: the reactor's clock; all lease times come from it.
     :param ttl: lease length granted to peers, in seconds.
     :param renew: renewal interval suggested to peers, in seconds.
-    :param allow_claimed_host: honour ``host=`` in REGISTER.  Only for relays
-        behind a trusted proxy: otherwise anyone can point every client at a
-        victim's address.
+    :param allow_claimed_host: honour ``host=`` in REGISTER and UNREGISTER.
+        Only for relays behind a trusted proxy: otherwise anyone can point
+        every client at a victim's address.
+    :param token: a shared secret: REGISTER and UNREGISTER must carry it as
+        ``token=``, or get ``ERR 401``.  C{None}: no authentication (a
+        token sent anyway is ignored).
+    :param token_for_queries: require the token for PEERS too.
     """
 
     log = Logger()
@@ -61,30 +67,66 @@ class Relay:
         ttl: int = DEFAULT_TTL_SECONDS,
         renew: int | None = None,
         allow_claimed_host: bool = False,
+        token: str | None = None,
+        token_for_queries: bool = False,
     ) -> None:
+        if token_for_queries and not token:
+            raise ValueError("token_for_queries needs a token")
         self.registry = registry
         self.clock = clock
         self.ttl = ttl
         self.renew = renew if renew is not None else default_renew_interval(ttl)
         self.allow_claimed_host = allow_claimed_host
+        # Only the bytes are kept, in a private attribute: nothing that
+        # renders this object (a log event, a repr) shows the secret.
+        self._token = token.encode("utf-8") if token else None
+        self.token_for_queries = token_for_queries
+
+    @property
+    def requires_token(self) -> bool:
+        """Whether REGISTER and UNREGISTER need ``token=``."""
+        return self._token is not None
 
     def handle(self, request: wire.RelayRequest, source: str) -> list[bytes]:
         """Answer one parsed request from C{source}; return the reply lines."""
         if isinstance(request, wire.Register):
+            self.check_token(request.token)
             return [self.register(request, source).to_line()]
         if isinstance(request, wire.Unregister):
+            self.check_token(request.token)
             return [self.unregister(request, source)]
+        if self.token_for_queries:
+            self.check_token(request.token)
         return self.peers()
 
+    def check_token(self, given: str | None) -> None:
+        """
+        Refuse (401) a request without the relay's token, when it has one.
+
+        The comparison takes the same time whatever the bytes, so a client
+        cannot guess the token byte by byte from response times.  Neither the
+        reply nor the log repeats what was sent.
+        """
+        if self._token is None:
+            return
+        if given is None:
+            raise WireError(Code.UNAUTHORIZED, "token required")
+        if not hmac.compare_digest(given.encode("utf-8"), self._token):
+            raise WireError(Code.UNAUTHORIZED, "wrong token")
+
+    def _claimed_host(self, claimed: str | None, source: str) -> str:
+        """The host a request acts on: the observed one unless trusted."""
+        if claimed is None or claimed == source:
+            return source
+        if not self.allow_claimed_host:
+            raise WireError(
+                Code.FORBIDDEN,
+                "host= is not accepted; the relay uses the observed address",
+            )
+        return claimed
+
     def register(self, request: wire.Register, source: str) -> wire.Registered:
-        host = source
-        if request.host is not None and request.host != source:
-            if not self.allow_claimed_host:
-                raise WireError(
-                    Code.FORBIDDEN,
-                    "host= is not accepted; the relay uses the observed address",
-                )
-            host = request.host
+        host = self._claimed_host(request.host, source)
         now = self.clock.seconds()
         # Sweep first: a lease whose time is up must not count against the
         # limits, nor be revived as a "renewal" by its peer's next REGISTER.
@@ -108,7 +150,8 @@ class Relay:
         return wire.Registered(lease.peer_id, self.ttl, self.renew, source)
 
     def unregister(self, request: wire.Unregister, source: str) -> bytes:
-        lease = self.registry.unregister(source, request.port)
+        host = self._claimed_host(request.host, source)
+        lease = self.registry.unregister(host, request.port)
         if lease is None:
             raise WireError(Code.NOT_FOUND, "no such registration")
         self.log.info(
@@ -145,62 +188,57 @@ class Relay:
             )
 
 
-class RelayProtocol(LineReceiver, TimeoutMixin):
-    """One connection to the relay: a banner, then request/reply lines."""
+class RelayProtocol(ServerLineProtocol):
+    """One connection to the relay: a banner, then request/reply lines.
 
-    delimiter = wire.DELIMITER
-    MAX_LENGTH = wire.MAX_LINE_LENGTH
+    Framing, idle timeout, line length and error budget come from
+    L{ServerLineProtocol}; the answers from the shared L{Relay}.
+    """
+
+    role = "relay"
     log = Logger()
 
-    def __init__(self, relay: Relay, idle_timeout: float | None) -> None:
+    def __init__(
+        self,
+        relay: Relay,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        on_lost: Callable[[], None] | None = None,
+    ) -> None:
+        super().__init__(relay.clock, idle_timeout, on_lost)
         self.relay = relay
-        self.idle_timeout = idle_timeout
 
-    def callLater(self, period, func):  # TimeoutMixin hook: use our clock
-        return self.relay.clock.callLater(period, func)
-
-    def connectionMade(self) -> None:
-        self.setTimeout(self.idle_timeout)
-        self.sendLine(wire.banner("relay"))
-
-    def connectionLost(self, reason=None) -> None:
-        self.setTimeout(None)
-
-    def lineReceived(self, line: bytes) -> None:
-        self.resetTimeout()
-        if not line.strip():
-            return
-        try:
-            source = observed_host(self.transport.getPeer())
-            request = wire.parse_relay_request(line)
-            reply = self.relay.handle(request, source)
-        except WireError as e:
-            self.log.warn("refused a request: {error}", error=str(e))
-            self.sendLine(e.to_line())
-            return
+    def request_received(self, line: bytes) -> None:
+        source = observed_host(self.transport.getPeer())
+        request = wire.parse_relay_request(line)
+        reply = self.relay.handle(request, source)
         self.transport.writeSequence([part + self.delimiter for part in reply])
-
-    def lineLengthExceeded(self, line: bytes) -> None:
-        self.sendLine(wire.format_error(Code.LINE_TOO_LONG, "line too long"))
-        self.transport.loseConnection()
-
-    def timeoutConnection(self) -> None:
-        self.sendLine(wire.format_error(Code.TIMEOUT, "idle timeout"))
-        self.transport.loseConnection()
 
 
 class RelayFactory(ServerFactory):
-    """Builds a L{RelayProtocol} per connection, all sharing one L{Relay}."""
+    """
+    Builds a L{RelayProtocol} per connection, all sharing one L{Relay}.
+
+    :param limits: open-connection limits; past them a connection gets a
+        L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
+        source address.
+    """
 
     noisy = False
 
     def __init__(
-        self, relay: Relay, idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS
+        self,
+        relay: Relay,
+        idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
+        limits: ConnectionLimits | None = None,
     ) -> None:
         self.relay = relay
         self.idle_timeout = idle_timeout
+        self.limits = limits if limits is not None else ConnectionLimits()
 
-    def buildProtocol(self, addr: IAddress) -> RelayProtocol:
-        protocol = RelayProtocol(self.relay, self.idle_timeout)
+    def buildProtocol(self, addr: IAddress) -> Protocol:
+        return self.limits.protocol_for(addr, "relay", self._build)
+
+    def _build(self, on_lost: Callable[[], None]) -> RelayProtocol:
+        protocol = RelayProtocol(self.relay, self.idle_timeout, on_lost)
         protocol.factory = self
         return protocol

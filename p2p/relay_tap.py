@@ -2,11 +2,19 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.python import usage
 
+from p2p import wire
 from p2p.endpoints import check_server, server_description, server_endpoint
+from p2p.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    ConnectionLimits,
+)
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -16,6 +24,7 @@ from p2p.relay import (
     default_renew_interval,
 )
 from p2p.service import ListeningService, PortFileService
+from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 DEFAULT_LISTEN = "tcp:8000"
 
@@ -45,6 +54,28 @@ class Options(usage.Options):
             "Most leases per source address (0: no limit).",
             int,
         ],
+        [
+            "max-connections",
+            None,
+            DEFAULT_MAX_CONNECTIONS,
+            "Most connections open at once (0: no limit).",
+            int,
+        ],
+        [
+            "max-connections-per-host",
+            None,
+            DEFAULT_MAX_CONNECTIONS_PER_HOST,
+            "Most connections open at once from one address (0: no limit).",
+            int,
+        ],
+        [
+            "token",
+            None,
+            None,
+            "Shared secret peers must send (token=) to REGISTER and UNREGISTER "
+            f"(default ${TOKEN_ENVIRONMENT_VARIABLE}; none: no check).  Prefer the "
+            "environment variable: a command line is visible to other users.",
+        ],
         ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
     ]
     optFlags = [
@@ -53,6 +84,11 @@ class Options(usage.Options):
             None,
             "Record the host= a peer claims instead of the observed address. "
             "Only behind a trusted proxy: anyone could list a victim's address.",
+        ],
+        [
+            "token-for-queries",
+            None,
+            "Require the token for PEERS too (needs --token).",
         ],
     ]
 
@@ -88,6 +124,47 @@ class Options(usage.Options):
             raise usage.UsageError("--renew must be between 1 and --ttl seconds")
         if self["idle-timeout"] <= 0:
             raise usage.UsageError("--idle-timeout must be positive")
+        check_limits(self, ["max-peers", "max-per-host", *CONNECTION_LIMIT_OPTIONS])
+        self["token"] = token_option(self["token"])
+        if self["token-for-queries"] and self["token"] is None:
+            raise usage.UsageError(
+                f"--token-for-queries needs --token (or ${TOKEN_ENVIRONMENT_VARIABLE})"
+            )
+
+
+CONNECTION_LIMIT_OPTIONS = ["max-connections", "max-connections-per-host"]
+
+
+def check_limits(config: usage.Options, names: list[str]) -> None:
+    """Every limit is 0 (no limit) or more: a negative one would refuse all."""
+    for name in names:
+        if config[name] < 0:
+            raise usage.UsageError(f"--{name} must be 0 (no limit) or more")
+
+
+def token_option(value: str | None) -> str | None:
+    """
+    The token to use: C{value} (from ``--token``), else $P2P_TOKEN, else
+    C{None}; an empty value means none.  A token the wire cannot carry is a
+    usage error that does not repeat it.
+    """
+    if value is None:
+        value = os.environ.get(TOKEN_ENVIRONMENT_VARIABLE)
+    if not value:
+        return None
+    try:
+        return wire.parse_token(value)
+    except wire.WireError as e:
+        raise usage.UsageError(
+            f"--token (or ${TOKEN_ENVIRONMENT_VARIABLE}): {e.message}"
+        ) from None
+
+
+def connection_limits(config: usage.Options) -> ConnectionLimits:
+    """The L{ConnectionLimits} the options ask for."""
+    return ConnectionLimits(
+        config["max-connections"], config["max-connections-per-host"]
+    )
 
 
 def _listen_description(text: str) -> str:
@@ -114,8 +191,10 @@ def makeService(config: Options, reactor=None) -> MultiService:
         ttl=config["ttl"],
         renew=config["renew"],
         allow_claimed_host=config["allow-claimed-host"],
+        token=config["token"],
+        token_for_queries=bool(config["token-for-queries"]),
     )
-    factory = RelayFactory(relay, config["idle-timeout"])
+    factory = RelayFactory(relay, config["idle-timeout"], connection_limits(config))
     parent = MultiService()
     listeners = []
     for description in config["listen"]:

@@ -36,7 +36,7 @@ class LineRequestProtocol(LineReceiver):
     """
 
     delimiter = wire.DELIMITER
-    MAX_LENGTH = wire.MAX_LINE_LENGTH
+    MAX_LENGTH = wire.MAX_RECEIVE_LENGTH
 
     def __init__(self, role: str, request: bytes, listing: bool) -> None:
         self.role = role

@@ -11,7 +11,7 @@ from __future__ import annotations
 import hashlib
 import ipaddress
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntEnum
 
 PROTOCOL = "P2P/1"
@@ -21,6 +21,17 @@ DELIMITER = b"\n"
 # GET with a 255-byte name and a few path components) yet small enough that a
 # hostile client cannot make us buffer much before we refuse it.
 MAX_LINE_LENGTH = 1024
+
+# What a LineReceiver must buffer to hold the longest legal line: LineReceiver
+# counts a CR before the LF as part of the line, so a 1024-byte request sent
+# with CRLF (nc -C, telnet) is 1025 bytes to it.  decode_line then enforces
+# MAX_LINE_LENGTH on the line without its CR.
+MAX_RECEIVE_LENGTH = MAX_LINE_LENGTH + 1
+
+# The environment variable holding the relay's shared secret (``token=``),
+# read by the daemons when no ``--token`` is given.  An environment variable
+# is not visible to other local users the way a command line is (``ps``).
+TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
 
 # A share-relative file name: generous, but bounded so that a listing line and
 # a GET line always fit in MAX_LINE_LENGTH.
@@ -66,9 +77,16 @@ class WireError(Exception):
 
 
 def decode_line(line: bytes) -> str:
-    """Decode one received line, dropping a trailing CR."""
+    """
+    Decode one received line, dropping a trailing CR.
+
+    :raise WireError: 413 for more than C{MAX_LINE_LENGTH} bytes (the CR not
+        counted); 400 for bytes that are not UTF-8 or control characters.
+    """
     if line.endswith(b"\r"):
         line = line[:-1]
+    if len(line) > MAX_LINE_LENGTH:
+        raise WireError(Code.LINE_TOO_LONG, "line too long")
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError:
@@ -137,7 +155,10 @@ def parse_options(tokens: list[str], allowed: frozenset[str]) -> dict[str, str]:
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or key not in allowed:
-            raise WireError(Code.BAD_REQUEST, f"unexpected argument {token[:40]!r}")
+            # Echo the key only: the value of a misspelt "tokn=" is a secret
+            # too, and refusals are logged.
+            shown = f"{key[:40]}=..." if sep else token[:40]
+            raise WireError(Code.BAD_REQUEST, f"unexpected argument {shown!r}")
         if key in options:
             raise WireError(Code.BAD_REQUEST, f"repeated option {key!r}")
         options[key] = value
@@ -207,6 +228,10 @@ class RemoteError(Exception):
 # -- relay requests ----------------------------------------------------------
 
 
+# Tokens are secrets: field(repr=False) keeps them out of every repr, so a
+# request object that ends up in a log event or a traceback does not leak one.
+
+
 @dataclass(frozen=True)
 class Register:
     """``REGISTER <port> [name=<name>] [host=<ip>] [token=<token>]``"""
@@ -214,7 +239,7 @@ class Register:
     port: int
     name: str | None = None
     host: str | None = None
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
 
     def to_line(self) -> bytes:
         words = ["REGISTER", str(self.port)]
@@ -229,13 +254,21 @@ class Register:
 
 @dataclass(frozen=True)
 class Unregister:
-    """``UNREGISTER <port> [token=<token>]``"""
+    """``UNREGISTER <port> [host=<ip>] [token=<token>]``
+
+    C{host} (after C{token}, so the older positional form
+    ``Unregister(port, token)`` keeps its meaning) names a claimed host; a
+    relay honours it only with ``--allow-claimed-host``.
+    """
 
     port: int
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
+    host: str | None = None
 
     def to_line(self) -> bytes:
         words = ["UNREGISTER", str(self.port)]
+        if self.host:
+            words.append(f"host={self.host}")
         if self.token:
             words.append(f"token={self.token}")
         return encode_line(" ".join(words))
@@ -245,7 +278,7 @@ class Unregister:
 class Peers:
     """``PEERS [token=<token>]``"""
 
-    token: str | None = None
+    token: str | None = field(default=None, repr=False)
 
     def to_line(self) -> bytes:
         return encode_line("PEERS" + (f" token={self.token}" if self.token else ""))
@@ -254,11 +287,27 @@ class Peers:
 RelayRequest = Register | Unregister | Peers
 
 
+def parse_token(text: str) -> str:
+    """
+    Accept a token the wire can carry: 1-256 characters of
+    ``A-Z a-z 0-9 . _ ~ + / = -``.  The error never repeats the value.
+    """
+    if not _TOKEN.fullmatch(text):
+        raise WireError(
+            Code.BAD_REQUEST,
+            "malformed token (1-256 characters of A-Z a-z 0-9 . _ ~ + / = -)",
+        )
+    return text
+
+
 def _parse_token(options: dict[str, str]) -> str | None:
     token = options.get("token")
-    if token is not None and not _TOKEN.fullmatch(token):
-        raise WireError(Code.BAD_REQUEST, "malformed token")
-    return token
+    return parse_token(token) if token is not None else None
+
+
+def _parse_optional_host(options: dict[str, str]) -> str | None:
+    host = options.get("host")
+    return parse_host(host) if host is not None else None
 
 
 def parse_relay_request(line: bytes) -> RelayRequest:
@@ -270,18 +319,21 @@ def parse_relay_request(line: bytes) -> RelayRequest:
             raise WireError(Code.BAD_REQUEST, "usage: REGISTER <port> [name=<name>]")
         options = parse_options(args[1:], frozenset({"name", "host", "token"}))
         name = options.get("name")
-        host = options.get("host")
         return Register(
             port=parse_port(args[0]),
             name=parse_display_name(name) if name is not None else None,
-            host=parse_host(host) if host is not None else None,
+            host=_parse_optional_host(options),
             token=_parse_token(options),
         )
     if verb == "UNREGISTER":
         if not args:
             raise WireError(Code.BAD_REQUEST, "usage: UNREGISTER <port>")
-        options = parse_options(args[1:], frozenset({"token"}))
-        return Unregister(port=parse_port(args[0]), token=_parse_token(options))
+        options = parse_options(args[1:], frozenset({"host", "token"}))
+        return Unregister(
+            port=parse_port(args[0]),
+            token=_parse_token(options),
+            host=_parse_optional_host(options),
+        )
     if verb == "PEERS":
         options = parse_options(args, frozenset({"token"}))
         return Peers(token=_parse_token(options))

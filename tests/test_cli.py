@@ -308,3 +308,30 @@ class GetTests(CommandTestCase):
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)
         self.assert_no_timers()
+
+
+class TokenOptionTests(SynchronousTestCase):
+    """``--token`` (or $P2P_TOKEN) is sent with PEERS; a bad one is a usage
+    error that does not repeat it."""
+
+    def test_sent_with_peers(self) -> None:
+        from p2p import cli
+
+        options = cli.parse(["--relay", "127.0.0.1:9", "--token", "s3cret", "peers"])
+        self.assertEqual(options["token"], "s3cret")
+
+    def test_environment(self) -> None:
+        from p2p import cli
+
+        self.patch(os, "environ", {"P2P_TOKEN": "from-env"})
+        options = cli.parse(["--relay", "127.0.0.1:9", "peers"])
+        self.assertEqual(options["token"], "from-env")
+
+    def test_malformed_not_repeated(self) -> None:
+        from twisted.python import usage
+
+        from p2p import cli
+
+        with self.assertRaises(usage.UsageError) as caught:
+            cli.parse(["--token", "bad token!", "peers"])
+        self.assertNotIn("bad token!", str(caught.exception))

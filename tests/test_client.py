@@ -912,6 +912,13 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(self.successResultOf(d), entries)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_list_peers_with_token(self) -> None:
+        """A token (for relays that guard queries) goes with PEERS."""
+        relay = _Relay(b"P2P/1 relay\n", b"OK 0\n")
+        d = list_peers(relay, self.clock, 3, token="s3cret")
+        self.assertEqual(relay.requests, [b"PEERS token=s3cret\n"])
+        self.assertEqual(self.successResultOf(d), [])
+
     def test_list_peers_malformed(self) -> None:
         """A malformed PEER line fails the whole listing with WireError."""
         relay = _Relay(b"P2P/1 relay\n", b"OK 1\nPEER nonsense\n")

@@ -392,6 +392,76 @@ class LimitTests(RegistryTestCase):
         self.assertEqual(len(registry), 2000)
 
 
+class FloodTests(RegistryTestCase):
+    """
+    One address registering thousands of ports: refused past its limit,
+    without evicting or blocking anyone else.
+    """
+
+    def flood(self, registry: MemoryRegistry, host: str, now: float) -> int:
+        """Register ports 1..5000 from C{host}; return how many were refused."""
+        refused = 0
+        for port in range(1, 5001):
+            try:
+                registry.register(host, port, None, now)
+            except RegistryFull:
+                refused += 1
+        return refused
+
+    def test_flood_from_one_address(self) -> None:
+        """
+        Past max_per_host every registration is refused; the victims'
+        leases stay, renew, and newcomers from other addresses still fit.
+        """
+        registry = MemoryRegistry(TTL, max_peers=1000, max_per_host=100)
+        victims = [registry.register(f"10.1.0.{n}", 9000, None, 0.0) for n in (1, 2)]
+        self.assertEqual(self.flood(registry, HOST, 1.0), 4900)
+        self.assertEqual(len(registry), 102)
+        self.assertAlive(registry, 2.0, *victims)
+        for victim in victims:
+            self.assertIs(registry.register(victim.host, 9000, None, 30.0), victim)
+        newcomer = registry.register("10.1.0.3", 9000, None, 31.0)
+        self.assertAlive(registry, 31.0, newcomer, *victims)
+        # The flood's own leases expire like any other, freeing the room.
+        self.assertEqual(len(registry.expire(1.0 + TTL)), 100)
+        self.assertEqual(len(registry), 3)
+
+    def test_flood_cannot_fill_the_table(self) -> None:
+        """
+        With max_per_host below max_peers, one address cannot take the
+        whole table: other addresses can still register.
+        """
+        registry = MemoryRegistry(TTL, max_peers=150, max_per_host=100)
+        self.flood(registry, HOST, 0.0)
+        self.assertEqual(len(registry), 100)
+        for n in range(50):
+            registry.register(f"10.2.0.{n}", 9000, None, 0.0)
+        self.assertEqual(len(registry), 150)
+
+    def test_total_limit_under_many_addresses(self) -> None:
+        """
+        Many flooding addresses fill the table up to max_peers, never past
+        it; the peers already in keep their leases and can renew, and no
+        lease was evicted to make room.
+        """
+        registry = MemoryRegistry(TTL, max_peers=1000, max_per_host=100)
+        victim = registry.register(OTHER_HOST, 9000, None, 0.0)
+        refused = sum(self.flood(registry, f"10.3.0.{n}", 1.0) for n in range(20))
+        self.assertEqual(len(registry), 1000)
+        self.assertEqual(refused, 20 * 5000 - 999)
+        self.assertIs(registry.register(OTHER_HOST, 9000, None, 30.0), victim)
+        self.assertAlive(registry, 30.0, victim)
+        error = self.assertRaises(
+            RegistryFull, registry.register, "10.4.0.1", 1, None, 30.0
+        )
+        self.assertIn("maximum of 1000 peers", str(error))
+
+    def test_negative_limits_refused(self) -> None:
+        """A negative limit would refuse everyone: it is a ValueError."""
+        self.assertRaises(ValueError, MemoryRegistry, TTL, max_peers=-1)
+        self.assertRaises(ValueError, MemoryRegistry, TTL, max_per_host=-1)
+
+
 class CompactionTests(RegistryTestCase):
     """Frequent renewals must not grow the heap without bound or break expiry."""
 

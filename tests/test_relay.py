@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
+from p2p.limits import MAX_ERRORS_PER_CONNECTION
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
     MAX_PEERS_PER_REPLY,
@@ -293,10 +294,11 @@ class RegisterTests(RelayTestCase):
 
     def test_renewal_postpones_expiry(self) -> None:
         """A renewed lease outlives its first ttl and ends ttl after renewal."""
-        connection = self.connect()
-        self.register(connection, b"REGISTER 9000")
+        self.register(self.connect(), b"REGISTER 9000")
         self.advance_to(50)
-        self.register(connection, b"REGISTER 9000")
+        # Each exchange on its own connection, as a peer does: one left open
+        # for 50 s would have hit the idle timeout.
+        self.register(self.connect(), b"REGISTER 9000")
         self.advance_to(TTL + 10)
         self.assertEqual(len(self.peers()), 1)
         self.advance_to(50 + TTL - 0.1)
@@ -306,10 +308,9 @@ class RegisterTests(RelayTestCase):
 
     def test_register_after_expiry(self) -> None:
         """After its lease ran out, a peer's REGISTER starts a new lease."""
-        connection = self.connect()
-        self.register(connection, b"REGISTER 9000")
+        self.register(self.connect(), b"REGISTER 9000")
         self.advance_to(TTL + 5)
-        self.register(connection, b"REGISTER 9000")
+        self.register(self.connect(), b"REGISTER 9000")
         [lease] = list(self.registry)
         self.assertEqual(lease.registered, START + TTL + 5)
         [entry] = self.peers()
@@ -352,6 +353,29 @@ class ClaimedHostTests(RelayTestCase):
         [entry] = self.peers()
         self.assertEqual(entry.host, "10.0.0.5")
 
+    def test_unregister_claimed_host(self) -> None:
+        """
+        A lease registered under a claimed host ends with UNREGISTER naming
+        that host (before host= was accepted there, it could never end).
+        """
+        connection = self.connect()
+        reply = self.register(connection, b"REGISTER 9000 host=192.0.2.1")
+        self.assertError(connection.request(b"UNREGISTER 9000"), Code.NOT_FOUND)
+        self.assertEqual(len(self.peers()), 1)
+        self.assertEqual(
+            connection.request(b"UNREGISTER 9000 host=192.0.2.1"),
+            [f"OK {reply.peer_id}".encode()],
+        )
+        self.assertEqual(self.peers(), [])
+
+    def test_unregister_claimed_host_normalised(self) -> None:
+        """The claimed host is matched in its canonical form."""
+        reply = self.register(self.connect(), b"REGISTER 9000 host=2001:db8::7")
+        self.assertEqual(
+            self.connect(PEER_B).request(b"UNREGISTER 9000 host=2001:0db8:0:0:0:0:0:7"),
+            [f"OK {reply.peer_id}".encode()],
+        )
+
 
 class UnregisterTests(RelayTestCase):
     """UNREGISTER: only ever the observed host's own entry."""
@@ -393,6 +417,23 @@ class UnregisterTests(RelayTestCase):
             sorted(entry.address for entry in self.peers()),
             ["10.0.0.5:9001", "10.0.0.6:9000"],
         )
+
+    def test_claimed_host_refused(self) -> None:
+        """
+        Without --allow-claimed-host, UNREGISTER host=<another address> is a
+        403 and the lease at that address stays.
+        """
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        reply = self.connect(PEER_B).request(b"UNREGISTER 9000 host=10.0.0.5")
+        self.assertIn("host=", self.assertError(reply, Code.FORBIDDEN))
+        self.assertEqual(len(self.peers()), 1)
+
+    def test_own_host_named(self) -> None:
+        """host= equal to the observed address is accepted as it is in REGISTER."""
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
+        reply = self.connect(PEER_A).request(b"UNREGISTER 9000 host=10.0.0.5")
+        self.assertTrue(reply[0].startswith(b"OK "), reply)
+        self.assertEqual(self.peers(), [])
 
     def test_from_another_connection(self) -> None:
         """Any connection from the same host may end the host's lease."""
@@ -541,11 +582,10 @@ class FullRegistryTests(RelayTestCase):
 
     def test_renewal_when_full(self) -> None:
         """Peers already registered can renew when the relay is full."""
-        connection = self.connect(PEER_A)
-        self.register(connection, b"REGISTER 9000")
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
         self.register(self.connect(PEER_B), b"REGISTER 9000")
         self.advance_to(40)
-        self.register(connection, b"REGISTER 9000")
+        self.register(self.connect(PEER_A), b"REGISTER 9000")
         self.advance_to(TTL + 1)
         self.assertEqual([e.host for e in self.peers()], ["10.0.0.5"])
 
@@ -562,20 +602,101 @@ class FullRegistryTests(RelayTestCase):
         self.assertEqual([e.host for e in self.peers()], ["10.0.0.7"])
 
 
+class FloodTests(RelayTestCase):
+    """
+    Thousands of registrations from one address, each on its own
+    connection (so the error budget does not cut them short): 429 past the
+    per-address limit, and nobody else is evicted or kept out.
+    """
+
+    max_peers = 300
+    max_per_host = 100
+
+    def register_from(self, host: str, port: int) -> list[bytes]:
+        """One REGISTER on a fresh connection from ``host``, closed after."""
+        connection = self.connect(IPv4Address("TCP", host, 40000))
+        reply = connection.request(b"REGISTER %d" % (port,))
+        connection.lose()
+        return reply
+
+    def test_flood_from_one_address(self) -> None:
+        """
+        3000 ports from one address: the first 100 are registered, the rest
+        refused with 429; the victim is not evicted and can renew, and a
+        newcomer from another address still gets in.
+        """
+        victim = self.register(self.connect(PEER_B), b"REGISTER 9000")
+        accepted = refused = 0
+        for port in range(1, 3001):
+            reply = self.register_from("10.6.6.6", port)
+            self.assertEqual(len(reply), 1, reply)
+            if reply[0].startswith(b"OK "):
+                accepted += 1
+            else:
+                self.assertError(reply, Code.TOO_MANY)
+                refused += 1
+        self.assertEqual((accepted, refused), (100, 2900))
+        message = self.assertError(self.register_from("10.6.6.6", 9999), Code.TOO_MANY)
+        self.assertIn("per address", message)
+        # The victim is still listed and can renew; a newcomer still fits.
+        self.assertIn(victim.peer_id, {entry.peer_id for entry in self.peers()})
+        self.assertEqual(self.register(self.connect(PEER_B), b"REGISTER 9000"), victim)
+        self.assertTrue(self.register_from("10.0.0.7", 9000)[0].startswith(b"OK "))
+        self.assertEqual(len(self.registry), 102)
+        # Every flood connection was released again.
+        self.assertEqual(self.factory.limits.open_from("10.6.6.6"), 0)
+
+    def test_total_limit(self) -> None:
+        """
+        Several flooding addresses fill the table to max_peers and no
+        further: then every newcomer gets 429, the peers in it stay.
+        """
+        victim = self.register(self.connect(PEER_B), b"REGISTER 9000")
+        for host in ("10.6.6.1", "10.6.6.2", "10.6.6.3", "10.6.6.4"):
+            for port in range(1, 201):
+                self.register_from(host, port)
+        self.assertEqual(len(self.registry), self.max_peers)
+        message = self.assertError(self.register_from("10.0.0.7", 1), Code.TOO_MANY)
+        self.assertIn("maximum of 300 peers", message)
+        self.assertEqual(self.register(self.connect(PEER_B), b"REGISTER 9000"), victim)
+        listed = self.connect(PEER_B).request(b"PEERS")
+        self.assertEqual(listed[0], b"OK 300")
+
+
 class LineLengthTests(RelayTestCase):
     """Over-long lines: ERR 413, then the relay hangs up."""
 
     def test_long_line(self) -> None:
-        """A complete line over MAX_LINE_LENGTH gets 413 and a disconnect."""
+        """
+        A complete line over MAX_LINE_LENGTH gets 413 and a disconnect; the
+        request after it in the same segment is not answered.
+        """
         connection = self.connect()
         reply = connection.send(b"X" * (wire.MAX_LINE_LENGTH + 1) + b"\nPEERS\n")
         self.assertError(reply, Code.LINE_TOO_LONG)
         self.assertFalse(connection.open)
 
+    def test_long_line_crlf(self) -> None:
+        """
+        MAX_LINE_LENGTH + 1 bytes before CRLF is too long as well, although
+        LineReceiver (which counts the CR) lets it through to decode_line.
+        """
+        connection = self.connect()
+        reply = connection.send(b"X" * (wire.MAX_LINE_LENGTH + 1) + b"\r\nPEERS\n")
+        self.assertError(reply, Code.LINE_TOO_LONG)
+        self.assertFalse(connection.open)
+
+    def test_long_valid_request(self) -> None:
+        """An over-long line is refused even if it starts as a valid request."""
+        connection = self.connect()
+        line = b"PEERS " + b" " * wire.MAX_LINE_LENGTH
+        self.assertError(connection.request(line), Code.LINE_TOO_LONG)
+        self.assertFalse(connection.open)
+
     def test_long_partial_line(self) -> None:
         """Buffering stops as soon as an unfinished line is too long."""
         connection = self.connect()
-        self.assertEqual(connection.send(b"X" * wire.MAX_LINE_LENGTH), [])
+        self.assertEqual(connection.send(b"X" * (wire.MAX_LINE_LENGTH + 1)), [])
         self.assertTrue(connection.open)
         self.assertError(connection.send(b"XX"), Code.LINE_TOO_LONG)
         self.assertFalse(connection.open)
@@ -584,6 +705,19 @@ class LineLengthTests(RelayTestCase):
         """A line of exactly MAX_LINE_LENGTH bytes is read (and answered)."""
         connection = self.connect()
         reply = connection.request(b"X" * wire.MAX_LINE_LENGTH)
+        self.assertError(reply, Code.UNKNOWN_COMMAND)
+        self.assertTrue(connection.open)
+
+    def test_longest_line_crlf_accepted(self) -> None:
+        """
+        Exactly MAX_LINE_LENGTH bytes plus CRLF (nc -C, telnet) is a legal
+        line too: the CR is not part of it.
+        """
+        connection = self.connect()
+        line = b"PEERS" + b" " * (wire.MAX_LINE_LENGTH - len(b"PEERS"))
+        self.assertEqual(len(line), wire.MAX_LINE_LENGTH)
+        self.assertEqual(connection.send(line + b"\r\n"), [b"OK 0"])
+        reply = connection.send(b"X" * wire.MAX_LINE_LENGTH + b"\r\n")
         self.assertError(reply, Code.UNKNOWN_COMMAND)
         self.assertTrue(connection.open)
 
@@ -598,10 +732,12 @@ class LineLengthTests(RelayTestCase):
 class TimeoutTests(RelayTestCase):
     """The idle timeout, driven by the clock."""
 
-    def test_idle_timeout(self) -> None:
-        """Open at IDLE - 0.1; at IDLE an ERR 408 and a disconnect."""
-        connection = self.connect()
-        self.clock.advance(IDLE - 0.1)
+    def assertTimedOut(self, connection: Connection, started: float) -> None:
+        """
+        ``connection`` is still open at ``started + IDLE - 0.1``, then gets
+        ERR 408 and is closed; once lost, no timer is left.
+        """
+        self.clock.advance(started + IDLE - 0.1 - self.clock.seconds())
         self.assertTrue(connection.open)
         self.assertEqual(connection.output(), [])
         self.clock.advance(0.1)
@@ -610,16 +746,23 @@ class TimeoutTests(RelayTestCase):
         connection.lose()
         self.assertFalse(self.clock.getDelayedCalls())
 
+    def test_idle_timeout(self) -> None:
+        """Open at IDLE - 0.1; at IDLE an ERR 408 and a disconnect."""
+        self.assertTimedOut(self.connect(), self.clock.seconds())
+
     def test_request_resets_timeout(self) -> None:
         """Each request line restarts the idle period."""
         connection = self.connect()
         self.clock.advance(IDLE - 1)
         connection.request(b"PEERS")
-        self.clock.advance(IDLE - 0.1)
-        self.assertTrue(connection.open)
-        self.clock.advance(0.1)
-        self.assertError(connection.output(), Code.TIMEOUT)
-        self.assertFalse(connection.open)
+        self.assertTimedOut(connection, self.clock.seconds())
+
+    def test_refused_request_resets_timeout(self) -> None:
+        """A complete line that is refused is still a request: it counts."""
+        connection = self.connect()
+        self.clock.advance(IDLE - 1)
+        self.assertError(connection.request(b"HELLO"), Code.UNKNOWN_COMMAND)
+        self.assertTimedOut(connection, self.clock.seconds())
 
     def test_trickled_bytes_do_not_reset(self) -> None:
         """A client trickling a line byte by byte is still cut off."""
@@ -631,6 +774,50 @@ class TimeoutTests(RelayTestCase):
         self.clock.advance(IDLE / 6)
         self.assertError(connection.output(), Code.TIMEOUT)
         self.assertFalse(connection.open)
+
+    def test_slowloris(self) -> None:
+        """
+        One byte a second, never a line end: cut off IDLE seconds after the
+        connection was made, however long the trickle goes on.
+        """
+        connection = self.connect()
+        started = self.clock.seconds()
+        for _ in range(int(IDLE) - 1):
+            self.clock.advance(1)
+            self.assertEqual(connection.send(b"P"), [])
+        self.assertTimedOut(connection, started)
+
+    def test_bare_newlines_do_not_reset(self) -> None:
+        """
+        Blank lines (LF, CRLF, spaces) every second are not requests: they
+        get no reply and do not keep the connection alive.
+        """
+        connection = self.connect()
+        started = self.clock.seconds()
+        for index in range(int(IDLE) - 1):
+            self.clock.advance(1)
+            blank = [b"\n", b"\r\n", b" \t \n"][index % 3]
+            self.assertEqual(connection.send(blank), [])
+        self.assertTimedOut(connection, started)
+
+    def test_bare_newlines_after_request(self) -> None:
+        """Blank lines after a request do not extend its idle period either."""
+        connection = self.connect()
+        self.clock.advance(5)
+        connection.request(b"PEERS")
+        started = self.clock.seconds()
+        for _ in range(int(IDLE) - 1):
+            self.clock.advance(1)
+            connection.send(b"\n")
+        self.assertTimedOut(connection, started)
+
+    def test_no_reply_after_timeout(self) -> None:
+        """A request arriving after the 408 (the close is under way) is ignored."""
+        connection = self.connect()
+        self.clock.advance(IDLE)
+        self.assertError(connection.output(), Code.TIMEOUT)
+        self.assertEqual(connection.send(b"REGISTER 9000\n"), [])
+        self.assertEqual(len(self.registry), 0)
 
     def test_lost_before_timeout(self) -> None:
         """Closing the connection cancels the timer; nothing fires later."""
@@ -656,6 +843,80 @@ class TimeoutTests(RelayTestCase):
         idle.lose()
         busy.lose()
         self.assertFalse(self.clock.getDelayedCalls())
+
+
+class ErrorBudgetTests(RelayTestCase):
+    """After MAX_ERRORS_PER_CONNECTION error replies, ERR 429 and a close."""
+
+    def test_budget(self) -> None:
+        """
+        Nine refusals leave the connection usable; the tenth error reply is
+        followed by ``ERR 429 too many errors`` and a close.
+        """
+        connection = self.connect()
+        for _ in range(MAX_ERRORS_PER_CONNECTION - 1):
+            self.assertError(connection.request(b"HELLO"), Code.UNKNOWN_COMMAND)
+        self.assertTrue(connection.open)
+        reply = connection.request(b"REGISTER 0")
+        self.assertEqual(len(reply), 2, reply)
+        self.assertError(reply[:1], Code.BAD_REQUEST)
+        self.assertEqual(reply[1], b"ERR 429 too many errors")
+        self.assertFalse(connection.open)
+        connection.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_pipelined_errors_stop(self) -> None:
+        """
+        A thousand bad lines in one segment get exactly ten error replies
+        and the 429; the requests after them are not even parsed.
+        """
+        connection = self.connect()
+        reply = connection.send(b"HELLO\n" * 1000 + b"REGISTER 9000\n")
+        self.assertEqual(len(reply), MAX_ERRORS_PER_CONNECTION + 1)
+        self.assertEqual(reply[-1], b"ERR 429 too many errors")
+        self.assertFalse(connection.open)
+        self.assertEqual(len(self.registry), 0)
+
+    def test_every_kind_of_error_counts(self) -> None:
+        """400, 403, 404 and 501 replies all count; successes do not."""
+        connection = self.connect()
+        lines = [
+            b"REGISTER",
+            b"REGISTER 9000 host=192.0.2.1",
+            b"UNREGISTER 9000",
+            b"HELLO",
+            b"PEERS\xff",
+        ] * 2
+        for index, line in enumerate(lines[:-1]):
+            connection.request(line)
+            self.assertEqual(connection.request(b"PEERS"), [b"OK 0"])
+            self.assertTrue(connection.open, index)
+        self.assertEqual(connection.request(lines[-1])[-1], b"ERR 429 too many errors")
+        self.assertFalse(connection.open)
+
+    def test_per_connection(self) -> None:
+        """The budget is per connection: another one starts afresh."""
+        first = self.connect()
+        first.send(b"HELLO\n" * MAX_ERRORS_PER_CONNECTION)
+        self.assertFalse(first.open)
+        second = self.connect()
+        self.assertError(second.request(b"HELLO"), Code.UNKNOWN_COMMAND)
+        self.assertTrue(second.open)
+
+    def test_refused_registrations_count(self) -> None:
+        """
+        A flood of REGISTERs refused by the table limits cannot go on over
+        one connection either.
+        """
+        self.registry.max_per_host = 1
+        connection = self.connect()
+        self.register(connection, b"REGISTER 1")
+        reply = connection.send(
+            b"".join(b"REGISTER %d\n" % port for port in range(2, 5000))
+        )
+        self.assertEqual(len(reply), MAX_ERRORS_PER_CONNECTION + 1)
+        self.assertEqual(reply[-1], b"ERR 429 too many errors")
+        self.assertEqual([e.port for e in self.peers()], [1])
 
 
 class NoTimeoutTests(RelayTestCase):

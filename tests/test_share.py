@@ -13,14 +13,21 @@ import hashlib
 import os
 import shutil
 import signal
+import stat
 import tempfile
 from collections.abc import Callable, Iterator
 
+from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import share as share_module
 from p2p import wire
+from p2p.peer import PeerFactory
 from p2p.share import OpenedFile, ShareFolder, run_inline
 from p2p.wire import Code, WireError
 
@@ -117,7 +124,10 @@ def build_tree(case: SynchronousTestCase) -> tuple[str, str]:
     link("a.txt", "inlink")  # a file inside: allowed
     link(".secret", "to-hidden")  # a visible name for a hidden file
     link("/", "root-link")
+    link("/dev/zero", "zero-link")  # endless device files, outside
+    link("/dev/urandom", "urandom-link")
     os.mkfifo(os.path.join(root, "pipe"))
+    link("pipe", "fifo-link")  # a FIFO inside, through a symlink
     return base, root
 
 
@@ -179,29 +189,53 @@ class ShareTestMixin:
         return error
 
 
-# Names that try to leave the folder.  Each maps to the code it must get:
-# 403 for everything the name rules or the real-path check refuse, 404 for
-# names that are merely absent (percent-encoding is not decoded: it is a
-# literal, missing name, and therefore harmless).
+# THE hostile-name corpus.  Each name maps to the code ShareFolder.open must
+# give it: 403 for everything the name rules or the real-path check refuse
+# (traversal, absolute, Windows separators, NUL, hidden, symlinks leading
+# out, directories, FIFOs, devices), 404 for names that are merely absent
+# (percent-encoding and look-alike dots are not decoded: they are literal,
+# missing names, and therefore harmless).  WireCorpusTests sends every one
+# through a real PeerProtocol as well.
 HOSTILE_NAMES: dict[str, Code] = {
+    # dot-dot, in all spellings
     "..": Code.FORBIDDEN,
     "../secret.txt": Code.FORBIDDEN,
     "../outside/secret.txt": Code.FORBIDDEN,
     "../../etc/passwd": Code.FORBIDDEN,
     "a/../../secret.txt": Code.FORBIDDEN,
+    "a.txt/../../secret.txt": Code.FORBIDDEN,
     "sub/../../outside/secret.txt": Code.FORBIDDEN,
     "sub/../a.txt": Code.FORBIDDEN,  # even when it would stay inside
+    "../secret.txt ": Code.FORBIDDEN,
+    "...": Code.FORBIDDEN,  # hidden: starts with a dot
+    "sub/...": Code.FORBIDDEN,
+    # absolute paths
     "/etc/passwd": Code.FORBIDDEN,
     "/secret.txt": Code.FORBIDDEN,
     "//etc/passwd": Code.FORBIDDEN,
+    "/dev/zero": Code.FORBIDDEN,
+    "file:///etc/passwd": Code.FORBIDDEN,
+    # Windows separators, drives and UNC paths
     "..\\secret.txt": Code.FORBIDDEN,
     "..\\..\\etc\\passwd": Code.FORBIDDEN,
     "sub\\b.txt": Code.FORBIDDEN,
+    "sub\\..\\..\\secret.txt": Code.FORBIDDEN,
     "\\etc\\passwd": Code.FORBIDDEN,
+    "C:\\Windows\\win.ini": Code.FORBIDDEN,
+    "\\\\server\\share\\secret.txt": Code.FORBIDDEN,
+    "C:/Windows/win.ini": Code.NOT_FOUND,
+    # percent-encoding and look-alike dots: never decoded
     "%2e%2e/secret.txt": Code.NOT_FOUND,
+    "%2E%2E/secret.txt": Code.NOT_FOUND,
     "%2e%2e%2fsecret.txt": Code.NOT_FOUND,
+    "%252e%252e/secret.txt": Code.NOT_FOUND,
+    "%2fetc%2fpasswd": Code.NOT_FOUND,
     "..%2fsecret.txt": Code.FORBIDDEN,  # hidden: starts with a dot
+    "..%5csecret.txt": Code.FORBIDDEN,  # hidden: starts with a dot
     "%2e%2e": Code.NOT_FOUND,
+    "\uff0e\uff0e/secret.txt": Code.NOT_FOUND,  # fullwidth full stops
+    "\u2024\u2024/secret.txt": Code.NOT_FOUND,  # one-dot leaders
+    # empty and dot components
     "sub//b.txt": Code.FORBIDDEN,
     "a.txt/": Code.FORBIDDEN,
     "sub/": Code.FORBIDDEN,
@@ -209,6 +243,14 @@ HOSTILE_NAMES: dict[str, Code] = {
     "sub/./b.txt": Code.FORBIDDEN,
     ".": Code.FORBIDDEN,
     "": Code.FORBIDDEN,
+    # NUL
+    "a.txt\x00": Code.FORBIDDEN,
+    "a.txt\x00.jpg": Code.FORBIDDEN,
+    "\x00../secret.txt": Code.FORBIDDEN,
+    # overlong names (longer than a component or than a path may be)
+    "x" * 300: Code.FORBIDDEN,
+    "x" * 901: Code.FORBIDDEN,
+    # symlinks, and chains of them, pointing out
     "out": Code.FORBIDDEN,
     "out-absolute": Code.FORBIDDEN,
     "outdir": Code.FORBIDDEN,
@@ -216,12 +258,43 @@ HOSTILE_NAMES: dict[str, Code] = {
     "evil-prefix": Code.FORBIDDEN,
     "chain1": Code.FORBIDDEN,
     "chain2": Code.FORBIDDEN,
+    "chain3": Code.FORBIDDEN,
     "dangling-out": Code.FORBIDDEN,
     "root-link": Code.FORBIDDEN,
     "root-link/etc/passwd": Code.FORBIDDEN,
+    "root-link/dev/zero": Code.FORBIDDEN,
     "loop1": Code.FORBIDDEN,
-    "a.txt\x00": Code.FORBIDDEN,
-    "\x00../secret.txt": Code.FORBIDDEN,
+    "loop2": Code.FORBIDDEN,
+    # device files, a FIFO, directories: not regular files
+    "zero-link": Code.FORBIDDEN,
+    "urandom-link": Code.FORBIDDEN,
+    "pipe": Code.FORBIDDEN,
+    "fifo-link": Code.FORBIDDEN,
+    "sub": Code.FORBIDDEN,
+    "empty-dir": Code.FORBIDDEN,
+    "sub/deeper": Code.FORBIDDEN,
+    "indir": Code.FORBIDDEN,
+    ".hidden-dir": Code.FORBIDDEN,
+    # hidden files, and a visible symlink to one
+    ".secret": Code.FORBIDDEN,
+    "sub/.x": Code.FORBIDDEN,
+    ".hidden-dir/h.txt": Code.FORBIDDEN,
+    "to-hidden": Code.FORBIDDEN,
+}
+
+# The corpus entries refused only for being hidden, and what they become when
+# hidden files are shared (``--include-hidden``): served (the file's bytes),
+# or a plain 404 for a literal name that does not exist.  Every other entry
+# is refused exactly the same way with hidden files shared.
+HIDDEN_ONLY: dict[str, bytes | Code] = {
+    "...": Code.NOT_FOUND,
+    "sub/...": Code.NOT_FOUND,
+    "..%2fsecret.txt": Code.NOT_FOUND,
+    "..%5csecret.txt": Code.NOT_FOUND,
+    ".secret": b"hidden at the top\n",
+    "sub/.x": b"hidden in a subfolder\n",
+    ".hidden-dir/h.txt": b"in a hidden folder\n",
+    "to-hidden": b"hidden at the top\n",
 }
 
 
@@ -258,13 +331,16 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
 
     def test_hostile_corpus_with_hidden_files_allowed(self) -> None:
         """
-        Allowing hidden files relaxes nothing else in the corpus: the one
-        hidden-only refusal becomes a plain 404 (a literal, missing name).
+        Allowing hidden files relaxes nothing else in the corpus: the
+        hidden-only refusals are served or become plain 404s.
         """
         share = ShareFolder(self.root, include_hidden=True)
-        expected = dict(HOSTILE_NAMES, **{"..%2fsecret.txt": Code.NOT_FOUND})
-        for name, code in expected.items():
-            self.assertRefused(name, code, share)
+        for name, code in HOSTILE_NAMES.items():
+            expected = HIDDEN_ONLY.get(name, code)
+            if isinstance(expected, bytes):
+                self.assertEqual(self.read_all(share.open(name)), expected, name)
+            else:
+                self.assertRefused(name, expected, share)
 
     def test_absolute_name_of_a_file_inside(self) -> None:
         """The absolute path of a shared file is refused all the same."""
@@ -288,8 +364,22 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
 
     def test_fifo_through_symlink(self) -> None:
         """A symlink to a FIFO is refused without blocking, too."""
-        os.symlink("pipe", os.path.join(self.root, "pipe-link"))
-        self.assertRefused("pipe-link", Code.FORBIDDEN)
+        self.assertRefused("fifo-link", Code.FORBIDDEN)
+
+    def test_device_inside(self) -> None:
+        """
+        A device node inside the folder (/dev/zero's numbers) is not a
+        regular file: refused, even with hidden files shared.  Skipped where
+        the process may not create device nodes.
+        """
+        path = os.path.join(self.root, "zero-device")
+        try:
+            os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 5))
+        except OSError:
+            self.skipTest("cannot create device nodes here")
+        self.assertRefused("zero-device", Code.FORBIDDEN)
+        share = ShareFolder(self.root, include_hidden=True)
+        self.assertRefused("zero-device", Code.FORBIDDEN, share)
 
     def test_hidden_refused_by_default(self) -> None:
         """Names with a component starting with a dot are not shared."""
@@ -353,6 +443,125 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         opened.close()
         self.assertEqual(opened.fd, -1)
         self.assertRaises(OSError, os.fstat, fd)
+
+
+# Hostile names that only exist as bytes on the wire: overlong UTF-8 dots and
+# slashes, bytes that are not UTF-8 at all, terminal escapes.  The peer
+# refuses them before any file-system lookup (400).
+HOSTILE_WIRE_NAMES: list[bytes] = [
+    b"\xc0\xae\xc0\xae/secret.txt",
+    b"..\xc0\xafsecret.txt",
+    b"\xe0\x80\xae\xe0\x80\xae/secret.txt",
+    b"\xff\xfe../secret.txt",
+    b"../secret.txt\x1b[2J",
+    b"a.txt\x7f",
+    b"\xc2\x85../secret.txt",
+]
+
+
+class WireCorpusTests(SynchronousTestCase):
+    """
+    The hostile-name corpus, sent as requests to a real L{PeerProtocol}
+    over a StringTransport, one connection per request (the error budget
+    would close a shared one after ten refusals).
+    """
+
+    def setUp(self) -> None:
+        self.base, self.root = build_tree(self)
+        self.clock = Clock()
+        self.secrets = [SECRET]
+        with open("/etc/passwd", "rb") as stream:
+            self.secrets.append(stream.read(64))
+
+    def serve(self, share: ShareFolder, request: bytes) -> tuple[bytes, bool]:
+        """
+        The peer's whole answer to one request line (banner removed), and
+        whether it left a producer (a transfer) behind.  The connection is
+        lost afterwards; no timer may remain.
+        """
+        factory = PeerFactory(share, self.clock, 30.0)
+        protocol = factory.buildProtocol(IPv4Address("TCP", "198.51.100.7", 40000))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transport.clear()
+        protocol.dataReceived(request)
+        producing = transport.producer is not None
+        # Pull the file out as a socket would, if one is being sent.
+        for _ in range(100):
+            if transport.producer is None:
+                break
+            transport.producer.resumeProducing()
+        protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(factory.limits.total, 0)
+        return transport.value(), producing
+
+    def requests(self):
+        """(label, request line) for every corpus name, as GET and RESUME."""
+        names = [name.encode("utf-8") for name in HOSTILE_NAMES]
+        for name in names + HOSTILE_WIRE_NAMES:
+            yield name, b"GET " + name + b"\n"
+            yield name, b"RESUME 0 " + name + b"\r\n"
+
+    def assertRefusedOnWire(self, share: ShareFolder, label, request) -> None:
+        before = open_descriptor_count()
+        with fails_instead_of_hanging():
+            reply, producing = self.serve(share, request)
+        for secret in self.secrets:
+            self.assertNotIn(secret, reply, label)
+        self.assertRegex(reply, rb"\AERR (400|403|404) [^\n]+\n\Z", label)
+        self.assertFalse(producing, label)
+        self.assertEqual(open_descriptor_count(), before, f"{label!r} leaked an fd")
+
+    def test_corpus(self) -> None:
+        """
+        Every hostile name gets one ERR 400, 403 or 404 line and nothing
+        else: never OK, no byte of a file outside the share, no hang (the
+        FIFO), no descriptor left open, no exception logged.
+        """
+        self.assertGreaterEqual(len(HOSTILE_NAMES) + len(HOSTILE_WIRE_NAMES), 40)
+        share = ShareFolder(self.root)
+        for label, request in self.requests():
+            self.assertRefusedOnWire(share, label, request)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_corpus_with_hidden_files(self) -> None:
+        """
+        With hidden files shared (``--include-hidden``) the hidden files in
+        the corpus are served, and nothing else is: every other name is
+        refused as before, non-regular files included.
+        """
+        share = ShareFolder(self.root, include_hidden=True)
+        for label, request in self.requests():
+            expected = HIDDEN_ONLY.get(label.decode("utf-8", "replace"))
+            if isinstance(expected, bytes):
+                with fails_instead_of_hanging():
+                    reply, _ = self.serve(share, request)
+                line, _, content = reply.partition(b"\n")
+                self.assertTrue(line.startswith(b"OK "), label)
+                self.assertEqual(content, expected, label)
+            else:
+                self.assertRefusedOnWire(share, label, request)
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+    def test_device_node_inside(self) -> None:
+        """
+        A device node inside the share is refused on the wire too (skipped
+        where the process may not create device nodes).
+        """
+        try:
+            os.mknod(
+                os.path.join(self.root, "zero-device"),
+                stat.S_IFCHR | 0o600,
+                os.makedev(1, 5),
+            )
+        except OSError:
+            self.skipTest("cannot create device nodes here")
+        for share in (
+            ShareFolder(self.root),
+            ShareFolder(self.root, include_hidden=True),
+        ):
+            self.assertRefusedOnWire(share, "zero-device", b"GET zero-device\n")
 
 
 class ListingTests(ShareTestMixin, SynchronousTestCase):
@@ -582,3 +791,21 @@ class DigestTests(ShareTestMixin, SynchronousTestCase):
         """C{run_inline} turns a result or an exception into a fired Deferred."""
         self.assertEqual(self.successResultOf(run_inline(lambda: "x")), "x")
         self.failureResultOf(run_inline(lambda: 1 / 0), ZeroDivisionError)
+
+
+class TwistdFilesTests(SynchronousTestCase):
+    """twistd's own pid and log files in the share root are never served."""
+
+    def test_not_served_or_listed(self) -> None:
+        from p2p.wire import Code, WireError
+
+        root = temp_dir(self)
+        for name in ("twistd.pid", "twistd.log", "twistd.log.1", "ok.txt"):
+            with open(os.path.join(root, name), "w") as stream:
+                stream.write("x")
+        share = ShareFolder(root)
+        for name in ("twistd.pid", "twistd.log", "twistd.log.1"):
+            with self.assertRaises(WireError) as caught:
+                share.open(name)
+            self.assertEqual(caught.exception.code, Code.FORBIDDEN)
+        self.assertEqual([entry.name for entry in share.list()], ["ok.txt"])

@@ -17,6 +17,7 @@ from p2p.endpoints import DEFAULT_RELAY
 from p2p.peer import PeerFactory
 from p2p.relay import RelayFactory
 from p2p.service import ListeningService, PortFileService
+from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 from ._support import set_relay_environment
 
@@ -33,7 +34,27 @@ def children(parent: MultiService, kind: type) -> list:
     return [service for service in parent if isinstance(service, kind)]
 
 
+def set_token_environment(case: SynchronousTestCase, value: str | None) -> None:
+    """Set (or unset, for C{None}) $P2P_TOKEN for the duration of C{case}."""
+    saved = os.environ.get(TOKEN_ENVIRONMENT_VARIABLE)
+
+    def restore() -> None:
+        if saved is None:
+            os.environ.pop(TOKEN_ENVIRONMENT_VARIABLE, None)
+        else:
+            os.environ[TOKEN_ENVIRONMENT_VARIABLE] = saved
+
+    case.addCleanup(restore)
+    if value is None:
+        os.environ.pop(TOKEN_ENVIRONMENT_VARIABLE, None)
+    else:
+        os.environ[TOKEN_ENVIRONMENT_VARIABLE] = value
+
+
 class RelayOptionsTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        set_token_environment(self, None)
+
     def test_defaults(self) -> None:
         self.assertEqual(
             dict(parse_relay()),
@@ -44,10 +65,31 @@ class RelayOptionsTests(SynchronousTestCase):
                 "idle-timeout": 30,
                 "max-peers": 100_000,
                 "max-per-host": 1000,
+                "max-connections": 1000,
+                "max-connections-per-host": 64,
+                "token": None,
                 "port-file": None,
                 "allow-claimed-host": 0,
+                "token-for-queries": 0,
             },
         )
+
+    def test_limits_and_token(self) -> None:
+        """The connection limits and the token options are parsed."""
+        config = parse_relay(
+            "--max-connections",
+            "10",
+            "--max-connections-per-host",
+            "0",
+            "--token",
+            "s3cr/t+=",
+            "--token-for-queries",
+        )
+        self.assertEqual(
+            (config["max-connections"], config["max-connections-per-host"]), (10, 0)
+        )
+        self.assertEqual(config["token"], "s3cr/t+=")
+        self.assertTrue(config["token-for-queries"])
 
     def test_seed_port_argument(self) -> None:
         """``twistd relay 8000`` is the seed's spelling of ``--listen tcp:8000``."""
@@ -114,6 +156,14 @@ class RelayOptionsTests(SynchronousTestCase):
             ["--idle-timeout", "0"],
             ["--idle-timeout", "soon"],
             ["--max-peers", "many"],
+            ["--max-peers", "-1"],
+            ["--max-per-host", "-1"],
+            ["--max-connections", "-1"],
+            ["--max-connections", "lots"],
+            ["--max-connections-per-host", "-5"],
+            ["--token", "two words"],
+            ["--token", "t" * 257],
+            ["--token-for-queries"],
             ["--listen", "bogus:x"],
             ["--listen", "tcp:abc"],
             ["--listen", "99999"],
@@ -124,11 +174,25 @@ class RelayOptionsTests(SynchronousTestCase):
 
     def test_help(self) -> None:
         text = str(relay_tap.Options())
-        for fragment in ("--listen", "--ttl", "--port-file", "[PORT]", "lease"):
+        for fragment in (
+            "--listen",
+            "--ttl",
+            "--port-file",
+            "[PORT]",
+            "lease",
+            "--max-connections",
+            "--max-connections-per-host",
+            "--token",
+            "--token-for-queries",
+            "$P2P_TOKEN",
+        ):
             self.assertIn(fragment, text)
 
 
 class RelayServiceTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        set_token_environment(self, None)
+
     def make(self, *argv: str) -> tuple[MultiService, MemoryReactorClock]:
         reactor = MemoryReactorClock()
         return relay_tap.makeService(parse_relay(*argv), reactor), reactor
@@ -171,6 +235,28 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertIs(factory.relay.clock, reactor)
         self.assertEqual((factory.relay.ttl, factory.relay.renew), (8, 2))
         self.assertEqual(factory.idle_timeout, 4.0)
+
+    def test_connection_limits(self) -> None:
+        """The listeners' factory counts connections with the options' limits."""
+        service, reactor = self.make(
+            "--max-connections", "7", "--max-connections-per-host", "3"
+        )
+        limits = children(service, ListeningService)[0].factory.limits
+        self.assertEqual((limits.max_total, limits.max_per_host), (7, 3))
+        service, reactor = self.make()
+        limits = children(service, ListeningService)[0].factory.limits
+        self.assertEqual((limits.max_total, limits.max_per_host), (1000, 64))
+
+    def test_token_threaded_into_relay(self) -> None:
+        """--token and --token-for-queries reach the Relay policy."""
+        service, _ = self.make("--token", "abc", "--token-for-queries")
+        relay = children(service, ListeningService)[0].factory.relay
+        self.assertTrue(relay.requires_token)
+        self.assertTrue(relay.token_for_queries)
+        service, _ = self.make()
+        relay = children(service, ListeningService)[0].factory.relay
+        self.assertFalse(relay.requires_token)
+        self.assertFalse(relay.token_for_queries)
 
     def test_sweeper_runs_on_the_clock(self) -> None:
         """Expired leases are swept by a TimerService on the injected clock."""
@@ -225,6 +311,7 @@ class RelayServiceTests(SynchronousTestCase):
 class PeerOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
+        set_token_environment(self, None)
         self.share = self.mktemp()
         os.mkdir(self.share)
 
@@ -244,10 +331,28 @@ class PeerOptionsTests(SynchronousTestCase):
                 "listen": "tcp:0",
                 "name": None,
                 "idle-timeout": 30,
+                "max-connections": 1000,
+                "max-connections-per-host": 64,
+                "token": None,
                 "port-file": None,
                 "include-hidden": 0,
             },
         )
+
+    def test_limits_and_token(self) -> None:
+        """The connection limits and the token are parsed."""
+        config = self.parse(
+            "--max-connections",
+            "0",
+            "--max-connections-per-host",
+            "5",
+            "--token",
+            "abc",
+        )
+        self.assertEqual(
+            (config["max-connections"], config["max-connections-per-host"]), (0, 5)
+        )
+        self.assertEqual(config["token"], "abc")
 
     def test_seed_host_port(self) -> None:
         """``twistd peer HOST PORT`` is the seed's spelling of ``--relay``."""
@@ -305,19 +410,33 @@ class PeerOptionsTests(SynchronousTestCase):
             ["--name", "x" * 65],
             ["--idle-timeout", "0"],
             ["--idle-timeout", "x"],
+            ["--max-connections", "-1"],
+            ["--max-connections-per-host", "-1"],
+            ["--max-connections-per-host", "x"],
+            ["--token", "a;b"],
         ):
             with self.assertRaises(usage.UsageError, msg=argv):
                 self.parse(*argv)
 
     def test_help(self) -> None:
         text = str(peer_tap.Options())
-        for fragment in ("--relay", "--share", "--listen", "RELAY_HOST RELAY_PORT"):
+        for fragment in (
+            "--relay",
+            "--share",
+            "--listen",
+            "RELAY_HOST RELAY_PORT",
+            "--max-connections",
+            "--max-connections-per-host",
+            "--token",
+            "$P2P_TOKEN",
+        ):
             self.assertIn(fragment, text)
 
 
 class PeerServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
+        set_token_environment(self, None)
         self.share = self.mktemp()
         os.mkdir(self.share)
         self.reactor = MemoryReactorClock()
@@ -381,6 +500,31 @@ class PeerServiceTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertIsNone(listener.port)
+
+    def test_connection_limits(self) -> None:
+        """The file server's factory counts connections with the limits given."""
+        service = self.make("--max-connections", "9", "--max-connections-per-host", "2")
+        limits = children(service, ListeningService)[0].factory.limits
+        self.assertEqual((limits.max_total, limits.max_per_host), (9, 2))
+
+    def test_token_sent_by_the_announcer(self) -> None:
+        """--token goes to the Announcer, which sends it with REGISTER."""
+        service = self.make("--token", "s3cret", "10.0.0.1", "4001")
+        (announcer,) = children(service, Announcer)
+        self.assertEqual(announcer.token, "s3cret")
+        service.startService()
+        self.addCleanup(service.stopService)
+        factory = self.reactor.tcpClients[0][2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"P2P/1 relay\n")
+        self.assertEqual(transport.value(), b"REGISTER 0 token=s3cret\n")
+
+    def test_no_token(self) -> None:
+        """Without --token or $P2P_TOKEN the Announcer sends none."""
+        (announcer,) = children(self.make(), Announcer)
+        self.assertIsNone(announcer.token)
 
     def test_default_relay(self) -> None:
         self.make().startService()

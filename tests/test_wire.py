@@ -104,6 +104,35 @@ class DecodeLineTests(WireAssertions, SynchronousTestCase):
         """Tab is the one control character let through (file names)."""
         self.assertEqual(wire.decode_line(b"GET a\tb"), "GET a\tb")
 
+    def test_longest_line(self) -> None:
+        """Exactly MAX_LINE_LENGTH bytes pass, with or without a CR after."""
+        line = b"x" * wire.MAX_LINE_LENGTH
+        self.assertEqual(wire.decode_line(line), line.decode())
+        self.assertEqual(wire.decode_line(line + b"\r"), line.decode())
+
+    def test_too_long(self) -> None:
+        """
+        One byte more than MAX_LINE_LENGTH (the CR not counted) is a 413,
+        checked before decoding: it is the answer whatever the bytes are.
+        """
+        for line in [
+            b"x" * (wire.MAX_LINE_LENGTH + 1),
+            b"x" * (wire.MAX_LINE_LENGTH + 1) + b"\r",
+            b"x" * wire.MAX_LINE_LENGTH + b"\r\r",
+            b"\xff" * (wire.MAX_LINE_LENGTH + 1),
+            "é".encode() * (wire.MAX_LINE_LENGTH // 2 + 1),
+        ]:
+            with naming(line[-8:]):
+                error = self.assertWireError(Code.LINE_TOO_LONG, wire.decode_line, line)
+                self.assertEqual(error.to_line(), b"ERR 413 line too long")
+
+    def test_receive_length(self) -> None:
+        """
+        A LineReceiver must buffer one byte more than the protocol's limit:
+        it counts the CR of a CRLF line end as part of the line.
+        """
+        self.assertEqual(wire.MAX_RECEIVE_LENGTH, wire.MAX_LINE_LENGTH + 1)
+
 
 class EncodeLineTests(SynchronousTestCase):
     """``wire.encode_line``: what we send is always one legal line."""
@@ -474,6 +503,28 @@ class RelayRequestTests(WireAssertions, SynchronousTestCase):
         for request in [wire.Unregister(1), wire.Unregister(65535, token="x=")]:
             self.assertEqual(self.parse(request.to_line()), request)
 
+    def test_unregister_host(self) -> None:
+        """
+        ``UNREGISTER <port> host=<ip>`` names a claimed host (normalised);
+        with a token too, in either order.  The older forms keep working:
+        the second positional field is still the token.
+        """
+        self.assertEqual(
+            self.parse(b"UNREGISTER 9000 host=::ffff:10.0.0.7"),
+            wire.Unregister(9000, host="10.0.0.7"),
+        )
+        self.assertEqual(
+            self.parse(b"UNREGISTER 9000 token=t host=2001:db8::1"),
+            wire.Unregister(9000, "t", "2001:db8::1"),
+        )
+        request = wire.Unregister(9000, token="t", host="10.0.0.7")
+        self.assertEqual(request.to_line(), b"UNREGISTER 9000 host=10.0.0.7 token=t")
+        for request in [
+            wire.Unregister(80, host="10.0.0.1"),
+            wire.Unregister(80, token="t", host="2001:db8::1"),
+        ]:
+            self.assertEqual(self.parse(request.to_line()), request)
+
     def test_unregister_malformed(self) -> None:
         """Each broken UNREGISTER is a 400."""
         self.assertAllRefused(
@@ -484,7 +535,9 @@ class RelayRequestTests(WireAssertions, SynchronousTestCase):
                 b"UNREGISTER 0",
                 b"UNREGISTER x",
                 b"UNREGISTER 9000 name=a",
-                b"UNREGISTER 9000 host=10.0.0.5",
+                b"UNREGISTER 9000 host=peer.example",
+                b"UNREGISTER 9000 host=",
+                b"UNREGISTER 9000 host=10.0.0.5 host=10.0.0.5",
                 b"UNREGISTER 9000 token=",
                 b"UNREGISTER 9000 token=a token=b",
                 b"UNREGISTER 9000 9001",
@@ -525,6 +578,48 @@ class RelayRequestTests(WireAssertions, SynchronousTestCase):
             Code.BAD_REQUEST,
             [b"\xffPEERS", b"REGISTER 9000 name=\xe9", b"PEERS\x00", b"PEERS\x1b"],
         )
+
+    def test_tokens_never_echoed(self) -> None:
+        """
+        Refusals are logged, so their messages never repeat a token, not
+        even a malformed one or the value of a misspelt ``tokn=``.
+        """
+        secret = "hunter2-secret"
+        for line in [
+            f"REGISTER 9000 token={secret};",
+            f"REGISTER 9000 tokn={secret}",
+            f"UNREGISTER 9000 Token={secret}",
+            f"PEERS token={secret} token={secret}",
+            f"PEERS toke={secret}",
+        ]:
+            with naming(line):
+                error = self.assertWireError(
+                    Code.BAD_REQUEST, self.parse, line.encode()
+                )
+                self.assertNotIn(secret, str(error))
+
+    def test_tokens_not_in_repr(self) -> None:
+        """
+        A request's repr (what a log event or a traceback would show) leaves
+        its token out.
+        """
+        for request in [
+            wire.Register(9000, token="hunter2"),
+            wire.Unregister(9000, token="hunter2"),
+            wire.Peers(token="hunter2"),
+        ]:
+            self.assertNotIn("hunter2", repr(request))
+            self.assertEqual(request.token, "hunter2")
+
+    def test_parse_token(self) -> None:
+        """Tokens are 1-256 characters of a URL/base64-safe alphabet."""
+        for token in ["a", "s3cr/t+=", "A-Z_a.z~0", "t" * 256]:
+            self.assertEqual(wire.parse_token(token), token)
+        for token in ["", "a b", "a;b", "é", "t" * 257, "a\x00"]:
+            with naming(token):
+                error = self.assertWireError(Code.BAD_REQUEST, wire.parse_token, token)
+                if token:
+                    self.assertNotIn(token, error.message)
 
     @deterministic
     @given(

@@ -1,0 +1,365 @@
+"""
+Tests for L{p2p.limits}: connection limits, wired into both servers.
+
+The counters are tested on their own, then one suite runs against the
+relay's and the peer's factory (a mixin per server, as transit-relay runs
+one suite over several transports): connections are StringTransports whose
+peer address plays the source, and closing one is delivered by hand.
+"""
+
+from __future__ import annotations
+
+import tempfile
+
+from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.error import ConnectionDone
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import wire
+from p2p.limits import (
+    DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    ConnectionLimits,
+    RefusingProtocol,
+    ServerLineProtocol,
+    source_host,
+)
+from p2p.peer import PeerFactory, PeerProtocol
+from p2p.registry import MemoryRegistry
+from p2p.relay import Relay, RelayFactory, RelayProtocol
+from p2p.share import ShareFolder
+
+HOST_A = "10.0.0.5"
+HOST_B = "10.0.0.6"
+
+
+def address(host: str, port: int = 40000) -> IPv4Address:
+    return IPv4Address("TCP", host, port)
+
+
+class ConnectionLimitsTests(SynchronousTestCase):
+    """The counters on their own."""
+
+    def test_defaults(self) -> None:
+        """1000 connections in total, 64 per host, unless told otherwise."""
+        limits = ConnectionLimits()
+        self.assertEqual((limits.max_total, limits.max_per_host), (1000, 64))
+        self.assertEqual(
+            (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST), (1000, 64)
+        )
+
+    def test_per_host(self) -> None:
+        """The N+1th connection from one host is refused; others are not."""
+        limits = ConnectionLimits(max_total=10, max_per_host=2)
+        self.assertIsNone(limits.admit(HOST_A))
+        self.assertIsNone(limits.admit(HOST_A))
+        self.assertEqual(
+            limits.admit(HOST_A), "too many connections from your address (limit 2)"
+        )
+        self.assertIsNone(limits.admit(HOST_B))
+        self.assertEqual((limits.total, limits.open_from(HOST_A)), (3, 2))
+
+    def test_total(self) -> None:
+        """The total limit refuses every host once reached."""
+        limits = ConnectionLimits(max_total=2, max_per_host=5)
+        limits.admit(HOST_A)
+        limits.admit(HOST_B)
+        self.assertEqual(limits.admit("10.0.0.7"), "too many connections (limit 2)")
+        self.assertEqual(limits.total, 2)
+
+    def test_release(self) -> None:
+        """Releasing frees the place, and forgets a host with none left."""
+        limits = ConnectionLimits(max_total=1, max_per_host=1)
+        limits.admit(HOST_A)
+        self.assertIsNotNone(limits.admit(HOST_A))
+        limits.release(HOST_A)
+        self.assertEqual((limits.total, limits.open_from(HOST_A)), (0, 0))
+        self.assertIsNone(limits.admit(HOST_B))
+
+    def test_zero_means_unlimited(self) -> None:
+        """0 disables a limit."""
+        limits = ConnectionLimits(max_total=0, max_per_host=0)
+        for _ in range(5000):
+            self.assertIsNone(limits.admit(HOST_A))
+        self.assertEqual(limits.total, 5000)
+
+    def test_negative_refused(self) -> None:
+        """A negative limit (which would refuse everyone) is a ValueError."""
+        self.assertRaises(ValueError, ConnectionLimits, -1, 1)
+        self.assertRaises(ValueError, ConnectionLimits, 1, -1)
+
+    def test_source_host(self) -> None:
+        """IP sources count by address (IPv4-mapped as IPv4); others as '?'."""
+        self.assertEqual(source_host(address(HOST_A)), HOST_A)
+        self.assertEqual(source_host(IPv6Address("TCP", "::ffff:10.0.0.5", 1)), HOST_A)
+        self.assertEqual(source_host(UNIXAddress(b"/tmp/s")), "?")
+        self.assertEqual(source_host(None), "?")
+
+    def test_build_failure_releases(self) -> None:
+        """A protocol that cannot be built does not keep its place."""
+        limits = ConnectionLimits(max_total=1, max_per_host=1)
+
+        def broken(release):
+            raise RuntimeError("bug")
+
+        self.assertRaises(
+            RuntimeError, limits.protocol_for, address(HOST_A), "relay", broken
+        )
+        self.assertEqual(limits.total, 0)
+
+
+class RefusingProtocolTests(SynchronousTestCase):
+    """What a refused client sees."""
+
+    def test_banner_error_close(self) -> None:
+        """The banner, one ERR 503 line naming the limit, then a close."""
+        protocol = RefusingProtocol("peer", "too many connections (limit 3)")
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        self.assertEqual(
+            transport.value(),
+            b"P2P/1 peer\nERR 503 too many connections (limit 3)\n",
+        )
+        self.assertTrue(transport.disconnecting)
+        protocol.dataReceived(b"GET a.txt\n")
+        self.assertEqual(transport.value().count(b"\n"), 2)
+
+
+class FactoryLimitsMixin:
+    """
+    The limits as a client sees them, for one server's factory.  Subclasses
+    give C{role}, C{make_factory(limits)} and a C{request} that server
+    answers with an ``OK`` line.
+    """
+
+    role: str
+    request: bytes
+
+    def make_factory(self, limits: ConnectionLimits):
+        raise NotImplementedError
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.limits = ConnectionLimits(max_total=6, max_per_host=3)
+        self.factory = self.make_factory(self.limits)
+        self.events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+    def connect(self, host: str, port: int = 40000):
+        """Open a connection from C{host}; return (protocol, transport)."""
+        peer = address(host, port)
+        protocol = self.factory.buildProtocol(peer)
+        transport = StringTransport(peerAddress=peer)
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def lose(self, protocol) -> None:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+    def assertServed(self, protocol, transport) -> None:
+        """A connection that was greeted and answers a request."""
+        self.assertNotIsInstance(protocol, RefusingProtocol)
+        self.assertEqual(transport.value(), f"P2P/1 {self.role}\n".encode())
+        transport.clear()
+        protocol.dataReceived(self.request + b"\n")
+        self.assertTrue(transport.value().startswith(b"OK "), transport.value())
+        self.assertFalse(transport.disconnecting)
+
+    def assertRefused(self, protocol, transport, reason: str) -> None:
+        """A connection that got the banner, ERR 503 <reason>, and a close."""
+        self.assertIsInstance(protocol, RefusingProtocol)
+        self.assertEqual(
+            transport.value(),
+            f"P2P/1 {self.role}\nERR 503 {reason}\n".encode(),
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_per_host_limit(self) -> None:
+        """
+        The 4th connection from one host (limit 3) is refused with the
+        documented line; the three open ones, and other hosts, are served.
+        """
+        open_ = [self.connect(HOST_A, 40000 + n) for n in range(3)]
+        refused = self.connect(HOST_A, 40010)
+        self.assertRefused(*refused, "too many connections from your address (limit 3)")
+        for protocol, transport in open_:
+            self.assertServed(protocol, transport)
+        self.assertServed(*self.connect(HOST_B))
+        self.assertEqual(self.limits.open_from(HOST_A), 3)
+
+    def test_slot_frees_on_close(self) -> None:
+        """Once a connection is lost, its host may connect again."""
+        first = [self.connect(HOST_A, 40000 + n) for n in range(3)]
+        self.assertRefused(
+            *self.connect(HOST_A), "too many connections from your address (limit 3)"
+        )
+        self.lose(first[0][0])
+        self.assertEqual(self.limits.open_from(HOST_A), 2)
+        self.assertServed(*self.connect(HOST_A))
+        self.assertRefused(
+            *self.connect(HOST_A), "too many connections from your address (limit 3)"
+        )
+
+    def test_release_once(self) -> None:
+        """A connection lost twice (or refused ones lost) releases only once."""
+        protocol, _ = self.connect(HOST_A)
+        other, _ = self.connect(HOST_A)
+        self.lose(protocol)
+        self.lose(protocol)
+        self.assertEqual((self.limits.total, self.limits.open_from(HOST_A)), (1, 1))
+        for n in range(2):
+            self.connect(HOST_A, 40100 + n)
+        refused, _ = self.connect(HOST_A, 40200)
+        self.lose(refused)
+        self.assertEqual(self.limits.open_from(HOST_A), 3)
+        self.lose(other)
+        self.assertEqual(self.limits.open_from(HOST_A), 2)
+
+    def test_total_limit(self) -> None:
+        """Past the total limit every host is refused, with its own message."""
+        for host in (HOST_A, HOST_B):
+            for n in range(3):
+                self.connect(host, 40000 + n)
+        self.assertRefused(*self.connect("10.0.0.7"), "too many connections (limit 6)")
+
+    def test_timed_out_connection_frees_its_slot(self) -> None:
+        """
+        A silent connection is closed by the idle timeout, and releases its
+        place once the transport reports it lost; no timer is left.
+        """
+        connections = [self.connect(HOST_A, 40000 + n) for n in range(3)]
+        self.clock.advance(31)
+        for protocol, transport in connections:
+            self.assertTrue(transport.disconnecting)
+            self.lose(protocol)
+        self.assertEqual(self.limits.total, 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_refusal_logged_without_address(self) -> None:
+        """A refusal is a warning naming the limit, not the client's address."""
+        for n in range(4):
+            self.connect(HOST_A, 40000 + n)
+        [event] = [
+            event
+            for event in self.events
+            if event.get("log_namespace") == "p2p.limits.ConnectionLimits"
+        ]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(event["role"], self.role)
+        self.assertNotIn(HOST_A, formatEvent(event))
+
+
+class RelayLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
+    role = "relay"
+    request = b"PEERS"
+
+    def make_factory(self, limits: ConnectionLimits) -> RelayFactory:
+        relay = Relay(MemoryRegistry(60), self.clock)
+        return RelayFactory(relay, 30, limits)
+
+    def test_default_limits(self) -> None:
+        """Without limits given, a factory gets the defaults (never none)."""
+        factory = RelayFactory(Relay(MemoryRegistry(60), self.clock))
+        self.assertEqual(
+            (factory.limits.max_total, factory.limits.max_per_host), (1000, 64)
+        )
+        self.assertIsInstance(factory.buildProtocol(address(HOST_A)), RelayProtocol)
+
+
+class PeerLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
+    role = "peer"
+    request = b"LIST"
+
+    def make_factory(self, limits: ConnectionLimits) -> PeerFactory:
+        root = tempfile.mkdtemp(prefix="p2p-limits-")
+        self.addCleanup(_rmtree, root)
+        return PeerFactory(ShareFolder(root), self.clock, 30, limits)
+
+    def test_default_limits(self) -> None:
+        """Without limits given, a factory gets the defaults (never none)."""
+        factory = PeerFactory(self.factory.share, self.clock)
+        self.assertEqual(
+            (factory.limits.max_total, factory.limits.max_per_host), (1000, 64)
+        )
+        self.assertIsInstance(factory.buildProtocol(address(HOST_A)), PeerProtocol)
+
+
+class ServerLineProtocolTests(SynchronousTestCase):
+    """The shared base on its own."""
+
+    def test_both_servers_share_it(self) -> None:
+        """The relay and the peer use the one framing with its limits."""
+        self.assertTrue(issubclass(RelayProtocol, ServerLineProtocol))
+        self.assertTrue(issubclass(PeerProtocol, ServerLineProtocol))
+        for protocol in (RelayProtocol, PeerProtocol):
+            self.assertEqual(protocol.MAX_LENGTH, wire.MAX_LINE_LENGTH + 1)
+            self.assertEqual(protocol.delimiter, b"\n")
+
+
+def _rmtree(path: str) -> None:
+    import shutil
+
+    shutil.rmtree(path, ignore_errors=True)
+
+
+class HalfCloseTests(SynchronousTestCase):
+    """A client that half-closes after its requests still gets every answer
+    (``printf 'PEERS\\n' | nc -N``), then the server closes."""
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from p2p.registry import MemoryRegistry
+        from p2p.relay import Relay, RelayFactory
+
+        self.clock = Clock()
+        relay = Relay(MemoryRegistry(60), self.clock)
+        self.relay_factory = RelayFactory(relay)
+
+    def connect(self, factory):
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.testing import StringTransport
+
+        protocol = factory.buildProtocol(IPv4Address("TCP", "10.0.0.9", 5000))
+        transport = StringTransport(peerAddress=IPv4Address("TCP", "10.0.0.9", 5000))
+        protocol.makeConnection(transport)
+        return protocol, transport
+
+    def test_relay_answers_then_closes(self) -> None:
+        """The relay answers what was sent, then closes on end of input."""
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        protocol, transport = self.connect(self.relay_factory)
+        self.assertTrue(IHalfCloseableProtocol.providedBy(protocol))
+        protocol.dataReceived(b"REGISTER 9001\nPEERS\n")
+        protocol.readConnectionLost()
+        lines = transport.value().splitlines()
+        self.assertEqual(lines[0], b"P2P/1 relay")
+        self.assertTrue(lines[1].startswith(b"OK "))
+        self.assertEqual(lines[2], b"OK 1")
+        self.assertTrue(transport.disconnecting)
+
+    def test_peer_finishes_the_transfer_first(self) -> None:
+        """A peer closes a half-closed connection only after the file and
+        every further request were answered."""
+        import os
+        import tempfile
+
+        from p2p.peer import PeerFactory
+        from p2p.share import ShareFolder
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(__import__("shutil").rmtree, root)
+        with open(os.path.join(root, "a.txt"), "wb") as stream:
+            stream.write(b"x" * 300_000)
+        protocol, transport = self.connect(PeerFactory(ShareFolder(root), self.clock))
+        protocol.dataReceived(b"GET a.txt\nLIST\n")
+        protocol.readConnectionLost()
+        self.assertFalse(transport.disconnecting)  # the file is on its way
+        while transport.producer is not None:
+            transport.producer.resumeProducing()
+        self.assertTrue(transport.value().endswith(b"OK 1\nFILE 300000 a.txt\n"))
+        self.assertTrue(transport.disconnecting)
