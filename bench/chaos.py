@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
 """A chaos check users can run: fetch files while peers and the relay die.
 
-Starts a relay and N peers as real ``twistd`` processes on 127.0.0.1, gives
-every file to two peers, then runs a bounded number of ``p2p get`` fetches
-while killing (SIGKILL or SIGTERM) and restarting peers and the relay at
-random.  Each fetch whose file was held by at least one live, registered
-peer when it started must succeed and be byte-identical to the source::
+Starts a relay and N peers as real ``twist`` processes on 127.0.0.1, gives
+every file to two peers, then runs a bounded number of ``p2p get`` fetches.
+While each fetch runs, a random fault may strike after a random delay: a
+peer killed (SIGKILL or SIGTERM), a dead peer restarted, or the relay
+killed and restarted on its port.  A fetch must succeed, byte-identical to
+the source, whenever one of its file's holders stayed alive and registered
+(and the relay stayed up) from the fetch's start to its end::
 
     python bench/chaos.py --fetches 60 --seconds 120
 
@@ -25,236 +27,235 @@ import statistics
 import subprocess
 import sys
 import tempfile
-import threading
 import time
-from dataclasses import dataclass, field
 
-# twist (python -m twisted) writes no pid file; text logs carry our events.
-TWISTD = [sys.executable, "-m", "twisted", "--log-format=text"]
-P2P = [sys.executable, "-m", "p2p"]
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
+from _harness import P2P, TWISTD, Daemon, MiB, listening_port  # noqa: E402
 
-@dataclass
-class Daemon:
-    """A twistd child process whose log lines we watch for events."""
-
-    name: str
-    argv: list[str]
-    cwd: str
-    process: subprocess.Popen | None = None
-    lines: list[str] = field(default_factory=list)
-    # Index of the first log line since the relay last (re)started.
-    mark: int = 0
-    changed: threading.Condition = field(default_factory=threading.Condition)
-
-    def start(self) -> None:
-        self.lines = []
-        self.process = subprocess.Popen(
-            self.argv,
-            cwd=self.cwd,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-        )
-        threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
-
-    def _read(self, process: subprocess.Popen) -> None:
-        assert process.stdout is not None
-        for line in process.stdout:
-            with self.changed:
-                if process is self.process:
-                    self.lines.append(line)
-                self.changed.notify_all()
-        with self.changed:
-            self.changed.notify_all()
-
-    def wait_for(self, text: str, timeout: float, after: int = 0) -> str:
-        """Block until a log line (from index C{after}) contains C{text}."""
-        deadline = time.monotonic() + timeout
-        with self.changed:
-            while True:
-                for line in self.lines[after:]:
-                    if text in line:
-                        return line
-                remaining = deadline - time.monotonic()
-                if remaining <= 0 or not self.alive:
-                    raise RuntimeError(f"{self.name}: no {text!r} within {timeout}s")
-                self.changed.wait(remaining)
-
-    @property
-    def alive(self) -> bool:
-        return self.process is not None and self.process.poll() is None
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10) -> None:
-        if not self.alive:
-            return
-        assert self.process is not None
-        self.process.send_signal(sig)
-        try:
-            self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+# Small files and large ones: a fault is likely to land in the middle of
+# the large ones' transfers.
+SIZES = [0, 1, 1000, 64 * 1024, 2 * MiB, 32 * MiB, 64 * MiB, 128 * MiB]
 
 
 def make_files(folder: str, count: int, rng: random.Random) -> dict[str, bytes]:
     files = {}
     for index in range(count):
-        size = rng.choice([0, 1, 1000, 64 * 1024, 300 * 1024, 2 * 1024 * 1024])
-        files[f"file{index:02d}.bin"] = rng.randbytes(size)
+        files[f"file{index:02d}.bin"] = rng.randbytes(rng.choice(SIZES))
     for name, content in files.items():
         with open(os.path.join(folder, name), "wb") as stream:
             stream.write(content)
     return files
 
 
+class Cluster:
+    """The relay and the peers, and what each has been through."""
+
+    def __init__(self, work: str, peers: int, ttl: int) -> None:
+        self.work = work
+        self.ttl = ttl
+        self.relay = Daemon(
+            "relay",
+            TWISTD + ["relay", "--listen", "tcp:0:interface=127.0.0.1",
+                      "--ttl", str(ttl)],
+        )  # fmt: skip
+        self.peers: list[Daemon] = []
+        # One condition for every daemon, so a wait can watch them all.
+        self.changed = self.relay.changed
+        self.relay_starts = 0
+        self.port = 0
+        for index in range(peers):
+            share = os.path.join(work, f"peer{index}")
+            os.mkdir(share)
+            self.peers.append(Daemon(f"peer{index}", [], share, changed=self.changed))
+
+    def start(self) -> None:
+        self.relay.start()
+        self.port = listening_port(self.relay)
+        self.relay_starts += 1
+        # A restarted relay must come back on the same port.
+        self.relay.argv = TWISTD + [
+            "relay", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
+            "--ttl", str(self.ttl),
+        ]  # fmt: skip
+        for peer in self.peers:
+            peer.argv = TWISTD + [
+                "peer", "--relay", f"127.0.0.1:{self.port}", "--share", peer.cwd,
+                "--listen", "tcp:0:interface=127.0.0.1",
+            ]  # fmt: skip
+            self.start_peer(peer)
+
+    def start_peer(self, peer: Daemon) -> None:
+        peer.start()
+        peer.wait_for("registered at the relay", 30)
+
+    def restart_relay(self, sig: int) -> None:
+        self.relay.stop(sig)
+        self.relay.start()
+        listening_port(self.relay)
+        self.relay_starts += 1
+        # Each live peer's next renewal registers it at the new relay (a peer
+        # that missed no renewal does not notice; the relay's log shows it).
+        for peer in self.peers:
+            if peer.alive:
+                peer_id = self.peer_id(peer)
+                self.relay.wait_for(f"peer {peer_id} registered", 3 * self.ttl)
+
+    def wait_sending(
+        self, candidates: list[Daemon], name: str, timeout: float
+    ) -> Daemon | None:
+        """The first of C{candidates} to log that it started sending C{name}."""
+        marks = {id(peer): len(peer.lines) for peer in candidates}
+        deadline = time.monotonic() + timeout
+        with self.changed:
+            while True:
+                for peer in candidates:
+                    new = peer.lines[marks[id(peer)] :]
+                    if any(f"sending {name} " in line for line in new):
+                        return peer
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return None
+                self.changed.wait(remaining)
+
+    def peer_id(self, peer: Daemon) -> str:
+        line = peer.wait_for("registered at the relay as", 30)
+        return line.split("registered at the relay as ", 1)[1].split()[0]
+
+    def registered(self, peer: Daemon) -> bool:
+        """Alive and listed by the relay as it runs now."""
+        if not peer.alive:
+            return False
+        marker = f"peer {self.peer_id(peer)} registered"
+        with self.relay.changed:
+            return any(marker in line for line in self.relay.lines)
+
+    def stop(self) -> None:
+        for daemon in [self.relay, *self.peers]:
+            daemon.stop(signal.SIGKILL)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--peers", type=int, default=4)
-    parser.add_argument("--files", type=int, default=8)
+    parser.add_argument("--files", type=int, default=10)
     parser.add_argument("--fetches", type=int, default=40)
-    parser.add_argument("--seconds", type=float, default=120, help="overall time limit")
+    parser.add_argument("--seconds", type=float, default=180, help="overall limit")
     parser.add_argument("--seed", type=int, default=None)
     parser.add_argument("--ttl", type=int, default=6, help="relay lease length")
+    parser.add_argument("--verbose", action="store_true", help="explain failures")
     args = parser.parse_args()
     seed = args.seed if args.seed is not None else random.randrange(2**32)
     rng = random.Random(seed)
     work = tempfile.mkdtemp(prefix="p2p-chaos-")
-    daemons: list[Daemon] = []
+    cluster = Cluster(work, args.peers, args.ttl)
     try:
-        return run(args, rng, seed, work, daemons)
+        return run(args, rng, seed, work, cluster)
     finally:
-        for daemon in daemons:
-            daemon.stop(signal.SIGKILL)
+        cluster.stop()
         shutil.rmtree(work, ignore_errors=True)
 
 
-def run(args, rng: random.Random, seed: int, work: str, daemons: list[Daemon]) -> int:
+def run(args, rng: random.Random, seed: int, work: str, cluster: Cluster) -> int:
     started = time.monotonic()
     source = os.path.join(work, "source")
     os.mkdir(source)
     files = make_files(source, args.files, rng)
-    relay_dir = os.path.join(work, "relay")
-    os.mkdir(relay_dir)
-    relay = Daemon(
-        "relay",
-        TWISTD
-        + ["relay", "--listen", "tcp:0:interface=127.0.0.1", "--ttl", str(args.ttl)],
-        relay_dir,
-    )
-    daemons.append(relay)
-    relay.start()
-    line = relay.wait_for("relay listening on", 20)
-    port = int(line.rsplit(":", 1)[1])
-    # A restarted relay must come back on the same port.
-    relay.argv = TWISTD + [
-        "relay", "--listen", f"tcp:{port}:interface=127.0.0.1", "--ttl", str(args.ttl)
-    ]  # fmt: skip
-    relay_address = f"127.0.0.1:{port}"
-    peers: list[Daemon] = []
-    holders: dict[str, list[int]] = {name: [] for name in files}
-    for index in range(args.peers):
-        share = os.path.join(work, f"peer{index}")
-        os.mkdir(share)
-        peer = Daemon(
-            f"peer{index}",
-            TWISTD + ["peer", "--relay", relay_address, "--share", share,
-                      "--listen", "tcp:0:interface=127.0.0.1"],
-            share,
-        )  # fmt: skip
-        peers.append(peer)
-        daemons.append(peer)
+    holders: dict[str, list[int]] = {}
     for position, name in enumerate(sorted(files)):
-        for index in {position % args.peers, (position + 1) % args.peers}:
+        holders[name] = sorted({position % args.peers, (position + 1) % args.peers})
+        for index in holders[name]:
             shutil.copyfile(
-                os.path.join(source, name), os.path.join(peers[index].cwd, name)
+                os.path.join(source, name), os.path.join(cluster.peers[index].cwd, name)
             )
-            holders[name].append(index)
-    for peer in peers:
-        peer.start()
-    for peer in peers:
-        peer.wait_for("registered at the relay", 20)
+    cluster.start()
 
-    def registered(peer: Daemon) -> bool:
-        # Registered since the relay last started (a log line we can see).
-        with peer.changed:
-            recent = peer.lines[peer.mark :]
-            return any("registered at the relay" in line for line in recent)
-
-    fetch_times: list[float] = []
-    counts = dict(fetches=0, succeeded=0, corrupted=0, lost=0, unavailable=0)
-    kills = restarts = relay_restarts = 0
+    times: list[float] = []
+    counts = dict(fetches=0, succeeded=0, corrupted=0, lost=0, excused=0, resumed=0)
+    faults = dict(kills=0, mid_transfer=0, restarts=0, relay_restarts=0)
     while counts["fetches"] < args.fetches:
         if time.monotonic() - started > args.seconds:
             print(f"time limit of {args.seconds}s reached", file=sys.stderr)
             break
-        action = rng.random()
-        if action < 0.15:
-            victim = rng.choice(peers)
-            if victim.alive and sum(p.alive for p in peers) > 1:
-                victim.stop(rng.choice([signal.SIGKILL, signal.SIGTERM]))
-                kills += 1
-        elif action < 0.35:
-            for peer in peers:
-                if not peer.alive:
-                    peer.start()
-                    peer.mark = 0
-                    peer.wait_for("registered at the relay", 30)
-                    restarts += 1
-                    break
-        elif action < 0.40:
-            relay.stop(rng.choice([signal.SIGKILL, signal.SIGTERM]))
-            relay.start()
-            relay.wait_for("relay listening on", 20)
-            relay_restarts += 1
-            for peer in peers:
-                if peer.alive:
-                    with peer.changed:
-                        peer.mark = len(peer.lines)
-            # Peers notice at their next renewal; wait for them (an event,
-            # bounded by a couple of renewal intervals).
-            for peer in peers:
-                if peer.alive:
-                    peer.wait_for("registered at the relay", 3 * args.ttl, peer.mark)
-
+        dead = [peer for peer in cluster.peers if not peer.alive]
+        if dead and rng.random() < 0.6:
+            # Bring a dead peer back, so most files keep a live holder.
+            cluster.start_peer(rng.choice(dead))
+            faults["restarts"] += 1
         name = rng.choice(sorted(files))
-        expected = any(peers[i].alive and registered(peers[i]) for i in holders[name])
+        at_start = {i for i in holders[name] if cluster.registered(cluster.peers[i])}
+        relay_starts = cluster.relay_starts
         counts["fetches"] += 1
         fetch_started = time.monotonic()
-        result = subprocess.run(
-            P2P + ["--relay", relay_address, "-q", "--connect-timeout", "2",
+        fetch = subprocess.Popen(
+            P2P + ["--relay", f"127.0.0.1:{cluster.port}", "--connect-timeout", "2",
                    "--idle-timeout", "5", "get", name],
-            capture_output=True,
-            timeout=120,
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         )  # fmt: skip
+        action = rng.random()
+        if action < 0.25:
+            # Kill whichever holder starts sending, in the middle of it.
+            live = [cluster.peers[i] for i in holders[name]]
+            sender = cluster.wait_sending([p for p in live if p.alive], name, 3)
+            if sender is not None and sum(p.alive for p in cluster.peers) > 1:
+                sender.stop(signal.SIGKILL)
+                faults["kills"] += 1
+                faults["mid_transfer"] += 1
+            action = 1.0
+        else:
+            # Otherwise the fault strikes after a random delay (the client
+            # spends its first ~0.3 s starting Python).
+            time.sleep(rng.uniform(0.2, 0.9))
+        if action < 0.45:
+            # Most often a holder of the file in flight: mid-transfer kills
+            # are the interesting ones.
+            targets = [cluster.peers[i] for i in holders[name]]
+            victim = rng.choice(targets if rng.random() < 0.6 else cluster.peers)
+            if victim.alive and sum(p.alive for p in cluster.peers) > 1:
+                victim.stop(rng.choice([signal.SIGKILL, signal.SIGTERM]))
+                faults["kills"] += 1
+        elif action < 0.51:
+            cluster.restart_relay(rng.choice([signal.SIGKILL, signal.SIGTERM]))
+            faults["relay_restarts"] += 1
+        out, err = fetch.communicate(timeout=120)
         elapsed = time.monotonic() - fetch_started
-        if result.returncode == 0:
-            if result.stdout == files[name]:
+        survivors = {i for i in at_start if cluster.peers[i].alive}
+        expected = bool(survivors) and cluster.relay_starts == relay_starts
+        if b"resuming at byte" in err:
+            counts["resumed"] += 1
+        if fetch.returncode == 0:
+            if out == files[name]:
                 counts["succeeded"] += 1
-                fetch_times.append(elapsed)
+                times.append(elapsed)
             else:
                 counts["corrupted"] += 1
-                print(f"CORRUPTED {name}: {len(result.stdout)} bytes", file=sys.stderr)
+                print(f"CORRUPTED {name}: {len(out)} bytes", file=sys.stderr)
         elif expected:
             counts["lost"] += 1
-            print(
-                f"LOST {name} (exit {result.returncode}): "
-                f"{result.stderr.decode(errors='replace').strip()}",
-                file=sys.stderr,
-            )
+            why = err.decode(errors="replace").strip()
+            print(f"LOST {name} (exit {fetch.returncode}): {why}", file=sys.stderr)
         else:
-            counts["unavailable"] += 1
+            counts["excused"] += 1
+            if args.verbose:
+                why = err.decode(errors="replace").strip().splitlines()[-1:]
+                print(f"excused {name}: {why}", file=sys.stderr)
 
     print(
         f"fetches: {counts['fetches']}, succeeded: {counts['succeeded']}, "
         f"corrupted: {counts['corrupted']}, lost: {counts['lost']}"
     )
-    print(f"not held by a live registered peer (may fail): {counts['unavailable']}")
     print(
-        f"kills: {kills}, peer restarts: {restarts}, relay restarts: {relay_restarts}"
+        f"failed while no holder survived or the relay restarted (allowed): "
+        f"{counts['excused']}; resumed from another peer: {counts['resumed']}"
     )
-    if fetch_times:
-        ordered = sorted(fetch_times)
+    print(
+        f"faults: peer kills {faults['kills']} "
+        f"({faults['mid_transfer']} mid-transfer), "
+        f"peer restarts {faults['restarts']}, "
+        f"relay restarts {faults['relay_restarts']}"
+    )
+    if times:
+        ordered = sorted(times)
         p95 = ordered[min(len(ordered) - 1, int(0.95 * len(ordered)))]
         print(
             f"fetch time: median {statistics.median(ordered) * 1000:.0f} ms, "
