@@ -237,3 +237,35 @@ async def test_demo(launcher: Launcher):
     assert result.code == EXIT_OK, result.stderr
     assert result.stdout == sample("sample1.txt")
     no_traceback(result.stderr)
+
+
+@integration
+async def test_installed_twistd_entry_points(launcher: Launcher):
+    """
+    The installed ``twistd`` script, as a user runs it: ``twistd -n relay``,
+    ``twistd -n peer HOST PORT`` (the seed's form), then ``p2p get``.
+    Each daemon gets its own pid file, as two daemons in one folder need.
+    """
+    from ._processes import LISTENING, REGISTERED, _bin
+
+    twistd = _bin("twistd")
+    relay = launcher.spawn(
+        "twistd relay",
+        [twistd, "-n", "--pidfile=relay.pid", "relay", "--listen", LOOPBACK],
+    )
+    listening = await relay.wait_for(LISTENING)
+    host, port = listening.group("address").rsplit(":", 1)
+    share = os.path.join(launcher.workdir, "twistd-share")
+    os.mkdir(share)
+    with open(os.path.join(share, "sample3.txt"), "wb") as stream:
+        stream.write(sample("sample3.txt"))
+    peer = launcher.spawn(
+        "twistd peer",
+        [twistd, "-n", "--pidfile=peer.pid", "peer", "--share", share,
+         "--listen", LOOPBACK, host, port],
+    )  # fmt: skip
+    await peer.wait_for(REGISTERED)
+    result = await launcher.client("--relay", f"{host}:{port}", "get", "sample3.txt")
+    assert result.code == EXIT_OK, result.stderr
+    assert result.stdout == sample("sample3.txt")
+    no_traceback(result.stderr)
