@@ -236,7 +236,7 @@ class Report:
     ) -> None:
         """Print ours against each baseline with ratios (ours / baseline)."""
         print(f"\n## {title}")
-        header = f"{'':28} {'median':>12} {'min-max':>21} {'ours/this':>10}"
+        header = f"{'':34} {'median':>12} {'min-max':>21} {'ours/this':>10}"
         print(header)
         rows = [ours, *baselines]
         entry: dict = {"title": title, "unit": ours.unit, "rows": []}
@@ -244,8 +244,8 @@ class Report:
             ratio = ours.median / series.median if series.median else float("nan")
             ratio_text = "" if series is ours else f"{ratio:.2f}"
             print(
-                f"{series.label:28} {series.median:>10.4g} {series.unit:<1} "
-                f"{series.spread():>21} {ratio_text:>10}"
+                f"{series.label:34} {series.median:>10.4g} {series.unit:<4} "
+                f"{series.spread():>19} {ratio_text:>10}"
             )
             entry["rows"].append(
                 {
@@ -270,3 +270,26 @@ class Report:
     def write_json(self, path: str) -> None:
         with open(path, "w") as stream:
             json.dump({"tables": self.tables}, stream, indent=2)
+
+
+def react_report(measure, args) -> Report:
+    """
+    Run C{measure(reactor, args)} (a coroutine returning a L{Report}) on the
+    global reactor, write ``args.json`` if asked, and return the report.
+    """
+    from twisted.internet import task
+    from twisted.internet.defer import ensureDeferred
+
+    holder: list[Report] = []
+
+    async def run(reactor) -> None:
+        holder.append(await measure(reactor, args))
+
+    try:
+        task.react(lambda reactor: ensureDeferred(run(reactor)))
+    except SystemExit as e:
+        if e.code:
+            raise
+    if args.json:
+        holder[0].write_json(args.json)
+    return holder[0]

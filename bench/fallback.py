@@ -26,9 +26,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import Report  # noqa: E402
-from twisted.internet import task  # noqa: E402
-from twisted.internet.defer import ensureDeferred  # noqa: E402
+from _harness import Report, react_report  # noqa: E402
 from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: E402
 
 from p2p import wire  # noqa: E402
@@ -161,19 +159,7 @@ def main(argv: list[str] | None = None) -> Report:
     args = parser.parse_args(argv)
     args.repeats = 3 if args.quick else 25
     args.k = [1, 3, 10]
-    holder: list[Report] = []
-
-    async def run(reactor) -> None:
-        holder.append(await measure(reactor, args))
-
-    try:
-        task.react(lambda reactor: ensureDeferred(run(reactor)))
-    except SystemExit as e:
-        if e.code:
-            raise
-    if args.json:
-        holder[0].write_json(args.json)
-    return holder[0]
+    return react_report(measure, args)
 
 
 if __name__ == "__main__":

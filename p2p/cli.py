@@ -16,6 +16,7 @@ from typing import IO, NoReturn, TypeVar
 
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.error import DNSLookupError
+from twisted.internet.interfaces import IReactorThreads
 from twisted.python import usage
 from twisted.python.failure import Failure
 
@@ -33,7 +34,7 @@ from p2p.client import (
 from p2p.endpoints import client_endpoint, relay_from_environment
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
-from p2p.sink import SpoolSink
+from p2p.sink import PipelinedSpoolSink, SpoolSink
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
 
@@ -398,7 +399,10 @@ class Client:
         if not peers:
             self.console.error(f"{name}: no active peers")
             return EXIT_NOT_FOUND
-        sink = SpoolSink(spool_dir)
+        if IReactorThreads.providedBy(self.reactor):
+            sink: SpoolSink = PipelinedSpoolSink(spool_dir, self.reactor)
+        else:  # an in-memory reactor (tests): everything on this thread
+            sink = SpoolSink(spool_dir)
         fetcher = Fetcher(
             self.reactor,
             self.options["connect-timeout"],

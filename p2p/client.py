@@ -171,24 +171,51 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if len(data) > self.remaining:
             self._fail("protocol error: more bytes than announced", "protocol")
             return
-        if not self._store(self.sink.write, data):
+        try:
+            keep_going = self.sink.write(data)
+        except OSError as e:
+            self._output_failed(e)
             return
         self.remaining -= len(data)
         if self.remaining == 0:
             self._complete()
+        elif not keep_going:
+            # The sink's threads are behind: stop reading until they catch up.
+            self.transport.pauseProducing()
+            self.sink.when_drained().addCallback(self._drained)
 
     def _store(self, operation, argument) -> bool:
         try:
             operation(argument)
         except OSError as e:
-            self.setTimeout(None)
-            self.result.errback(OutputFailed(e))
-            self.transport.abortConnection()
+            self._output_failed(e)
             return False
         return True
 
+    def _output_failed(self, error: OSError) -> None:
+        self.setTimeout(None)
+        if not self.result.called:
+            self.result.errback(OutputFailed(error))
+        self.transport.abortConnection()
+
+    def _drained(self, _: None) -> None:
+        if not self.result.called and self.transport.connected:
+            self.transport.resumeProducing()
+
     def _complete(self) -> None:
+        # Every byte is in; the sink may still be hashing and writing.
+        self.setTimeout(None)
+        d = self.sink.flushed()
+        d.addCallbacks(self._verify, self._flush_failed)
+
+    def _flush_failed(self, failure: Failure) -> None:
+        failure.trap(OSError)
+        self._output_failed(failure.value)
+
+    def _verify(self, _: None) -> None:
         assert self.header is not None
+        if self.result.called:
+            return  # cancelled while the sink was catching up
         if self.sink.hexdigest() != self.header.sha256:
             self._fail("corrupted: SHA-256 does not match the header", "corrupted")
             return
@@ -217,6 +244,8 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
+        if self.header is not None and self.remaining == 0:
+            return  # every byte arrived; _verify decides
         if not self.result.called:
             if self.header is None:
                 self.result.errback(
@@ -274,12 +303,67 @@ def list_peers(
     clock: IReactorTime,
     timeout: float,
     token: str | None = None,
+    maximum: int = 10_000,
 ) -> Deferred[list[wire.PeerEntry]]:
-    """Phase 2: the relay's list of active peers."""
-    request = wire.Peers(token=token).to_line()
-    d = request_lines(relay, "relay", request, clock, True, timeout)
-    d.addCallback(lambda lines: [wire.PeerEntry.from_line(line) for line in lines[1:]])
-    return d
+    """
+    Phase 2: the relay's list of active peers, oldest registration first.
+
+    The first request is the plain ``PEERS`` every relay answers (at most
+    1000 peers, no cursor).  Only when that page is full are there maybe
+    more: the list is then read again in pages of ``limit=1000``, following
+    each reply's ``next=`` cursor (one connection per page, each bounded by
+    C{timeout}) until the relay says it ended or C{maximum} peers are in
+    (default 10,000: far more than a fetch will ever try).  A relay from
+    before paging answers ``limit=`` with ``ERR 400``: its first 1000 peers
+    are the list.  So small tables cost one request, and a big one one
+    request more than its pages.
+    """
+    page_size = wire.MAX_PEERS_PER_PAGE
+    result: Deferred[list[wire.PeerEntry]] = Deferred()
+    first: list[wire.PeerEntry] = []
+    peers: list[wire.PeerEntry] = []
+
+    def ask(request: wire.Peers, callback, *args) -> None:
+        d = request_lines(relay, "relay", request.to_line(), clock, True, timeout)
+        d.addCallback(callback, *args)
+        d.addErrback(result.errback)
+
+    def read(lines: list[bytes]) -> tuple[list[wire.PeerEntry], str | None]:
+        _, next_cursor = wire.parse_listing_header(lines[0], page_size)
+        return [wire.PeerEntry.from_line(line) for line in lines[1:]], next_cursor
+
+    def got_first(lines: list[bytes]) -> None:
+        first.extend(read(lines)[0])
+        if len(first) < page_size or len(first) >= maximum:
+            result.callback(first[:maximum])
+        else:
+            ask_page(None)
+
+    def ask_page(cursor: str | None) -> None:
+        limit = min(page_size, maximum - len(peers))
+        request = wire.Peers(token=token, limit=limit, cursor=cursor)
+        d = request_lines(relay, "relay", request.to_line(), clock, True, timeout)
+        d.addCallbacks(got_page, failed_page, errbackArgs=(cursor,))
+        d.addErrback(result.errback)
+
+    def got_page(lines: list[bytes]) -> None:
+        page, next_cursor = read(lines)
+        peers.extend(page[: maximum - len(peers)])
+        # An empty page with a cursor would loop forever: treat it as the end.
+        if next_cursor is None or not page or len(peers) >= maximum:
+            result.callback(peers)
+        else:
+            ask_page(next_cursor)
+
+    def failed_page(failure: Failure, cursor: str | None) -> None:
+        error = failure.value
+        if cursor is None and isinstance(error, wire.RemoteError) and error.code == 400:
+            result.callback(first)  # a relay from before paging
+        else:
+            result.errback(failure)
+
+    ask(wire.Peers(token=token), got_first)
+    return result
 
 
 def list_files(

@@ -44,6 +44,20 @@ class IRegistry(Interface):
         :return: at most C{limit} unexpired leases, oldest registration first.
         """
 
+    def page(now, after, limit):
+        """
+        A page of the unexpired leases, oldest registration first, starting
+        after the lease whose C{seq} is C{after} (0: from the start).  The
+        registry keeps no state per caller: C{after} says where to resume.
+        A lease registered after C{after} was taken appears on a later page;
+        an expired or unregistered one on no page.
+
+        Cost must not grow with the size of the table beyond O(log n).
+
+        :return: C{(leases, more)}: at most C{limit} leases, and whether
+            further leases follow the last of them.
+        """
+
     def __len__():
         """The number of leases held (expired ones may linger until expire)."""
 
@@ -55,6 +69,10 @@ class ILease(Interface):
     host = Attribute("The address the relay observed (or a trusted claim).")
     port = Attribute("The port the peer serves on.")
     name = Attribute("Optional display name, or None.")
+    seq = Attribute(
+        "Registration sequence number: a positive int, larger for later "
+        "registrations, never reused by the same registry (the paging position)."
+    )
     registered = Attribute("When the lease was first granted.")
     renewed = Attribute("When the lease was last renewed.")
     expires = Attribute("When the lease ends unless renewed.")

@@ -11,9 +11,15 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
+from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
-from twisted.internet.interfaces import IConsumer, IPullProducer, IReactorTime
+from twisted.internet.interfaces import (
+    IConsumer,
+    IPullProducer,
+    IReactorTime,
+    ISSLTransport,
+)
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -28,6 +34,8 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 30
 # Large enough that per-chunk overhead is small, small enough to keep the
 # process's memory flat (one chunk in flight per connection).
 CHUNK_BYTES = 256 * 1024
+# Most bytes one sendfile burst moves before yielding to other connections.
+ZERO_COPY_BURST_BYTES = 8 * 1024 * 1024
 
 
 class FileShrank(Exception):
@@ -42,6 +50,13 @@ class FileRangeProducer:
     Reads use C{os.pread}, so the descriptor's offset is never shared state.
     C{done} fires when every byte was written, or fails if the consumer went
     away (L{ConnectionLost}) or the file shrank (L{FileShrank}).
+
+    With C{socket_fd} (a plain TCP connection's socket, see
+    L{zero_copy_socket}) the bytes go from the file to the socket with
+    ``os.sendfile``, never entering Python.  That is safe only while the
+    transport's own buffer is empty, which is exactly when a TCP transport
+    calls a pull producer back; the first call, made by C{registerProducer}
+    behind the header line, still writes through the transport.
     """
 
     def __init__(
@@ -50,8 +65,9 @@ class FileRangeProducer:
         offset: int,
         count: int,
         consumer: IConsumer,
-        on_progress=lambda: None,
+        on_progress: Callable[[], object] = lambda: None,
         chunk_bytes: int = CHUNK_BYTES,
+        socket_fd: int | None = None,
     ) -> None:
         self.fd = fd
         self.position = offset
@@ -59,6 +75,8 @@ class FileRangeProducer:
         self.consumer = consumer
         self.on_progress = on_progress
         self.chunk_bytes = chunk_bytes
+        self.socket_fd = socket_fd
+        self._drained = False
         self.done: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
@@ -71,6 +89,11 @@ class FileRangeProducer:
     def resumeProducing(self) -> None:
         if self.done.called:
             return
+        if self.socket_fd is not None and self._drained:
+            self._send_zero_copy(self.socket_fd)
+            return
+        # Every later call comes from a transport whose buffer just emptied.
+        self._drained = True
         chunk = os.pread(self.fd, min(self.chunk_bytes, self.remaining), self.position)
         if not chunk:
             self._finish(Failure(FileShrank()))
@@ -82,6 +105,35 @@ class FileRangeProducer:
         if self.remaining == 0:
             self._finish(None)
 
+    def _send_zero_copy(self, socket_fd: int) -> None:
+        sent = 0
+        while self.remaining and sent < ZERO_COPY_BURST_BYTES:
+            try:
+                count = os.sendfile(
+                    socket_fd,
+                    self.fd,
+                    self.position,
+                    min(self.remaining, ZERO_COPY_BURST_BYTES - sent),
+                )
+            except BlockingIOError:
+                break  # the socket buffer is full: wait until it drains
+            except OSError as e:
+                self._finish(Failure(ConnectionLost(f"sendfile: {e.strerror}")))
+                return
+            if count == 0:
+                self._finish(Failure(FileShrank()))
+                return
+            sent += count
+            self.position += count
+            self.remaining -= count
+        if sent:
+            self.on_progress()
+        if self.remaining == 0:
+            self._finish(None)
+        else:
+            # Be called back (through doWrite, buffer empty) when writable.
+            self.consumer.startWriting()
+
     def stopProducing(self) -> None:
         if not self.done.called:
             self.done.errback(ConnectionLost("the consumer stopped the transfer"))
@@ -92,6 +144,16 @@ class FileRangeProducer:
             self.done.callback(None)
         else:
             self.done.errback(result)
+
+
+def zero_copy_socket(transport: object) -> int | None:
+    """
+    The socket to ``sendfile`` into, for a plain TCP connection; C{None}
+    for anything else (TLS must encrypt every byte; test transports).
+    """
+    if not isinstance(transport, tcp.Connection) or ISSLTransport.providedBy(transport):
+        return None
+    return transport.fileno()
 
 
 class PeerProtocol(ServerLineProtocol):
@@ -164,7 +226,12 @@ class PeerProtocol(ServerLineProtocol):
             offset=offset,
         )
         producer = FileRangeProducer(
-            opened.fd, offset, header.count, self.transport, self.resetTimeout
+            opened.fd,
+            offset,
+            header.count,
+            self.transport,
+            self.resetTimeout,
+            socket_fd=zero_copy_socket(self.transport),
         )
         return producer.start()
 

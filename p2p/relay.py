@@ -24,8 +24,13 @@ DEFAULT_TTL_SECONDS = 60
 # The idle limit covers the whole connection: a request line must be complete
 # within it, so a client trickling bytes (slowloris) is cut off too.
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30
-# A bounded reply: the table may be huge, a reply must not be.
-MAX_PEERS_PER_REPLY = 1000
+# A bounded reply: the table may be huge, a reply must not be.  Also the
+# default page size (PEERS without limit=).
+MAX_PEERS_PER_REPLY = wire.MAX_PEERS_PER_PAGE
+# Formatted PEER line prefixes kept (about 150 bytes each, so at most a few
+# MB): a table that fits is listed without formatting peer ids and
+# addresses again; a bigger one still pays only for the pages it serves.
+LINE_CACHE_ENTRIES = 16_384
 
 
 def default_renew_interval(ttl: int) -> int:
@@ -81,6 +86,8 @@ class Relay:
         # renders this object (a log event, a repr) shows the secret.
         self._token = token.encode("utf-8") if token else None
         self.token_for_queries = token_for_queries
+        # Lease -> "PEER <id> <host> <port> age=" (see peers); bounded.
+        self._line_prefixes: dict[object, str] = {}
 
     @property
     def requires_token(self) -> bool:
@@ -88,7 +95,13 @@ class Relay:
         return self._token is not None
 
     def handle(self, request: wire.RelayRequest, source: str) -> list[bytes]:
-        """Answer one parsed request from C{source}; return the reply lines."""
+        """
+        Answer one parsed request from C{source}.
+
+        :return: the reply as lines without their delimiters; one item may
+            hold several lines already joined by ``\\n`` (a page of
+            ``PEER`` lines is encoded in one piece).
+        """
         if isinstance(request, wire.Register):
             self.check_token(request.token)
             return [self.register(request, source).to_line()]
@@ -97,7 +110,7 @@ class Relay:
             return [self.unregister(request, source)]
         if self.token_for_queries:
             self.check_token(request.token)
-        return self.peers()
+        return self.peers(request)
 
     def check_token(self, given: str | None) -> None:
         """
@@ -161,21 +174,52 @@ class Relay:
         )
         return wire.encode_line(f"OK {lease.peer_id}")
 
-    def peers(self) -> list[bytes]:
+    def peers(self, request: wire.Peers | None = None) -> list[bytes]:
+        """
+        One page of the peer list: the header line, then the ``PEER`` lines
+        joined into one item (see L{handle}).
+
+        The page starts after the request's cursor (the registration
+        sequence number of the last peer of the previous page), so the
+        relay keeps no state between pages, and costs O(log n + limit)
+        however many peers are registered.  A request without ``limit=`` or
+        ``cursor=`` gets the pre-paging reply: never a ``next=``.
+        """
+        request = request if request is not None else wire.Peers()
+        after = wire.parse_cursor(request.cursor) if request.cursor else 0
+        limit = request.limit or MAX_PEERS_PER_REPLY
         now = self.clock.seconds()
         self.expire()
-        leases = self.registry.active(now, MAX_PEERS_PER_REPLY)
+        leases, more = self.registry.page(now, after, limit)
         self.log.info("peer list sent ({count} active)", count=len(leases))
-        lines = [wire.format_count(len(leases))]
+        next_cursor = None
+        if more and leases and request.paged:
+            next_cursor = wire.format_cursor(leases[-1].seq)
+        # The hot path of a listing: no PeerEntry objects and no
+        # re-validation (every field was checked when the peer registered).
+        # The part of a line that never changes for a lease (peer id,
+        # address) comes from a bounded cache; the age is computed per reply,
+        # so it stays exact, and the name may change on renewal.
+        cache = self._line_prefixes
+        if len(cache) > LINE_CACHE_ENTRIES:
+            cache.clear()
+        parts = []
         for lease in leases:
-            entry = wire.PeerEntry(
-                lease.peer_id,
-                lease.host,
-                lease.port,
-                int(now - lease.renewed),
-                lease.name,
+            prefix = cache.get(lease)
+            if prefix is None:
+                prefix = cache[lease] = (
+                    f"PEER {lease.peer_id} {lease.host} {lease.port} age="
+                )
+            name = lease.name
+            parts.append(
+                f"{prefix}{int(now - lease.renewed)} name={name}"
+                if name
+                else f"{prefix}{int(now - lease.renewed)}"
             )
-            lines.append(entry.to_line())
+        text = "\n".join(parts)
+        lines = [wire.format_count(len(leases), next_cursor)]
+        if text:
+            lines.append(text.encode())
         return lines
 
     def expire(self) -> None:
@@ -207,11 +251,17 @@ class RelayProtocol(ServerLineProtocol):
         super().__init__(relay.clock, idle_timeout, on_lost)
         self.relay = relay
 
+    _source: str | None = None
+
     def request_received(self, line: bytes) -> None:
-        source = observed_host(self.transport.getPeer())
+        # The source address cannot change: work it out once per connection.
+        source = self._source
+        if source is None:
+            source = self._source = observed_host(self.transport.getPeer())
         request = wire.parse_relay_request(line)
         reply = self.relay.handle(request, source)
-        self.transport.writeSequence([part + self.delimiter for part in reply])
+        reply.append(b"")  # the last line's delimiter
+        self.transport.write(self.delimiter.join(reply))
 
 
 class RelayFactory(ServerFactory):

@@ -14,9 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import queue
 import shutil
 import tempfile
+import threading
 from typing import BinaryIO
+
+from twisted.internet.defer import Deferred, succeed
 
 from p2p import wire
 
@@ -71,11 +75,21 @@ class SpoolSink:
         self._file = os.fdopen(fd, "w+b")
         self.header = header
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes) -> bool:
+        """Store C{data}; True (this sink never asks its input to pause)."""
         assert self._file is not None
         self._file.write(data)
         self._hash.update(data)
         self.received += len(data)
+        return True
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires when input paused because of L{write} may resume."""
+        return succeed(None)
+
+    def flushed(self) -> Deferred[None]:
+        """Fires once everything received so far is hashed and stored."""
+        return succeed(None)
 
     def hexdigest(self) -> str:
         return self._hash.hexdigest()
@@ -131,3 +145,174 @@ def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+# Received bytes allowed to wait for the hashing and writing threads before
+# the connection is paused: enough to keep both busy, small enough to keep
+# the client's memory flat.
+PIPELINE_HIGH_WATER_BYTES = 8 * 1024 * 1024
+PIPELINE_LOW_WATER_BYTES = 2 * 1024 * 1024
+
+
+class _Barrier:
+    """Marks a point in both work queues; fires once both threads reach it."""
+
+    def __init__(self, workers: _Workers) -> None:
+        self.workers = workers
+        self.waiting = 2
+        self.done: Deferred[None] = Deferred()
+
+    def arrived(self) -> None:  # in the reactor thread
+        self.waiting -= 1
+        if self.waiting == 0:
+            error = self.workers.error
+            if error is not None:
+                self.done.errback(error)
+            else:
+                self.done.callback(None)
+
+
+class _Workers:
+    """Two threads: one hashes the received chunks, one writes them."""
+
+    def __init__(self, reactor, fd: int) -> None:
+        self.reactor = reactor
+        self.fd = fd
+        self.hash = hashlib.sha256()
+        self.error: OSError | None = None
+        self.pending = [0, 0]  # bytes queued for the hasher, for the writer
+        self.lock = threading.Lock()
+        self.drained: Deferred[None] | None = None
+        self.queues: list[queue.SimpleQueue] = [
+            queue.SimpleQueue(),
+            queue.SimpleQueue(),
+        ]
+        for index, work in enumerate((self._hash_chunk, self._write_chunk)):
+            threading.Thread(
+                target=self._run, args=(index, work), daemon=True, name="p2p-spool"
+            ).start()
+
+    def put(self, data: bytes) -> bool:
+        """Queue C{data}; False when the caller should pause its input."""
+        with self.lock:
+            self.pending[0] += len(data)
+            self.pending[1] += len(data)
+            backlog = max(self.pending)
+        for work_queue in self.queues:
+            work_queue.put(data)
+        return backlog < PIPELINE_HIGH_WATER_BYTES
+
+    def when_drained(self) -> Deferred[None]:
+        """Fires (in the reactor thread) once the backlog is low again."""
+        d: Deferred[None] = Deferred()
+        with self.lock:
+            if max(self.pending) < PIPELINE_LOW_WATER_BYTES:
+                d.callback(None)
+            else:
+                self.drained = d
+        return d
+
+    def barrier(self) -> Deferred[None]:
+        marker = _Barrier(self)
+        for work_queue in self.queues:
+            work_queue.put(marker)
+        return marker.done
+
+    def stop(self) -> None:
+        for work_queue in self.queues:
+            work_queue.put(None)
+
+    def _run(self, index: int, work) -> None:
+        work_queue = self.queues[index]
+        while True:
+            item = work_queue.get()
+            if item is None:
+                if work == self._write_chunk:
+                    os.close(self.fd)  # the writer's own descriptor
+                return
+            if isinstance(item, _Barrier):
+                self.reactor.callFromThread(item.arrived)
+                continue
+            work(item)
+            with self.lock:
+                self.pending[index] -= len(item)
+                ready = self.drained
+                if ready is not None and max(self.pending) < PIPELINE_LOW_WATER_BYTES:
+                    self.drained = None
+                else:
+                    ready = None
+            if ready is not None:
+                self.reactor.callFromThread(ready.callback, None)
+
+    def _hash_chunk(self, data: bytes) -> None:
+        self.hash.update(data)  # hashlib releases the GIL for large chunks
+
+    def _write_chunk(self, data: bytes) -> None:
+        if self.error is not None:
+            return
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.fd, view) :]
+        except OSError as e:
+            self.error = e
+
+
+class PipelinedSpoolSink(SpoolSink):
+    """
+    A L{SpoolSink} that hashes and writes on two threads while the reactor
+    thread keeps receiving: on a bulk transfer the three overlap instead of
+    taking turns.  L{write} returns False when the backlog is high; the
+    caller pauses its connection until L{when_drained} fires.  L{flushed}
+    fires when every byte received so far is hashed and written.
+    """
+
+    def __init__(self, directory: str | None, reactor) -> None:
+        super().__init__(directory)
+        self.reactor = reactor
+        self._workers: _Workers | None = None
+
+    def begin(self, header: wire.FileHeader) -> None:
+        super().begin(header)
+        if self._workers is None:
+            assert self._file is not None
+            # The writer gets its own descriptor: discarding the spool must
+            # never leave it writing into a closed (or reused) one.
+            self._workers = _Workers(self.reactor, os.dup(self._file.fileno()))
+
+    def write(self, data: bytes) -> bool:
+        assert self._workers is not None
+        if self._workers.error is not None:
+            raise self._workers.error
+        self.received += len(data)
+        return self._workers.put(data)
+
+    def when_drained(self) -> Deferred[None]:
+        assert self._workers is not None
+        return self._workers.when_drained()
+
+    def flushed(self) -> Deferred[None]:
+        if self._workers is None:
+            return succeed(None)
+        return self._workers.barrier()
+
+    def hexdigest(self) -> str:
+        if self._workers is None:
+            return super().hexdigest()
+        return self._workers.hash.hexdigest()
+
+    def save_as(self, path: str, durable: bool = False) -> None:
+        # Call only once flushed() fired: every byte is in the file.
+        super().save_as(path, durable)
+        self._stop_workers()
+
+    def discard(self) -> None:
+        self._stop_workers()
+        super().discard()
+
+    def _stop_workers(self) -> None:
+        if self._workers is not None:
+            # The threads finish what is queued and exit; their file is
+            # unlinked now (POSIX keeps it until they let go of it).
+            self._workers.stop()
+            self._workers = None

@@ -1112,3 +1112,53 @@ class StaggerAndResumeTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class _SlowSink(SpoolSink):
+    """A sink whose storage lags: write() asks to pause, and flushed() and
+    when_drained() fire only when the test says so."""
+
+    def __init__(self, directory: str) -> None:
+        super().__init__(directory)
+        self.drained: Deferred = Deferred()
+        self.flush: Deferred = Deferred()
+
+    def write(self, data: bytes) -> bool:
+        super().write(data)
+        return False
+
+    def when_drained(self) -> Deferred:
+        return self.drained
+
+    def flushed(self) -> Deferred:
+        return self.flush
+
+
+class SlowSinkTests(SynchronousTestCase):
+    """FileFetchProtocol with a sink that lags behind the network."""
+
+    def setUp(self) -> None:
+        self.sink = _SlowSink(temp_dir(self))
+        self.addCleanup(self.sink.discard)
+        self.clock = Clock()
+        self.protocol = FileFetchProtocol(wire.Get(NAME), self.sink, self.clock, IDLE)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(CONTENT))
+
+    def test_pauses_until_drained(self) -> None:
+        """A sink that asks to pause pauses the connection until it drains."""
+        self.protocol.dataReceived(CONTENT[:1000])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.sink.drained.callback(None)
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_verifies_after_the_sink_caught_up(self) -> None:
+        """The last byte arriving (and even the peer hanging up) does not
+        decide: the digest is checked once the sink has everything."""
+        self.protocol.dataReceived(CONTENT)
+        self.assertNoResult(self.protocol.result)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(self.protocol.result)
+        self.sink.flush.callback(None)
+        self.assertEqual(self.successResultOf(self.protocol.result).sha256, DIGEST)

@@ -844,3 +844,81 @@ class FileRangeProducerTests(SynchronousTestCase):
         self.failureResultOf(d, FileShrank)
         self.assertEqual(self.consumer.value(), self.data[-5:])
         self.assertIsNone(self.consumer.producer)
+
+
+class _SocketConsumer:
+    """A consumer in front of a real socket, as a TCP transport would be:
+    write() buffers (flushed by the test), startWriting() is recorded."""
+
+    def __init__(self, sock) -> None:
+        self.sock = sock
+        self.buffered = b""
+        self.producer = None
+        self.wants_writing = 0
+
+    def registerProducer(self, producer, streaming: bool) -> None:
+        self.producer = producer
+        producer.resumeProducing()  # as FileDescriptor does for pull producers
+
+    def unregisterProducer(self) -> None:
+        self.producer = None
+
+    def write(self, data: bytes) -> None:
+        self.buffered += data
+
+    def startWriting(self) -> None:
+        self.wants_writing += 1
+
+    def flush(self) -> None:
+        self.sock.sendall(self.buffered)
+        self.buffered = b""
+
+
+class ZeroCopyTests(SynchronousTestCase):
+    """FileRangeProducer's sendfile path on a real (local) socket pair."""
+
+    def test_sendfile_after_the_first_chunk(self) -> None:
+        """The first chunk goes through the transport (behind the header in
+        its buffer); every later one is sent with sendfile, bytes exact."""
+        import socket
+
+        base, root = build_tree(self)
+        data = os.urandom(3 * 1024 * 1024 + 5)
+        fd = os.open(write(os.path.join(root, "f"), data), os.O_RDONLY)
+        self.addCleanup(os.close, fd)
+        sender, receiver = socket.socketpair()
+        self.addCleanup(sender.close)
+        self.addCleanup(receiver.close)
+        sender.setblocking(False)
+        consumer = _SocketConsumer(sender)
+        producer = FileRangeProducer(
+            fd, 0, len(data), consumer, chunk_bytes=4096, socket_fd=sender.fileno()
+        )
+        done = producer.start()
+        self.assertEqual(len(consumer.buffered), 4096)  # the first call
+        consumer.flush()
+        received = bytearray()
+        receiver.setblocking(False)
+        while consumer.producer is not None:
+            producer.resumeProducing()  # the transport's buffer is empty
+            try:
+                while True:
+                    chunk = receiver.recv(1 << 20)
+                    if not chunk:
+                        break
+                    received += chunk
+            except BlockingIOError:
+                pass
+        self.successResultOf(done)
+        receiver.setblocking(True)
+        sender.shutdown(socket.SHUT_WR)
+        while chunk := receiver.recv(1 << 20):
+            received += chunk
+        self.assertEqual(bytes(received), data)
+        self.assertEqual(consumer.buffered, b"")
+
+    def test_plain_tcp_only(self) -> None:
+        """Only a plain TCP connection gets the zero-copy path."""
+        from p2p.peer import zero_copy_socket
+
+        self.assertIsNone(zero_copy_socket(StringTransport()))

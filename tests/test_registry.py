@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import heapq
+import random
 
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
@@ -22,7 +23,8 @@ class CountingHeapq:
     """
     Stand-in for the ``heapq`` module inside ``p2p.registry``.
 
-    Every heap entry ``expire`` examines is popped, so recording pops measures
+    Every heap entry ``expire`` examines is popped (or, for a renewed lease,
+    replaced by itself with its new due time), so recording those measures
     exactly how much of the heap an expiry sweep touched, without reading the
     registry's private state.
     """
@@ -31,12 +33,19 @@ class CountingHeapq:
     heapify = staticmethod(heapq.heapify)
 
     def __init__(self) -> None:
+        # (due time, host, port) of each entry examined, in order.
         self.popped: list[tuple[float, str, int]] = []
 
     def heappop(self, heap):
         entry = heapq.heappop(heap)
-        self.popped.append(entry)
+        self.popped.append((entry.due, entry.host, entry.port))
         return entry
+
+    def heapreplace(self, heap, item):
+        # A renewed lease that came due is examined and pushed back.
+        entry = heap[0]
+        self.popped.append((item.due, entry.host, entry.port))
+        return heapq.heapreplace(heap, item)
 
 
 class RegistryTestCase(SynchronousTestCase):
@@ -284,7 +293,7 @@ class ExpiryCostTests(RegistryTestCase):
         self.assertEqual(pops.popped, [])
 
     def test_sweep_pops_stale_entries_once(self) -> None:
-        """Stale entries from renewals are popped once, when due, then gone."""
+        """A renewed lease is examined once when due, then at its new expiry."""
         registry = MemoryRegistry(TTL)
         lease = registry.register(HOST, PORT, None, 0.0)
         for now in (10.0, 20.0):
@@ -293,9 +302,11 @@ class ExpiryCostTests(RegistryTestCase):
             registry.register(OTHER_HOST, port, None, 30.0)
         pops = self.count_heap_pops()
         self.assertEqual(registry.expire(TTL + 10.0), [])
-        self.assertEqual(pops.popped, [(TTL, HOST, PORT), (TTL + 10.0, HOST, PORT)])
+        # Renewed twice, the lease is examined once at its first due time
+        # and pushed back to its current expiry (the last renewal's).
+        self.assertEqual(pops.popped, [(TTL + 20.0, HOST, PORT)])
         self.assertEqual(registry.expire(TTL + 20.0), [lease])
-        self.assertEqual(len(pops.popped), 3)
+        self.assertEqual(len(pops.popped), 2)
 
 
 class LimitTests(RegistryTestCase):
@@ -514,3 +525,76 @@ class CompactionTests(RegistryTestCase):
         self.assertExpiresAt(registry, 90.0 + TTL, later)
         (renewed_lease,) = list(registry)
         self.assertExpiresAt(registry, last + TTL, renewed_lease)
+
+
+class ModelTests(RegistryTestCase):
+    """
+    Random register/renew/unregister/expire sequences against a plain model
+    (a dict in registration order), with tiny chunks so that the chunked
+    order list splits, empties and merges chunks all the time.
+    """
+
+    def check(self, registry: MemoryRegistry, model: dict, now: float, rng) -> None:
+        expected = [lease for lease in model.values() if lease.expires > now]
+        # Order, paging from random cursors, and the page's "more" flag.
+        self.assertEqual(registry.active(now, 10**6), expected)
+        self.assertEqual(len(registry), len(expected))
+        for _ in range(5):
+            after = rng.randrange(0, last_seq(expected) + 2)
+            limit = rng.randrange(1, 6)
+            tail = [lease for lease in expected if lease.seq > after]
+            self.assertEqual(
+                registry.page(now, after, limit), (tail[:limit], len(tail) > limit)
+            )
+
+    def test_random_operations(self) -> None:
+        """Every operation keeps the three indexes consistent with the model."""
+        self.patch(registry_module, "CHUNK_SIZE", 4)
+        for seed in range(5):
+            rng = random.Random(seed)
+            registry = MemoryRegistry(TTL, max_per_host=6)
+            model: dict[tuple[str, int], Lease] = {}
+            now = 0.0
+            for _ in range(1500):
+                now += rng.choice([0.0, 0.5, 3.0])
+                host = f"10.0.0.{rng.randrange(4)}"
+                port = rng.randrange(1, 10)
+                action = rng.random()
+                if action < 0.6:
+                    # As the relay does: sweep, then register.
+                    expired = registry.expire(now)
+                    due = [k for k, lease in model.items() if lease.expires <= now]
+                    self.assertEqual(
+                        sorted((e.host, e.port) for e in expired), sorted(due)
+                    )
+                    for key in due:
+                        del model[key]
+                    try:
+                        lease = registry.register(host, port, None, now)
+                    except RegistryFull:
+                        held = sum(1 for h, _ in model if h == host)
+                        self.assertGreaterEqual(held, 6)
+                        continue
+                    if (host, port) not in model:
+                        model[(host, port)] = lease
+                    self.assertIs(model[(host, port)], lease)
+                elif action < 0.8:
+                    gone = registry.unregister(host, port)
+                    self.assertIs(gone, model.pop((host, port), None))
+                else:
+                    expired = registry.expire(now)
+                    due = [k for k, lease in model.items() if lease.expires <= now]
+                    self.assertEqual(
+                        sorted((e.host, e.port) for e in expired), sorted(due)
+                    )
+                    for key in due:
+                        del model[key]
+                model = dict(sorted(model.items(), key=lambda item: item[1].seq))
+                self.check(registry, model, now, rng)
+                # Listing swept what was due (active and page expire first).
+                model = {k: v for k, v in model.items() if v.expires > now}
+
+
+def last_seq(leases: list[Lease]) -> int:
+    """The largest sequence number among C{leases} (0 for none)."""
+    return max((lease.seq for lease in leases), default=0)

@@ -247,3 +247,110 @@ class DurabilityTests(SynchronousTestCase):
         self.assertEqual(len(self.synced), 1)
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), b"abc")
+
+
+class _ThreadReactor:
+    """
+    Just enough reactor for L{PipelinedSpoolSink}: calls from its worker
+    threads are queued, and the test runs them on its own thread, waiting
+    on that queue (an event from the workers, not a sleep).
+    """
+
+    def __init__(self) -> None:
+        import queue
+
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, function, *args) -> None:
+        self.calls.put((function, args))
+
+    def run_until(self, d, timeout: float = 30) -> None:
+        while not d.called:
+            function, args = self.calls.get(timeout=timeout)
+            function(*args)
+
+
+class PipelinedSpoolSinkTests(SynchronousTestCase):
+    """Hashing and writing on worker threads, with bounded backlog."""
+
+    def setUp(self) -> None:
+        from p2p.sink import PipelinedSpoolSink
+
+        self.reactor = _ThreadReactor()
+        self.folder = tempfile.mkdtemp()
+        self.sink = PipelinedSpoolSink(self.folder, self.reactor)
+        self.addCleanup(self.sink.discard)
+
+    def flush(self) -> None:
+        d = self.sink.flushed()
+        self.reactor.run_until(d)
+        self.successResultOf(d)
+
+    def test_digest_and_content(self) -> None:
+        """Chunks written on the threads make the right file and digest."""
+        chunks = [os.urandom(300_000) for _ in range(10)]
+        content = b"".join(chunks)
+        digest = hashlib.sha256(content).hexdigest()
+        self.sink.begin(wire.FileHeader(len(content), digest, 0, len(content)))
+        for chunk in chunks:
+            self.sink.write(chunk)
+        self.flush()
+        self.assertEqual(self.sink.hexdigest(), digest)
+        target = os.path.join(self.folder, "out")
+        self.sink.save_as(target)
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), content)
+
+    def test_backpressure(self) -> None:
+        """Past the high-water mark write() asks to pause; when_drained
+        fires once the threads caught up."""
+        from p2p.sink import PIPELINE_HIGH_WATER_BYTES
+
+        chunk = b"x" * (1024 * 1024)
+        size = PIPELINE_HIGH_WATER_BYTES + len(chunk)
+        self.sink.begin(wire.FileHeader(size, "0" * 64, 0, size))
+        answers = [self.sink.write(chunk) for _ in range(size // len(chunk))]
+        self.assertIn(False, answers)
+        drained = self.sink.when_drained()
+        self.reactor.run_until(drained)
+        self.successResultOf(drained)
+        self.flush()
+        self.assertEqual(self.sink.received, size)
+
+    def test_resume_continues_the_hash(self) -> None:
+        """A continuation keeps hashing where the first part stopped."""
+        content = os.urandom(500_000)
+        digest = hashlib.sha256(content).hexdigest()
+        self.sink.begin(wire.FileHeader(len(content), digest, 0, len(content)))
+        self.sink.write(content[:123_456])
+        self.sink.begin(
+            wire.FileHeader(len(content) - 123_456, digest, 123_456, len(content))
+        )
+        self.sink.write(content[123_456:])
+        self.flush()
+        self.assertEqual(self.sink.hexdigest(), digest)
+
+    def test_write_error(self) -> None:
+        """A failing disk write fails flushed() and then write() itself."""
+        import errno
+
+        def full(fd, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.patch(os, "write", full)
+        self.sink.begin(wire.FileHeader(10, "0" * 64, 0, 10))
+        self.sink.write(b"0123456789")
+        d = self.sink.flushed()
+        self.reactor.run_until(d)
+        self.failureResultOf(d, OSError)
+        with self.assertRaises(OSError):
+            self.sink.write(b"more")
+
+    def test_discard_while_busy(self) -> None:
+        """Discarding with work queued removes the spool file; the threads
+        finish on their own descriptor."""
+        self.sink.begin(wire.FileHeader(4_000_000, "0" * 64, 0, 4_000_000))
+        for _ in range(4):
+            self.sink.write(os.urandom(1_000_000))
+        self.sink.discard()
+        self.assertEqual(os.listdir(self.folder), [])

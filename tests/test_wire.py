@@ -552,6 +552,42 @@ class RelayRequestTests(WireAssertions, SynchronousTestCase):
             self.assertEqual(self.parse(request.to_line()), request)
         self.assertEqual(wire.Peers().to_line(), b"PEERS")
 
+    def test_peers_paged(self) -> None:
+        """``limit=`` and ``cursor=`` parse, in any order, and round-trip."""
+        self.assertEqual(
+            self.parse(b"PEERS cursor=1f limit=20 token=abc"),
+            wire.Peers("abc", limit=20, cursor="1f"),
+        )
+        for request in [
+            wire.Peers(limit=1),
+            wire.Peers(limit=1000, cursor="0"),
+            wire.Peers(cursor="ffffffffffffffff", token="abc"),
+        ]:
+            self.assertEqual(self.parse(request.to_line()), request)
+            self.assertTrue(request.paged)
+        self.assertFalse(wire.Peers(token="abc").paged)
+        self.assertEqual(
+            wire.Peers(limit=5, cursor="a").to_line(), b"PEERS limit=5 cursor=a"
+        )
+
+    def test_peers_paged_malformed(self) -> None:
+        """Out-of-range limits and malformed cursors are a 400."""
+        self.assertAllRefused(
+            self.parse,
+            Code.BAD_REQUEST,
+            [
+                b"PEERS limit=0",
+                b"PEERS limit=1001",
+                b"PEERS limit=x",
+                b"PEERS limit=",
+                b"PEERS cursor=",
+                b"PEERS cursor=G",
+                b"PEERS cursor=AB",
+                b"PEERS cursor=12345678901234567",
+                b"PEERS limit=1 limit=1",
+            ],
+        )
+
     def test_peers_malformed(self) -> None:
         """Each broken PEERS is a 400."""
         self.assertAllRefused(
@@ -796,6 +832,41 @@ class CountTests(WireAssertions, SynchronousTestCase):
         for line in [b"OK", b"OK 1 2", b"OK x", b"OK 11", b"OK -1", b"PEERS 1"]:
             with naming(line):
                 self.assertWireError(Code.BAD_REQUEST, wire.parse_count, line, 10)
+
+
+class ListingHeaderTests(WireAssertions, SynchronousTestCase):
+    """``OK <count> [next=<cursor>]`` and the cursor codec."""
+
+    def test_next(self) -> None:
+        """A header with next= gives the count and the cursor."""
+        line = wire.format_count(2, "1a")
+        self.assertEqual(line, b"OK 2 next=1a")
+        self.assertEqual(wire.parse_listing_header(line, 10), (2, "1a"))
+        self.assertEqual(wire.parse_listing_header(b"OK 2", 10), (2, None))
+        # parse_count (used for every listing) accepts and ignores next=.
+        self.assertEqual(wire.parse_count(line, 10), 2)
+
+    def test_malformed(self) -> None:
+        """A bad cursor, an unknown option or a repeated next= is a 400."""
+        for line in [
+            b"OK 1 next=",
+            b"OK 1 next=XY",
+            b"OK 1 more=1",
+            b"OK 1 next=1 next=2",
+        ]:
+            with naming(line):
+                self.assertWireError(
+                    Code.BAD_REQUEST, wire.parse_listing_header, line, 10
+                )
+
+    def test_cursor_codec(self) -> None:
+        """Positions round-trip through their cursor text."""
+        for position in [0, 1, 255, 2**63, 2**64 - 1]:
+            self.assertEqual(wire.parse_cursor(wire.format_cursor(position)), position)
+        self.assertEqual(wire.format_cursor(255), "ff")
+        for bad in ["", "-1", "0x1", "FF", "1" * 17, "g"]:
+            with naming(bad):
+                self.assertWireError(Code.BAD_REQUEST, wire.parse_cursor, bad)
 
 
 class PeerRequestTests(WireAssertions, SynchronousTestCase):
