@@ -432,6 +432,26 @@ class _ScriptedEndpoint:
         return succeed(client)
 
 
+def scripted_fetcher(
+    clock: Clock,
+    network: Network,
+    reports: list[Attempt],
+    stagger: float,
+    max_parallel: int = 16,
+) -> Fetcher:
+    """A L{Fetcher} on C{clock} whose peers are C{network}'s scripted ones."""
+    return Fetcher(
+        clock,
+        connect_timeout=CONNECT,
+        idle_timeout=IDLE,
+        endpoint_for=network.endpoint_for,
+        report=reports.append,
+        now=clock.seconds,
+        stagger=stagger,
+        max_parallel=max_parallel,
+    )
+
+
 class FetcherTests(SynchronousTestCase):
     """L{Fetcher.fetch}: peers in order until one delivers the file intact."""
 
@@ -439,17 +459,9 @@ class FetcherTests(SynchronousTestCase):
         self.clock = Clock()
         self.network = Network(self, self.clock)
         self.reports: list[Attempt] = []
-        self.fetcher = Fetcher(
-            self.clock,
-            connect_timeout=CONNECT,
-            idle_timeout=IDLE,
-            endpoint_for=self.network.endpoint_for,
-            report=self.reports.append,
-            now=self.clock.seconds,
-            # These tests pin the seed's strict one-at-a-time order;
-            # staggered attempts have tests of their own.
-            stagger=0,
-        )
+        # These tests pin the seed's strict one-at-a-time order; staggered
+        # attempts have tests of their own.
+        self.fetcher = scripted_fetcher(self.clock, self.network, self.reports, 0)
         base = temp_dir(self)
         self.spool = os.path.join(base, "spool")
         os.mkdir(self.spool)
@@ -964,15 +976,8 @@ class StaggerAndResumeTests(SynchronousTestCase):
         self.clock = Clock()
         self.network = Network(self, self.clock)
         self.reports: list[Attempt] = []
-        self.fetcher = Fetcher(
-            self.clock,
-            connect_timeout=CONNECT,
-            idle_timeout=IDLE,
-            endpoint_for=self.network.endpoint_for,
-            report=self.reports.append,
-            now=self.clock.seconds,
-            stagger=self.STAGGER,
-            max_parallel=3,
+        self.fetcher = scripted_fetcher(
+            self.clock, self.network, self.reports, self.STAGGER, max_parallel=3
         )
         self.sink = SpoolSink(temp_dir(self))
         self.addCleanup(self.sink.discard)
