@@ -6,7 +6,7 @@ import os
 import tempfile
 
 from twisted.application.service import Service
-from twisted.internet.defer import Deferred, gatherResults
+from twisted.internet.defer import Deferred, FirstError, gatherResults
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -99,14 +99,32 @@ class PortFileService(Service):
     wait for it and read every line; it is removed when the service stops.
     """
 
+    log = Logger()
+
     def __init__(self, path: str, listeners: list[ListeningService]) -> None:
         self.path = path
         self.listeners = listeners
 
     def startService(self) -> None:
         super().startService()
-        d = gatherResults([listener.when_listening() for listener in self.listeners])
+        d = gatherResults(
+            [listener.when_listening() for listener in self.listeners],
+            consumeErrors=True,
+        )
         d.addCallback(self._write)
+        d.addErrback(self._not_written)
+
+    def _not_written(self, failure: Failure) -> None:
+        # A listener that failed logged why; a port file we cannot write is
+        # worth saying, but the daemon keeps serving.
+        error = (
+            failure.value.subFailure.value
+            if failure.check(FirstError)
+            else failure.value
+        )
+        self.log.error(
+            "cannot write the port file {path}: {error}", path=self.path, error=error
+        )
 
     def _write(self, ports: list[IListeningPort]) -> None:
         lines = []

@@ -539,3 +539,29 @@ class PeerServiceTests(SynchronousTestCase):
         config.parseOptions(["--share", self.share])
         config["relay"] = "bogus:x"
         self.assertRaises(usage.UsageError, peer_tap.makeService, config, self.reactor)
+
+
+class PortFileErrorTests(SynchronousTestCase):
+    """A port file that cannot be written is logged, not an unhandled error."""
+
+    def test_unwritable_folder(self) -> None:
+        from twisted.internet.address import IPv4Address
+        from twisted.internet.defer import succeed
+        from twisted.internet.testing import EventLoggingObserver
+        from twisted.logger import globalLogPublisher
+
+        class Listening:
+            def when_listening(self):
+                class Port:
+                    def getHost(self):
+                        return IPv4Address("TCP", "127.0.0.1", 4321)
+
+                return succeed(Port())
+
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = PortFileService("/nonexistent-folder/port", [Listening()])
+        service.startService()
+        self.assertTrue(
+            any("cannot write the port file" in e["log_format"] for e in events)
+        )
+        service.stopService()
