@@ -21,7 +21,14 @@ import tempfile
 import time
 
 # In the order of the issue that asked for them.
-BENCHMARKS = ["transfer", "relay_rate", "relay_scale", "fallback", "many_clients"]
+BENCHMARKS = [
+    "transfer",
+    "relay_rate",
+    "relay_scale",
+    "fallback",
+    "fetch_cost",
+    "many_clients",
+]
 
 
 def main() -> int:

@@ -43,6 +43,10 @@ class Announcer(Service):
     :param token: the relay's shared secret, sent as ``token=`` with
         REGISTER and UNREGISTER (never logged).
     :param jitter: returns a float in [0, 1); spreads the peers' renewals.
+    :param files: returns the name filter of the share (L{p2p.hints.build_filter},
+        512 hex digits) or C{None}; called before every REGISTER, renewals
+        included, so the relay's copy follows the share.  C{None} (the
+        default): announce no filter.
     """
 
     log = Logger()
@@ -56,6 +60,7 @@ class Announcer(Service):
         token: str | None = None,
         request_timeout: float = 10.0,
         jitter: Callable[[], float] = random.random,
+        files: Callable[[], str | None] | None = None,
     ) -> None:
         self.relay = relay
         self.listening = listening
@@ -64,6 +69,7 @@ class Announcer(Service):
         self.token = token
         self.request_timeout = request_timeout
         self.jitter = jitter
+        self.files = files
         self.port: int | None = None
         self.lease: wire.Registered | None = None
         # The relay's renew interval, kept after the lease is lost: it caps
@@ -102,7 +108,9 @@ class Announcer(Service):
     def _register(self) -> None:
         self._timer = None
         assert self.port is not None
-        request = wire.Register(self.port, self.name, token=self.token)
+        request = wire.Register(
+            self.port, self.name, token=self.token, files=self._filter()
+        )
         d = request_lines(
             self.relay,
             "relay",
@@ -115,6 +123,17 @@ class Announcer(Service):
         d.addCallbacks(self._registered, self._failed)
         d.addErrback(self._bug)
         d.addBoth(self._done)
+
+    def _filter(self) -> str | None:
+        if self.files is None:
+            return None
+        try:
+            return self.files()
+        except OSError as e:
+            # An unreadable share must not stop the lease: register without
+            # a filter (clients then find us by trying every peer).
+            self.log.warn("cannot list the share for the relay: {error}", error=e)
+            return None
 
     def _done(self, _: object) -> None:
         self._in_flight = None

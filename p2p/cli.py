@@ -27,6 +27,7 @@ from p2p.client import (
     SKIPPABLE,
     OutputFailed,
     describe,
+    likely_holders,
     list_files,
     list_peers,
     peer_endpoint,
@@ -305,6 +306,29 @@ class Client:
         )
         return entries
 
+    @inlineCallbacks
+    def suggested(self, name: str):
+        """
+        The peers the relay suggests for C{name} (likely holders, from the
+        peers' name filters); none if the relay cannot say.  Only an
+        ordering hint: the fetch still falls back across every active peer.
+        """
+        try:
+            entries = yield likely_holders(
+                self.relay,
+                self.reactor,
+                self.request_timeout,
+                name,
+                self.options["token"],
+            )
+        except RELAY_FAILURES:
+            # The full list is in already: go on without a suggestion.
+            self.console.say(
+                f"relay {self.relay_text}: no suggestion ({describe(Failure())})"
+            )
+            return []
+        return entries
+
     def relay_failed(self, failure: Failure) -> int:
         failure.trap(*RELAY_FAILURES)
         self.console.error(f"relay {self.relay_text}: {describe(failure)}")
@@ -395,10 +419,16 @@ class Client:
             peers = yield self.peers()
         except RELAY_FAILURES:
             return self.relay_failed(Failure())
-        self.console.say(f"relay {self.relay_text}: {len(peers)} active peer(s)")
         if not peers:
+            self.console.say(f"relay {self.relay_text}: 0 active peer(s)")
             self.console.error(f"{name}: no active peers")
             return EXIT_NOT_FOUND
+        suggested = yield self.suggested(name)
+        self.console.say(
+            f"relay {self.relay_text}: {len(peers)} active peer(s), "
+            f"{len(suggested)} suggested for {name}"
+        )
+        peers = hinted_order(suggested, peers)
         if IReactorThreads.providedBy(self.reactor):
             sink: SpoolSink = PipelinedSpoolSink(spool_dir, self.reactor)
         else:  # an in-memory reactor (tests): everything on this thread
@@ -454,6 +484,23 @@ class Client:
             self.console.say(f"{name}: found at {where} ({ms:.0f} ms)")
         else:
             self.console.say(f"{name}: skipped {where}: {attempt.reason} ({ms:.0f} ms)")
+
+
+def hinted_order(
+    suggested: list[wire.PeerEntry], peers: list[wire.PeerEntry]
+) -> list[wire.PeerEntry]:
+    """
+    The order to try peers in: the relay's suggestions first (in its
+    order), then the rest of the full list in its order; each address once.
+    """
+    seen: set[tuple[str, int]] = set()
+    ordered = []
+    for entry in [*suggested, *peers]:
+        key = (entry.host, entry.port)
+        if key not in seen:
+            seen.add(key)
+            ordered.append(entry)
+    return ordered
 
 
 def _target_path(name: str, output: str | None) -> str | None:

@@ -24,7 +24,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
-from p2p import wire
+from p2p import hints, wire
 from p2p.request import IncompleteReply, request_lines
 from p2p.sink import SpoolSink
 from p2p.wire import WireError
@@ -364,6 +364,40 @@ def list_peers(
 
     ask(wire.Peers(token=token), got_first)
     return result
+
+
+def likely_holders(
+    relay: IStreamClientEndpoint,
+    clock: IReactorTime,
+    timeout: float,
+    name: str,
+    token: str | None = None,
+) -> Deferred[list[wire.PeerEntry]]:
+    """
+    The peers the relay suggests for C{name} (``PEERS hint=``), oldest
+    registration first: those whose announced name filter may hold it.
+
+    Only a hint: a suggested peer may not hold the file (a false positive
+    or a stale filter) and a holder may be missing (it announced no filter,
+    or registered after the relay's scan bound).  The relay learns the
+    name's hint, never the name.  A relay from before hints answers
+    ``ERR 400``: that means no suggestion, an empty list.
+    """
+    request = wire.Peers(token=token, hint=hints.name_hint(name))
+    d = request_lines(relay, "relay", request.to_line(), clock, True, timeout)
+
+    def read(lines: list[bytes]) -> list[wire.PeerEntry]:
+        wire.parse_listing_header(lines[0], wire.MAX_PEERS_PER_PAGE)
+        return [wire.PeerEntry.from_line(line) for line in lines[1:]]
+
+    def older_relay(failure: Failure) -> list[wire.PeerEntry]:
+        failure.trap(wire.RemoteError)
+        if failure.value.code != 400:
+            return failure  # type: ignore[return-value]
+        return []
+
+    d.addCallbacks(read, older_relay)
+    return d
 
 
 def list_files(

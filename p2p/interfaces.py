@@ -14,9 +14,12 @@ class IRegistry(Interface):
     itself.
     """
 
-    def register(host, port, name, now):
+    def register(host, port, name, now, files=None):
         """
         Create or renew the lease of the peer listening at C{host}:C{port}.
+
+        C{files} is the peer's announced name filter (256 raw bytes, see
+        L{p2p.hints}) or C{None}; a renewal replaces the one held.
 
         :return: the L{p2p.registry.Lease} now in force.
         :raise p2p.registry.RegistryFull: when a limit forbids a new lease.
@@ -58,6 +61,17 @@ class IRegistry(Interface):
             further leases follow the last of them.
         """
 
+    def likely_holders(now, hint, limit, scan):
+        """
+        The unexpired leases whose announced filter may hold the name whose
+        hint is C{hint} (L{p2p.hints.name_hint}), oldest registration
+        first: at most C{limit} of them, found among the first C{scan}
+        leases in registration order (so the cost is O(scan) whatever the
+        size of the table).  Leases without a filter never match.
+
+        :return: a list of leases.
+        """
+
     def __len__():
         """The number of leases held (expired ones may linger until expire)."""
 
@@ -76,3 +90,6 @@ class ILease(Interface):
     registered = Attribute("When the lease was first granted.")
     renewed = Attribute("When the lease was last renewed.")
     expires = Attribute("When the lease ends unless renewed.")
+    files = Attribute(
+        "The announced name filter (256 raw bytes, see p2p.hints), or None."
+    )

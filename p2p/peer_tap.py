@@ -17,6 +17,7 @@ from p2p.endpoints import (
     relay_from_environment,
     server_endpoint,
 )
+from p2p.hints import build_filter
 from p2p.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.relay_tap import (
@@ -136,7 +137,12 @@ def makeService(config: Options, reactor=None) -> MultiService:
     listener = ListeningService(listen, factory, "peer")
     listener.setServiceParent(parent)
     Announcer(
-        relay, listener, reactor, config["name"], token=config["token"]
+        relay,
+        listener,
+        reactor,
+        config["name"],
+        token=config["token"],
+        files=lambda: build_filter(share.names()),
     ).setServiceParent(parent)
     if config["port-file"]:
         PortFileService(config["port-file"], [listener]).setServiceParent(parent)

@@ -27,6 +27,7 @@ from operator import attrgetter
 
 from zope.interface import implementer
 
+from p2p import hints
 from p2p.interfaces import ILease, IRegistry
 from p2p.wire import peer_id_for
 
@@ -34,6 +35,12 @@ from p2p.wire import peer_id_for
 # small (2,000 entries for 1M leases), small enough that deleting inside a
 # chunk (a memmove) costs well under a microsecond.
 CHUNK_SIZE = 512
+
+# Leases a hinted query (``PEERS hint=``) examines at most, oldest
+# registration first: bounds its cost (about 0.25 us per lease, 2.5 ms in
+# all) however big the table, at the price of never suggesting the younger
+# peers of a huge one (they are still listed, and a client still tries them).
+MAX_HINT_SCAN = 10_000
 
 _seq_of = attrgetter("seq")
 
@@ -63,6 +70,7 @@ class Lease:
         "renewed",
         "expires",
         "due",
+        "files",
     )
 
     def __init__(
@@ -73,6 +81,7 @@ class Lease:
         now: float,
         expires: float,
         seq: int = 0,
+        files: bytes | None = None,
     ) -> None:
         self.pid = int(peer_id_for(host, port), 16)
         self.host = host
@@ -86,6 +95,10 @@ class Lease:
         # heap's order must not change behind its back), caught up with
         # expires when the lease comes due.
         self.due = expires
+        # The announced name filter (256 raw bytes, see p2p.hints) or None:
+        # one slot for a peer that announces none (free in practice: it
+        # fits in the object's 16-byte allocation rounding).
+        self.files = files
 
     @property
     def peer_id(self) -> str:
@@ -230,9 +243,40 @@ class MemoryRegistry:
     def active(self, now: float, limit: int) -> list[Lease]:
         return self.page(now, 0, limit)[0]
 
+    def likely_holders(
+        self, now: float, hint: str, limit: int, scan: int = MAX_HINT_SCAN
+    ) -> list[Lease]:
+        """
+        IRegistry API: up to C{limit} leases whose announced filter may hold
+        the name of C{hint}, oldest registration first, among the first
+        C{scan} unexpired leases.
+        """
+        self.expire(now)
+        match = hints.matcher(hint)
+        result: list[Lease] = []
+        seen = 0
+        for chunk in self._chunks:
+            for lease in chunk[: scan - seen]:
+                files = lease.files
+                if files is not None and match(files):
+                    result.append(lease)
+                    if len(result) >= limit:
+                        return result
+            seen += len(chunk)
+            if seen >= scan:
+                break
+        return result
+
     # -- register, unregister, expire ----------------------------------------
 
-    def register(self, host: str, port: int, name: str | None, now: float) -> Lease:
+    def register(
+        self,
+        host: str,
+        port: int,
+        name: str | None,
+        now: float,
+        files: bytes | None = None,
+    ) -> Lease:
         expires = now + self.ttl
         lease = self._find(host, port)
         if lease is not None and lease.expires <= now:
@@ -243,6 +287,7 @@ class MemoryRegistry:
             lease.renewed = now
             lease.expires = expires
             lease.name = name
+            lease.files = files
             return lease
         if self.max_peers and self._count >= self.max_peers:
             raise RegistryFull(f"the relay holds its maximum of {self.max_peers} peers")
@@ -250,7 +295,7 @@ class MemoryRegistry:
             raise RegistryFull(f"at most {self.max_per_host} registrations per address")
         self._seq += 1
         port = self._ports.setdefault(port, port)
-        lease = Lease(host, port, name, now, expires, self._seq)
+        lease = Lease(host, port, name, now, expires, self._seq, files)
         self._add(lease)
         self._list(lease)
         heapq.heappush(self._heap, lease)

@@ -17,7 +17,7 @@ from twisted.logger import Logger
 from p2p import wire
 from p2p.interfaces import IRegistry
 from p2p.limits import ConnectionLimits, ServerLineProtocol
-from p2p.registry import RegistryFull
+from p2p.registry import MAX_HINT_SCAN, RegistryFull
 from p2p.wire import Code, WireError
 
 DEFAULT_TTL_SECONDS = 60
@@ -146,7 +146,13 @@ class Relay:
         self.expire()
         held = len(self.registry)
         try:
-            lease = self.registry.register(host, request.port, request.name, now)
+            lease = self.registry.register(
+                host,
+                request.port,
+                request.name,
+                now,
+                bytes.fromhex(request.files) if request.files else None,
+            )
         except RegistryFull as e:
             self.log.warn("registration refused: {reason}", reason=str(e))
             raise WireError(Code.TOO_MANY, str(e)) from None
@@ -183,18 +189,34 @@ class Relay:
         sequence number of the last peer of the previous page), so the
         relay keeps no state between pages, and costs O(log n + limit)
         however many peers are registered.  A request without ``limit=`` or
-        ``cursor=`` gets the pre-paging reply: never a ``next=``.
+        ``cursor=`` gets the pre-paging reply: never a ``next=``.  One with
+        ``hint=`` gets the likely holders of one name instead (see
+        L{IRegistry.likely_holders}), also without ``next=``.
         """
         request = request if request is not None else wire.Peers()
-        after = wire.parse_cursor(request.cursor) if request.cursor else 0
         limit = request.limit or MAX_PEERS_PER_REPLY
         now = self.clock.seconds()
         self.expire()
+        if request.hint is not None:
+            # Likely holders of one name: never paged, and the scan is
+            # bounded (MAX_HINT_SCAN leases) however big the table.
+            leases = self.registry.likely_holders(
+                now, request.hint, limit, MAX_HINT_SCAN
+            )
+            self.log.info("likely holders sent ({count})", count=len(leases))
+            return self._listing(leases, now, None)
+        after = wire.parse_cursor(request.cursor) if request.cursor else 0
         leases, more = self.registry.page(now, after, limit)
         self.log.info("peer list sent ({count} active)", count=len(leases))
         next_cursor = None
         if more and leases and request.paged:
             next_cursor = wire.format_cursor(leases[-1].seq)
+        return self._listing(leases, now, next_cursor)
+
+    def _listing(
+        self, leases: list, now: float, next_cursor: str | None
+    ) -> list[bytes]:
+        """The reply lines listing C{leases} (see L{peers})."""
         # The hot path of a listing: no PeerEntry objects and no
         # re-validation (every field was checked when the peer registered).
         # The part of a line that never changes for a lease (peer id,

@@ -15,6 +15,8 @@ import re
 from dataclasses import dataclass, field
 from enum import IntEnum
 
+from p2p import hints
+
 PROTOCOL = "P2P/1"
 DELIMITER = b"\n"
 
@@ -249,12 +251,18 @@ class RemoteError(Exception):
 
 @dataclass(frozen=True)
 class Register:
-    """``REGISTER <port> [name=<name>] [host=<ip>] [token=<token>]``"""
+    """``REGISTER <port> [name=<name>] [host=<ip>] [token=<token>] [files=<filter>]``
+
+    C{files} is the optional name filter of the peer's share (512 lowercase
+    hex digits, see L{p2p.hints}); it is sent last, so the line stays
+    readable in a log cut short.
+    """
 
     port: int
     name: str | None = None
     host: str | None = None
     token: str | None = field(default=None, repr=False)
+    files: str | None = field(default=None, repr=False)
 
     def to_line(self) -> bytes:
         words = ["REGISTER", str(self.port)]
@@ -264,6 +272,8 @@ class Register:
             words.append(f"host={self.host}")
         if self.token:
             words.append(f"token={self.token}")
+        if self.files:
+            words.append(f"files={self.files}")
         return encode_line(" ".join(words))
 
 
@@ -291,23 +301,29 @@ class Unregister:
 
 @dataclass(frozen=True)
 class Peers:
-    """``PEERS [limit=<n>] [cursor=<cursor>] [token=<token>]``
+    """``PEERS [hint=<hint>] [limit=<n>] [cursor=<cursor>] [token=<token>]``
 
     A request with C{limit} or C{cursor} is *paged*: its reply header may
     carry ``next=<cursor>``.  One with neither gets the pre-paging reply
     (at most 1000 peers, never ``next=``), so older clients keep working.
+    A request with C{hint} (16 hex digits, L{p2p.hints.name_hint}) asks for
+    the likely holders of one name only: never paged, so it takes no
+    C{cursor}.
     """
 
     token: str | None = field(default=None, repr=False)
     limit: int | None = None
     cursor: str | None = None
+    hint: str | None = None
 
     @property
     def paged(self) -> bool:
-        return self.limit is not None or self.cursor is not None
+        return self.hint is None and (self.limit is not None or self.cursor is not None)
 
     def to_line(self) -> bytes:
         words = ["PEERS"]
+        if self.hint is not None:
+            words.append(f"hint={self.hint}")
         if self.limit is not None:
             words.append(f"limit={self.limit}")
         if self.cursor is not None:
@@ -365,13 +381,17 @@ def parse_relay_request(line: bytes) -> RelayRequest:
     if verb == "REGISTER":
         if not args:
             raise WireError(Code.BAD_REQUEST, "usage: REGISTER <port> [name=<name>]")
-        options = parse_options(args[1:], frozenset({"name", "host", "token"}))
+        options = parse_options(args[1:], frozenset({"name", "host", "token", "files"}))
         name = options.get("name")
+        files = options.get("files")
+        if files is not None and not hints.is_filter(files):
+            raise WireError(Code.BAD_REQUEST, "files= must be 512 lowercase hex digits")
         return Register(
             port=parse_port(args[0]),
             name=parse_display_name(name) if name is not None else None,
             host=_parse_optional_host(options),
             token=_parse_token(options),
+            files=files,
         )
     if verb == "UNREGISTER":
         if not args:
@@ -383,12 +403,21 @@ def parse_relay_request(line: bytes) -> RelayRequest:
             host=_parse_optional_host(options),
         )
     if verb == "PEERS":
-        options = parse_options(args, frozenset({"token", "limit", "cursor"}))
+        options = parse_options(args, frozenset({"token", "limit", "cursor", "hint"}))
         limit = options.get("limit")
         cursor = options.get("cursor")
+        hint = options.get("hint")
         if cursor is not None:
             parse_cursor(cursor)
+        if hint is not None:
+            if not hints.is_hint(hint):
+                raise WireError(
+                    Code.BAD_REQUEST, "hint= must be 16 lowercase hex digits"
+                )
+            if cursor is not None:
+                raise WireError(Code.BAD_REQUEST, "hint= takes no cursor=")
         return Peers(
+            hint=hint,
             token=_parse_token(options),
             limit=(
                 parse_int(limit, "limit", 1, MAX_PEERS_PER_PAGE)

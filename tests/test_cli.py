@@ -255,10 +255,11 @@ class GetTests(CommandTestCase):
         target = self.mktemp()
         d = self.run_cli("--relay", "127.0.0.1:9", "get", "-o", target, "a.txt")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
-        self.assertEqual(self.reactor.tcpClients[1][:2], ("127.0.0.1", 4001))
-        self.refuse(1)
-        self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4002))
-        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET a.txt\n")
+        self.answer_peers(1)  # no suggestion
+        self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4001))
+        self.refuse(2)
+        self.assertEqual(self.reactor.tcpClients[3][:2], ("127.0.0.1", 4002))
+        self.assertEqual(serve(self.reactor, 3, self.CONTENT), b"GET a.txt\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)
@@ -272,9 +273,10 @@ class GetTests(CommandTestCase):
     def test_not_found_anywhere(self) -> None:
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", "x", "a.txt")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
-        protocol, _ = self.connect(1, b"P2P/1 peer")
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/1 peer")
         protocol.dataReceived(b"ERR 404 no such file\n")
-        self.refuse(2)
+        self.refuse(3)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         self.assert_one_error_line("a.txt", "not found on any of 2")
         self.assertFalse(os.path.exists("x"))
@@ -298,12 +300,13 @@ class GetTests(CommandTestCase):
             "--relay", "127.0.0.1:9", "get", "-o", target, "a.txt",
         )  # fmt: skip
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)
         self.reactor.advance(2 - 0.1)
-        self.assertEqual(len(self.reactor.tcpClients), 2, "still waiting for A")
+        self.assertEqual(len(self.reactor.tcpClients), 3, "still waiting for A")
         self.reactor.advance(0.2)
-        self.assertTrue(self.reactor.connectors[1].stoppedConnecting)
-        self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4002))
-        serve(self.reactor, 2, self.CONTENT)
+        self.assertTrue(self.reactor.connectors[2].stoppedConnecting)
+        self.assertEqual(self.reactor.tcpClients[3][:2], ("127.0.0.1", 4002))
+        serve(self.reactor, 3, self.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)

@@ -14,9 +14,11 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2p import peer_tap, relay_tap
 from p2p.announce import UNREGISTER_TIMEOUT_SECONDS, Announcer
 from p2p.endpoints import DEFAULT_RELAY
+from p2p.hints import build_filter
 from p2p.peer import PeerFactory
 from p2p.relay import RelayFactory
 from p2p.service import ListeningService, PortFileService
+from p2p.share import ShareFolder
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 from ._support import set_relay_environment
@@ -484,7 +486,11 @@ class PeerServiceTests(SynchronousTestCase):
         transport = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(b"P2P/1 relay\n")
-        self.assertEqual(transport.value(), b"REGISTER 0 name=p1\n")
+        # The share's name filter goes with every REGISTER (see p2p.hints).
+        files = build_filter(ShareFolder(self.share).names())
+        self.assertEqual(
+            transport.value(), f"REGISTER 0 name=p1 files={files}\n".encode()
+        )
         protocol.dataReceived(
             f"OK {PEER_ID} ttl=60 renew=20 observed=10.0.0.2\n".encode()
         )
@@ -519,7 +525,10 @@ class PeerServiceTests(SynchronousTestCase):
         transport = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(b"P2P/1 relay\n")
-        self.assertEqual(transport.value(), b"REGISTER 0 token=s3cret\n")
+        files = build_filter(ShareFolder(self.share).names())
+        self.assertEqual(
+            transport.value(), f"REGISTER 0 token=s3cret files={files}\n".encode()
+        )
 
     def test_no_token(self) -> None:
         """Without --token or $P2P_TOKEN the Announcer sends none."""
