@@ -12,7 +12,7 @@ import random
 from collections.abc import Callable
 
 from twisted.application.service import Service
-from twisted.internet.defer import CancelledError, Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, maybeDeferred, succeed
 from twisted.internet.interfaces import (
     IDelayedCall,
     IReactorTime,
@@ -44,9 +44,10 @@ class Announcer(Service):
         REGISTER and UNREGISTER (never logged).
     :param jitter: returns a float in [0, 1); spreads the peers' renewals.
     :param files: returns the name filter of the share (L{p2p.hints.build_filter},
-        512 hex digits) or C{None}; called before every REGISTER, renewals
-        included, so the relay's copy follows the share.  C{None} (the
-        default): announce no filter.
+        512 hex digits) or C{None}, or a Deferred of either (the daemon builds
+        it on a thread: walking a large share must not stall the reactor);
+        called before every REGISTER, renewals included, so the relay's copy
+        follows the share.  C{None} (the default): announce no filter.
     """
 
     log = Logger()
@@ -107,33 +108,36 @@ class Announcer(Service):
 
     def _register(self) -> None:
         self._timer = None
-        assert self.port is not None
-        request = wire.Register(
-            self.port, self.name, token=self.token, files=self._filter()
-        )
-        d = request_lines(
-            self.relay,
-            "relay",
-            request.to_line(),
-            self.clock,
-            timeout=self.request_timeout,
-        )
+        d = maybeDeferred(self.files) if self.files is not None else succeed(None)
+        d.addErrback(self._no_filter)
+        d.addCallback(self._send_register)
         self._in_flight = d
         d.addCallback(lambda lines: wire.Registered.from_line(lines[0]))
         d.addCallbacks(self._registered, self._failed)
         d.addErrback(self._bug)
         d.addBoth(self._done)
 
-    def _filter(self) -> str | None:
-        if self.files is None:
-            return None
-        try:
-            return self.files()
-        except OSError as e:
-            # An unreadable share must not stop the lease: register without
-            # a filter (clients then find us by trying every peer).
-            self.log.warn("cannot list the share for the relay: {error}", error=e)
-            return None
+    def _no_filter(self, failure: Failure) -> None:
+        # An unreadable share must not stop the lease: register without a
+        # filter (clients then find us by trying every peer).
+        if failure.check(OSError):
+            self.log.warn(
+                "cannot list the share for the relay: {error}", error=failure.value
+            )
+        else:
+            self.log.failure("cannot build the share's name filter", failure)
+        return None
+
+    def _send_register(self, files: str | None) -> Deferred[list[bytes]]:
+        assert self.port is not None
+        request = wire.Register(self.port, self.name, token=self.token, files=files)
+        return request_lines(
+            self.relay,
+            "relay",
+            request.to_line(),
+            self.clock,
+            timeout=self.request_timeout,
+        )
 
     def _done(self, _: object) -> None:
         self._in_flight = None

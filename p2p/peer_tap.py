@@ -5,6 +5,8 @@ from __future__ import annotations
 import os
 
 from twisted.application.service import MultiService
+from twisted.internet.defer import maybeDeferred
+from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
 
@@ -122,6 +124,8 @@ def makeService(config: Options, reactor=None) -> MultiService:
         from twisted.internet import reactor
 
     def in_thread(work):
+        if not IReactorThreads.providedBy(reactor):
+            return maybeDeferred(work)  # an in-memory reactor (tests)
         return deferToThreadPool(reactor, reactor.getThreadPool(), work)
 
     share = ShareFolder(config["share"], in_thread, config["include-hidden"])
@@ -142,7 +146,8 @@ def makeService(config: Options, reactor=None) -> MultiService:
         reactor,
         config["name"],
         token=config["token"],
-        files=lambda: build_filter(share.names()),
+        # Walking the share runs on a thread, off the reactor.
+        files=lambda: in_thread(lambda: build_filter(share.names())),
     ).setServiceParent(parent)
     if config["port-file"]:
         PortFileService(config["port-file"], [listener]).setServiceParent(parent)

@@ -263,6 +263,34 @@ class AnnouncerFilesTests(AnnouncerTestMixin, SynchronousTestCase):
         self.assertEqual(self.relay.requests, [b"REGISTER 4242\n"])
         self.stop()
 
+    def test_filter_built_elsewhere(self) -> None:
+        """A filter that arrives later (built on a thread) is waited for,
+        then sent with the REGISTER."""
+        from twisted.internet.defer import Deferred
+
+        pending: Deferred = Deferred()
+        self.announcer = self.make(files=lambda: pending)
+        self.announcer.startService()
+        self.assertEqual(self.relay.requests, [])
+        built = hints.build_filter(["a.txt"])
+        pending.callback(built)
+        self.assertEqual(
+            self.relay.requests, [f"REGISTER 4242 files={built}\n".encode()]
+        )
+        self.stop()
+
+    def test_unexpected_filter_error(self) -> None:
+        """A bug in building the filter is logged; the lease goes on."""
+
+        def buggy() -> str:
+            raise ZeroDivisionError()
+
+        self.announcer = self.make(files=buggy)
+        self.announcer.startService()
+        self.assertEqual(self.relay.requests, [b"REGISTER 4242\n"])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 1)
+        self.stop()
+
 
 class ClientOrderTests(CommandTestCase):
     """``p2p get`` tries the relay's suggestions first."""
