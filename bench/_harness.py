@@ -121,6 +121,17 @@ def start_peer(relay_port: int, share: str, name: str = "peer", *extra: str) -> 
     return peer
 
 
+def start_web(share: str) -> tuple[Daemon, int]:
+    """``twist web`` serving C{share} on 127.0.0.1: the HTTP baselines."""
+    web = Daemon("twist web", TWISTD + ["web", "--path", share, "--listen", LOOPBACK])
+    web.start()
+    try:
+        return web, int(web.wait_for("starting on", 30).rsplit(" ", 1)[1])
+    except BaseException:
+        web.stop()  # the caller never got it, so cannot stop it
+        raise
+
+
 @dataclass
 class Run:
     """One timed child process."""

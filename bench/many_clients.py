@@ -29,7 +29,6 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import (  # noqa: E402
-    TWISTD,
     Daemon,
     MiB,
     Report,
@@ -38,6 +37,7 @@ from _harness import (  # noqa: E402
     react_report,
     start_peer,
     start_relay,
+    start_web,
 )
 from twisted.internet.defer import ensureDeferred, gatherResults  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint  # noqa: E402
@@ -123,12 +123,8 @@ async def measure(reactor, args) -> Report:
         daemons.append(relay)
         for index in range(3):
             daemons.append(start_peer(port, share, f"peer{index}"))
-        web = Daemon(
-            "twist web",
-            TWISTD + ["web", "--path", share, "--listen", "tcp:0:interface=127.0.0.1"],
-        ).start()
+        web, web_port = start_web(share)
         daemons.append(web)
-        web_port = int(web.wait_for("starting on", 30).rsplit(" ", 1)[1])
         ours_rates, ours_p99, base_rates, base_p99 = [], [], [], []
         for _ in range(args.repeats):
             started = time.perf_counter()

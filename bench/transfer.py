@@ -29,7 +29,6 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import (  # noqa: E402
     P2P,
-    TWISTD,
     Daemon,
     GiB,
     MiB,
@@ -40,6 +39,7 @@ from _harness import (  # noqa: E402
     run_timed,
     start_peer,
     start_relay,
+    start_web,
 )
 
 FOUND = re.compile(rb"found at \S+(?: \(resuming at byte \d+\))? \((\d+) ms\)")
@@ -137,12 +137,8 @@ def fetch_with_curl(
     share: str, out: str, mb: float, repeats: int, daemons: list[Daemon]
 ) -> list[float]:
     """Baseline (b): twist web serving the share, curl -o saving the file."""
-    web = Daemon(
-        "twist web",
-        TWISTD + ["web", "--path", share, "--listen", "tcp:0:interface=127.0.0.1"],
-    ).start()
+    web, web_port = start_web(share)
     daemons.append(web)
-    web_port = int(web.wait_for("starting on", 30).rsplit(" ", 1)[1])
     curl = []
     for index in range(repeats + 1):
         if os.path.exists(out):
