@@ -26,7 +26,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
-from p2p.limits import ConnectionLimits, ServerLineProtocol
+from p2p.limits import ConnectionLimits, IdleTimeouts, ServerLineProtocol
 from p2p.share import OpenedFile, ShareFolder
 from p2p.wire import Code, WireError
 
@@ -172,8 +172,9 @@ class PeerProtocol(ServerLineProtocol):
         clock: IReactorTime,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         on_lost: Callable[[], None] | None = None,
+        idle_timeouts: IdleTimeouts | None = None,
     ) -> None:
-        super().__init__(clock, idle_timeout, on_lost)
+        super().__init__(clock, idle_timeout, on_lost, idle_timeouts)
         self.share = share
         self._opened: OpenedFile | None = None
         self._header_sent = False
@@ -305,11 +306,16 @@ class PeerFactory(ServerFactory):
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.limits = limits if limits is not None else ConnectionLimits()
+        self.idle_timeouts = (
+            IdleTimeouts(clock, idle_timeout) if idle_timeout is not None else None
+        )
 
     def buildProtocol(self, addr) -> Protocol:
         return self.limits.protocol_for(addr, "peer", self._build)
 
     def _build(self, on_lost: Callable[[], None]) -> PeerProtocol:
-        protocol = PeerProtocol(self.share, self.clock, self.idle_timeout, on_lost)
+        protocol = PeerProtocol(
+            self.share, self.clock, self.idle_timeout, on_lost, self.idle_timeouts
+        )
         protocol.factory = self
         return protocol

@@ -3,6 +3,14 @@
 ``RelayProtocol`` only frames lines and reports errors; ``Relay`` holds the
 policy (leases, observed addresses, logging) and talks to an
 L{p2p.interfaces.IRegistry}.  See ``docs/protocol.rst``.
+
+What is logged: every change to the table (a new peer, an unregistered or
+expired one) and every refusal, one event each; the routine traffic
+(renewals, peer lists) only as counts in a periodic activity summary
+(L{Relay.report_activity}).  Ten thousand peers renewing every 20 seconds
+are 500 requests a second: a line each would drown the events that matter,
+and even filtered out, an event per request was a tenth of the relay's
+time per request.
 """
 
 from __future__ import annotations
@@ -16,7 +24,7 @@ from twisted.logger import Logger
 
 from p2p import wire
 from p2p.interfaces import IRegistry
-from p2p.limits import ConnectionLimits, ServerLineProtocol
+from p2p.limits import ConnectionLimits, IdleTimeouts, ServerLineProtocol
 from p2p.registry import MAX_HINT_SCAN, RegistryFull
 from p2p.wire import Code, WireError
 
@@ -27,9 +35,10 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 30
 # A bounded reply: the table may be huge, a reply must not be.  Also the
 # default page size (PEERS without limit=).
 MAX_PEERS_PER_REPLY = wire.MAX_PEERS_PER_PAGE
-# Formatted PEER line prefixes kept (about 150 bytes each, so at most a few
-# MB): a table that fits is listed without formatting peer ids and
-# addresses again; a bigger one still pays only for the pages it serves.
+# Formatted PEER lines kept (about 250 bytes each with their key, so at
+# most a few MB): a table that fits is listed without formatting lines again
+# within the same second; a bigger one still pays only for the pages it
+# serves.
 LINE_CACHE_ENTRIES = 16_384
 
 
@@ -44,6 +53,22 @@ def observed_host(address: IAddress) -> str:
     if not isinstance(host, str):
         raise WireError(Code.BAD_REQUEST, "the relay only serves IP connections")
     return wire.normalise_host(host)
+
+
+class Activity:
+    """Counts of the requests a relay answered since its last summary."""
+
+    __slots__ = ("registered", "renewed", "unregistered", "expired", "lists", "hinted")
+
+    def __init__(self) -> None:
+        self.registered = self.renewed = self.unregistered = self.expired = 0
+        self.lists = self.hinted = 0
+
+    def __bool__(self) -> bool:
+        return any(getattr(self, name) for name in self.__slots__)
+
+    def as_dict(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.__slots__}
 
 
 class Relay:
@@ -86,8 +111,9 @@ class Relay:
         # renders this object (a log event, a repr) shows the secret.
         self._token = token.encode("utf-8") if token else None
         self.token_for_queries = token_for_queries
-        # Lease -> "PEER <id> <host> <port> age=" (see peers); bounded.
-        self._line_prefixes: dict[object, str] = {}
+        # Lease -> (age, name, its PEER line) (see _listing); bounded.
+        self._lines: dict[object, tuple[int, str | None, bytes]] = {}
+        self.activity = Activity()
 
     @property
     def requires_token(self) -> bool:
@@ -98,9 +124,7 @@ class Relay:
         """
         Answer one parsed request from C{source}.
 
-        :return: the reply as lines without their delimiters; one item may
-            hold several lines already joined by ``\\n`` (a page of
-            ``PEER`` lines is encoded in one piece).
+        :return: the reply as lines without their delimiters.
         """
         if isinstance(request, wire.Register):
             self.check_token(request.token)
@@ -158,14 +182,17 @@ class Relay:
             raise WireError(Code.TOO_MANY, str(e)) from None
         # New iff the table grew: comparing lease.registered with now would
         # call a renewal at the same clock reading a registration.
-        event = "registered" if len(self.registry) > held else "renewed"
-        self.log.info(
-            "peer {peer_id} {event} at {address}",
-            peer_id=lease.peer_id,
-            event=event,
-            address=wire.format_address(host, request.port),
-            name=request.name,
-        )
+        if len(self.registry) > held:
+            self.activity.registered += 1
+            self.log.info(
+                "peer {peer_id} {event} at {address}",
+                peer_id=lease.peer_id,
+                event="registered",
+                address=wire.format_address(host, request.port),
+                name=request.name,
+            )
+        else:
+            self.activity.renewed += 1
         return wire.Registered(lease.peer_id, self.ttl, self.renew, source)
 
     def unregister(self, request: wire.Unregister, source: str) -> bytes:
@@ -173,6 +200,7 @@ class Relay:
         lease = self.registry.unregister(host, request.port)
         if lease is None:
             raise WireError(Code.NOT_FOUND, "no such registration")
+        self.activity.unregistered += 1
         self.log.info(
             "peer {peer_id} unregistered from {address}",
             peer_id=lease.peer_id,
@@ -203,11 +231,11 @@ class Relay:
             leases = self.registry.likely_holders(
                 now, request.hint, limit, MAX_HINT_SCAN
             )
-            self.log.info("likely holders sent ({count})", count=len(leases))
+            self.activity.hinted += 1
             return self._listing(leases, now, None)
         after = wire.parse_cursor(request.cursor) if request.cursor else 0
         leases, more = self.registry.page(now, after, limit)
-        self.log.info("peer list sent ({count} active)", count=len(leases))
+        self.activity.lists += 1
         next_cursor = None
         if more and leases and request.paged:
             next_cursor = wire.format_cursor(leases[-1].seq)
@@ -219,34 +247,51 @@ class Relay:
         """The reply lines listing C{leases} (see L{peers})."""
         # The hot path of a listing: no PeerEntry objects and no
         # re-validation (every field was checked when the peer registered).
-        # The part of a line that never changes for a lease (peer id,
-        # address) comes from a bounded cache; the age is computed per reply,
-        # so it stays exact, and the name may change on renewal.
-        cache = self._line_prefixes
+        # A lease's line changes only with its age (whole seconds) and its
+        # name (renewals may change it), so the last line built for it is
+        # kept, in a bounded cache, with the age and name it shows.
+        cache = self._lines
         if len(cache) > LINE_CACHE_ENTRIES:
             cache.clear()
-        parts = []
-        for lease in leases:
-            prefix = cache.get(lease)
-            if prefix is None:
-                prefix = cache[lease] = (
-                    f"PEER {lease.peer_id} {lease.host} {lease.port} age="
-                )
-            name = lease.name
-            parts.append(
-                f"{prefix}{int(now - lease.renewed)} name={name}"
-                if name
-                else f"{prefix}{int(now - lease.renewed)}"
-            )
-        text = "\n".join(parts)
         lines = [wire.format_count(len(leases), next_cursor)]
-        if text:
-            lines.append(text.encode())
+        append = lines.append
+        for lease in leases:
+            age = int(now - lease.renewed)
+            name = lease.name
+            cached = cache.get(lease)
+            if cached is not None and cached[0] == age and cached[1] == name:
+                append(cached[2])
+                continue
+            line = f"PEER {lease.peer_id} {lease.host} {lease.port} age={age}"
+            if name:
+                line = f"{line} name={name}"
+            encoded = line.encode()
+            cache[lease] = (age, name, encoded)
+            append(encoded)
         return lines
+
+    def report_activity(self) -> None:
+        """
+        Log what the relay did since the last report, in one info event
+        (fields: the L{Activity} counts and C{active}), and start counting
+        afresh.  Nothing is logged when nothing happened.
+        """
+        self.expire()
+        activity, self.activity = self.activity, Activity()
+        if not activity:
+            return
+        self.log.info(
+            "activity: {registered} new peers, {renewed} renewals, "
+            "{unregistered} unregistered, {expired} expired, {lists} peer "
+            "lists, {hinted} name queries; {active} peers active",
+            active=len(self.registry),
+            **activity.as_dict(),
+        )
 
     def expire(self) -> None:
         """End every lease whose time is up, logging each."""
         for lease in self.registry.expire(self.clock.seconds()):
+            self.activity.expired += 1
             self.log.info(
                 "peer {peer_id} expired at {address}",
                 peer_id=lease.peer_id,
@@ -269,8 +314,9 @@ class RelayProtocol(ServerLineProtocol):
         relay: Relay,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         on_lost: Callable[[], None] | None = None,
+        idle_timeouts: IdleTimeouts | None = None,
     ) -> None:
-        super().__init__(relay.clock, idle_timeout, on_lost)
+        super().__init__(relay.clock, idle_timeout, on_lost, idle_timeouts)
         self.relay = relay
 
     _source: str | None = None
@@ -306,11 +352,16 @@ class RelayFactory(ServerFactory):
         self.relay = relay
         self.idle_timeout = idle_timeout
         self.limits = limits if limits is not None else ConnectionLimits()
+        self.idle_timeouts = None
+        if idle_timeout is not None:
+            self.idle_timeouts = IdleTimeouts(relay.clock, idle_timeout)
 
     def buildProtocol(self, addr: IAddress) -> Protocol:
         return self.limits.protocol_for(addr, "relay", self._build)
 
     def _build(self, on_lost: Callable[[], None]) -> RelayProtocol:
-        protocol = RelayProtocol(self.relay, self.idle_timeout, on_lost)
+        protocol = RelayProtocol(
+            self.relay, self.idle_timeout, on_lost, self.idle_timeouts
+        )
         protocol.factory = self
         return protocol

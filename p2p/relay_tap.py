@@ -27,6 +27,8 @@ from p2p.service import ListeningService, PortFileService
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 DEFAULT_LISTEN = "tcp:8000"
+# Renewals and peer lists are logged as counts, once a minute.
+DEFAULT_REPORT_INTERVAL_SECONDS = 60.0
 
 
 class Options(usage.Options):
@@ -77,6 +79,14 @@ class Options(usage.Options):
             "environment variable: a command line is visible to other users.",
         ],
         ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
+        [
+            "report-interval",
+            None,
+            DEFAULT_REPORT_INTERVAL_SECONDS,
+            "Log an activity summary (renewals, peer lists, ...) this often, "
+            "in seconds (0: never).",
+            float,
+        ],
     ]
     optFlags = [
         [
@@ -124,6 +134,8 @@ class Options(usage.Options):
             raise usage.UsageError("--renew must be between 1 and --ttl seconds")
         if self["idle-timeout"] <= 0:
             raise usage.UsageError("--idle-timeout must be positive")
+        if self["report-interval"] < 0:
+            raise usage.UsageError("--report-interval must be 0 (never) or more")
         check_limits(self, ["max-peers", "max-per-host", *CONNECTION_LIMIT_OPTIONS])
         self["token"] = token_option(self["token"])
         if self["token-for-queries"] and self["token"] is None:
@@ -207,7 +219,13 @@ def makeService(config: Options, reactor=None) -> MultiService:
         listeners.append(listener)
     sweeper = TimerService(expiry_period(config["ttl"]), relay.expire)
     sweeper.clock = reactor
+    sweeper.setName("expiry")
     sweeper.setServiceParent(parent)
+    if config["report-interval"]:
+        reporter = TimerService(config["report-interval"], relay.report_activity)
+        reporter.clock = reactor
+        reporter.setName("activity report")
+        reporter.setServiceParent(parent)
     if config["port-file"]:
         PortFileService(config["port-file"], listeners).setServiceParent(parent)
     return parent

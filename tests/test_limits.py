@@ -27,6 +27,7 @@ from p2p.limits import (
     RefusingProtocol,
     ServerLineProtocol,
     source_host,
+    unsent_output,
 )
 from p2p.peer import PeerFactory, PeerProtocol
 from p2p.registry import MemoryRegistry
@@ -305,6 +306,17 @@ def _rmtree(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
+class SocketTransportBuffers:
+    """The buffer attributes of Twisted's socket transports, nothing else."""
+
+    def __init__(
+        self, dataBuffer: bytes = b"", offset: int = 0, _tempDataLen: int = 0
+    ) -> None:
+        self.dataBuffer = dataBuffer
+        self.offset = offset
+        self._tempDataLen = _tempDataLen
+
+
 class HalfCloseTests(SynchronousTestCase):
     """A client that half-closes after its requests still gets every answer
     (``printf 'PEERS\\n' | nc -N``), then the server closes."""
@@ -333,7 +345,9 @@ class HalfCloseTests(SynchronousTestCase):
         from twisted.internet.interfaces import IHalfCloseableProtocol
 
         protocol, transport = self.connect(self.relay_factory)
-        self.assertTrue(IHalfCloseableProtocol.providedBy(protocol))
+        # What Twisted asks at the end of input; a StringTransport cannot
+        # say whether it sent everything, so the answer is yes.
+        self.assertIs(IHalfCloseableProtocol(protocol, None), protocol)
         protocol.dataReceived(b"REGISTER 9001\nPEERS\n")
         protocol.readConnectionLost()
         lines = transport.value().splitlines()
@@ -341,6 +355,57 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertTrue(lines[1].startswith(b"OK "))
         self.assertEqual(lines[2], b"OK 1")
         self.assertTrue(transport.disconnecting)
+
+    def test_half_close_only_while_output_is_unsent(self) -> None:
+        """
+        On a socket transport that has sent every byte, the protocol does
+        not adapt to IHalfCloseableProtocol (Twisted then closes at once);
+        with bytes still buffered, it does.
+        """
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        protocol, _ = self.connect(self.relay_factory)
+        protocol.transport = SocketTransportBuffers()
+        self.assertIsNone(IHalfCloseableProtocol(protocol, None))
+        for pending in [
+            {"dataBuffer": b"OK 0\n"},
+            {"dataBuffer": b"OK 0\n", "offset": 2},
+            {"_tempDataLen": 5},
+        ]:
+            protocol.transport = SocketTransportBuffers(**pending)
+            self.assertIs(IHalfCloseableProtocol(protocol, None), protocol, pending)
+        protocol.transport = SocketTransportBuffers(dataBuffer=b"OK 0\n", offset=5)
+        self.assertIsNone(IHalfCloseableProtocol(protocol, None))
+
+    def test_half_close_while_a_request_is_in_progress(self) -> None:
+        """Reading paused (a peer sending a file): half-close, buffers empty."""
+        from twisted.internet.interfaces import IHalfCloseableProtocol
+
+        protocol, _ = self.connect(self.relay_factory)
+        protocol.transport = SocketTransportBuffers()
+        protocol.paused = True
+        self.assertIs(IHalfCloseableProtocol(protocol, None), protocol)
+
+    def test_unsent_output_of_a_real_socket_transport(self) -> None:
+        """
+        The attributes unsent_output reads are those of Twisted's own
+        FileDescriptor (should they go, every connection falls back to the
+        half-close path, and this test says so).
+        """
+        from twisted.internet.abstract import FileDescriptor
+        from twisted.internet.testing import MemoryReactor
+
+        descriptor = FileDescriptor(MemoryReactor())
+        descriptor.connected = True
+        self.assertFalse(unsent_output(descriptor))
+        descriptor.write(b"OK 0\n")
+        self.assertTrue(unsent_output(descriptor))
+
+    def test_unsent_output(self) -> None:
+        """Unknown transports may always hold unsent bytes."""
+        self.assertTrue(unsent_output(object()))
+        self.assertTrue(unsent_output(StringTransport()))
+        self.assertFalse(unsent_output(SocketTransportBuffers()))
 
     def test_peer_finishes_the_transfer_first(self) -> None:
         """A peer closes a half-closed connection only after the file and

@@ -269,7 +269,8 @@ class StatelessTests(PagingTestCase):
 
 
 class LineCacheTests(PagingTestCase):
-    """The relay caches the fixed part of PEER lines; the rest stays exact."""
+    """The relay caches PEER lines with the age and name they show; what it
+    sends stays exact."""
 
     def test_name_and_age_stay_current(self) -> None:
         """A renamed, renewed peer is listed with its new name and age."""
@@ -289,6 +290,16 @@ class LineCacheTests(PagingTestCase):
             self.ask(b"PEERS")[1:], [b"PEER %s 10.0.0.1 1 age=2" % self.peer_id(1)]
         )
 
+    def test_renamed_within_the_same_second(self) -> None:
+        """A rename shows at once, even when the age has not changed."""
+        self.registry.register("10.0.0.1", 1, "old", self.clock.seconds())
+        self.ask(b"PEERS")
+        self.registry.register("10.0.0.1", 1, "new", self.clock.seconds())
+        self.assertEqual(
+            self.ask(b"PEERS")[1:],
+            [b"PEER %s 10.0.0.1 1 age=0 name=new" % self.peer_id(1)],
+        )
+
     def test_bounded(self) -> None:
         """The cache never holds more than its bound (plus one page)."""
         self.patch(relay_module, "LINE_CACHE_ENTRIES", 10)
@@ -296,7 +307,7 @@ class LineCacheTests(PagingTestCase):
         cursor = None
         while True:
             ports, cursor = self.page(7, cursor)
-            self.assertLessEqual(len(self.relay._line_prefixes), 10 + 7)
+            self.assertLessEqual(len(self.relay._lines), 10 + 7)
             if cursor is None:
                 break
 

@@ -12,7 +12,7 @@ from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
-from twisted.logger import LogLevel, globalLogPublisher
+from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -21,6 +21,7 @@ from p2p.limits import MAX_ERRORS_PER_CONNECTION
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
     MAX_PEERS_PER_REPLY,
+    Activity,
     Relay,
     RelayFactory,
     RelayProtocol,
@@ -963,13 +964,18 @@ class LoggingTests(RelayTestCase):
         self.assertIs(event["log_source"], self.relay)
 
     def test_renewed(self) -> None:
-        """A renewal logs "renewed", not a second "registered"."""
+        """A renewal logs no event of its own (and no second "registered"):
+        it is counted for the activity report."""
         connection = self.connect()
         self.register(connection, b"REGISTER 9000")
         self.advance_to(20)
+        before = len(self.events)
         self.register(connection, b"REGISTER 9000")
+        self.assertEqual(len(self.events), before)
         self.assertEqual(len(self.relay_events(event="registered")), 1)
-        self.assertEqual(len(self.relay_events(event="renewed")), 1)
+        self.assertEqual(
+            (self.relay.activity.registered, self.relay.activity.renewed), (1, 1)
+        )
 
     def test_renewed_at_same_instant(self) -> None:
         """A renewal is a renewal even when the clock has not moved."""
@@ -977,7 +983,7 @@ class LoggingTests(RelayTestCase):
         self.register(connection, b"REGISTER 9000")
         self.register(connection, b"REGISTER 9000")
         self.assertEqual(len(self.relay_events(event="registered")), 1)
-        self.assertEqual(len(self.relay_events(event="renewed")), 1)
+        self.assertEqual(self.relay.activity.renewed, 1)
 
     def test_expired(self) -> None:
         """A sweep after ttl logs one "expired" event per lease, once."""
@@ -1001,19 +1007,76 @@ class LoggingTests(RelayTestCase):
 
     def expired_events(self) -> list[dict]:
         """The "expired" events logged so far."""
-        return [
-            event
-            for event in self.relay_events()
-            if event["log_format"].endswith("expired at {address}")
-        ]
+        return self.relay_events_where(lambda f: f.endswith("expired at {address}"))
+
+    def activity_events(self) -> list[dict]:
+        """The activity reports logged so far."""
+        return self.relay_events_where(lambda f: f.startswith("activity:"))
+
+    def relay_events_where(self, test) -> list[dict]:
+        """The relay's events whose format passes C{test}."""
+        return [event for event in self.relay_events() if test(event["log_format"])]
 
     def test_query(self) -> None:
-        """PEERS logs how many peers were listed."""
+        """PEERS logs nothing per request; it is counted (hint= apart)."""
         self.register(self.connect(), b"REGISTER 9000")
+        before = len(self.events)
         self.peers()
-        [event] = self.relay_events(count=1)
+        self.connect(PEER_B).request(b"PEERS hint=0123456789abcdef")
+        self.assertEqual(len(self.events), before)
+        self.assertEqual(
+            (self.relay.activity.lists, self.relay.activity.hinted), (1, 1)
+        )
+
+    def test_activity_report(self) -> None:
+        """
+        report_activity logs one info event with every count since the last
+        report and the peers active, then counts afresh.
+        """
+        connection = self.connect()
+        self.register(connection, b"REGISTER 9000")
+        self.register(connection, b"REGISTER 9000")
+        self.peers()
+        connection.request(b"UNREGISTER 9000")
+        self.register(connection, b"REGISTER 9001")
+        self.relay.report_activity()
+        [event] = self.activity_events()
         self.assertEqual(event["log_level"], LogLevel.info)
-        self.assertIn("{count}", event["log_format"])
+        counts = {name: event[name] for name in Activity.__slots__ + ("active",)}
+        self.assertEqual(
+            counts,
+            {
+                "registered": 2,
+                "renewed": 1,
+                "unregistered": 1,
+                "expired": 0,
+                "lists": 1,
+                "hinted": 0,
+                "active": 1,
+            },
+        )
+        self.assertIn("2 new peers, 1 renewals", formatEvent(event))
+        self.assertFalse(self.relay.activity)
+
+    def test_activity_report_counts_expiry(self) -> None:
+        """Leases that expired since the last report are in it (the report
+        sweeps first)."""
+        self.register(self.connect(), b"REGISTER 9000")
+        self.relay.report_activity()
+        self.advance_to(TTL)
+        self.relay.report_activity()
+        [_, event] = self.activity_events()
+        self.assertEqual(
+            (event["expired"], event["registered"], event["active"]), (1, 0, 0)
+        )
+
+    def test_quiet_relay_reports_nothing(self) -> None:
+        """No activity since the last report: no event."""
+        self.relay.report_activity()
+        self.register(self.connect(), b"REGISTER 9000")
+        self.relay.report_activity()
+        self.relay.report_activity()
+        self.assertEqual(len(self.activity_events()), 1)
 
     def test_unregistered(self) -> None:
         """UNREGISTER logs the ended lease."""

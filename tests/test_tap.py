@@ -7,11 +7,16 @@ import os
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService
 from twisted.internet.error import CannotListenError
-from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
+from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import peer_tap, relay_tap
+from p2p import peer_tap, relay_tap, wire
 from p2p.announce import UNREGISTER_TIMEOUT_SECONDS, Announcer
 from p2p.endpoints import DEFAULT_RELAY
 from p2p.hints import build_filter
@@ -53,6 +58,13 @@ def set_token_environment(case: SynchronousTestCase, value: str | None) -> None:
         os.environ[TOKEN_ENVIRONMENT_VARIABLE] = value
 
 
+def activity_reports(events: list[dict]) -> list[dict]:
+    """The relay's activity summaries among logged C{events}."""
+    return [
+        event for event in events if event.get("log_format", "").startswith("activity:")
+    ]
+
+
 class RelayOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         set_token_environment(self, None)
@@ -71,6 +83,7 @@ class RelayOptionsTests(SynchronousTestCase):
                 "max-connections-per-host": 64,
                 "token": None,
                 "port-file": None,
+                "report-interval": 60.0,
                 "allow-claimed-host": 0,
                 "token-for-queries": 0,
             },
@@ -157,6 +170,8 @@ class RelayOptionsTests(SynchronousTestCase):
             ["--ttl", "60", "--renew", "61"],
             ["--idle-timeout", "0"],
             ["--idle-timeout", "soon"],
+            ["--report-interval", "-1"],
+            ["--report-interval", "hourly"],
             ["--max-peers", "many"],
             ["--max-peers", "-1"],
             ["--max-per-host", "-1"],
@@ -203,9 +218,9 @@ class RelayServiceTests(SynchronousTestCase):
         service, reactor = self.make()
         self.assertIsInstance(service, MultiService)
         self.assertEqual(len(children(service, ListeningService)), 1)
-        self.assertEqual(len(children(service, TimerService)), 1)
+        self.assertEqual(len(children(service, TimerService)), 2)
         self.assertEqual(children(service, PortFileService), [])
-        self.assertEqual(len(list(service)), 2)
+        self.assertEqual(len(list(service)), 3)
 
     def test_listens_on_every_endpoint(self) -> None:
         service, reactor = self.make(
@@ -262,8 +277,9 @@ class RelayServiceTests(SynchronousTestCase):
 
     def test_sweeper_runs_on_the_clock(self) -> None:
         """Expired leases are swept by a TimerService on the injected clock."""
-        service, reactor = self.make("--ttl", "8")
+        service, reactor = self.make("--ttl", "8", "--report-interval", "0")
         (sweeper,) = children(service, TimerService)
+        self.assertIs(sweeper, service.getServiceNamed("expiry"))
         self.assertIs(sweeper.clock, reactor)
         self.assertEqual(sweeper.step, relay_tap.expiry_period(8))
         registry = children(service, ListeningService)[0].factory.relay.registry
@@ -277,6 +293,28 @@ class RelayServiceTests(SynchronousTestCase):
         self.successResultOf(service.stopService())
         self.assertEqual(reactor.getDelayedCalls(), [])
         self.assertIsNone(children(service, ListeningService)[0].port)
+
+    def test_activity_report_on_the_clock(self) -> None:
+        """The activity summary is logged every --report-interval seconds."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service, reactor = self.make("--report-interval", "10")
+        reporter = service.getServiceNamed("activity report")
+        self.assertIs(reporter.clock, reactor)
+        relay = children(service, ListeningService)[0].factory.relay
+        service.startService()
+        relay.register(wire.Register(port=9000), "127.0.0.1")
+        reactor.advance(9.9)
+        self.assertEqual(activity_reports(events), [])
+        reactor.advance(0.1)
+        [report] = activity_reports(events)
+        self.assertEqual((report["registered"], report["active"]), (1, 1))
+        self.successResultOf(service.stopService())
+
+    def test_no_activity_report(self) -> None:
+        """--report-interval 0: no reporter."""
+        service, _ = self.make("--report-interval", "0")
+        self.assertEqual(len(children(service, TimerService)), 1)
+        self.assertRaises(KeyError, service.getServiceNamed, "activity report")
 
     def test_port_file(self) -> None:
         path = self.mktemp()
