@@ -130,6 +130,28 @@ async def test_quiet_not_found_is_one_line(seed, launcher):
     assert "not found on any of 3" in result.stderr
 
 
+@integration
+async def test_half_closed_connection_gets_every_answer(seed, launcher):
+    """
+    ``printf 'PEERS\\n...' | nc -N``: requests, then the client's end of
+    input; the relay and a peer answer every request, then close.
+    """
+    peer = seed.peers[0]
+    listing = 1 + len(peer.files)
+    for address, requests, reply_lines in [
+        # The banner, then the answers: OK 3 and three PEER lines, ...
+        (seed.relay.address, ["PEERS", "PEERS limit=1", "PEERS"], 1 + 4 + 2 + 4),
+        (peer.address, ["LIST", "GET missing.txt", "LIST"], 1 + listing + 1 + listing),
+    ]:
+        connection = await launcher.connect_raw(address)
+        for request in requests:
+            connection.send_line(request)
+        connection.transport.loseWriteConnection()
+        await connection.when_closed()
+        assert len(connection.lines) == reply_lines, connection.lines
+        assert connection.lines[-1].startswith(("PEER ", "FILE ")), connection.lines
+
+
 # -- failures: their own relay and peers --------------------------------------
 
 

@@ -24,6 +24,7 @@ from p2p.limits import (
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_HOST,
     ConnectionLimits,
+    IdleTimeouts,
     RefusingProtocol,
     ServerLineProtocol,
     source_host,
@@ -111,6 +112,99 @@ class ConnectionLimitsTests(SynchronousTestCase):
             RuntimeError, limits.protocol_for, address(HOST_A), "relay", broken
         )
         self.assertEqual(limits.total, 0)
+
+
+class Idle:
+    """A connection as IdleTimeouts sees it: records when it timed out."""
+
+    def __init__(self, clock: Clock, fail: bool = False) -> None:
+        self.clock = clock
+        self.fail = fail
+        self.timed_out_at: float | None = None
+
+    def timeoutConnection(self) -> None:
+        self.timed_out_at = self.clock.seconds()
+        if self.fail:
+            raise RuntimeError("bug")
+
+
+class IdleTimeoutsTests(SynchronousTestCase):
+    """Many connections' idle deadlines on one timer."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.clock.advance(1000)
+        self.timeouts = IdleTimeouts(self.clock, 30)
+
+    def test_one_timer_for_many(self) -> None:
+        """Ten connections, one timed call; each times out at its deadline."""
+        connections = [Idle(self.clock) for _ in range(10)]
+        for connection in connections:
+            self.timeouts.restart(connection)
+            self.clock.advance(1)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.assertEqual(len(self.timeouts), 10)
+        self.clock.pump([30 - 10] + [1] * 9)
+        self.assertEqual(
+            [c.timed_out_at for c in connections], [1030.0 + n for n in range(10)]
+        )
+        self.assertEqual(len(self.timeouts), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def at(self, moment: float) -> None:
+        """Move the clock to C{moment}."""
+        self.clock.advance(moment - self.clock.seconds())
+
+    def test_restart_postpones(self) -> None:
+        """A restarted connection times out a full period after the restart,
+        not at its first deadline; the others keep theirs."""
+        first, second = Idle(self.clock), Idle(self.clock)
+        self.timeouts.restart(first)
+        self.at(1005)
+        self.timeouts.restart(second)
+        self.at(1025)
+        self.timeouts.restart(first)
+        self.at(1030)  # first's old deadline
+        self.assertEqual((first.timed_out_at, second.timed_out_at), (None, None))
+        self.at(1035)
+        self.assertEqual((first.timed_out_at, second.timed_out_at), (None, 1035.0))
+        self.at(1054.5)
+        self.assertIsNone(first.timed_out_at)
+        self.at(1055)
+        self.assertEqual(first.timed_out_at, 1055.0)
+
+    def test_stopped_connection_never_times_out(self) -> None:
+        """Stopping the first deadline leaves the next one exact."""
+        first, second = Idle(self.clock), Idle(self.clock)
+        self.timeouts.restart(first)
+        self.clock.advance(3)
+        self.timeouts.restart(second)
+        self.timeouts.stop(first)
+        self.clock.advance(27)  # first's old deadline: nothing due
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+        self.clock.advance(3)
+        self.assertEqual((first.timed_out_at, second.timed_out_at), (None, 1033.0))
+
+    def test_stopping_the_last_cancels_the_timer(self) -> None:
+        connection = Idle(self.clock)
+        self.timeouts.restart(connection)
+        self.timeouts.stop(connection)
+        self.timeouts.stop(connection)  # twice is harmless
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.timeouts.restart(connection)
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1)
+
+    def test_failure_does_not_stop_the_others(self) -> None:
+        """A connection whose timeout raises is logged; the rest time out."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        broken, fine = Idle(self.clock, fail=True), Idle(self.clock)
+        self.timeouts.restart(broken)
+        self.timeouts.restart(fine)
+        self.clock.advance(30)
+        self.assertEqual(fine.timed_out_at, 1030.0)
+        [event] = [e for e in events if e.get("log_level") == LogLevel.critical]
+        self.assertIsInstance(event["log_failure"].value, RuntimeError)
+        self.flushLoggedErrors(RuntimeError)
 
 
 class RefusingProtocolTests(SynchronousTestCase):
