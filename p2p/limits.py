@@ -38,6 +38,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from p2p import wire
+from p2p.transports import unsent_output, write_now
 from p2p.wire import Code, WireError
 
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -45,6 +46,9 @@ DEFAULT_MAX_CONNECTIONS_PER_HOST = 64
 # A well-behaved client makes one request per connection; ten refusals in a
 # row is a broken or hostile one.
 MAX_ERRORS_PER_CONNECTION = 10
+
+# What source_host says of a connection without an IP source.
+UNKNOWN_HOST = "?"
 
 # The replies after which a server always hangs up.
 _CLOSING_CODES = frozenset({Code.LINE_TOO_LONG, Code.TIMEOUT})
@@ -102,12 +106,13 @@ class ConnectionLimits:
         self,
         address: object,
         role: str,
-        build: Callable[[Callable[[], None]], Protocol],
+        build: Callable[[str, Callable[[], None]], Protocol],
     ) -> Protocol:
         """
-        The protocol for a new connection from C{address}: C{build(release)}
-        if the limits admit it, else a L{RefusingProtocol}.
+        The protocol for a new connection from C{address}: C{build(host,
+        release)} if the limits admit it, else a L{RefusingProtocol}.
 
+        C{host} is the source address as L{source_host} gives it.
         C{release} must be called exactly once, when the connection is lost
         (L{ServerLineProtocol} does that).
         """
@@ -121,7 +126,7 @@ class ConnectionLimits:
             )
             return RefusingProtocol(role, refusal)
         try:
-            return build(lambda: self.release(host))
+            return build(host, lambda: self.release(host))
         except BaseException:
             self.release(host)
             raise
@@ -224,25 +229,6 @@ class IdleTimeouts:
                 self.log.failure("timing out an idle connection failed")
 
 
-def unsent_output(transport: object) -> bool:
-    """
-    Whether C{transport} may still hold bytes it has not sent.
-
-    Twisted's socket transports (L{twisted.internet.abstract.FileDescriptor})
-    keep unsent bytes in C{dataBuffer} past C{offset}, and in a list buffer
-    of C{_tempDataLen} bytes.  Any other transport (TLS, a test's
-    StringTransport), or a future Twisted without those attributes: C{True},
-    which is always safe.
-    """
-    try:
-        return (
-            len(transport.dataBuffer) > transport.offset  # type: ignore[attr-defined]
-            or transport._tempDataLen > 0  # type: ignore[attr-defined]
-        )
-    except (AttributeError, TypeError):
-        return True
-
-
 class ServerLineProtocol(LineReceiver):
     """
     The relay's and the peer's connection: a banner, then request lines.
@@ -294,7 +280,11 @@ class ServerLineProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.resetTimeout()
-        self.transport.write(wire.banner(self.role) + self.delimiter)
+        write_now(self.transport, wire.banner(self.role) + self.delimiter)
+
+    def sendLine(self, line: bytes) -> None:
+        """Send one line, at once when the socket takes it (L{write_now})."""
+        write_now(self.transport, line + self.delimiter)
 
     def resetTimeout(self) -> None:
         """Restart the idle period: the connection made progress."""

@@ -11,14 +11,12 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from twisted.internet import tcp
 from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IPullProducer,
     IReactorTime,
-    ISSLTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
@@ -28,6 +26,7 @@ from zope.interface import implementer
 from p2p import wire
 from p2p.limits import ConnectionLimits, IdleTimeouts, ServerLineProtocol
 from p2p.share import OpenedFile, ShareFolder
+from p2p.transports import zero_copy_socket
 from p2p.wire import Code, WireError
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30
@@ -144,16 +143,6 @@ class FileRangeProducer:
             self.done.callback(None)
         else:
             self.done.errback(result)
-
-
-def zero_copy_socket(transport: object) -> int | None:
-    """
-    The socket to ``sendfile`` into, for a plain TCP connection; C{None}
-    for anything else (TLS must encrypt every byte; test transports).
-    """
-    if not isinstance(transport, tcp.Connection) or ISSLTransport.providedBy(transport):
-        return None
-    return transport.fileno()
 
 
 class PeerProtocol(ServerLineProtocol):
@@ -313,7 +302,7 @@ class PeerFactory(ServerFactory):
     def buildProtocol(self, addr) -> Protocol:
         return self.limits.protocol_for(addr, "peer", self._build)
 
-    def _build(self, on_lost: Callable[[], None]) -> PeerProtocol:
+    def _build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
         protocol = PeerProtocol(
             self.share, self.clock, self.idle_timeout, on_lost, self.idle_timeouts
         )

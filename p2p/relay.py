@@ -24,8 +24,14 @@ from twisted.logger import Logger
 
 from p2p import wire
 from p2p.interfaces import IRegistry
-from p2p.limits import ConnectionLimits, IdleTimeouts, ServerLineProtocol
+from p2p.limits import (
+    UNKNOWN_HOST,
+    ConnectionLimits,
+    IdleTimeouts,
+    ServerLineProtocol,
+)
 from p2p.registry import MAX_HINT_SCAN, RegistryFull
+from p2p.transports import write_now
 from p2p.wire import Code, WireError
 
 DEFAULT_TTL_SECONDS = 60
@@ -315,11 +321,12 @@ class RelayProtocol(ServerLineProtocol):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         on_lost: Callable[[], None] | None = None,
         idle_timeouts: IdleTimeouts | None = None,
+        source: str | None = None,
     ) -> None:
         super().__init__(relay.clock, idle_timeout, on_lost, idle_timeouts)
         self.relay = relay
-
-    _source: str | None = None
+        # The observed address, when the factory already worked it out.
+        self._source = source
 
     def request_received(self, line: bytes) -> None:
         # The source address cannot change: work it out once per connection.
@@ -329,7 +336,7 @@ class RelayProtocol(ServerLineProtocol):
         request = wire.parse_relay_request(line)
         reply = self.relay.handle(request, source)
         reply.append(b"")  # the last line's delimiter
-        self.transport.write(self.delimiter.join(reply))
+        write_now(self.transport, self.delimiter.join(reply))
 
 
 class RelayFactory(ServerFactory):
@@ -359,9 +366,14 @@ class RelayFactory(ServerFactory):
     def buildProtocol(self, addr: IAddress) -> Protocol:
         return self.limits.protocol_for(addr, "relay", self._build)
 
-    def _build(self, on_lost: Callable[[], None]) -> RelayProtocol:
+    def _build(self, host: str, on_lost: Callable[[], None]) -> RelayProtocol:
         protocol = RelayProtocol(
-            self.relay, self.idle_timeout, on_lost, self.idle_timeouts
+            self.relay,
+            self.idle_timeout,
+            on_lost,
+            self.idle_timeouts,
+            # source_host's "?" (not an IP connection) is refused on request.
+            source=None if host == UNKNOWN_HOST else host,
         )
         protocol.factory = self
         return protocol

@@ -28,7 +28,6 @@ from p2p.limits import (
     RefusingProtocol,
     ServerLineProtocol,
     source_host,
-    unsent_output,
 )
 from p2p.peer import PeerFactory, PeerProtocol
 from p2p.registry import MemoryRegistry
@@ -105,7 +104,7 @@ class ConnectionLimitsTests(SynchronousTestCase):
         """A protocol that cannot be built does not keep its place."""
         limits = ConnectionLimits(max_total=1, max_per_host=1)
 
-        def broken(release):
+        def broken(host, release):
             raise RuntimeError("bug")
 
         self.assertRaises(
@@ -479,27 +478,6 @@ class HalfCloseTests(SynchronousTestCase):
         protocol.transport = SocketTransportBuffers()
         protocol.paused = True
         self.assertIs(IHalfCloseableProtocol(protocol, None), protocol)
-
-    def test_unsent_output_of_a_real_socket_transport(self) -> None:
-        """
-        The attributes unsent_output reads are those of Twisted's own
-        FileDescriptor (should they go, every connection falls back to the
-        half-close path, and this test says so).
-        """
-        from twisted.internet.abstract import FileDescriptor
-        from twisted.internet.testing import MemoryReactor
-
-        descriptor = FileDescriptor(MemoryReactor())
-        descriptor.connected = True
-        self.assertFalse(unsent_output(descriptor))
-        descriptor.write(b"OK 0\n")
-        self.assertTrue(unsent_output(descriptor))
-
-    def test_unsent_output(self) -> None:
-        """Unknown transports may always hold unsent bytes."""
-        self.assertTrue(unsent_output(object()))
-        self.assertTrue(unsent_output(StringTransport()))
-        self.assertFalse(unsent_output(SocketTransportBuffers()))
 
     def test_peer_finishes_the_transfer_first(self) -> None:
         """A peer closes a half-closed connection only after the file and

@@ -919,6 +919,6 @@ class ZeroCopyTests(SynchronousTestCase):
 
     def test_plain_tcp_only(self) -> None:
         """Only a plain TCP connection gets the zero-copy path."""
-        from p2p.peer import zero_copy_socket
+        from p2p.transports import zero_copy_socket
 
         self.assertIsNone(zero_copy_socket(StringTransport()))
