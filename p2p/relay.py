@@ -117,8 +117,9 @@ class Relay:
         # renders this object (a log event, a repr) shows the secret.
         self._token = token.encode("utf-8") if token else None
         self.token_for_queries = token_for_queries
-        # Lease -> (age, name, its PEER line) (see _listing); bounded.
-        self._lines: dict[object, tuple[int, str | None, bytes]] = {}
+        # Lease -> (renewed, age, age + 1, name, its PEER line) (see
+        # _listing); bounded.
+        self._lines: dict[object, tuple[float, float, float, str | None, bytes]] = {}
         self.activity = Activity()
 
     @property
@@ -253,26 +254,35 @@ class Relay:
         """The reply lines listing C{leases} (see L{peers})."""
         # The hot path of a listing: no PeerEntry objects and no
         # re-validation (every field was checked when the peer registered).
-        # A lease's line changes only with its age (whole seconds) and its
-        # name (renewals may change it), so the last line built for it is
-        # kept, in a bounded cache, with the age and name it shows.
+        # A lease's line changes only with its age in whole seconds and its
+        # name, so the last line built for it is kept, in a bounded cache,
+        # with what it was built from: the renewal time, the name, and the
+        # span of "now - renewed" that rounds down to its age, as floats.
+        # Comparing floats is cheaper than working the age out again (int()
+        # of a float, or float-to-int comparisons), and just as exact.
         cache = self._lines
         if len(cache) > LINE_CACHE_ENTRIES:
             cache.clear()
         lines = [wire.format_count(len(leases), next_cursor)]
         append = lines.append
         for lease in leases:
-            age = int(now - lease.renewed)
-            name = lease.name
+            renewed = lease.renewed
             cached = cache.get(lease)
-            if cached is not None and cached[0] == age and cached[1] == name:
-                append(cached[2])
+            if (
+                cached is not None
+                and cached[0] == renewed
+                and cached[1] <= now - renewed < cached[2]
+                and cached[3] == lease.name
+            ):
+                append(cached[4])
                 continue
+            age = int(now - renewed)
+            name = lease.name
             line = f"PEER {lease.peer_id} {lease.host} {lease.port} age={age}"
             if name:
                 line = f"{line} name={name}"
             encoded = line.encode()
-            cache[lease] = (age, name, encoded)
+            cache[lease] = (renewed, float(age), float(age + 1), name, encoded)
             append(encoded)
         return lines
 

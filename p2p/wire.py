@@ -421,6 +421,9 @@ def parse_relay_request(line: bytes) -> RelayRequest:
             host=_parse_optional_host(options),
         )
     if verb == "PEERS":
+        if len(args) == 1 and args[0].startswith("limit="):
+            # What a fetching client asks: one page, nothing else to check.
+            return Peers(limit=parse_int(args[0][6:], "limit", 1, MAX_PEERS_PER_PAGE))
         options = parse_options(args, _PEERS_OPTIONS)
         limit = options.get("limit")
         cursor = options.get("cursor")

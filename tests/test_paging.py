@@ -290,6 +290,20 @@ class LineCacheTests(PagingTestCase):
             self.ask(b"PEERS")[1:], [b"PEER %s 10.0.0.1 1 age=2" % self.peer_id(1)]
         )
 
+    def test_age_ticks_over_on_the_second(self) -> None:
+        """The cached line's age changes exactly when int(now - renewed) does."""
+        self.clock.advance(0.3)
+        self.registry.register("10.0.0.1", 1, None, self.clock.seconds())
+        renewed = self.clock.seconds()
+        for offset, age in [(0.0, 0), (0.999, 0), (1.0, 1), (1.5, 1), (2.0, 2)]:
+            self.clock.advance(renewed + offset - self.clock.seconds())
+            expected = int(self.clock.seconds() - renewed)
+            self.assertEqual(expected, age)
+            self.assertEqual(
+                self.ask(b"PEERS")[1:],
+                [b"PEER %s 10.0.0.1 1 age=%d" % (self.peer_id(1), age)],
+            )
+
     def test_renamed_within_the_same_second(self) -> None:
         """A rename shows at once, even when the age has not changed."""
         self.registry.register("10.0.0.1", 1, "old", self.clock.seconds())
