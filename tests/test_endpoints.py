@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import endpoints
 from p2p.endpoints import (
+    DEFAULT_BACKLOG,
     DEFAULT_RELAY,
     check_client,
     check_server,
@@ -22,6 +23,7 @@ from p2p.endpoints import (
     relay_from_environment,
     server_description,
     server_endpoint,
+    with_default_backlog,
 )
 
 from ._support import set_relay_environment
@@ -114,6 +116,23 @@ class EndpointTests(SynchronousTestCase):
         endpoint.listen(Factory.forProtocol(Protocol))
         port, _, _, interface = reactor.tcpServers[0]
         self.assertEqual((port, interface), (8000, ""))
+
+    def test_server_default_backlog(self) -> None:
+        """TCP listeners get a backlog of DEFAULT_BACKLOG (511), not
+        Twisted's 50, unless the description names one."""
+        reactor = MemoryReactorClock()
+        for text, backlog in [
+            ("8000", DEFAULT_BACKLOG),
+            ("tcp:0:interface=127.0.0.1", DEFAULT_BACKLOG),
+            (r"tcp6:0:interface=\:\:1", DEFAULT_BACKLOG),
+            ("tcp:0:backlog=7", 7),
+        ]:
+            server_endpoint(reactor, text).listen(Factory.forProtocol(Protocol))
+            self.assertEqual(reactor.tcpServers[-1][2], backlog, text)
+        self.assertEqual(DEFAULT_BACKLOG, 511)
+        self.assertEqual(
+            with_default_backlog("unix:/run/p2p.sock"), "unix:/run/p2p.sock"
+        )
 
     def test_server_ipv6_interface(self) -> None:
         reactor = MemoryReactorClock()
