@@ -579,6 +579,10 @@ def main(argv: list[str] | None = None) -> NoReturn:
     from twisted.internet import reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    from p2p.allocator import keep_freed_memory
+
+    keep_freed_memory()
+
     args = sys.argv[1:] if argv is None else argv
     if "-v" in args or "--verbose" in args:
         globalLogBeginner.beginLoggingTo(
