@@ -27,8 +27,8 @@ Setup, so that neither the load generator nor TCP is the bottleneck:
   ``IP_BIND_ADDRESS_NO_PORT`` (the port is picked at connect time, so
   TIME_WAIT ports are reused per destination): one source address caps any
   server near 14,000 new connections/s.
-* the relay runs as ``twist --log-level=warn relay`` (one info line per
-  request otherwise: the default level is measured in the full run too),
+* the relay runs as ``twist --log-level=warn relay`` (an info line per new
+  peer otherwise: the default level is measured in the full run too),
   ``--ttl 600`` (no lease expires during the run) and its default
   connection and registration limits, which fit: 50 connections spread over
   32 addresses stay under 64 per address and 1000 in total, and 1000 leases
@@ -363,7 +363,7 @@ def main(argv: list[str] | None = None, report: Report | None = None) -> Report:
             daemons.append(info)
             logged = [measure(info, info_port, kind, args, 20) for kind, _ in kinds]
             report.line(
-                "3.4 Ours at the default log level (info: one log line per request)",
+                "3.4 Ours at the default log level (info: a line per new peer)",
                 "\n".join(
                     f"{label}: {r['rate']:.0f} req/s, p99 {r['p99_ms']:.2f} ms"
                     for (_, label), r in zip(kinds, logged, strict=True)
