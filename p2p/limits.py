@@ -153,9 +153,10 @@ class RefusingProtocol(Protocol):
 
 
 def source_host(address: object) -> str:
-    """The host part of a connection's address, for counting ("?" if none)."""
+    """The host part of a connection's address, for counting
+    (L{UNKNOWN_HOST} if it has none: a UNIX socket)."""
     host = getattr(address, "host", None)
-    return wire.normalise_host(host) if isinstance(host, str) else "?"
+    return wire.normalise_host(host) if isinstance(host, str) else UNKNOWN_HOST
 
 
 class Expiring(Interface):
@@ -176,6 +177,8 @@ class IdleTimeouts:
     however many connections are open.  A connection still times out at
     exactly its own deadline (the timer, when it fires early because the
     first connection made progress or left, is set again for the new first).
+    Should the clock step backwards, a deadline may sit behind a later one:
+    it is then honoured late, never early.
 
     :param clock: the reactor's clock.
     :param timeout: seconds a connection may go without progress.

@@ -217,8 +217,8 @@ class Relay:
 
     def peers(self, request: wire.Peers | None = None) -> list[bytes]:
         """
-        One page of the peer list: the header line, then the ``PEER`` lines
-        joined into one item (see L{handle}).
+        One page of the peer list: the header line, then one ``PEER`` line
+        per lease (see L{handle}).
 
         The page starts after the request's cursor (the registration
         sequence number of the last peer of the previous page), so the
