@@ -38,7 +38,13 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.transports import unsent_output, write_now
+from p2p.transports import (
+    is_plain_tcp,
+    plain_socket,
+    unsent_bytes,
+    unsent_output,
+    write_now,
+)
 from p2p.wire import Code, WireError
 
 DEFAULT_MAX_CONNECTIONS = 1000
@@ -286,8 +292,45 @@ class ServerLineProtocol(LineReceiver):
         write_now(self.transport, wire.banner(self.role) + self.delimiter)
 
     def sendLine(self, line: bytes) -> None:
-        """Send one line, at once when the socket takes it (L{write_now})."""
-        write_now(self.transport, line + self.delimiter)
+        """Send one line (see L{send_answer})."""
+        self.send_answer(line + self.delimiter)
+
+    # Registered as the transport's streaming producer (see send_answer).
+    _holding = False
+    # Bytes of answers written, sent or not (see timeoutConnection).
+    _answered = 0
+
+    def send_answer(self, data: bytes) -> None:
+        """
+        Send (part of) an answer, at once when the socket takes it
+        (L{write_now}).
+
+        A client that sends requests without reading the answers would make
+        the transport queue them without bound.  So once an answer is left
+        waiting on a plain TCP connection, the protocol registers itself as
+        the transport's streaming producer: Twisted then pauses it (no more
+        requests are read) while more than the transport's buffer size is
+        queued, and resumes it when the client has read.  Over TLS the
+        transport cannot say what it holds; see docs/security.rst.
+        """
+        self._answered += len(data)
+        if write_now(self.transport, data) or self._holding:
+            return
+        if plain_socket(self.transport) is None:
+            return
+        self._holding = True
+        self.transport.registerProducer(self, True)
+
+    def release_transport(self) -> None:
+        """Stop being the transport's producer, so another may register."""
+        if self._holding:
+            self._holding = False
+            self.transport.unregisterProducer()
+
+    def resumeProducing(self) -> None:
+        """Read requests again; a half-closed connection may now be done."""
+        super().resumeProducing()
+        self.close_if_done()
 
     def resetTimeout(self) -> None:
         """Restart the idle period: the connection made progress."""
@@ -374,5 +417,26 @@ class ServerLineProtocol(LineReceiver):
         self.log.warn("refused a request: line too long")
         self.send_error(Code.LINE_TOO_LONG, "line too long")
 
+    # Bytes of answers the client had taken at the last idle timeout.
+    _delivered_at_timeout = -1
+
     def timeoutConnection(self) -> None:
+        """
+        ``ERR 408`` and a close, for a client that sent no request for the
+        idle period.  One that still has answers to read is different: as
+        long as it reads (it took more bytes than by the last timeout) that
+        is progress and it gets another period; one that has stopped
+        reading is cut off (an abort: a polite close would wait for it to
+        read, maybe for ever, holding its place in the limits).
+        """
+        unsent = unsent_bytes(self.transport) if is_plain_tcp(self.transport) else 0
+        if unsent:
+            delivered = self._answered - unsent
+            if delivered > self._delivered_at_timeout:
+                self._delivered_at_timeout = delivered
+                self.resetTimeout()
+                return
+            self.log.info("closing a connection whose client stopped reading")
+            self.transport.abortConnection()
+            return
         self.send_error(Code.TIMEOUT, "idle timeout")

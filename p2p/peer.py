@@ -185,7 +185,8 @@ class PeerProtocol(ServerLineProtocol):
         entries = self.share.list()
         lines = [wire.format_count(len(entries))]
         lines.extend(entry.to_line() for entry in entries)
-        self.transport.writeSequence([line + self.delimiter for line in lines])
+        lines.append(b"")  # the last line's delimiter
+        self.send_answer(self.delimiter.join(lines))
 
     def _serve(self, request: wire.Get) -> None:
         opened = self.share.open(request.name)
@@ -215,6 +216,8 @@ class PeerProtocol(ServerLineProtocol):
             count=header.count,
             offset=offset,
         )
+        # The file producer takes the transport over (reading stays paused).
+        self.release_transport()
         producer = FileRangeProducer(
             opened.fd,
             offset,

@@ -31,7 +31,6 @@ from p2p.limits import (
     ServerLineProtocol,
 )
 from p2p.registry import MAX_HINT_SCAN, RegistryFull
-from p2p.transports import write_now
 from p2p.wire import Code, WireError
 
 DEFAULT_TTL_SECONDS = 60
@@ -346,7 +345,7 @@ class RelayProtocol(ServerLineProtocol):
         request = wire.parse_relay_request(line)
         reply = self.relay.handle(request, source)
         reply.append(b"")  # the last line's delimiter
-        write_now(self.transport, self.delimiter.join(reply))
+        self.send_answer(self.delimiter.join(reply))
 
 
 class RelayFactory(ServerFactory):

@@ -25,18 +25,24 @@ from twisted.internet import tcp
 from twisted.internet.interfaces import ISSLTransport
 
 
+def is_plain_tcp(transport: object) -> bool:
+    """Whether C{transport} is Twisted's own TCP transport, without TLS."""
+    return isinstance(transport, tcp.Connection) and not ISSLTransport.providedBy(
+        transport
+    )
+
+
 def plain_socket(transport: object) -> socket.socket | None:
     """
-    The socket of a connected plain TCP transport; C{None} for anything
-    else.
+    The socket of a connected plain TCP transport that is not closing;
+    C{None} for anything else.
     """
     if (
-        isinstance(transport, tcp.Connection)
-        and transport.connected
-        and not transport.disconnecting
-        and not ISSLTransport.providedBy(transport)
+        is_plain_tcp(transport)
+        and transport.connected  # type: ignore[attr-defined]
+        and not transport.disconnecting  # type: ignore[attr-defined]
     ):
-        return transport.socket
+        return transport.socket  # type: ignore[attr-defined]
     return None
 
 
@@ -45,31 +51,37 @@ def zero_copy_socket(transport: object) -> int | None:
     The socket to ``sendfile`` into, for a plain TCP connection; C{None}
     for anything else (TLS must encrypt every byte; test transports).
     """
-    if not isinstance(transport, tcp.Connection) or ISSLTransport.providedBy(transport):
+    if not is_plain_tcp(transport):
         return None
-    return transport.fileno()
+    return transport.fileno()  # type: ignore[attr-defined]
 
 
-def unsent_output(transport: object) -> bool:
+def unsent_bytes(transport: object) -> int | None:
     """
-    Whether C{transport} may still hold bytes it has not sent.
+    How many bytes C{transport} holds unsent; C{None} if it cannot say.
 
     Twisted's socket transports (L{twisted.internet.abstract.FileDescriptor})
     keep unsent bytes in C{dataBuffer} past C{offset}, and in a list buffer
     of C{_tempDataLen} bytes.  Any other transport (TLS, a test's
-    StringTransport), or a future Twisted without those attributes: C{True},
-    which is always safe.
+    StringTransport), or a future Twisted without those attributes: C{None}.
     """
     try:
         return (
-            len(transport.dataBuffer) > transport.offset  # type: ignore[attr-defined]
-            or transport._tempDataLen > 0  # type: ignore[attr-defined]
+            len(transport.dataBuffer)  # type: ignore[attr-defined]
+            - transport.offset  # type: ignore[attr-defined]
+            + transport._tempDataLen  # type: ignore[attr-defined]
         )
     except (AttributeError, TypeError):
-        return True
+        return None
 
 
-def write_now(transport: object, data: bytes) -> None:
+def unsent_output(transport: object) -> bool:
+    """Whether C{transport} may still hold bytes it has not sent (C{True}
+    when it cannot say, which is always safe)."""
+    return unsent_bytes(transport) != 0
+
+
+def write_now(transport: object, data: bytes) -> bool:
     """
     C{transport.write(data)}, sending what the socket takes at once when
     C{transport} is a plain TCP connection with nothing queued.
@@ -78,6 +90,9 @@ def write_now(transport: object, data: bytes) -> None:
     handed to C{transport.write}, behind nothing, so the order of bytes
     never changes; a broken connection is then noticed and closed by the
     transport, as it would have been anyway.
+
+    :return: whether every byte went out at once (C{False}: some wait in
+        the transport, or it cannot tell).
     """
     sock = plain_socket(transport)
     if sock is not None and not unsent_output(transport):
@@ -87,6 +102,7 @@ def write_now(transport: object, data: bytes) -> None:
             # EAGAIN, EINTR, or a reset: the transport sorts it out.
             sent = 0
         if sent == len(data):
-            return
+            return True
         data = data[sent:]
     transport.write(data)  # type: ignore[attr-defined]
+    return False

@@ -12,7 +12,7 @@ import socket
 
 from twisted.internet import tcp
 from twisted.internet.abstract import FileDescriptor
-from twisted.internet.testing import MemoryReactor, StringTransport
+from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p.transports import plain_socket, unsent_output, write_now
@@ -28,7 +28,7 @@ def connection_pair(test: SynchronousTestCase) -> tuple[tcp.Connection, socket.s
     test.addCleanup(ours.close)
     test.addCleanup(theirs.close)
     theirs.setblocking(False)
-    connection = tcp.Connection(ours, None, MemoryReactor())
+    connection = tcp.Connection(ours, None, MemoryReactorClock())
     connection.connected = True  # as makeConnection would have it
     return connection, theirs
 
@@ -122,3 +122,133 @@ class WriteNowTests(SynchronousTestCase):
         connection.disconnecting = False
         connection.connected = False
         self.assertIsNone(plain_socket(connection))
+
+
+class NonReadingClientTests(SynchronousTestCase):
+    """
+    A client that sends requests and never reads the answers: the relay
+    stops reading its requests once answers pile up, and goes on when the
+    client reads (a real tcp.Connection over a socket pair).
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.task import Clock
+
+        from p2p.registry import MemoryRegistry
+        from p2p.relay import Relay, RelayProtocol
+
+        self.clock = Clock()
+        registry = MemoryRegistry(600)
+        for port in range(1, 1001):
+            registry.register("10.0.0.1", port, "a-peer-name", 0.0)
+        relay = Relay(registry, self.clock, ttl=600)
+        self.lost: list[bool] = []
+        self.protocol = RelayProtocol(
+            relay, 30, lambda: self.lost.append(True), source="10.0.0.9"
+        )
+        self.connection, self.client = connection_pair(self)
+        self.connection.protocol = self.protocol
+        self.protocol.makeConnection(self.connection)
+        self.received = bytearray(drain(self.client))
+
+    def test_answers_wait_for_the_client(self) -> None:
+        requests = 200  # 200 full pages: about 20 MB of answers
+        self.protocol.dataReceived(b"PEERS\n" * requests)
+        self.assertTrue(self.protocol.paused)
+        queued = len(self.connection.dataBuffer) + self.connection._tempDataLen
+        # At most a page or two waits in the transport (not 200 of them),
+        # and the rest of the requests wait, unread.
+        self.assertLess(queued, 3 * 110_000)
+        self.assertGreater(len(self.protocol._buffer), 0)
+        # The client reads: everything is answered, in order.
+        for _ in range(10_000):
+            self.received += drain(self.client)
+            if not unsent_output(self.connection) and not self.protocol._buffer:
+                break
+            self.connection.doWrite()
+        self.received += drain(self.client)
+        self.assertFalse(self.protocol.paused)
+        headers = [
+            line
+            for line in bytes(self.received).split(b"\n")
+            if line.startswith(b"OK ")
+        ]
+        self.assertEqual(headers, [b"OK 1000"] * requests)
+
+    def test_client_that_stopped_reading_is_cut_off(self) -> None:
+        """
+        At the idle timeout a client with unread answers gets one more
+        period; if it read nothing in it, the connection is aborted (a
+        polite close would wait for it for ever).
+        """
+        self.protocol.dataReceived(b"PEERS\n" * 50)
+        self.assertTrue(unsent_output(self.connection))
+        self.clock.advance(30)
+        self.connection.reactor.advance(0)
+        self.assertEqual(self.lost, [])
+        self.clock.advance(30)
+        self.assertEqual(self.lost, [])
+        # abortConnection closes on the reactor's next turn.
+        self.connection.reactor.advance(0)
+        self.assertEqual(self.lost, [True])
+
+    def test_slow_reader_is_not_cut_off(self) -> None:
+        """A client that keeps reading, however slowly, keeps its answers."""
+        self.protocol.dataReceived(b"PEERS\n" * 50)
+        received = bytearray(self.received)
+        for _ in range(5):
+            self.clock.advance(30)
+            try:
+                received += self.client.recv(200_000)
+            except BlockingIOError:
+                pass
+            self.connection.doWrite()
+        self.connection.reactor.advance(0)
+        self.assertEqual(self.lost, [])
+        self.assertTrue(self.protocol.transport.connected)
+
+    def test_idle_without_unread_answers_gets_408(self) -> None:
+        """The ordinary case is unchanged: ERR 408, then a polite close."""
+        self.clock.advance(30)
+        self.assertEqual(drain(self.client), b"ERR 408 idle timeout\n")
+        self.assertTrue(self.connection.disconnecting)
+
+    def test_peer_listing_flood_then_a_file(self) -> None:
+        """
+        A peer held up by unread LIST answers hands the transport to the
+        file producer for a GET that follows, and everything arrives in
+        order once the client reads.
+        """
+        import os
+        import shutil
+        import tempfile
+
+        from p2p.peer import PeerProtocol
+        from p2p.share import ShareFolder
+
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        content = os.urandom(300_000)
+        with open(os.path.join(root, "a.bin"), "wb") as stream:
+            stream.write(content)
+        for index in range(300):
+            open(os.path.join(root, f"{'n' * 200}-{index}.txt"), "wb").close()
+        connection, client = connection_pair(self)
+        peer = PeerProtocol(ShareFolder(root), self.clock, 30)
+        connection.protocol = peer
+        peer.makeConnection(connection)
+        peer.dataReceived(b"LIST\n" * 100 + b"GET a.bin\n")
+        self.assertTrue(peer.paused)
+        received = bytearray()
+        for _ in range(100_000):
+            received += drain(client)
+            if (
+                peer._opened is None
+                and not peer._buffer
+                and not unsent_output(connection)
+            ):
+                break
+            connection.doWrite()
+        received += drain(client)
+        self.assertTrue(received.endswith(content), len(received))
+        self.assertEqual(received.count(b"\nOK 301\n"), 100)
