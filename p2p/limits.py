@@ -32,7 +32,7 @@ from twisted.internet.interfaces import (
     IHalfCloseableProtocol,
     IReactorTime,
 )
-from twisted.internet.protocol import Protocol
+from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
@@ -136,6 +136,50 @@ class ConnectionLimits:
         except BaseException:
             self.release(host)
             raise
+
+
+class LimitedServerFactory(ServerFactory):
+    """
+    A factory for connections that live under L{ConnectionLimits} and share
+    one L{IdleTimeouts}: the relay's and the peer's.
+
+    Subclasses set C{role} and implement L{build}.
+
+    :param clock: the reactor's clock (idle deadlines run on it).
+    :param idle_timeout: see L{ServerLineProtocol} (C{None}: never).
+    :param limits: open-connection limits; past them a connection gets a
+        L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
+        source address.
+    """
+
+    noisy = False
+    role = "server"
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        idle_timeout: float | None,
+        limits: ConnectionLimits | None = None,
+    ) -> None:
+        self.clock = clock
+        self.idle_timeout = idle_timeout
+        self.limits = limits if limits is not None else ConnectionLimits()
+        self.idle_timeouts = (
+            IdleTimeouts(clock, idle_timeout) if idle_timeout is not None else None
+        )
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        return self.limits.protocol_for(addr, self.role, self._build)
+
+    def _build(self, host: str, on_lost: Callable[[], None]) -> Protocol:
+        protocol = self.build(host, on_lost)
+        protocol.factory = self
+        return protocol
+
+    def build(self, host: str, on_lost: Callable[[], None]) -> Protocol:
+        """The protocol for an admitted connection from C{host} (subclasses);
+        C{on_lost} must reach its L{ServerLineProtocol}."""
+        raise NotImplementedError
 
 
 class RefusingProtocol(Protocol):
@@ -289,11 +333,17 @@ class ServerLineProtocol(LineReceiver):
 
     def connectionMade(self) -> None:
         self.resetTimeout()
-        write_now(self.transport, wire.banner(self.role) + self.delimiter)
+        self.sendLine(wire.banner(self.role))
 
     def sendLine(self, line: bytes) -> None:
         """Send one line (see L{send_answer})."""
         self.send_answer(line + self.delimiter)
+
+    def send_lines(self, lines: list[bytes]) -> None:
+        """Send C{lines}, each with its delimiter, in one write (the list
+        is used up: it gains an empty last item)."""
+        lines.append(b"")
+        self.send_answer(self.delimiter.join(lines))
 
     # Registered as the transport's streaming producer (see send_answer).
     _holding = False

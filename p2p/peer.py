@@ -18,13 +18,17 @@ from twisted.internet.interfaces import (
     IPullProducer,
     IReactorTime,
 )
-from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
-from p2p.limits import ConnectionLimits, IdleTimeouts, ServerLineProtocol
+from p2p.limits import (
+    ConnectionLimits,
+    IdleTimeouts,
+    LimitedServerFactory,
+    ServerLineProtocol,
+)
 from p2p.share import OpenedFile, ShareFolder
 from p2p.transports import zero_copy_socket
 from p2p.wire import Code, WireError
@@ -185,8 +189,7 @@ class PeerProtocol(ServerLineProtocol):
         entries = self.share.list()
         lines = [wire.format_count(len(entries))]
         lines.extend(entry.to_line() for entry in entries)
-        lines.append(b"")  # the last line's delimiter
-        self.send_answer(self.delimiter.join(lines))
+        self.send_lines(lines)
 
     def _serve(self, request: wire.Get) -> None:
         opened = self.share.open(request.name)
@@ -276,7 +279,7 @@ class PeerProtocol(ServerLineProtocol):
             self.transport.abortConnection()
 
 
-class PeerFactory(ServerFactory):
+class PeerFactory(LimitedServerFactory):
     """
     Builds a L{PeerProtocol} per client, all serving one share folder.
 
@@ -285,7 +288,7 @@ class PeerFactory(ServerFactory):
         source address.
     """
 
-    noisy = False
+    role = "peer"
 
     def __init__(
         self,
@@ -294,20 +297,10 @@ class PeerFactory(ServerFactory):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         limits: ConnectionLimits | None = None,
     ) -> None:
+        super().__init__(clock, idle_timeout, limits)
         self.share = share
-        self.clock = clock
-        self.idle_timeout = idle_timeout
-        self.limits = limits if limits is not None else ConnectionLimits()
-        self.idle_timeouts = (
-            IdleTimeouts(clock, idle_timeout) if idle_timeout is not None else None
-        )
 
-    def buildProtocol(self, addr) -> Protocol:
-        return self.limits.protocol_for(addr, "peer", self._build)
-
-    def _build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
-        protocol = PeerProtocol(
+    def build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
+        return PeerProtocol(
             self.share, self.clock, self.idle_timeout, on_lost, self.idle_timeouts
         )
-        protocol.factory = self
-        return protocol

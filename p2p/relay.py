@@ -19,7 +19,6 @@ import hmac
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger
 
 from p2p import wire
@@ -28,6 +27,7 @@ from p2p.limits import (
     UNKNOWN_HOST,
     ConnectionLimits,
     IdleTimeouts,
+    LimitedServerFactory,
     ServerLineProtocol,
 )
 from p2p.registry import MAX_HINT_SCAN, RegistryFull
@@ -344,11 +344,10 @@ class RelayProtocol(ServerLineProtocol):
             source = self._source = observed_host(self.transport.getPeer())
         request = wire.parse_relay_request(line)
         reply = self.relay.handle(request, source)
-        reply.append(b"")  # the last line's delimiter
-        self.send_answer(self.delimiter.join(reply))
+        self.send_lines(reply)
 
 
-class RelayFactory(ServerFactory):
+class RelayFactory(LimitedServerFactory):
     """
     Builds a L{RelayProtocol} per connection, all sharing one L{Relay}.
 
@@ -357,7 +356,7 @@ class RelayFactory(ServerFactory):
         source address.
     """
 
-    noisy = False
+    role = "relay"
 
     def __init__(
         self,
@@ -365,18 +364,11 @@ class RelayFactory(ServerFactory):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         limits: ConnectionLimits | None = None,
     ) -> None:
+        super().__init__(relay.clock, idle_timeout, limits)
         self.relay = relay
-        self.idle_timeout = idle_timeout
-        self.limits = limits if limits is not None else ConnectionLimits()
-        self.idle_timeouts = None
-        if idle_timeout is not None:
-            self.idle_timeouts = IdleTimeouts(relay.clock, idle_timeout)
 
-    def buildProtocol(self, addr: IAddress) -> Protocol:
-        return self.limits.protocol_for(addr, "relay", self._build)
-
-    def _build(self, host: str, on_lost: Callable[[], None]) -> RelayProtocol:
-        protocol = RelayProtocol(
+    def build(self, host: str, on_lost: Callable[[], None]) -> RelayProtocol:
+        return RelayProtocol(
             self.relay,
             self.idle_timeout,
             on_lost,
@@ -384,5 +376,3 @@ class RelayFactory(ServerFactory):
             # source_host's "?" (not an IP connection) is refused on request.
             source=None if host == UNKNOWN_HOST else host,
         )
-        protocol.factory = self
-        return protocol
