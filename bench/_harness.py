@@ -189,20 +189,21 @@ def run_timed(argv: list[str], timeout: float = 600, **kwargs) -> Run:
 
 def peak_rss_bytes(pid: int) -> int:
     """A running process's peak resident set (VmHWM)."""
-    with open(f"/proc/{pid}/status") as status:
-        for line in status:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmHWM for pid {pid}")
+    return _status_bytes(pid, "VmHWM")
 
 
 def rss_bytes(pid: int) -> int:
     """A running process's current resident set (VmRSS)."""
+    return _status_bytes(pid, "VmRSS")
+
+
+def _status_bytes(pid: int, field: str) -> int:
+    """A size in bytes from /proc/PID/status (given there in kB)."""
     with open(f"/proc/{pid}/status") as status:
         for line in status:
-            if line.startswith("VmRSS:"):
+            if line.startswith(f"{field}:"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError(f"no VmRSS for pid {pid}")
+    raise RuntimeError(f"no {field} for pid {pid}")
 
 
 def make_file(path: str, size: int) -> None:

@@ -534,6 +534,14 @@ class ModelTests(RegistryTestCase):
     order list splits, empties and merges chunks all the time.
     """
 
+    def sweep(self, registry: MemoryRegistry, model: dict, now: float) -> None:
+        """Expire ``registry`` and ``model`` alike; the same leases must go."""
+        expired = registry.expire(now)
+        due = [k for k, lease in model.items() if lease.expires <= now]
+        self.assertEqual(sorted((e.host, e.port) for e in expired), sorted(due))
+        for key in due:
+            del model[key]
+
     def check(self, registry: MemoryRegistry, model: dict, now: float, rng) -> None:
         expected = [lease for lease in model.values() if lease.expires > now]
         # Order, paging from random cursors, and the page's "more" flag.
@@ -562,13 +570,7 @@ class ModelTests(RegistryTestCase):
                 action = rng.random()
                 if action < 0.6:
                     # As the relay does: sweep, then register.
-                    expired = registry.expire(now)
-                    due = [k for k, lease in model.items() if lease.expires <= now]
-                    self.assertEqual(
-                        sorted((e.host, e.port) for e in expired), sorted(due)
-                    )
-                    for key in due:
-                        del model[key]
+                    self.sweep(registry, model, now)
                     try:
                         lease = registry.register(host, port, None, now)
                     except RegistryFull:
@@ -582,13 +584,7 @@ class ModelTests(RegistryTestCase):
                     gone = registry.unregister(host, port)
                     self.assertIs(gone, model.pop((host, port), None))
                 else:
-                    expired = registry.expire(now)
-                    due = [k for k, lease in model.items() if lease.expires <= now]
-                    self.assertEqual(
-                        sorted((e.host, e.port) for e in expired), sorted(due)
-                    )
-                    for key in due:
-                        del model[key]
+                    self.sweep(registry, model, now)
                 model = dict(sorted(model.items(), key=lambda item: item[1].seq))
                 self.check(registry, model, now, rng)
                 # Listing swept what was due (active and page expire first).
