@@ -260,10 +260,10 @@ class PeerProtocol(ServerLineProtocol):
 
     def _read_next(self) -> None:
         """Read requests again after a file, unless the connection is closing
-        (the error budget may just have run out)."""
+        (the error budget may just have run out).  A half-closed connection
+        closes here once nothing is left to answer (see resumeProducing)."""
         if not self._lost and not self.transport.disconnecting:
             self.resumeProducing()
-            self.close_if_done()
 
     def _close_file(self) -> None:
         self._header_sent = False
