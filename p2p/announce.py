@@ -30,6 +30,9 @@ FIRST_RETRY_SECONDS = 1.0
 # Before the relay has told us its renewal interval, retries are capped here.
 DEFAULT_MAX_RETRY_SECONDS = 20.0
 UNREGISTER_TIMEOUT_SECONDS = 5.0
+# How soon a changed name filter reaches the relay: changes in a burst (a
+# share being indexed) are sent together, at most one REGISTER per period.
+FILTER_REFRESH_SECONDS = 2.0
 
 
 class Announcer(Service):
@@ -106,8 +109,12 @@ class Announcer(Service):
         self._registered_waiters.append(d)
         return d
 
+    # Whether the names changed since the filter sent last was built.
+    _files_changed = False
+
     def _register(self) -> None:
         self._timer = None
+        self._files_changed = False
         d = maybeDeferred(self.files) if self.files is not None else succeed(None)
         d.addErrback(self._no_filter)
         d.addCallback(self._send_register)
@@ -167,7 +174,10 @@ class Announcer(Service):
             waiter.callback(reply)
         # Renew a little early, by a random fraction of a tenth of the interval,
         # so that peers started together do not renew together.
-        self._schedule(reply.renew * (1 - 0.1 * self.jitter()))
+        delay = reply.renew * (1 - 0.1 * self.jitter())
+        if self._files_changed:
+            delay = min(delay, FILTER_REFRESH_SECONDS)
+        self._schedule(delay)
 
     def _failed(self, failure: Failure) -> None:
         if not self.running:
@@ -194,6 +204,20 @@ class Announcer(Service):
                 delay=delay,
             )
         self._schedule(delay)
+
+    def files_changed(self) -> None:
+        """
+        The share's names changed: renew within L{FILTER_REFRESH_SECONDS}
+        (not at the next renewal, up to C{renew} seconds away) so that the
+        relay suggests this peer for the files it just indexed.  Only while
+        a lease is held; a failing relay keeps its backoff.
+        """
+        self._files_changed = True
+        timer = self._timer
+        if self.lease is None or timer is None or not timer.active():
+            return  # the registration under way picks the change up
+        if timer.getTime() - self.clock.seconds() > FILTER_REFRESH_SECONDS:
+            timer.reset(FILTER_REFRESH_SECONDS)
 
     def _schedule(self, delay: float) -> None:
         if self.running:

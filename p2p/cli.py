@@ -35,7 +35,14 @@ from p2p.client import (
 from p2p.endpoints import client_endpoint, relay_from_environment
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
-from p2p.sink import PipelinedSpoolSink, SpoolSink
+from p2p.sink import (
+    FileOutput,
+    InlineWorker,
+    Output,
+    PieceSink,
+    SerialWorker,
+    StreamOutput,
+)
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
 
@@ -84,8 +91,12 @@ class PeersOptions(usage.Options):
 
 
 class LsOptions(usage.Options):
-    synopsis = ""
-    longdesc = "List the files of every active peer: 'SIZE HOST:PORT NAME' lines."
+    synopsis = "[--long]"
+    longdesc = (
+        "List the files of every active peer: 'SIZE HOST:PORT NAME' lines; "
+        "with --long, 'SIZE ROOT HOST:PORT NAME', ROOT naming the content."
+    )
+    optFlags = [["long", "l", "Also print each file's content root."]]
 
 
 class DemoOptions(usage.Options):
@@ -350,7 +361,7 @@ class Client:
         return EXIT_OK if self.console.write(b"".join(lines)) else EXIT_OUTPUT
 
     @inlineCallbacks
-    def list_all_files(self):
+    def list_all_files(self, long: bool = False):
         try:
             entries = yield self.peers()
         except RELAY_FAILURES:
@@ -366,11 +377,17 @@ class Client:
                     f"{entry.address}: cannot list files: {describe(Failure())}"
                 )
                 continue
-            rows.extend((f.name, f.size, entry.address) for f in files)
+            rows.extend((f.name, f.size, f.root, entry.address) for f in files)
         rows.sort()
-        text = "".join(
-            f"{size:>12} {address:<22} {name}\n" for name, size, address in rows
-        )
+        if long:
+            text = "".join(
+                f"{size:>12} {root} {address:<22} {name}\n"
+                for name, size, root, address in rows
+            )
+        else:
+            text = "".join(
+                f"{size:>12} {address:<22} {name}\n" for name, size, _, address in rows
+            )
         return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
 
     @inlineCallbacks
@@ -407,11 +424,11 @@ class Client:
             self.console.error(f"{name[:60]!r}: not a valid file name")
             return EXIT_NOT_FOUND
         target = _target_path(name, output)
-        spool_dir = os.path.dirname(os.path.abspath(target)) if target else None
-        # The spool file is created next to the target (for an atomic rename);
-        # find out now, not mid-transfer, that it cannot be.
-        if spool_dir is not None and not (
-            os.path.isdir(spool_dir) and os.access(spool_dir, os.W_OK | os.X_OK)
+        folder = os.path.dirname(os.path.abspath(target)) if target else None
+        # The partial file is created next to the target (for an atomic
+        # rename); find out now, not mid-transfer, that it cannot be.
+        if folder is not None and not (
+            os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
         ):
             self.console.error(f"{name}: cannot write {target}: no writable folder")
             return EXIT_OUTPUT
@@ -429,10 +446,14 @@ class Client:
             f"{len(suggested)} suggested for {name}"
         )
         peers = hinted_order(suggested, peers)
+        output_to: Output = (
+            StreamOutput(self.console.stdout) if target is None else FileOutput(target)
+        )
         if IReactorThreads.providedBy(self.reactor):
-            sink: SpoolSink = PipelinedSpoolSink(spool_dir, self.reactor)
+            worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
         else:  # an in-memory reactor (tests): everything on this thread
-            sink = SpoolSink(spool_dir)
+            worker = InlineWorker()
+        sink = PieceSink(output_to, worker, durable=self.durable)
         fetcher = Fetcher(
             self.reactor,
             self.options["connect-timeout"],
@@ -440,40 +461,50 @@ class Client:
             endpoint_for=self.endpoint_for,
             report=lambda attempt: self._report(name, attempt),
             stagger=self.options["stagger"],
+            on_indexing=lambda peer, progress: self._indexing(name, peer, progress),
         )
         try:
             result = yield fetcher.fetch(name, peers, sink)
+            yield sink.finish()
         except NotFoundAnywhere as e:
-            sink.discard()
+            kept = yield sink.abandon(keep=True)
             self.console.error(f"{name}: not found on any of {e.peers} active peer(s)")
+            self._kept(name, sink, kept)
             return EXIT_NOT_FOUND
-        except OutputFailed as e:
-            sink.discard()
-            self.console.error(f"{name}: cannot store what was received: {e}")
-            return EXIT_OUTPUT
-        except BaseException:
-            sink.discard()
-            raise
-        try:
-            if target is None:
-                yield in_daemon_thread(
-                    self.reactor, lambda: sink.copy_to(self.console.stdout)
-                )
-                where = "stdout"
-            else:
-                sink.save_as(target, durable=self.durable)
-                where = target
-        except OSError as e:
-            sink.discard()
+        except (OutputFailed, OSError) as e:
+            yield sink.abandon(keep=False)
+            error = e.error if isinstance(e, OutputFailed) else e
             self.console.error(
-                f"{name}: cannot write {target or 'stdout'}: {e.strerror or e}"
+                f"{name}: cannot write {output_to.label}: {error.strerror or error}"
             )
             return EXIT_OUTPUT
+        except BaseException:
+            sink.abandon(keep=False)
+            raise
+        yield sink.abandon(keep=False)  # stops the worker; the file is in place
+        content = result.content
         self.console.say(
-            f"{name}: {result.header.size} bytes from {result.peer.address} "
-            f"(sha256 {result.header.sha256[:12]}..., verified) -> {where}"
+            f"{name}: {content.size} bytes from {result.peer.address} "
+            f"(root {content.root_hex[:12]}..., every piece verified) "
+            f"-> {output_to.label}"
         )
         return EXIT_OK
+
+    def _indexing(
+        self, name: str, peer: wire.PeerEntry, progress: wire.Indexing
+    ) -> None:
+        share = progress.done / progress.total if progress.total else 1.0
+        self.console.say(
+            f"{name}: {peer.address} is indexing it ({share:.0%} of "
+            f"{progress.total} bytes); waiting"
+        )
+
+    def _kept(self, name: str, sink: PieceSink, kept: str | None) -> None:
+        if kept is not None and sink.content is not None:
+            self.console.error(
+                f"{name}: kept {sink.received} of {sink.content.size} verified "
+                f"bytes in {kept}; run the same command again to resume"
+            )
 
     def _report(self, name: str, attempt: Attempt) -> None:
         ms = attempt.seconds * 1000
@@ -568,7 +599,7 @@ def run(reactor, argv: list[str], console: Console | None = None):
     if command == "peers":
         return (yield client.print_peers())
     if command == "ls":
-        return (yield client.list_all_files())
+        return (yield client.list_all_files(sub["long"]))
     from p2p.demo import run_demo
 
     return (yield run_demo(reactor, options, sub, console))

@@ -1,7 +1,8 @@
 """The client's protocols: the relay's peer list, one peer's file or listing.
 
-``FileFetchProtocol`` fetches one file from one peer into a sink and checks
-its SHA-256; ``p2p.fetch`` drives it across the peers (phase 3).
+``FileFetchProtocol`` fetches one file from one peer into a sink, checking
+every piece against its digest; ``p2p.fetch`` drives it across the peers
+(phase 3).
 ``SKIPPABLE`` names the failures that mean "this peer cannot help"; anything
 else is a bug and propagates.
 """
@@ -25,8 +26,16 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2p import hints, wire
+from p2p.pieces import (
+    DIGEST_BYTES,
+    Content,
+    PieceList,
+    PieceListMismatch,
+    valid_piece_size,
+)
 from p2p.request import IncompleteReply, request_lines
-from p2p.sink import SpoolSink
+from p2p.sink import ContentMismatch, PieceSink
+from p2p.transports import no_delay
 from p2p.wire import WireError
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -39,10 +48,12 @@ class PeerFailed(Exception):
     This peer could not deliver the file; the message says why.
 
     C{kind} sorts the reasons for the fallback driver: ``refused`` (an ERR
-    reply), ``broken`` (closed or stalled mid-transfer, the bytes so far are
-    good to resume from), ``corrupted`` (SHA-256 mismatch: the bytes are
-    not), ``other-content`` (the peer's file differs from the partial one),
-    ``protocol`` (a malformed reply) or ``timeout``.
+    reply), ``broken`` (closed or stalled mid-transfer; the pieces that
+    verified are kept), ``corrupted`` (a piece or the piece list did not
+    verify: nothing of it was used), ``other-content`` (the peer's file
+    differs from the content being assembled), ``protocol`` (a malformed
+    reply), ``timeout``, or ``resume`` (an earlier run left verified
+    pieces: ask this peer again for the rest only).
     """
 
     def __init__(self, reason: str, kind: str = "refused") -> None:
@@ -80,12 +91,22 @@ SKIPPABLE = (
 
 class FileFetchProtocol(LineReceiver, TimeoutMixin):
     """
-    Fetch one file from one peer into C{sink}.
+    Fetch one content, or what is still missing of it, from one peer into
+    a L{PieceSink}, checking every piece before it is stored.
+
+    C{request} is a ``GET <name>`` (the whole file, its piece digests
+    first) or, once the content is known, a ``BLOB <root> <offset>
+    <length>`` for the missing part.  While the peer is still indexing the
+    file it sends ``INDEXING`` lines: each restarts the idle timer and goes
+    to C{on_indexing}.
 
     C{result} fires with the L{wire.FileHeader} once every byte arrived and
-    matched the announced SHA-256; it fails with L{PeerFailed} for a refusal,
-    a broken or corrupted transfer, a protocol violation or a silence longer
-    than C{idle_timeout}.  Cancelling it aborts the connection.
+    every piece verified; it fails with L{PeerFailed} for a refusal, a
+    broken transfer, a piece or piece list that does not verify
+    (``corrupted``), other content than the sink's (``other-content``), a
+    protocol violation or a silence longer than C{idle_timeout}; or with
+    L{OutputFailed} when storing fails.  Cancelling it aborts the
+    connection.
     """
 
     delimiter = wire.DELIMITER
@@ -93,11 +114,12 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
 
     def __init__(
         self,
-        request: wire.Get,
-        sink: SpoolSink,
+        request: wire.Get | wire.Blob,
+        sink: PieceSink,
         clock: IReactorTime,
         idle_timeout: float | None,
         accept_header: Callable[[wire.FileHeader], None] = lambda header: None,
+        on_indexing: Callable[[wire.Indexing], None] = lambda progress: None,
     ) -> None:
         self.request = request
         self.sink = sink
@@ -106,9 +128,15 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         # Called with a well-formed header before any byte is stored; raising
         # PeerFailed turns the peer down (e.g. another peer already won).
         self.accept_header = accept_header
+        self.on_indexing = on_indexing
         self.header: wire.FileHeader | None = None
+        self.content: Content | None = None
         self.remaining = 0
         self._greeted = False
+        self._digests: bytearray | None = None
+        self._held = bytearray()
+        self._piece = bytearray()
+        self._index = 0
         self.result: Deferred[wire.FileHeader] = Deferred(self._cancel)
 
     def callLater(self, period, func):  # TimeoutMixin hook: use our clock
@@ -120,9 +148,14 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.transport.abortConnection()
 
     def connectionMade(self) -> None:
+        no_delay(self.transport)
         self.setTimeout(self.idle_timeout)
 
+    # -- lines: banner, progress, header ------------------------------------
+
     def lineReceived(self, line: bytes) -> None:
+        if self.result.called:
+            return
         self.resetTimeout()
         try:
             if not self._greeted:
@@ -130,21 +163,21 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 self._greeted = True
                 self.sendLine(self.request.to_line())
                 return
+            progress = wire.Indexing.from_line(line)
+            if progress is not None:
+                self.on_indexing(progress)
+                return
             header = wire.FileHeader.from_line(line)
+            content = self._check_header(header)
         except wire.RemoteError as e:
-            # A peer whose copy is too short for our offset has other content.
-            kind = "other-content" if e.code == wire.Code.BAD_OFFSET else "refused"
-            self._fail(f"refused: ERR {e.code} {e.message}", kind, abort=False)
+            self._fail(f"refused: ERR {e.code} {e.message}", "refused", abort=False)
             return
         except WireError as e:
             self._fail(f"protocol error: {e.message}", "protocol")
             return
-        if header.offset != self.request.offset:
-            self._fail("protocol error: the reply is for another offset", "protocol")
-            return
-        if header.offset and not self.sink.continues(header):
+        if not self.sink.continues(header.root):
             self._fail(
-                f"has other content (sha256 {header.sha256[:12]}...)", "other-content"
+                f"has other content (root {header.root[:12]}...)", "other-content"
             )
             return
         try:
@@ -153,44 +186,178 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self._fail(e.reason, e.kind)
             return
         self.header = header
+        self.content = content
         self.remaining = header.count
-        if not self._store(self.sink.begin, header):
-            return
+        self._index = header.offset // content.piece_size
         # Twisted reads 64 KiB per call by default; larger reads cut the
         # per-chunk Python work of a bulk transfer several times over.
         if hasattr(self.transport, "bufferSize"):
             self.transport.bufferSize = RECEIVE_CHUNK_BYTES
+        # Raw from here: the digests and the content follow the header at
+        # once, maybe in the same read.
         self.setRawMode()
-        if self.remaining == 0:
+        if header.hashes:
+            self._digests = bytearray()
+        else:
+            self._begin(None)
+
+    def _check_header(self, header: wire.FileHeader) -> Content:
+        """The content a header describes, if it answers our request."""
+        if not valid_piece_size(header.piece):
+            raise WireError(wire.Code.BAD_REQUEST, f"piece size {header.piece}")
+        content = Content(bytes.fromhex(header.root), header.size, header.piece)
+        request = self.request
+        if isinstance(request, wire.Get):
+            expected = (0, header.size)
+            digests = DIGEST_BYTES * content.pieces if content.pieces > 1 else 0
+        else:
+            if header.root != request.root:
+                raise WireError(wire.Code.BAD_REQUEST, "the reply is for other content")
+            count = max(0, min(request.length, header.size - request.offset))
+            expected = (request.offset, count)
+            digests = 0
+        if (header.offset, header.count) != expected:
+            raise WireError(wire.Code.BAD_REQUEST, "the reply is for another range")
+        if header.hashes != digests:
+            raise WireError(wire.Code.BAD_REQUEST, "wrong length of piece digests")
+        if header.offset % header.piece:
+            raise WireError(wire.Code.BAD_REQUEST, "range not on a piece boundary")
+        return content
+
+    def _begin(self, pieces: PieceList | None) -> None:
+        """The content is known (and its piece list checked): store it."""
+        assert self.content is not None
+        if pieces is None and self.content.pieces > 1 and self.sink.pieces is None:
+            self._fail("protocol error: no piece list for a file of pieces", "protocol")
+            return
+        try:
+            d = self.sink.begin(self.content, pieces)
+        except ContentMismatch:
+            self._fail("has other content", "other-content")
+            return
+        self.transport.pauseProducing()
+        d.addCallbacks(self._ready, self._store_failed)
+
+    def _ready(self, _: None) -> None:
+        if self.result.called:
+            return
+        assert self.header is not None and self.content is not None
+        if self.header.offset == 0 and self.sink.done and not self.sink.complete:
+            # An earlier run left verified pieces: ask for the rest instead.
+            offset = self.content.span(self.sink.missing()[0])[0]
+            self._fail(f"resuming at byte {offset}", "resume")
+            return
+        self._accepting = True
+        held, self._held = bytes(self._held), bytearray()
+        self.transport.resumeProducing()
+        if held:
+            self._content_received(held)
+        elif self.remaining == 0 or self.sink.complete:
             self._complete()
+
+    # -- raw bytes: piece digests, then the content --------------------------
+
+    # Whether the sink is ready for content; until then it waits in _held.
+    _accepting = False
 
     def rawDataReceived(self, data: bytes) -> None:
         if self.result.called:
             return
         self.resetTimeout()
+        if self._digests is not None:
+            data = self._receive_digests(data)
+        if not data:
+            return
+        if not self._accepting:
+            self._held += data
+            return
+        self._content_received(data)
+
+    def _content_received(self, data: bytes) -> None:
         if len(data) > self.remaining:
             self._fail("protocol error: more bytes than announced", "protocol")
             return
+        self.remaining -= len(data)
         try:
-            keep_going = self.sink.write(data)
+            keep_going = self._receive_content(data)
         except OSError as e:
             self._output_failed(e)
             return
-        self.remaining -= len(data)
+        if self.result.called:
+            return
         if self.remaining == 0:
             self._complete()
         elif not keep_going:
-            # The sink's threads are behind: stop reading until they catch up.
+            # The sink's worker is behind: stop reading until it catches up.
             self.transport.pauseProducing()
             self.sink.when_drained().addCallback(self._drained)
 
-    def _store(self, operation, argument) -> bool:
+    def _receive_digests(self, data: bytes) -> bytes:
+        """Collect the piece digests; return what follows them."""
+        assert self._digests is not None and self.header is not None
+        need = self.header.hashes - len(self._digests)
+        self._digests += data[:need]
+        if len(self._digests) < self.header.hashes:
+            return b""
+        digests, self._digests = bytes(self._digests), None
+        assert self.content is not None
         try:
-            operation(argument)
-        except OSError as e:
-            self._output_failed(e)
-            return False
-        return True
+            pieces = PieceList.check(self.content, digests)
+        except PieceListMismatch as e:
+            self._fail(f"corrupted: {e}", "corrupted")
+            return b""
+        self._begin(pieces)
+        return data[need:]
+
+    def _receive_content(self, data: bytes) -> bool:
+        """Cut C{data} into pieces for the sink; False: pause input."""
+        content = self.content
+        assert content is not None
+        keep_going = True
+        view = memoryview(data)
+        while view:
+            length = content.span(self._index)[1]
+            take = length - len(self._piece)
+            self._piece += view[:take]
+            view = view[take:]
+            if len(self._piece) == length:
+                index, piece = self._index, bytes(self._piece)
+                self._piece.clear()
+                self._index += 1
+                if index not in self.sink.done:
+                    keep_going = (
+                        self.sink.write(index, piece, self._bad_piece) and keep_going
+                    )
+        return keep_going
+
+    def _bad_piece(self, index: int) -> None:
+        self._fail(f"corrupted: piece {index} does not match its digest", "corrupted")
+
+    def _drained(self, _: None) -> None:
+        if not self.result.called and self.transport.connected:
+            self.transport.resumeProducing()
+
+    def _complete(self) -> None:
+        # Every byte is in; the sink may still be verifying and storing.
+        self.setTimeout(None)
+        d = self.sink.settled()
+        d.addCallbacks(self._verified, self._store_failed)
+
+    def _verified(self, failed: list[int]) -> None:
+        assert self.header is not None
+        if self.result.called:
+            return  # cancelled, or a bad piece failed us already
+        if failed:
+            self._bad_piece(failed[0])
+            return
+        # Fire before closing: a transport may report connectionLost from
+        # inside loseConnection, which would fire a "broken transfer" first.
+        self.result.callback(self.header)
+        self.transport.loseConnection()
+
+    def _store_failed(self, failure: Failure) -> None:
+        failure.trap(OSError)
+        self._output_failed(failure.value)
 
     def _output_failed(self, error: OSError) -> None:
         self.setTimeout(None)
@@ -198,36 +365,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.result.errback(OutputFailed(error))
         self.transport.abortConnection()
 
-    def _drained(self, _: None) -> None:
-        if not self.result.called and self.transport.connected:
-            self.transport.resumeProducing()
-
-    def _complete(self) -> None:
-        # Every byte is in; the sink may still be hashing and writing.
-        self.setTimeout(None)
-        d = self.sink.flushed()
-        d.addCallbacks(self._verify, self._flush_failed)
-
-    def _flush_failed(self, failure: Failure) -> None:
-        failure.trap(OSError)
-        self._output_failed(failure.value)
-
-    def _verify(self, _: None) -> None:
-        assert self.header is not None
-        if self.result.called:
-            return  # cancelled while the sink was catching up
-        if self.sink.hexdigest() != self.header.sha256:
-            self._fail("corrupted: SHA-256 does not match the header", "corrupted")
-            return
-        self.setTimeout(None)
-        # Fire before closing: a transport may report connectionLost from
-        # inside loseConnection, which would fire a "broken transfer" first.
-        self.result.callback(self.header)
-        self.transport.loseConnection()
-
     def _fail(self, reason: str, kind: str = "refused", abort: bool = True) -> None:
         self.setTimeout(None)
-        # As in _complete: the real reason first, then the close.
+        # As in _verified: the real reason first, then the close.
         if not self.result.called:
             self.result.errback(PeerFailed(reason, kind))
         if abort:
@@ -244,21 +384,22 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.setTimeout(None)
-        if self.header is not None and self.remaining == 0:
-            return  # every byte arrived; _verify decides
-        if not self.result.called:
-            if self.header is None:
-                self.result.errback(
-                    PeerFailed("connection closed before a reply", "broken")
+        if self.result.called:
+            return
+        if self.header is None:
+            self.result.errback(
+                PeerFailed("connection closed before a reply", "broken")
+            )
+        elif self.remaining == 0:
+            return  # every byte arrived; the sink decides
+        else:
+            got = self.header.count - self.remaining
+            self.result.errback(
+                PeerFailed(
+                    f"broken transfer after {got} of {self.header.count} bytes",
+                    "broken",
                 )
-            else:
-                got = self.header.count - self.remaining
-                self.result.errback(
-                    PeerFailed(
-                        f"broken transfer after {got} of {self.header.count} bytes",
-                        "broken",
-                    )
-                )
+            )
 
 
 def peer_endpoint(
@@ -403,9 +544,33 @@ def likely_holders(
 def list_files(
     endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
 ) -> Deferred[list[wire.FileEntry]]:
-    """The files one peer shares."""
-    d = request_lines(
-        endpoint, "peer", wire.ListFiles().to_line(), clock, True, timeout
-    )
-    d.addCallback(lambda lines: [wire.FileEntry.from_line(line) for line in lines[1:]])
-    return d
+    """
+    The files one peer shares: every page of its ``LIST``, following each
+    reply's ``next=`` cursor (one connection per page, each bounded by
+    C{timeout}) to the end, so nothing is cut off silently.  A cursor that
+    does not move forward is a protocol error, so a hostile peer cannot
+    keep the client paging for ever.
+    """
+    result: Deferred[list[wire.FileEntry]] = Deferred()
+    files: list[wire.FileEntry] = []
+
+    def ask(cursor: str | None) -> None:
+        request = wire.ListFiles(limit=wire.MAX_FILES_PER_PAGE, cursor=cursor)
+        d = request_lines(endpoint, "peer", request.to_line(), clock, True, timeout)
+        d.addCallback(got_page, cursor)
+        d.addErrback(result.errback)
+
+    def got_page(lines: list[bytes], cursor: str | None) -> None:
+        _, next_cursor = wire.parse_listing_header(lines[0], wire.MAX_FILES_PER_PAGE)
+        files.extend(wire.FileEntry.from_line(line) for line in lines[1:])
+        if next_cursor is None:
+            result.callback(files)
+            return
+        if cursor is not None and wire.parse_cursor(next_cursor) <= wire.parse_cursor(
+            cursor
+        ):
+            raise WireError(wire.Code.BAD_REQUEST, "LIST cursor did not advance")
+        ask(next_cursor)
+
+    ask(None)
+    return result

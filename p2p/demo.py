@@ -128,6 +128,7 @@ def run_demo(reactor, options, demo_options, console):
                     "--share", share,
                     "--listen", "tcp:0:interface=127.0.0.1",
                     "--name", f"peer{index + 1}",
+                    "--state", os.path.join(workdir, f"state{index + 1}"),
                 ]
             )  # fmt: skip
             peer = peer_tap.makeService(config, reactor)

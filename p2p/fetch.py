@@ -13,12 +13,14 @@ one-at-a-time loop:
   list order, should the winner fail later).  Peers that answer quickly, as
   healthy ones do, are still asked strictly one at a time; a blackholed
   peer costs ``stagger`` seconds, not the connect timeout.
-* **Resume.**  When a transfer breaks, the bytes so far stay in the spool
-  and the next peer is asked to ``RESUME`` from that offset.  Only a peer
-  offering the same content (same SHA-256 and size) may continue; the
-  digest is checked over the whole file at the end.  If no peer can
-  continue, or a resumed file fails its digest, a second pass fetches the
-  file whole, never resuming, from the peers that had a copy.
+* **Resume.**  Every piece is verified as it arrives (L{p2p.sink}), so
+  when a transfer breaks the pieces so far are good, and the next peer is
+  asked for the rest by content (``BLOB <root> <offset> <length>``): any
+  peer holding the same content may continue, under whatever name.  A
+  peer that sends a piece that does not verify is dropped; nothing of that
+  piece is used.  If no peer can continue and the output can still start
+  over (nothing printed yet, or a file), a second pass fetches the file
+  whole from the peers that had other content under the name.
 """
 
 from __future__ import annotations
@@ -40,12 +42,14 @@ from p2p.client import (
     SKIPPABLE,
     EndpointFor,
     FileFetchProtocol,
+    OutputFailed,
     PeerFailed,
     describe,
     peer_endpoint,
 )
+from p2p.pieces import Content
 from p2p.request import cancelled_to_timeout
-from p2p.sink import SpoolSink
+from p2p.sink import PieceSink
 
 # RFC 8305's recommended Connection Attempt Delay.
 DEFAULT_STAGGER_SECONDS = 0.25
@@ -70,7 +74,7 @@ class Attempt:
 class FetchResult:
     name: str
     peer: wire.PeerEntry
-    header: wire.FileHeader
+    content: Content
     attempts: list[Attempt] = field(default_factory=list)
 
 
@@ -98,6 +102,8 @@ class Fetcher:
     :param max_parallel: most attempts in flight at once.
     :param endpoint_for: builds a client endpoint for a peer (e.g. TLS).
     :param report: called with each finished L{Attempt}, for progress output.
+    :param on_indexing: called with a peer and its L{wire.Indexing}
+        progress while that peer indexes the file asked for.
     """
 
     def __init__(
@@ -110,6 +116,9 @@ class Fetcher:
         now: Callable[[], float] = time.monotonic,
         stagger: float = DEFAULT_STAGGER_SECONDS,
         max_parallel: int = DEFAULT_MAX_PARALLEL,
+        on_indexing: Callable[[wire.PeerEntry, wire.Indexing], None] = (
+            lambda peer, progress: None
+        ),
     ) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -121,9 +130,10 @@ class Fetcher:
         self.now = now
         self.stagger = stagger
         self.max_parallel = max(1, max_parallel)
+        self.on_indexing = on_indexing
 
     def fetch(
-        self, name: str, peers: Sequence[wire.PeerEntry], sink: SpoolSink
+        self, name: str, peers: Sequence[wire.PeerEntry], sink: PieceSink
     ) -> Deferred[FetchResult]:
         """
         Fetch C{name} into C{sink} from the first of C{peers} that can.
@@ -155,7 +165,7 @@ class _FetchRun:
         fetcher: Fetcher,
         name: str,
         peers: list[wire.PeerEntry],
-        sink: SpoolSink,
+        sink: PieceSink,
     ) -> None:
         self.fetcher = fetcher
         self.name = name
@@ -165,7 +175,8 @@ class _FetchRun:
         self.pending: dict[int, _Try] = {}
         self.active: _Try | None = None
         self.attempts: list[Attempt] = []
-        # Peers that sent a header: they hold some copy of the file.
+        # Peers that hold other content under the name than the one being
+        # assembled: the second pass's candidates.
         self.holders: set[int] = set()
         self.second_pass = False
         self.timer: IDelayedCall | None = None
@@ -226,20 +237,28 @@ class _FetchRun:
         self.timer = None
         self._launch()
 
+    def _request(self) -> wire.Get | wire.Blob:
+        """The whole file by name, or, once its content is known, what is
+        still missing of it, by content."""
+        content = self.sink.content
+        if content is None:
+            return wire.Get(self.name)
+        offset = content.span(self.sink.missing()[0])[0]
+        return wire.Blob(content.root_hex, offset, content.size - offset)
+
     def _start(self, index: int) -> None:
         fetcher = self.fetcher
-        if self.second_pass:
-            # Resuming already failed once: every attempt starts from zero, so
-            # a peer that sends bad bytes cannot poison the next one's copy.
-            self.sink.reset()
-        attempt = _Try(index, self.peers[index], self.sink.resume_offset, fetcher.now())
+        request = self._request()
+        offset = request.offset if isinstance(request, wire.Blob) else 0
+        attempt = _Try(index, self.peers[index], offset, fetcher.now())
         self.pending[index] = attempt
         protocol = FileFetchProtocol(
-            wire.Get(self.name, attempt.offset),
+            request,
             self.sink,
             fetcher.reactor,
             fetcher.idle_timeout,
             accept_header=lambda header: self._accept(attempt, header),
+            on_indexing=lambda progress: fetcher.on_indexing(attempt.peer, progress),
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False
@@ -267,7 +286,6 @@ class _FetchRun:
         """A peer answered with a header: it wins, the others stand down."""
         if self.active is not None or self.done.called:
             raise PeerFailed("another peer is already sending", "abandoned")
-        self.holders.add(attempt.index)
         del self.pending[attempt.index]
         self.active = attempt
         self._disarm()
@@ -290,7 +308,10 @@ class _FetchRun:
     def _succeeded(self, header: wire.FileHeader, attempt: _Try) -> None:
         self.active = None
         self._record(attempt, True, "found")
-        self.done.callback(FetchResult(self.name, attempt.peer, header, self.attempts))
+        assert self.sink.content is not None
+        self.done.callback(
+            FetchResult(self.name, attempt.peer, self.sink.content, self.attempts)
+        )
 
     def _failed(self, failure: Failure, attempt: _Try) -> None:
         if attempt.abandoned:
@@ -307,21 +328,34 @@ class _FetchRun:
         if self.active is attempt:
             self.active = None
         kind = failure.value.kind if isinstance(failure.value, PeerFailed) else ""
-        if kind == "corrupted":
-            # The spool holds bad bytes.  After a resume the fault may lie
-            # with an earlier peer: give this one a second, whole chance.
-            if attempt.offset:
+        if kind == "resume":
+            # It holds the content, and an earlier run left part of it:
+            # ask this same peer again, for the rest only.
+            self.queue.appendleft(attempt.index)
+        else:
+            if kind == "other-content":
                 self.holders.add(attempt.index)
-            self.sink.reset()
-        elif kind == "other-content":
-            self.holders.add(attempt.index)
-        self._record(attempt, False, describe(failure))
-        self._launch()
+            self._record(attempt, False, describe(failure))
+        # Let the pieces already received settle before working out what
+        # is missing.
+        d = self.sink.settled()
+        d.addCallbacks(lambda _: self._launch(), self._output_failed)
+
+    def _output_failed(self, failure: Failure) -> None:
+        if not self.done.called:
+            self._stop_all()
+            failure.trap(OSError)
+            self.done.errback(OutputFailed(failure.value))
 
     def _exhausted(self) -> None:
-        if not self.second_pass and self.holders and self._resumed_anything():
-            # Whatever was partly received could not be completed: start
-            # over, whole, with every peer that had a copy.
+        if (
+            not self.second_pass
+            and self.holders
+            and self.sink.content is not None
+            and self.sink.restartable
+        ):
+            # No peer could finish the content begun: start over, whole,
+            # with the peers that offered other content under the name.
             self.second_pass = True
             self.sink.reset()
             self.queue = deque(sorted(self.holders))
@@ -329,9 +363,6 @@ class _FetchRun:
             self._launch()
             return
         self.done.errback(NotFoundAnywhere(self.name, self.attempts))
-
-    def _resumed_anything(self) -> bool:
-        return self.sink.resume_offset > 0 or any(a.offset for a in self.attempts)
 
     def _crashed(self, failure: Failure) -> None:
         # A bug, not a peer's fault: stop everything and let it propagate.

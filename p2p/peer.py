@@ -1,9 +1,12 @@
-"""The peer's file server: ``GET``/``RESUME`` stream a file, ``LIST`` lists.
+"""The peer's file server (protocol P2P/2, see docs/protocol.rst).
 
-A file goes out as one header line (count, SHA-256, offset, size) and then
-exactly ``count`` raw bytes, pulled from disk chunk by chunk as the socket
-drains, so memory stays flat whatever the file size.  While a file is being
-sent the connection reads no further requests.
+``GET``, ``RANGE`` and ``BLOB`` stream a file or a byte range of it,
+``PIECES`` sends a content's piece digests and ``LIST`` pages through the
+share, all answered from the share's index.  A file goes out as one header
+line (count, root, offset, size, piece size) and then exactly ``count`` raw
+bytes, pulled from disk chunk by chunk as the socket drains, so memory stays
+flat whatever the file size.  While a file is being sent the connection
+reads no further requests.
 """
 
 from __future__ import annotations
@@ -11,18 +14,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
     IPullProducer,
     IReactorTime,
 )
+from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
+from p2p.index import IndexEntry, ShareIndex
 from p2p.limits import (
     ConnectionLimits,
     IdleTimeouts,
@@ -30,7 +35,7 @@ from p2p.limits import (
     ServerLineProtocol,
 )
 from p2p.share import OpenedFile, ShareFolder
-from p2p.transports import zero_copy_socket
+from p2p.transports import no_delay, zero_copy_socket
 from p2p.wire import Code, WireError
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30
@@ -39,6 +44,9 @@ DEFAULT_IDLE_TIMEOUT_SECONDS = 30
 CHUNK_BYTES = 256 * 1024
 # Most bytes one sendfile burst moves before yielding to other connections.
 ZERO_COPY_BURST_BYTES = 8 * 1024 * 1024
+# How often a client waiting for a file being indexed hears how far it got:
+# well within the client's idle timeout (10 s by default).
+PROGRESS_INTERVAL_SECONDS = 1.0
 
 
 class FileShrank(Exception):
@@ -152,6 +160,13 @@ class FileRangeProducer:
 class PeerProtocol(ServerLineProtocol):
     """One client connection to a peer.
 
+    Every answer comes from the share's index (L{ShareIndex}), so its cost
+    does not grow with the size of a file or of the share: a header goes
+    out as soon as the file is opened and its index entry found current.
+    A file not indexed yet (the peer just started, or it changed) is
+    indexed at once, ahead of the background queue, while the client gets
+    an ``INDEXING`` progress line every second; its header follows.
+
     Framing, idle timeout, line length and error budget come from
     L{ServerLineProtocol}.
     """
@@ -162,6 +177,7 @@ class PeerProtocol(ServerLineProtocol):
     def __init__(
         self,
         share: ShareFolder,
+        index: ShareIndex,
         clock: IReactorTime,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         on_lost: Callable[[], None] | None = None,
@@ -169,54 +185,196 @@ class PeerProtocol(ServerLineProtocol):
     ) -> None:
         super().__init__(clock, idle_timeout, on_lost, idle_timeouts)
         self.share = share
+        self.index = index
         self._opened: OpenedFile | None = None
         self._header_sent = False
         self._lost = False
+        self._progress: LoopingCall | None = None
+
+    def connectionMade(self) -> None:
+        # A header and a small file's bytes leave in separate writes: with
+        # Nagle's algorithm the second waits for the client's delayed ACK
+        # (about 40 ms on Linux).
+        no_delay(self.transport)
+        super().connectionMade()
 
     def connectionLost(self, reason=None) -> None:
         self._lost = True
+        self._stop_progress()
         self._close_file()
         super().connectionLost(reason)
 
     def request_received(self, line: bytes) -> None:
         request = wire.parse_peer_request(line)
-        if isinstance(request, wire.Get):
-            self._serve(request)
+        if isinstance(request, wire.ListFiles):
+            self._send_listing(request)
+        elif isinstance(request, wire.Pieces):
+            self._send_pieces(request)
+        elif isinstance(request, wire.Blob):
+            self._serve_content(request)
         else:
-            self._send_listing()
+            self._serve_name(request, may_wait=True)
 
-    def _send_listing(self) -> None:
-        entries = self.share.list()
-        lines = [wire.format_count(len(entries))]
-        lines.extend(entry.to_line() for entry in entries)
-        self.send_lines(lines)
+    # -- LIST and PIECES ---------------------------------------------------
 
-    def _serve(self, request: wire.Get) -> None:
-        opened = self.share.open(request.name)
-        if request.offset > opened.size:
-            opened.close()
-            raise WireError(
-                Code.BAD_OFFSET, f"offset beyond the end ({opened.size} bytes)"
+    def _send_listing(self, request: wire.ListFiles) -> None:
+        after = wire.parse_cursor(request.cursor) if request.cursor else 0
+        entries, more = self.index.page(request.limit or wire.MAX_FILES_PER_PAGE, after)
+        lines = []
+        for entry in entries:
+            line = _listing_line(entry)
+            if line is not None:
+                lines.append(line)
+        next_cursor = wire.format_cursor(entries[-1].seq) if more and entries else None
+        self.send_lines([wire.format_count(len(lines), next_cursor), *lines])
+
+    def _send_pieces(self, request: wire.Pieces) -> None:
+        entry = self.index.by_root(bytes.fromhex(request.root))
+        if entry is None:
+            raise WireError(Code.NOT_FOUND, "no such content")
+        self.pauseProducing()
+        d = self.index.piece_digests(entry)
+
+        def send(digests: bytes) -> None:
+            content = entry.content
+            header = wire.PiecesHeader(
+                len(digests), content.root_hex, content.size, content.piece_size
             )
+            if not self._lost:
+                self.send_answer(header.to_line() + self.delimiter + digests)
+
+        def failed(failure: Failure) -> None:
+            if failure.check(KeyError):
+                self.send_error(Code.NOT_FOUND, "no such content")
+            else:
+                self.log.failure("cannot read piece digests", failure)
+                self.send_error(Code.INTERNAL, "cannot read the piece list")
+
+        d.addCallbacks(send, failed)
+        d.addBoth(lambda _: self._read_next())
+
+    # -- GET, RANGE and BLOB -----------------------------------------------
+
+    def _serve_name(self, request: wire.Get | wire.Range, may_wait: bool) -> None:
+        opened = self.share.open(request.name)
+        entry = self.index.current(request.name, opened.identity)
+        if entry is None:
+            opened.close()
+            if not may_wait:
+                raise WireError(
+                    Code.UNAVAILABLE, "the file changed while it was indexed; retry"
+                )
+            self._wait_for_index(request)
+            return
+        if isinstance(request, wire.Get):
+            self._serve(opened, entry, 0, entry.content.size, with_digests=True)
+        else:
+            offset, count = _span(entry, request.offset, request.length, opened)
+            self._serve(opened, entry, offset, count, with_digests=False)
+
+    def _serve_content(self, request: wire.Blob) -> None:
+        entry = self.index.by_root(bytes.fromhex(request.root))
+        if entry is None:
+            raise WireError(Code.NOT_FOUND, "no such content")
+        try:
+            opened = self.share.open(entry.name)
+        except WireError:
+            raise WireError(Code.NOT_FOUND, "no such content") from None
+        if self.index.current(entry.name, opened.identity) is None:
+            # Changed on disk since it was indexed: never serve the new bytes
+            # under the old root.  Have it indexed again.
+            opened.close()
+            self.index.ensure(entry.name)[0].addErrback(lambda _: None)
+            raise WireError(Code.NOT_FOUND, "no such content (changed on disk)")
+        offset, count = _span(entry, request.offset, request.length, opened)
+        self._serve(opened, entry, offset, count, with_digests=False)
+
+    def _wait_for_index(self, request: wire.Get | wire.Range) -> None:
+        """Index the file now; tell the client how far it got each second."""
+        self.pauseProducing()
+        d, progress = self.index.ensure(request.name)
+
+        def report() -> None:
+            self.resetTimeout()  # waiting on us is not the client's idleness
+            self.send_answer(
+                wire.Indexing(progress.done, progress.total).to_line() + self.delimiter
+            )
+
+        self._progress = LoopingCall(report)
+        self._progress.clock = self.clock
+        self._progress.start(PROGRESS_INTERVAL_SECONDS, now=True)
+
+        def indexed(_: object) -> None:
+            self._stop_progress()
+            if self._lost:
+                return
+            try:
+                self._serve_name(request, may_wait=False)
+            except WireError as e:
+                self.refuse(e)
+                self._read_next()
+
+        def failed(failure: Failure) -> None:
+            self._stop_progress()
+            if self._lost:
+                return
+            if failure.check(WireError):
+                self.refuse(failure.value)
+            else:
+                self.log.failure("cannot index {name}", failure, name=request.name)
+                self.send_error(Code.INTERNAL, "cannot read the file")
+            self._read_next()
+
+        d.addCallbacks(indexed, failed)
+
+    def _stop_progress(self) -> None:
+        if self._progress is not None and self._progress.running:
+            self._progress.stop()
+        self._progress = None
+
+    def _serve(
+        self,
+        opened: OpenedFile,
+        entry: IndexEntry,
+        offset: int,
+        count: int,
+        with_digests: bool,
+    ) -> None:
         self._opened = opened
         # Read no further requests until this file is out.
         self.pauseProducing()
-        d = self.share.digest(opened)
-        d.addCallback(self._send_file, opened, request.offset)
+        if with_digests and entry.content.pieces > 1:
+            d = self.index.piece_digests(entry)
+        else:
+            d = succeed(b"")
+        d.addCallback(self._send_file, opened, entry, offset, count)
         d.addCallbacks(self._sent, self._send_failed, (opened,), None, (opened,))
 
     def _send_file(
-        self, digest: str, opened: OpenedFile, offset: int
+        self,
+        digests: bytes,
+        opened: OpenedFile,
+        entry: IndexEntry,
+        offset: int,
+        count: int,
     ) -> Deferred[None]:
         if self._lost:
             raise ConnectionLost("client left before the transfer started")
-        header = wire.FileHeader(opened.size - offset, digest, offset, opened.size)
-        self.sendLine(header.to_line())
+        content = entry.content
+        header = wire.FileHeader(
+            count,
+            content.root_hex,
+            offset,
+            content.size,
+            content.piece_size,
+            len(digests),
+        )
+        self.send_answer(header.to_line() + self.delimiter + digests)
         self._header_sent = True
-        self.log.info(
+        self.log.debug(
             "sending {name} ({count} bytes from byte {offset})",
             name=opened.name,
-            count=header.count,
+            count=count,
             offset=offset,
         )
         # The file producer takes the transport over (reading stays paused).
@@ -224,7 +382,7 @@ class PeerProtocol(ServerLineProtocol):
         producer = FileRangeProducer(
             opened.fd,
             offset,
-            header.count,
+            count,
             self.transport,
             self.resetTimeout,
             socket_fd=zero_copy_socket(self.transport),
@@ -232,7 +390,7 @@ class PeerProtocol(ServerLineProtocol):
         return producer.start()
 
     def _sent(self, _: None, opened: OpenedFile) -> None:
-        self.log.info("sent {name} ({size} bytes)", name=opened.name, size=opened.size)
+        self.log.debug("sent {name}", name=opened.name)
         self._close_file()
         self._read_next()
 
@@ -245,7 +403,7 @@ class PeerProtocol(ServerLineProtocol):
             self.log.info("client left during {name}", name=opened.name)
         elif failure.check(FileShrank):
             self.log.warn("{name} shrank while being sent", name=opened.name)
-        elif not header_sent and failure.check(OSError):
+        elif not header_sent and failure.check(OSError, KeyError):
             self.log.error(
                 "cannot read {name}: {error}", name=opened.name, error=failure.value
             )
@@ -259,9 +417,10 @@ class PeerProtocol(ServerLineProtocol):
             self.transport.abortConnection()
 
     def _read_next(self) -> None:
-        """Read requests again after a file, unless the connection is closing
-        (the error budget may just have run out).  A half-closed connection
-        closes here once nothing is left to answer (see resumeProducing)."""
+        """Read requests again after an answer, unless the connection is
+        closing (the error budget may just have run out).  A half-closed
+        connection closes here once nothing is left to answer (see
+        resumeProducing)."""
         if not self._lost and not self.transport.disconnecting:
             self.resumeProducing()
 
@@ -279,9 +438,34 @@ class PeerProtocol(ServerLineProtocol):
             self.transport.abortConnection()
 
 
+def _span(
+    entry: IndexEntry, offset: int, length: int, opened: OpenedFile
+) -> tuple[int, int]:
+    """The C{(offset, count)} actually sent for a range request."""
+    size = entry.content.size
+    if offset > size:
+        opened.close()
+        raise WireError(Code.BAD_OFFSET, f"offset beyond the end ({size} bytes)")
+    return offset, min(length, size - offset)
+
+
+def _listing_line(entry: IndexEntry) -> bytes | None:
+    """The ``FILE`` line of C{entry}, or C{None} for a name the protocol
+    cannot carry (one unparseable line would spoil the whole page)."""
+    line = wire.FileEntry(entry.content.size, entry.content.root_hex, entry.name)
+    try:
+        encoded = line.to_line()
+        if wire.FileEntry.from_line(encoded) != line:
+            return None
+    except (ValueError, UnicodeEncodeError, WireError):
+        return None
+    return encoded
+
+
 class PeerFactory(LimitedServerFactory):
     """
-    Builds a L{PeerProtocol} per client, all serving one share folder.
+    Builds a L{PeerProtocol} per client, all serving one share folder
+    through its index.
 
     :param limits: open-connection limits; past them a connection gets a
         L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
@@ -293,14 +477,21 @@ class PeerFactory(LimitedServerFactory):
     def __init__(
         self,
         share: ShareFolder,
+        index: ShareIndex,
         clock: IReactorTime,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         limits: ConnectionLimits | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, limits)
         self.share = share
+        self.index = index
 
     def build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
         return PeerProtocol(
-            self.share, self.clock, self.idle_timeout, on_lost, self.idle_timeouts
+            self.share,
+            self.index,
+            self.clock,
+            self.idle_timeout,
+            on_lost,
+            self.idle_timeouts,
         )

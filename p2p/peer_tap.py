@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 
-from twisted.application.service import MultiService
-from twisted.internet.defer import maybeDeferred
+from twisted.application.service import MultiService, Service
+from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
 from twisted.python import usage
+from twisted.python.threadpool import ThreadPool
 
 from p2p import wire
 from p2p.announce import Announcer
@@ -20,6 +22,7 @@ from p2p.endpoints import (
     server_endpoint,
 )
 from p2p.hints import build_filter
+from p2p.index import ShareIndex
 from p2p.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.relay_tap import (
@@ -33,6 +36,28 @@ from p2p.share import ShareFolder
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 DEFAULT_LISTEN = "tcp:0"
+# Threads of the index's own pool: one hashes (the other core serves
+# clients), one more answers database reads (piece lists) meanwhile.
+INDEX_THREADS = 2
+DEFAULT_RESCAN_SECONDS = 300.0
+
+
+def default_state_folder(share: str) -> str:
+    """
+    Where a share's index lives by default: under ``$XDG_STATE_HOME``
+    (``~/.local/state``), one folder per share folder, never inside it.
+    """
+    base = os.environ.get("XDG_STATE_HOME") or os.path.join(
+        os.path.expanduser("~"), ".local", "state"
+    )
+    real = os.path.realpath(share)
+    tag = hashlib.sha256(real.encode("utf-8", "surrogateescape")).hexdigest()[:16]
+    return os.path.join(base, "p2p-relay", "shares", tag)
+
+
+def _inside(path: str, folder: str) -> bool:
+    real, top = os.path.realpath(path), os.path.realpath(folder)
+    return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
 class Options(usage.Options):
@@ -86,6 +111,22 @@ class Options(usage.Options):
             "variable: a command line is visible to other users.",
         ],
         ["port-file", None, None, "Write 'HOST PORT' here once listening."],
+        [
+            "state",
+            None,
+            None,
+            "Folder for the share's index (default: one per share under "
+            "$XDG_STATE_HOME/p2p-relay, i.e. ~/.local/state); never inside "
+            "the share.",
+        ],
+        [
+            "rescan-interval",
+            None,
+            DEFAULT_RESCAN_SECONDS,
+            "Seconds between full rescans of the share (changes are also "
+            "picked up at once through inotify where available).",
+            float,
+        ],
     ]
     optFlags = [["include-hidden", None, "Also serve dot files and dot folders."]]
 
@@ -115,22 +156,73 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--name: {e.message}") from None
         if self["idle-timeout"] <= 0:
             raise usage.UsageError("--idle-timeout must be positive")
+        if self["rescan-interval"] <= 0:
+            raise usage.UsageError("--rescan-interval must be positive")
+        if self["state"] is None:
+            self["state"] = default_state_folder(self["share"])
+        elif _inside(self["state"], self["share"]):
+            raise usage.UsageError(
+                f"--state {self['state']!r} is inside the share: it would be served"
+            )
         check_limits(self, CONNECTION_LIMIT_OPTIONS)
         self["token"] = token_option(self["token"])
+
+
+class IndexService(Service):
+    """
+    Runs the share's index: its thread pool, its first scan and its
+    watching, from start to stop.  Stopping waits for the hashing step in
+    progress (at most one, a few tens of milliseconds) and closes the
+    database.
+    """
+
+    def __init__(self, index: ShareIndex, pool: ThreadPool | None) -> None:
+        self.index = index
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        if self.pool is not None:
+            self.pool.start()
+        self.index.start()
+
+    def stopService(self) -> Deferred[None]:
+        super().stopService()
+        d = self.index.stop()
+        if self.pool is not None:
+            d.addBoth(lambda result: (self.pool.stop(), result)[1])
+        return d
 
 
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
 
-    def in_thread(work):
-        if not IReactorThreads.providedBy(reactor):
-            return maybeDeferred(work)  # an in-memory reactor (tests)
-        return deferToThreadPool(reactor, reactor.getThreadPool(), work)
+    threaded = IReactorThreads.providedBy(reactor)
+    pool = ThreadPool(0, INDEX_THREADS, "p2p-index") if threaded else None
 
-    share = ShareFolder(config["share"], in_thread, config["include-hidden"])
+    def in_pool(work):
+        if pool is None:
+            return maybeDeferred(work)  # an in-memory reactor (tests)
+        return deferToThreadPool(reactor, pool, work)
+
+    share = ShareFolder(config["share"], include_hidden=config["include-hidden"])
+    try:
+        os.makedirs(config["state"], mode=0o700, exist_ok=True)
+    except OSError as e:
+        raise usage.UsageError(
+            f"--state {config['state']!r}: {e.strerror or e}"
+        ) from None
+    index = ShareIndex(
+        share,
+        os.path.join(config["state"], "index.sqlite3"),
+        reactor,
+        in_pool,
+        rescan_interval=config["rescan-interval"],
+        watch=threaded,
+    )
     factory = PeerFactory(
-        share, reactor, config["idle-timeout"], connection_limits(config)
+        share, index, reactor, config["idle-timeout"], connection_limits(config)
     )
     try:
         listen = server_endpoint(reactor, config["listen"])
@@ -138,17 +230,26 @@ def makeService(config: Options, reactor=None) -> MultiService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     parent = MultiService()
+    IndexService(index, pool).setServiceParent(parent)
     listener = ListeningService(listen, factory, "peer")
     listener.setServiceParent(parent)
-    Announcer(
+
+    def name_filter():
+        # The names are copied here, on the reactor thread; the filter is
+        # built in the index's pool.
+        names = index.names()
+        return in_pool(lambda: build_filter(names))
+
+    announcer = Announcer(
         relay,
         listener,
         reactor,
         config["name"],
         token=config["token"],
-        # Walking the share runs on a thread, off the reactor.
-        files=lambda: in_thread(lambda: build_filter(share.names())),
-    ).setServiceParent(parent)
+        files=name_filter,
+    )
+    announcer.setServiceParent(parent)
+    index.subscribe(announcer.files_changed)
     if config["port-file"]:
         PortFileService(config["port-file"], [listener]).setServiceParent(parent)
     return parent

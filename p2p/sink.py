@@ -1,144 +1,292 @@
-"""Where fetched bytes go: a spool file, hashed as it is written.
+"""Where fetched bytes go: verified piece by piece, then to stdout or a file.
 
-Nothing reaches its final place (stdout or the ``-o`` path) until the whole
-content matched the SHA-256 its peer announced.  Saving renames the spool file
-into place, so a partial file never stands under the final name; printing
-copies the verified spool file to stdout.
+A piece's bytes are used only once they hash to that piece's digest in a
+piece list that itself matched the content's root (L{p2p.pieces}).  So
+stdout can be fed as pieces complete, with no spool file: what reaches it is
+always a verified prefix of the content, and memory holds only the pieces in
+flight.  With ``-o PATH`` verified pieces are written in place into
+``PATH.p2p-part``, renamed to ``PATH`` once complete; a partial file left by
+an interrupted run is resumed by the next run for the same content (its
+pieces are hashed again, and only those that verify are kept).
 
-A transfer that breaks leaves its bytes in the spool: another peer that
-offers the same content (same SHA-256 and size) can continue from
-``resume_offset``, and the running hash covers the whole file end to end.
+Hashing and writing run on one worker thread per download (L{SerialWorker}),
+beside the reactor thread that receives; the receiving side pauses its
+connection while too many bytes wait for the worker (L{PieceSink.write}
+returns False).
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import queue
-import shutil
-import tempfile
+import struct
 import threading
-from typing import BinaryIO
+from collections.abc import Callable
+from typing import BinaryIO, TypeVar
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.python.failure import Failure
 
-from p2p import wire
+from p2p.pieces import (
+    Content,
+    PieceList,
+    hash_piece,
+    root_of,
+)
+
+T = TypeVar("T")
+
+PARTIAL_SUFFIX = ".p2p-part"
+# The partial file's trailer: what content it holds, so a later run knows
+# whether it can resume.  Kept in a small file beside it (like aria2's
+# .aria2 control file), removed with it.
+STATE_SUFFIX = ".p2p-part.state"
+_STATE_MAGIC = b"p2p-relay partial v1\n"
+
+# Bytes of received pieces allowed to wait for the worker thread before
+# the connection is paused: enough to keep it busy, small enough to keep
+# the client's memory flat.
+HIGH_WATER_BYTES = 8 * 1024 * 1024
+LOW_WATER_BYTES = 2 * 1024 * 1024
 
 
-class SpoolSink:
+class SerialWorker:
     """
-    Receives one file's bytes into a temporary file in C{directory}.
-
-    Keep the spool on the same filesystem as the destination so that
-    L{save_as} is an atomic rename.
+    One thread running submitted calls in order; results come back to the
+    reactor thread as Deferreds.  A daemon thread: it never keeps the
+    process alive after the reactor stopped.
     """
 
-    def __init__(self, directory: str | None = None) -> None:
-        self.directory = directory
-        self._file: BinaryIO | None = None
-        self._path: str | None = None
-        self._hash = hashlib.sha256()
-        self.received = 0
-        self.header: wire.FileHeader | None = None
+    def __init__(self, reactor) -> None:
+        self.reactor = reactor
+        self._queue: queue.SimpleQueue = queue.SimpleQueue()
+        self._thread = threading.Thread(
+            target=self._run, daemon=True, name="p2p-pieces"
+        )
+        self._thread.start()
+
+    def submit(self, work: Callable[[], T]) -> Deferred[T]:
+        d: Deferred[T] = Deferred()
+        self._queue.put((work, d))
+        return d
+
+    def stop(self) -> None:
+        self._queue.put(None)
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            if item is None:
+                return
+            work, d = item
+            try:
+                result = work()
+            except BaseException:
+                self.reactor.callFromThread(d.errback, Failure())
+            else:
+                self.reactor.callFromThread(d.callback, result)
+
+
+class InlineWorker:
+    """Runs submitted calls at once (tests, in-memory reactors)."""
+
+    def submit(self, work: Callable[[], T]) -> Deferred[T]:
+        return maybeDeferred(work)
+
+    def stop(self) -> None:
+        pass
+
+
+class Output:
+    """Where verified pieces are stored; every method but C{label} runs on
+    the worker thread."""
+
+    label = "output"
+
+    def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
+        """Get ready for C{content}; return the pieces already held."""
+        return set()
+
+    def write_piece(self, offset: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def finish(self, durable: bool) -> None:
+        """Every piece is stored: make the result final."""
+
+    def abandon(self, keep: bool) -> str | None:
+        """
+        Stop; with C{keep}, leave what can be resumed and return where it
+        is (C{None}: nothing kept).
+        """
+        return None
 
     @property
-    def resume_offset(self) -> int:
-        """Where a continuation of the partial content would start (0: none)."""
-        return self.received if self._file is not None else 0
-
-    def continues(self, header: wire.FileHeader) -> bool:
-        """Whether C{header} describes the content already partly received."""
-        return (
-            self.header is not None
-            and header.offset == self.resume_offset
-            and (header.sha256, header.size) == (self.header.sha256, self.header.size)
-        )
-
-    def begin(self, header: wire.FileHeader) -> None:
-        """
-        Start receiving C{header.count} bytes.
-
-        At offset 0 this starts afresh; at a later offset the header must
-        L{continue <continues>} the partial content.
-
-        :raise ValueError: for a header that does not continue it.
-        :raise OSError: when the spool file cannot be created.
-        """
-        if header.offset:
-            if not self.continues(header):
-                raise ValueError("the header does not continue the partial content")
-            return
-        self.reset()
-        fd, self._path = tempfile.mkstemp(
-            dir=self.directory, prefix=".p2p-", suffix=".part"
-        )
-        self._file = os.fdopen(fd, "w+b")
-        self.header = header
-
-    def write(self, data: bytes) -> bool:
-        """Store C{data}; True (this sink never asks its input to pause)."""
-        assert self._file is not None
-        self._file.write(data)
-        self._hash.update(data)
-        self.received += len(data)
+    def restartable(self) -> bool:
+        """Whether the output may still start over with other content."""
         return True
 
-    def when_drained(self) -> Deferred[None]:
-        """Fires when input paused because of L{write} may resume."""
-        return succeed(None)
 
-    def flushed(self) -> Deferred[None]:
-        """Fires once everything received so far is hashed and stored."""
-        return succeed(None)
+class StreamOutput(Output):
+    """Verified pieces, in order, to a stream (stdout)."""
 
-    def hexdigest(self) -> str:
-        return self._hash.hexdigest()
+    label = "stdout"
 
-    def reset(self) -> None:
-        """Throw away whatever was received (the peer failed)."""
-        self.discard()
-        self._hash = hashlib.sha256()
-        self.received = 0
-        self.header = None
+    def __init__(self, stream: BinaryIO) -> None:
+        self.stream = stream
+        self.position = 0
+        self._waiting: dict[int, bytes] = {}
+        self.written = 0
 
-    def discard(self) -> None:
-        """Remove the spool file."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        if self._path is not None:
-            try:
-                os.unlink(self._path)
-            except FileNotFoundError:
-                pass
-            self._path = None
+    def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
+        self.position = 0
+        self._waiting.clear()
+        return set()
 
-    def save_as(self, path: str, durable: bool = False) -> None:
-        """
-        Move the verified content to C{path} with an atomic rename.
+    def write_piece(self, offset: int, data: bytes) -> None:
+        # Pieces may complete out of order (several sources): hold the ones
+        # ahead of the stream until the gap before them is filled.
+        if offset < self.position:
+            return  # a second copy of a piece already written
+        self._waiting[offset] = data
+        while self.position in self._waiting:
+            chunk = self._waiting.pop(self.position)
+            self.stream.write(chunk)
+            self.position += len(chunk)
+            self.written += len(chunk)
+        if self.written:
+            self.stream.flush()
 
-        :param durable: flush it to the disk first (``fsync``), so that it
-            survives a power cut too.  Off by default, as in curl, wget and
-            rsync: it costs seconds per gigabyte.
-        """
-        assert self._file is not None and self._path is not None
-        self._file.flush()
+    @property
+    def restartable(self) -> bool:
+        return self.written == 0
+
+
+class FileOutput(Output):
+    """
+    Verified pieces written in place into C{path}.p2p-part, renamed to
+    C{path} when complete.  A partial file of the same content left by an
+    earlier run is resumed: its pieces are hashed again and those that
+    verify are kept.
+    """
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+        self.label = path
+        self.partial = path + PARTIAL_SUFFIX
+        self.state = path + STATE_SUFFIX
+        self._fd: int | None = None
+        self.content: Content | None = None
+        # Read once, here on the reactor thread: reading the umask means
+        # setting it, which must not race with the worker creating files.
+        self._mode = 0o666 & ~_umask()
+
+    def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
+        self._close()
+        held = self._resumable(content, pieces)
+        if not held:
+            self._remove()
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        self._fd = os.open(self.partial, flags, 0o666)
+        if os.fstat(self._fd).st_size > content.size:
+            os.ftruncate(self._fd, content.size)
+        self._write_state(content)
+        self.content = content
+        return held
+
+    def _resumable(self, content: Content, pieces: PieceList | None) -> set[int]:
+        """The pieces of an earlier partial file of C{content} that verify."""
+        try:
+            with open(self.state, "rb") as stream:
+                recorded = stream.read(256)
+        except OSError:
+            return set()
+        if recorded != _state_record(content):
+            return set()
+        try:
+            fd = os.open(self.partial, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError:
+            return set()
+        held = set()
+        try:
+            length = os.fstat(fd).st_size
+            for index in range(content.pieces):
+                offset, size = content.span(index)
+                if offset + size > length:
+                    break
+                data = os.pread(fd, size, offset)
+                if _verifies(content, pieces, index, data):
+                    held.add(index)
+        finally:
+            os.close(fd)
+        return held
+
+    def _write_state(self, content: Content) -> None:
+        temporary = self.state + ".new"
+        with open(temporary, "wb") as stream:
+            stream.write(_state_record(content))
+        os.replace(temporary, self.state)
+
+    def write_piece(self, offset: int, data: bytes) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.pwrite(self._fd, view, offset)
+            view = view[written:]
+            offset += written
+
+    def finish(self, durable: bool) -> None:
+        assert self._fd is not None and self.content is not None
+        os.ftruncate(self._fd, self.content.size)
         if durable:
-            os.fsync(self._file.fileno())
-        self._file.close()
-        self._file = None
-        os.chmod(self._path, 0o644 & ~_umask())
-        os.replace(self._path, path)
-        self._path = None
+            os.fsync(self._fd)
+        self._close()
+        os.chmod(self.partial, self._mode)
+        os.replace(self.partial, self.path)
+        _unlink(self.state)
 
-    def copy_to(self, stream: BinaryIO) -> None:
-        """Write the verified content to C{stream}, then discard the spool."""
-        assert self._file is not None
-        self._file.flush()
-        self._file.seek(0)
-        shutil.copyfileobj(self._file, stream, 1024 * 1024)
-        stream.flush()
-        self.discard()
+    def abandon(self, keep: bool) -> str | None:
+        self._close()
+        if keep and os.path.exists(self.partial):
+            return self.partial
+        self._remove()
+        return None
+
+    def _remove(self) -> None:
+        _unlink(self.partial)
+        _unlink(self.state)
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def _state_record(content: Content) -> bytes:
+    return (
+        _STATE_MAGIC
+        + content.root
+        + struct.pack(">QI", content.size, content.piece_size)
+    )
+
+
+def _verifies(
+    content: Content, pieces: PieceList | None, index: int, data: bytes | memoryview
+) -> bool:
+    """Whether C{data} is piece C{index} of C{content}."""
+    if pieces is not None:
+        return pieces.verify(index, data)
+    # One piece (or none): the root itself covers the piece's digest.
+    if content.pieces > 1 or len(data) != content.span(index)[1]:
+        return False
+    digests = hash_piece(data) if content.size else b""
+    return root_of(content.size, content.piece_size, digests) == content.root
+
+
+def _unlink(path: str) -> None:
+    try:
+        os.unlink(path)
+    except FileNotFoundError:
+        pass
 
 
 def _umask() -> int:
@@ -147,172 +295,211 @@ def _umask() -> int:
     return mask
 
 
-# Received bytes allowed to wait for the hashing and writing threads before
-# the connection is paused: enough to keep both busy, small enough to keep
-# the client's memory flat.
-PIPELINE_HIGH_WATER_BYTES = 8 * 1024 * 1024
-PIPELINE_LOW_WATER_BYTES = 2 * 1024 * 1024
+class ContentMismatch(ValueError):
+    """A peer offered other content than the one being assembled."""
 
 
-class _Barrier:
-    """Marks a point in both work queues; fires once both threads reach it."""
+class PieceSink:
+    """
+    Assembles one content from verified pieces into an L{Output}.
 
-    def __init__(self, workers: _Workers) -> None:
-        self.workers = workers
-        self.waiting = 2
-        self.done: Deferred[None] = Deferred()
+    The receiving protocol calls L{begin} with the content a peer
+    described, then L{write} with each whole piece it received; L{write}
+    queues the piece for the worker, which verifies it and stores it if it
+    is good.  L{settled} fires once the worker caught up, with the indexes
+    of the pieces that failed verification since the last call.
+    """
 
-    def arrived(self) -> None:  # in the reactor thread
-        self.waiting -= 1
-        if self.waiting == 0:
-            error = self.workers.error
-            if error is not None:
-                self.done.errback(error)
-            else:
-                self.done.callback(None)
+    def __init__(
+        self,
+        output: Output,
+        worker: SerialWorker | InlineWorker | None = None,
+        durable: bool = False,
+    ) -> None:
+        self.output = output
+        self.worker = worker or InlineWorker()
+        self.durable = durable
+        self.content: Content | None = None
+        self.pieces: PieceList | None = None
+        self.done: set[int] = set()
+        self.received = 0  # verified bytes stored
+        self._failed: list[int] = []
+        self._backlog = 0
+        self._drained: Deferred[None] | None = None
+        self._prepared: list[Deferred[None]] | None = None
+        self._error: BaseException | None = None
 
+    # -- the content -------------------------------------------------------
 
-class _Workers:
-    """Two threads: one hashes the received chunks, one writes them."""
+    def continues(self, root: str) -> bool:
+        """Whether content C{root} is the one being assembled (or none is)."""
+        return self.content is None or self.content.root_hex == root
 
-    def __init__(self, reactor, fd: int) -> None:
-        self.reactor = reactor
-        self.fd = fd
-        self.hash = hashlib.sha256()
-        self.error: OSError | None = None
-        self.pending = [0, 0]  # bytes queued for the hasher, for the writer
-        self.lock = threading.Lock()
-        self.drained: Deferred[None] | None = None
-        self.queues: list[queue.SimpleQueue] = [
-            queue.SimpleQueue(),
-            queue.SimpleQueue(),
-        ]
-        for index, work in enumerate((self._hash_chunk, self._write_chunk)):
-            threading.Thread(
-                target=self._run, args=(index, work), daemon=True, name="p2p-spool"
-            ).start()
+    def begin(self, content: Content, pieces: PieceList | None) -> Deferred[None]:
+        """
+        Assemble C{content} (its piece list when it has more than one
+        piece).  The first call prepares the output (resuming what it
+        holds); later ones must describe the same content.
 
-    def put(self, data: bytes) -> bool:
-        """Queue C{data}; False when the caller should pause its input."""
-        with self.lock:
-            self.pending[0] += len(data)
-            self.pending[1] += len(data)
-            backlog = max(self.pending)
-        for work_queue in self.queues:
-            work_queue.put(data)
-        return backlog < PIPELINE_HIGH_WATER_BYTES
+        :raise ContentMismatch: for other content.
+        """
+        if self.content is not None:
+            if content != self.content:
+                raise ContentMismatch("other content than the one being assembled")
+            if self.pieces is None and pieces is not None:
+                self.pieces = pieces
+            if self._prepared is None:
+                return succeed(None)
+            waiter: Deferred[None] = Deferred()
+            self._prepared.append(waiter)
+            return waiter
+        self.content = content
+        self.pieces = pieces
+        self._prepared = []
+        d = self._submit(lambda: self.output.prepare(content, pieces))
 
-    def when_drained(self) -> Deferred[None]:
-        """Fires (in the reactor thread) once the backlog is low again."""
-        d: Deferred[None] = Deferred()
-        with self.lock:
-            if max(self.pending) < PIPELINE_LOW_WATER_BYTES:
-                d.callback(None)
-            else:
-                self.drained = d
+        def held(indexes: set[int]) -> None:
+            self.done |= indexes
+            self.received += sum(content.span(index)[1] for index in indexes)
+
+        def tell_waiters(result: object) -> object:
+            waiters, self._prepared = self._prepared or [], None
+            for waiter in waiters:
+                if isinstance(result, Failure):
+                    waiter.errback(result)
+                else:
+                    waiter.callback(None)
+            return result
+
+        d.addCallback(held)
+        d.addBoth(tell_waiters)
         return d
 
-    def barrier(self) -> Deferred[None]:
-        marker = _Barrier(self)
-        for work_queue in self.queues:
-            work_queue.put(marker)
-        return marker.done
+    def reset(self) -> None:
+        """Forget the content (only while the output is restartable)."""
+        self.content = None
+        self.pieces = None
+        self.done.clear()
+        self.received = 0
 
-    def stop(self) -> None:
-        for work_queue in self.queues:
-            work_queue.put(None)
+    @property
+    def restartable(self) -> bool:
+        return self.output.restartable
 
-    def _run(self, index: int, work) -> None:
-        work_queue = self.queues[index]
-        while True:
-            item = work_queue.get()
-            if item is None:
-                if work == self._write_chunk:
-                    os.close(self.fd)  # the writer's own descriptor
-                return
-            if isinstance(item, _Barrier):
-                self.reactor.callFromThread(item.arrived)
-                continue
-            work(item)
-            with self.lock:
-                self.pending[index] -= len(item)
-                ready = self.drained
-                if ready is not None and max(self.pending) < PIPELINE_LOW_WATER_BYTES:
-                    self.drained = None
-                else:
-                    ready = None
-            if ready is not None:
-                self.reactor.callFromThread(ready.callback, None)
+    @property
+    def complete(self) -> bool:
+        return self.content is not None and len(self.done) == self.content.pieces
 
-    def _hash_chunk(self, data: bytes) -> None:
-        self.hash.update(data)  # hashlib releases the GIL for large chunks
+    def missing(self) -> list[int]:
+        """The pieces still to fetch, in order."""
+        assert self.content is not None
+        return [i for i in range(self.content.pieces) if i not in self.done]
 
-    def _write_chunk(self, data: bytes) -> None:
-        if self.error is not None:
-            return
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.fd, view) :]
-        except OSError as e:
-            self.error = e
+    # -- pieces --------------------------------------------------------------
 
+    def write(
+        self,
+        index: int,
+        data: bytes,
+        on_bad: Callable[[int], object] | None = None,
+    ) -> bool:
+        """
+        Queue piece C{index} for verification and storage; False when the
+        caller should pause its input until L{when_drained} fires.  A piece
+        that fails verification is dropped and reported to C{on_bad} (or,
+        without one, by L{settled}).
 
-class PipelinedSpoolSink(SpoolSink):
-    """
-    A L{SpoolSink} that hashes and writes on two threads while the reactor
-    thread keeps receiving: on a bulk transfer the three overlap instead of
-    taking turns.  L{write} returns False when the backlog is high; the
-    caller pauses its connection until L{when_drained} fires.  L{flushed}
-    fires when every byte received so far is hashed and written.
-    """
+        :raise OSError: an earlier store failed (the output is unusable).
+        """
+        if self._error is not None:
+            raise self._error
+        content = self.content
+        assert content is not None
+        offset = content.span(index)[0]
+        self._backlog += len(data)
+        pieces = self.pieces
 
-    def __init__(self, directory: str | None, reactor) -> None:
-        super().__init__(directory)
-        self.reactor = reactor
-        self._workers: _Workers | None = None
+        def verify_and_store() -> bool:
+            if not _verifies(content, pieces, index, data):
+                return False
+            self.output.write_piece(offset, data)
+            return True
 
-    def begin(self, header: wire.FileHeader) -> None:
-        super().begin(header)
-        if self._workers is None:
-            assert self._file is not None
-            # The writer gets its own descriptor: discarding the spool must
-            # never leave it writing into a closed (or reused) one.
-            self._workers = _Workers(self.reactor, os.dup(self._file.fileno()))
+        d = self._submit(verify_and_store)
+        d.addCallbacks(
+            self._stored,
+            self._store_failed,
+            (index, len(data), on_bad),
+            None,
+            (len(data),),
+        )
+        return self._backlog < HIGH_WATER_BYTES
 
-    def write(self, data: bytes) -> bool:
-        assert self._workers is not None
-        if self._workers.error is not None:
-            raise self._workers.error
-        self.received += len(data)
-        return self._workers.put(data)
+    def _stored(
+        self, good: bool, index: int, size: int, on_bad: Callable[[int], object] | None
+    ) -> None:
+        self._released(size)
+        if good:
+            if index not in self.done:
+                self.done.add(index)
+                self.received += size
+        elif on_bad is not None:
+            on_bad(index)
+        else:
+            self._failed.append(index)
+
+    def _store_failed(self, failure: Failure, size: int) -> None:
+        self._released(size)
+        if self._error is None:
+            self._error = failure.value
+
+    def _released(self, size: int) -> None:
+        self._backlog -= size
+        ready = self._drained
+        if ready is not None and self._backlog < LOW_WATER_BYTES:
+            self._drained = None
+            ready.callback(None)
 
     def when_drained(self) -> Deferred[None]:
-        assert self._workers is not None
-        return self._workers.when_drained()
-
-    def flushed(self) -> Deferred[None]:
-        if self._workers is None:
+        """Fires once the worker's backlog is low again."""
+        if self._backlog < LOW_WATER_BYTES:
             return succeed(None)
-        return self._workers.barrier()
+        if self._drained is None:
+            self._drained = Deferred()
+        d: Deferred[None] = Deferred()
+        self._drained.addCallback(lambda _: d.callback(None))
+        return d
 
-    def hexdigest(self) -> str:
-        if self._workers is None:
-            return super().hexdigest()
-        return self._workers.hash.hexdigest()
+    def settled(self) -> Deferred[list[int]]:
+        """
+        Fires when every piece queued so far is verified and stored, with
+        the indexes of those that failed verification (since the last call);
+        fails with the C{OSError} of a failed store.
+        """
+        d = self._submit(lambda: None)
 
-    def save_as(self, path: str, durable: bool = False) -> None:
-        # Call only once flushed() fired: every byte is in the file.
-        super().save_as(path, durable)
-        self._stop_workers()
+        def report(_: None) -> list[int]:
+            if self._error is not None:
+                raise self._error
+            failed, self._failed = self._failed, []
+            return failed
 
-    def discard(self) -> None:
-        self._stop_workers()
-        super().discard()
+        d.addCallback(report)
+        return d
 
-    def _stop_workers(self) -> None:
-        if self._workers is not None:
-            # The threads finish what is queued and exit; their file is
-            # unlinked now (POSIX keeps it until they let go of it).
-            self._workers.stop()
-            self._workers = None
+    def finish(self) -> Deferred[None]:
+        """Make the complete content final (rename the partial file)."""
+        return self._submit(lambda: self.output.finish(self.durable))
+
+    def abandon(self, keep: bool = False) -> Deferred[str | None]:
+        """Stop; with C{keep}, leave a resumable partial file if any."""
+        d = self._submit(lambda: self.output.abandon(keep))
+        d.addBoth(self._stop_worker)
+        return d
+
+    def _stop_worker(self, result: object) -> object:
+        self.worker.stop()
+        return result
+
+    def _submit(self, work: Callable[[], T]) -> Deferred[T]:
+        return self.worker.submit(work)

@@ -106,3 +106,18 @@ def write_now(transport: object, data: bytes) -> bool:
         data = data[sent:]
     transport.write(data)  # type: ignore[attr-defined]
     return False
+
+
+def no_delay(transport: object) -> None:
+    """
+    Turn Nagle's algorithm off on C{transport} when it is TCP (TLS
+    included): small answers written in several pieces must not wait for
+    the other side's delayed ACK.  Other transports are left alone.
+    """
+    set_no_delay = getattr(transport, "setTcpNoDelay", None)
+    if set_no_delay is None:
+        return
+    try:
+        set_no_delay(True)
+    except OSError:
+        pass  # the connection is already gone

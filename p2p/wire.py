@@ -18,6 +18,10 @@ from enum import IntEnum
 from p2p import hints
 
 PROTOCOL = "P2P/1"
+# Peers speak the second version: pieces, ranges and content roots.  The
+# relay's protocol did not change, so it still greets with P2P/1.
+PEER_PROTOCOL = "P2P/2"
+PROTOCOLS = {"relay": PROTOCOL, "peer": PEER_PROTOCOL}
 DELIMITER = b"\n"
 
 # Requests are short; 1 KiB is far more than the longest legal request (a
@@ -120,7 +124,7 @@ def encode_line(text: str) -> bytes:
 @functools.lru_cache(maxsize=8)
 def banner(role: str) -> bytes:
     """The greeting a server sends as soon as a connection is made."""
-    return encode_line(f"{PROTOCOL} {role}")
+    return encode_line(f"{PROTOCOLS.get(role, PROTOCOL)} {role}")
 
 
 def check_banner(line: bytes, role: str) -> None:
@@ -129,8 +133,13 @@ def check_banner(line: bytes, role: str) -> None:
     parts = text.split(" ")
     if not parts or not parts[0].startswith("P2P/"):
         raise WireError(Code.VERSION, f"not a P2P server (greeting {text[:40]!r})")
-    if parts[0] != PROTOCOL:
-        raise WireError(Code.VERSION, f"unsupported protocol version {parts[0]!r}")
+    expected = PROTOCOLS.get(role, PROTOCOL)
+    if parts[0] != expected:
+        raise WireError(
+            Code.VERSION,
+            f"unsupported protocol version {parts[0]!r} (this client speaks "
+            f"{expected} to a {role})",
+        )
     if len(parts) < 2 or parts[1] != role:
         raise WireError(Code.BAD_REQUEST, f"expected a {role}, not {text[:40]!r}")
 
@@ -555,30 +564,82 @@ def parse_count(line: bytes, maximum: int) -> int:
 
 
 # -- peer requests -----------------------------------------------------------
+#
+# Peers speak P2P/2 (see PEER_PROTOCOL): content is described by a BLAKE3
+# root and piece digests (p2p.pieces), and any byte range of a named file or
+# of a content root can be asked for, so a client can take different pieces
+# from different holders and check each piece as it arrives.
 
 
 @dataclass(frozen=True)
 class Get:
-    """``GET <name>`` or ``RESUME <offset> <name>`` (name: rest of the line)."""
+    """``GET <name>`` (name: rest of the line): the whole file.
+
+    The reply header is followed by the piece digests (when the file has
+    more than one piece), then by the file's bytes.
+    """
 
     name: str
-    offset: int = 0
 
     def to_line(self) -> bytes:
-        if self.offset:
-            return encode_line(f"RESUME {self.offset} {self.name}")
         return encode_line(f"GET {self.name}")
 
 
 @dataclass(frozen=True)
-class ListFiles:
-    """``LIST``"""
+class Range:
+    """``RANGE <offset> <length> <name>`` (name: rest of the line)."""
+
+    offset: int
+    length: int
+    name: str
 
     def to_line(self) -> bytes:
-        return encode_line("LIST")
+        return encode_line(f"RANGE {self.offset} {self.length} {self.name}")
 
 
-PeerRequest = Get | ListFiles
+@dataclass(frozen=True)
+class Blob:
+    """``BLOB <root> <offset> <length>``: a byte range of a content, by root."""
+
+    root: str
+    offset: int
+    length: int
+
+    def to_line(self) -> bytes:
+        return encode_line(f"BLOB {self.root} {self.offset} {self.length}")
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """``PIECES <root>``: the piece digests of a content."""
+
+    root: str
+
+    def to_line(self) -> bytes:
+        return encode_line(f"PIECES {self.root}")
+
+
+@dataclass(frozen=True)
+class ListFiles:
+    """``LIST [limit=<n>] [cursor=<cursor>]``: one page of the shared files."""
+
+    limit: int | None = None
+    cursor: str | None = None
+
+    def to_line(self) -> bytes:
+        words = ["LIST"]
+        if self.limit is not None:
+            words.append(f"limit={self.limit}")
+        if self.cursor is not None:
+            words.append(f"cursor={self.cursor}")
+        return encode_line(" ".join(words))
+
+
+PeerRequest = Get | Range | Blob | Pieces | ListFiles
+
+# LIST pages hold 1..MAX_FILES_PER_PAGE entries (that many without limit=).
+MAX_FILES_PER_PAGE = 1000
+_LIST_OPTIONS = frozenset({"limit", "cursor"})
 
 
 def _parse_name(text: str) -> str:
@@ -589,18 +650,51 @@ def _parse_name(text: str) -> str:
     return text
 
 
+def parse_root_text(text: str) -> str:
+    """Accept a content root: 64 lowercase hex digits."""
+    if not _SHA256.fullmatch(text):
+        raise WireError(Code.BAD_REQUEST, "root must be 64 lowercase hex digits")
+    return text
+
+
+def _parse_span(offset_text: str, length_text: str) -> tuple[int, int]:
+    return parse_int(offset_text, "offset"), parse_int(length_text, "length")
+
+
 def parse_peer_request(line: bytes) -> PeerRequest:
     """Parse one line sent to a peer."""
     verb, rest = split_verb(decode_line(line))
     if verb == "GET":
         return Get(name=_parse_name(rest))
-    if verb == "RESUME":
-        offset_text, _, name = rest.partition(" ")
-        return Get(name=_parse_name(name), offset=parse_int(offset_text, "offset"))
+    if verb == "RANGE":
+        offset_text, _, rest = rest.partition(" ")
+        length_text, _, name = rest.partition(" ")
+        offset, length = _parse_span(offset_text, length_text)
+        return Range(offset, length, _parse_name(name))
+    if verb == "BLOB":
+        args = rest.split(" ")
+        if len(args) != 3:
+            raise WireError(Code.BAD_REQUEST, "usage: BLOB <root> <offset> <length>")
+        offset, length = _parse_span(args[1], args[2])
+        return Blob(parse_root_text(args[0]), offset, length)
+    if verb == "PIECES":
+        if not rest or " " in rest:
+            raise WireError(Code.BAD_REQUEST, "usage: PIECES <root>")
+        return Pieces(parse_root_text(rest))
     if verb == "LIST":
-        if rest.strip():
-            raise WireError(Code.BAD_REQUEST, "LIST takes no arguments")
-        return ListFiles()
+        options = parse_options(rest.split(), _LIST_OPTIONS)
+        limit = options.get("limit")
+        cursor = options.get("cursor")
+        if cursor is not None:
+            parse_cursor(cursor)
+        return ListFiles(
+            limit=(
+                parse_int(limit, "limit", 1, MAX_FILES_PER_PAGE)
+                if limit is not None
+                else None
+            ),
+            cursor=cursor,
+        )
     raise WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb[:32]!r}")
 
 
@@ -608,22 +702,55 @@ def parse_peer_request(line: bytes) -> PeerRequest:
 
 
 @dataclass(frozen=True)
-class FileHeader:
-    """``OK <count> sha256=<hex> offset=<n> size=<n>``, then C{count} raw bytes.
+class Indexing:
+    """``INDEXING <done> <total>``: the file asked for is still being hashed.
 
-    C{size} is the whole file's size and C{sha256} the whole file's digest;
-    C{count} = C{size} - C{offset} bytes follow the line.
+    Sent before a header, at least once a second, while the peer indexes
+    the file; the header follows once the file is indexed.
+    """
+
+    done: int
+    total: int
+
+    def to_line(self) -> bytes:
+        return encode_line(f"INDEXING {self.done} {self.total}")
+
+    @classmethod
+    def from_line(cls, line: bytes) -> Indexing | None:
+        """The progress a line carries, or C{None} if it is not a progress line."""
+        if not line.startswith(b"INDEXING "):
+            return None
+        fields = decode_line(line).split(" ")
+        if len(fields) != 3:
+            raise WireError(Code.BAD_REQUEST, "malformed INDEXING line")
+        return cls(parse_int(fields[1], "done"), parse_int(fields[2], "total"))
+
+
+_FILE_HEADER_OPTIONS = frozenset({"root", "offset", "size", "piece", "hashes"})
+_PIECES_HEADER_OPTIONS = frozenset({"root", "size", "piece"})
+
+
+@dataclass(frozen=True)
+class FileHeader:
+    """``OK <count> root=<hex> offset=<n> size=<n> piece=<n> hashes=<n>``
+
+    Then C{hashes} bytes of piece digests (32 per piece; only a ``GET`` of
+    a file of more than one piece carries them, 0 otherwise), then C{count}
+    raw bytes of the content from C{offset}.  C{root}, C{size} and
+    C{piece} (the piece size) describe the whole content.
     """
 
     count: int
-    sha256: str
+    root: str
     offset: int
     size: int
+    piece: int
+    hashes: int = 0
 
     def to_line(self) -> bytes:
         return encode_line(
-            f"OK {self.count} sha256={self.sha256} offset={self.offset} "
-            f"size={self.size}"
+            f"OK {self.count} root={self.root} offset={self.offset} "
+            f"size={self.size} piece={self.piece} hashes={self.hashes}"
         )
 
     @classmethod
@@ -631,37 +758,74 @@ class FileHeader:
         fields = parse_ok(decode_line(line))
         if not fields:
             raise WireError(Code.BAD_REQUEST, "malformed file header")
-        options = parse_options(fields[1:], frozenset({"sha256", "offset", "size"}))
-        if set(options) != {"sha256", "offset", "size"}:
+        options = parse_options(fields[1:], _FILE_HEADER_OPTIONS)
+        if set(options) != _FILE_HEADER_OPTIONS:
             raise WireError(Code.BAD_REQUEST, "incomplete file header")
-        if not _SHA256.fullmatch(options["sha256"]):
-            raise WireError(Code.BAD_REQUEST, "malformed sha256 in file header")
         header = cls(
             count=parse_int(fields[0], "count"),
-            sha256=options["sha256"],
+            root=parse_root_text(options["root"]),
             offset=parse_int(options["offset"], "offset"),
             size=parse_int(options["size"], "size"),
+            piece=parse_int(options["piece"], "piece"),
+            hashes=parse_int(options["hashes"], "hashes"),
         )
-        if header.offset + header.count != header.size:
-            raise WireError(Code.BAD_REQUEST, "file header: offset + count != size")
+        if header.offset + header.count > header.size:
+            raise WireError(Code.BAD_REQUEST, "file header: offset + count > size")
         return header
 
 
 @dataclass(frozen=True)
+class PiecesHeader:
+    """``OK <count> root=<hex> size=<n> piece=<n>``, then C{count} bytes of
+    piece digests (32 per piece, in order)."""
+
+    count: int
+    root: str
+    size: int
+    piece: int
+
+    def to_line(self) -> bytes:
+        return encode_line(
+            f"OK {self.count} root={self.root} size={self.size} piece={self.piece}"
+        )
+
+    @classmethod
+    def from_line(cls, line: bytes) -> PiecesHeader:
+        fields = parse_ok(decode_line(line))
+        if not fields:
+            raise WireError(Code.BAD_REQUEST, "malformed piece list header")
+        options = parse_options(fields[1:], _PIECES_HEADER_OPTIONS)
+        if set(options) != _PIECES_HEADER_OPTIONS:
+            raise WireError(Code.BAD_REQUEST, "incomplete piece list header")
+        return cls(
+            count=parse_int(fields[0], "count"),
+            root=parse_root_text(options["root"]),
+            size=parse_int(options["size"], "size"),
+            piece=parse_int(options["piece"], "piece"),
+        )
+
+
+@dataclass(frozen=True)
 class FileEntry:
-    """``FILE <size> <name>`` (name: rest of the line)."""
+    """``FILE <size> <root> <name>`` (name: rest of the line)."""
 
     size: int
+    root: str
     name: str
 
     def to_line(self) -> bytes:
-        return encode_line(f"FILE {self.size} {self.name}")
+        return encode_line(f"FILE {self.size} {self.root} {self.name}")
 
     @classmethod
     def from_line(cls, line: bytes) -> FileEntry:
         text = decode_line(line)
         verb, _, rest = text.partition(" ")
-        size_text, _, name = rest.partition(" ")
+        size_text, _, rest = rest.partition(" ")
+        root, _, name = rest.partition(" ")
         if verb != "FILE":
             raise WireError(Code.BAD_REQUEST, "malformed FILE line")
-        return cls(size=parse_int(size_text, "size"), name=_parse_name(name))
+        return cls(
+            size=parse_int(size_text, "size"),
+            root=parse_root_text(root),
+            name=_parse_name(name),
+        )

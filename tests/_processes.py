@@ -267,7 +267,13 @@ class Launcher:
             protocol,
             argv[0],
             list(argv),
-            env={**_child_environment(), **(env or {})},
+            env={
+                **_child_environment(),
+                # Peers keep their index under $XDG_STATE_HOME: the test's
+                # own folder, outside every share.
+                "XDG_STATE_HOME": os.path.join(self.workdir, "state"),
+                **(env or {}),
+            },
             path=self.workdir,
         )
         self.processes.append(protocol)

@@ -34,7 +34,7 @@ from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import wire
+from p2p import pieces, wire
 from p2p.client import (
     FileFetchProtocol,
     PeerFailed,
@@ -45,7 +45,8 @@ from p2p.client import (
 from p2p.fetch import Attempt, Fetcher, NotFoundAnywhere
 from p2p.peer import PeerFactory
 from p2p.share import OpenedFile, ShareFolder
-from p2p.sink import SpoolSink
+from p2p.pieces import Content, PieceList
+from p2p.sink import PieceSink, StreamOutput
 from tests.test_peer import connect_in_memory
 from tests.test_share import open_descriptor_count, temp_dir, write
 
@@ -53,23 +54,43 @@ IDLE = 10.0
 CONNECT = 5.0
 PEER_IDLE = 30.0
 CONTENT = b"the file everybody wants\n" * 1000
-DIGEST = hashlib.sha256(CONTENT).hexdigest()
 NAME = "wanted.txt"
+MIB = 1024 * 1024
+BIG = os.urandom(3 * MIB + 1792)  # four pieces
 
 
-def header_for(data: bytes, offset: int = 0, digest: str | None = None) -> bytes:
-    """The header line a peer sends for C{data} (from C{offset})."""
-    header = wire.FileHeader(
-        len(data) - offset,
-        digest or hashlib.sha256(data).hexdigest(),
-        offset,
-        len(data),
+def describe(data: bytes) -> tuple[Content, bytes]:
+    """The content of C{data} and its piece digests."""
+    digests = b"".join(
+        pieces.hash_piece(data[i : i + MIB]) for i in range(0, len(data), MIB)
     )
-    return header.to_line() + b"\n"
+    return Content(pieces.root_of(len(data), MIB, digests), len(data)), digests
 
 
-def spool_files(directory: str) -> list[str]:
-    return sorted(name for name in os.listdir(directory) if name.endswith(".part"))
+def reply_for(
+    data: bytes,
+    offset: int = 0,
+    count: int | None = None,
+    digests: bytes | None = None,
+    body: bytes | None = None,
+) -> bytes:
+    """What a peer sends for C{data}: the header, the piece digests (a
+    whole file of several pieces), then the bytes from C{offset}."""
+    content, real_digests = describe(data)
+    count = len(data) - offset if count is None else count
+    if digests is None:
+        digests = real_digests if offset == 0 and content.pieces > 1 else b""
+    header = wire.FileHeader(
+        count, content.root_hex, offset, len(data), MIB, len(digests)
+    )
+    if body is None:
+        body = data[offset : offset + count]
+    return header.to_line() + b"\n" + digests + body
+
+
+def blob_for(data: bytes, offset: int = 0) -> wire.Blob:
+    content, _ = describe(data)
+    return wire.Blob(content.root_hex, offset, len(data) - offset)
 
 
 class FileFetchProtocolTests(SynchronousTestCase):
@@ -77,13 +98,17 @@ class FileFetchProtocolTests(SynchronousTestCase):
 
     def setUp(self) -> None:
         self.clock = Clock()
-        self.spool = temp_dir(self)
-        self.sink = SpoolSink(self.spool)
-        self.addCleanup(self.sink.discard)
+        self.out = io.BytesIO()
+        self.sink = PieceSink(StreamOutput(self.out))
+        self.progress: list[wire.Indexing] = []
 
-    def connect(self, transport=None, name=NAME, offset=0, idle=IDLE):
+    def connect(self, transport=None, request=None, idle=IDLE):
         self.protocol = FileFetchProtocol(
-            wire.Get(name, offset), self.sink, self.clock, idle
+            request or wire.Get(NAME),
+            self.sink,
+            self.clock,
+            idle,
+            on_indexing=self.progress.append,
         )
         self.transport = transport or StringTransport()
         if isinstance(self.transport, StringTransportWithDisconnection):
@@ -92,16 +117,16 @@ class FileFetchProtocolTests(SynchronousTestCase):
         return self.protocol
 
     def greet(self) -> None:
-        self.protocol.dataReceived(b"P2P/1 peer\n")
+        self.protocol.dataReceived(b"P2P/2 peer\n")
 
     def content(self) -> bytes:
-        out = io.BytesIO()
-        self.sink.copy_to(out)
-        return out.getvalue()
+        return self.out.getvalue()
 
-    def assertFailed(self, fragment: str) -> PeerFailed:
+    def assertFailed(self, fragment: str, kind: str | None = None) -> PeerFailed:
         failure = self.failureResultOf(self.protocol.result, PeerFailed)
         self.assertIn(fragment, failure.value.reason)
+        if kind is not None:
+            self.assertEqual(failure.value.kind, kind)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         return failure.value
 
@@ -112,31 +137,47 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.greet()
         self.assertEqual(self.transport.value(), b"GET wanted.txt\n")
 
-    def test_resume_request(self) -> None:
-        """An offset turns the request into RESUME."""
-        self.connect(offset=7)
-        self.greet()
-        self.assertEqual(self.transport.value(), b"RESUME 7 wanted.txt\n")
+    def test_first_version_peer(self) -> None:
+        """A P2P/1 peer is skipped with a version error; nothing is sent."""
+        self.connect()
+        self.protocol.dataReceived(b"P2P/1 peer\n")
+        self.assertFailed("unsupported protocol version 'P2P/1'", "protocol")
+        self.assertEqual(self.transport.value(), b"")
 
     def test_success_one_segment(self) -> None:
         """
         Banner, header and every byte in one segment: the result is the
-        header, the sink holds the verified content, the timer is gone.
+        header, the output holds the verified content, the timer is gone.
         """
         self.connect()
-        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(CONTENT) + CONTENT)
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(CONTENT))
         header = self.successResultOf(self.protocol.result)
-        self.assertEqual(header.sha256, DIGEST)
+        self.assertEqual(header.root, describe(CONTENT)[0].root_hex)
         self.assertEqual(header.count, len(CONTENT))
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.sink.received, len(CONTENT))
         self.assertEqual(self.content(), CONTENT)
 
-    def test_success_byte_by_byte(self) -> None:
-        """The same stream delivered one byte at a time gives the same result."""
+    def test_several_pieces(self) -> None:
+        """The piece list comes first; every piece is checked against it."""
         self.connect()
-        for byte in b"P2P/1 peer\n" + header_for(CONTENT[:300]) + CONTENT[:300]:
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(BIG))
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), BIG)
+
+    def test_success_in_small_segments(self) -> None:
+        """The same stream in 1000-byte segments gives the same result."""
+        self.connect()
+        stream = b"P2P/2 peer\n" + reply_for(BIG)
+        for start in range(0, len(stream), 1000):
+            self.protocol.dataReceived(stream[start : start + 1000])
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), BIG)
+
+    def test_byte_by_byte(self) -> None:
+        self.connect()
+        for byte in b"P2P/2 peer\n" + reply_for(CONTENT[:300]):
             self.protocol.dataReceived(bytes([byte]))
         self.successResultOf(self.protocol.result)
         self.assertEqual(self.content(), CONTENT[:300])
@@ -144,17 +185,52 @@ class FileFetchProtocolTests(SynchronousTestCase):
     def test_empty_file(self) -> None:
         """A count of 0 completes on the header alone."""
         self.connect()
-        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(b""))
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(b""))
         self.assertEqual(self.successResultOf(self.protocol.result).size, 0)
         self.assertEqual(self.content(), b"")
 
-    def test_digest_mismatch(self) -> None:
-        """Bytes that do not match the announced SHA-256 are a PeerFailed."""
+    def test_indexing_lines(self) -> None:
+        """Progress lines before the header are reported and keep the
+        connection alive past the idle timeout."""
         self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(CONTENT, digest="0" * 64) + CONTENT)
-        self.assertFailed("corrupted")
+        for done in range(0, 100, 10):
+            self.clock.advance(IDLE - 1)
+            self.protocol.dataReceived(wire.Indexing(done, 100).to_line() + b"\n")
+        self.assertEqual([p.done for p in self.progress], list(range(0, 100, 10)))
+        self.protocol.dataReceived(reply_for(CONTENT))
+        self.successResultOf(self.protocol.result)
+
+    def test_corrupted_piece(self) -> None:
+        """A piece that does not match its digest fails the peer at once;
+        nothing of it reaches the output."""
+        self.connect()
+        self.greet()
+        body = bytearray(BIG)
+        body[MIB + 10] ^= 1
+        self.protocol.dataReceived(reply_for(BIG, body=bytes(body)))
+        self.assertFailed("piece 1 does not match", "corrupted")
+        self.assertEqual(self.content(), BIG[:MIB])
         self.assertTrue(self.transport.disconnected)  # aborted
+
+    def test_corrupted_single_piece(self) -> None:
+        """A one-piece file is checked against the root itself."""
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(reply_for(b"abc", body=b"abd"))
+        self.assertFailed("corrupted")
+        self.assertEqual(self.content(), b"")
+
+    def test_piece_list_mismatch(self) -> None:
+        """A piece list that does not hash to the root is refused before
+        any content is taken."""
+        _, digests = describe(BIG)
+        lie = bytes([digests[0] ^ 1]) + digests[1:]
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(reply_for(BIG, digests=lie))
+        self.assertFailed("piece list does not match the root", "corrupted")
+        self.assertEqual(self.content(), b"")
 
     def test_err_reply(self) -> None:
         """An ERR reply is a PeerFailed naming it; the close is a clean one."""
@@ -171,7 +247,7 @@ class FileFetchProtocolTests(SynchronousTestCase):
         """A peer sending past the announced count is cut off: PeerFailed."""
         self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(b"abc") + b"abcd")
+        self.protocol.dataReceived(reply_for(b"abc", body=b"abcd"))
         self.assertFailed("more bytes than announced")
         self.assertTrue(self.transport.disconnected)
 
@@ -179,21 +255,24 @@ class FileFetchProtocolTests(SynchronousTestCase):
         """Extra bytes after a complete file do not change the result."""
         self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(b"abc") + b"abc")
+        self.protocol.dataReceived(reply_for(b"abc"))
         self.successResultOf(self.protocol.result)
         self.protocol.dataReceived(b"junk")
         self.protocol.connectionLost(Failure(ConnectionDone()))
         self.assertEqual(self.content(), b"abc")
 
     def test_closed_mid_transfer(self) -> None:
-        """A connection lost mid-file says how far the transfer got."""
+        """A connection lost mid-file says how far the transfer got; the
+        pieces that verified are kept."""
         self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(b"0123456789") + b"012")
+        self.protocol.dataReceived(reply_for(BIG)[: -(len(BIG) - MIB - 3)])
         self.protocol.connectionLost(Failure(ConnectionLost()))
         self.assertEqual(
-            self.assertFailed("broken").reason, "broken transfer after 3 of 10 bytes"
+            self.assertFailed("broken", "broken").reason,
+            f"broken transfer after {MIB + 3} of {len(BIG)} bytes",
         )
+        self.assertEqual(self.sink.done, {0})
 
     def test_closed_before_reply(self) -> None:
         """A connection lost before any header is a PeerFailed."""
@@ -210,24 +289,82 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.assertEqual(self.transport.value(), b"")
 
     def test_malformed_header(self) -> None:
-        """A header that does not parse is a protocol error."""
+        """A header that does not parse or does not answer the request is a
+        protocol error."""
+        root = describe(b"abc")[0].root_hex
         for line in (
             b"OK 3\n",
-            b"OK 3 sha256=xyz offset=0 size=3\n",
-            b"OK 3 sha256=%s offset=0 size=4\n" % (b"a" * 64),
+            b"OK 3 sha256=%s offset=0 size=3\n" % (b"a" * 64),
+            f"OK 3 root={root} offset=0 size=4 piece={MIB} hashes=0\n".encode(),
+            f"OK 3 root={root} offset=0 size=3 piece=1000 hashes=0\n".encode(),
+            f"OK 3 root={root} offset=0 size=3 piece={MIB} hashes=32\n".encode(),
+            f"OK 2 root={root} offset=1 size=3 piece={MIB} hashes=0\n".encode(),
             b"HELLO\n",
         ):
             self.connect()
             self.greet()
             self.protocol.dataReceived(line)
-            self.assertFailed("protocol error")
+            self.assertFailed("protocol error", "protocol")
 
-    def test_header_for_another_offset(self) -> None:
-        """A header answering another offset than asked is refused."""
-        self.connect(offset=2)
+    def test_missing_piece_list(self) -> None:
+        """A whole file of several pieces must come with its piece list."""
+        content, _ = describe(BIG)
+        header = wire.FileHeader(len(BIG), content.root_hex, 0, len(BIG), MIB, 0)
+        self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(b"abcdef", offset=0))
-        self.assertFailed("another offset")
+        self.protocol.dataReceived(header.to_line() + b"\n")
+        self.assertFailed("protocol error", "protocol")
+
+    def test_blob_continues_the_content(self) -> None:
+        """Once the content is known, the rest is asked by root and taken
+        only for that root and range."""
+        content, digests = describe(BIG)
+        self.successResultOf(
+            self.sink.begin(content, PieceList.check(content, digests))
+        )
+        self.sink.write(0, BIG[:MIB])
+        self.connect(request=blob_for(BIG, MIB))
+        self.greet()
+        self.assertEqual(
+            self.transport.value(),
+            f"BLOB {content.root_hex} {MIB} {len(BIG) - MIB}\n".encode(),
+        )
+        self.protocol.dataReceived(reply_for(BIG, offset=MIB))
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), BIG)
+
+    def test_blob_for_other_content(self) -> None:
+        self.connect(request=blob_for(BIG, MIB))
+        self.greet()
+        self.protocol.dataReceived(reply_for(CONTENT))
+        self.assertFailed("protocol error", "protocol")
+
+    def test_other_content_under_the_name(self) -> None:
+        """A GET answered with other content than the sink's is skipped."""
+        content, digests = describe(BIG)
+        self.successResultOf(
+            self.sink.begin(content, PieceList.check(content, digests))
+        )
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(reply_for(CONTENT))
+        self.assertFailed("has other content", "other-content")
+
+    def test_resume_asks_for_the_rest(self) -> None:
+        """A sink already holding pieces (an earlier run) turns a whole GET
+        into a request for the rest: the peer is failed as 'resume'."""
+        content, digests = describe(BIG)
+        self.successResultOf(
+            self.sink.begin(content, PieceList.check(content, digests))
+        )
+        self.sink.write(0, BIG[:MIB])
+        self.sink.reset()
+        self.sink.done.add(0)
+        self.sink.content = content
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(reply_for(BIG)[:2000])
+        self.assertFailed(f"resuming at byte {MIB}", "resume")
 
     def test_line_too_long(self) -> None:
         """An endless header line is a protocol error."""
@@ -260,10 +397,10 @@ class FileFetchProtocolTests(SynchronousTestCase):
         """A slow transfer that keeps delivering bytes is not timed out."""
         self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(CONTENT))
-        for start in range(0, len(CONTENT), 5000):
+        reply = reply_for(CONTENT)
+        for start in range(0, len(reply), 5000):
             self.clock.advance(IDLE - 1)
-            self.protocol.dataReceived(CONTENT[start : start + 5000])
+            self.protocol.dataReceived(reply[start : start + 5000])
         self.assertGreater(self.clock.seconds(), IDLE * 3)
         self.successResultOf(self.protocol.result)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -272,7 +409,7 @@ class FileFetchProtocolTests(SynchronousTestCase):
         """A transfer that stops mid-file times out."""
         self.connect()
         self.greet()
-        self.protocol.dataReceived(header_for(CONTENT) + CONTENT[:100])
+        self.protocol.dataReceived(reply_for(CONTENT)[:300])
         self.clock.advance(IDLE)
         self.assertFailed("timed out")
 
@@ -298,14 +435,14 @@ class FileFetchProtocolTests(SynchronousTestCase):
         success stays success, and a corrupted file is reported as such.
         """
         self.connect(StringTransportWithDisconnection())
-        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(b"abc") + b"abc")
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(b"abc"))
         self.successResultOf(self.protocol.result)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+        self.out = io.BytesIO()
+        self.sink = PieceSink(StreamOutput(self.out))
         self.connect(StringTransportWithDisconnection())
-        self.protocol.dataReceived(
-            b"P2P/1 peer\n" + header_for(b"abc", digest="0" * 64) + b"abc"
-        )
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(b"abc", body=b"abd"))
         self.assertFailed("corrupted")
 
 
@@ -1117,53 +1254,3 @@ class StaggerAndResumeTests(SynchronousTestCase):
         d.cancel()
         self.failureResultOf(d, CancelledError)
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-
-class _SlowSink(SpoolSink):
-    """A sink whose storage lags: write() asks to pause, and flushed() and
-    when_drained() fire only when the test says so."""
-
-    def __init__(self, directory: str) -> None:
-        super().__init__(directory)
-        self.drained: Deferred = Deferred()
-        self.flush: Deferred = Deferred()
-
-    def write(self, data: bytes) -> bool:
-        super().write(data)
-        return False
-
-    def when_drained(self) -> Deferred:
-        return self.drained
-
-    def flushed(self) -> Deferred:
-        return self.flush
-
-
-class SlowSinkTests(SynchronousTestCase):
-    """FileFetchProtocol with a sink that lags behind the network."""
-
-    def setUp(self) -> None:
-        self.sink = _SlowSink(temp_dir(self))
-        self.addCleanup(self.sink.discard)
-        self.clock = Clock()
-        self.protocol = FileFetchProtocol(wire.Get(NAME), self.sink, self.clock, IDLE)
-        self.transport = StringTransport()
-        self.protocol.makeConnection(self.transport)
-        self.protocol.dataReceived(b"P2P/1 peer\n" + header_for(CONTENT))
-
-    def test_pauses_until_drained(self) -> None:
-        """A sink that asks to pause pauses the connection until it drains."""
-        self.protocol.dataReceived(CONTENT[:1000])
-        self.assertEqual(self.transport.producerState, "paused")
-        self.sink.drained.callback(None)
-        self.assertEqual(self.transport.producerState, "producing")
-
-    def test_verifies_after_the_sink_caught_up(self) -> None:
-        """The last byte arriving (and even the peer hanging up) does not
-        decide: the digest is checked once the sink has everything."""
-        self.protocol.dataReceived(CONTENT)
-        self.assertNoResult(self.protocol.result)
-        self.protocol.connectionLost(Failure(ConnectionDone()))
-        self.assertNoResult(self.protocol.result)
-        self.sink.flush.callback(None)
-        self.assertEqual(self.successResultOf(self.protocol.result).sha256, DIGEST)

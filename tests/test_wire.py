@@ -1,4 +1,4 @@
-"""Tests for ``p2p.wire``: pure parsing and formatting of P2P/1 lines."""
+"""Tests for ``p2p.wire``: pure parsing and formatting of protocol lines."""
 
 from __future__ import annotations
 
@@ -169,7 +169,7 @@ class BannerTests(WireAssertions, SynchronousTestCase):
     def test_banner(self) -> None:
         """The banner is the protocol version and the server's role."""
         self.assertEqual(wire.banner("relay"), b"P2P/1 relay")
-        self.assertEqual(wire.banner("peer"), b"P2P/1 peer")
+        self.assertEqual(wire.banner("peer"), b"P2P/2 peer")
 
     def test_accepts_own_banner(self) -> None:
         """check_banner accepts what banner produces, with or without CR."""
@@ -870,7 +870,7 @@ class ListingHeaderTests(WireAssertions, SynchronousTestCase):
 
 
 class PeerRequestTests(WireAssertions, SynchronousTestCase):
-    """``wire.parse_peer_request``: GET, RESUME and LIST."""
+    """``wire.parse_peer_request``: GET, RANGE, BLOB, PIECES and LIST."""
 
     parse = staticmethod(wire.parse_peer_request)
 
@@ -880,22 +880,38 @@ class PeerRequestTests(WireAssertions, SynchronousTestCase):
         self.assertEqual(self.parse(b"get dir/x\r"), wire.Get("dir/x"))
         self.assertEqual(self.parse("GET é".encode()), wire.Get("é"))
 
-    def test_resume(self) -> None:
-        """RESUME carries an offset before the name."""
-        self.assertEqual(self.parse(b"RESUME 10 a b"), wire.Get("a b", 10))
-        self.assertEqual(self.parse(b"RESUME 0 a"), wire.Get("a", 0))
+    def test_range(self) -> None:
+        """RANGE carries an offset and a length before the name."""
+        self.assertEqual(self.parse(b"RANGE 10 5 a b"), wire.Range(10, 5, "a b"))
+        self.assertEqual(self.parse(b"RANGE 0 0 a"), wire.Range(0, 0, "a"))
+
+    def test_blob_and_pieces(self) -> None:
+        """BLOB and PIECES name a content by its root."""
+        self.assertEqual(
+            self.parse(f"BLOB {SHA} 1048576 20".encode()),
+            wire.Blob(SHA, 1048576, 20),
+        )
+        self.assertEqual(self.parse(f"PIECES {SHA}".encode()), wire.Pieces(SHA))
 
     def test_list(self) -> None:
-        """LIST takes no arguments (trailing spaces are tolerated)."""
+        """LIST takes an optional limit and cursor."""
         self.assertEqual(self.parse(b"LIST"), wire.ListFiles())
         self.assertEqual(self.parse(b"list  "), wire.ListFiles())
+        self.assertEqual(self.parse(b"LIST limit=5 cursor=1f"), wire.ListFiles(5, "1f"))
 
     def test_round_trip(self) -> None:
-        """to_line output parses back; offset 0 is sent as a plain GET."""
-        self.assertEqual(wire.Get("a", 0).to_line(), b"GET a")
-        self.assertEqual(wire.Get("a", 5).to_line(), b"RESUME 5 a")
+        """to_line output parses back."""
+        self.assertEqual(wire.Get("a").to_line(), b"GET a")
+        self.assertEqual(wire.Range(5, 7, "a").to_line(), b"RANGE 5 7 a")
         self.assertEqual(wire.ListFiles().to_line(), b"LIST")
-        for request in [wire.Get("a b"), wire.Get("x", 2**40), wire.ListFiles()]:
+        for request in [
+            wire.Get("a b"),
+            wire.Range(2**40, 3, "x y"),
+            wire.Blob(SHA, 0, 2**40),
+            wire.Pieces(SHA),
+            wire.ListFiles(),
+            wire.ListFiles(1000, "ff"),
+        ]:
             self.assertEqual(self.parse(request.to_line()), request)
 
     def test_longest_name(self) -> None:
@@ -913,12 +929,25 @@ class PeerRequestTests(WireAssertions, SynchronousTestCase):
                 b"GET ",
                 b"GET " + b"n" * (wire.MAX_NAME_LENGTH + 1),
                 b"GET " + "é".encode() * (wire.MAX_NAME_LENGTH // 2 + 1),
-                b"RESUME",
-                b"RESUME 10",
-                b"RESUME 10 ",
-                b"RESUME x a",
-                b"RESUME -1 a",
+                b"RANGE",
+                b"RANGE 10",
+                b"RANGE 10 5",
+                b"RANGE 10 5 ",
+                b"RANGE x 5 a",
+                b"RANGE 1 -5 a",
+                b"BLOB",
+                f"BLOB {SHA}".encode(),
+                f"BLOB {SHA} 0".encode(),
+                f"BLOB {SHA} 0 1 2".encode(),
+                f"BLOB {SHA.upper()} 0 1".encode(),
+                f"BLOB {SHA[:-1]} 0 1".encode(),
+                b"PIECES",
+                f"PIECES {SHA} x".encode(),
+                b"PIECES name.txt",
                 b"LIST x",
+                b"LIST limit=0",
+                b"LIST limit=1001",
+                b"LIST cursor=xyz",
                 b"GET \xff",
                 b"GET a\x00",
                 b"",
@@ -926,9 +955,29 @@ class PeerRequestTests(WireAssertions, SynchronousTestCase):
         )
 
     def test_unknown_command(self) -> None:
-        """Relay verbs and nonsense sent to a peer are a 501."""
+        """Relay verbs, the first version's RESUME and nonsense are a 501."""
         self.assertAllRefused(
-            self.parse, Code.UNKNOWN_COMMAND, [b"PEERS", b"REGISTER 1", b"FETCH a"]
+            self.parse,
+            Code.UNKNOWN_COMMAND,
+            [b"PEERS", b"REGISTER 1", b"FETCH a", b"RESUME 10 a"],
+        )
+
+
+class IndexingTests(WireAssertions, SynchronousTestCase):
+    """``wire.Indexing``: the progress line before a header."""
+
+    def test_round_trip(self) -> None:
+        progress = wire.Indexing(5, 10)
+        self.assertEqual(progress.to_line(), b"INDEXING 5 10")
+        self.assertEqual(wire.Indexing.from_line(progress.to_line()), progress)
+
+    def test_other_lines(self) -> None:
+        """Another line is not progress; a broken progress line is a 400."""
+        self.assertIsNone(wire.Indexing.from_line(b"OK 1"))
+        self.assertAllRefused(
+            wire.Indexing.from_line,
+            Code.BAD_REQUEST,
+            [b"INDEXING 1", b"INDEXING x 2", b"INDEXING 1 2 3"],
         )
 
 
@@ -936,16 +985,17 @@ class FileHeaderTests(WireAssertions, SynchronousTestCase):
     """``wire.FileHeader``: the line before a file's bytes."""
 
     def test_round_trip(self) -> None:
-        """to_line/from_line agree, for whole and resumed transfers."""
+        """to_line/from_line agree, for whole files and ranges."""
         for header in [
-            wire.FileHeader(10, SHA, 0, 10),
-            wire.FileHeader(4, SHA, 6, 10),
-            wire.FileHeader(0, SHA, 10, 10),
+            wire.FileHeader(10, SHA, 0, 10, 1048576, 0),
+            wire.FileHeader(4, SHA, 6, 10, 1048576),
+            wire.FileHeader(0, SHA, 10, 10, 1048576),
+            wire.FileHeader(3145728, SHA, 0, 3145728, 1048576, 96),
         ]:
             self.assertEqual(wire.FileHeader.from_line(header.to_line()), header)
         self.assertEqual(
-            wire.FileHeader(4, SHA, 6, 10).to_line(),
-            f"OK 4 sha256={SHA} offset=6 size=10".encode(),
+            wire.FileHeader(4, SHA, 6, 10, 1048576).to_line(),
+            f"OK 4 root={SHA} offset=6 size=10 piece=1048576 hashes=0".encode(),
         )
 
     def test_remote_error(self) -> None:
@@ -956,24 +1006,53 @@ class FileHeaderTests(WireAssertions, SynchronousTestCase):
         self.assertEqual(error.code, 416)
 
     def test_malformed(self) -> None:
-        """Missing fields, bad digests and inconsistent sizes are a 400."""
+        """Missing fields, bad roots and inconsistent sizes are a 400; so is
+        a first-version header."""
+        tail = "piece=1048576 hashes=0"
         self.assertAllRefused(
             wire.FileHeader.from_line,
             Code.BAD_REQUEST,
             [
                 b"OK",
                 b"OK 10",
-                f"OK 10 sha256={SHA} offset=0".encode(),
-                f"OK 10 sha256={SHA} size=10".encode(),
-                b"OK 10 offset=0 size=10",
-                f"OK x sha256={SHA} offset=0 size=10".encode(),
-                f"OK 10 sha256={SHA.upper()} offset=0 size=10".encode(),
-                f"OK 10 sha256={SHA[:-1]} offset=0 size=10".encode(),
-                f"OK 10 sha256={SHA} offset=0 size=11".encode(),
-                f"OK 10 sha256={SHA} offset=1 size=10".encode(),
-                f"OK 10 sha256={SHA} offset=0 size=10 extra=1".encode(),
-                f"OK 10 sha256={SHA} offset=0 offset=0 size=10".encode(),
-                f"FILE 10 sha256={SHA} offset=0 size=10".encode(),
+                f"OK 10 root={SHA} offset=0 size=10".encode(),
+                f"OK 10 root={SHA} size=10 {tail}".encode(),
+                f"OK 10 offset=0 size=10 {tail}".encode(),
+                f"OK x root={SHA} offset=0 size=10 {tail}".encode(),
+                f"OK 10 root={SHA.upper()} offset=0 size=10 {tail}".encode(),
+                f"OK 10 root={SHA[:-1]} offset=0 size=10 {tail}".encode(),
+                f"OK 10 root={SHA} offset=1 size=10 {tail}".encode(),
+                f"OK 10 root={SHA} offset=0 size=10 {tail} extra=1".encode(),
+                f"OK 10 root={SHA} offset=0 offset=0 size=10 {tail}".encode(),
+                f"FILE 10 root={SHA} offset=0 size=10 {tail}".encode(),
+                f"OK 10 sha256={SHA} offset=0 size=10".encode(),
+            ],
+        )
+
+    def test_short_range(self) -> None:
+        """A range may end before the content does (count < size - offset)."""
+        header = wire.FileHeader(2, SHA, 3, 10, 1048576)
+        self.assertEqual(wire.FileHeader.from_line(header.to_line()), header)
+
+
+class PiecesHeaderTests(WireAssertions, SynchronousTestCase):
+    """``wire.PiecesHeader``: the line before a piece list."""
+
+    def test_round_trip(self) -> None:
+        header = wire.PiecesHeader(64, SHA, 2000000, 1048576)
+        self.assertEqual(
+            header.to_line(), f"OK 64 root={SHA} size=2000000 piece=1048576".encode()
+        )
+        self.assertEqual(wire.PiecesHeader.from_line(header.to_line()), header)
+
+    def test_malformed(self) -> None:
+        self.assertAllRefused(
+            wire.PiecesHeader.from_line,
+            Code.BAD_REQUEST,
+            [
+                b"OK",
+                f"OK 32 root={SHA} size=1".encode(),
+                b"OK 32 root=x size=1 piece=2",
             ],
         )
 
@@ -983,14 +1062,23 @@ class FileEntryTests(WireAssertions, SynchronousTestCase):
 
     def test_round_trip(self) -> None:
         """The name is the rest of the line, spaces included."""
-        entry = wire.FileEntry(12, "a b/c é.txt")
-        self.assertEqual(entry.to_line(), "FILE 12 a b/c é.txt".encode())
+        entry = wire.FileEntry(12, SHA, "a b/c é.txt")
+        self.assertEqual(entry.to_line(), f"FILE 12 {SHA} a b/c é.txt".encode())
         self.assertEqual(wire.FileEntry.from_line(entry.to_line() + b"\r"), entry)
 
     def test_malformed(self) -> None:
-        """Wrong verb, bad size or a missing name is a 400."""
+        """Wrong verb, bad size or root, or a missing name is a 400."""
         self.assertAllRefused(
             wire.FileEntry.from_line,
             Code.BAD_REQUEST,
-            [b"FILES 1 a", b"FILE x a", b"FILE 1", b"FILE 1 ", b"FILE", b"", b"F\xff"],
+            [
+                f"FILES 1 {SHA} a".encode(),
+                f"FILE x {SHA} a".encode(),
+                f"FILE 1 {SHA}".encode(),
+                f"FILE 1 {SHA} ".encode(),
+                b"FILE 1 a",
+                b"FILE",
+                b"",
+                b"F\xff",
+            ],
         )

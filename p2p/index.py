@@ -1,0 +1,1084 @@
+"""A persistent index of a peer's share folder: names, content roots, seqs.
+
+Why: hashing a file on the request path made the first GET of a big file
+wait for a whole-file hash, and LIST walked the folder on the reactor.  So
+the peer indexes its share ahead of time and keeps the result in SQLite: a
+restart re-hashes only files whose identity (device, inode, size, mtime_ns)
+changed.
+
+Threads.  All file I/O and every SQLite call go through ``run_in_pool`` (the
+daemon's own bounded thread pool).  The reactor thread only touches the
+in-memory mirror (name -> entry, root -> names, a sorted list of seqs), so a
+lookup is O(1) and a page O(log n + limit).  A reactor-side scheduler keeps
+at most one hashing *step* (``step_bytes`` of one file) in the pool at a
+time, and picks each next step with ``ensure`` jobs first.  A 20 GiB file
+being hashed in the background therefore delays a client's small file by
+one step at most.
+
+Never serve a stale hash.  An entry describes the bytes its file had when
+it was hashed, named by ``identity``, and the index lags the disk by a
+debounce delay or a rescan interval.  So the peer must not trust ``lookup``
+alone.  It opens the file, fstat's the descriptor it will read from and asks
+``current(name, identity)``.  On ``None`` it calls ``ensure(name)`` and waits
+for the fresh entry.  A file modified while it is being served is caught by
+the client's piece check.
+
+Change detection: inotify where available, plus a full rescan every
+``rescan_interval`` seconds.  Without inotify the rescan is the only
+mechanism; with it, the rescan is the safety net for lost events (queue
+overflow, trees moved in).  The watches are added one directory at a time
+from the scan's directory list.  Twisted's ``recursive=True`` is not used
+because it walks and stats every file on the reactor thread.
+"""
+
+from __future__ import annotations
+
+import bisect
+import contextlib
+import errno
+import os
+import re
+import sqlite3
+import stat
+import threading
+from collections import OrderedDict, deque
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+from twisted.internet.defer import CancelledError, Deferred, fail, succeed
+from twisted.internet.interfaces import IDelayedCall, IReactorFDSet, IReactorTime
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+
+from p2p import pieces
+from p2p.pieces import PIECE_SIZE, Content, PieceList, PieceListMismatch
+from p2p.share import TWISTD_FILES, OpenedFile, ShareFolder
+from p2p.wire import MAX_NAME_LENGTH, Code, WireError
+
+try:
+    from twisted.internet import inotify
+except Exception:  # not Linux, or no inotify in libc
+    inotify = None  # type: ignore[assignment]
+
+T = TypeVar("T")
+Identity = tuple[int, int, int, int]
+RunInPool = Callable[[Callable[[], Any]], Deferred]
+
+MiB = 1024 * 1024
+SCHEMA_VERSION = 1
+# Events arrive in bursts (a copy: CREATE, then CLOSE_WRITE; an unpacked
+# archive: hundreds); gather them this long, then re-stat once.
+DEBOUNCE_SECONDS = 0.5
+# A file that changes under the hasher this many times is left unindexed
+# until its next change (a log being appended to would loop forever).
+MAX_RESTARTS = 3
+# inotify's Linux ABI values (as in twisted.internet.inotify, which does not
+# import on other systems).
+IN_ATTRIB = 0x004
+IN_CLOSE_WRITE = 0x008
+IN_MOVED_FROM = 0x040
+IN_MOVED_TO = 0x080
+IN_CREATE = 0x100
+IN_DELETE = 0x200
+IN_DELETE_SELF = 0x400
+IN_ISDIR = 0x40000000
+WATCH_MASK = (
+    IN_CLOSE_WRITE
+    | IN_MOVED_TO
+    | IN_MOVED_FROM
+    | IN_DELETE
+    | IN_CREATE
+    | IN_ATTRIB
+    | IN_DELETE_SELF
+)
+# Names a listing line cannot carry: C0 except tab, DEL and C1 (as p2p.wire).
+_CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_SCHEMA = """CREATE TABLE files (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL,
+    size INTEGER NOT NULL, device INTEGER NOT NULL, inode INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL, piece_size INTEGER NOT NULL,
+    root BLOB NOT NULL, digests BLOB NOT NULL)"""
+_UPSERT = """INSERT INTO files
+    (name, size, device, inode, mtime_ns, piece_size, root, digests)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    ON CONFLICT(name) DO UPDATE SET size = excluded.size,
+    device = excluded.device, inode = excluded.inode,
+    mtime_ns = excluded.mtime_ns, piece_size = excluded.piece_size,
+    root = excluded.root, digests = excluded.digests"""
+
+
+@dataclass(frozen=True, slots=True)
+class IndexEntry:
+    """One indexed file: what its bytes were when hashed, and where it lists."""
+
+    name: str
+    content: Content
+    identity: Identity
+    # Listing position: positive, increasing, never reused within one
+    # database; a re-hashed file keeps its seq, so cursors stay valid.
+    seq: int
+
+
+@dataclass
+class Progress:
+    """How far the hashing of C{name} got; the job updates it after each step."""
+
+    name: str
+    done: int
+    total: int
+
+
+class FileChanging(OSError):
+    """The file kept changing while it was being hashed."""
+
+
+class _Halted(Exception):
+    """The index was stopped while a scan walked the share."""
+
+
+def _shareable(name: str, include_hidden: bool) -> bool:
+    """
+    Whether C{name} may be indexed: what L{ShareFolder.open} accepts (no
+    backslash, no hidden component, not twistd's files) and a name a listing
+    line can carry (UTF-8, no control characters, not too long).
+    """
+    if "\\" in name or _CONTROL.search(name):
+        return False
+    parts = name.split("/")
+    if not include_hidden and any(part.startswith(".") for part in parts):
+        return False
+    if len(parts) == 1 and TWISTD_FILES.fullmatch(name):
+        return False
+    try:
+        return len(name.encode("utf-8")) <= MAX_NAME_LENGTH
+    except UnicodeEncodeError:  # undecodable bytes from the file system
+        return False
+
+
+def _identity(info: os.stat_result) -> Identity:
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+
+
+def _stat_name(share: ShareFolder, name: str) -> Identity | None:
+    """(Pool.) The identity of C{name} if it is a servable regular file."""
+    try:
+        info = os.lstat(os.path.join(share.root, *name.split("/")))
+    except OSError:
+        return None
+    if stat.S_ISREG(info.st_mode):
+        return _identity(info)
+    if not stat.S_ISLNK(info.st_mode):
+        return None  # FIFOs, sockets, devices
+    # A symlink: ask the safe-open path where it leads (inside the share, to
+    # a regular file) instead of re-implementing its checks.
+    try:
+        opened = share.open(name)
+    except (WireError, OSError):
+        return None
+    opened.close()
+    return opened.identity
+
+
+@dataclass
+class _ScanResult:
+    changed: dict[str, Identity]  # new or changed names, with their identity
+    removed: list[str]
+    directories: list[str]  # absolute paths, to watch
+    files: int = 0
+    bytes: int = 0
+
+
+def _scan(
+    share: ShareFolder, snapshot: dict[str, Identity], halted: Callable[[], bool]
+) -> _ScanResult:
+    """
+    (Pool.) Walk the share and compare it with C{snapshot} (ours to consume).
+    Directory symlinks are not followed; hidden folders are skipped.
+    """
+    if not os.path.isdir(share.root):
+        # A share folder that went away must not look like one whose files
+        # all went: that would empty the database.
+        raise OSError(errno.ENOENT, "the share folder is missing", share.root)
+    result = _ScanResult({}, [], [])
+    for directory, dirnames, filenames in os.walk(share.root):
+        if halted():
+            raise _Halted()
+        if not share.include_hidden:
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+        dirnames.sort()
+        result.directories.append(directory)
+        folder = os.path.relpath(directory, share.root)
+        prefix = "" if folder == os.curdir else folder.replace(os.sep, "/") + "/"
+        for filename in sorted(filenames):
+            name = prefix + filename
+            if not _shareable(name, share.include_hidden):
+                continue
+            identity = _stat_name(share, name)
+            if identity is None:
+                continue
+            result.files += 1
+            result.bytes += identity[2]
+            if snapshot.pop(name, None) != identity:
+                result.changed[name] = identity
+    result.removed = list(snapshot)
+    return result
+
+
+def _to_sql(value: int) -> int:
+    """Device and inode numbers are unsigned 64-bit; SQLite's are signed."""
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+def _from_sql(value: int) -> int:
+    return value + (1 << 64) if value < 0 else value
+
+
+class _Database:
+    """
+    The SQLite file behind the index.  Every method runs in the pool: one
+    connection shared by the pool's threads, serialised by a lock (SQLite
+    serialises writers anyway).
+    """
+
+    def __init__(self, path: str) -> None:
+        self._path = path
+        self._lock = threading.Lock()
+        self._connection: sqlite3.Connection | None = None
+        self._meta = {"schema": str(SCHEMA_VERSION), "piece_size": str(PIECE_SIZE)}
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        connection = self._connection
+        if connection is None:
+            raise sqlite3.ProgrammingError("the index database is closed")
+        connection.execute("BEGIN IMMEDIATE")
+        try:
+            yield connection
+        except BaseException:
+            connection.execute("ROLLBACK")
+            raise
+        connection.execute("COMMIT")
+
+    def open(self) -> list[IndexEntry]:
+        """Open (or create) the database and load every entry, by seq."""
+        with self._lock:
+            self._connection = sqlite3.connect(
+                self._path, check_same_thread=False, isolation_level=None
+            )
+            try:
+                self._connection.execute("PRAGMA journal_mode=WAL")
+                self._connection.execute("PRAGMA synchronous=NORMAL")
+                self._migrate()
+                rows = self._connection.execute(
+                    "SELECT seq, name, size, device, inode, mtime_ns, root"
+                    " FROM files ORDER BY seq"
+                ).fetchall()
+            except BaseException:
+                self._connection.close()
+                self._connection = None
+                raise
+        return [
+            IndexEntry(
+                name,
+                Content(root, size, PIECE_SIZE),
+                (_from_sql(device), _from_sql(inode), size, mtime_ns),
+                seq,
+            )
+            for seq, name, size, device, inode, mtime_ns, root in rows
+        ]
+
+    def _migrate(self) -> None:
+        with self._transaction() as connection:
+            connection.execute(
+                "CREATE TABLE IF NOT EXISTS meta"
+                " (key TEXT PRIMARY KEY, value TEXT NOT NULL)"
+            )
+            if dict(connection.execute("SELECT key, value FROM meta")) == self._meta:
+                return
+            # Another schema or piece size: rebuild, but keep the seq counter
+            # (DROP TABLE forgets it) so that no seq is ever reused.
+            last = 0
+            if connection.execute(
+                "SELECT 1 FROM sqlite_master WHERE name = 'sqlite_sequence'"
+            ).fetchone():
+                row = connection.execute(
+                    "SELECT seq FROM sqlite_sequence WHERE name = 'files'"
+                ).fetchone()
+                last = row[0] if row else 0
+            connection.execute("DROP TABLE IF EXISTS files")
+            connection.execute(_SCHEMA)
+            if last:
+                connection.execute(
+                    "INSERT INTO sqlite_sequence (name, seq) VALUES ('files', ?)",
+                    (last,),
+                )
+            connection.execute("DELETE FROM meta")
+            connection.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?)", self._meta.items()
+            )
+
+    def store(
+        self, name: str, content: Content, identity: Identity, digests: bytes
+    ) -> int:
+        """Insert or update C{name}'s row (an update keeps its seq); its seq."""
+        device, inode, size, mtime_ns = identity
+        with self._lock, self._transaction() as connection:
+            connection.execute(
+                _UPSERT,
+                (
+                    name,
+                    size,
+                    _to_sql(device),
+                    _to_sql(inode),
+                    mtime_ns,
+                    content.piece_size,
+                    content.root,
+                    digests,
+                ),
+            )
+            (seq,) = connection.execute(
+                "SELECT seq FROM files WHERE name = ?", (name,)
+            ).fetchone()
+        return int(seq)
+
+    def delete(self, names: list[str]) -> None:
+        with self._lock, self._transaction() as connection:
+            connection.executemany(
+                "DELETE FROM files WHERE name = ?", [(name,) for name in names]
+            )
+
+    def digests(self, entry: IndexEntry) -> bytes:
+        """
+        C{entry}'s piece digests, checked against its root.
+
+        :raise KeyError: when the row is gone or holds other content.
+        :raise PieceListMismatch: when the row is corrupt.
+        """
+        with self._lock:
+            if self._connection is None:
+                raise KeyError(entry.name)
+            row = self._connection.execute(
+                "SELECT digests FROM files WHERE name = ? AND root = ?",
+                (entry.name, entry.content.root),
+            ).fetchone()
+        if row is None:
+            raise KeyError(entry.name)
+        return PieceList.check(entry.content, bytes(row[0])).digests
+
+    def close(self) -> None:
+        with self._lock:
+            if self._connection is not None:
+                self._connection.close()
+                self._connection = None
+
+
+class _DigestCache:
+    """Piece digests by root, least recently used first, bounded in bytes."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._bytes = 0
+        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+
+    def get(self, root: bytes) -> bytes | None:
+        digests = self._items.get(root)
+        if digests is not None:
+            self._items.move_to_end(root)
+        return digests
+
+    def put(self, root: bytes, digests: bytes) -> None:
+        if len(digests) > self._limit or root in self._items:
+            return
+        self._items[root] = digests
+        self._bytes += len(digests)
+        while self._bytes > self._limit:
+            self._bytes -= len(self._items.popitem(last=False)[1])
+
+
+class _HashJob:
+    """
+    One file on its way into the index, C{per_step} pieces per pool call.
+
+    The reactor owns C{priority}, C{waiters} and C{progress}.  The rest
+    belongs to L{step}: the scheduler runs one step at a time, in order, and
+    reads the results between steps.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        known: IndexEntry | None,
+        expected: Identity | None,
+        share: ShareFolder,
+        database: _Database,
+        per_step: int,
+    ) -> None:
+        self.name = name
+        self.known = known  # the mirror's entry when the job was made
+        self.expected = expected  # the identity the scan saw, if any
+        self.priority = False
+        self.waiters: list[Deferred[IndexEntry]] = []
+        self.progress = Progress(name, 0, expected[2] if expected else 0)
+        self.identity: Identity | None = None
+        self.size = 0
+        self.restarts = 0
+        self.digests = b""
+        self._share = share
+        self._database = database
+        self._per_step = per_step
+        self._opened: OpenedFile | None = None
+        self._next = 0
+        self._hashed = bytearray()
+
+    @property
+    def hashed(self) -> int:
+        return min(self.size, self._next * PIECE_SIZE)
+
+    def close(self) -> None:
+        if self._opened is not None:
+            self._opened.close()
+            self._opened = None
+
+    def step(self) -> IndexEntry | None:
+        """(Pool.) Hash the next pieces; the new entry after the last step."""
+        try:
+            return self._step()
+        except BaseException:
+            self.close()
+            raise
+
+    def _step(self) -> IndexEntry | None:
+        if self._opened is None:
+            self._opened = self._share.open(self.name)  # WireError 403/404
+            self.identity, self.size = self._opened.identity, self._opened.size
+            if self.known is not None and self.known.identity == self.identity:
+                self.close()
+                return self.known  # up to date: nothing to hash
+        fd = self._opened.fd
+        count = pieces.piece_count(self.size)
+        stop = min(count, self._next + self._per_step)
+        if _identity(os.fstat(fd)) != self.identity:
+            return self._restart()
+        try:
+            # Looked up at each call so that tests can count the hashing.
+            for digest in pieces.hash_pieces(fd, self.size, self._next, stop):
+                self._hashed += digest
+        except OSError:
+            # A file that shrank fails the read with EIO: a change, not a fault.
+            if _identity(os.fstat(fd)) == self.identity:
+                raise
+            return self._restart()
+        self._next = stop
+        if stop < count:
+            return None
+        # Changed in place (fstat), or replaced or removed (stat of the path).
+        if _identity(os.fstat(fd)) != self.identity or self._path() != self.identity:
+            return self._restart()
+        self.close()
+        self.digests = bytes(self._hashed)
+        root = pieces.root_of(self.size, PIECE_SIZE, self.digests)
+        content = Content(root, self.size, PIECE_SIZE)
+        assert self.identity is not None
+        seq = self._database.store(self.name, content, self.identity, self.digests)
+        return IndexEntry(self.name, content, self.identity, seq)
+
+    def _path(self) -> Identity:
+        try:
+            return _identity(
+                os.stat(os.path.join(self._share.root, *self.name.split("/")))
+            )
+        except FileNotFoundError:
+            raise WireError(Code.NOT_FOUND, "no such file") from None
+
+    def _restart(self) -> None:
+        self.close()
+        self.restarts += 1
+        if self.restarts > MAX_RESTARTS:
+            raise FileChanging(errno.EAGAIN, "the file kept changing while hashed")
+        self._next = 0
+        self._hashed = bytearray()
+
+
+class ShareIndex:
+    """
+    The index of one share folder: an in-memory mirror on the reactor thread,
+    a SQLite file and a hashing scheduler in the pool (see the module
+    docstring for the threading and freshness contracts).
+
+    :param share: the folder; files are opened through L{ShareFolder.open}.
+    :param database: path of the SQLite file (``":memory:"`` in tests).
+    :param reactor: for timers (a Clock in tests); inotify is used only if it
+        also provides C{IReactorFDSet}.
+    :param run_in_pool: runs a callable off the reactor thread and returns a
+        Deferred of its result, e.g. C{deferToThreadPool} on a dedicated pool.
+    :param rescan_interval: seconds between full rescans.
+    :param watch: use inotify when available.
+    :param step_bytes: bytes of one file hashed per pool call.
+    :param max_cached_piece_bytes: bound of the piece-digest cache.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        share: ShareFolder,
+        database: str,
+        reactor: IReactorTime,
+        run_in_pool: RunInPool,
+        rescan_interval: float = 60.0,
+        watch: bool = True,
+        step_bytes: int = 64 * MiB,
+        max_cached_piece_bytes: int = 16 * MiB,
+    ) -> None:
+        self._share = share
+        self._database = _Database(database)
+        self._reactor = reactor
+        self._run = run_in_pool
+        self._rescan_interval = rescan_interval
+        self._watch = (
+            watch and inotify is not None and IReactorFDSet.providedBy(reactor)
+        )
+        self._per_step = max(1, step_bytes // PIECE_SIZE)
+        self._cache = _DigestCache(max_cached_piece_bytes)
+        # The mirror.  _identities duplicates the entries' identities so that
+        # a scan's snapshot is one C-level dict copy.
+        self._entries: dict[str, IndexEntry] = {}
+        self._identities: dict[str, Identity] = {}
+        self._roots: dict[bytes, list[str]] = {}
+        self._seqs: list[int] = []
+        self._by_seq: dict[int, IndexEntry] = {}
+        # The scheduler.  _queue may hold stale names; _queued is the truth.
+        self._jobs: dict[str, _HashJob] = {}
+        self._priority: deque[_HashJob] = deque()
+        self._background: _HashJob | None = None
+        self._queue: deque[str] = deque()
+        self._queued: dict[str, Identity] = {}
+        self._failed: dict[str, Identity] = {}  # logged once per identity
+        self._stepping = self._kicking = False
+        # Scans and change detection.
+        self._scanning = self._rescan_again = False
+        self._scans = 0
+        self._scan_call: IDelayedCall | None = None
+        self._refresh_call: IDelayedCall | None = None
+        self._refreshing = 0
+        self._dirty: set[str] = set()
+        self._notifier: Any = None
+        self._watched: set[str] = set()
+        self._subscribers: list[Callable[[], None]] = []
+        self._initial: dict[str, float] | None = None
+        self._started_at = 0.0
+        # Lifecycle: pool calls in flight, for stop().
+        self._busy = 0
+        self._drained: list[Deferred[None]] = []
+        self._started = self._ready = self._halted = False
+
+    # -- lifecycle ---------------------------------------------------------
+
+    def start(self) -> Deferred[None]:
+        """Load the database, then scan; fires once the rows are loaded."""
+        if self._started:
+            raise RuntimeError("the share index was already started")
+        self._started = True
+        self._started_at = self._reactor.seconds()
+        d = self._in_pool(self._database.open)
+        d.addCallback(self._loaded)
+        return d
+
+    def _loaded(self, entries: list[IndexEntry]) -> None:
+        if self._halted:
+            return
+        for entry in entries:
+            self._put(entry)
+        self._ready = True
+        if entries:
+            self._notify()
+        self._start_scan()
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop timers and watching, let the pool calls in flight end, then
+        close the database.  Pending L{ensure} callers get CancelledError.
+        """
+        self._halted, self._ready = True, False
+        for call in (self._scan_call, self._refresh_call):
+            if call is not None and call.active():
+                call.cancel()
+        self._scan_call = self._refresh_call = None
+        self._drop_notifier(close=True)
+        jobs = list(self._jobs.values())
+        self._priority.clear()
+        self._queue.clear()
+        self._queued.clear()
+        self._dirty.clear()
+        self._background = None
+        for job in jobs:
+            waiters, job.waiters = job.waiters, []
+            for waiter in waiters:
+                waiter.errback(Failure(CancelledError("the share index stopped")))
+
+        def close() -> None:
+            for job in jobs:
+                job.close()
+            self._database.close()
+
+        d: Deferred[None] = Deferred()
+        if self._busy:
+            self._drained.append(d)
+        else:
+            d.callback(None)
+        d.addCallback(lambda _: self._run(close))
+        return d
+
+    def _in_pool(self, work: Callable[[], T]) -> Deferred[T]:
+        self._busy += 1
+        d = self._run(work)
+        d.addBoth(self._pool_done)
+        return d
+
+    def _pool_done(self, result: T) -> T:
+        self._busy -= 1
+        if not self._busy:
+            drained, self._drained = self._drained, []
+            for waiter in drained:
+                waiter.callback(None)
+        return result
+
+    # -- reading the mirror (reactor thread) ---------------------------------
+
+    def lookup(self, name: str) -> IndexEntry | None:
+        return self._entries.get(name)
+
+    def by_root(self, root: bytes) -> IndexEntry | None:
+        """Any entry with content C{root}."""
+        names = self._roots.get(root)
+        return self._entries[names[0]] if names else None
+
+    def current(self, name: str, identity: Identity) -> IndexEntry | None:
+        """C{name}'s entry if it was hashed from the file with C{identity}."""
+        entry = self._entries.get(name)
+        return entry if entry is not None and entry.identity == identity else None
+
+    def page(self, limit: int, after: int = 0) -> tuple[list[IndexEntry], bool]:
+        """Up to C{limit} entries with seq > C{after}, by seq; and whether
+        more follow."""
+        start = bisect.bisect_right(self._seqs, after)
+        seqs = self._seqs[start : start + max(0, limit)]
+        more = start + len(seqs) < len(self._seqs)
+        return [self._by_seq[seq] for seq in seqs], more
+
+    def names(self) -> list[str]:
+        return list(self._entries)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def indexing(self) -> bool:
+        """Whether a scan, a refresh or a hash job is pending or running."""
+        return bool(
+            self._scanning
+            or self._refreshing
+            or self._dirty
+            or self._jobs
+            or self._queued
+        )
+
+    def subscribe(self, callback: Callable[[], None]) -> None:
+        """Call C{callback} (reactor thread) after entries change."""
+        self._subscribers.append(callback)
+
+    def piece_digests(self, entry: IndexEntry) -> Deferred[bytes]:
+        """C{entry}'s concatenated piece digests; KeyError if it is gone."""
+        cached = self._cache.get(entry.content.root)
+        if cached is not None:
+            return succeed(cached)
+        if not self._ready:
+            return fail(KeyError(entry.name))
+        d = self._in_pool(lambda: self._database.digests(entry))
+        d.addCallbacks(
+            self._got_digests,
+            self._bad_digests,
+            callbackArgs=(entry,),
+            errbackArgs=(entry,),
+        )
+        return d
+
+    def _got_digests(self, digests: bytes, entry: IndexEntry) -> bytes:
+        self._cache.put(entry.content.root, digests)
+        return digests
+
+    def _bad_digests(self, failure: Failure, entry: IndexEntry) -> None:
+        failure.trap(PieceListMismatch)
+        self.log.error("corrupt index row for {name}; re-hashing", name=entry.name)
+        if self._remove([entry.name]):
+            self._start_scan()
+        raise KeyError(entry.name)
+
+    # -- the mirror (reactor thread) -----------------------------------------
+
+    def _put(self, entry: IndexEntry) -> None:
+        old = self._entries.get(entry.name)
+        if old is not None:
+            self._unlink(old, keep_seq=old.seq == entry.seq)
+        self._entries[entry.name] = entry
+        self._identities[entry.name] = entry.identity
+        self._roots.setdefault(entry.content.root, []).append(entry.name)
+        if entry.seq not in self._by_seq:
+            if not self._seqs or entry.seq > self._seqs[-1]:
+                self._seqs.append(entry.seq)
+            else:
+                bisect.insort(self._seqs, entry.seq)
+        self._by_seq[entry.seq] = entry
+
+    def _unlink(self, entry: IndexEntry, keep_seq: bool = False) -> None:
+        names = self._roots[entry.content.root]
+        names.remove(entry.name)
+        if not names:
+            del self._roots[entry.content.root]
+        if not keep_seq:
+            del self._by_seq[entry.seq]
+            del self._seqs[bisect.bisect_left(self._seqs, entry.seq)]
+
+    def _remove(self, names: list[str]) -> bool:
+        """Forget C{names} (mirror, queue, DB); whether any was indexed."""
+        gone = []
+        for name in names:
+            self._queued.pop(name, None)
+            self._failed.pop(name, None)
+            entry = self._entries.pop(name, None)
+            if entry is not None:
+                del self._identities[name]
+                self._unlink(entry)
+                gone.append(name)
+        if gone:
+            d = self._in_pool(lambda: self._database.delete(gone))
+            d.addErrback(self._unexpected, "deleting index rows")
+            self._notify()
+        return bool(gone)
+
+    def _notify(self) -> None:
+        for callback in list(self._subscribers):
+            try:
+                callback()
+            except Exception:
+                self.log.failure(
+                    "index subscriber {callback!r} failed", callback=callback
+                )
+
+    def _unexpected(self, failure: Failure, what: str) -> None:
+        self.log.failure("share index: {what} failed", failure, what=what)
+
+    # -- hashing -------------------------------------------------------------
+
+    def ensure(self, name: str) -> tuple[Deferred[IndexEntry], Progress]:
+        """
+        Index C{name} ahead of the background queue.  Fires with the fresh
+        entry (at once if the entry matches a fresh fstat), or fails with the
+        WireError (403/404) of L{ShareFolder.open}, an OSError, or
+        WireError 503 before start() or after stop().  Callers for the
+        same name share one job and its live L{Progress}.
+        """
+        if not self._ready:
+            error = WireError(Code.UNAVAILABLE, "the share index is not ready")
+            return fail(error), Progress(name, 0, 0)
+        job = self._jobs.get(name)
+        if job is None:
+            self._queued.pop(name, None)
+            job = self._new_job(name, None)
+        if not job.priority:
+            job.priority = True
+            if self._background is job:
+                self._background = None
+            self._priority.append(job)
+        d: Deferred[IndexEntry] = Deferred()
+        job.waiters.append(d)
+        self._kick()
+        return d, job.progress
+
+    def _queue_hash(self, name: str, identity: Identity) -> None:
+        if identity in (self._identities.get(name), self._failed.get(name)):
+            return
+        if name in self._jobs:
+            return  # its own checks see a change made while it runs
+        if name not in self._queued:
+            self._queue.append(name)
+        self._queued[name] = identity
+
+    def _new_job(self, name: str, expected: Identity | None) -> _HashJob:
+        job = _HashJob(
+            name,
+            self._entries.get(name),
+            expected,
+            self._share,
+            self._database,
+            self._per_step,
+        )
+        self._jobs[name] = job
+        return job
+
+    def _next_job(self) -> _HashJob | None:
+        if self._priority:
+            return self._priority[0]
+        while self._background is None and self._queue:
+            name = self._queue.popleft()
+            expected = self._queued.pop(name, None)
+            if expected is not None and name not in self._jobs:
+                self._background = self._new_job(name, expected)
+        return self._background
+
+    def _kick(self) -> None:
+        """Start the next step unless one runs; a loop, not recursion, so an
+        inline runner hashes a whole share without a deep stack."""
+        if self._kicking:
+            return
+        self._kicking = True
+        try:
+            while not self._stepping and not self._halted:
+                job = self._next_job()
+                if job is None:
+                    break
+                self._stepping = True
+                d = self._in_pool(job.step)
+                d.addCallbacks(
+                    self._stepped,
+                    self._step_failed,
+                    callbackArgs=(job,),
+                    errbackArgs=(job,),
+                )
+                d.addBoth(self._step_ended)
+        finally:
+            self._kicking = False
+
+    def _step_ended(self, result: object) -> None:
+        if isinstance(result, Failure):
+            self._unexpected(result, "a hashing step")
+        self._stepping = False
+        self._kick()
+        self._log_initial()
+
+    def _finish(self, job: _HashJob) -> list[Deferred[IndexEntry]]:
+        self._jobs.pop(job.name, None)
+        if job.priority and job in self._priority:
+            self._priority.remove(job)
+        if self._background is job:
+            self._background = None
+        waiters, job.waiters = job.waiters, []
+        return waiters
+
+    def _stepped(self, entry: IndexEntry | None, job: _HashJob) -> None:
+        done = job.hashed if entry is None else job.size
+        job.progress.total, job.progress.done = job.size, done
+        if entry is None:
+            return
+        waiters = self._finish(job)
+        self._failed.pop(job.name, None)
+        if entry is not job.known:
+            self._cache.put(entry.content.root, job.digests)
+            self._put(entry)
+            if self._initial is not None:
+                self._initial["hashed"] += 1
+            self._notify()
+        for waiter in waiters:
+            waiter.callback(entry)
+
+    def _step_failed(self, failure: Failure, job: _HashJob) -> None:
+        waiters = self._finish(job)
+        error = failure.value
+        if job.name in self._entries:
+            self._remove([job.name])  # it no longer describes a readable file
+        if not isinstance(error, (WireError, OSError)):
+            self._unexpected(failure, "hashing a file")
+        elif not (isinstance(error, WireError) and error.code == Code.NOT_FOUND):
+            # Unreadable: log it once, and leave it out of the background
+            # queue until its identity changes (ensure() still retries).
+            identity = job.identity or job.expected
+            if identity is not None and self._failed.get(job.name) != identity:
+                if not waiters:
+                    self.log.error(
+                        "cannot index {name}: {error}", name=job.name, error=error
+                    )
+                self._failed[job.name] = identity
+        for waiter in waiters:
+            waiter.errback(failure)
+
+    def _log_initial(self) -> None:
+        if self._initial is None or self._scanning or self._jobs or self._queued:
+            return
+        stats, self._initial = self._initial, None
+        self.log.info(
+            "indexed the share: {files} files, {bytes} bytes in {seconds:.1f} s"
+            " ({hashed} hashed, {reused} reused from the database)",
+            files=int(stats["files"]),
+            bytes=int(stats["bytes"]),
+            hashed=int(stats["hashed"]),
+            reused=int(stats["reused"]),
+            seconds=self._reactor.seconds() - self._started_at,
+        )
+
+    # -- scanning ----------------------------------------------------------
+
+    def _schedule_scan(self, delay: float) -> None:
+        if self._halted:
+            return
+        when = self._reactor.seconds() + delay
+        if self._scan_call is not None and self._scan_call.active():
+            if self._scan_call.getTime() <= when:
+                return
+            self._scan_call.cancel()
+        self._scan_call = self._reactor.callLater(delay, self._start_scan)
+
+    def _start_scan(self) -> None:
+        if self._scan_call is not None and self._scan_call.active():
+            self._scan_call.cancel()
+        self._scan_call = None
+        if self._halted:
+            return
+        if self._scanning:
+            self._rescan_again = True
+            return
+        self._scanning = True
+        snapshot = dict(self._identities)
+        snapshot.update(self._failed)
+        d = self._in_pool(lambda: _scan(self._share, snapshot, lambda: self._halted))
+        d.addCallbacks(self._scanned, self._scan_failed)
+        d.addBoth(self._scan_ended)
+
+    def _scanned(self, result: _ScanResult) -> None:
+        if self._halted:
+            return
+        self._remove(result.removed)
+        for name, identity in result.changed.items():
+            self._queue_hash(name, identity)
+        if not self._scans:
+            self._initial = {
+                "files": result.files,
+                "bytes": result.bytes,
+                "hashed": 0,
+                "reused": result.files - len(result.changed),
+            }
+        self._scans += 1
+        self._watch_directories(result.directories)
+        self._kick()
+
+    def _scan_failed(self, failure: Failure) -> None:
+        if failure.check(_Halted):
+            return
+        if failure.check(OSError):
+            self.log.error("cannot scan the share: {error}", error=failure.value)
+        else:
+            self._unexpected(failure, "scanning the share")
+
+    def _scan_ended(self, ignored: object) -> None:
+        self._scanning = False
+        if self._rescan_again:
+            self._rescan_again = False
+            self._start_scan()
+        else:
+            self._schedule_scan(self._rescan_interval)
+        self._log_initial()
+
+    # -- inotify -------------------------------------------------------------
+
+    def _watch_directories(self, directories: list[str]) -> None:
+        if not self._watch or self._halted:
+            return
+        if self._notifier is None:
+            try:
+                self._notifier = inotify.INotify(self._reactor)
+                self._notifier.startReading()
+            except Exception:
+                self.log.failure("inotify is unavailable; rescanning only")
+                self._watch, self._notifier = False, None
+                return
+            self._watched = set()
+        warned = False
+        for directory in set(directories) - self._watched:
+            try:
+                self._notifier.watch(
+                    FilePath(directory),
+                    mask=WATCH_MASK,
+                    autoAdd=True,
+                    callbacks=[self._on_event],
+                )
+            except inotify.INotifyError as error:
+                # Gone since the walk, or the kernel's limit on watches.
+                if not warned:
+                    self.log.warn(
+                        "not watching every folder ({error}); the"
+                        " rescan finds changes there",
+                        error=error,
+                    )
+                    warned = True
+                continue
+            self._watched.add(directory)
+
+    def _drop_notifier(self, close: bool) -> None:
+        if self._notifier is not None and close:
+            self._notifier.loseConnection()
+        self._notifier = None
+        self._watched = set()
+
+    def _on_event(self, ignored: object, path: FilePath[Any], mask: int) -> None:
+        self._notified(path, mask)
+
+    def _notified(self, path: FilePath[Any], mask: int) -> None:
+        """
+        An inotify event: gather file names for a debounced re-stat; a
+        folder that appeared, moved or went means a (debounced) full rescan.
+        """
+        if self._halted:
+            return
+        if mask & IN_DELETE_SELF:
+            # Twisted closes the whole notifier after any DELETE_SELF; the
+            # rescan builds a new one.
+            self._drop_notifier(close=False)
+            self._schedule_scan(DEBOUNCE_SECONDS)
+            return
+        if mask & IN_ISDIR:
+            if mask & (IN_CREATE | IN_MOVED_TO | IN_MOVED_FROM | IN_DELETE):
+                self._schedule_scan(DEBOUNCE_SECONDS)
+            return
+        if mask & IN_CREATE and not mask & IN_CLOSE_WRITE:
+            return  # still being written: its CLOSE_WRITE follows
+        relative = os.path.relpath(os.fsdecode(path.path), self._share.root)
+        if relative == os.curdir or relative.split(os.sep)[0] == os.pardir:
+            return
+        self._dirty.add(relative.replace(os.sep, "/"))
+        if self._refresh_call is None:
+            self._refresh_call = self._reactor.callLater(
+                DEBOUNCE_SECONDS, self._refresh
+            )
+
+    def _refresh(self) -> None:
+        self._refresh_call = None
+        names, self._dirty = self._dirty, set()
+        share = self._share
+
+        def restat() -> dict[str, Identity | None]:
+            return {
+                name: _stat_name(share, name)
+                if _shareable(name, share.include_hidden)
+                else None
+                for name in names
+            }
+
+        self._refreshing += 1
+        d = self._in_pool(restat)
+        d.addCallback(self._refreshed)
+        d.addErrback(self._unexpected, "re-reading changed files")
+        d.addBoth(self._refresh_ended)
+
+    def _refreshed(self, identities: dict[str, Identity | None]) -> None:
+        if self._halted:
+            return
+        self._remove([name for name, found in identities.items() if found is None])
+        for name, identity in identities.items():
+            if identity is not None:
+                self._queue_hash(name, identity)
+        self._kick()
+
+    def _refresh_ended(self, ignored: object) -> None:
+        self._refreshing -= 1
+        self._log_initial()

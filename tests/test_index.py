@@ -1,0 +1,677 @@
+"""Tests for L{p2p.index}: the persistent index of a peer's share folder.
+
+Everything runs without a running reactor: a Clock for timers, and pool
+runners that are either inline (work runs at once) or controllable (works
+queue up and the test runs them one at a time, to check the scheduler's
+order).  Hashing is counted by wrapping L{p2p.pieces.hash_pieces}, and roots
+are checked against an independent BLAKE3 of the bytes.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import shutil
+import sqlite3
+import tempfile
+from collections.abc import Callable
+from typing import Any
+
+from blake3 import blake3
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.task import Clock
+from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.logger import LogLevel, globalLogPublisher
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import index as index_module
+from p2p import pieces
+from p2p.index import (
+    DEBOUNCE_SECONDS,
+    IN_CLOSE_WRITE,
+    IN_CREATE,
+    IN_DELETE,
+    IN_DELETE_SELF,
+    IN_ISDIR,
+    FileChanging,
+    IndexEntry,
+    ShareIndex,
+)
+from p2p.pieces import PIECE_SIZE, PieceList, root_of
+from p2p.share import ShareFolder, run_inline
+from p2p.wire import Code, WireError
+
+MIB = 1024 * 1024
+RESCAN_SECONDS = 60.0
+
+
+def temp_dir(case: SynchronousTestCase) -> str:
+    """A fresh absolute temporary directory, removed when C{case} ends."""
+    path = tempfile.mkdtemp(prefix="p2p-index-test-")
+    case.addCleanup(shutil.rmtree, path, True)
+    return path
+
+
+def write(path: str, data: bytes) -> str:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "wb") as stream:
+        stream.write(data)
+    return path
+
+
+def pattern(size: int, seed: int = 0) -> bytes:
+    """C{size} bytes that differ from piece to piece (and between seeds)."""
+    block = bytes((seed + i) % 251 for i in range(251))
+    return (block * (size // len(block) + 1))[:size]
+
+
+def expected_root(data: bytes) -> bytes:
+    """The root of C{data}, hashed here without L{p2p.pieces.hash_pieces}."""
+    digests = b"".join(
+        blake3(data[offset : offset + PIECE_SIZE]).digest()
+        for offset in range(0, len(data), PIECE_SIZE)
+    )
+    return root_of(len(data), PIECE_SIZE, digests)
+
+
+def touch(path: str, mtime_ns: int) -> None:
+    os.utime(path, ns=(mtime_ns, mtime_ns))
+
+
+class StepPool:
+    """A C{run_in_pool} that queues works; the test runs them in turn."""
+
+    def __init__(self) -> None:
+        self.pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
+
+    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
+        d: Deferred[Any] = Deferred()
+        self.pending.append((work, d))
+        return d
+
+    def run_next(self) -> None:
+        work, d = self.pending.pop(0)
+        try:
+            result = work()
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        for _ in range(1000):
+            if not self.pending:
+                return
+            self.run_next()
+        raise AssertionError("the pool never drained")
+
+
+class IndexCase(SynchronousTestCase):
+    """Builds a share folder, counts hashing, makes indexes and stops them."""
+
+    def setUp(self) -> None:
+        self.base = temp_dir(self)
+        self.root = os.path.join(self.base, "share")
+        os.makedirs(self.root)
+        self.database = os.path.join(self.base, "index.sqlite")
+        self.hashed: list[tuple[int, int, int]] = []  # (size, start, stop)
+        self.unreadable_sizes: set[int] = set()
+        real = pieces.hash_pieces
+
+        def counting(fd: int, size: int, start: int = 0, stop: Any = None, **kw: Any):
+            self.hashed.append((size, start, stop))
+            if size in self.unreadable_sizes:
+                raise OSError(errno.EIO, "a bad disk block")
+            return real(fd, size, start, stop, **kw)
+
+        self.patch(pieces, "hash_pieces", counting)
+        self.clock = Clock()
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.root, *name.split("/"))
+
+    def put(self, name: str, data: bytes) -> str:
+        return write(self.path(name), data)
+
+    def make(
+        self, runner: Any = run_inline, reactor: Any = None, **options: Any
+    ) -> ShareIndex:
+        index = ShareIndex(
+            ShareFolder(self.root),
+            options.pop("database", self.database),
+            self.clock if reactor is None else reactor,
+            runner,
+            rescan_interval=RESCAN_SECONDS,
+            **options,
+        )
+        self.addCleanup(self.stop, index, runner)
+        return index
+
+    def stop(self, index: ShareIndex, runner: Any) -> None:
+        d = index.stop()
+        if isinstance(runner, StepPool):
+            runner.run_all()
+        self.successResultOf(d)
+
+    def started(self, **options: Any) -> ShareIndex:
+        index = self.make(**options)
+        self.successResultOf(index.start())
+        return index
+
+    def assertRoot(self, entry: IndexEntry | None, data: bytes) -> None:
+        assert entry is not None
+        self.assertEqual(entry.content.root, expected_root(data))
+        self.assertEqual(entry.content.size, len(data))
+
+
+class ScanTests(IndexCase):
+    def test_indexes_servable_files(self) -> None:
+        """Every servable regular file is indexed with the right root;
+        hidden names, twistd's files, FIFOs and links leading out are not."""
+        files = {
+            "empty": b"",
+            "one-piece": pattern(PIECE_SIZE),
+            "sub/dir/several": pattern(3 * MIB + 5, seed=1),
+            "sub/twistd.pid": b"only the top-level one is twistd's\n",
+        }
+        for name, data in files.items():
+            self.put(name, data)
+        self.put(".secret", b"hidden")
+        self.put(".hidden/inside", b"hidden folder")
+        self.put("twistd.pid", b"123\n")
+        self.put("twistd.log", b"log\n")
+        self.put("back\\slash", b"a name no client can ask for")
+        os.mkfifo(self.path("pipe"))
+        write(os.path.join(self.base, "outside"), b"secret")
+        os.symlink("../outside", self.path("link-out"))
+        os.symlink("one-piece", self.path("link-in"))
+        os.symlink(self.base, self.path("dir-link"))
+
+        index = self.started()
+
+        self.assertEqual(sorted(index.names()), sorted([*files, "link-in"]))
+        self.assertEqual(len(index), 5)
+        for name, data in files.items():
+            self.assertRoot(index.lookup(name), data)
+        self.assertRoot(index.lookup("link-in"), files["one-piece"])
+        self.assertEqual(index.lookup("one-piece").content.pieces, 1)
+        self.assertEqual(index.lookup("sub/dir/several").content.pieces, 4)
+        self.assertFalse(index.indexing)
+
+    def test_start_fires_when_loaded(self) -> None:
+        """start() fires once the rows are loaded, before the scan ends."""
+        self.put("a", b"alpha")
+        pool = StepPool()
+        index = self.make(runner=pool)
+        d = index.start()
+        self.assertNoResult(d)
+        pool.run_next()  # open the database
+        self.successResultOf(d)
+        self.assertTrue(index.indexing)
+        self.assertEqual(len(index), 0)
+        pool.run_all()
+        self.assertEqual(index.names(), ["a"])
+        self.assertFalse(index.indexing)
+
+    def test_logs_the_initial_scan(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.put("a", b"alpha")
+        self.put("b", pattern(2 * MIB))
+        self.started()
+        [event] = [e for e in events if "files" in e and "hashed" in e]
+        self.assertEqual(
+            (event["files"], event["bytes"], event["hashed"], event["reused"]),
+            (2, 5 + 2 * MIB, 2, 0),
+        )
+
+    def test_unreadable_file_logged_once_per_change(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.put("good", b"fine")
+        self.put("bad", b"seven b")
+        self.unreadable_sizes.add(7)
+
+        def errors() -> list[str]:
+            return [e["name"] for e in events if e.get("log_level") == LogLevel.error]
+
+        index = self.started()
+        self.assertEqual((index.names(), errors()), (["good"], ["bad"]))
+        self.clock.advance(RESCAN_SECONDS)
+        self.assertEqual(errors(), ["bad"])
+        self.assertEqual(len(self.hashed), 2)  # not tried again
+        touch(self.path("bad"), 3_000_000_000)
+        self.clock.advance(RESCAN_SECONDS)
+        self.assertEqual(errors(), ["bad", "bad"])
+        self.unreadable_sizes.clear()
+        touch(self.path("bad"), 4_000_000_000)
+        self.clock.advance(RESCAN_SECONDS)
+        self.assertRoot(index.lookup("bad"), b"seven b")
+
+
+class PersistenceTests(IndexCase):
+    def test_restart_rehashes_nothing_unchanged(self) -> None:
+        self.put("a", b"alpha")
+        self.put("sub/b", pattern(3 * MIB))
+        first = self.started()
+        before = sorted((e.name, e.seq, e.content) for e in first.page(10)[0])
+        self.successResultOf(first.stop())
+        self.hashed.clear()
+
+        second = self.started()
+
+        self.assertEqual(self.hashed, [])
+        after = sorted((e.name, e.seq, e.content) for e in second.page(10)[0])
+        self.assertEqual(after, before)
+
+    def test_restart_rehashes_only_changed(self) -> None:
+        self.put("a", b"alpha")
+        self.put("b", pattern(3 * MIB))
+        self.successResultOf(self.started().stop())
+        self.hashed.clear()
+        touch(self.path("a"), 1_000_000_123)
+
+        second = self.started()
+
+        self.assertEqual(self.hashed, [(5, 0, 1)])
+        self.assertEqual(second.lookup("a").identity[3], 1_000_000_123)
+
+    def test_other_piece_size_rebuilds_without_reusing_seqs(self) -> None:
+        self.put("a", b"alpha")
+        first = self.started()
+        seq = first.lookup("a").seq
+        self.successResultOf(first.stop())
+        with sqlite3.connect(self.database) as connection:
+            connection.execute("UPDATE meta SET value = '1' WHERE key = 'piece_size'")
+        connection.close()
+        self.hashed.clear()
+
+        second = self.started()
+
+        self.assertEqual(len(self.hashed), 1)
+        self.assertGreater(second.lookup("a").seq, seq)
+
+
+class ChangeTests(IndexCase):
+    def test_changed_file_keeps_seq(self) -> None:
+        """A re-hashed file keeps its seq; its old root is gone."""
+        self.put("a", b"first")
+        self.put("b", b"other")
+        index = self.started()
+        changes: list[int] = []
+        index.subscribe(lambda: changes.append(len(index)))
+        old = index.lookup("a")
+        self.put("a", b"second version")
+
+        self.clock.advance(RESCAN_SECONDS)
+
+        new = index.lookup("a")
+        self.assertEqual(new.seq, old.seq)
+        self.assertRoot(new, b"second version")
+        self.assertIsNone(index.by_root(old.content.root))
+        self.assertEqual(index.by_root(new.content.root), new)
+        self.assertEqual(changes, [2])
+
+    def test_removed_file_disappears(self) -> None:
+        self.put("a", b"alpha")
+        self.put("b", b"bravo")
+        index = self.started()
+        root = index.lookup("a").content.root
+        os.remove(self.path("a"))
+
+        self.clock.advance(RESCAN_SECONDS)
+
+        self.assertIsNone(index.lookup("a"))
+        self.assertIsNone(index.by_root(root))
+        self.assertEqual([e.name for e in index.page(10)[0]], ["b"])
+        self.hashed.clear()
+        self.successResultOf(index.stop())
+        self.assertEqual(self.started().names(), ["b"])
+        self.assertEqual(self.hashed, [])
+
+    def test_same_content_twice(self) -> None:
+        """by_root finds either holder, and the other after one goes."""
+        self.put("a", b"same")
+        self.put("b", b"same")
+        index = self.started()
+        root = expected_root(b"same")
+        self.assertIn(index.by_root(root).name, ("a", "b"))
+        os.remove(self.path("a"))
+        self.clock.advance(RESCAN_SECONDS)
+        self.assertEqual(index.by_root(root).name, "b")
+
+    def test_periodic_rescan_finds_new_file(self) -> None:
+        index = self.started()
+        self.put("late", b"late")
+        self.clock.advance(RESCAN_SECONDS - 1)
+        self.assertIsNone(index.lookup("late"))
+        self.clock.advance(1)
+        self.assertRoot(index.lookup("late"), b"late")
+
+    def test_page(self) -> None:
+        for name in ("a", "b", "c", "d", "e"):
+            self.put(name, name.encode())
+        index = self.started()
+
+        first, more = index.page(2)
+        self.assertEqual([e.name for e in first], ["a", "b"])
+        self.assertTrue(more)
+        second, more = index.page(2, after=first[-1].seq)
+        self.assertEqual([e.name for e in second], ["c", "d"])
+        self.assertTrue(more)
+        third, more = index.page(2, after=second[-1].seq)
+        self.assertEqual([e.name for e in third], ["e"])
+        self.assertFalse(more)
+        seqs = [e.seq for e in first + second + third]
+        self.assertEqual(seqs, sorted(seqs))
+        self.assertEqual(index.page(10, after=seqs[-1]), ([], False))
+
+        self.put("0-added-later", b"new")
+        self.clock.advance(RESCAN_SECONDS)
+        fourth, more = index.page(2, after=third[-1].seq)
+        self.assertEqual([e.name for e in fourth], ["0-added-later"])
+        self.assertFalse(more)
+
+    def test_current(self) -> None:
+        self.put("a", b"alpha")
+        index = self.started()
+        entry = index.lookup("a")
+        self.assertEqual(index.current("a", entry.identity), entry)
+        stale = entry.identity[:3] + (entry.identity[3] + 1,)
+        self.assertIsNone(index.current("a", stale))
+        self.assertIsNone(index.current("nothing", entry.identity))
+
+
+class EnsureTests(IndexCase):
+    def background_big(self, pool: StepPool) -> ShareIndex:
+        """An index whose pool holds the first step of a 3-step big file."""
+        self.put("big", pattern(3 * MIB))
+        index = self.make(runner=pool, step_bytes=MIB)
+        index.start()
+        pool.run_next()  # load
+        pool.run_next()  # scan: queues "big" and starts its first step
+        self.assertEqual(len(pool.pending), 1)
+        return index
+
+    def test_priority_over_background(self) -> None:
+        pool = StepPool()
+        index = self.background_big(pool)
+        self.put("small", b"small")
+        d, progress = index.ensure("small")
+        pool.run_next()  # big's first step, already in the pool
+        self.assertNoResult(d)
+        pool.run_next()  # small, ahead of big's other steps
+        self.assertRoot(self.successResultOf(d), b"small")
+        self.assertEqual((progress.done, progress.total), (5, 5))
+        self.assertIsNone(index.lookup("big"))
+        pool.run_all()
+        self.assertEqual(
+            self.hashed,
+            [(3 * MIB, 0, 1), (5, 0, 1), (3 * MIB, 1, 2), (3 * MIB, 2, 3)],
+        )
+        self.assertRoot(index.lookup("big"), pattern(3 * MIB))
+
+    def idle(self, pool: StepPool, **options: Any) -> ShareIndex:
+        """A started index, with its scan of the (empty) folder done."""
+        index = self.make(runner=pool, **options)
+        index.start()
+        pool.run_all()
+        return index
+
+    def test_progress_per_step(self) -> None:
+        pool = StepPool()
+        index = self.idle(pool, step_bytes=MIB)
+        self.put("big", pattern(3 * MIB))
+        d, progress = index.ensure("big")
+        self.assertEqual((progress.done, progress.total), (0, 0))
+        seen = []
+        while not d.called:
+            pool.run_next()
+            seen.append((progress.done, progress.total))
+        self.assertEqual(seen, [(MIB, 3 * MIB), (2 * MIB, 3 * MIB), (3 * MIB, 3 * MIB)])
+        self.assertRoot(self.successResultOf(d), pattern(3 * MIB))
+
+    def test_promotes_background_job(self) -> None:
+        """ensure() of the file being hashed in the background joins its job."""
+        pool = StepPool()
+        index = self.background_big(pool)
+        d, progress = index.ensure("big")
+        pool.run_all()
+        self.assertRoot(self.successResultOf(d), pattern(3 * MIB))
+        self.assertEqual(len(self.hashed), 3)
+
+    def test_shared_job(self) -> None:
+        pool = StepPool()
+        self.put("a", b"alpha")
+        index = self.make(runner=pool)
+        index.start()
+        pool.run_next()
+        first, progress1 = index.ensure("a")
+        second, progress2 = index.ensure("a")
+        self.assertIs(progress1, progress2)
+        pool.run_all()
+        self.assertIs(self.successResultOf(first), self.successResultOf(second))
+        self.assertEqual(self.hashed, [(5, 0, 1)])
+
+    def test_up_to_date_needs_no_hashing(self) -> None:
+        self.put("a", b"alpha")
+        index = self.started()
+        self.hashed.clear()
+        d, progress = index.ensure("a")
+        self.assertIs(self.successResultOf(d), index.lookup("a"))
+        self.assertEqual(self.hashed, [])
+        self.assertEqual((progress.done, progress.total), (5, 5))
+
+    def test_stale_entry_rehashed(self) -> None:
+        """A file changed since its entry: ensure() hashes it before the
+        rescan would, keeping its seq."""
+        self.put("a", b"alpha")
+        index = self.started()
+        old = index.lookup("a")
+        self.put("a", b"alpha, version two")
+        self.assertIsNone(index.current("a", ShareFolder(self.root).open("a").identity))
+        d, _ = index.ensure("a")
+        new = self.successResultOf(d)
+        self.assertRoot(new, b"alpha, version two")
+        self.assertEqual(new.seq, old.seq)
+        self.assertIs(index.lookup("a"), new)
+
+    def test_missing_and_refused(self) -> None:
+        self.put(".hidden", b"no")
+        index = self.started()
+        d, _ = index.ensure("nothing")
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, Code.NOT_FOUND)
+        d, _ = index.ensure(".hidden")
+        self.assertEqual(self.failureResultOf(d, WireError).value.code, Code.FORBIDDEN)
+        self.assertEqual(len(index), 0)
+
+    def test_not_ready(self) -> None:
+        index = self.make()
+        d, _ = index.ensure("a")
+        self.assertEqual(
+            self.failureResultOf(d, WireError).value.code, Code.UNAVAILABLE
+        )
+
+    def test_change_while_hashing_restarts(self) -> None:
+        pool = StepPool()
+        index = self.idle(pool, step_bytes=MIB)
+        self.put("big", pattern(3 * MIB))
+        d, _ = index.ensure("big")
+        pool.run_next()  # the first MiB of the old bytes
+        new = pattern(3 * MIB, seed=7)
+        self.put("big", new)
+        touch(self.path("big"), 2_000_000_000)
+        pool.run_all()
+        self.assertRoot(self.successResultOf(d), new)
+        self.assertRoot(index.lookup("big"), new)
+        self.assertEqual([start for _, start, _ in self.hashed], [0, 0, 1, 2])
+
+    def test_gives_up_on_a_file_that_keeps_changing(self) -> None:
+        pool = StepPool()
+        index = self.idle(pool, step_bytes=MIB)
+        self.put("big", pattern(3 * MIB))
+        d, _ = index.ensure("big")
+        for mtime in range(1, 10):
+            if d.called:
+                break
+            pool.run_next()
+            touch(self.path("big"), mtime * 1_000_000_000)
+        self.failureResultOf(d, FileChanging)
+        self.assertIsNone(index.lookup("big"))
+
+
+class DigestTests(IndexCase):
+    def test_from_database_then_cache(self) -> None:
+        data = pattern(3 * MIB)
+        self.put("big", data)
+        self.successResultOf(self.started().stop())
+        pool = StepPool()
+        index = self.make(runner=pool)
+        index.start()
+        pool.run_next()  # load
+        entry = index.lookup("big")
+        d = index.piece_digests(entry)
+        self.assertNoResult(d)
+        pool.run_all()
+        digests = self.successResultOf(d)
+        self.assertEqual(PieceList.check(entry.content, digests).digests, digests)
+        again = index.piece_digests(entry)
+        self.assertEqual(pool.pending, [])
+        self.assertEqual(self.successResultOf(again), digests)
+
+    def test_fresh_hash_is_cached(self) -> None:
+        self.put("a", pattern(2 * MIB))
+        pool = StepPool()
+        index = self.make(runner=pool)
+        index.start()
+        pool.run_all()
+        d = index.piece_digests(index.lookup("a"))
+        self.assertEqual(pool.pending, [])
+        self.assertEqual(len(self.successResultOf(d)), 64)
+
+    def test_cache_is_bounded(self) -> None:
+        self.put("big", pattern(3 * MIB))  # 96 bytes of digests
+        pool = StepPool()
+        index = self.make(runner=pool, max_cached_piece_bytes=64)
+        index.start()
+        pool.run_all()
+        for _ in range(2):
+            d = index.piece_digests(index.lookup("big"))
+            self.assertEqual(len(pool.pending), 1)
+            pool.run_all()
+            self.assertEqual(len(self.successResultOf(d)), 96)
+
+    def test_gone(self) -> None:
+        self.put("a", b"alpha")
+        index = self.started(max_cached_piece_bytes=0)
+        entry = index.lookup("a")
+        os.remove(self.path("a"))
+        self.clock.advance(RESCAN_SECONDS)
+        self.failureResultOf(index.piece_digests(entry), KeyError)
+
+
+class StopTests(IndexCase):
+    def test_stop_leaves_nothing_behind(self) -> None:
+        self.put("a", b"alpha")
+        index = self.started()
+        self.assertTrue(self.clock.getDelayedCalls())
+        self.successResultOf(index.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        d, _ = index.ensure("a")
+        self.failureResultOf(d, WireError)
+        self.assertIsNone(index._database._connection)
+
+    def test_stop_waits_for_the_step_in_flight(self) -> None:
+        pool = StepPool()
+        self.put("big", pattern(3 * MIB))
+        index = self.make(runner=pool, step_bytes=MIB)
+        index.start()
+        pool.run_next()
+        waiting, _ = index.ensure("big")
+        pool.run_next()  # first step
+        pool.run_next()  # second step starts... and is in the pool now
+        stopped = index.stop()
+        self.failureResultOf(waiting, CancelledError)
+        self.assertNoResult(stopped)
+        pool.run_all()
+        self.successResultOf(stopped)
+        self.assertEqual(len(self.hashed), 2)  # no step after stop()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_stop_before_loaded(self) -> None:
+        pool = StepPool()
+        index = self.make(runner=pool)
+        started = index.start()
+        stopped = index.stop()
+        pool.run_all()
+        self.successResultOf(started)
+        self.successResultOf(stopped)
+        self.assertEqual(len(index), 0)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+
+class NotifyTests(IndexCase):
+    """The debounced handling behind the inotify callback."""
+
+    def notify(self, index: ShareIndex, name: str, mask: int) -> None:
+        index._notified(FilePath(self.path(name).encode()), mask)
+
+    def test_changed_and_deleted_files(self) -> None:
+        self.put("a", b"alpha")
+        self.put("b", b"bravo")
+        index = self.started()
+        self.put("a", b"alpha, changed")
+        self.put("c", b"charlie")
+        os.remove(self.path("b"))
+        self.notify(index, "a", IN_CLOSE_WRITE)
+        self.notify(index, "c", IN_CREATE)  # ignored: its CLOSE_WRITE follows
+        self.notify(index, "b", IN_DELETE)
+        self.assertTrue(index.indexing)
+        self.clock.advance(DEBOUNCE_SECONDS - 0.1)
+        self.assertRoot(index.lookup("a"), b"alpha")
+        self.clock.advance(0.1)
+        self.assertRoot(index.lookup("a"), b"alpha, changed")
+        self.assertIsNone(index.lookup("b"))
+        self.assertIsNone(index.lookup("c"))
+        self.notify(index, "c", IN_CLOSE_WRITE)
+        self.clock.advance(DEBOUNCE_SECONDS)
+        self.assertRoot(index.lookup("c"), b"charlie")
+
+    def test_folder_events_mean_rescan(self) -> None:
+        index = self.started()
+        self.put("new/a", b"alpha")
+        self.notify(index, "new", IN_CREATE | IN_ISDIR)
+        self.clock.advance(DEBOUNCE_SECONDS)
+        self.assertRoot(index.lookup("new/a"), b"alpha")
+        shutil.rmtree(self.path("new"))
+        self.notify(index, "new", IN_DELETE_SELF)
+        self.clock.advance(DEBOUNCE_SECONDS)
+        self.assertEqual(len(index), 0)
+
+    def test_hidden_and_outside_ignored(self) -> None:
+        index = self.started()
+        self.put(".hidden", b"no")
+        self.notify(index, ".hidden", IN_CLOSE_WRITE)
+        index._notified(FilePath(self.base.encode()), IN_CLOSE_WRITE)
+        self.clock.advance(DEBOUNCE_SECONDS)
+        self.assertEqual(len(index), 0)
+        self.assertEqual(self.hashed, [])
+
+    def test_real_inotify(self) -> None:
+        """With a reactor that can watch descriptors, a real inotify fd
+        reports a new file; the test reads it by hand."""
+        if index_module.inotify is None:
+            raise self.skipTest("no inotify here")
+        reactor = MemoryReactorClock()
+        self.put("sub/a", b"alpha")
+        index = self.make(reactor=reactor)
+        self.successResultOf(index.start())
+        [notifier] = reactor.getReaders()
+        self.put("sub/b", b"bravo")
+        notifier.doRead()
+        reactor.advance(DEBOUNCE_SECONDS)
+        self.assertRoot(index.lookup("sub/b"), b"bravo")
+        self.successResultOf(index.stop())
+        reactor.advance(0)  # the notifier's connectionLost
+        self.assertEqual(reactor.getReaders(), [])
+        self.assertEqual(reactor.getDelayedCalls(), [])
