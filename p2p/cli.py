@@ -11,6 +11,7 @@ import errno
 import os
 import sys
 import threading
+import time
 from collections.abc import Callable
 from typing import IO, NoReturn, TypeVar
 
@@ -462,7 +463,9 @@ class Client:
             report=lambda attempt: self._report(name, attempt),
             stagger=self.options["stagger"],
             on_indexing=lambda peer, progress: self._indexing(name, peer, progress),
+            on_header=lambda attempt: self._found(name, attempt),
         )
+        started = time.monotonic()
         try:
             result = yield fetcher.fetch(name, peers, sink)
             yield sink.finish()
@@ -483,10 +486,12 @@ class Client:
             raise
         yield sink.abandon(keep=False)  # stops the worker; the file is in place
         content = result.content
+        seconds = time.monotonic() - started
+        rate = content.size / seconds / 1e6 if seconds > 0 else 0.0
         self.console.say(
-            f"{name}: {content.size} bytes from {result.peer.address} "
-            f"(root {content.root_hex[:12]}..., every piece verified) "
-            f"-> {output_to.label}"
+            f"{name}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
+            f"from {result.peer.address} (root {content.root_hex[:12]}..., "
+            f"every piece verified) -> {output_to.label}"
         )
         return EXIT_OK
 
@@ -506,15 +511,26 @@ class Client:
                 f"bytes in {kept}; run the same command again to resume"
             )
 
+    def _found(self, name: str, attempt: Attempt) -> None:
+        """A peer's header arrived: say where from and how long it took."""
+        self.console.say(
+            f"{name}: found at {_where(attempt)} "
+            f"({attempt.seconds * 1000:.0f} ms to the first byte)"
+        )
+
     def _report(self, name: str, attempt: Attempt) -> None:
-        ms = attempt.seconds * 1000
-        where = attempt.peer.address
-        if attempt.offset:
-            where += f" (resuming at byte {attempt.offset})"
-        if attempt.ok:
-            self.console.say(f"{name}: found at {where} ({ms:.0f} ms)")
-        else:
-            self.console.say(f"{name}: skipped {where}: {attempt.reason} ({ms:.0f} ms)")
+        if not attempt.ok:
+            ms = attempt.seconds * 1000
+            self.console.say(
+                f"{name}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
+            )
+
+
+def _where(attempt: Attempt) -> str:
+    where = attempt.peer.address
+    if attempt.offset:
+        where += f" (resuming at byte {attempt.offset})"
+    return where
 
 
 def hinted_order(

@@ -104,6 +104,8 @@ class Fetcher:
     :param report: called with each finished L{Attempt}, for progress output.
     :param on_indexing: called with a peer and its L{wire.Indexing}
         progress while that peer indexes the file asked for.
+    :param on_header: called with an L{Attempt} (C{reason} "sending") when
+        a peer's header is accepted and its bytes start to come.
     """
 
     def __init__(
@@ -119,6 +121,7 @@ class Fetcher:
         on_indexing: Callable[[wire.PeerEntry, wire.Indexing], None] = (
             lambda peer, progress: None
         ),
+        on_header: Callable[[Attempt], None] = lambda attempt: None,
     ) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -131,6 +134,7 @@ class Fetcher:
         self.stagger = stagger
         self.max_parallel = max(1, max_parallel)
         self.on_indexing = on_indexing
+        self.on_header = on_header
 
     def fetch(
         self, name: str, peers: Sequence[wire.PeerEntry], sink: PieceSink
@@ -293,6 +297,15 @@ class _FetchRun:
             other.abandoned = True
             assert other.deferred is not None
             other.deferred.cancel()
+        self.fetcher.on_header(
+            Attempt(
+                attempt.peer,
+                True,
+                "sending",
+                self.fetcher.now() - attempt.started,
+                attempt.offset,
+            )
+        )
 
     def _record(self, attempt: _Try, ok: bool, reason: str) -> None:
         finished = Attempt(

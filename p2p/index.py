@@ -559,7 +559,8 @@ class ShareIndex:
         self._stepping = self._kicking = False
         # Scans and change detection.
         self._scanning = self._rescan_again = False
-        self._scans = 0
+        self._scans = self._scan_failures = 0
+        self._scan_waiters: list[Deferred[None]] = []
         self._scan_call: IDelayedCall | None = None
         self._refresh_call: IDelayedCall | None = None
         self._refreshing = 0
@@ -669,7 +670,38 @@ class ShareIndex:
         return [self._by_seq[seq] for seq in seqs], more
 
     def names(self) -> list[str]:
+        """The names indexed so far."""
         return list(self._entries)
+
+    def servable_names(self) -> list[str]:
+        """
+        The names indexed or on their way into the index: every file a
+        client may ask for (one not indexed yet is indexed at once, see
+        L{ensure}), as announced in the relay's name filter.
+        """
+        names = dict.fromkeys(self._entries)
+        names.update(dict.fromkeys(self._queued))
+        names.update(dict.fromkeys(self._jobs))
+        return list(names)
+
+    def when_scanned(self) -> Deferred[None]:
+        """
+        Fires once the first scan of the share is done (or failed), when
+        L{servable_names} knows every file.  A new Deferred per call, so a
+        caller may cancel its own.
+        """
+        d: Deferred[None] = Deferred()
+        if self._scans or self._scan_failures:
+            d.callback(None)
+        else:
+            self._scan_waiters.append(d)
+        return d
+
+    def _scan_done(self) -> None:
+        waiters, self._scan_waiters = self._scan_waiters, []
+        for waiter in waiters:
+            if not waiter.called:
+                waiter.callback(None)
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -959,10 +991,15 @@ class ShareIndex:
                 "reused": result.files - len(result.changed),
             }
         self._scans += 1
+        if result.changed or result.removed:
+            self._notify()
+        self._scan_done()
         self._watch_directories(result.directories)
         self._kick()
 
     def _scan_failed(self, failure: Failure) -> None:
+        self._scan_failures += 1
+        self._scan_done()
         if failure.check(_Halted):
             return
         if failure.check(OSError):

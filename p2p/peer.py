@@ -348,7 +348,7 @@ class PeerProtocol(ServerLineProtocol):
         else:
             d = succeed(b"")
         d.addCallback(self._send_file, opened, entry, offset, count)
-        d.addCallbacks(self._sent, self._send_failed, (opened,), None, (opened,))
+        d.addCallbacks(self._sent, self._send_failed, (opened, count), None, (opened,))
 
     def _send_file(
         self,
@@ -371,7 +371,7 @@ class PeerProtocol(ServerLineProtocol):
         )
         self.send_answer(header.to_line() + self.delimiter + digests)
         self._header_sent = True
-        self.log.debug(
+        self.log.info(
             "sending {name} ({count} bytes from byte {offset})",
             name=opened.name,
             count=count,
@@ -389,8 +389,8 @@ class PeerProtocol(ServerLineProtocol):
         )
         return producer.start()
 
-    def _sent(self, _: None, opened: OpenedFile) -> None:
-        self.log.debug("sent {name}", name=opened.name)
+    def _sent(self, _: None, opened: OpenedFile, count: int) -> None:
+        self.log.info("sent {name} ({count} bytes)", name=opened.name, count=count)
         self._close_file()
         self._read_next()
 

@@ -40,6 +40,9 @@ DEFAULT_LISTEN = "tcp:0"
 # clients), one more answers database reads (piece lists) meanwhile.
 INDEX_THREADS = 2
 DEFAULT_RESCAN_SECONDS = 300.0
+# How long the first registration may wait for the share's first scan (a
+# walk, no hashing): past it the peer registers with the names known so far.
+FIRST_SCAN_WAIT_SECONDS = 2.0
 
 
 def default_state_folder(share: str) -> str:
@@ -235,10 +238,18 @@ def makeService(config: Options, reactor=None) -> MultiService:
     listener.setServiceParent(parent)
 
     def name_filter():
-        # The names are copied here, on the reactor thread; the filter is
-        # built in the index's pool.
-        names = index.names()
-        return in_pool(lambda: build_filter(names))
+        # The first registration waits (briefly) for the first scan, so that
+        # it already names the share's files.  The names are copied on the
+        # reactor thread; the filter is built in the index's pool.
+        scanned = index.when_scanned()
+        scanned.addTimeout(FIRST_SCAN_WAIT_SECONDS, reactor)
+        scanned.addErrback(lambda _: None)
+
+        def build(_):
+            names = index.servable_names()
+            return in_pool(lambda: build_filter(names))
+
+        return scanned.addCallback(build)
 
     announcer = Announcer(
         relay,

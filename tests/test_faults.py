@@ -29,7 +29,9 @@ from dataclasses import dataclass
 
 import pytest
 import pytest_twisted
-from twisted.internet.defer import Deferred, TimeoutError, gatherResults
+from twisted.internet.defer import Deferred, gatherResults
+
+from p2p import pieces
 
 from ._processes import (
     LISTENING,
@@ -39,10 +41,7 @@ from ._processes import (
     Daemon,
     Launcher,
     LoggedProcess,
-    ProcessFailed,
-    have_inotify,
     sample,
-    when_created,
 )
 
 # The whole test, startup and teardown of its own processes included.
@@ -56,9 +55,6 @@ MiB = 1024 * 1024
 # (loopback socket buffers can hold tens of MiB: tcp_rmem's maximum).
 BIG_BYTES = 96 * MiB
 MEDIUM_BYTES = 64 * MiB
-
-# The mid-transfer tests learn from inotify when the client's spool appears.
-needs_inotify = pytest.mark.skipif(not have_inotify(), reason="needs Linux inotify")
 
 
 def fault_test(test):
@@ -88,6 +84,7 @@ class BigFile:
     path: str
     size: int
     sha256: str
+    root: str  # the content root peers announce (p2p.pieces)
 
 
 def _random_file(path: str, size: int) -> BigFile:
@@ -97,7 +94,14 @@ def _random_file(path: str, size: int) -> BigFile:
             chunk = os.urandom(MiB)
             digest.update(chunk)
             stream.write(chunk)
-    return BigFile(os.path.basename(path), path, size, digest.hexdigest())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        content, _ = pieces.hash_descriptor(fd, size)
+    finally:
+        os.close(fd)
+    return BigFile(
+        os.path.basename(path), path, size, digest.hexdigest(), content.root_hex
+    )
 
 
 def sha256_of(path) -> str:
@@ -122,20 +126,27 @@ def big_files(tmp_path_factory) -> Iterator[dict[str, BigFile]]:
 # -- helpers --------------------------------------------------------------------
 
 
-async def warm_digest(launcher: Launcher, peer: Daemon, big: BigFile) -> None:
+async def wait_indexed(launcher: Launcher, peer: Daemon, big: BigFile) -> None:
     """
-    Have C{peer} hash C{big} now, and check it serves the right content.
+    Wait until C{peer} has indexed C{big}, and check it serves the right
+    content.
 
-    ``RESUME <size> NAME`` is answered with a header and no bytes.  Once the
-    digest is cached, the peer answers the real request at once, well within
-    the client's 0.25 s stagger: otherwise a second peer might be asked (and
+    ``RANGE <size> 0 NAME`` is answered with a header and no bytes, after
+    ``INDEXING`` lines while the peer is still hashing the file.  Once it is
+    indexed, the peer answers the real request at once, well within the
+    client's 0.25 s stagger: otherwise a second peer might be asked (and
     win) while the first is still hashing 96 MiB.
     """
     connection = await launcher.connect_raw(peer.address)
-    connection.send_line(f"RESUME {big.size} {big.name}")
-    _, header = await connection.wait_lines(2)
+    connection.send_line(f"RANGE {big.size} 0 {big.name}")
+    lines = await connection.wait_lines(2)
+    while lines[-1].startswith("INDEXING "):
+        lines = await connection.wait_lines(len(lines) + 1)
     await connection.close()
-    assert header == f"OK 0 sha256={big.sha256} offset={big.size} size={big.size}"
+    assert lines[-1] == (
+        f"OK 0 root={big.root} offset={big.size} size={big.size} "
+        f"piece={pieces.PIECE_SIZE} hashes=0"
+    )
 
 
 async def two_peers_sharing(launcher: Launcher, big: BigFile):
@@ -145,7 +156,7 @@ async def two_peers_sharing(launcher: Launcher, big: BigFile):
     second = await launcher.peer(relay.address, links={big.name: big.path})
     await gatherResults(
         [
-            Deferred.fromCoroutine(warm_digest(launcher, peer, big))
+            Deferred.fromCoroutine(wait_indexed(launcher, peer, big))
             for peer in (first, second)
         ]
     )
@@ -156,34 +167,26 @@ def start_frozen_client(
     launcher: Launcher,
     peer: Daemon,
     big: BigFile,
-    spool: str,
     *args: str,
     env: dict[str, str] | None = None,
 ) -> Deferred[LoggedProcess]:
     """
-    Start ``p2p ARGS`` and SIGSTOP it as soon as its spool file appears in
-    C{spool}, i.e. once it accepted a header; check that C{peer} sent it.
+    Start ``p2p ARGS`` and SIGSTOP it as soon as it says on stderr that
+    C{peer} is sending (``found at``: the header reached it); check that
+    C{peer} did send it.
 
     The peer's ``sending`` log line alone is no proof that any byte left:
     it is printed before the header is flushed from Twisted's buffer, and a
     peer killed right then closes the connection cleanly with nothing sent.
-    The spool file is created only after the header (and the first bytes
-    written with it) reached the client.
+    The client's line comes only once the header arrived.
     """
     since = peer.process.mark()
-    spooled = when_created(launcher.reactor, spool, r"\.p2p-.*\.part")
     client = launcher.start_client(*args, env=env)
 
     async def freeze() -> LoggedProcess:
-        try:
-            await spooled
-        except TimeoutError:
-            raise ProcessFailed(
-                f"the client made no spool file in {spool}; its stderr:\n"
-                + client.stderr.decode("utf-8", "replace")
-            ) from None
+        await client.wait_for(rf"found at {re.escape(peer.address)} ")
         client.send_signal(signal.SIGSTOP)
-        # From byte 0: not the warm-up's empty RESUME.
+        # From byte 0: not the warm-up's empty RANGE.
         await peer.process.wait_for(
             rf"sending {re.escape(big.name)} \({big.size} bytes from byte 0\)", since
         )
@@ -209,7 +212,6 @@ def assert_resumed(result: ClientResult, big: BigFile, broken: Daemon, to: Daemo
 # -- 1. a peer dies mid-transfer: the client resumes elsewhere -------------------
 
 
-@needs_inotify
 @fault_test
 async def test_peer_killed_mid_transfer_resumes_elsewhere(
     launcher: Launcher, big_files, tmp_path
@@ -228,7 +230,6 @@ async def test_peer_killed_mid_transfer_resumes_elsewhere(
         launcher,
         first,
         big,
-        str(out_dir),
         *("--relay", relay.address, "get", "-o", str(target), big.name),
     )
     await first.process.kill("KILL")
@@ -237,20 +238,20 @@ async def test_peer_killed_mid_transfer_resumes_elsewhere(
 
     assert_resumed(result, big, broken=first, to=second)
     assert result.stdout == b""
-    assert os.listdir(out_dir) == [big.name]  # no .p2p-*.part spool left
+    assert os.listdir(out_dir) == [big.name]  # no partial or state file left
     assert target.stat().st_size == big.size
     assert sha256_of(target) == big.sha256
     target.unlink()
 
 
-@needs_inotify
 @fault_test
 async def test_peer_killed_mid_transfer_to_stdout(
     launcher: Launcher, big_files, tmp_path
 ):
     """
     As above, printing to stdout: exactly the file's bytes, once (nothing
-    duplicated by the resume, nothing cut), and the spool is cleaned up.
+    duplicated by the resume, nothing cut), and nothing ever written to
+    TMPDIR (verified pieces are streamed, never spooled).
     """
     big = big_files["medium"]
     relay, first, second = await two_peers_sharing(launcher, big)
@@ -261,7 +262,6 @@ async def test_peer_killed_mid_transfer_to_stdout(
         launcher,
         first,
         big,
-        str(spool),
         *("--relay", relay.address, "get", big.name),
         env={"TMPDIR": str(spool)},
     )
@@ -470,7 +470,6 @@ async def test_relay_down_fails_fast(launcher: Launcher):
 # -- 6. crash-only shutdown -----------------------------------------------------------
 
 
-@needs_inotify
 @fault_test
 async def test_sigterm_peer_mid_transfer(launcher: Launcher, big_files, tmp_path):
     """
@@ -487,7 +486,6 @@ async def test_sigterm_peer_mid_transfer(launcher: Launcher, big_files, tmp_path
         launcher,
         first,
         big,
-        str(tmp_path),
         *("--relay", relay.address, "get", "-o", str(target), big.name),
     )
     signalled = launcher.reactor.seconds()

@@ -310,7 +310,9 @@ class ChangeTests(IndexCase):
         self.assertRoot(new, b"second version")
         self.assertIsNone(index.by_root(old.content.root))
         self.assertEqual(index.by_root(new.content.root), new)
-        self.assertEqual(changes, [2])
+        # Told twice: when the scan found the change (the name filter covers
+        # files on their way into the index), and once it was re-hashed.
+        self.assertEqual(changes, [2, 2])
 
     def test_removed_file_disappears(self) -> None:
         self.put("a", b"alpha")
@@ -675,3 +677,22 @@ class NotifyTests(IndexCase):
         reactor.advance(0)  # the notifier's connectionLost
         self.assertEqual(reactor.getReaders(), [])
         self.assertEqual(reactor.getDelayedCalls(), [])
+
+
+class ServableNamesTests(IndexCase):
+    """What the peer announces: indexed names and names on their way."""
+
+    def test_queued_names_are_servable(self) -> None:
+        self.put("a", b"alpha")
+        self.put("b", b"bravo")
+        runner = StepPool()
+        index = self.make(runner)
+        index.start()
+        runner.run_next()  # the database is loaded
+        scanned = index.when_scanned()
+        self.assertNoResult(scanned)
+        runner.run_next()  # the scan: both files queued, none hashed yet
+        self.successResultOf(scanned)
+        self.assertEqual(index.names(), [])
+        self.assertEqual(sorted(index.servable_names()), ["a", "b"])
+        self.successResultOf(index.when_scanned())
