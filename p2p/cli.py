@@ -44,6 +44,7 @@ from p2p.sink import (
     SerialWorker,
     StreamOutput,
 )
+from p2p.units import parse_bytes
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
 
@@ -65,10 +66,13 @@ RELAY_FAILURES = (*SKIPPABLE, DNSLookupError)
 
 
 class GetOptions(usage.Options):
-    synopsis = "[-o PATH] [NAME ...]"
+    synopsis = "[-o PATH] [--expect ROOT] [NAME|ROOT ...]"
     longdesc = (
         "Fetch each NAME from the first active peer that has it and print it "
-        "(or save it with -o).  With no NAME, ask for names interactively."
+        "(or save it with -o), checking every piece as it arrives.  A ROOT (64 "
+        "hex digits, as 'p2p ls --long' prints) fetches that content from any "
+        "peer holding it under any name.  With no NAME, ask for names "
+        "interactively."
     )
     optParameters = [
         [
@@ -76,7 +80,21 @@ class GetOptions(usage.Options):
             "o",
             None,
             "Save to PATH (a folder when several names) instead of printing.",
-        ]
+        ],
+        [
+            "expect",
+            None,
+            None,
+            "Accept only the content with this ROOT (for a single NAME).",
+        ],
+        [
+            "max-size",
+            None,
+            None,
+            "Refuse a file larger than SIZE (e.g. 10G; K, M, G are powers of "
+            "1024).  With -o, a file that would not fit on the target's file "
+            "system is always refused.",
+        ],
     ]
     optFlags = [
         ["fsync", None, "With -o: flush each file to the disk before renaming it."]
@@ -84,6 +102,24 @@ class GetOptions(usage.Options):
 
     def parseArgs(self, *names: str) -> None:
         self["names"] = list(names)
+
+    def postOptions(self) -> None:
+        if self["max-size"] is not None:
+            try:
+                self["max-size"] = parse_bytes(self["max-size"])
+            except ValueError as e:
+                raise usage.UsageError(f"--max-size: {e}") from None
+        expect = self["expect"]
+        if expect is not None:
+            if not is_root(expect):
+                raise usage.UsageError("--expect takes a ROOT: 64 lowercase hex digits")
+            if len(self["names"]) != 1:
+                raise usage.UsageError("--expect goes with exactly one NAME")
+
+
+def is_root(text: str) -> bool:
+    """Whether C{text} names a content (64 lowercase hex digits)."""
+    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 class PeersOptions(usage.Options):
@@ -298,6 +334,8 @@ class Client:
         self.relay_text = options["relay"]
         # With -o --fsync: saved files are flushed to the disk before renaming.
         self.durable = False
+        # get --max-size: the largest file to accept (None: what fits).
+        self.max_size: int | None = None
         self.relay = client_endpoint(reactor, self.relay_text)
         timeout = options["connect-timeout"]
         if options["peer-ca"] is not None:
@@ -392,7 +430,7 @@ class Client:
         return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
 
     @inlineCallbacks
-    def get(self, names: list[str], output: str | None):
+    def get(self, names: list[str], output: str | None, expect: str | None = None):
         """Phase 2 then phase 3 for each name; interactive without names."""
         if output is not None and (len(names) > 1 or not names):
             if not os.path.isdir(output):
@@ -403,7 +441,7 @@ class Client:
         worst = EXIT_OK
         if names:
             for name in names:
-                code = yield self.get_one(name, output)
+                code = yield self.get_one(name, output, expect)
                 worst = max(worst, code)
                 if code == EXIT_RELAY:
                     break
@@ -418,12 +456,13 @@ class Client:
             worst = max(worst, code)
 
     @inlineCallbacks
-    def get_one(self, name: str, output: str | None):
+    def get_one(self, name: str, output: str | None, expect: str | None = None):
         try:
             wire.Get(name).to_line()
         except ValueError:
             self.console.error(f"{name[:60]!r}: not a valid file name")
             return EXIT_NOT_FOUND
+        by_root = is_root(name)
         target = _target_path(name, output)
         folder = os.path.dirname(os.path.abspath(target)) if target else None
         # The partial file is created next to the target (for an atomic
@@ -441,11 +480,16 @@ class Client:
             self.console.say(f"relay {self.relay_text}: 0 active peer(s)")
             self.console.error(f"{name}: no active peers")
             return EXIT_NOT_FOUND
-        suggested = yield self.suggested(name)
-        self.console.say(
-            f"relay {self.relay_text}: {len(peers)} active peer(s), "
-            f"{len(suggested)} suggested for {name}"
-        )
+        if by_root:
+            # The relay's hints are by name: every peer may hold a content.
+            suggested = []
+            self.console.say(f"relay {self.relay_text}: {len(peers)} active peer(s)")
+        else:
+            suggested = yield self.suggested(name)
+            self.console.say(
+                f"relay {self.relay_text}: {len(peers)} active peer(s), "
+                f"{len(suggested)} suggested for {name}"
+            )
         peers = hinted_order(suggested, peers)
         output_to: Output = (
             StreamOutput(self.console.stdout) if target is None else FileOutput(target)
@@ -454,7 +498,13 @@ class Client:
             worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
         else:  # an in-memory reactor (tests): everything on this thread
             worker = InlineWorker()
-        sink = PieceSink(output_to, worker, durable=self.durable)
+        sink = PieceSink(
+            output_to,
+            worker,
+            durable=self.durable,
+            expected_root=name if by_root else expect,
+            max_size=self.max_size,
+        )
         fetcher = Fetcher(
             self.reactor,
             self.options["connect-timeout"],
@@ -467,7 +517,7 @@ class Client:
         )
         started = time.monotonic()
         try:
-            result = yield fetcher.fetch(name, peers, sink)
+            result = yield fetcher.fetch(name, peers, sink, by_root)
             yield sink.finish()
         except NotFoundAnywhere as e:
             kept = yield sink.abandon(keep=True)
@@ -611,7 +661,8 @@ def run(reactor, argv: list[str], console: Console | None = None):
     command, sub = options.subCommand, options.subOptions
     if command == "get":
         client.durable = sub["fsync"]
-        return (yield client.get(sub["names"], sub["output"]))
+        client.max_size = sub["max-size"]
+        return (yield client.get(sub["names"], sub["output"], sub["expect"]))
     if command == "peers":
         return (yield client.print_peers())
     if command == "ls":

@@ -95,8 +95,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     a L{PieceSink}, checking every piece before it is stored.
 
     C{request} is a ``GET <name>`` (the whole file, its piece digests
-    first) or, once the content is known, a ``BLOB <root> <offset>
-    <length>`` for the missing part.  While the peer is still indexing the
+    first); or, once the content is known, a ``BLOB <root> <offset>
+    <length>`` for the missing part; or a ``PIECES <root>`` (a fetch by
+    content: the piece list first, then a ``BLOB`` on the same connection
+    for what is missing).  While the peer is still indexing the
     file it sends ``INDEXING`` lines: each restarts the idle timer and goes
     to C{on_indexing}.
 
@@ -114,7 +116,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
 
     def __init__(
         self,
-        request: wire.Get | wire.Blob,
+        request: wire.Get | wire.Blob | wire.Pieces,
         sink: PieceSink,
         clock: IReactorTime,
         idle_timeout: float | None,
@@ -135,6 +137,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._greeted = False
         self._digests: bytearray | None = None
         self._held = bytearray()
+        self._accepted = False
         self._piece = bytearray()
         self._index = 0
         self.result: Deferred[wire.FileHeader] = Deferred(self._cancel)
@@ -167,8 +170,15 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             if progress is not None:
                 self.on_indexing(progress)
                 return
-            header = wire.FileHeader.from_line(line)
-            content = self._check_header(header)
+            if isinstance(self.request, wire.Pieces):
+                listing = wire.PiecesHeader.from_line(line)
+                content = self._check_listing(listing)
+                header = wire.FileHeader(
+                    0, listing.root, 0, listing.size, listing.piece, listing.count
+                )
+            else:
+                header = wire.FileHeader.from_line(line)
+                content = self._check_header(header)
         except wire.RemoteError as e:
             self._fail(f"refused: ERR {e.code} {e.message}", "refused", abort=False)
             return
@@ -180,11 +190,17 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 f"has other content (root {header.root[:12]}...)", "other-content"
             )
             return
-        try:
-            self.accept_header(header)
-        except PeerFailed as e:
-            self._fail(e.reason, e.kind)
+        refusal = self.sink.refusal(header.size) if self.sink.content is None else None
+        if refusal is not None:
+            self._fail(f"too large: {refusal}", "too-large")
             return
+        if not self._accepted:
+            try:
+                self.accept_header(header)
+            except PeerFailed as e:
+                self._fail(e.reason, e.kind)
+                return
+            self._accepted = True
         self.header = header
         self.content = content
         self.remaining = header.count
@@ -200,6 +216,18 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self._digests = bytearray()
         else:
             self._begin(None)
+
+    def _check_listing(self, listing: wire.PiecesHeader) -> Content:
+        """The content a ``PIECES`` reply describes, if it is the one asked."""
+        assert isinstance(self.request, wire.Pieces)
+        if listing.root != self.request.root:
+            raise WireError(wire.Code.BAD_REQUEST, "the reply is for other content")
+        if not valid_piece_size(listing.piece):
+            raise WireError(wire.Code.BAD_REQUEST, f"piece size {listing.piece}")
+        content = Content(bytes.fromhex(listing.root), listing.size, listing.piece)
+        if listing.count != DIGEST_BYTES * content.pieces:
+            raise WireError(wire.Code.BAD_REQUEST, "wrong length of piece digests")
+        return content
 
     def _check_header(self, header: wire.FileHeader) -> Content:
         """The content a header describes, if it answers our request."""
@@ -242,6 +270,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if self.result.called:
             return
         assert self.header is not None and self.content is not None
+        if isinstance(self.request, wire.Pieces):
+            self._ask_content()
+            return
         if self.header.offset == 0 and self.sink.done and not self.sink.complete:
             # An earlier run left verified pieces: ask for the rest instead.
             offset = self.content.span(self.sink.missing()[0])[0]
@@ -254,6 +285,24 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self._content_received(held)
         elif self.remaining == 0 or self.sink.complete:
             self._complete()
+
+    def _ask_content(self) -> None:
+        """The piece list is in (a fetch by root): ask for what is missing."""
+        assert self.content is not None
+        if self._held:
+            self._fail("protocol error: bytes after the piece list", "protocol")
+            return
+        self.transport.resumeProducing()
+        if self.sink.complete:
+            self._complete()
+            return
+        offset = self.content.span(self.sink.missing()[0])[0]
+        self.request = wire.Blob(
+            self.content.root_hex, offset, self.content.size - offset
+        )
+        self.header = None
+        self.setLineMode()
+        self.sendLine(self.request.to_line())
 
     # -- raw bytes: piece digests, then the content --------------------------
 

@@ -137,16 +137,22 @@ class Fetcher:
         self.on_header = on_header
 
     def fetch(
-        self, name: str, peers: Sequence[wire.PeerEntry], sink: PieceSink
+        self,
+        name: str,
+        peers: Sequence[wire.PeerEntry],
+        sink: PieceSink,
+        by_root: bool = False,
     ) -> Deferred[FetchResult]:
         """
         Fetch C{name} into C{sink} from the first of C{peers} that can.
+        With C{by_root}, C{name} is a content root (64 hex digits): any
+        peer holding that content, under any name, may serve it.
 
         Fires with a L{FetchResult}, or fails with L{NotFoundAnywhere}
         (listing every attempt) when no peer delivers.  Cancelling it stops
         every attempt.
         """
-        return _FetchRun(self, name, list(peers), sink).start()
+        return _FetchRun(self, name, list(peers), sink, by_root).start()
 
 
 class _Try:
@@ -170,8 +176,10 @@ class _FetchRun:
         name: str,
         peers: list[wire.PeerEntry],
         sink: PieceSink,
+        by_root: bool = False,
     ) -> None:
         self.fetcher = fetcher
+        self.by_root = by_root
         self.name = name
         self.peers = peers
         self.sink = sink
@@ -241,11 +249,14 @@ class _FetchRun:
         self.timer = None
         self._launch()
 
-    def _request(self) -> wire.Get | wire.Blob:
-        """The whole file by name, or, once its content is known, what is
-        still missing of it, by content."""
+    def _request(self) -> wire.Get | wire.Blob | wire.Pieces:
+        """The whole file by name (or its piece list, when the user named a
+        content root), or, once its content is known, what is still missing
+        of it, by content."""
         content = self.sink.content
         if content is None:
+            if self.by_root:
+                return wire.Pieces(self.name)
             return wire.Get(self.name)
         offset = content.span(self.sink.missing()[0])[0]
         return wire.Blob(content.root_hex, offset, content.size - offset)

@@ -18,6 +18,7 @@ from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
+    IDelayedCall,
     IPullProducer,
     IReactorTime,
 )
@@ -35,6 +36,7 @@ from p2p.limits import (
     ServerLineProtocol,
 )
 from p2p.share import OpenedFile, ShareFolder
+from p2p.throttle import TokenBucket
 from p2p.transports import no_delay, zero_copy_socket
 from p2p.wire import Code, WireError
 
@@ -79,6 +81,7 @@ class FileRangeProducer:
         on_progress: Callable[[], object] = lambda: None,
         chunk_bytes: int = CHUNK_BYTES,
         socket_fd: int | None = None,
+        throttle: TokenBucket | None = None,
     ) -> None:
         self.fd = fd
         self.position = offset
@@ -87,7 +90,9 @@ class FileRangeProducer:
         self.on_progress = on_progress
         self.chunk_bytes = chunk_bytes
         self.socket_fd = socket_fd
+        self.throttle = throttle
         self._drained = False
+        self._wait: IDelayedCall | None = None
         self.done: Deferred[None] = Deferred()
 
     def start(self) -> Deferred[None]:
@@ -98,14 +103,17 @@ class FileRangeProducer:
         return self.done
 
     def resumeProducing(self) -> None:
-        if self.done.called:
+        if self.done.called or self._wait is not None:
             return
         if self.socket_fd is not None and self._drained:
             self._send_zero_copy(self.socket_fd)
             return
         # Every later call comes from a transport whose buffer just emptied.
         self._drained = True
-        chunk = os.pread(self.fd, min(self.chunk_bytes, self.remaining), self.position)
+        size = self._allowed(min(self.chunk_bytes, self.remaining))
+        if not size:
+            return
+        chunk = os.pread(self.fd, size, self.position)
         if not chunk:
             self._finish(Failure(FileShrank()))
             return
@@ -116,15 +124,41 @@ class FileRangeProducer:
         if self.remaining == 0:
             self._finish(None)
 
+    def _allowed(self, wanted: int) -> int:
+        """
+        How many of C{wanted} bytes the upload budget lets out now; with
+        none, be called back (L{_budget_refilled}) once some accrued.
+        """
+        if self.throttle is None or not wanted:
+            return wanted
+        granted = self.throttle.take(wanted)
+        if not granted:
+            clock = self.throttle.clock
+            self._wait = clock.callLater(
+                self.throttle.delay(wanted), self._budget_refilled
+            )
+        return granted
+
+    def _budget_refilled(self) -> None:
+        self._wait = None
+        if self.socket_fd is not None and self._drained:
+            # Be called back through the transport once it can take bytes.
+            self.consumer.startWriting()
+        else:
+            self.resumeProducing()
+
     def _send_zero_copy(self, socket_fd: int) -> None:
+        budget = self._allowed(min(self.remaining, ZERO_COPY_BURST_BYTES))
+        if not budget:
+            return
         sent = 0
-        while self.remaining and sent < ZERO_COPY_BURST_BYTES:
+        while self.remaining and sent < budget:
             try:
                 count = os.sendfile(
                     socket_fd,
                     self.fd,
                     self.position,
-                    min(self.remaining, ZERO_COPY_BURST_BYTES - sent),
+                    min(self.remaining, budget - sent),
                 )
             except BlockingIOError:
                 break  # the socket buffer is full: wait until it drains
@@ -137,6 +171,8 @@ class FileRangeProducer:
             sent += count
             self.position += count
             self.remaining -= count
+        if self.throttle is not None and sent < budget:
+            self.throttle.give_back(budget - sent)
         if sent:
             self.on_progress()
         if self.remaining == 0:
@@ -146,6 +182,9 @@ class FileRangeProducer:
             self.consumer.startWriting()
 
     def stopProducing(self) -> None:
+        if self._wait is not None and self._wait.active():
+            self._wait.cancel()
+        self._wait = None
         if not self.done.called:
             self.done.errback(ConnectionLost("the consumer stopped the transfer"))
 
@@ -182,10 +221,12 @@ class PeerProtocol(ServerLineProtocol):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         on_lost: Callable[[], None] | None = None,
         idle_timeouts: IdleTimeouts | None = None,
+        throttle: TokenBucket | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, on_lost, idle_timeouts)
         self.share = share
         self.index = index
+        self.throttle = throttle
         self._opened: OpenedFile | None = None
         self._header_sent = False
         self._lost = False
@@ -386,6 +427,7 @@ class PeerProtocol(ServerLineProtocol):
             self.transport,
             self.resetTimeout,
             socket_fd=zero_copy_socket(self.transport),
+            throttle=self.throttle,
         )
         return producer.start()
 
@@ -470,6 +512,8 @@ class PeerFactory(LimitedServerFactory):
     :param limits: open-connection limits; past them a connection gets a
         L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
         source address.
+    :param throttle: the upload budget all transfers share
+        (``--max-upload-rate``), or C{None} for none.
     """
 
     role = "peer"
@@ -481,10 +525,12 @@ class PeerFactory(LimitedServerFactory):
         clock: IReactorTime,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         limits: ConnectionLimits | None = None,
+        throttle: TokenBucket | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, limits)
         self.share = share
         self.index = index
+        self.throttle = throttle
 
     def build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
         return PeerProtocol(
@@ -494,4 +540,5 @@ class PeerFactory(LimitedServerFactory):
             self.idle_timeout,
             on_lost,
             self.idle_timeouts,
+            self.throttle,
         )

@@ -33,6 +33,8 @@ from p2p.relay_tap import (
 )
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
+from p2p.throttle import TokenBucket
+from p2p.units import parse_bytes
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 DEFAULT_LISTEN = "tcp:0"
@@ -123,6 +125,13 @@ class Options(usage.Options):
             "the share.",
         ],
         [
+            "max-upload-rate",
+            None,
+            None,
+            "Most bytes per second sent to all clients together (e.g. 20M; "
+            "K, M, G are powers of 1024).  Default: no limit.",
+        ],
+        [
             "rescan-interval",
             None,
             DEFAULT_RESCAN_SECONDS,
@@ -159,6 +168,13 @@ class Options(usage.Options):
                 raise usage.UsageError(f"--name: {e.message}") from None
         if self["idle-timeout"] <= 0:
             raise usage.UsageError("--idle-timeout must be positive")
+        if self["max-upload-rate"] is not None:
+            try:
+                self["max-upload-rate"] = parse_bytes(self["max-upload-rate"])
+            except ValueError as e:
+                raise usage.UsageError(f"--max-upload-rate: {e}") from None
+            if self["max-upload-rate"] <= 0:
+                raise usage.UsageError("--max-upload-rate must be positive")
         if self["rescan-interval"] <= 0:
             raise usage.UsageError("--rescan-interval must be positive")
         if self["state"] is None:
@@ -224,8 +240,14 @@ def makeService(config: Options, reactor=None) -> MultiService:
         rescan_interval=config["rescan-interval"],
         watch=threaded,
     )
+    rate = config["max-upload-rate"]
     factory = PeerFactory(
-        share, index, reactor, config["idle-timeout"], connection_limits(config)
+        share,
+        index,
+        reactor,
+        config["idle-timeout"],
+        connection_limits(config),
+        throttle=TokenBucket(reactor, rate) if rate else None,
     )
     try:
         listen = server_endpoint(reactor, config["listen"])

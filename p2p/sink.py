@@ -110,6 +110,10 @@ class Output:
     def write_piece(self, offset: int, data: bytes) -> None:
         raise NotImplementedError
 
+    def room(self) -> int | None:
+        """The most bytes this output can take (C{None}: no known bound)."""
+        return None
+
     def finish(self, durable: bool) -> None:
         """Every piece is stored: make the result final."""
 
@@ -192,6 +196,19 @@ class FileOutput(Output):
         self._write_state(content)
         self.content = content
         return held
+
+    def room(self) -> int | None:
+        """Free space of the target's file system, plus what an earlier
+        partial file already holds (it is reused or replaced)."""
+        try:
+            stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+        except OSError:
+            return None
+        try:
+            held = os.stat(self.partial).st_size
+        except OSError:
+            held = 0
+        return stats.f_bavail * stats.f_frsize + held
 
     def _resumable(self, content: Content, pieces: PieceList | None) -> set[int]:
         """The pieces of an earlier partial file of C{content} that verify."""
@@ -315,8 +332,14 @@ class PieceSink:
         output: Output,
         worker: SerialWorker | InlineWorker | None = None,
         durable: bool = False,
+        expected_root: str | None = None,
+        max_size: int | None = None,
     ) -> None:
         self.output = output
+        self.max_size = max_size
+        # The content the user asked for by root (p2p get ROOT, --expect):
+        # no other is ever taken.
+        self.expected_root = expected_root
         self.worker = worker or InlineWorker()
         self.durable = durable
         self.content: Content | None = None
@@ -332,8 +355,11 @@ class PieceSink:
     # -- the content -------------------------------------------------------
 
     def continues(self, root: str) -> bool:
-        """Whether content C{root} is the one being assembled (or none is)."""
-        return self.content is None or self.content.root_hex == root
+        """Whether content C{root} is the one being assembled (or, before
+        any, the one expected, if any)."""
+        if self.content is not None:
+            return self.content.root_hex == root
+        return self.expected_root is None or self.expected_root == root
 
     def begin(self, content: Content, pieces: PieceList | None) -> Deferred[None]:
         """
@@ -343,6 +369,8 @@ class PieceSink:
 
         :raise ContentMismatch: for other content.
         """
+        if not self.continues(content.root_hex):
+            raise ContentMismatch("other content than the one expected")
         if self.content is not None:
             if content != self.content:
                 raise ContentMismatch("other content than the one being assembled")
@@ -374,6 +402,19 @@ class PieceSink:
         d.addCallback(held)
         d.addBoth(tell_waiters)
         return d
+
+    def refusal(self, size: int) -> str | None:
+        """
+        Why a content of C{size} bytes cannot be taken (bigger than
+        C{max_size}, or than the room left on the target's file system),
+        or C{None} when it can.
+        """
+        if self.max_size is not None and size > self.max_size:
+            return f"{size} bytes is more than --max-size ({self.max_size})"
+        room = self.output.room()
+        if room is not None and size > room:
+            return f"{size} bytes would not fit in {self.output.label} ({room} free)"
+        return None
 
     def reset(self) -> None:
         """Forget the content (only while the output is restartable)."""
