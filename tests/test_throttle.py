@@ -1,0 +1,134 @@
+"""Tests for L{p2p.throttle} and the throttled L{p2p.peer.FileRangeProducer}."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p.peer import FileRangeProducer
+from p2p.throttle import MIN_BURST_BYTES, TokenBucket
+from p2p.units import format_bytes, parse_bytes
+
+MIB = 1024 * 1024
+
+
+class TokenBucketTests(SynchronousTestCase):
+    def test_burst_then_rate(self) -> None:
+        """A full bucket grants one burst; then the rate, in quanta."""
+        clock = Clock()
+        bucket = TokenBucket(clock, 10 * MIB)
+        self.assertEqual(bucket.burst, MIB)
+        self.assertEqual(bucket.take(5 * MIB), MIB)
+        self.assertEqual(bucket.take(MIB), 0)
+        # Half a burst (the quantum) accrues in 0.05 s.
+        self.assertAlmostEqual(bucket.delay(MIB), 0.05)
+        clock.advance(0.04)
+        self.assertEqual(bucket.take(MIB), 0)
+        clock.advance(0.01)
+        self.assertEqual(bucket.take(MIB), MIB // 2)
+
+    def test_small_wants_are_granted_whole(self) -> None:
+        """The quantum never exceeds what is wanted: a 1 KiB tail goes out."""
+        clock = Clock()
+        bucket = TokenBucket(clock, MIB)
+        bucket.take(bucket.burst)
+        clock.advance(0.001)
+        self.assertEqual(bucket.take(1024), 1024)
+
+    def test_give_back(self) -> None:
+        clock = Clock()
+        bucket = TokenBucket(clock, 10 * MIB)
+        bucket.take(MIB)
+        bucket.give_back(MIB // 2)
+        self.assertEqual(bucket.take(MIB), MIB // 2)
+
+    def test_minimum_burst(self) -> None:
+        self.assertEqual(TokenBucket(Clock(), 1000).burst, MIN_BURST_BYTES)
+        self.assertRaises(ValueError, TokenBucket, Clock(), 0)
+
+    def test_long_run_rate(self) -> None:
+        """Over ten seconds, what is granted is the rate (plus one burst)."""
+        clock = Clock()
+        bucket = TokenBucket(clock, 2 * MIB)
+        granted = 0
+        while clock.seconds() < 10:
+            granted += bucket.take(8 * MIB)
+            clock.advance(bucket.delay(8 * MIB))
+        self.assertLessEqual(granted, 20 * MIB + bucket.burst)
+        self.assertGreaterEqual(granted, 19 * MIB)
+
+
+class ThrottledProducerTests(SynchronousTestCase):
+    """A file range through a transport, under an upload budget."""
+
+    def test_rate_is_held(self) -> None:
+        data = os.urandom(4 * MIB)
+        fd, path = tempfile.mkstemp()
+        os.write(fd, data)
+        os.unlink(path)
+        self.addCleanup(os.close, fd)
+        clock = Clock()
+        transport = StringTransport()
+        bucket = TokenBucket(clock, MIB)  # 4 MiB take about 4 s
+        producer = FileRangeProducer(
+            fd, 0, len(data), transport, chunk_bytes=64 * 1024, throttle=bucket
+        )
+        done = producer.start()
+        sent_at: list[tuple[float, int]] = []
+        while not done.called and clock.seconds() < 20:
+            # A drained transport asks for more; a waiting producer sends
+            # nothing until its timer fires.
+            if transport.producer is not None:
+                transport.producer.resumeProducing()
+            sent_at.append((clock.seconds(), len(transport.value())))
+            clock.advance(0.01)
+        self.successResultOf(done)
+        self.assertEqual(transport.value(), data)
+        seconds = sent_at[-1][0]
+        self.assertGreater(seconds, 3.5)
+        self.assertLess(seconds, 4.5)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+    def test_stop_cancels_the_wait(self) -> None:
+        fd, path = tempfile.mkstemp()
+        os.write(fd, b"x" * MIB)
+        os.unlink(path)
+        self.addCleanup(os.close, fd)
+        clock = Clock()
+        transport = StringTransport()
+        bucket = TokenBucket(clock, 64 * 1024)
+        producer = FileRangeProducer(fd, 0, MIB, transport, throttle=bucket)
+        done = producer.start()
+        transport.producer.resumeProducing()  # the first burst
+        transport.producer.resumeProducing()  # nothing left: wait
+        self.assertEqual(len(transport.value()), bucket.burst)
+        self.assertTrue(clock.getDelayedCalls())
+        producer.stopProducing()
+        self.failureResultOf(done)
+        self.assertEqual(clock.getDelayedCalls(), [])
+
+
+class UnitsTests(SynchronousTestCase):
+    def test_parse(self) -> None:
+        for text, value in [
+            ("512", 512),
+            ("64K", 64 * 1024),
+            ("20M", 20 * MIB),
+            ("20m", 20 * MIB),
+            ("1.5G", 3 * 512 * MIB),
+            ("20MiB", 20 * MIB),
+            ("20M/s", 20 * MIB),
+            (" 7 ", 7),
+        ]:
+            self.assertEqual(parse_bytes(text), value, text)
+        for bad in ["", "M", "-1", "1X", "1 2", "0x10"]:
+            self.assertRaises(ValueError, parse_bytes, bad)
+
+    def test_format(self) -> None:
+        self.assertEqual(format_bytes(512), "512 B")
+        self.assertEqual(format_bytes(1536), "1.5 KiB")
+        self.assertEqual(format_bytes(20 * MIB), "20.0 MiB")
