@@ -44,7 +44,8 @@ from p2p.sink import (
     SerialWorker,
     StreamOutput,
 )
-from p2p.units import parse_bytes
+from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
+from p2p.units import format_bytes, parse_bytes
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
 
@@ -58,6 +59,9 @@ EXIT_OUTPUT = 4
 EXIT_INTERRUPTED = 130
 
 PROMPT = "file name (empty line or 'quit' to stop)> "
+# A fetch by content root may use any peer: the first this many are asked
+# to serve pieces at once (the rest remain the fallback).
+MAX_ROOT_CANDIDATES = 16
 
 # What "the relay cannot be reached or misbehaved" looks like: the peer-level
 # failures plus a name that does not resolve (peers are IP literals, so only
@@ -88,6 +92,14 @@ class GetOptions(usage.Options):
             "Accept only the content with this ROOT (for a single NAME).",
         ],
         [
+            "sources",
+            None,
+            DEFAULT_MAX_SOURCES,
+            "Fetch a large file from up to this many holders at once "
+            "(1: one peer at a time).",
+            int,
+        ],
+        [
             "max-size",
             None,
             None,
@@ -104,6 +116,8 @@ class GetOptions(usage.Options):
         self["names"] = list(names)
 
     def postOptions(self) -> None:
+        if not 1 <= self["sources"] <= 64:
+            raise usage.UsageError("--sources must be between 1 and 64")
         if self["max-size"] is not None:
             try:
                 self["max-size"] = parse_bytes(self["max-size"])
@@ -336,6 +350,8 @@ class Client:
         self.durable = False
         # get --max-size: the largest file to accept (None: what fits).
         self.max_size: int | None = None
+        # get --sources: most holders of one file used at once.
+        self.max_sources = DEFAULT_MAX_SOURCES
         self.relay = client_endpoint(reactor, self.relay_text)
         timeout = options["connect-timeout"]
         if options["peer-ca"] is not None:
@@ -514,10 +530,15 @@ class Client:
             stagger=self.options["stagger"],
             on_indexing=lambda peer, progress: self._indexing(name, peer, progress),
             on_header=lambda attempt: self._found(name, attempt),
+            max_sources=self.max_sources,
+            on_source_dropped=lambda report: self._dropped(name, report),
         )
         started = time.monotonic()
         try:
-            result = yield fetcher.fetch(name, peers, sink, by_root)
+            # Likely holders, for several sources at once: the relay's
+            # suggestions by name; any peer for a content root.
+            candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
+            result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
             yield sink.finish()
         except NotFoundAnywhere as e:
             kept = yield sink.abandon(keep=True)
@@ -538,12 +559,28 @@ class Client:
         content = result.content
         seconds = time.monotonic() - started
         rate = content.size / seconds / 1e6 if seconds > 0 else 0.0
+        if len(result.sources) > 1:
+            origin = (
+                f"{len(result.sources)} peers ("
+                + ", ".join(
+                    f"{source.peer.address} {format_bytes(source.bytes)}"
+                    for source in result.sources
+                )
+                + ")"
+            )
+        else:
+            origin = result.peer.address
         self.console.say(
             f"{name}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
-            f"from {result.peer.address} (root {content.root_hex[:12]}..., "
+            f"from {origin} (root {content.root_hex[:12]}..., "
             f"every piece verified) -> {output_to.label}"
         )
         return EXIT_OK
+
+    def _dropped(self, name: str, report: SourceReport) -> None:
+        self.console.say(
+            f"{name}: stopped using {report.peer.address}: {report.reason}"
+        )
 
     def _indexing(
         self, name: str, peer: wire.PeerEntry, progress: wire.Indexing
@@ -662,6 +699,7 @@ def run(reactor, argv: list[str], console: Console | None = None):
     if command == "get":
         client.durable = sub["fsync"]
         client.max_size = sub["max-size"]
+        client.max_sources = sub["sources"]
         return (yield client.get(sub["names"], sub["output"], sub["expect"]))
     if command == "peers":
         return (yield client.print_peers())

@@ -122,6 +122,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         idle_timeout: float | None,
         accept_header: Callable[[wire.FileHeader], None] = lambda header: None,
         on_indexing: Callable[[wire.Indexing], None] = lambda progress: None,
+        on_content: Callable[[Content], bool] = lambda content: False,
     ) -> None:
         self.request = request
         self.sink = sink
@@ -131,6 +132,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         # PeerFailed turns the peer down (e.g. another peer already won).
         self.accept_header = accept_header
         self.on_indexing = on_indexing
+        # Called once the content is known (piece list checked) on a first
+        # request (GET, PIECES): True hands the fetch over to several
+        # sources (p2p.swarm), ending this one as "handover".
+        self.on_content = on_content
         self.header: wire.FileHeader | None = None
         self.content: Content | None = None
         self.remaining = 0
@@ -270,10 +275,15 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if self.result.called:
             return
         assert self.header is not None and self.content is not None
+        first_contact = not isinstance(self.request, wire.Blob)
+        if first_contact and not self.sink.complete and self.on_content(self.content):
+            self._fail("handed over to several sources", "handover")
+            return
         if isinstance(self.request, wire.Pieces):
             self._ask_content()
             return
-        if self.header.offset == 0 and self.sink.done and not self.sink.complete:
+        resumable = isinstance(self.request, wire.Get) and not self.sink.complete
+        if resumable and self.sink.done:
             # An earlier run left verified pieces: ask for the rest instead.
             offset = self.content.span(self.sink.missing()[0])[0]
             self._fail(f"resuming at byte {offset}", "resume")

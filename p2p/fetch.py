@@ -50,7 +50,11 @@ from p2p.client import (
 from p2p.pieces import Content
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink
+from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport, Swarm, SwarmFailed
 
+# Files smaller than this come from one peer: a few pieces gain little from
+# several sources, and the single stream is the fastest path.
+SWARM_MIN_BYTES = 16 * 1024 * 1024
 # RFC 8305's recommended Connection Attempt Delay.
 DEFAULT_STAGGER_SECONDS = 0.25
 # Generous: an attempt in flight costs one socket, and each blackholed peer
@@ -76,6 +80,8 @@ class FetchResult:
     peer: wire.PeerEntry
     content: Content
     attempts: list[Attempt] = field(default_factory=list)
+    # The holders that served pieces, when several did (see p2p.swarm).
+    sources: list[SourceReport] = field(default_factory=list)
 
 
 class NotFoundAnywhere(Exception):
@@ -106,6 +112,10 @@ class Fetcher:
         progress while that peer indexes the file asked for.
     :param on_header: called with an L{Attempt} (C{reason} "sending") when
         a peer's header is accepted and its bytes start to come.
+    :param max_sources: most holders to fetch a large file from at once
+        (see L{p2p.swarm}); 1 keeps every fetch on one peer at a time.
+    :param on_source_dropped: called with the L{SourceReport} of a holder
+        the swarm stopped using, and why.
     """
 
     def __init__(
@@ -122,6 +132,8 @@ class Fetcher:
             lambda peer, progress: None
         ),
         on_header: Callable[[Attempt], None] = lambda attempt: None,
+        max_sources: int = DEFAULT_MAX_SOURCES,
+        on_source_dropped: Callable[[SourceReport], None] = lambda report: None,
     ) -> None:
         self.reactor = reactor
         self.connect_timeout = connect_timeout
@@ -135,6 +147,8 @@ class Fetcher:
         self.max_parallel = max(1, max_parallel)
         self.on_indexing = on_indexing
         self.on_header = on_header
+        self.max_sources = max(1, max_sources)
+        self.on_source_dropped = on_source_dropped
 
     def fetch(
         self,
@@ -142,17 +156,24 @@ class Fetcher:
         peers: Sequence[wire.PeerEntry],
         sink: PieceSink,
         by_root: bool = False,
+        candidates: Sequence[wire.PeerEntry] = (),
     ) -> Deferred[FetchResult]:
         """
         Fetch C{name} into C{sink} from the first of C{peers} that can.
         With C{by_root}, C{name} is a content root (64 hex digits): any
         peer holding that content, under any name, may serve it.
 
+        A file of at least L{SWARM_MIN_BYTES} is fetched from several
+        holders at once (L{p2p.swarm}) when C{max_sources} allows and
+        C{candidates} (peers likely to hold it, e.g. the relay's
+        suggestions) name others than the first peer to answer.
+
         Fires with a L{FetchResult}, or fails with L{NotFoundAnywhere}
         (listing every attempt) when no peer delivers.  Cancelling it stops
         every attempt.
         """
-        return _FetchRun(self, name, list(peers), sink, by_root).start()
+        run = _FetchRun(self, name, list(peers), sink, by_root, list(candidates))
+        return run.start()
 
 
 class _Try:
@@ -177,9 +198,13 @@ class _FetchRun:
         peers: list[wire.PeerEntry],
         sink: PieceSink,
         by_root: bool = False,
+        candidates: list[wire.PeerEntry] | None = None,
     ) -> None:
         self.fetcher = fetcher
         self.by_root = by_root
+        self.candidates = candidates or []
+        self.swarm: Swarm | None = None
+        self.sources: list[SourceReport] = []
         self.name = name
         self.peers = peers
         self.sink = sink
@@ -224,6 +249,8 @@ class _FetchRun:
     def _launch_once(self) -> None:
         if self.done.called or self.active is not None:
             return
+        if self.swarm is not None and not self.swarm.done.called:
+            return  # several holders are at work
         if not self.queue:
             if not self.pending:
                 self._exhausted()
@@ -274,6 +301,7 @@ class _FetchRun:
             fetcher.idle_timeout,
             accept_header=lambda header: self._accept(attempt, header),
             on_indexing=lambda progress: fetcher.on_indexing(attempt.peer, progress),
+            on_content=lambda content: self._worth_a_swarm(attempt),
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False
@@ -352,6 +380,9 @@ class _FetchRun:
         if self.active is attempt:
             self.active = None
         kind = failure.value.kind if isinstance(failure.value, PeerFailed) else ""
+        if kind == "handover":
+            self._start_swarm(attempt)
+            return
         if kind == "resume":
             # It holds the content, and an earlier run left part of it:
             # ask this same peer again, for the rest only.
@@ -364,6 +395,62 @@ class _FetchRun:
         # is missing.
         d = self.sink.settled()
         d.addCallbacks(lambda _: self._launch(), self._output_failed)
+
+    # -- several holders at once --------------------------------------------
+
+    def _others(self, peer: wire.PeerEntry) -> list[wire.PeerEntry]:
+        return [
+            c for c in self.candidates if (c.host, c.port) != (peer.host, peer.port)
+        ]
+
+    def _worth_a_swarm(self, attempt: _Try) -> bool:
+        """Whether to fetch the content just described from several holders."""
+        content = self.sink.content
+        return (
+            self.fetcher.max_sources > 1
+            and self.swarm is None
+            and content is not None
+            and content.size - self.sink.received >= SWARM_MIN_BYTES
+            and bool(self._others(attempt.peer))
+        )
+
+    def _start_swarm(self, attempt: _Try) -> None:
+        """The first holder described the content: fetch it from several."""
+        self.active = None
+        fetcher = self.fetcher
+        self.swarm = Swarm(
+            fetcher.reactor,
+            self.sink,
+            [attempt.peer, *self._others(attempt.peer)],
+            fetcher.endpoint_for,
+            fetcher.connect_timeout,
+            fetcher.idle_timeout,
+            fetcher.max_sources,
+            report=fetcher.on_source_dropped,
+        )
+        d = self.swarm.run()
+        d.addCallbacks(self._swarmed, self._swarm_failed, (attempt,))
+        d.addErrback(self._crashed)
+
+    def _swarmed(self, reports: list[SourceReport], attempt: _Try) -> None:
+        self.sources = reports
+        self._record(attempt, True, "found")
+        assert self.sink.content is not None
+        result = FetchResult(self.name, attempt.peer, self.sink.content, self.attempts)
+        result.sources = [r for r in reports if r.units]
+        self.done.callback(result)
+
+    def _swarm_failed(self, failure: Failure) -> None:
+        if self.done.called:
+            return
+        if failure.check(OutputFailed):
+            self._stop_all()
+            self.done.errback(failure)
+            return
+        failure.trap(SwarmFailed)
+        # Every likely holder failed: go on one peer at a time with the rest
+        # of the list, asking for what is still missing.
+        self._launch()
 
     def _output_failed(self, failure: Failure) -> None:
         if not self.done.called:
@@ -396,6 +483,8 @@ class _FetchRun:
 
     def _stop_all(self) -> None:
         self._disarm()
+        if self.swarm is not None and not self.swarm.done.called:
+            self.swarm.done.cancel()
         running = list(self.pending.values())
         if self.active is not None:
             running.append(self.active)
