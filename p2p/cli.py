@@ -352,6 +352,8 @@ class Client:
         self.max_size: int | None = None
         # get --sources: most holders of one file used at once.
         self.max_sources = DEFAULT_MAX_SOURCES
+        # The name being fetched and its sink (for an interruption).
+        self.current: tuple[str, PieceSink] | None = None
         self.relay = client_endpoint(reactor, self.relay_text)
         timeout = options["connect-timeout"]
         if options["peer-ca"] is not None:
@@ -507,9 +509,16 @@ class Client:
                 f"{len(suggested)} suggested for {name}"
             )
         peers = hinted_order(suggested, peers)
-        output_to: Output = (
-            StreamOutput(self.console.stdout) if target is None else FileOutput(target)
-        )
+        output_to: Output
+        if target is None:
+            output_to = StreamOutput(self.console.stdout)
+        else:
+            output_to = FileOutput(target)
+            try:
+                output_to.lock()
+            except OSError as e:
+                self.console.error(f"{name}: cannot write {target}: {e.strerror}")
+                return EXIT_OUTPUT
         if IReactorThreads.providedBy(self.reactor):
             worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
         else:  # an in-memory reactor (tests): everything on this thread
@@ -521,6 +530,7 @@ class Client:
             expected_root=name if by_root else expect,
             max_size=self.max_size,
         )
+        self.current = (name, sink)
         fetcher = Fetcher(
             self.reactor,
             self.options["connect-timeout"],
@@ -541,11 +551,13 @@ class Client:
             result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
             yield sink.finish()
         except NotFoundAnywhere as e:
+            self.current = None
             kept = yield sink.abandon(keep=True)
             self.console.error(f"{name}: not found on any of {e.peers} active peer(s)")
             self._kept(name, sink, kept)
             return EXIT_NOT_FOUND
         except (OutputFailed, OSError) as e:
+            self.current = None
             yield sink.abandon(keep=False)
             error = e.error if isinstance(e, OutputFailed) else e
             self.console.error(
@@ -553,8 +565,10 @@ class Client:
             )
             return EXIT_OUTPUT
         except BaseException:
+            self.current = None
             sink.abandon(keep=False)
             raise
+        self.current = None
         yield sink.abandon(keep=False)  # stops the worker; the file is in place
         content = result.content
         seconds = time.monotonic() - started
@@ -590,6 +604,31 @@ class Client:
             f"{name}: {peer.address} is indexing it ({share:.0%} of "
             f"{progress.total} bytes); waiting"
         )
+
+    def interrupted(self) -> None:
+        """
+        The process is stopping (Ctrl-C) in the middle of a fetch: one line
+        on what it leaves.  A partial ``-o`` file of known content stays,
+        to be resumed by the same command; what cannot be resumed was never
+        written (stdout) or is not there yet.
+        """
+        if self.current is None:
+            return
+        name, sink = self.current
+        self.current = None
+        output = sink.output
+        # What the stopping transfers report after this line is noise.
+        self.console.quiet = True
+        if isinstance(output, FileOutput) and sink.content is not None:
+            self._kept(name, sink, output.partial)
+        elif isinstance(output, StreamOutput):
+            self.console.error(
+                f"{name}: interrupted after {output.written} verified bytes to stdout"
+            )
+        else:
+            if isinstance(output, FileOutput):
+                output.abandon(keep=False)  # nothing to resume: no leftovers
+            self.console.error(f"{name}: interrupted; nothing was kept")
 
     def _kept(self, name: str, sink: PieceSink, kept: str | None) -> None:
         if kept is not None and sink.content is not None:
@@ -684,8 +723,15 @@ def parse(argv: list[str]) -> Options:
 
 
 @inlineCallbacks
-def run(reactor, argv: list[str], console: Console | None = None):
-    """Run one ``p2p`` command; fires with the exit status."""
+def run(
+    reactor,
+    argv: list[str],
+    console: Console | None = None,
+    on_client: Callable[[Client], object] = lambda client: None,
+):
+    """Run one ``p2p`` command; fires with the exit status.  C{on_client}
+    is handed the L{Client} before it starts (main() uses it to hear of
+    an interruption)."""
     console = console or Console(sys.stdin, standard_output(), sys.stderr, False)
     try:
         options = parse(argv)
@@ -695,6 +741,7 @@ def run(reactor, argv: list[str], console: Console | None = None):
         # One line, like every other failure.
         console.error(f"{e} (try 'p2p --help')")
         return EXIT_USAGE
+    on_client(client)
     command, sub = options.subCommand, options.subOptions
     if command == "get":
         client.durable = sub["fsync"]
@@ -745,8 +792,14 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if reactor.running:
             reactor.stop()
 
+    def watch(client: Client) -> None:
+        # Ctrl-C (SIGINT) stops the reactor: say what an unfinished fetch
+        # leaves behind.  After a normal end there is none, and it says
+        # nothing.
+        reactor.addSystemEventTrigger("before", "shutdown", client.interrupted)
+
     def start() -> None:
-        run(reactor, args).addBoth(finished)
+        run(reactor, args, on_client=watch).addBoth(finished)
 
     reactor.callWhenRunning(start)
     reactor.run()

@@ -17,6 +17,8 @@ returns False).
 
 from __future__ import annotations
 
+import errno
+import fcntl
 import os
 import queue
 import struct
@@ -171,6 +173,10 @@ class FileOutput(Output):
     C{path} when complete.  A partial file of the same content left by an
     earlier run is resumed: its pieces are hashed again and those that
     verify are kept.
+
+    The partial file is locked (``flock``) from L{lock} to the end, so two
+    runs with the same target never write into each other: the second
+    fails at once with C{EBUSY}.
     """
 
     def __init__(self, path: str) -> None:
@@ -184,17 +190,58 @@ class FileOutput(Output):
         # setting it, which must not race with the worker creating files.
         self._mode = 0o666 & ~_umask()
 
+    def lock(self) -> None:
+        """
+        Open and lock the partial file (creating it, empty, if needed).
+
+        :raise OSError: C{EBUSY} when another run holds it; any error
+            opening it (a missing folder, no permission).
+        """
+        if self._fd is not None:
+            return
+        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
+        fd = os.open(self.partial, flags, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise OSError(
+                errno.EBUSY,
+                f"another p2p is already writing it ({self.partial} is locked)",
+            ) from None
+        self._fd = fd
+
     def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
-        self._close()
+        self.lock()
+        assert self._fd is not None
         held = self._resumable(content, pieces)
         if not held:
-            self._remove()
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        self._fd = os.open(self.partial, flags, 0o666)
-        if os.fstat(self._fd).st_size > content.size:
+            os.ftruncate(self._fd, 0)
+        elif os.fstat(self._fd).st_size > content.size:
             os.ftruncate(self._fd, content.size)
         self._write_state(content)
         self.content = content
+        return held
+
+    def _resumable(self, content: Content, pieces: PieceList | None) -> set[int]:
+        """The pieces of an earlier partial file of C{content} that verify."""
+        assert self._fd is not None
+        try:
+            with open(self.state, "rb") as stream:
+                recorded = stream.read(256)
+        except OSError:
+            return set()
+        if recorded != _state_record(content):
+            return set()
+        held = set()
+        length = os.fstat(self._fd).st_size
+        for index in range(content.pieces):
+            offset, size = content.span(index)
+            if offset + size > length:
+                break
+            data = os.pread(self._fd, size, offset)
+            if _verifies(content, pieces, index, data):
+                held.add(index)
         return held
 
     def room(self) -> int | None:
@@ -209,33 +256,6 @@ class FileOutput(Output):
         except OSError:
             held = 0
         return stats.f_bavail * stats.f_frsize + held
-
-    def _resumable(self, content: Content, pieces: PieceList | None) -> set[int]:
-        """The pieces of an earlier partial file of C{content} that verify."""
-        try:
-            with open(self.state, "rb") as stream:
-                recorded = stream.read(256)
-        except OSError:
-            return set()
-        if recorded != _state_record(content):
-            return set()
-        try:
-            fd = os.open(self.partial, os.O_RDONLY | os.O_CLOEXEC)
-        except OSError:
-            return set()
-        held = set()
-        try:
-            length = os.fstat(fd).st_size
-            for index in range(content.pieces):
-                offset, size = content.span(index)
-                if offset + size > length:
-                    break
-                data = os.pread(fd, size, offset)
-                if _verifies(content, pieces, index, data):
-                    held.add(index)
-        finally:
-            os.close(fd)
-        return held
 
     def _write_state(self, content: Content) -> None:
         temporary = self.state + ".new"
@@ -256,16 +276,21 @@ class FileOutput(Output):
         os.ftruncate(self._fd, self.content.size)
         if durable:
             os.fsync(self._fd)
-        self._close()
-        os.chmod(self.partial, self._mode)
+        os.fchmod(self._fd, self._mode)
+        # Renamed while still locked: no other run can slip in between.
         os.replace(self.partial, self.path)
         _unlink(self.state)
+        self._close()
 
     def abandon(self, keep: bool) -> str | None:
-        self._close()
-        if keep and os.path.exists(self.partial):
+        """Keep the partial file only if it can be resumed (its content is
+        known); otherwise leave nothing behind."""
+        if keep and self.content is not None and self._fd is not None:
+            self._close()
             return self.partial
-        self._remove()
+        if self._fd is not None:
+            self._remove()
+        self._close()
         return None
 
     def _remove(self) -> None:
@@ -274,7 +299,7 @@ class FileOutput(Output):
 
     def _close(self) -> None:
         if self._fd is not None:
-            os.close(self._fd)
+            os.close(self._fd)  # releases the lock
             self._fd = None
 
 

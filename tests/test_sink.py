@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import io
 import os
 import shutil
@@ -244,3 +245,19 @@ class FileTests(SynchronousTestCase):
         self.sink()
         with open(self.path + STATE_SUFFIX, "rb") as stream:
             self.assertIn(self.content.root, stream.read())
+
+    def test_second_writer_is_refused(self) -> None:
+        """Two runs with the same target never interleave: the second one
+        fails at once, and the first is unharmed."""
+        first = self.sink()
+        second = FileOutput(self.path)
+        error = self.assertRaises(OSError, second.lock)
+        self.assertEqual(error.errno, errno.EBUSY)
+        for index, piece in enumerate(chunks(self.data)):
+            first.write(index, piece)
+        fired(first.finish())
+        with open(self.path, "rb") as stream:
+            self.assertEqual(stream.read(), self.data)
+        second.lock()  # free again
+        self.assertIsNone(second.abandon(keep=True))  # no content: nothing kept
+        self.assertEqual(os.listdir(self.folder), ["out.bin"])
