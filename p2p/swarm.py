@@ -192,11 +192,16 @@ class Swarm:
             None,
         )
         if first is not None:
+            # A lone source with nobody left to join it takes the rest in one
+            # request: units only pay off when there is someone to share with.
+            alone = len(self.sources) == 1 and not self.candidates
+            most = pieces if alone else self.unit_pieces
+            end = pieces if alone else limit
             count = 1
             while (
-                count < self.unit_pieces
-                and first + count < limit
-                and first + count not in self.sink.done
+                count < most
+                and first + count < end
+                and first + count not in done
                 and not self.assigned.get(first + count)
             ):
                 count += 1

@@ -310,9 +310,12 @@ class Launcher:
         name: str | None = None,
         listen: str = LOOPBACK,
         links: Mapping[str, str] | None = None,
+        args: Sequence[str] = (),
+        wait_registered: bool = True,
     ) -> Daemon:
         """
-        A peer sharing copies of the sample C{files}, registered at C{relay}.
+        A peer sharing copies of the sample C{files}, registered at C{relay}
+        (C{args}: more ``twistd peer`` options).
 
         C{links} maps more share names to existing files, hard-linked (or
         copied, across file systems) into the share: large test files are
@@ -341,13 +344,16 @@ class Launcher:
             listen,
             "--name",
             name,
+            *args,
         )
         listening = await process.wait_for(LISTENING)
-        registered = await process.wait_for(REGISTERED)
+        peer_id = None
+        if wait_registered:
+            peer_id = (await process.wait_for(REGISTERED)).group("peer_id")
         return Daemon(
             process,
             [listening.group("address")],
-            peer_id=registered.group("peer_id"),
+            peer_id=peer_id,
             share=share,
             files=[*files, *(links or {})],
         )
