@@ -26,6 +26,7 @@ from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     SKIPPABLE,
+    ListingTooLong,
     OutputFailed,
     describe,
     likely_holders,
@@ -429,6 +430,11 @@ class Client:
             endpoint = self.endpoint_for(entry)
             try:
                 files = yield list_files(endpoint, self.reactor, self.request_timeout)
+            except ListingTooLong as e:
+                files = e.files
+                self.console.error(
+                    f"{entry.address}: {e}; showing the first {len(files)}"
+                )
             except SKIPPABLE:
                 self.console.error(
                     f"{entry.address}: cannot list files: {describe(Failure())}"

@@ -392,8 +392,11 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def _bad_piece(self, index: int) -> None:
         self._fail(f"corrupted: piece {index} does not match its digest", "corrupted")
 
+    # Set when the connection is gone (ITransport offers no such flag).
+    _gone = False
+
     def _drained(self, _: None) -> None:
-        if not self.result.called and self.transport.connected:
+        if not self.result.called and not self._gone:
             self.transport.resumeProducing()
 
     def _complete(self) -> None:
@@ -442,6 +445,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._fail("protocol error: reply line too long", "protocol")
 
     def connectionLost(self, reason: Failure | None = None) -> None:
+        self._gone = True
         self.setTimeout(None)
         if self.result.called:
             return
@@ -600,15 +604,32 @@ def likely_holders(
     return d
 
 
+# The most files taken from one peer's listing: a hostile peer could page
+# for ever.  Past it the listing stops with ListingTooLong, never silently.
+MAX_LISTED_FILES = 100_000
+
+
+class ListingTooLong(Exception):
+    """A peer lists more than L{MAX_LISTED_FILES}; C{files} holds the first."""
+
+    def __init__(self, files: list[wire.FileEntry]) -> None:
+        super().__init__(f"lists more than {len(files)} files")
+        self.files = files
+
+
 def list_files(
-    endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
+    endpoint: IStreamClientEndpoint,
+    clock: IReactorTime,
+    timeout: float,
+    maximum: int = MAX_LISTED_FILES,
 ) -> Deferred[list[wire.FileEntry]]:
     """
     The files one peer shares: every page of its ``LIST``, following each
     reply's ``next=`` cursor (one connection per page, each bounded by
     C{timeout}) to the end, so nothing is cut off silently.  A cursor that
-    does not move forward is a protocol error, so a hostile peer cannot
-    keep the client paging for ever.
+    does not move forward is a protocol error and an empty page the end, so
+    a hostile peer cannot keep the client paging for ever; past C{maximum}
+    files the result fails with L{ListingTooLong}, which holds the first.
     """
     result: Deferred[list[wire.FileEntry]] = Deferred()
     files: list[wire.FileEntry] = []
@@ -621,9 +642,13 @@ def list_files(
 
     def got_page(lines: list[bytes], cursor: str | None) -> None:
         _, next_cursor = wire.parse_listing_header(lines[0], wire.MAX_FILES_PER_PAGE)
-        files.extend(wire.FileEntry.from_line(line) for line in lines[1:])
-        if next_cursor is None:
+        page = [wire.FileEntry.from_line(line) for line in lines[1:]]
+        files.extend(page[: maximum - len(files)])
+        if next_cursor is None or not page:
             result.callback(files)
+            return
+        if len(files) >= maximum:
+            result.errback(ListingTooLong(files))
             return
         if cursor is not None and wire.parse_cursor(next_cursor) <= wire.parse_cursor(
             cursor

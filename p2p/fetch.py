@@ -185,6 +185,9 @@ class _Try:
         self.offset = offset
         self.started = now
         self.abandoned = False
+        # Asked by root (BLOB) rather than by name: a refusal then means
+        # "not this content", and the peer may hold another under the name.
+        self.by_content = False
         self.deferred: Deferred[wire.FileHeader] | None = None
 
 
@@ -293,6 +296,7 @@ class _FetchRun:
         request = self._request()
         offset = request.offset if isinstance(request, wire.Blob) else 0
         attempt = _Try(index, self.peers[index], offset, fetcher.now())
+        attempt.by_content = isinstance(request, wire.Blob)
         self.pending[index] = attempt
         protocol = FileFetchProtocol(
             request,
@@ -388,9 +392,21 @@ class _FetchRun:
             # ask this same peer again, for the rest only.
             self.queue.appendleft(attempt.index)
         else:
-            if kind == "other-content":
+            if kind == "other-content" or (
+                attempt.by_content and _is_not_found(failure)
+            ):
                 self.holders.add(attempt.index)
             self._record(attempt, False, describe(failure))
+            if (
+                not self.sink.done
+                and not self.by_root
+                and self.sink.content is not None
+                and self.sink.restartable
+            ):
+                # Nothing of the content this peer described was verified:
+                # forget it, so that the next peer is asked by name and may
+                # describe its own (a liar's root must not bind the rest).
+                self.sink.reset()
         # Let the pieces already received settle before working out what
         # is missing.
         d = self.sink.settled()
@@ -498,3 +514,9 @@ class _FetchRun:
 
     def _cancel(self, _: Deferred) -> None:
         self._stop_all()
+
+
+def _is_not_found(failure: Failure) -> bool:
+    """Whether a peer answered ``ERR 404``."""
+    value = failure.value
+    return isinstance(value, PeerFailed) and value.reason.startswith("refused: ERR 404")

@@ -656,6 +656,10 @@ class ShareIndex:
         names = self._roots.get(root)
         return self._entries[names[0]] if names else None
 
+    def holders(self, root: bytes) -> list[IndexEntry]:
+        """Every entry with content C{root} (several names may hold it)."""
+        return [self._entries[name] for name in self._roots.get(root, ())]
+
     def current(self, name: str, identity: Identity) -> IndexEntry | None:
         """C{name}'s entry if it was hashed from the file with C{identity}."""
         entry = self._entries.get(name)

@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 
-from twisted.internet.defer import Deferred, succeed
+from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
@@ -305,7 +305,7 @@ class PeerProtocol(ServerLineProtocol):
                 raise WireError(
                     Code.UNAVAILABLE, "the file changed while it was indexed; retry"
                 )
-            self._wait_for_index(request)
+            self._wait_for_index(request, opened.size)
             return
         if isinstance(request, wire.Get):
             self._serve(opened, entry, 0, entry.content.size, with_digests=True)
@@ -314,32 +314,36 @@ class PeerProtocol(ServerLineProtocol):
             self._serve(opened, entry, offset, count, with_digests=False)
 
     def _serve_content(self, request: wire.Blob) -> None:
-        entry = self.index.by_root(bytes.fromhex(request.root))
-        if entry is None:
-            raise WireError(Code.NOT_FOUND, "no such content")
-        try:
-            opened = self.share.open(entry.name)
-        except WireError:
-            raise WireError(Code.NOT_FOUND, "no such content") from None
-        if self.index.current(entry.name, opened.identity) is None:
-            # Changed on disk since it was indexed: never serve the new bytes
-            # under the old root.  Have it indexed again.
-            opened.close()
-            self.index.ensure(entry.name)[0].addErrback(lambda _: None)
-            raise WireError(Code.NOT_FOUND, "no such content (changed on disk)")
-        offset, count = _span(entry, request.offset, request.length, opened)
-        self._serve(opened, entry, offset, count, with_digests=False)
+        """Serve a range of a content from any name that still holds it."""
+        for entry in self.index.holders(bytes.fromhex(request.root)):
+            try:
+                opened = self.share.open(entry.name)
+            except WireError:
+                # Gone, or no longer servable: have the index notice.
+                self.index.ensure(entry.name)[0].addErrback(lambda _: None)
+                continue
+            if self.index.current(entry.name, opened.identity) is None:
+                # Changed on disk since it was indexed: never serve the new
+                # bytes under the old root.  Have it indexed again.
+                opened.close()
+                self.index.ensure(entry.name)[0].addErrback(lambda _: None)
+                continue
+            offset, count = _span(entry, request.offset, request.length, opened)
+            self._serve(opened, entry, offset, count, with_digests=False)
+            return
+        raise WireError(Code.NOT_FOUND, "no such content")
 
-    def _wait_for_index(self, request: wire.Get | wire.Range) -> None:
-        """Index the file now; tell the client how far it got each second."""
+    def _wait_for_index(self, request: wire.Get | wire.Range, size: int) -> None:
+        """Index the file now; tell the client how far it got each second
+        (C{size}: the file's size when opened, until the job knows it)."""
         self.pauseProducing()
         d, progress = self.index.ensure(request.name)
 
         def report() -> None:
             self.resetTimeout()  # waiting on us is not the client's idleness
-            self.send_answer(
-                wire.Indexing(progress.done, progress.total).to_line() + self.delimiter
-            )
+            total = progress.total or size
+            line = wire.Indexing(min(progress.done, total), total).to_line()
+            self.send_answer(line + self.delimiter)
 
         self._progress = LoopingCall(report)
         self._progress.clock = self.clock
@@ -361,6 +365,16 @@ class PeerProtocol(ServerLineProtocol):
                 return
             if failure.check(WireError):
                 self.refuse(failure.value)
+            elif failure.check(CancelledError):
+                # The index stopped (the peer is shutting down).
+                self.send_error(Code.UNAVAILABLE, "the peer is stopping")
+            elif failure.check(OSError):
+                self.log.error(
+                    "cannot index {name}: {error}",
+                    name=request.name,
+                    error=failure.value,
+                )
+                self.send_error(Code.INTERNAL, "cannot read the file")
             else:
                 self.log.failure("cannot index {name}", failure, name=request.name)
                 self.send_error(Code.INTERNAL, "cannot read the file")

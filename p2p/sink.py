@@ -238,7 +238,7 @@ class FileOutput(Output):
         self.lock()
         assert self._fd is not None
         held = self._resumable(content, pieces)
-        if not held:
+        if not held and os.fstat(self._fd).st_size:
             os.ftruncate(self._fd, 0)
         elif os.fstat(self._fd).st_size > content.size:
             os.ftruncate(self._fd, content.size)

@@ -69,6 +69,7 @@ class LoggedProcess(ProcessProtocol):
         self._output = {1: bytearray(), 2: bytearray()}
         self._partial = {1: b"", 2: b""}
         self._waiters: list[tuple[re.Pattern, int, Deferred]] = []
+        self._stdout_waiters: list[tuple[int, Deferred[None]]] = []
         self.ended: Deferred[int | None] = Deferred()
         self.exit_code: int | None = None
         self.signal: int | None = None
@@ -87,9 +88,25 @@ class LoggedProcess(ProcessProtocol):
     def connectionMade(self) -> None:
         self.transport.closeStdin()
 
+    def when_stdout(
+        self, count: int, timeout: float = EVENT_TIMEOUT_SECONDS
+    ) -> Deferred[None]:
+        """Fire once the child wrote at least C{count} bytes to stdout."""
+        if len(self._output[1]) >= count:
+            return succeed(None)
+        d: Deferred[None] = Deferred(lambda d: self._stdout_waiters.remove(waiter))
+        waiter = (count, d)
+        self._stdout_waiters.append(waiter)
+        return d.addTimeout(timeout, self.clock)
+
     def childDataReceived(self, fd: int, data: bytes) -> None:
         fd = 1 if fd == 1 else 2
         self._output[fd] += data
+        if fd == 1:
+            for waiter in list(self._stdout_waiters):
+                if len(self._output[1]) >= waiter[0]:
+                    self._stdout_waiters.remove(waiter)
+                    waiter[1].callback(None)
         if fd == 1 and not self.stdout_lines:
             return
         *complete, self._partial[fd] = (self._partial[fd] + data).split(b"\n")
@@ -572,12 +589,17 @@ def have_inotify() -> bool:
 
 
 def when_created(
-    reactor, folder: str, pattern: str, timeout: float = EVENT_TIMEOUT_SECONDS
+    reactor,
+    folder: str,
+    pattern: str,
+    timeout: float = EVENT_TIMEOUT_SECONDS,
+    modified: bool = False,
 ) -> Deferred[str]:
     """
     Fire with the name of the first file matching C{pattern} that is created
-    in C{folder} from now on (inotify: an event, no polling).  The watch is
-    removed when the Deferred fires, fails or times out.
+    (with C{modified}: written to) in C{folder} from now on (inotify: an
+    event, no polling).  The watch is removed when the Deferred fires,
+    fails or times out.
     """
     from twisted.internet import inotify
     from twisted.python.filepath import FilePath
@@ -597,7 +619,8 @@ def when_created(
         notifier.loseConnection()
         return result
 
-    notifier.watch(FilePath(folder), mask=inotify.IN_CREATE, callbacks=[notified])
+    mask = inotify.IN_MODIFY if modified else inotify.IN_CREATE
+    notifier.watch(FilePath(folder), mask=mask, callbacks=[notified])
     notifier.startReading()
     return created.addTimeout(timeout, reactor).addBoth(unwatch)
 

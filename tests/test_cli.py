@@ -6,18 +6,17 @@ MemoryReactorClock whose connections the tests answer by hand.
 from __future__ import annotations
 
 import errno
-import hashlib
 import io
 import os
 import sys
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.error import DNSLookupError, getConnectError
+from twisted.internet.error import ConnectionLost, DNSLookupError, getConnectError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import cli
+from p2p import cli, pieces, wire
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
 from ._support import set_relay_environment
@@ -76,14 +75,43 @@ def answer_peers(
     return request
 
 
+def piece_digests(content: bytes) -> bytes:
+    """The concatenated digests of C{content}'s pieces."""
+    return b"".join(
+        pieces.hash_piece(content[i : i + pieces.PIECE_SIZE])
+        for i in range(0, len(content), pieces.PIECE_SIZE)
+    )
+
+
+def root_of(content: bytes) -> str:
+    """C{content}'s root, as on the wire."""
+    return pieces.root_of(len(content), pieces.PIECE_SIZE, piece_digests(content)).hex()
+
+
+def peer_reply(content: bytes, offset: int = 0) -> bytes:
+    """
+    A P2P/2 peer's answer for C{content} from C{offset}: the header, the
+    piece list (a whole file of several pieces), then the bytes.
+    """
+    digests = piece_digests(content)
+    if offset or len(digests) <= pieces.DIGEST_BYTES:
+        digests = b""
+    header = wire.FileHeader(
+        len(content) - offset,
+        root_of(content),
+        offset,
+        len(content),
+        pieces.PIECE_SIZE,
+        len(digests),
+    )
+    return header.to_line() + b"\n" + digests + content[offset:]
+
+
 def serve(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
     """Play a peer that has the file; return the request it got."""
-    protocol, transport = connect(reactor, index, b"P2P/1 peer")
+    protocol, transport = connect(reactor, index, b"P2P/2 peer")
     request = transport.value()
-    digest = hashlib.sha256(content).hexdigest()
-    size = len(content)
-    header = f"OK {size} sha256={digest} offset=0 size={size}\n"
-    protocol.dataReceived(header.encode() + content)
+    protocol.dataReceived(peer_reply(content))
     return request
 
 
@@ -274,7 +302,7 @@ class GetTests(CommandTestCase):
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", "x", "a.txt")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
         self.answer_peers(1)
-        protocol, _ = self.connect(2, b"P2P/1 peer")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
         protocol.dataReceived(b"ERR 404 no such file\n")
         self.refuse(3)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
@@ -310,6 +338,194 @@ class GetTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)
+        self.assert_no_timers()
+
+
+class PieceTests(CommandTestCase):
+    """``get`` of a file of several pieces: each verified on arrival, an
+    interrupted run resumed by the next, a peer still indexing waited for."""
+
+    MIB = pieces.PIECE_SIZE
+    CONTENT = os.urandom(2 * pieces.PIECE_SIZE + 333)  # three pieces
+
+    def start_get(self, *argv: str):
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", *argv, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)  # no suggestion
+        return d
+
+    def test_to_stdout(self) -> None:
+        """Every verified piece goes to stdout; stderr says they all were."""
+        d = self.start_get()
+        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET a.txt\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(f"a.txt: {len(self.CONTENT)} bytes in", errors)
+        self.assertIn("every piece verified) -> stdout", errors)
+        self.assert_no_timers()
+
+    def test_corrupted_piece_to_stdout(self) -> None:
+        """
+        A peer whose second piece does not verify: stdout gets the first
+        piece only (never a byte of the bad one), and with no other peer
+        the file is not found.
+        """
+        d = self.start_get()
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        reply = bytearray(peer_reply(self.CONTENT))
+        reply[len(reply) - len(self.CONTENT) + self.MIB + 5] ^= 1
+        protocol.dataReceived(bytes(reply))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertEqual(self.console.out, self.CONTENT[: self.MIB])
+        self.assertIn(
+            "skipped 127.0.0.1:4001: corrupted: piece 1 does not match",
+            self.console.stderr.getvalue(),
+        )
+        self.assert_no_timers()
+
+    def test_interrupted_run_resumes(self) -> None:
+        """
+        A transfer that breaks keeps its verified pieces in PATH.p2p-part
+        and says so; the same command run again hashes them, asks the peer
+        for the rest only (by root) and puts the whole file in place.
+        """
+        folder = self.mktemp()
+        os.mkdir(folder)
+        target = os.path.join(folder, "a.txt")
+        d = self.start_get("-o", target)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        reply = peer_reply(self.CONTENT)
+        protocol.dataReceived(reply[: len(reply) - len(self.CONTENT) + self.MIB + 9])
+        protocol.connectionLost(Failure(ConnectionLost()))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertIn(
+            f"kept {self.MIB} of {len(self.CONTENT)} verified bytes in "
+            f"{target}.p2p-part; run the same command again to resume",
+            self.console.stderr.getvalue(),
+        )
+        self.assertEqual(
+            sorted(os.listdir(folder)), ["a.txt.p2p-part", "a.txt.p2p-part.state"]
+        )
+
+        self.reactor = MemoryReactorClock()
+        self.console = FakeConsole()
+        d = self.start_get("-o", target)
+        # The peer is asked for the file; its header shows the content is
+        # the one held in part, so it is asked again for the rest.
+        protocol, transport = self.connect(2, b"P2P/2 peer")
+        self.assertEqual(transport.value(), b"GET a.txt\n")
+        reply = peer_reply(self.CONTENT)
+        protocol.dataReceived(reply[: len(reply) - len(self.CONTENT) + 100])
+        self.assertTrue(transport.disconnecting)
+        protocol, transport = self.connect(3, b"P2P/2 peer")
+        root = peer_reply(self.CONTENT).split(b"root=")[1][:64].decode()
+        rest = len(self.CONTENT) - self.MIB
+        self.assertEqual(transport.value(), f"BLOB {root} {self.MIB} {rest}\n".encode())
+        protocol.dataReceived(peer_reply(self.CONTENT, self.MIB))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), self.CONTENT)
+        self.assertEqual(os.listdir(folder), ["a.txt"])
+        self.assertIn(
+            f"found at 127.0.0.1:4001 (resuming at byte {self.MIB})",
+            self.console.stderr.getvalue(),
+        )
+        self.assert_no_timers()
+
+    def test_waits_for_an_indexing_peer(self) -> None:
+        """
+        A peer still indexing the file is not silent: its progress lines are
+        shown and keep it from timing out, however long it takes.
+        """
+        d = self.start_get()
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        size = len(self.CONTENT)
+        for step in range(30):
+            protocol.dataReceived(
+                wire.Indexing(step * size // 30, size).to_line() + b"\n"
+            )
+            self.reactor.advance(1)
+        self.assertNoResult(d)
+        protocol.dataReceived(peer_reply(self.CONTENT))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            f"a.txt: 127.0.0.1:4001 is indexing it (50% of {size} bytes); waiting",
+            errors,
+        )
+        self.assertNotIn("skipped", errors)
+        self.assert_no_timers()
+
+
+class LsTests(CommandTestCase):
+    """``p2p ls``: every page of every peer's listing, sorted by name."""
+
+    ROOT_A = "a" * 64
+    ROOT_B = "b" * 64
+
+    def answer_pages(self) -> list[bytes]:
+        """The peer's listing comes in two pages; return its requests."""
+        requests = []
+        pages = [
+            (b"OK 1 next=7", wire.FileEntry(10, self.ROOT_B, "b.txt")),
+            (b"OK 1", wire.FileEntry(2048, self.ROOT_A, "a dir/a.txt")),
+        ]
+        for index, (header, entry) in enumerate(pages, start=1):
+            protocol, transport = self.connect(index, b"P2P/2 peer")
+            requests.append(transport.value())
+            protocol.dataReceived(header + b"\n" + entry.to_line() + b"\n")
+        return requests
+
+    def test_ls(self) -> None:
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(
+            self.answer_pages(), [b"LIST limit=1000\n", b"LIST limit=1000 cursor=7\n"]
+        )
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(
+            self.console.out.decode().splitlines(),
+            [
+                f"{2048:>12} {'127.0.0.1:4001':<22} a dir/a.txt",
+                f"{10:>12} {'127.0.0.1:4001':<22} b.txt",
+            ],
+        )
+        self.assert_no_timers()
+
+    def test_long_prints_roots(self) -> None:
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls", "--long")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_pages()
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(
+            self.console.out.decode().splitlines(),
+            [
+                f"{2048:>12} {self.ROOT_A} {'127.0.0.1:4001':<22} a dir/a.txt",
+                f"{10:>12} {self.ROOT_B} {'127.0.0.1:4001':<22} b.txt",
+            ],
+        )
+
+    def test_older_peer_is_reported_and_skipped(self) -> None:
+        """A P2P/1 peer cannot be listed: one line says why, the others
+        are listed."""
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.connect(1, b"P2P/1 peer")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol.dataReceived(
+            b"OK 1\n" + wire.FileEntry(3, self.ROOT_A, "c.txt").to_line() + b"\n"
+        )
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(
+            self.console.out.decode(), f"{3:>12} {'127.0.0.1:4002':<22} c.txt\n"
+        )
+        self.assertIn(
+            "127.0.0.1:4001: cannot list files: protocol error: unsupported "
+            "protocol version 'P2P/1'",
+            self.console.stderr.getvalue(),
+        )
         self.assert_no_timers()
 
 

@@ -2,15 +2,19 @@
 
 L{FileFetchProtocol} is fed by hand on a StringTransport.  L{Fetcher} runs
 against scripted peers: real L{PeerProtocol} servers wired in memory (see
-L{tests.test_peer.connect_in_memory}), peers that refuse, blackhole, stay
-silent, lie about the digest or hang up.  Time moves only with the Clock.
+L{tests.test_peer.connect_in_memory}) over an index of their share, peers
+that refuse, blackhole, stay silent, describe other bytes than they send,
+send a bad piece, are still indexing, or hang up.  Time moves only with the
+Clock.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import io
 import os
+from collections.abc import Callable
 
 from twisted.internet import error
 from twisted.internet.address import IPv4Address
@@ -30,6 +34,7 @@ from twisted.internet.testing import (
     StringTransport,
     StringTransportWithDisconnection,
 )
+from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -37,18 +42,22 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2p import pieces, wire
 from p2p.client import (
     FileFetchProtocol,
+    ListingTooLong,
     PeerFailed,
     list_files,
     list_peers,
     peer_endpoint,
 )
 from p2p.fetch import Attempt, Fetcher, NotFoundAnywhere
+from p2p.index import IndexEntry, ShareIndex
 from p2p.peer import PeerFactory
-from p2p.share import OpenedFile, ShareFolder
 from p2p.pieces import Content, PieceList
-from p2p.sink import PieceSink, StreamOutput
+from p2p.share import ShareFolder
+from p2p.sink import HIGH_WATER_BYTES, FileOutput, PieceSink, StreamOutput
+from tests._indexed import indexed, run_inline
 from tests.test_peer import connect_in_memory
-from tests.test_share import open_descriptor_count, temp_dir, write
+from tests.test_share import temp_dir, write
+from tests.test_sink import QueuedWorker
 
 IDLE = 10.0
 CONNECT = 5.0
@@ -446,43 +455,232 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.assertFailed("corrupted")
 
 
+class SlowWorkerTests(SynchronousTestCase):
+    """
+    L{FileFetchProtocol} with a sink whose worker thread lags behind the
+    network (a L{QueuedWorker} that runs only when the test says so): the
+    connection is paused while too many bytes wait, and nothing is decided
+    before the worker caught up.
+    """
+
+    def setUp(self) -> None:
+        # More pieces than HIGH_WATER_BYTES holds, so the backlog fills up.
+        self.data = os.urandom(HIGH_WATER_BYTES + 3 * MIB + 100)
+        self.worker = QueuedWorker()
+        self.out = io.BytesIO()
+        self.sink = PieceSink(StreamOutput(self.out), self.worker)
+        self.clock = Clock()
+        self.protocol = FileFetchProtocol(wire.Get(NAME), self.sink, self.clock, IDLE)
+        self.transport = StringTransport()
+        self.protocol.makeConnection(self.transport)
+        self.reply = reply_for(self.data)
+        self.body = len(self.reply) - len(self.data)  # header and digests
+
+    def start(self) -> None:
+        """The header and piece list arrive; the output is prepared."""
+        self.protocol.dataReceived(b"P2P/2 peer\n" + self.reply[: self.body])
+        # Preparing the output is the worker's job too: no byte is taken
+        # (the connection is paused) until it is done.
+        self.assertEqual(self.transport.producerState, "paused")
+        self.worker.run_all()
+        self.assertEqual(self.transport.producerState, "producing")
+
+    def test_pauses_until_drained(self) -> None:
+        """
+        Once HIGH_WATER_BYTES of pieces wait for the worker, the connection
+        is paused; it resumes when L{PieceSink.when_drained} fires, after
+        the worker caught up, and the transfer then completes.
+        """
+        self.start()
+        waiting = HIGH_WATER_BYTES // MIB
+        self.protocol.dataReceived(self.data[: (waiting - 1) * MIB])
+        self.assertEqual(self.transport.producerState, "producing")
+        self.protocol.dataReceived(self.data[(waiting - 1) * MIB : waiting * MIB])
+        self.assertEqual(self.transport.producerState, "paused")
+        self.assertEqual(self.out.getvalue(), b"", "nothing verified yet")
+        self.worker.run_all()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.assertEqual(self.out.getvalue(), self.data[: waiting * MIB])
+        self.protocol.dataReceived(self.data[waiting * MIB :])
+        self.assertNoResult(self.protocol.result)
+        self.worker.run_all()
+        self.assertEqual(
+            self.successResultOf(self.protocol.result).size, len(self.data)
+        )
+        self.assertEqual(self.out.getvalue(), self.data)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_verifies_after_the_worker_caught_up(self) -> None:
+        """
+        The last byte arriving (and even the peer hanging up) does not
+        decide: the result comes once the worker verified every piece.
+        """
+        self.start()
+        self.protocol.dataReceived(self.data)
+        self.assertNoResult(self.protocol.result)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertNoResult(self.protocol.result)
+        self.worker.run_all()
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.out.getvalue(), self.data)
+
+    def test_bad_piece_found_after_the_last_byte(self) -> None:
+        """A piece that fails once the worker gets to it still fails the
+        peer, and none of its bytes reach the output."""
+        self.start()
+        body = bytearray(self.data)
+        body[-1] ^= 1
+        self.protocol.dataReceived(bytes(body))
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.worker.run_all()
+        failure = self.failureResultOf(self.protocol.result, PeerFailed)
+        self.assertEqual(failure.value.kind, "corrupted")
+        last = len(self.data) // MIB
+        self.assertEqual(self.out.getvalue(), self.data[: last * MIB])
+
+
 # -- scripted peers ----------------------------------------------------------
 
-
-class LyingShare(ShareFolder):
-    """A share that announces a wrong SHA-256 for every file."""
-
-    def digest(self, opened: OpenedFile) -> Deferred[str]:
-        d = super().digest(opened)
-        d.addCallback(lambda real: "0" * 64)
-        return d
+# Another file that may be found under NAME (one piece).
+OTHER = b"another version\n" * 2000
 
 
-class ScriptedServer(Protocol):
-    """A peer that greets, then answers any request with canned bytes."""
+class ScriptedServer(LineReceiver):
+    """
+    A peer that greets, then answers each request line with scripted bytes
+    (hand-built, so they may lie): C{reply} is those bytes, or a function
+    of the request line returning them.
+    """
 
-    def __init__(self, reply: bytes = b"", close: bool = False) -> None:
+    delimiter = b"\n"
+
+    def __init__(
+        self,
+        reply: bytes | Callable[[bytes], bytes] = b"",
+        close: bool = False,
+    ) -> None:
         self.reply = reply
         self.close = close
 
     def connectionMade(self) -> None:
-        self.transport.write(b"P2P/1 peer\n")
+        self.transport.write(b"P2P/2 peer\n")
 
-    def dataReceived(self, data: bytes) -> None:
-        if self.reply:
-            self.transport.write(self.reply)
+    def lineReceived(self, line: bytes) -> None:
+        reply = self.reply(line) if callable(self.reply) else self.reply
+        if reply:
+            self.transport.write(reply)
         if self.close:
             self.transport.loseConnection()
+
+
+def answer(data: bytes, line: bytes, cut: int | None = None) -> bytes:
+    """
+    What an honest peer holding C{data} sends for the request C{line} (a
+    GET or a BLOB), cut after C{cut} bytes of content if given.
+    """
+    request = wire.parse_peer_request(line)
+    offset, count = 0, None
+    if isinstance(request, wire.Blob):
+        offset = request.offset
+        count = min(request.length, len(data) - offset)
+    reply = reply_for(data, offset, count)
+    if cut is None:
+        return reply
+    sent = len(data) - offset if count is None else count
+    return reply[: len(reply) - sent + cut]
+
+
+def breaks_after(count: int, data: bytes):
+    """A peer holding C{data} that answers any request properly, but hangs
+    up after C{count} bytes of content."""
+    return lambda: ScriptedServer(lambda line: answer(data, line, count), close=True)
+
+
+def corrupt_in_place(path: str, position: int) -> None:
+    """
+    Flip the byte at C{position} of C{path}, keeping its size, inode and
+    modification time: the peer's index, which trusts a file whose identity
+    did not change, keeps describing the old bytes (a disk error looks the
+    same).
+    """
+    before = os.stat(path)
+    with open(path, "r+b") as stream:
+        stream.seek(position)
+        byte = stream.read(1)
+        stream.seek(position)
+        stream.write(bytes([byte[0] ^ 0xFF]))
+    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
+    after = os.stat(path)
+    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
+        before.st_ino,
+        before.st_size,
+        before.st_mtime_ns,
+    )
+
+
+class LyingIndex(ShareIndex):
+    """
+    An index that describes some files as other bytes of the same size: a
+    root and a piece list that agree with each other, not with the file.
+    That is what a buggy or hostile peer can announce; only the pieces
+    themselves give it away.
+    """
+
+    def __init__(self, *args, lies: dict[str, bytes], **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.lies = {name: describe(other) for name, other in lies.items()}
+
+    def current(self, name: str, identity) -> IndexEntry | None:
+        entry = super().current(name, identity)
+        if entry is None or name not in self.lies:
+            return entry
+        return dataclasses.replace(entry, content=self.lies[name][0])
+
+    def piece_digests(self, entry: IndexEntry) -> Deferred[bytes]:
+        lie = self.lies.get(entry.name)
+        if lie is not None and entry.content == lie[0]:
+            return succeed(lie[1])
+        return super().piece_digests(entry)
+
+
+class QueuedPool:
+    """
+    A pool for a L{ShareIndex} that runs its work only when the test says
+    so: a file stays "being indexed" for as long as the test likes.
+    """
+
+    def __init__(self) -> None:
+        self.queue: list[tuple[Callable[[], object], Deferred]] = []
+
+    def __call__(self, work: Callable[[], object]) -> Deferred:
+        d: Deferred = Deferred()
+        self.queue.append((work, d))
+        return d
+
+    def run_next(self) -> None:
+        work, d = self.queue.pop(0)
+        try:
+            result = work()
+        except BaseException:
+            d.errback(Failure())
+        else:
+            d.callback(result)
+
+    def run_all(self) -> None:
+        while self.queue:
+            self.run_next()
 
 
 class Network:
     """
     The scripted peers a L{Fetcher} talks to, by peer address.
 
-    Behaviours: a L{ShareFolder} (a real peer serving it, in memory), or
-    ``"refuse"``, ``"refuse-builtin"``, ``"blackhole"`` (a connection that
-    never completes), ``"silent"`` (accepts, never says a word), or a
-    L{Protocol} factory for a scripted server.
+    Behaviours: a L{ShareFolder} (a real peer serving it, in memory, its
+    index built when it is added), a L{PeerFactory} (a real peer built by
+    the test), ``"refuse"``, ``"refuse-builtin"``, ``"blackhole"`` (a
+    connection that never completes), ``"silent"`` (accepts, never says a
+    word), or a L{Protocol} factory for a scripted server.  What every
+    server received is kept by port (L{requests}).
     """
 
     def __init__(self, case: SynchronousTestCase, clock: Clock) -> None:
@@ -492,15 +690,41 @@ class Network:
         self.pumps: list[iosim.IOPump] = []
         self.contacted: list[int] = []
         self.peers: list[wire.PeerEntry] = []
+        self.received: dict[int, list[bytes]] = {}
+        self._served: dict[str, PeerFactory] = {}
 
     def add(self, behaviour: object) -> wire.PeerEntry:
         port = 7000 + len(self.peers)
         count = len(self.peers)
         host = f"10.0.{count // 250}.{count % 250 + 1}"
         peer = wire.PeerEntry(wire.peer_id_for(host, port), host, port)
+        if isinstance(behaviour, ShareFolder):
+            behaviour = self.serving(behaviour)
         self.behaviours[port] = behaviour
         self.peers.append(peer)
         return peer
+
+    def serving(self, share: ShareFolder) -> PeerFactory:
+        """
+        A real peer serving C{share} (one per share), its connections timed
+        by our clock.  Its index is built at once (L{tests._indexed}) on a
+        clock of its own: the index's periodic rescan timer is none of these
+        tests' business, while every timer on our clock must be gone after
+        a fetch.
+        """
+        factory = self._served.get(share.root)
+        if factory is None:
+            index = indexed(self.case, share, Clock())
+            factory = PeerFactory(share, index, self.clock, PEER_IDLE)
+            self._served[share.root] = factory
+        return factory
+
+    def requests(self, peer: wire.PeerEntry) -> list[bytes]:
+        """Every request line C{peer} received, over all its connections."""
+        lines: list[bytes] = []
+        for data in self.received.get(peer.port, []):
+            lines.extend(line for line in data.split(b"\n") if line)
+        return lines
 
     def endpoint_for(self, peer: wire.PeerEntry) -> _ScriptedEndpoint:
         return _ScriptedEndpoint(self, peer)
@@ -559,14 +783,23 @@ class _ScriptedEndpoint:
         if behaviour == "silent":
             client.makeConnection(StringTransport())
             return succeed(client)
-        if isinstance(behaviour, ShareFolder):
-            server = PeerFactory(behaviour, network.clock, PEER_IDLE).buildProtocol(
-                IPv4Address("TCP", "10.9.9.9", 5555)
-            )
+        if isinstance(behaviour, PeerFactory):
+            server = behaviour.buildProtocol(IPv4Address("TCP", "10.9.9.9", 5555))
         else:
             server = behaviour()
+        self._record(server)
         network.pumps.append(connect_in_memory(server, client, network.clock))
         return succeed(client)
+
+    def _record(self, server: Protocol) -> None:
+        received = self.network.received.setdefault(self.peer.port, [])
+        receive = server.dataReceived
+
+        def recording(data: bytes) -> None:
+            received.append(data)
+            receive(data)
+
+        server.dataReceived = recording  # type: ignore[method-assign]
 
 
 def scripted_fetcher(
@@ -575,6 +808,7 @@ def scripted_fetcher(
     reports: list[Attempt],
     stagger: float,
     max_parallel: int = 16,
+    on_indexing=lambda peer, progress: None,
 ) -> Fetcher:
     """A L{Fetcher} on C{clock} whose peers are C{network}'s scripted ones."""
     return Fetcher(
@@ -586,7 +820,32 @@ def scripted_fetcher(
         now=clock.seconds,
         stagger=stagger,
         max_parallel=max_parallel,
+        on_indexing=on_indexing,
     )
+
+
+def open_files() -> set[tuple[int, str]]:
+    """
+    This process's descriptors of files (Linux /proc), as (fd, path).
+
+    Files only: a peer's first INDEXING timer (a LoopingCall) may install
+    the global reactor, whose epoll and waker descriptors are not ours to
+    check.
+    """
+    found = set()
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{name}")
+        except OSError:
+            continue  # the listing's own descriptor, closed by now
+        if target.startswith("/") and not target.startswith("/dev/"):
+            found.add((int(name), target))
+    return found
+
+
+def blob_line(data: bytes, offset: int) -> bytes:
+    """The request for the rest of C{data} from C{offset}, by root."""
+    return blob_for(data, offset).to_line()
 
 
 class FetcherTests(SynchronousTestCase):
@@ -596,24 +855,30 @@ class FetcherTests(SynchronousTestCase):
         self.clock = Clock()
         self.network = Network(self, self.clock)
         self.reports: list[Attempt] = []
+        self.progress: list[tuple[wire.PeerEntry, wire.Indexing]] = []
         # These tests pin the seed's strict one-at-a-time order; staggered
         # attempts have tests of their own.
-        self.fetcher = scripted_fetcher(self.clock, self.network, self.reports, 0)
-        base = temp_dir(self)
-        self.spool = os.path.join(base, "spool")
-        os.mkdir(self.spool)
-        self.sink = SpoolSink(self.spool)
-        self.addCleanup(self.sink.discard)
+        self.fetcher = scripted_fetcher(
+            self.clock,
+            self.network,
+            self.reports,
+            0,
+            on_indexing=lambda peer, progress: self.progress.append((peer, progress)),
+        )
+        self.folder = temp_dir(self)
+        self.target = os.path.join(self.folder, "saved.bin")
+        self.sink = PieceSink(FileOutput(self.target))
         self.has_it = self.make_share("has-it", {NAME: CONTENT, "other": b"x"})
+        self.has_big = self.make_share("has-big", {NAME: BIG})
         self.lacks_it = self.make_share("lacks-it", {"other": b"x"})
-        self.fds_before = open_descriptor_count()
+        self.files_before = open_files()
 
-    def make_share(self, label: str, files: dict[str, bytes], cls=ShareFolder):
+    def make_share(self, label: str, files: dict[str, bytes]) -> ShareFolder:
         root = os.path.join(temp_dir(self), label)
         os.mkdir(root)
         for name, data in files.items():
             write(os.path.join(root, name), data)
-        return cls(root)
+        return ShareFolder(root)
 
     def fetch(self, name: str = NAME) -> Deferred:
         d = self.fetcher.fetch(name, self.network.peers, self.sink)
@@ -637,25 +902,32 @@ class FetcherTests(SynchronousTestCase):
             self.assertEqual(attempt.ok, reason == "found")
         self.assertEqual(self.reports, attempts)
 
-    def assertDelivered(self, result) -> None:
-        """The sink holds the exact verified content; nothing else is left."""
-        self.assertEqual(result.header.sha256, DIGEST)
-        self.assertEqual(len(spool_files(self.spool)), 1)
-        target = os.path.join(self.spool, "..", "saved.txt")
-        self.sink.save_as(target)
-        with open(target, "rb") as stream:
-            self.assertEqual(stream.read(), CONTENT)
-        self.assertEqual(spool_files(self.spool), [])
+    def assertDelivered(self, result, data: bytes = CONTENT, name: str = NAME) -> None:
+        """
+        The sink holds exactly C{data}, every piece verified, in the partial
+        file only; finishing it puts it at the target and leaves nothing
+        else behind.
+        """
+        self.assertEqual(result.name, name)
+        self.assertEqual(result.content, describe(data)[0])
+        self.assertTrue(self.sink.complete)
+        self.assertEqual(self.sink.received, len(data))
+        self.assertFalse(os.path.exists(self.target))
+        self.successResultOf(self.sink.finish())
+        with open(self.target, "rb") as stream:
+            self.assertEqual(stream.read(), data)
+        self.assertEqual(os.listdir(self.folder), ["saved.bin"])
 
     def assertQuiet(self) -> None:
         """
         No timer survives the fetch, on the client or on any server, and
-        every descriptor (served files, hashers, spool) is closed.
+        every file opened meanwhile (served files, the partial file) is
+        closed.
         """
         self.network.flush()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-        self.sink.discard()
-        self.assertEqual(open_descriptor_count(), self.fds_before)
+        self.successResultOf(self.sink.abandon())
+        self.assertEqual(open_files() - self.files_before, set())
 
     def test_first_peer(self) -> None:
         """The first peer has it: one attempt, and the content is right."""
@@ -666,6 +938,9 @@ class FetcherTests(SynchronousTestCase):
         self.assertEqual(result.name, NAME)
         self.assertReasons(result.attempts, ["found"])
         self.assertEqual(self.network.contacted, [7000])
+        self.assertEqual(
+            self.network.requests(self.network.peers[0]), [b"GET " + NAME.encode()]
+        )
         self.assertDelivered(result)
         self.assertQuiet()
 
@@ -677,7 +952,7 @@ class FetcherTests(SynchronousTestCase):
         self.assertEqual(result.peer, self.network.peers[2])
         self.assertReasons(
             result.attempts,
-            ["refused: ERR 404", "refused: ERR 404", "found"],
+            ["refused: ERR 404 no such file", "refused: ERR 404", "found"],
         )
         self.assertEqual(self.network.contacted, [7000, 7001, 7002])
         self.assertDelivered(result)
@@ -686,19 +961,21 @@ class FetcherTests(SynchronousTestCase):
     def test_not_found_anywhere(self) -> None:
         """
         Nobody has it: NotFoundAnywhere lists every attempt in order, and no
-        spool file is left.
+        partial file is left.
         """
         self.network.add(self.lacks_it)
         self.network.add("refuse")
         self.network.add(self.lacks_it)
         failure = self.failureResultOf(self.fetch(), NotFoundAnywhere)
         self.assertEqual(failure.value.name, NAME)
+        self.assertEqual(failure.value.peers, 3)
         self.assertReasons(
             failure.value.attempts,
             ["refused: ERR 404", "cannot connect", "refused: ERR 404"],
         )
-        self.assertEqual(spool_files(self.spool), [])
+        self.assertIsNone(self.sink.content)
         self.assertQuiet()
+        self.assertEqual(os.listdir(self.folder), [])
 
     def test_no_peers(self) -> None:
         """An empty peer list fails at once with no attempts."""
@@ -772,42 +1049,145 @@ class FetcherTests(SynchronousTestCase):
         self.assertDelivered(result)
         self.assertQuiet()
 
+    def test_waits_for_a_peer_still_indexing(self) -> None:
+        """
+        A peer still indexing the file sends INDEXING lines instead of a
+        header: each one reaches C{on_indexing} and counts as life, so the
+        attempt outlasts the idle timeout many times over, no other peer is
+        asked, and the file comes once the peer's header does.
+        """
+        pool = QueuedPool()
+        share = self.make_share("indexing", {NAME: BIG})
+        # One piece per pool call: the file takes four calls to index.
+        index = ShareIndex(
+            share, ":memory:", Clock(), pool, watch=False, step_bytes=MIB
+        )
+        index.start()
+        pool.run_next()  # the database is loaded; the first scan waits
+
+        def stop() -> None:
+            index.stop()
+            pool.run_all()
+
+        self.addCleanup(stop)
+        self.network.add(PeerFactory(share, index, self.clock, PEER_IDLE))
+        self.network.add(self.has_big)
+        d = self.fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.network.flush()
+        seconds = 3 * int(IDLE)
+        for second in range(1, seconds + 1):
+            self.clock.advance(1)
+            self.network.flush()
+            if second % 7 == 0:
+                pool.run_next()  # the scan first, then one piece at a time
+            self.assertNoResult(d)
+        self.assertEqual(self.network.contacted, [7000])
+        pool.run_all()
+        self.network.run(d)
+        result = self.successResultOf(d)
+        self.assertReasons(result.attempts, ["found"])
+        self.assertGreaterEqual(result.attempts[0].seconds, seconds)
+        self.assertEqual(self.network.contacted, [7000])
+        # A line at once, then one a second, all from that peer.
+        self.assertGreaterEqual(len(self.progress), seconds + 1)
+        self.assertEqual({peer for peer, _ in self.progress}, {self.network.peers[0]})
+        done = [progress.done for _, progress in self.progress]
+        self.assertEqual(done, sorted(done))
+        self.assertEqual(done[-1], 3 * MIB)
+        hashed = [progress for _, progress in self.progress if progress.done]
+        self.assertEqual({progress.total for progress in hashed}, {len(BIG)})
+        self.assertDelivered(result, BIG)
+        self.assertQuiet()
+
     def test_digest_mismatch(self) -> None:
-        """A peer whose bytes do not match its header is skipped."""
-        self.network.add(self.make_share("liar", {NAME: CONTENT}, cls=LyingShare))
-        self.network.add(self.has_it)
+        """
+        A peer whose index describes other bytes than the file holds (a
+        root and piece list that agree with each other, not with the file)
+        is dropped as corrupted; the next holder delivers the real file.
+        """
+        share = self.make_share("liar", {NAME: BIG})
+        index = LyingIndex(
+            share, ":memory:", Clock(), run_inline, watch=False, lies={NAME: BIG[::-1]}
+        )
+        index.start()
+        self.addCleanup(index.stop)
+        self.network.add(PeerFactory(share, index, self.clock, PEER_IDLE))
+        self.network.add(self.has_big)
         result = self.successResultOf(self.fetch())
-        self.assertReasons(result.attempts, ["corrupted", "found"])
-        self.assertDelivered(result)
+        self.assertEqual(result.peer, self.network.peers[1])
+        self.assertTrue(
+            result.attempts[0].reason.startswith("corrupted: piece 0"),
+            result.attempts[0].reason,
+        )
+        self.assertEqual(result.attempts[-1].reason, "found")
+        self.assertDelivered(result, BIG)
         self.assertQuiet()
 
     def test_corrupted_content(self) -> None:
-        """A peer serving different bytes under the right digest is skipped."""
+        """
+        A peer serving other bytes under the right root is dropped as
+        corrupted, and nothing of them is used: the next peer is asked for
+        the whole file, by name (the liar's root binds nothing).
+        """
         wrong = CONTENT[:-1] + b"!"
-        self.network.add(lambda: ScriptedServer(header_for(CONTENT) + wrong))
+        self.network.add(lambda: ScriptedServer(reply_for(CONTENT, body=wrong)))
         self.network.add(self.has_it)
         result = self.successResultOf(self.fetch())
         self.assertReasons(result.attempts, ["corrupted", "found"])
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]), [b"GET wanted.txt"]
+        )
         self.assertDelivered(result)
         self.assertQuiet()
 
-    def test_broken_transfer(self) -> None:
-        """A peer hanging up mid-file is skipped; its partial bytes vanish."""
-        self.network.add(
-            lambda: ScriptedServer(header_for(CONTENT) + CONTENT[:999], close=True)
+    def test_corrupted_piece_from_a_real_peer(self) -> None:
+        """
+        A real peer whose file went bad on disk behind its index's back
+        sends the old root with a bad piece: it is dropped at that piece,
+        the pieces before it are kept, and the next holder is asked by root
+        for the rest only.  The result is byte for byte the content.
+        """
+        rotten = self.make_share("rotten", {NAME: BIG})
+        self.network.add(rotten)  # indexed now, before the rot
+        corrupt_in_place(os.path.join(rotten.root, NAME), 2 * MIB + 7)
+        self.network.add(self.has_big)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(
+            result.attempts,
+            ["corrupted: piece 2 does not match its digest", "found"],
         )
+        self.assertEqual([a.offset for a in result.attempts], [0, 2 * MIB])
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]), [blob_line(BIG, 2 * MIB)]
+        )
+        self.assertDelivered(result, BIG)
+        self.assertQuiet()
+
+    def test_broken_transfer(self) -> None:
+        """
+        A peer hanging up mid-piece is skipped; the bytes of the unfinished
+        piece are never used.  Nothing of the content it described was
+        verified, so the next holder is asked by name, free to describe its
+        own.
+        """
+        self.network.add(breaks_after(999, CONTENT))
         self.network.add(self.has_it)
         result = self.successResultOf(self.fetch())
         self.assertReasons(
             result.attempts,
             [f"broken transfer after 999 of {len(CONTENT)} bytes", "found"],
         )
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]), [b"GET wanted.txt"]
+        )
         self.assertDelivered(result)
         self.assertQuiet()
 
     def test_too_many_bytes(self) -> None:
         """A peer sending more than it announced is skipped."""
-        self.network.add(lambda: ScriptedServer(header_for(CONTENT) + CONTENT + b"+"))
+        self.network.add(
+            lambda: ScriptedServer(reply_for(CONTENT, body=CONTENT + b"+"))
+        )
         self.network.add(self.has_it)
         result = self.successResultOf(self.fetch())
         self.assertReasons(result.attempts, ["protocol error: more bytes", "found"])
@@ -822,31 +1202,34 @@ class FetcherTests(SynchronousTestCase):
         self.assertReasons(
             result.attempts, ["connection closed before a reply", "found"]
         )
+        self.assertDelivered(result)
         self.assertQuiet()
 
     def test_every_kind_of_failure(self) -> None:
         """
-        The whole gauntlet in one list: refused, blackholed, silent, mute
-        after greeting, lying, hanging up after one byte, missing the file,
-        a good peer, then a refusing one.  The good peer is first asked to
-        resume after the hang-up's byte, which was wrong, so the whole-file
-        digest fails; the list is finished, and a second pass without
-        resuming asks the peers that had a copy again, in list order.  Each
-        attempt is recorded in order with its reason, offset and duration;
-        the good peer's content is the result; no timer or spool file
-        remains.
+        The whole gauntlet in one list, for a file of four pieces: refused,
+        blackholed, silent, mute after greeting, a piece gone bad on disk
+        (the piece before it is kept), hanging up after one byte of the
+        rest, missing the content, a good peer, then a refusing one.  Once
+        the first piece is in, every peer is asked by root for the rest
+        only.  Each attempt is recorded in order with its reason, offset
+        and duration; the good peer completes the content; no timer,
+        descriptor or stray file remains.
         """
+        rotten = self.make_share("rotten", {NAME: BIG})
         self.network.add("refuse")
         self.network.add("blackhole")
         self.network.add("silent")
         self.network.add(ScriptedServer)
-        self.network.add(self.make_share("liar", {NAME: CONTENT}, cls=LyingShare))
-        self.network.add(lambda: ScriptedServer(header_for(CONTENT) + b"x", close=True))
+        self.network.add(rotten)
+        corrupt_in_place(os.path.join(rotten.root, NAME), MIB)
+        self.network.add(breaks_after(1, BIG))
         self.network.add(self.lacks_it)
-        self.network.add(self.has_it)
+        self.network.add(self.has_big)
         self.network.add("refuse")
         result = self.successResultOf(self.fetch())
         self.assertEqual(result.peer, self.network.peers[7])
+        rest = len(BIG) - MIB
         self.assertReasons(
             result.attempts,
             [
@@ -854,25 +1237,20 @@ class FetcherTests(SynchronousTestCase):
                 "timed out",
                 "timed out: silent for 10s",
                 "timed out: silent for 10s",
-                "corrupted",
-                "broken transfer after 1 of",
-                "refused: ERR 404",
-                "corrupted",
-                "cannot connect",
-                "corrupted",
-                "broken transfer after 1 of",
+                "corrupted: piece 1 does not match its digest",
+                f"broken transfer after 1 of {rest} bytes",
+                "refused: ERR 404 no such content",
                 "found",
             ],
-            order=[*range(9), 4, 5, 7],
         )
-        self.assertEqual(
-            [a.offset for a in result.attempts], [0] * 6 + [1, 1] + [0] * 4
-        )
+        self.assertEqual([a.offset for a in result.attempts], [0] * 5 + [MIB] * 3)
         self.assertEqual(
             [a.seconds for a in result.attempts[:4]], [0, CONNECT, IDLE, IDLE]
         )
-        self.assertEqual(self.network.contacted, [*range(7000, 7009), 7004, 7005, 7007])
-        self.assertDelivered(result)
+        self.assertEqual(self.network.contacted, list(range(7000, 7008)))
+        for peer in self.network.peers[5:8]:
+            self.assertEqual(self.network.requests(peer), [blob_line(BIG, MIB)])
+        self.assertDelivered(result, BIG)
         self.assertQuiet()
 
     def test_unexpected_error_propagates(self) -> None:
@@ -911,17 +1289,78 @@ class FetcherTests(SynchronousTestCase):
 
     def test_sink_reused_after_partial_transfer(self) -> None:
         """
-        A peer that sends bad bytes and hangs up cannot poison the file: the
-        next peer resumes, the whole-file digest fails, and a second pass
-        fetches the file whole from the peers that had a copy.
+        A peer that sends a good piece, then bad bytes, and hangs up cannot
+        poison the file: the good piece is kept, the bad bytes never reach
+        it, and the next peer completes the content from the first piece
+        missing.
         """
+        reply = reply_for(BIG)
+        head = len(reply) - len(BIG)
         self.network.add(
-            lambda: ScriptedServer(header_for(CONTENT) + b"GARBAGE", close=True)
+            lambda: ScriptedServer(reply[: head + MIB] + b"GARBAGE" * 1000, close=True)
         )
-        self.network.add(self.has_it)
+        self.network.add(self.has_big)
         result = self.successResultOf(self.fetch())
-        self.assertEqual(self.sink.received, len(CONTENT))
-        self.assertDelivered(result)
+        self.assertReasons(
+            result.attempts,
+            [f"broken transfer after {MIB + 7000} of {len(BIG)}", "found"],
+        )
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]), [blob_line(BIG, MIB)]
+        )
+        self.assertDelivered(result, BIG)
+        self.assertQuiet()
+
+    def test_resumes_an_earlier_run(self) -> None:
+        """
+        A run that ends without the whole file keeps its verified pieces;
+        the next run for the same file hashes them again, and asks the
+        peer that answered its GET for the rest only (by root), without
+        counting that as a failed attempt.
+        """
+        self.network.add(breaks_after(2 * MIB + 10, BIG))
+        failure = self.failureResultOf(self.fetch(), NotFoundAnywhere)
+        self.assertTrue(failure.value.attempts[0].reason.startswith("broken"))
+        kept = self.successResultOf(self.sink.abandon(keep=True))
+        self.assertEqual(kept, self.target + ".p2p-part")
+
+        self.sink = PieceSink(FileOutput(self.target))
+        self.reports.clear()
+        peer = self.network.add(self.has_big)
+        d = self.fetcher.fetch(NAME, [peer], self.sink)
+        self.network.run(d)
+        result = self.successResultOf(d)
+        self.assertReasons(result.attempts, ["found"], order=[1])
+        self.assertEqual(result.attempts[0].offset, 2 * MIB)
+        self.assertEqual(
+            self.network.requests(peer),
+            [b"GET " + NAME.encode(), blob_line(BIG, 2 * MIB)],
+        )
+        self.assertDelivered(result, BIG)
+        self.assertQuiet()
+
+    def test_fetch_by_root(self) -> None:
+        """
+        Asked for a content by its root, any peer holding it, under any
+        name, may serve it: its piece list comes first (PIECES), then what
+        is missing (BLOB) on the same connection.  A peer without that
+        content is skipped.
+        """
+        root = describe(BIG)[0].root_hex
+        self.sink = PieceSink(FileOutput(self.target), expected_root=root)
+        self.network.add(self.has_it)
+        self.network.add(self.make_share("renamed", {"copy.bin": BIG}))
+        d = self.fetcher.fetch(root, self.network.peers, self.sink, by_root=True)
+        self.network.run(d)
+        result = self.successResultOf(d)
+        self.assertReasons(
+            result.attempts, ["refused: ERR 404 no such content", "found"]
+        )
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]),
+            [f"PIECES {root}".encode(), blob_line(BIG, 0)],
+        )
+        self.assertDelivered(result, BIG, name=root)
         self.assertQuiet()
 
 
@@ -936,9 +1375,14 @@ class RealEndpointTests(SynchronousTestCase):
         self.reactor = MemoryReactorClock()
         root = os.path.join(temp_dir(self), "share")
         write(os.path.join(root, NAME), CONTENT)
-        self.share = ShareFolder(root)
-        self.sink = SpoolSink(temp_dir(self))
-        self.addCleanup(self.sink.discard)
+        share = ShareFolder(root)
+        # The index's rescan timer goes on a clock of its own (see
+        # Network.serving); the peer's connections use the reactor.
+        self.peer = PeerFactory(
+            share, indexed(self, share, Clock()), self.reactor, PEER_IDLE
+        )
+        self.out = io.BytesIO()
+        self.sink = PieceSink(StreamOutput(self.out))
         self.peers = [
             wire.PeerEntry("0000000000000001", "10.0.0.1", 7000),
             wire.PeerEntry("0000000000000002", "2001:db8::2", 7001),
@@ -951,9 +1395,7 @@ class RealEndpointTests(SynchronousTestCase):
         """Let connection attempt C{index} succeed, to a real peer."""
         host, port, factory, timeout, bind = self.reactor.tcpClients[index]
         client = factory.buildProtocol(IPv4Address("TCP", host, port))
-        server = PeerFactory(self.share, self.reactor, PEER_IDLE).buildProtocol(
-            IPv4Address("TCP", "10.9.9.9", 5555)
-        )
+        server = self.peer.buildProtocol(IPv4Address("TCP", "10.9.9.9", 5555))
         pump = connect_in_memory(server, client, self.reactor)
         pump.flush()
         return pump
@@ -975,6 +1417,7 @@ class RealEndpointTests(SynchronousTestCase):
         pump = self.complete(0)
         result = self.successResultOf(d)
         self.assertEqual(result.peer, self.peers[0])
+        self.assertEqual(self.out.getvalue(), CONTENT)
         pump.flush()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -996,6 +1439,7 @@ class RealEndpointTests(SynchronousTestCase):
         result = self.successResultOf(d)
         self.assertEqual(result.peer, self.peers[1])
         self.assertEqual([a.reason for a in result.attempts], ["timed out", "found"])
+        self.assertEqual(self.out.getvalue(), CONTENT)
         pump.flush()
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
@@ -1010,6 +1454,7 @@ class RealEndpointTests(SynchronousTestCase):
         self.complete(1).flush()
         result = self.successResultOf(d)
         self.assertTrue(result.attempts[0].reason.startswith("cannot connect"))
+        self.assertEqual(self.out.getvalue(), CONTENT)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
@@ -1023,6 +1468,12 @@ class _Failing:
         return fail(self.exception)
 
 
+def file_line(size: int, name: str, seed: bytes = b"") -> bytes:
+    """A ``FILE`` line for a made-up content."""
+    root = hashlib.sha256(seed + name.encode()).hexdigest()
+    return wire.FileEntry(size, root, name).to_line()
+
+
 class ListingTests(SynchronousTestCase):
     """L{list_peers} and L{list_files}."""
 
@@ -1030,7 +1481,10 @@ class ListingTests(SynchronousTestCase):
         self.clock = Clock()
 
     def test_list_files(self) -> None:
-        """A peer's LIST comes back as FileEntry objects, in its order."""
+        """
+        A peer's LIST comes back as FileEntry objects (size, root, name), in
+        the order the peer indexed its files.
+        """
         root = temp_dir(self)
         write(os.path.join(root, "b.txt"), b"bb")
         write(os.path.join(root, "a", "c.txt"), b"c")
@@ -1040,10 +1494,97 @@ class ListingTests(SynchronousTestCase):
         network.run(d)
         self.assertEqual(
             self.successResultOf(d),
-            [wire.FileEntry(1, "a/c.txt"), wire.FileEntry(2, "b.txt")],
+            [
+                wire.FileEntry(2, describe(b"bb")[0].root_hex, "b.txt"),
+                wire.FileEntry(1, describe(b"c")[0].root_hex, "a/c.txt"),
+            ],
         )
+        self.assertEqual(network.requests(peer), [b"LIST limit=1000"])
         network.flush()
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_list_files_follows_every_page(self) -> None:
+        """
+        A listing longer than a page comes in pages, each on its own
+        connection: every ``next=`` cursor is followed until a page has
+        none, and the files of every page are collected, in order.
+        """
+        pages = {
+            b"LIST limit=1000": b"OK 2 next=2\n"
+            + file_line(1, "a")
+            + b"\n"
+            + file_line(2, "b")
+            + b"\n",
+            b"LIST limit=1000 cursor=2": b"OK 1 next=1f\n" + file_line(3, "c") + b"\n",
+            b"LIST limit=1000 cursor=1f": b"OK 1\n" + file_line(4, "d") + b"\n",
+        }
+        peer = _Server(b"P2P/2 peer\n", pages.__getitem__)
+        d = list_files(peer, self.clock, 3)
+        self.assertEqual(
+            [(f.size, f.name) for f in self.successResultOf(d)],
+            [(1, "a"), (2, "b"), (3, "c"), (4, "d")],
+        )
+        self.assertEqual(peer.requests, [line + b"\n" for line in pages])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_list_files_cursor_must_advance(self) -> None:
+        """
+        A peer whose ``next=`` cursor does not move forward (the same one
+        again, or one behind) would keep the client paging for ever: the
+        listing fails with a WireError instead, and no further page is
+        asked for.
+        """
+        for stuck in (b"5", b"4"):
+            pages = {
+                b"LIST limit=1000": b"OK 1 next=5\n" + file_line(1, "a") + b"\n",
+                b"LIST limit=1000 cursor=5": b"OK 1 next="
+                + stuck
+                + b"\n"
+                + file_line(2, "b")
+                + b"\n",
+            }
+            peer = _Server(b"P2P/2 peer\n", pages.__getitem__)
+            d = list_files(peer, self.clock, 3)
+            error = self.failureResultOf(d, wire.WireError).value
+            self.assertIn("cursor did not advance", error.message)
+            self.assertEqual(len(peer.requests), 2, stuck)
+            self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_list_files_empty_page_ends(self) -> None:
+        """An empty page ends the listing, whatever cursor it offers: a peer
+        cannot keep the client paging through nothing."""
+        pages = {
+            b"LIST limit=1000": b"OK 1 next=5\n" + file_line(1, "a") + b"\n",
+            b"LIST limit=1000 cursor=5": b"OK 0 next=6\n",
+        }
+        peer = _Server(b"P2P/2 peer\n", pages.__getitem__)
+        d = list_files(peer, self.clock, 3)
+        self.assertEqual([f.name for f in self.successResultOf(d)], ["a"])
+        self.assertEqual(len(peer.requests), 2)
+
+    def test_list_files_too_long(self) -> None:
+        """
+        Past the most files taken from one peer, the listing stops loudly
+        (ListingTooLong, holding the first ones), never silently.
+        """
+
+        def page(line: bytes) -> bytes:
+            cursor = int(line.rsplit(b"=", 1)[1], 16) if b"cursor" in line else 0
+            names = [file_line(1, f"f{cursor + i}") for i in range(2)]
+            return b"OK 2 next=%x\n" % (cursor + 2) + b"\n".join(names) + b"\n"
+
+        peer = _Server(b"P2P/2 peer\n", page)
+        d = list_files(peer, self.clock, 3, maximum=5)
+        error = self.failureResultOf(d, ListingTooLong).value
+        self.assertEqual([f.name for f in error.files], ["f0", "f1", "f2", "f3", "f4"])
+        self.assertEqual(len(peer.requests), 3)
+
+    def test_list_files_from_an_older_peer(self) -> None:
+        """A P2P/1 peer is refused by its banner, before any request."""
+        peer = _Server(b"P2P/1 peer\n", lambda line: b"OK 0\n")
+        failure = self.failureResultOf(list_files(peer, self.clock, 3), wire.WireError)
+        self.assertIn("unsupported protocol version 'P2P/1'", failure.value.message)
+        self.assertEqual(peer.requests, [b""])
 
     def test_list_peers(self) -> None:
         """The relay's PEERS reply comes back as PeerEntry objects."""
@@ -1082,10 +1623,13 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
-class _Relay:
-    """A relay endpoint that greets, records the request and replies."""
+class _Server:
+    """
+    An endpoint whose every connection greets with C{banner}, records the
+    request and answers with C{reply(request line)}.
+    """
 
-    def __init__(self, banner: bytes, reply: bytes) -> None:
+    def __init__(self, banner: bytes, reply: Callable[[bytes], bytes]) -> None:
         self.banner = banner
         self.reply = reply
         self.requests: list[bytes] = []
@@ -1095,16 +1639,26 @@ class _Relay:
         transport = StringTransport()
         protocol.makeConnection(transport)
         protocol.dataReceived(self.banner)
-        self.requests.append(transport.value())
-        if self.reply:
-            protocol.dataReceived(self.reply)
+        request = transport.value()
+        self.requests.append(request)
+        if request:
+            answer = self.reply(request.rstrip(b"\n"))
+            if answer:
+                protocol.dataReceived(answer)
         return succeed(protocol)
+
+
+class _Relay(_Server):
+    """A relay endpoint that greets, records the request and replies."""
+
+    def __init__(self, banner: bytes, reply: bytes) -> None:
+        super().__init__(banner, lambda line: reply)
 
 
 class StaggerAndResumeTests(SynchronousTestCase):
     """
     L{Fetcher} with staggered attempts (RFC 8305 style) and resume from the
-    next holder of the same content, all on a L{Clock}.
+    next holder of the same content, all on a L{Clock}, to stdout.
     """
 
     STAGGER = 0.25
@@ -1116,8 +1670,8 @@ class StaggerAndResumeTests(SynchronousTestCase):
         self.fetcher = scripted_fetcher(
             self.clock, self.network, self.reports, self.STAGGER, max_parallel=3
         )
-        self.sink = SpoolSink(temp_dir(self))
-        self.addCleanup(self.sink.discard)
+        self.out = io.BytesIO()
+        self.sink = PieceSink(StreamOutput(self.out))
 
     def share(self, files: dict[str, bytes]) -> ShareFolder:
         root = temp_dir(self)
@@ -1131,15 +1685,12 @@ class StaggerAndResumeTests(SynchronousTestCase):
         return d
 
     def assertContent(self, content: bytes = CONTENT) -> None:
-        """The spool holds exactly C{content}; no timer is left."""
-        received = io.BytesIO()
-        self.sink.copy_to(received)
-        self.assertEqual(received.getvalue(), content)
+        """The output holds exactly C{content}; no timer is left."""
+        self.assertEqual(self.out.getvalue(), content)
+        self.assertTrue(self.sink.complete)
+        self.assertEqual(self.sink.content, describe(content)[0])
+        self.network.flush()
         self.assertEqual(self.clock.getDelayedCalls(), [])
-
-    def breaks_after(self, count: int, content: bytes = CONTENT):
-        """A peer that sends the header and C{count} bytes, then hangs up."""
-        return lambda: ScriptedServer(header_for(content) + content[:count], close=True)
 
     def test_blackholed_peer_costs_the_stagger_delay(self) -> None:
         """
@@ -1187,46 +1738,97 @@ class StaggerAndResumeTests(SynchronousTestCase):
 
     def test_resume_from_next_holder(self) -> None:
         """
-        A peer that hangs up mid-transfer leaves its bytes in the spool; the
-        next peer with the same content is asked to RESUME from there, and
-        the whole file verifies end to end.
+        A peer that hangs up mid-transfer leaves its verified pieces in the
+        sink (and on stdout); the next holder is asked for the rest by root,
+        from the first piece missing, and the output is the content byte
+        for byte.
         """
-        half = len(CONTENT) // 2
-        self.network.add(self.breaks_after(half))
-        self.network.add(self.share({NAME: CONTENT}))
+        self.network.add(breaks_after(MIB + 1000, BIG))
+        self.network.add(self.share({NAME: BIG}))
         result = self.successResultOf(self.fetch())
-        self.assertEqual([a.offset for a in result.attempts], [0, half])
-        self.assertEqual(result.header.offset, half)
-        self.assertEqual(result.header.count, len(CONTENT) - half)
-        self.assertEqual(self.sink.received, len(CONTENT))
-        self.assertContent()
+        self.assertEqual([a.offset for a in result.attempts], [0, MIB])
+        self.assertEqual(
+            [a.reason for a in result.attempts],
+            [f"broken transfer after {MIB + 1000} of {len(BIG)} bytes", "found"],
+        )
+        self.assertEqual(result.peer, self.network.peers[1])
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]), [blob_line(BIG, MIB)]
+        )
+        self.assertEqual(self.sink.received, len(BIG))
+        self.assertContent(BIG)
 
     def test_resume_skips_other_content(self) -> None:
         """
-        Only a peer offering the same SHA-256 may continue a partial file: a
-        peer with another version is skipped, the next holder resumes.
+        Only a peer holding the same content may continue it: a peer with
+        another version under the name is asked by root, has no such
+        content and is skipped; the next holder continues.
         """
-        half = len(CONTENT) // 2
-        self.network.add(self.breaks_after(half))
-        self.network.add(self.share({NAME: b"another version\n" * 2000}))
-        self.network.add(self.share({NAME: CONTENT}))
+        self.network.add(breaks_after(MIB + 1000, BIG))
+        self.network.add(self.share({NAME: OTHER}))
+        self.network.add(self.share({NAME: BIG}))
         result = self.successResultOf(self.fetch())
-        self.assertTrue(result.attempts[1].reason.startswith("has other content"))
+        self.assertEqual(
+            [a.reason for a in result.attempts][1:],
+            ["refused: ERR 404 no such content", "found"],
+        )
+        self.assertEqual([a.offset for a in result.attempts], [0, MIB, MIB])
+        for peer in self.network.peers[1:]:
+            self.assertEqual(self.network.requests(peer), [blob_line(BIG, MIB)])
         self.assertEqual(result.peer, self.network.peers[2])
-        self.assertContent()
+        self.assertContent(BIG)
 
     def test_other_version_when_nobody_can_resume(self) -> None:
         """
-        When no peer can continue the partial file, a second pass fetches
-        the file whole from a peer that has a copy (another version here).
+        When no peer can continue the content begun and nothing of it was
+        written yet, the output may start over: a second pass fetches the
+        file whole, by name, from a peer that had another version.
         """
-        other = b"another version\n" * 2000
-        self.network.add(self.breaks_after(100))
-        self.network.add(self.share({NAME: other}))
+        self.network.add(breaks_after(100, BIG))
+        self.network.add(self.share({NAME: OTHER}))
         result = self.successResultOf(self.fetch())
         self.assertEqual(result.peer, self.network.peers[1])
-        self.assertEqual(result.header.sha256, hashlib.sha256(other).hexdigest())
-        self.assertContent(other)
+        self.assertEqual(result.content, describe(OTHER)[0])
+        self.assertEqual(
+            self.network.requests(self.network.peers[1])[-1], b"GET " + NAME.encode()
+        )
+        self.assertContent(OTHER)
+
+    def test_second_pass_into_a_file(self) -> None:
+        """
+        A file output can always start over, even with pieces of the first
+        content in it: when nobody can continue, the second pass replaces
+        them with the other version, whole.
+        """
+        folder = temp_dir(self)
+        target = os.path.join(folder, "saved.bin")
+        self.sink = PieceSink(FileOutput(target))
+        self.network.add(breaks_after(MIB + 1000, BIG))
+        self.network.add(self.share({NAME: OTHER}))
+        result = self.successResultOf(self.fetch())
+        self.assertEqual(result.peer, self.network.peers[1])
+        self.assertEqual(result.content, describe(OTHER)[0])
+        self.successResultOf(self.sink.finish())
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), OTHER)
+        self.assertEqual(os.listdir(folder), ["saved.bin"])
+        self.successResultOf(self.sink.abandon())
+
+    def test_no_second_pass_once_output_began(self) -> None:
+        """
+        Once a verified piece went to stdout the output cannot start over:
+        a peer with another version does not help, the fetch fails listing
+        every attempt, and stdout holds only verified pieces of the first
+        content.
+        """
+        self.network.add(breaks_after(MIB + 1000, BIG))
+        self.network.add(self.share({NAME: OTHER}))
+        failure = self.failureResultOf(self.fetch(), NotFoundAnywhere)
+        self.assertEqual([a.peer for a in failure.value.attempts], self.network.peers)
+        self.assertEqual(self.network.contacted, [7000, 7001])
+        self.assertEqual(self.out.getvalue(), BIG[:MIB])
+        self.network.flush()
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_winner_failure_brings_back_abandoned_peers(self) -> None:
         """
@@ -1234,16 +1836,15 @@ class StaggerAndResumeTests(SynchronousTestCase):
         queue: when the faster one breaks, the transfer resumes elsewhere
         and nothing is left running.
         """
-        half = len(CONTENT) // 2
         self.network.add("silent")
-        self.network.add(self.breaks_after(half))
-        self.network.add(self.share({NAME: CONTENT}))
+        self.network.add(breaks_after(MIB + 1000, BIG))
+        self.network.add(self.share({NAME: BIG}))
         result = self.successResultOf(self.fetch())
         self.assertEqual(result.peer, self.network.peers[2])
-        self.assertEqual(result.header.offset, half)
+        self.assertEqual(result.attempts[-1].offset, MIB)
         self.assertEqual(self.network.contacted[:2], [7000, 7001])
         self.assertIn(7000, self.network.contacted[2:])
-        self.assertContent()
+        self.assertContent(BIG)
 
     def test_cancel_stops_everything(self) -> None:
         """Cancelling a fetch cancels every attempt and timer."""

@@ -41,8 +41,13 @@ from ._processes import (
     Daemon,
     Launcher,
     LoggedProcess,
+    have_inotify,
     sample,
+    when_created,
 )
+
+# The -o mid-transfer tests learn from inotify when the partial file is written.
+needs_inotify = pytest.mark.skipif(not have_inotify(), reason="needs Linux inotify")
 
 # The whole test, startup and teardown of its own processes included.
 TEST_TIMEOUT_SECONDS = 45
@@ -55,6 +60,10 @@ MiB = 1024 * 1024
 # (loopback socket buffers can hold tens of MiB: tcp_rmem's maximum).
 BIG_BYTES = 96 * MiB
 MEDIUM_BYTES = 64 * MiB
+# These tests are about the fallback from one peer to the next (resume by
+# root after a break); several holders at once are tested with faults in
+# test_pieces_fetch.py.
+ONE_AT_A_TIME = ("--sources", "1")
 
 
 def fault_test(test):
@@ -168,23 +177,34 @@ def start_frozen_client(
     peer: Daemon,
     big: BigFile,
     *args: str,
+    target: str | None = None,
     env: dict[str, str] | None = None,
 ) -> Deferred[LoggedProcess]:
     """
-    Start ``p2p ARGS`` and SIGSTOP it as soon as it says on stderr that
-    C{peer} is sending (``found at``: the header reached it); check that
-    C{peer} did send it.
+    Start ``p2p ARGS`` and SIGSTOP it as soon as it holds a verified piece
+    from C{peer}: once it printed its first byte (stdout), or wrote its
+    partial file (C{target}, for ``-o``).  Check that C{peer} sent it.
 
     The peer's ``sending`` log line alone is no proof that any byte left:
     it is printed before the header is flushed from Twisted's buffer, and a
     peer killed right then closes the connection cleanly with nothing sent.
-    The client's line comes only once the header arrived.
+    The client writes a piece only once it arrived whole and verified.
     """
     since = peer.process.mark()
+    written = None
+    if target is not None:
+        folder, name = os.path.split(target)
+        written = when_created(
+            launcher.reactor,
+            folder,
+            re.escape(name + ".p2p-part"),
+            modified=True,
+        )
     client = launcher.start_client(*args, env=env)
 
     async def freeze() -> LoggedProcess:
         await client.wait_for(rf"found at {re.escape(peer.address)} ")
+        await (written if written is not None else client.when_stdout(1))
         client.send_signal(signal.SIGSTOP)
         # From byte 0: not the warm-up's empty RANGE.
         await peer.process.wait_for(
@@ -212,6 +232,7 @@ def assert_resumed(result: ClientResult, big: BigFile, broken: Daemon, to: Daemo
 # -- 1. a peer dies mid-transfer: the client resumes elsewhere -------------------
 
 
+@needs_inotify
 @fault_test
 async def test_peer_killed_mid_transfer_resumes_elsewhere(
     launcher: Launcher, big_files, tmp_path
@@ -230,7 +251,8 @@ async def test_peer_killed_mid_transfer_resumes_elsewhere(
         launcher,
         first,
         big,
-        *("--relay", relay.address, "get", "-o", str(target), big.name),
+        *("--relay", relay.address, "get", *ONE_AT_A_TIME, "-o", str(target), big.name),
+        target=str(target),
     )
     await first.process.kill("KILL")
     client.send_signal(signal.SIGCONT)
@@ -262,7 +284,7 @@ async def test_peer_killed_mid_transfer_to_stdout(
         launcher,
         first,
         big,
-        *("--relay", relay.address, "get", big.name),
+        *("--relay", relay.address, "get", *ONE_AT_A_TIME, big.name),
         env={"TMPDIR": str(spool)},
     )
     await first.process.kill("KILL")
@@ -470,6 +492,7 @@ async def test_relay_down_fails_fast(launcher: Launcher):
 # -- 6. crash-only shutdown -----------------------------------------------------------
 
 
+@needs_inotify
 @fault_test
 async def test_sigterm_peer_mid_transfer(launcher: Launcher, big_files, tmp_path):
     """
@@ -486,7 +509,8 @@ async def test_sigterm_peer_mid_transfer(launcher: Launcher, big_files, tmp_path
         launcher,
         first,
         big,
-        *("--relay", relay.address, "get", "-o", str(target), big.name),
+        *("--relay", relay.address, "get", *ONE_AT_A_TIME, "-o", str(target), big.name),
+        target=str(target),
     )
     signalled = launcher.reactor.seconds()
     await first.process.kill("TERM")

@@ -9,7 +9,7 @@ treatment as if a malicious relay or peer were answering.
 
 from __future__ import annotations
 
-import hashlib
+import io
 import ipaddress
 import os
 import re
@@ -22,14 +22,16 @@ from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import wire
+from p2p import pieces, wire
 from p2p.client import FileFetchProtocol, PeerFailed
 from p2p.peer import PeerProtocol
 from p2p.registry import MemoryRegistry
 from p2p.relay import Relay, RelayProtocol
 from p2p.request import IncompleteReply, LineRequestProtocol
 from p2p.share import ShareFolder
-from p2p.sink import SpoolSink
+from p2p.sink import PieceSink, StreamOutput
+
+from ._indexed import indexed
 
 FUZZ = settings(
     max_examples=150,
@@ -41,6 +43,43 @@ ERROR_CODES = {int(code) for code in wire.Code}
 RELAY_REPLY = re.compile(
     r"P2P/1 relay|OK( .*)?|PEER [0-9a-f]{16} \S+ \d+ age=\d+( name=\S+)?|ERR (\d{3}) .+"
 )
+
+
+# The smallest piece size a client accepts: several pieces in a few KiB.
+SMALL_PIECE = pieces.MIN_PIECE_SIZE
+
+
+def piece_digests(content: bytes, piece_size: int) -> bytes:
+    """The digests of C{content} cut in C{piece_size} pieces, concatenated."""
+    return b"".join(
+        pieces.hash_piece(content[i : i + piece_size])
+        for i in range(0, len(content), piece_size)
+    )
+
+
+def root_of(content: bytes, piece_size: int) -> str:
+    """The root of C{content} cut in C{piece_size} pieces, as on the wire."""
+    digests = piece_digests(content, piece_size)
+    return pieces.root_of(len(content), piece_size, digests).hex()
+
+
+def header_for(content: bytes, piece_size: int) -> wire.FileHeader:
+    """The header of a whole-file reply for C{content} (a GET)."""
+    count = pieces.piece_count(len(content), piece_size)
+    return wire.FileHeader(
+        len(content),
+        root_of(content, piece_size),
+        0,
+        len(content),
+        piece_size,
+        pieces.DIGEST_BYTES * count if count > 1 else 0,
+    )
+
+
+# The roots of PeerFuzzTests' shared file and of the secret outside the share.
+A_ROOT = root_of(b"hello\n", pieces.PIECE_SIZE)
+SECRET_ROOT = root_of(b"TOP-SECRET-OUTSIDE-THE-SHARE", pieces.PIECE_SIZE)
+
 
 VALID_RELAY_LINES = st.sampled_from(
     [
@@ -142,10 +181,13 @@ class PeerFuzzTests(SynchronousTestCase):
             os.path.join(base, "secret.txt"), os.path.join(self.share_dir, "link")
         )
         self.share = ShareFolder(self.share_dir)
+        # One index for every example: what one example asks to index is
+        # simply indexed for the next ones.
+        self.index = indexed(self, self.share, Clock())
 
     def _serve(self, data: bytes) -> bytes:
         clock = Clock()
-        protocol = PeerProtocol(self.share, clock, idle_timeout=30)
+        protocol = PeerProtocol(self.share, self.index, clock, idle_timeout=30)
         transport = StringTransport(peerAddress=IPv4Address("TCP", "10.1.2.3", 4444))
         protocol.makeConnection(transport)
         protocol.dataReceived(data)
@@ -162,7 +204,7 @@ class PeerFuzzTests(SynchronousTestCase):
         """Random bytes: no exception, no byte from outside the share."""
         output = self._serve(data)
         self.assertNotIn(self.SECRET, output)
-        self.assertTrue(output.startswith(b"P2P/1 peer\n"))
+        self.assertTrue(output.startswith(b"P2P/2 peer\n"))
 
     @FUZZ
     @given(
@@ -174,19 +216,33 @@ class PeerFuzzTests(SynchronousTestCase):
                         "GET link",
                         "GET ../secret.txt",
                         "GET ./a.txt",
+                        "RANGE 3 2 a.txt",
+                        "RANGE 99 1 a.txt",
+                        "RANGE 0 100 link",
+                        f"BLOB {A_ROOT} 0 6",
+                        f"BLOB {A_ROOT} 7 1",
+                        f"BLOB {SECRET_ROOT} 0 100",
+                        f"PIECES {A_ROOT}",
+                        f"PIECES {SECRET_ROOT}",
                         "RESUME 3 a.txt",
-                        "RESUME 99 a.txt",
                         "LIST",
+                        "LIST limit=1",
+                        "LIST cursor=1",
+                        "LIST limit=0",
                     ]
                 ),
                 st.text(max_size=40).map(lambda text: "GET " + text),
-                st.text(max_size=40).map(lambda text: "RESUME 0 ../" + text),
+                st.text(max_size=40).map(lambda text: "RANGE 0 9 ../" + text),
+                st.text(max_size=70).map(lambda text: "BLOB " + text),
             ),
             max_size=10,
         )
     )
     def test_hostile_names(self, lines: list[str]) -> None:
-        """GET/RESUME with any name never leaks the secret or crashes."""
+        """
+        GET, RANGE, BLOB, PIECES and LIST with any argument never leak the
+        secret (not even by its root) or crash.
+        """
         data = b"".join(
             line.encode("utf-8", "surrogatepass") + b"\n"
             for line in lines
@@ -228,14 +284,14 @@ class ClientParsingFuzzTests(SynchronousTestCase):
     @FUZZ
     @given(st.binary(max_size=300), st.binary(max_size=300))
     def test_peer_reply(self, header: bytes, body: bytes) -> None:
-        """Arbitrary file replies: success only with a matching digest."""
-        sink = SpoolSink()
-        self.addCleanup(sink.discard)
+        """Arbitrary file replies: success only for content that verifies."""
+        out = io.BytesIO()
+        sink = PieceSink(StreamOutput(out))
         clock = Clock()
         protocol = FileFetchProtocol(wire.Get("a.txt"), sink, clock, idle_timeout=10)
         transport = StringTransport()
         protocol.makeConnection(transport)
-        protocol.dataReceived(b"P2P/1 peer\n")
+        protocol.dataReceived(b"P2P/2 peer\n")
         protocol.dataReceived(header)
         protocol.dataReceived(body)
         protocol.connectionLost(None)
@@ -244,7 +300,9 @@ class ClientParsingFuzzTests(SynchronousTestCase):
         self.assertEqual(len(results), 1)
         outcome = results[0]
         if isinstance(outcome, wire.FileHeader):
-            self.assertEqual(sink.hexdigest(), outcome.sha256)
+            received = out.getvalue()
+            self.assertEqual(len(received), outcome.size)
+            self.assertEqual(root_of(received, outcome.piece), outcome.root)
         else:
             outcome.trap(PeerFailed)
         self.assertEqual(clock.getDelayedCalls(), [])
@@ -253,25 +311,74 @@ class ClientParsingFuzzTests(SynchronousTestCase):
     @given(st.binary(min_size=0, max_size=2000), st.integers(0, 2000))
     def test_truncated_or_padded_file(self, content: bytes, cut: int) -> None:
         """A valid header with too few or too many bytes fails that peer."""
-        digest = hashlib.sha256(content).hexdigest()
-        header = wire.FileHeader(len(content), digest, 0, len(content)).to_line()
+        header = header_for(content, pieces.PIECE_SIZE)
         body = (content + b"extra")[:cut]
-        sink = SpoolSink()
-        self.addCleanup(sink.discard)
+        out = io.BytesIO()
+        sink = PieceSink(StreamOutput(out))
         protocol = FileFetchProtocol(wire.Get("a.txt"), sink, Clock(), idle_timeout=10)
         protocol.makeConnection(StringTransport())
-        protocol.dataReceived(b"P2P/1 peer\n" + header + b"\n" + body)
+        protocol.dataReceived(b"P2P/2 peer\n" + header.to_line() + b"\n" + body)
         protocol.connectionLost(None)
         results: list = []
         protocol.result.addBoth(results.append)
-        expected = wire.FileHeader(len(content), digest, 0, len(content))
         if body == content:
-            self.assertEqual(results[0], expected)
+            self.assertEqual(results[0], header)
+            self.assertEqual(out.getvalue(), content)
         elif isinstance(results[0], wire.FileHeader):
             # Only an empty file completes before any (surplus) byte arrives.
-            self.assertEqual((content, results[0]), (b"", expected))
+            self.assertEqual((content, results[0]), (b"", header))
         else:
             results[0].trap(PeerFailed)
+            self.assertEqual(out.getvalue(), b"")
+
+    @FUZZ
+    @given(
+        st.integers(0, 5 * SMALL_PIECE),
+        st.integers(0, 5 * SMALL_PIECE + 10),
+        st.one_of(st.none(), st.integers(0, 5 * SMALL_PIECE)),
+        st.integers(1, 3000),
+    )
+    def test_only_verified_pieces_reach_the_output(
+        self, size: int, cut: int, flip: int | None, segment: int
+    ) -> None:
+        """
+        A file of several (small) pieces, cut short, padded or with one byte
+        flipped, in segments of any size: whatever happens, the output holds
+        a run of whole pieces from the start of the content, all verified,
+        and the whole content only on success.
+        """
+        content = bytes(i * 7 % 251 for i in range(size))
+        header = header_for(content, SMALL_PIECE)
+        digests = piece_digests(content, SMALL_PIECE)
+        body = bytearray((content + b"extra")[:cut])
+        if flip is not None and flip < len(body):
+            body[flip] ^= 0x20
+        stream = b"P2P/2 peer\n" + header.to_line() + b"\n"
+        if header.hashes:
+            stream += digests
+        stream += bytes(body)
+        out = io.BytesIO()
+        sink = PieceSink(StreamOutput(out))
+        clock = Clock()
+        protocol = FileFetchProtocol(wire.Get("a.txt"), sink, clock, idle_timeout=10)
+        protocol.makeConnection(StringTransport())
+        for start in range(0, len(stream), segment):
+            protocol.dataReceived(stream[start : start + segment])
+        protocol.connectionLost(None)
+        results: list = []
+        protocol.result.addBoth(results.append)
+        received = out.getvalue()
+        self.assertEqual(received, content[: len(received)])
+        if isinstance(results[0], wire.FileHeader):
+            self.assertEqual(received, content)
+            self.assertEqual(bytes(body[: len(content)]), content)
+        else:
+            results[0].trap(PeerFailed)
+            self.assertTrue(
+                len(received) % SMALL_PIECE == 0 or len(received) == len(content)
+            )
+            self.assertLessEqual(len(received), len(content))
+        self.assertEqual(clock.getDelayedCalls(), [])
 
 
 class WireFuzzTests(SynchronousTestCase):

@@ -11,17 +11,21 @@ import os
 import random
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import cli, hints, wire
+from p2p.pieces import PIECE_SIZE
 from p2p.registry import MemoryRegistry
 from p2p.share import ShareFolder
 from p2p.wire import Code, WireError
 
+from ._indexed import indexed, peer_factory
 from .test_announce import AnnouncerTestMixin
-from .test_cli import PEER_A, PEER_B, CommandTestCase, serve
+from .test_cli import PEER_A, PEER_B, CommandTestCase
 from .test_relay import PEER_B as RELAY_PEER_B
 from .test_relay import RelayTestCase
+from .test_share import read_listing, root_hex, temp_dir
 
 PEER_C = "cccccccccccccccc"
 
@@ -217,21 +221,26 @@ class RelayHintTests(RelayTestCase):
 
 
 class ShareNamesTests(SynchronousTestCase):
-    """L{ShareFolder.names}: what the filter is built from."""
+    """The share index's names: what the peer's filter is built from."""
 
     def test_names(self) -> None:
-        root = self.mktemp()
+        """The names the filter is built from are the names the peer lists
+        (hidden files only when shared; never twistd's own files)."""
+        root = temp_dir(self)
         os.makedirs(os.path.join(root, "sub"))
         os.makedirs(os.path.join(root, ".secret"))
         for name in ("a.txt", "sub/b.txt", ".hidden", ".secret/c", "twistd.pid"):
             with open(os.path.join(root, name), "w") as stream:
                 stream.write("x")
-        self.assertEqual(ShareFolder(root).names(), ["a.txt", "sub/b.txt"])
-        served = [entry.name for entry in ShareFolder(root).list()]
-        self.assertEqual(served, ShareFolder(root).names(), "what LIST serves")
+        share = ShareFolder(root)
+        index = indexed(self, share, Clock())
+        self.assertEqual(sorted(index.names()), ["a.txt", "sub/b.txt"])
+        factory = peer_factory(self, share, Clock(), index_clock=Clock())
+        served = [entry.name for entry in read_listing(factory)]
+        self.assertEqual(sorted(served), sorted(index.names()), "what LIST serves")
+        hidden = indexed(self, ShareFolder(root, include_hidden=True), Clock())
         self.assertEqual(
-            sorted(ShareFolder(root, include_hidden=True).names()),
-            [".hidden", ".secret/c", "a.txt", "sub/b.txt"],
+            sorted(hidden.names()), [".hidden", ".secret/c", "a.txt", "sub/b.txt"]
         )
 
 
@@ -300,6 +309,17 @@ class ClientOrderTests(CommandTestCase):
     B = (PEER_B, "127.0.0.1", 4002)
     C = (PEER_C, "127.0.0.1", 4003)
 
+    def serve(self, index: int, content: bytes) -> bytes:
+        """Play a peer (P2P/2) that has the file, one piece long; return the
+        request it got."""
+        protocol, transport = self.connect(index, b"P2P/2 peer")
+        request = transport.value()
+        header = wire.FileHeader(
+            len(content), root_hex(content), 0, len(content), PIECE_SIZE, 0
+        )
+        protocol.dataReceived(header.to_line() + b"\n" + content)
+        return request
+
     def test_hinted_order(self) -> None:
         a, b, c = (
             wire.PeerEntry(p, h, port) for p, h, port in (self.A, self.B, self.C)
@@ -315,7 +335,7 @@ class ClientOrderTests(CommandTestCase):
         request = self.answer_peers(1, self.C)
         self.assertEqual(request, f"PEERS hint={hints.name_hint('a.txt')}\n".encode())
         self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4003))
-        serve(self.reactor, 2, self.CONTENT)
+        self.serve(2, self.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(len(self.reactor.tcpClients), 3, "one peer contacted")
         self.assertIn(
@@ -329,7 +349,7 @@ class ClientOrderTests(CommandTestCase):
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", "x", "a.txt")
         self.answer_peers(0, self.A, self.B)
         self.answer_peers(1, self.B)
-        protocol, _ = self.connect(2, b"P2P/1 peer")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
         self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4002))
         protocol.dataReceived(b"ERR 404 no such file\n")
         self.assertEqual(self.reactor.tcpClients[3][:2], ("127.0.0.1", 4001))
@@ -347,7 +367,7 @@ class ClientOrderTests(CommandTestCase):
         protocol, _ = self.connect(1, b"P2P/1 relay")
         protocol.dataReceived(b"ERR 400 unexpected argument 'hint=...'\n")
         self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4001))
-        serve(self.reactor, 2, self.CONTENT)
+        self.serve(2, self.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertIn("2 active peer(s), 0 suggested", self.console.err_lines[0])
         self.assert_no_timers()
@@ -358,7 +378,7 @@ class ClientOrderTests(CommandTestCase):
         d = self.run_cli("--relay", "127.0.0.1:9", "get", "-o", target, "a.txt")
         self.answer_peers(0, self.A)
         self.refuse(1)
-        serve(self.reactor, 2, self.CONTENT)
+        self.serve(2, self.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertIn("no suggestion", self.console.stderr.getvalue())
         self.assert_no_timers()

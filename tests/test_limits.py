@@ -34,6 +34,8 @@ from p2p.registry import MemoryRegistry
 from p2p.relay import Relay, RelayFactory, RelayProtocol
 from p2p.share import ShareFolder
 
+from ._indexed import peer_factory
+
 HOST_A = "10.0.0.5"
 HOST_B = "10.0.0.6"
 
@@ -216,7 +218,7 @@ class RefusingProtocolTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         self.assertEqual(
             transport.value(),
-            b"P2P/1 peer\nERR 503 too many connections (limit 3)\n",
+            b"P2P/2 peer\nERR 503 too many connections (limit 3)\n",
         )
         self.assertTrue(transport.disconnecting)
         protocol.dataReceived(b"GET a.txt\n")
@@ -226,11 +228,13 @@ class RefusingProtocolTests(SynchronousTestCase):
 class FactoryLimitsMixin:
     """
     The limits as a client sees them, for one server's factory.  Subclasses
-    give C{role}, C{make_factory(limits)} and a C{request} that server
-    answers with an ``OK`` line.
+    give C{role}, the C{banner} its server greets with,
+    C{make_factory(limits)} and a C{request} that server answers with an
+    ``OK`` line.
     """
 
     role: str
+    banner: bytes
     request: bytes
 
     def make_factory(self, limits: ConnectionLimits):
@@ -256,7 +260,7 @@ class FactoryLimitsMixin:
     def assertServed(self, protocol, transport) -> None:
         """A connection that was greeted and answers a request."""
         self.assertNotIsInstance(protocol, RefusingProtocol)
-        self.assertEqual(transport.value(), f"P2P/1 {self.role}\n".encode())
+        self.assertEqual(transport.value(), self.banner + b"\n")
         transport.clear()
         protocol.dataReceived(self.request + b"\n")
         self.assertTrue(transport.value().startswith(b"OK "), transport.value())
@@ -267,7 +271,7 @@ class FactoryLimitsMixin:
         self.assertIsInstance(protocol, RefusingProtocol)
         self.assertEqual(
             transport.value(),
-            f"P2P/1 {self.role}\nERR 503 {reason}\n".encode(),
+            self.banner + f"\nERR 503 {reason}\n".encode(),
         )
         self.assertTrue(transport.disconnecting)
 
@@ -348,6 +352,7 @@ class FactoryLimitsMixin:
 
 class RelayLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
     role = "relay"
+    banner = b"P2P/1 relay"
     request = b"PEERS"
 
     def make_factory(self, limits: ConnectionLimits) -> RelayFactory:
@@ -365,16 +370,21 @@ class RelayLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
 
 class PeerLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
     role = "peer"
+    banner = b"P2P/2 peer"
     request = b"LIST"
 
     def make_factory(self, limits: ConnectionLimits) -> PeerFactory:
         root = tempfile.mkdtemp(prefix="p2p-limits-")
         self.addCleanup(_rmtree, root)
-        return PeerFactory(ShareFolder(root), self.clock, 30, limits)
+        # The index's rescan timer runs on a clock of its own: the tests
+        # count the connections' timers on self.clock.
+        return peer_factory(
+            self, ShareFolder(root), self.clock, 30, limits, index_clock=Clock()
+        )
 
     def test_default_limits(self) -> None:
         """Without limits given, a factory gets the defaults (never none)."""
-        factory = PeerFactory(self.factory.share, self.clock)
+        factory = PeerFactory(self.factory.share, self.factory.index, self.clock)
         self.assertEqual(
             (factory.limits.max_total, factory.limits.max_per_host), (1000, 64)
         )
@@ -485,18 +495,22 @@ class HalfCloseTests(SynchronousTestCase):
         import os
         import tempfile
 
-        from p2p.peer import PeerFactory
         from p2p.share import ShareFolder
+
+        from .test_share import root_hex
 
         root = tempfile.mkdtemp()
         self.addCleanup(__import__("shutil").rmtree, root)
+        content = b"x" * 300_000
         with open(os.path.join(root, "a.txt"), "wb") as stream:
-            stream.write(b"x" * 300_000)
-        protocol, transport = self.connect(PeerFactory(ShareFolder(root), self.clock))
+            stream.write(content)
+        factory = peer_factory(self, ShareFolder(root), self.clock, index_clock=Clock())
+        protocol, transport = self.connect(factory)
         protocol.dataReceived(b"GET a.txt\nLIST\n")
         protocol.readConnectionLost()
         self.assertFalse(transport.disconnecting)  # the file is on its way
         while transport.producer is not None:
             transport.producer.resumeProducing()
-        self.assertTrue(transport.value().endswith(b"OK 1\nFILE 300000 a.txt\n"))
+        listing = f"OK 1\nFILE 300000 {root_hex(content)} a.txt\n".encode()
+        self.assertTrue(transport.value().endswith(listing))
         self.assertTrue(transport.disconnecting)

@@ -121,6 +121,24 @@ class LineRequestProtocolTests(SynchronousTestCase):
             self.assertEqual(error.code, Code.VERSION, banner)
             self.assertEqual(transport.value(), b"")
 
+    def test_peer_speaks_the_second_version(self) -> None:
+        """
+        Peers speak P2P/2 while the relay stays at P2P/1: a peer greeting
+        with the first version is refused (505) before the request goes
+        out, since its replies would be misread; P2P/2 is asked.
+        """
+        protocol, transport = self.make(role="peer", request=b"LIST", listing=True)
+        protocol.dataReceived(b"P2P/1 peer\n")
+        error = self.failureResultOf(protocol.result, WireError).value
+        self.assertEqual(error.code, Code.VERSION)
+        self.assertIn("'P2P/1'", error.message)
+        self.assertEqual(transport.value(), b"")
+
+        protocol, transport = self.make(role="peer", request=b"LIST", listing=True)
+        protocol.dataReceived(b"P2P/2 peer\n")
+        self.assertEqual(transport.value(), b"LIST\n")
+        self.assertNoResult(protocol.result)
+
     def test_err_reply(self) -> None:
         """``ERR <code> <message>`` is a RemoteError carrying both."""
         protocol, transport = self.make()
@@ -325,7 +343,9 @@ class RequestLinesTests(SynchronousTestCase):
         endpoint = FakeEndpoint()
         d = request_lines(endpoint, "peer", b"LIST", self.clock, listing=True)
         protocol = endpoint.protocols[0]
-        protocol.dataReceived(b"P2P/1 peer\nOK 5\nFILE 1 a\n")
+        line = wire.FileEntry(1, "0" * 64, "a").to_line()
+        protocol.dataReceived(b"P2P/2 peer\nOK 5\n" + line + b"\n")
+        self.assertEqual(endpoint.transports[0].value(), b"LIST\n")
         protocol.connectionLost(Failure(ConnectionDone()))
         self.failureResultOf(d, IncompleteReply)
         self.assertEqual(self.clock.getDelayedCalls(), [])

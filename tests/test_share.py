@@ -1,35 +1,39 @@
-"""Tests for L{p2p.share}: name resolution, listing and cached digests.
+"""Tests for L{p2p.share}: name resolution, and what a peer lists of it.
 
 Every name a client sends is hostile until proven otherwise, so most of this
 module is a corpus of names that must never yield a byte from outside the
-share folder.  Each test builds its own folder on disk (files, symlinks,
-FIFOs) in a temporary directory removed afterwards.
+share folder, tried against L{ShareFolder.open} and, through a real peer
+(which answers from its share's index, see L{tests._indexed}), on the wire.
+Each test builds its own folder on disk (files, symlinks, FIFOs) in a
+temporary directory removed afterwards.  Hashing and staleness are the
+index's business: L{tests.test_index}, and L{tests.test_peer} for what a
+client sees of them.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 
+from blake3 import blake3
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import share as share_module
 from p2p import wire
 from p2p.peer import PeerFactory
+from p2p.pieces import PIECE_SIZE, root_of
 from p2p.share import OpenedFile, ShareFolder, run_inline
 from p2p.wire import Code, WireError
+from tests._indexed import peer_factory
 
 SECRET = b"TOP SECRET: outside the share folder\n"
 A_CONTENT = b"alpha file\n"
@@ -60,6 +64,52 @@ def write(path: str, data: bytes) -> str:
 def open_descriptor_count() -> int:
     """How many file descriptors this process holds (Linux /proc)."""
     return len(os.listdir("/proc/self/fd"))
+
+
+def digests_of(data: bytes) -> bytes:
+    """The concatenated BLAKE3 digests of C{data}'s pieces, computed here
+    (not with L{p2p.pieces}' hashing)."""
+    return b"".join(
+        blake3(data[offset : offset + PIECE_SIZE]).digest()
+        for offset in range(0, len(data), PIECE_SIZE)
+    )
+
+
+def root_hex(data: bytes) -> str:
+    """The root of C{data}, as it goes on the wire."""
+    return root_of(len(data), PIECE_SIZE, digests_of(data)).hex()
+
+
+def read_listing(
+    factory: PeerFactory, limit: int | None = None
+) -> list[wire.FileEntry]:
+    """
+    Everything one connection to C{factory}'s peer lists (following
+    ``next=`` cursors, C{limit} entries a page), checking that every line
+    reads back exactly as it was sent.  The connection is lost afterwards.
+    """
+    protocol = factory.buildProtocol(IPv4Address("TCP", "198.51.100.7", 40000))
+    transport = StringTransport()
+    protocol.makeConnection(transport)
+    transport.clear()
+    request = wire.ListFiles(limit)
+    entries: list[wire.FileEntry] = []
+    for _ in range(1000):
+        protocol.dataReceived(request.to_line() + b"\n")
+        lines = transport.value().split(b"\n")
+        transport.clear()
+        assert lines.pop() == b"", "the answer ends with a line end"
+        count, cursor = wire.parse_listing_header(lines[0], wire.MAX_FILES_PER_PAGE)
+        assert count == len(lines) - 1, lines[0]
+        for line in lines[1:]:
+            entry = wire.FileEntry.from_line(line)
+            assert entry.to_line() == line, line
+            entries.append(entry)
+        if cursor is None:
+            break
+        request = wire.ListFiles(limit, cursor)
+    protocol.connectionLost(Failure(ConnectionDone()))
+    return entries
 
 
 @contextlib.contextmanager
@@ -129,39 +179,6 @@ def build_tree(case: SynchronousTestCase) -> tuple[str, str]:
     os.mkfifo(os.path.join(root, "pipe"))
     link("pipe", "fifo-link")  # a FIFO inside, through a symlink
     return base, root
-
-
-class CountingRunner:
-    """A C{run_blocking} that runs inline and counts its calls."""
-
-    def __init__(self) -> None:
-        self.calls = 0
-
-    def __call__(self, work: Callable[[], str]) -> Deferred[str]:
-        self.calls += 1
-        return run_inline(work)
-
-
-class DeferredRunner:
-    """A C{run_blocking} that holds the work until the test runs it."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Callable[[], str], Deferred[str]]] = []
-
-    def __call__(self, work: Callable[[], str]) -> Deferred[str]:
-        d: Deferred[str] = Deferred()
-        self.pending.append((work, d))
-        return d
-
-    def run_all(self) -> None:
-        pending, self.pending = self.pending, []
-        for work, d in pending:
-            try:
-                result = work()
-            except Exception as e:
-                d.errback(e)
-            else:
-                d.callback(result)
 
 
 class ShareTestMixin:
@@ -469,9 +486,19 @@ class WireCorpusTests(SynchronousTestCase):
     def setUp(self) -> None:
         self.base, self.root = build_tree(self)
         self.clock = Clock()
+        self.factories: dict[ShareFolder, PeerFactory] = {}
         self.secrets = [SECRET]
         with open("/etc/passwd", "rb") as stream:
             self.secrets.append(stream.read(64))
+
+    def factory_for(self, share: ShareFolder) -> PeerFactory:
+        """One peer (and one index of the tree) per share and test: the
+        index's own clock keeps its rescan timer out of C{self.clock}."""
+        if share not in self.factories:
+            self.factories[share] = peer_factory(
+                self, share, self.clock, 30.0, index_clock=Clock()
+            )
+        return self.factories[share]
 
     def serve(self, share: ShareFolder, request: bytes) -> tuple[bytes, bool]:
         """
@@ -479,7 +506,7 @@ class WireCorpusTests(SynchronousTestCase):
         whether it left a producer (a transfer) behind.  The connection is
         lost afterwards; no timer may remain.
         """
-        factory = PeerFactory(share, self.clock, 30.0)
+        factory = self.factory_for(share)
         protocol = factory.buildProtocol(IPv4Address("TCP", "198.51.100.7", 40000))
         transport = StringTransport()
         protocol.makeConnection(transport)
@@ -497,11 +524,11 @@ class WireCorpusTests(SynchronousTestCase):
         return transport.value(), producing
 
     def requests(self):
-        """(label, request line) for every corpus name, as GET and RESUME."""
+        """(label, request line) for every corpus name, as GET and RANGE."""
         names = [name.encode("utf-8") for name in HOSTILE_NAMES]
         for name in names + HOSTILE_WIRE_NAMES:
             yield name, b"GET " + name + b"\n"
-            yield name, b"RESUME 0 " + name + b"\r\n"
+            yield name, b"RANGE 0 100 " + name + b"\r\n"
 
     def assertRefusedOnWire(self, share: ShareFolder, label, request) -> None:
         before = open_descriptor_count()
@@ -538,7 +565,8 @@ class WireCorpusTests(SynchronousTestCase):
                 with fails_instead_of_hanging():
                     reply, _ = self.serve(share, request)
                 line, _, content = reply.partition(b"\n")
-                self.assertTrue(line.startswith(b"OK "), label)
+                header = wire.FileHeader.from_line(line)
+                self.assertEqual(header.root, root_hex(expected), label)
                 self.assertEqual(content, expected, label)
             else:
                 self.assertRefusedOnWire(share, label, request)
@@ -564,31 +592,50 @@ class WireCorpusTests(SynchronousTestCase):
             self.assertRefusedOnWire(share, "zero-device", b"GET zero-device\n")
 
 
-class ListingTests(ShareTestMixin, SynchronousTestCase):
-    """L{ShareFolder.list}: recursive, sorted, safe."""
+class ListingTests(SynchronousTestCase):
+    """
+    What a peer lists of the hostile tree (``LIST``, from its index): the
+    files a client may fetch, each once, with its size and root, and
+    nothing else.  The order is the order the index first met the files
+    (protocol.rst), so these tests compare sets.
+    """
+
+    def setUp(self) -> None:
+        self.base, self.root = build_tree(self)
+
+    def listed(
+        self, root: str | None = None, include_hidden: bool = False, **options
+    ) -> list[wire.FileEntry]:
+        """What a fresh peer of C{root} (the tree by default) lists."""
+        share = ShareFolder(root or self.root, include_hidden=include_hidden)
+        factory = peer_factory(self, share, Clock(), 30.0, index_clock=Clock())
+        entries = read_listing(factory, **options)
+        names = [entry.name for entry in entries]
+        self.assertEqual(len(names), len(set(names)), "each file once")
+        return entries
 
     def test_listing(self) -> None:
         """
-        Regular files only, recursively, sorted by name; hidden names,
-        symlinks leading out, dangling links, FIFOs, loops and directories
-        (even symlinked ones) are skipped.
+        Regular files only, recursively, with their sizes and roots; hidden
+        names, symlinks leading out, dangling links, FIFOs, loops and
+        directories (even symlinked ones) are skipped.  A symlink to a file
+        inside is a name of its own for the same content.
         """
         self.assertEqual(
-            self.share.list(),
-            [
-                wire.FileEntry(len(A_CONTENT), "a.txt"),
-                wire.FileEntry(len(A_CONTENT), "inlink"),
-                wire.FileEntry(len(B_CONTENT), "sub/b.txt"),
-                wire.FileEntry(len(C_CONTENT), "sub/deeper/c.txt"),
-            ],
+            set(self.listed()),
+            {
+                wire.FileEntry(len(A_CONTENT), root_hex(A_CONTENT), "a.txt"),
+                wire.FileEntry(len(A_CONTENT), root_hex(A_CONTENT), "inlink"),
+                wire.FileEntry(len(B_CONTENT), root_hex(B_CONTENT), "sub/b.txt"),
+                wire.FileEntry(len(C_CONTENT), root_hex(C_CONTENT), "sub/deeper/c.txt"),
+            },
         )
 
     def test_listing_with_hidden(self) -> None:
         """With C{include_hidden}, hidden files and folders are listed too."""
-        share = ShareFolder(self.root, include_hidden=True)
         self.assertEqual(
-            [entry.name for entry in share.list()],
-            [
+            {entry.name for entry in self.listed(include_hidden=True)},
+            {
                 ".hidden-dir/h.txt",
                 ".secret",
                 "a.txt",
@@ -597,62 +644,74 @@ class ListingTests(ShareTestMixin, SynchronousTestCase):
                 "sub/b.txt",
                 "sub/deeper/c.txt",
                 "to-hidden",
-            ],
+            },
         )
 
     def test_every_listed_name_opens(self) -> None:
-        """Whatever is listed can be opened under exactly that name."""
-        for share in (self.share, ShareFolder(self.root, include_hidden=True)):
-            for entry in share.list():
+        """Whatever is listed can be opened under exactly that name, and
+        holds the size and content the listing says."""
+        for include_hidden in (False, True):
+            share = ShareFolder(self.root, include_hidden=include_hidden)
+            for entry in self.listed(include_hidden=include_hidden):
                 opened = share.open(entry.name)
-                self.assertEqual(opened.size, entry.size)
-                opened.close()
+                try:
+                    data = os.pread(opened.fd, opened.size + 1, 0)
+                finally:
+                    opened.close()
+                self.assertEqual(len(data), entry.size, entry.name)
+                self.assertEqual(root_hex(data), entry.root, entry.name)
 
     def test_listing_fifo_does_not_hang(self) -> None:
         """Listing a folder with FIFOs returns (the FIFOs are skipped)."""
         os.mkfifo(os.path.join(self.root, "sub", "another-pipe"))
         with fails_instead_of_hanging():
-            names = [entry.name for entry in self.share.list()]
+            names = [entry.name for entry in self.listed()]
         self.assertNotIn("pipe", names)
         self.assertNotIn("sub/another-pipe", names)
 
     def test_listing_leaks_no_descriptor(self) -> None:
-        """Listing opens and closes each file."""
+        """Indexing and listing open and close each file."""
         before = open_descriptor_count()
-        self.share.list()
+        self.listed()
         self.assertEqual(open_descriptor_count(), before)
 
     def test_empty_folder(self) -> None:
         """An empty folder lists nothing."""
-        self.assertEqual(ShareFolder(temp_dir(self)).list(), [])
+        self.assertEqual(self.listed(temp_dir(self)), [])
 
-    def test_listing_is_sorted_by_full_name(self) -> None:
-        """Files sort by their whole share-relative name, across folders."""
+    def test_listing_across_folders(self) -> None:
+        """Files are listed by their whole share-relative name, across
+        folders, each once."""
         root = temp_dir(self)
         for name in ("b", "a/z", "a-b", "A", "a/b/c", "ab"):
             write(os.path.join(root, *name.split("/")), name.encode())
-        names = [entry.name for entry in ShareFolder(root).list()]
-        self.assertEqual(names, sorted(names))
-        self.assertEqual(set(names), {"b", "a/z", "a-b", "A", "a/b/c", "ab"})
+        self.assertEqual(
+            {(entry.name, entry.root) for entry in self.listed(root)},
+            {
+                (name, root_hex(name.encode()))
+                for name in ("b", "a/z", "a-b", "A", "a/b/c", "ab")
+            },
+        )
 
     def test_listing_skips_names_the_wire_cannot_carry(self) -> None:
         """
         A name a client could not parse back (control characters, a name
         longer than the protocol allows, one with a newline) is left out:
         listing it would make the whole listing unreadable to every client.
+        (L{read_listing} checks that every line reads back as sent.)
         """
         root = temp_dir(self)
         write(os.path.join(root, "good.txt"), b"ok")
         write(os.path.join(root, "escape\x1bname"), b"x")
         write(os.path.join(root, "new\nline"), b"x")
         write(os.path.join(root, "bell\x07"), b"x")
+        write(os.path.join(root, "c1\x85"), b"x")
         write(os.path.join(root, "tab\there"), b"tab is legal")
         long_parts = ["d" * 200] * 4 + ["f" * 150]  # about 950 bytes
         write(os.path.join(root, *long_parts), b"too long to name")
-        entries = ShareFolder(root).list()
-        self.assertEqual([entry.name for entry in entries], ["good.txt", "tab\there"])
-        for entry in entries:
-            self.assertEqual(wire.FileEntry.from_line(entry.to_line()), entry)
+        self.assertEqual(
+            {entry.name for entry in self.listed(root)}, {"good.txt", "tab\there"}
+        )
 
     def test_listing_skips_undecodable_names(self) -> None:
         """A file name that is not UTF-8 is skipped, not a crash."""
@@ -660,132 +719,18 @@ class ListingTests(ShareTestMixin, SynchronousTestCase):
         write(os.path.join(root, "fine"), b"1")
         with open(os.path.join(os.fsencode(root), b"latin1-\xe9"), "wb") as f:
             f.write(b"2")
-        self.assertEqual([entry.name for entry in ShareFolder(root).list()], ["fine"])
+        self.assertEqual([entry.name for entry in self.listed(root)], ["fine"])
 
-    def test_listing_limit(self) -> None:
-        """The walk stops at C{MAX_LISTED_FILES} entries."""
-        self.patch(share_module, "MAX_LISTED_FILES", 3)
-        self.assertEqual(len(self.share.list()), 3)
+    def test_pages(self) -> None:
+        """A page holds at most ``limit=`` files; followed through their
+        cursors, the pages list exactly what one page does."""
+        everything = self.listed()
+        self.assertEqual(self.listed(limit=1), everything)
+        self.assertEqual(self.listed(limit=3), everything)
 
 
-class DigestTests(ShareTestMixin, SynchronousTestCase):
-    """L{ShareFolder.digest}: SHA-256 through C{run_blocking}, cached."""
-
-    def setUp(self) -> None:
-        super().setUp()
-        self.runner = CountingRunner()
-        self.share = ShareFolder(self.root, run_blocking=self.runner)
-
-    def digest_of(self, name: str) -> str:
-        opened = self.share.open(name)
-        try:
-            return self.successResultOf(self.share.digest(opened))
-        finally:
-            opened.close()
-
-    def test_digest(self) -> None:
-        """The digest is the SHA-256 of the whole file, hashed via run_blocking."""
-        self.assertEqual(self.digest_of("a.txt"), hashlib.sha256(A_CONTENT).hexdigest())
-        self.assertEqual(self.runner.calls, 1)
-
-    def test_empty_file(self) -> None:
-        """An empty file has the SHA-256 of nothing."""
-        write(os.path.join(self.root, "empty"), b"")
-        self.assertEqual(self.digest_of("empty"), hashlib.sha256(b"").hexdigest())
-
-    def test_large_file(self) -> None:
-        """Files larger than one hashing chunk are hashed whole."""
-        data = os.urandom(share_module.HASH_CHUNK_BYTES * 2 + 123)
-        write(os.path.join(self.root, "big"), data)
-        self.assertEqual(self.digest_of("big"), hashlib.sha256(data).hexdigest())
-
-    def test_cached(self) -> None:
-        """The same unchanged file is hashed once, whatever opens it."""
-        first = self.digest_of("a.txt")
-        self.assertEqual(self.digest_of("a.txt"), first)
-        self.assertEqual(self.digest_of("inlink"), first)  # same inode
-        self.assertEqual(self.runner.calls, 1)
-
-    def test_changed_size_recomputed(self) -> None:
-        """Appending to a file changes its identity: the digest is recomputed."""
-        self.digest_of("a.txt")
-        with open(os.path.join(self.root, "a.txt"), "ab") as stream:
-            stream.write(b"more")
-        self.assertEqual(
-            self.digest_of("a.txt"), hashlib.sha256(A_CONTENT + b"more").hexdigest()
-        )
-        self.assertEqual(self.runner.calls, 2)
-
-    def test_changed_mtime_recomputed(self) -> None:
-        """
-        A same-size rewrite is recomputed.  The test moves the mtime on by a
-        second explicitly: two writes in one kernel clock tick can share an
-        mtime, which the cache cannot tell apart (see the report).
-        """
-        path = os.path.join(self.root, "a.txt")
-        self.digest_of("a.txt")
-        before = os.stat(path).st_mtime_ns
-        replacement = b"ALPHA FILE\n"
-        self.assertEqual(len(replacement), len(A_CONTENT))
-        write(path, replacement)
-        os.utime(path, ns=(before + 10**9, before + 10**9))
-        self.assertEqual(
-            self.digest_of("a.txt"), hashlib.sha256(replacement).hexdigest()
-        )
-        self.assertEqual(self.runner.calls, 2)
-
-    def test_replaced_file_recomputed(self) -> None:
-        """A file replaced by rename (new inode) is recomputed."""
-        self.digest_of("a.txt")
-        write(os.path.join(self.root, "new.tmp"), b"other")
-        os.replace(os.path.join(self.root, "new.tmp"), os.path.join(self.root, "a.txt"))
-        self.assertEqual(self.digest_of("a.txt"), hashlib.sha256(b"other").hexdigest())
-        self.assertEqual(self.runner.calls, 2)
-
-    def test_cache_bounded(self) -> None:
-        """The cache forgets its oldest entry beyond C{MAX_CACHED_DIGESTS}."""
-        self.patch(share_module, "MAX_CACHED_DIGESTS", 2)
-        self.digest_of("a.txt")
-        self.digest_of("sub/b.txt")
-        self.digest_of("sub/deeper/c.txt")  # evicts a.txt
-        self.assertEqual(self.runner.calls, 3)
-        self.digest_of("sub/deeper/c.txt")
-        self.assertEqual(self.runner.calls, 3)
-        self.digest_of("a.txt")
-        self.assertEqual(self.runner.calls, 4)
-
-    def test_hasher_survives_close(self) -> None:
-        """
-        The hasher uses its own descriptor: closing the opened file (the
-        client left) before the hash runs still gives the right digest, and
-        the hasher's descriptor is closed afterwards.
-        """
-        runner = DeferredRunner()
-        share = ShareFolder(self.root, run_blocking=runner)
-        before = open_descriptor_count()
-        opened = share.open("a.txt")
-        d = share.digest(opened)
-        opened.close()
-        self.assertNoResult(d)
-        runner.run_all()
-        self.assertEqual(self.successResultOf(d), hashlib.sha256(A_CONTENT).hexdigest())
-        self.assertEqual(open_descriptor_count(), before)
-
-    def test_failure_not_cached(self) -> None:
-        """
-        A file that shrank under the hasher fails with OSError, leaks no
-        descriptor, and the failure is not cached.
-        """
-        path = write(os.path.join(self.root, "shrinking"), b"0123456789")
-        before = open_descriptor_count()
-        opened = self.share.open("shrinking")
-        os.truncate(path, 4)
-        self.failureResultOf(self.share.digest(opened), OSError)
-        opened.close()
-        self.assertEqual(open_descriptor_count(), before)
-        self.assertEqual(
-            self.digest_of("shrinking"), hashlib.sha256(b"0123").hexdigest()
-        )
+class RunInlineTests(SynchronousTestCase):
+    """L{run_inline}: a pool runner without threads, for tests."""
 
     def test_run_inline(self) -> None:
         """C{run_inline} turns a result or an exception into a fired Deferred."""
@@ -797,8 +742,6 @@ class TwistdFilesTests(SynchronousTestCase):
     """twistd's own pid and log files in the share root are never served."""
 
     def test_not_served_or_listed(self) -> None:
-        from p2p.wire import Code, WireError
-
         root = temp_dir(self)
         for name in ("twistd.pid", "twistd.log", "twistd.log.1", "ok.txt"):
             with open(os.path.join(root, name), "w") as stream:
@@ -808,4 +751,7 @@ class TwistdFilesTests(SynchronousTestCase):
             with self.assertRaises(WireError) as caught:
                 share.open(name)
             self.assertEqual(caught.exception.code, Code.FORBIDDEN)
-        self.assertEqual([entry.name for entry in share.list()], ["ok.txt"])
+        factory = peer_factory(self, share, Clock(), 30.0, index_clock=Clock())
+        self.assertEqual(
+            read_listing(factory), [wire.FileEntry(1, root_hex(b"x"), "ok.txt")]
+        )

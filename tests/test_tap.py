@@ -17,13 +17,17 @@ from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import peer_tap, relay_tap, wire
-from p2p.announce import UNREGISTER_TIMEOUT_SECONDS, Announcer
+from p2p.announce import (
+    FILTER_REFRESH_SECONDS,
+    UNREGISTER_TIMEOUT_SECONDS,
+    Announcer,
+)
 from p2p.endpoints import DEFAULT_RELAY
 from p2p.hints import build_filter
 from p2p.peer import PeerFactory
 from p2p.relay import RelayFactory
 from p2p.service import ListeningService, PortFileService
-from p2p.share import ShareFolder
+from p2p.throttle import TokenBucket
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 from ._support import set_relay_environment
@@ -56,6 +60,23 @@ def set_token_environment(case: SynchronousTestCase, value: str | None) -> None:
         os.environ.pop(TOKEN_ENVIRONMENT_VARIABLE, None)
     else:
         os.environ[TOKEN_ENVIRONMENT_VARIABLE] = value
+
+
+def set_environment(case: SynchronousTestCase, name: str, value: str | None) -> None:
+    """Set (or unset, for C{None}) $C{name} for the duration of C{case}."""
+    saved = os.environ.get(name)
+
+    def restore() -> None:
+        if saved is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = saved
+
+    case.addCleanup(restore)
+    if value is None:
+        os.environ.pop(name, None)
+    else:
+        os.environ[name] = value
 
 
 def activity_reports(events: list[dict]) -> list[dict]:
@@ -352,6 +373,9 @@ class PeerOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
         set_token_environment(self, None)
+        # Where indexes go by default: never the real home folder in tests.
+        self.state_home = os.path.abspath(self.mktemp())
+        set_environment(self, "XDG_STATE_HOME", self.state_home)
         self.share = self.mktemp()
         os.mkdir(self.share)
 
@@ -376,7 +400,37 @@ class PeerOptionsTests(SynchronousTestCase):
                 "token": None,
                 "port-file": None,
                 "include-hidden": 0,
+                "state": peer_tap.default_state_folder("."),
+                "rescan-interval": 300.0,
+                "max-upload-rate": None,
             },
+        )
+        self.assertTrue(config["state"].startswith(self.state_home + os.sep))
+
+    def test_state_folder_per_share(self) -> None:
+        """
+        By default a share's index lives under $XDG_STATE_HOME (else
+        ~/.local/state), in a folder of its own named after the share's
+        real path: two shares never mix, two spellings of one share agree,
+        and the index is never inside the share.  Parsing creates nothing.
+        """
+        other = self.mktemp()
+        os.mkdir(other)
+        state = self.parse()["state"]
+        self.assertEqual(
+            os.path.dirname(state), os.path.join(self.state_home, "p2p-relay", "shares")
+        )
+        self.assertEqual(
+            self.parse("--share", os.path.abspath(self.share))["state"], state
+        )
+        self.assertNotEqual(self.parse("--share", other)["state"], state)
+        self.assertFalse(os.path.exists(self.state_home))
+        set_environment(self, "XDG_STATE_HOME", None)
+        home = os.path.expanduser("~")
+        self.assertTrue(
+            self.parse()["state"].startswith(
+                os.path.join(home, ".local", "state", "p2p-relay", "shares") + os.sep
+            )
         )
 
     def test_limits_and_token(self) -> None:
@@ -426,12 +480,21 @@ class PeerOptionsTests(SynchronousTestCase):
             "--port-file",
             "peer.port",
             "--include-hidden",
+            "--state",
+            "index-state",
+            "--rescan-interval",
+            "2.5",
+            "--max-upload-rate",
+            "20M",
         )
         self.assertEqual(config["listen"], "tcp:0:interface=127.0.0.1")
         self.assertEqual(config["name"], "peer-1.a_b")
         self.assertEqual(config["idle-timeout"], 1.5)
         self.assertEqual(config["port-file"], "peer.port")
         self.assertTrue(config["include-hidden"])
+        self.assertEqual(config["state"], "index-state")
+        self.assertEqual(config["rescan-interval"], 2.5)
+        self.assertEqual(config["max-upload-rate"], 20 * 1024 * 1024)
 
     def test_bad_values(self) -> None:
         missing = self.mktemp()
@@ -454,6 +517,13 @@ class PeerOptionsTests(SynchronousTestCase):
             ["--max-connections-per-host", "-1"],
             ["--max-connections-per-host", "x"],
             ["--token", "a;b"],
+            ["--rescan-interval", "0"],
+            ["--rescan-interval", "x"],
+            ["--max-upload-rate", "0"],
+            ["--max-upload-rate", "fast"],
+            # The index inside the share would be served (and re-indexed).
+            ["--state", self.share],
+            ["--state", os.path.join(self.share, "index")],
         ):
             with self.assertRaises(usage.UsageError, msg=argv):
                 self.parse(*argv)
@@ -469,6 +539,9 @@ class PeerOptionsTests(SynchronousTestCase):
             "--max-connections-per-host",
             "--token",
             "$P2P_TOKEN",
+            "--state",
+            "--rescan-interval",
+            "--max-upload-rate",
         ):
             self.assertIn(fragment, text)
 
@@ -479,19 +552,46 @@ class PeerServiceTests(SynchronousTestCase):
         set_token_environment(self, None)
         self.share = self.mktemp()
         os.mkdir(self.share)
+        # The index's folder: given explicitly, and the default moved too,
+        # so that no test writes to the real ~/.local/state.
+        self.state = os.path.abspath(self.mktemp())
+        set_environment(self, "XDG_STATE_HOME", os.path.abspath(self.mktemp()))
         self.reactor = MemoryReactorClock()
 
     def make(self, *argv: str) -> MultiService:
         config = peer_tap.Options()
-        config.parseOptions(["--share", self.share, *argv])
+        config.parseOptions(["--share", self.share, "--state", self.state, *argv])
         return peer_tap.makeService(config, self.reactor)
+
+    def started(self, *argv: str) -> MultiService:
+        service = self.make(*argv)
+        service.startService()
+        self.addCleanup(service.stopService)
+        return service
+
+    def register(self, index: int) -> bytes:
+        """Play the relay for the REGISTER of connection C{index} (it is
+        granted a lease); return the request line."""
+        factory = self.reactor.tcpClients[index][2]
+        protocol = factory.buildProtocol(None)
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        protocol.dataReceived(b"P2P/1 relay\n")
+        request = transport.value()
+        protocol.dataReceived(
+            f"OK {PEER_ID} ttl=60 renew=20 observed=10.0.0.2\n".encode()
+        )
+        return request
 
     def test_children(self) -> None:
         service = self.make()
+        self.assertEqual(len(children(service, peer_tap.IndexService)), 1)
         self.assertEqual(len(children(service, ListeningService)), 1)
         self.assertEqual(len(children(service, Announcer)), 1)
         self.assertEqual(children(service, PortFileService), [])
-        self.assertEqual(len(list(service)), 2)
+        self.assertEqual(len(list(service)), 3)
+        # The index starts first: the listener and the announcer use it.
+        self.assertIsInstance(list(service)[0], peer_tap.IndexService)
         self.assertEqual(
             len(children(self.make("--port-file", "p"), PortFileService)), 1
         )
@@ -501,6 +601,8 @@ class PeerServiceTests(SynchronousTestCase):
         Starting listens on --listen and registers that port at the relay;
         stopping unregisters and leaves no timer behind.
         """
+        with open(os.path.join(self.share, "a.txt"), "wb") as stream:
+            stream.write(b"alpha\n")
         service = self.make(
             "--listen", "tcp:0:interface=127.0.0.1", "--name", "p1", "10.0.0.1", "4001"
         )
@@ -517,24 +619,21 @@ class PeerServiceTests(SynchronousTestCase):
         service.startService()
         port, _, _, interface = self.reactor.tcpServers[0]
         self.assertEqual((port, interface), (0, "127.0.0.1"))
-        host, relay_port, factory = self.reactor.tcpClients[0][:3]
+        host, relay_port = self.reactor.tcpClients[0][:2]
         self.assertEqual((host, relay_port), ("10.0.0.1", 4001))
 
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(b"P2P/1 relay\n")
-        # The share's name filter goes with every REGISTER (see p2p.hints).
-        files = build_filter(ShareFolder(self.share).names())
-        self.assertEqual(
-            transport.value(), f"REGISTER 0 name=p1 files={files}\n".encode()
-        )
-        protocol.dataReceived(
-            f"OK {PEER_ID} ttl=60 renew=20 observed=10.0.0.2\n".encode()
-        )
+        # The name filter of the share's files goes with every REGISTER
+        # (see p2p.hints), built from what the index found.
+        request = self.register(0)
+        files = build_filter(["a.txt"])
+        self.assertEqual(request, f"REGISTER 0 name=p1 files={files}\n".encode())
         registered = self.successResultOf(announcer.when_registered())
         self.assertEqual(registered.peer_id, PEER_ID)
-        self.assertEqual(len(self.reactor.getDelayedCalls()), 1, "the renewal")
+        # The renewal, a little before the 20 s the relay asked for; the
+        # index's rescan, every --rescan-interval (300 s by default).
+        renewal, rescan = sorted(c.getTime() for c in self.reactor.getDelayedCalls())
+        self.assertTrue(18 <= renewal <= 20, renewal)
+        self.assertEqual(rescan, 300.0)
 
         stopped = service.stopService()
         self.assertEqual(len(self.reactor.tcpClients), 2, "the UNREGISTER")
@@ -544,6 +643,42 @@ class PeerServiceTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertIsNone(listener.port)
+
+    def test_index_lives_in_the_state_folder(self) -> None:
+        """
+        The index is a database in --state, never in the share; a restarted
+        peer finds its files there before any rescan.
+        """
+        with open(os.path.join(self.share, "a.txt"), "wb") as stream:
+            stream.write(b"alpha\n")
+        service = self.make()
+        service.startService()
+        self.assertEqual(os.listdir(self.share), ["a.txt"])
+        self.assertIn("index.sqlite3", os.listdir(self.state))
+        self.successResultOf(service.stopService())
+
+        (indexing,) = children(self.started(), peer_tap.IndexService)
+        self.assertEqual(indexing.index.names(), ["a.txt"])
+        self.assertEqual(os.listdir(self.share), ["a.txt"])
+
+    def test_new_files_reach_the_relay_soon(self) -> None:
+        """
+        A file that appears in the share is found by the next rescan, and
+        the relay gets the new name filter within FILTER_REFRESH_SECONDS,
+        not at the next renewal.
+        """
+        self.started("--rescan-interval", "5", "10.0.0.1", "4001")
+        request = self.register(0)
+        self.assertEqual(request, f"REGISTER 0 files={build_filter([])}\n".encode())
+        with open(os.path.join(self.share, "new.txt"), "wb") as stream:
+            stream.write(b"new\n")
+        self.reactor.advance(5)
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.reactor.advance(FILTER_REFRESH_SECONDS)
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        request = self.register(1)
+        files = build_filter(["new.txt"])
+        self.assertEqual(request, f"REGISTER 0 files={files}\n".encode())
 
     def test_connection_limits(self) -> None:
         """The file server's factory counts connections with the limits given."""
@@ -558,15 +693,9 @@ class PeerServiceTests(SynchronousTestCase):
         self.assertEqual(announcer.token, "s3cret")
         service.startService()
         self.addCleanup(service.stopService)
-        factory = self.reactor.tcpClients[0][2]
-        protocol = factory.buildProtocol(None)
-        transport = StringTransport()
-        protocol.makeConnection(transport)
-        protocol.dataReceived(b"P2P/1 relay\n")
-        files = build_filter(ShareFolder(self.share).names())
-        self.assertEqual(
-            transport.value(), f"REGISTER 0 token=s3cret files={files}\n".encode()
-        )
+        request = self.register(0)
+        files = build_filter([])
+        self.assertEqual(request, f"REGISTER 0 token=s3cret files={files}\n".encode())
 
     def test_no_token(self) -> None:
         """Without --token or $P2P_TOKEN the Announcer sends none."""
@@ -574,16 +703,25 @@ class PeerServiceTests(SynchronousTestCase):
         self.assertIsNone(announcer.token)
 
     def test_default_relay(self) -> None:
-        self.make().startService()
+        self.started()
         self.assertEqual(self.reactor.tcpClients[0][:2], ("127.0.0.1", 8000))
 
     def test_ipv6_relay(self) -> None:
-        self.make("::1", "4001").startService()
+        self.started("::1", "4001")
         self.assertEqual(self.reactor.tcpClients[0][:2], ("::1", 4001))
+
+    def test_upload_rate(self) -> None:
+        """--max-upload-rate gives every transfer one shared budget."""
+        factory = children(self.make(), ListeningService)[0].factory
+        self.assertIsNone(factory.throttle)
+        service = self.make("--max-upload-rate", "64K")
+        factory = children(service, ListeningService)[0].factory
+        self.assertIsInstance(factory.throttle, TokenBucket)
+        self.assertIs(factory.throttle.clock, self.reactor)
 
     def test_bad_endpoint_from_config_is_usage_error(self) -> None:
         config = peer_tap.Options()
-        config.parseOptions(["--share", self.share])
+        config.parseOptions(["--share", self.share, "--state", self.state])
         config["relay"] = "bogus:x"
         self.assertRaises(usage.UsageError, peer_tap.makeService, config, self.reactor)
 

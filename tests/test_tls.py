@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import io
 import os
 from dataclasses import dataclass
 
@@ -51,12 +52,14 @@ from p2p import wire
 from p2p.client import list_files, list_peers
 from p2p.endpoints import escape
 from p2p.fetch import Fetcher
+from p2p.index import ShareIndex
 from p2p.peer import PeerFactory
+from p2p.pieces import PIECE_SIZE
 from p2p.registry import MemoryRegistry
 from p2p.relay import Relay, RelayFactory
 from p2p.request import IncompleteReply, request_lines
 from p2p.share import ShareFolder
-from p2p.sink import SpoolSink
+from p2p.sink import FileOutput, PieceSink, StreamOutput
 from p2p.tls import (
     TLSFailed,
     VerifiedTLSEndpoint,
@@ -67,12 +70,15 @@ from p2p.tls import (
 )
 
 from ._certs import Authority, Credentials, self_signed
+from ._indexed import run_inline
 from ._processes import Launcher, have_ipv6_loopback, sample
 
 CONNECT_SECONDS = 5.0
 IDLE_SECONDS = 10.0
-# A few 256 KiB chunks: the peer's pull producer runs over the TLS transport.
+# A few 256 KiB chunks: the peer's pull producer runs over the TLS transport;
+# and two pieces, so the piece list comes first and both are checked.
 BIG = hashlib.sha256(b"seed").digest() * 40_000
+assert PIECE_SIZE < len(BIG) < 2 * PIECE_SIZE
 
 
 def _certificate(credentials: Credentials) -> x509.Certificate:
@@ -302,8 +308,8 @@ class VerifiedTLSEndpointTests(SynchronousTestCase):
         protocol = self.successResultOf(self.ready)
         self.assertEqual(self.built, [protocol])
         self.assertIs(protocol.transport, transport)
-        handshake.dataReceived(b"P2P/1 peer\n")
-        self.assertEqual(protocol.received, b"P2P/1 peer\n")
+        handshake.dataReceived(b"P2P/2 peer\n")
+        self.assertEqual(protocol.received, b"P2P/2 peer\n")
         handshake.connectionLost(Failure(ConnectionDone()))
         self.assertIsInstance(protocol.lost.value, ConnectionDone)
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -478,6 +484,7 @@ class Servers:
         self.root = root
         self.ports: list = []
         self.factories: list[_Connections] = []
+        self.indexes: list[ShareIndex] = []
 
     async def listen(self, description: str, factory) -> int:
         tracked = _Connections(factory)
@@ -496,13 +503,21 @@ class Servers:
         for name, content in files.items():
             with open(os.path.join(share, name), "wb") as stream:
                 stream.write(content)
-        factory = PeerFactory(ShareFolder(share), self.reactor, IDLE_SECONDS)
+        folder = ShareFolder(share)
+        # Indexed in this thread (the files are small), in memory, without
+        # inotify; every file is indexed before the peer listens.
+        index = ShareIndex(folder, ":memory:", self.reactor, run_inline, watch=False)
+        self.indexes.append(index)
+        await index.start()
+        factory = PeerFactory(folder, index, self.reactor, IDLE_SECONDS)
         return await self.listen(description, factory)
 
     async def close(self) -> None:
         await gatherResults([port.stopListening() for port in self.ports])
         idle = [factory.when_idle() for factory in self.factories]
         await gatherResults(idle).addTimeout(10, self.reactor)
+        # Stopping an index cancels its rescan timer.
+        await gatherResults([index.stop() for index in self.indexes])
 
 
 @pytest_twisted.async_yield_fixture
@@ -648,16 +663,21 @@ async def test_fetch_over_tls_skips_peers_that_fail_verification(
         # Strictly one at a time, so that every refusal is recorded.
         stagger=0,
     )
-    sink = SpoolSink(str(tmp_path))
-    result = await fetcher.fetch("big.bin", peers, sink)
+    downloads = tmp_path / "downloads"
+    downloads.mkdir()
+    target = downloads / "big.bin"
+    sink = PieceSink(FileOutput(str(target)))
     try:
+        result = await fetcher.fetch("big.bin", peers, sink)
         assert result.peer.port == good
-        assert result.header.sha256 == hashlib.sha256(BIG).hexdigest()
-        target = tmp_path / "big.bin"
-        sink.save_as(str(target))
+        assert result.content.size == len(BIG)
+        assert sink.complete
+        await sink.finish()
         assert target.read_bytes() == BIG
     finally:
-        sink.discard()
+        await sink.abandon()
+    # No partial file is left beside it.
+    assert [path.name for path in downloads.iterdir()] == ["big.bin"]
     failed = {a.peer.port: a.reason for a in result.attempts if not a.ok}
     assert set(failed) == set(refused)
     for port, reason in refused.items():
@@ -672,6 +692,7 @@ async def test_list_files_over_tls(reactor, servers, pki):
     endpoint_for = peer_endpoint_for(reactor, pki.ca.trust_dir, CONNECT_SECONDS)
     files = await list_files(endpoint_for(peer_entry(port)), reactor, CONNECT_SECONDS)
     assert [(f.name, f.size) for f in files] == [("a.txt", 6)]
+    assert len(files[0].root) == 64
 
 
 @loopback
@@ -685,12 +706,14 @@ async def test_fetch_from_an_ipv6_peer_over_tls(reactor, servers, pki, tmp_path)
         idle_timeout=IDLE_SECONDS,
         endpoint_for=peer_endpoint_for(reactor, pki.ca.certificate, CONNECT_SECONDS),
     )
-    sink = SpoolSink(str(tmp_path))
+    out = io.BytesIO()
+    sink = PieceSink(StreamOutput(out))
     try:
         result = await fetcher.fetch("a.txt", [peer_entry(port, "::1")], sink)
     finally:
-        sink.discard()
-    assert result.header.size == 6
+        await sink.abandon()
+    assert result.content.size == 6
+    assert out.getvalue() == b"alpha\n"
 
 
 # -- processes: twist relay / twist peer / p2p -------------------------------
