@@ -110,15 +110,74 @@ def start_relay(*extra: str, listen: str = LOOPBACK) -> tuple[Daemon, int]:
     return relay, listening_port(relay)
 
 
-def start_peer(relay_port: int, share: str, name: str = "peer", *extra: str) -> Daemon:
+def start_peer(
+    relay_port: int,
+    share: str,
+    name: str = "peer",
+    *extra: str,
+    indexed: bool = True,
+    timeout: float = 30,
+) -> Daemon:
+    """
+    A peer serving C{share}, its index beside it (C{share}.state).  With
+    C{indexed}, return once its first scan and hashing are done (its
+    ``indexed the share`` line): what "once indexed" means in the figures.
+    """
     peer = Daemon(
         name,
         TWISTD
         + ["peer", "--relay", f"127.0.0.1:{relay_port}", "--share", share]
-        + ["--listen", LOOPBACK, *extra],
+        + ["--listen", LOOPBACK, "--state", share.rstrip("/") + f".{name}.state"]
+        + list(extra),
     ).start()
-    peer.wait_for("registered at the relay", 30)
+    peer.wait_for("registered at the relay", timeout)
+    if indexed:
+        peer.wait_for("indexed the share", timeout)
     return peer
+
+
+async def indexed_factory(reactor, folder: str, **options):
+    """
+    An in-process L{p2p.peer.PeerFactory} serving C{folder}, its index (in
+    memory, hashing in a thread pool of its own) complete when it returns.
+    C{options} go to the factory (a throttle, say).  The pool stops with
+    the reactor.
+    """
+    from twisted.internet.threads import deferToThreadPool
+    from twisted.python.threadpool import ThreadPool
+
+    from p2p.index import ShareIndex
+    from p2p.peer import PeerFactory
+    from p2p.share import ShareFolder
+
+    pool = ThreadPool(0, 2, "bench-index")
+    pool.start()
+    reactor.addSystemEventTrigger("during", "shutdown", pool.stop)
+    share = ShareFolder(folder)
+    index = ShareIndex(
+        share,
+        ":memory:",
+        reactor,
+        lambda work: deferToThreadPool(reactor, pool, work),
+        watch=False,
+    )
+    await index.start()
+    await index.when_idle()
+    return PeerFactory(share, index, reactor, **options)
+
+
+class NullStream:
+    """A binary stream that keeps nothing: output for fetches measured."""
+
+    def __init__(self) -> None:
+        self.written = 0
+
+    def write(self, data: bytes) -> int:
+        self.written += len(data)
+        return len(data)
+
+    def flush(self) -> None:
+        pass
 
 
 def start_web(share: str) -> tuple[Daemon, int]:

@@ -26,14 +26,12 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import Report, react_report  # noqa: E402
+from _harness import NullStream, Report, indexed_factory, react_report  # noqa: E402
 from twisted.internet.endpoints import TCP4ServerEndpoint  # noqa: E402
 
 from p2p import wire  # noqa: E402
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Fetcher  # noqa: E402
-from p2p.peer import PeerFactory  # noqa: E402
-from p2p.share import ShareFolder  # noqa: E402
-from p2p.sink import SpoolSink  # noqa: E402
+from p2p.sink import PieceSink, StreamOutput  # noqa: E402
 
 NAME = "wanted.txt"
 
@@ -51,12 +49,12 @@ class Network:
         os.makedirs(empty, exist_ok=True)
         with open(os.path.join(holder, NAME), "wb") as stream:
             stream.write(b"x" * 1000)
-        self.holder_share = ShareFolder(holder)
-        self.empty_share = ShareFolder(empty)
+        self.holder_share = holder
+        self.empty_share = empty
 
-    async def serve(self, share: ShareFolder) -> int:
+    async def serve(self, share: str) -> int:
         endpoint = TCP4ServerEndpoint(self.reactor, 0, interface="127.0.0.1")
-        port = await endpoint.listen(PeerFactory(share, self.reactor))
+        port = await endpoint.listen(await indexed_factory(self.reactor, share))
         self.ports.append(port)
         return port.getHost().port
 
@@ -107,11 +105,10 @@ async def measure(reactor, args) -> Report:
     fetcher = Fetcher(reactor)  # the client's defaults: stagger, timeouts
 
     async def one(peers) -> float:
-        sink = SpoolSink(work)
+        sink = PieceSink(StreamOutput(NullStream()))
         started = time.perf_counter()
         await fetcher.fetch(NAME, peers, sink)
         elapsed = time.perf_counter() - started
-        sink.discard()
         return elapsed
 
     repeats = args.repeats

@@ -12,7 +12,7 @@ successful fetch (every attempt goes through a counting ``endpoint_for``).
   as is; costs about (N + 1) / 2.
 
 Everything runs in this process on loopback: a real relay (``Relay`` +
-``RelayFactory``) and N real P2P/1 peers (``PeerFactory``) on 127.0.0.1
+``RelayFactory``) and N real peers (``PeerFactory``) on 127.0.0.1
 sockets, on the same reactor as the client's L{p2p.fetch.Fetcher} with its
 default stagger and timeouts.  Each peer registers through the relay's
 request parser, with ``files=`` built from its share exactly as the peer
@@ -31,7 +31,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import Report, react_report  # noqa: E402
+from _harness import NullStream, Report, indexed_factory, react_report  # noqa: E402
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint  # noqa: E402
 
 from p2p import wire  # noqa: E402
@@ -39,11 +39,9 @@ from p2p.cli import hinted_order  # noqa: E402
 from p2p.client import likely_holders, list_peers, peer_endpoint  # noqa: E402
 from p2p.fetch import Fetcher  # noqa: E402
 from p2p.hints import build_filter  # noqa: E402
-from p2p.peer import PeerFactory  # noqa: E402
 from p2p.registry import MemoryRegistry  # noqa: E402
 from p2p.relay import Relay, RelayFactory  # noqa: E402
-from p2p.share import ShareFolder  # noqa: E402
-from p2p.sink import SpoolSink  # noqa: E402
+from p2p.sink import PieceSink, StreamOutput  # noqa: E402
 
 FILES_PER_PEER = 2
 TIMEOUT_SECONDS = 10.0
@@ -64,12 +62,12 @@ async def cluster(reactor, work: str, count: int):
             names.append(name)
             with open(os.path.join(folder, name), "wb") as stream:
                 stream.write(name.encode() * 20)
-        share = ShareFolder(folder)
+        factory = await indexed_factory(reactor, folder)
         endpoint = TCP4ServerEndpoint(reactor, 0, interface="127.0.0.1")
-        port = await endpoint.listen(PeerFactory(share, reactor))
+        port = await endpoint.listen(factory)
         ports.append(port)
         request = wire.Register(
-            port.getHost().port, files=build_filter(share.names())
+            port.getHost().port, files=build_filter(factory.index.names())
         ).to_line()
         relay.handle(wire.parse_relay_request(request), "127.0.0.1")
     relay_endpoint = TCP4ClientEndpoint(reactor, "127.0.0.1", relay_port.getHost().port)
@@ -95,10 +93,9 @@ async def run_fetches(reactor, work, relay, names, hinted: bool, fetches: int, s
         if hinted:
             suggested = await likely_holders(relay, reactor, TIMEOUT_SECONDS, name)
             peers = hinted_order(suggested, peers)
-        sink = SpoolSink(work)
+        sink = PieceSink(StreamOutput(NullStream()))
         await fetcher.fetch(name, peers, sink)
         seconds.append(time.perf_counter() - started)
-        sink.discard()
         counts.append(contacted[0])
     return counts, seconds
 

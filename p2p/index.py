@@ -561,6 +561,7 @@ class ShareIndex:
         self._scanning = self._rescan_again = False
         self._scans = self._scan_failures = 0
         self._scan_waiters: list[Deferred[None]] = []
+        self._idle_waiters: list[Deferred[None]] = []
         self._scan_call: IDelayedCall | None = None
         self._refresh_call: IDelayedCall | None = None
         self._refreshing = 0
@@ -939,7 +940,25 @@ class ShareIndex:
         for waiter in waiters:
             waiter.errback(failure)
 
+    def when_idle(self) -> Deferred[None]:
+        """
+        Fires once nothing is being scanned or hashed (at once if so now):
+        every file found so far is indexed.  A new Deferred per call.
+        """
+        d: Deferred[None] = Deferred()
+        if self._ready and not self.indexing:
+            d.callback(None)
+        else:
+            self._idle_waiters.append(d)
+        return d
+
     def _log_initial(self) -> None:
+        # Called whenever a scan, a refresh or a hashing step ends.
+        if self._idle_waiters and self._ready and not self.indexing:
+            waiters, self._idle_waiters = self._idle_waiters, []
+            for waiter in waiters:
+                if not waiter.called:
+                    waiter.callback(None)
         if self._initial is None or self._scanning or self._jobs or self._queued:
             return
         stats, self._initial = self._initial, None

@@ -696,3 +696,17 @@ class ServableNamesTests(IndexCase):
         self.assertEqual(index.names(), [])
         self.assertEqual(sorted(index.servable_names()), ["a", "b"])
         self.successResultOf(index.when_scanned())
+
+    def test_when_idle(self) -> None:
+        """when_idle fires once the scan and every hashing step are done."""
+        self.put("a", b"alpha")
+        runner = StepPool()
+        index = self.make(runner)
+        index.start()
+        idle = index.when_idle()
+        runner.run_next()  # the database is loaded
+        runner.run_next()  # the scan: one file queued
+        self.assertNoResult(idle)
+        runner.run_all()  # hashed
+        self.successResultOf(idle)
+        self.successResultOf(index.when_idle())
