@@ -143,7 +143,8 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._digests: bytearray | None = None
         self._held = bytearray()
         self._accepted = False
-        self._piece = bytearray()
+        self._piece: list[memoryview] = []
+        self._piece_bytes = 0
         self._index = 0
         self.result: Deferred[wire.FileHeader] = Deferred(self._cancel)
 
@@ -375,13 +376,16 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         keep_going = True
         view = memoryview(data)
         while view:
+            # The piece is kept as the received chunks' views, never copied
+            # together here: the sink's threads hash and write the parts.
             length = content.span(self._index)[1]
-            take = length - len(self._piece)
-            self._piece += view[:take]
-            view = view[take:]
-            if len(self._piece) == length:
-                index, piece = self._index, bytes(self._piece)
-                self._piece.clear()
+            part = view[: length - self._piece_bytes]
+            self._piece.append(part)
+            self._piece_bytes += len(part)
+            view = view[len(part) :]
+            if self._piece_bytes == length:
+                index, piece = self._index, self._piece
+                self._piece, self._piece_bytes = [], 0
                 self._index += 1
                 if index not in self.sink.done:
                     keep_going = (

@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 from blake3 import blake3
@@ -61,9 +61,28 @@ def piece_span(index: int, size: int, piece_size: int = PIECE_SIZE) -> tuple[int
     return offset, max(0, min(piece_size, size - offset))
 
 
-def hash_piece(data: bytes | memoryview) -> bytes:
-    """The digest of one piece's bytes."""
-    return blake3(data).digest()
+# A piece's bytes: one buffer, or the parts it arrived in (a receiving
+# client keeps the received chunks rather than copying them together).
+PieceData = bytes | bytearray | memoryview | Sequence[bytes | memoryview]
+
+
+def parts_of(data: PieceData) -> Sequence[bytes | bytearray | memoryview]:
+    """C{data} as a sequence of buffers."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        return (data,)
+    return data
+
+
+def hash_piece(data: PieceData) -> bytes:
+    """The digest of one piece's bytes (given whole or in parts)."""
+    hasher = blake3()
+    for part in parts_of(data):
+        hasher.update(part)
+    return hasher.digest()
+
+
+def length_of(data: PieceData) -> int:
+    return sum(len(part) for part in parts_of(data))
 
 
 def root_of(size: int, piece_size: int, digests: bytes) -> bytes:
@@ -142,10 +161,10 @@ class PieceList:
         start = index * DIGEST_BYTES
         return self.digests[start : start + DIGEST_BYTES]
 
-    def verify(self, index: int, data: bytes | memoryview) -> bool:
+    def verify(self, index: int, data: PieceData) -> bool:
         """Whether C{data} is exactly piece C{index}."""
         offset, length = self.content.span(index)
-        return len(data) == length and hash_piece(data) == self.digest(index)
+        return length_of(data) == length and hash_piece(data) == self.digest(index)
 
 
 def hash_pieces(

@@ -32,8 +32,11 @@ from twisted.python.failure import Failure
 
 from p2p.pieces import (
     Content,
+    PieceData,
     PieceList,
     hash_piece,
+    length_of,
+    parts_of,
     root_of,
 )
 
@@ -55,39 +58,76 @@ LOW_WATER_BYTES = 2 * 1024 * 1024
 
 class SerialWorker:
     """
-    One thread running submitted calls in order; results come back to the
-    reactor thread as Deferreds.  A daemon thread: it never keeps the
-    process alive after the reactor stopped.
+    Two threads in a pipeline: one checks pieces (hashing), the other
+    stores them (writing), so hashing piece N+1 overlaps writing piece N
+    (measured: the two took turns on one thread, most of a 1 GiB ``-o``
+    fetch).  Everything submitted is stored in submission order; results
+    come back to the reactor thread as Deferreds.  Daemon threads: they
+    never keep the process alive after the reactor stopped.
     """
 
     def __init__(self, reactor) -> None:
         self.reactor = reactor
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread = threading.Thread(
-            target=self._run, daemon=True, name="p2p-pieces"
-        )
-        self._thread.start()
+        self._checks: queue.SimpleQueue = queue.SimpleQueue()
+        self._stores: queue.SimpleQueue = queue.SimpleQueue()
+        for target, name in (
+            (self._run_checks, "p2p-check"),
+            (self._run_stores, "p2p-store"),
+        ):
+            threading.Thread(target=target, daemon=True, name=name).start()
 
     def submit(self, work: Callable[[], T]) -> Deferred[T]:
+        """Run C{work} on the storing thread, after everything before it."""
         d: Deferred[T] = Deferred()
-        self._queue.put((work, d))
+        self._checks.put((None, work, d))
+        return d
+
+    def submit_checked(
+        self, check: Callable[[], bool], work: Callable[[], object]
+    ) -> Deferred[bool]:
+        """
+        Run C{check} on the checking thread, then, if it passed, C{work} on
+        the storing thread; fires with whether it passed (once stored).
+        """
+        d: Deferred[bool] = Deferred()
+        self._checks.put((check, work, d))
         return d
 
     def stop(self) -> None:
-        self._queue.put(None)
+        self._checks.put(None)
 
-    def _run(self) -> None:
+    def _run_checks(self) -> None:
         while True:
-            item = self._queue.get()
+            item = self._checks.get()
+            if item is None:
+                self._stores.put(None)
+                return
+            check, work, d = item
+            if check is None:
+                self._stores.put((work, d, False))
+                continue
+            try:
+                passed = check()
+            except BaseException:
+                self.reactor.callFromThread(d.errback, Failure())
+                continue
+            if passed:
+                self._stores.put((work, d, True))
+            else:
+                self.reactor.callFromThread(d.callback, False)
+
+    def _run_stores(self) -> None:
+        while True:
+            item = self._stores.get()
             if item is None:
                 return
-            work, d = item
+            work, d, checked = item
             try:
                 result = work()
             except BaseException:
                 self.reactor.callFromThread(d.errback, Failure())
             else:
-                self.reactor.callFromThread(d.callback, result)
+                self.reactor.callFromThread(d.callback, True if checked else result)
 
 
 class InlineWorker:
@@ -95,6 +135,11 @@ class InlineWorker:
 
     def submit(self, work: Callable[[], T]) -> Deferred[T]:
         return maybeDeferred(work)
+
+    def submit_checked(
+        self, check: Callable[[], bool], work: Callable[[], object]
+    ) -> Deferred[bool]:
+        return maybeDeferred(lambda: bool(check() and (work(), True)[1]))
 
     def stop(self) -> None:
         pass
@@ -110,7 +155,7 @@ class Output:
         """Get ready for C{content}; return the pieces already held."""
         return set()
 
-    def write_piece(self, offset: int, data: bytes) -> None:
+    def write_piece(self, offset: int, data: PieceData) -> None:
         raise NotImplementedError
 
     def room(self) -> int | None:
@@ -150,17 +195,17 @@ class StreamOutput(Output):
         self._waiting.clear()
         return set()
 
-    def write_piece(self, offset: int, data: bytes) -> None:
+    def write_piece(self, offset: int, data: PieceData) -> None:
         # Pieces may complete out of order (several sources): hold the ones
         # ahead of the stream until the gap before them is filled.
         if offset < self.position:
             return  # a second copy of a piece already written
         self._waiting[offset] = data
         while self.position in self._waiting:
-            chunk = self._waiting.pop(self.position)
-            self.stream.write(chunk)
-            self.position += len(chunk)
-            self.written += len(chunk)
+            for part in parts_of(self._waiting.pop(self.position)):
+                self.stream.write(part)
+                self.position += len(part)
+                self.written += len(part)
         if self.written:
             self.stream.flush()
 
@@ -286,13 +331,19 @@ class FileOutput(Output):
             stream.write(_state_record(content))
         os.replace(temporary, self.state)
 
-    def write_piece(self, offset: int, data: bytes) -> None:
+    def write_piece(self, offset: int, data: PieceData) -> None:
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.pwrite(self._fd, view, offset)
-            view = view[written:]
+        buffers = list(parts_of(data))
+        while buffers:
+            written = os.pwritev(self._fd, buffers, offset)
             offset += written
+            # A short write (rare: a signal, a full disk next time): drop
+            # what went out and go on with the rest.
+            while buffers and written >= len(buffers[0]):
+                written -= len(buffers[0])
+                buffers.pop(0)
+            if buffers and written:
+                buffers[0] = memoryview(buffers[0])[written:]
 
     def finish(self, durable: bool) -> None:
         assert self._fd is not None and self.content is not None
@@ -335,13 +386,13 @@ def _state_record(content: Content) -> bytes:
 
 
 def _verifies(
-    content: Content, pieces: PieceList | None, index: int, data: bytes | memoryview
+    content: Content, pieces: PieceList | None, index: int, data: PieceData
 ) -> bool:
     """Whether C{data} is piece C{index} of C{content}."""
     if pieces is not None:
         return pieces.verify(index, data)
     # One piece (or none): the root itself covers the piece's digest.
-    if content.pieces > 1 or len(data) != content.span(index)[1]:
+    if content.pieces > 1 or length_of(data) != content.span(index)[1]:
         return False
     digests = hash_piece(data) if content.size else b""
     return root_of(content.size, content.piece_size, digests) == content.root
@@ -489,7 +540,7 @@ class PieceSink:
     def write(
         self,
         index: int,
-        data: bytes,
+        data: PieceData,
         on_bad: Callable[[int], object] | None = None,
     ) -> bool:
         """
@@ -505,22 +556,31 @@ class PieceSink:
         content = self.content
         assert content is not None
         offset = content.span(index)[0]
-        self._backlog += len(data)
+        size = length_of(data)
+        self._backlog += size
         pieces = self.pieces
 
-        def verify_and_store() -> bool:
-            if not _verifies(content, pieces, index, data):
-                return False
-            self.output.write_piece(offset, data)
-            return True
+        submit_checked = getattr(self.worker, "submit_checked", None)
+        if submit_checked is not None:
+            d = submit_checked(
+                lambda: _verifies(content, pieces, index, data),
+                lambda: self.output.write_piece(offset, data),
+            )
+        else:  # a plain worker (a test's): both on one thread
 
-        d = self._submit(verify_and_store)
+            def verify_and_store() -> bool:
+                if not _verifies(content, pieces, index, data):
+                    return False
+                self.output.write_piece(offset, data)
+                return True
+
+            d = self._submit(verify_and_store)
         d.addCallbacks(
             self._stored,
             self._store_failed,
-            (index, len(data), on_bad),
+            (index, size, on_bad),
             None,
-            (len(data),),
+            (size,),
         )
         return self._backlog < HIGH_WATER_BYTES
 
