@@ -205,9 +205,8 @@ class Run:
 def run_timed(argv: list[str], timeout: float = 600, **kwargs) -> Run:
     """Run C{argv} to completion; wall time and peak RSS (from wait4)."""
     started = time.perf_counter()
-    process = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs
-    )
+    kwargs.setdefault("stdout", subprocess.PIPE)
+    process = subprocess.Popen(argv, stderr=subprocess.PIPE, **kwargs)
     out: list[bytes] = []
     err: list[bytes] = []
     waited: dict = {}
@@ -221,10 +220,11 @@ def run_timed(argv: list[str], timeout: float = 600, **kwargs) -> Run:
         waited["result"] = os.wait4(process.pid, 0)
         waited["at"] = time.perf_counter()
 
-    threads = [
-        threading.Thread(target=drain, args=(process.stdout, out), daemon=True),
-        threading.Thread(target=drain, args=(process.stderr, err), daemon=True),
-    ]
+    threads = [threading.Thread(target=drain, args=(process.stderr, err), daemon=True)]
+    if process.stdout is not None:
+        threads.append(
+            threading.Thread(target=drain, args=(process.stdout, out), daemon=True)
+        )
     for thread in threads:
         thread.start()
     reaper = threading.Thread(target=reap, daemon=True)

@@ -1,15 +1,15 @@
-"""Baseline (a) for the transfer benchmark: the limit of a Python transfer.
+"""Baselines for the transfer benchmark: the limit of a Python transfer.
 
 ``send FILE`` listens on 127.0.0.1, prints its port, and serves the file to
-each connection with ``socket.sendfile`` (zero copy).  ``recv PORT SIZE``
-receives SIZE bytes with ``recv_into`` into one reused buffer, hashing with
-``hashlib.sha256`` as they arrive, and prints the seconds from connect to
-the final digest.  Nothing is written to disk.
+each connection with ``socket.sendfile`` (zero copy).  ``recv PORT SIZE
+[OUT]`` receives SIZE bytes with ``recv_into`` into one reused buffer and
+nothing else (baseline (a): no hashing, no disk), or also writes them to
+OUT (baseline (b)); it prints the seconds from connect to the last byte.
 """
 
 from __future__ import annotations
 
-import hashlib
+import os
 import socket
 import sys
 import time
@@ -26,25 +26,28 @@ def send(path: str) -> None:
             connection.sendfile(stream)
 
 
-def receive(port: int, size: int) -> None:
+def receive(port: int, size: int, out: str | None = None) -> None:
     started = time.perf_counter()
     connection = socket.create_connection(("127.0.0.1", port))
     buffer = bytearray(1024 * 1024)
     view = memoryview(buffer)
-    digest = hashlib.sha256()
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
     left = size
     while left:
         count = connection.recv_into(view, min(left, len(buffer)))
         if not count:
             raise SystemExit("connection closed early")
-        digest.update(view[:count])
+        if fd is not None:
+            os.write(fd, view[:count])
         left -= count
     connection.close()
-    print(f"{time.perf_counter() - started:.6f} {digest.hexdigest()}")
+    if fd is not None:
+        os.close(fd)
+    print(f"{time.perf_counter() - started:.6f}")
 
 
 if __name__ == "__main__":
     if sys.argv[1] == "send":
         send(sys.argv[2])
     else:
-        receive(int(sys.argv[2]), int(sys.argv[3]))
+        receive(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

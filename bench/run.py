@@ -23,6 +23,8 @@ import time
 # In the order of the issue that asked for them.
 BENCHMARKS = [
     "transfer",
+    "sources",
+    "indexing",
     "relay_rate",
     "relay_scale",
     "fallback",
