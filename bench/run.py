@@ -22,6 +22,7 @@ import time
 
 # In the order of the issue that asked for them.
 BENCHMARKS = [
+    "hashes",
     "transfer",
     "sources",
     "indexing",
