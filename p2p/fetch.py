@@ -30,7 +30,7 @@ from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
 from twisted.python.failure import Failure
@@ -463,9 +463,24 @@ class _FetchRun:
             self._stop_all()
             self.done.errback(failure)
             return
+        if failure.check(CancelledError):
+            return  # the fetch itself was cancelled
         failure.trap(SwarmFailed)
-        # Every likely holder failed: go on one peer at a time with the rest
-        # of the list, asking for what is still missing.
+        # Every likely holder failed: record why, then go on one peer at a
+        # time with the rest of the list, asking for what is still missing
+        # (never again a holder that sent a bad piece).
+        liars = set()
+        for report in failure.value.reports:
+            if report.reason is None:
+                continue
+            self.attempts.append(Attempt(report.peer, False, report.reason, 0.0))
+            if report.reason.startswith("corrupted"):
+                liars.add((report.peer.host, report.peer.port))
+        self.queue = deque(
+            i
+            for i in self.queue
+            if (self.peers[i].host, self.peers[i].port) not in liars
+        )
         self._launch()
 
     def _output_failed(self, failure: Failure) -> None:

@@ -208,6 +208,8 @@ class Swarm:
             return _Unit(first, count, source)
         # The end game (or a stalled window): race the oldest unit.
         for index in range(self._cursor, limit):
+            if index in done:
+                continue  # only what is still missing is worth racing
             units = self.assigned.get(index, [])
             if 0 < len(units) < MAX_RACERS and all(
                 u.source is not source for u in units
@@ -217,6 +219,8 @@ class Swarm:
         return None
 
     def _next(self, source: _Source) -> None:
+        if source not in self.sources or self.done.called:
+            return  # dropped meanwhile (a unit that failed at once)
         unit = self._pick(source)
         if unit is None:
             return  # idle until another unit ends
