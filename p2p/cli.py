@@ -633,7 +633,9 @@ class Client:
             )
         else:
             if isinstance(output, FileOutput):
-                output.abandon(keep=False)  # nothing to resume: no leftovers
+                # Nothing of this run to resume: no leftovers (an earlier
+                # run's partial file, if any, stays for the next run).
+                output.abandon(keep=False)
             self.console.error(f"{name}: interrupted; nothing was kept")
 
     def _kept(self, name: str, sink: PieceSink, kept: str | None) -> None:

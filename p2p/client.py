@@ -28,6 +28,7 @@ from twisted.python.failure import Failure
 from p2p import hints, wire
 from p2p.pieces import (
     DIGEST_BYTES,
+    MAX_PIECES,
     Content,
     PieceList,
     PieceListMismatch,
@@ -231,6 +232,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if not valid_piece_size(listing.piece):
             raise WireError(wire.Code.BAD_REQUEST, f"piece size {listing.piece}")
         content = Content(bytes.fromhex(listing.root), listing.size, listing.piece)
+        if content.pieces > MAX_PIECES:
+            raise WireError(
+                wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many"
+            )
         if listing.count != DIGEST_BYTES * content.pieces:
             raise WireError(wire.Code.BAD_REQUEST, "wrong length of piece digests")
         return content
@@ -240,6 +245,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if not valid_piece_size(header.piece):
             raise WireError(wire.Code.BAD_REQUEST, f"piece size {header.piece}")
         content = Content(bytes.fromhex(header.root), header.size, header.piece)
+        if content.pieces > MAX_PIECES:
+            raise WireError(
+                wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many"
+            )
         request = self.request
         if isinstance(request, wire.Get):
             expected = (0, header.size)

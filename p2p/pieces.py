@@ -37,6 +37,10 @@ PIECE_SIZE = 1024 * 1024
 # buffer per piece).
 MIN_PIECE_SIZE = 16 * 1024
 MAX_PIECE_SIZE = 16 * 1024 * 1024
+# The most pieces a client takes a piece list for: 128 MiB of digests (4 TiB
+# at 1 MiB pieces).  A header claiming more could make the client buffer an
+# unbounded list.
+MAX_PIECES = 1 << 22
 ROOT_TAG = b"p2p-relay pieces v1\n"
 # Read size while hashing a file: one piece, so one read feeds one digest.
 READ_BYTES = PIECE_SIZE

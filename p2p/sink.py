@@ -253,6 +253,9 @@ class FileOutput(Output):
         self.partial = path + PARTIAL_SUFFIX
         self.state = path + STATE_SUFFIX
         self._fd: int | None = None
+        # Whether this run created the partial file (rather than finding an
+        # earlier run's to resume).
+        self._created = False
         self.content: Content | None = None
         # Read once, here on the reactor thread: reading the umask means
         # setting it, which must not race with the worker creating files.
@@ -267,8 +270,12 @@ class FileOutput(Output):
         """
         if self._fd is not None:
             return
-        flags = os.O_RDWR | os.O_CREAT | os.O_CLOEXEC
-        fd = os.open(self.partial, flags, 0o666)
+        flags = os.O_RDWR | os.O_CLOEXEC
+        try:
+            fd = os.open(self.partial, flags | os.O_CREAT | os.O_EXCL, 0o666)
+            self._created = True
+        except FileExistsError:
+            fd = os.open(self.partial, flags)  # an earlier run's: resumable
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -357,8 +364,15 @@ class FileOutput(Output):
         self._close()
 
     def abandon(self, keep: bool) -> str | None:
-        """Keep the partial file only if it can be resumed (its content is
-        known); otherwise leave nothing behind."""
+        """
+        Keep the partial file only if it can be resumed (its content is
+        known); otherwise leave nothing behind.  One that an earlier run
+        left, and this run never got to (no peer described the content),
+        stays as it was, for a later run to resume.
+        """
+        if self._fd is not None and self.content is None and not self._created:
+            self._close()
+            return self.partial if keep else None
         if keep and self.content is not None and self._fd is not None:
             self._close()
             return self.partial

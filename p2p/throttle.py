@@ -48,7 +48,10 @@ class TokenBucket:
         segments (measured: 1.3 KB per receive on the client, most of its
         CPU time, at 20 MiB/s).
         """
-        return min(wanted, max(1, self.burst // 2))
+        # At most a second's worth: at a low rate, a quantum of half a burst
+        # would keep the connection silent for longer than a client's idle
+        # timeout (10 s) between sends.
+        return min(wanted, max(1, min(self.burst // 2, self.rate)))
 
     def take(self, wanted: int) -> int:
         """

@@ -1,9 +1,9 @@
-"""The P2P/1 wire format: parse and format protocol lines, nothing else.
+"""The wire format (relay P2P/1, peer P2P/2): parse and format lines, nothing else.
 
 No I/O and no reactor here, so every rule of ``docs/protocol.rst`` can be
 tested as a pure function.  Lines are UTF-8 text ended by ``\\n`` (a trailing
 ``\\r`` is ignored, so ``nc -C`` and telnet work too).  Every server greets
-with a banner ``P2P/1 <role>``; every failure is ``ERR <code> <message>``.
+with a banner ``P2P/<version> <role>``; every failure is ``ERR <code> <message>``.
 """
 
 from __future__ import annotations

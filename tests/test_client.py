@@ -315,6 +315,15 @@ class FileFetchProtocolTests(SynchronousTestCase):
             self.protocol.dataReceived(line)
             self.assertFailed("protocol error", "protocol")
 
+    def test_too_many_pieces(self) -> None:
+        """A header claiming more pieces than a client holds a list for
+        (16 KiB pieces of an enormous file) is refused before any digest."""
+        header = wire.FileHeader(2**60, "ab" * 32, 0, 2**60, 16 * 1024, 0)
+        self.connect()
+        self.greet()
+        self.protocol.dataReceived(header.to_line() + b"\n")
+        self.assertFailed("pieces is too many", "protocol")
+
     def test_missing_piece_list(self) -> None:
         """A whole file of several pieces must come with its piece list."""
         content, _ = describe(BIG)

@@ -261,3 +261,20 @@ class FileTests(SynchronousTestCase):
         second.lock()  # free again
         self.assertIsNone(second.abandon(keep=True))  # no content: nothing kept
         self.assertEqual(os.listdir(self.folder), ["out.bin"])
+
+    def test_earlier_partial_survives_a_run_that_gets_nothing(self) -> None:
+        """
+        A run that ends before any peer described the content (nobody had
+        it, Ctrl-C while a peer indexed) leaves an earlier run's partial
+        file as it was, for a later run to resume.
+        """
+        first = self.sink()
+        first.write(0, chunks(self.data)[0])
+        kept = fired(first.abandon(keep=True))
+        for keep in (True, False):
+            output = FileOutput(self.path)
+            output.lock()
+            output.abandon(keep)
+            self.assertEqual(os.path.getsize(kept), MIB)
+        resumed = self.sink()
+        self.assertEqual(resumed.done, {0})

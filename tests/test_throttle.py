@@ -39,6 +39,15 @@ class TokenBucketTests(SynchronousTestCase):
         clock.advance(0.001)
         self.assertEqual(bucket.take(1024), 1024)
 
+    def test_low_rate_sends_every_second(self) -> None:
+        """At a low rate the quantum is a second's worth at most: the
+        connection is never silent for longer than a client's idle timeout."""
+        clock = Clock()
+        bucket = TokenBucket(clock, 2048)
+        bucket.take(bucket.burst)
+        self.assertEqual(bucket.quantum(MIB), 2048)
+        self.assertAlmostEqual(bucket.delay(MIB), 1.0)
+
     def test_give_back(self) -> None:
         clock = Clock()
         bucket = TokenBucket(clock, 10 * MIB)
