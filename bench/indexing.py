@@ -74,7 +74,11 @@ from twisted.python.threadpool import ThreadPool  # noqa: E402
 
 from p2p import pieces  # noqa: E402
 from p2p.index import ShareIndex  # noqa: E402
-from p2p.peer_tap import DEFAULT_RESCAN_SECONDS, INDEX_THREADS  # noqa: E402
+from p2p.peer_tap import (  # noqa: E402
+    DEFAULT_RESCAN_SECONDS,
+    INDEX_THREADS,
+    IndexService,  # noqa: E402
+)
 from p2p.share import ShareFolder  # noqa: E402
 
 FILES_PER_FOLDER = 100
@@ -229,7 +233,6 @@ async def index_tree(reactor, root: str, state: str):
     process, roots, lateness, GC passes).
     """
     pool = ThreadPool(0, INDEX_THREADS, "p2p-index")
-    pool.start()
     index = ShareIndex(
         ShareFolder(root),
         os.path.join(state, "index.sqlite3"),
@@ -244,7 +247,9 @@ async def index_tree(reactor, root: str, state: str):
             lag.start()
             cpu = time.process_time()
             started = time.perf_counter()
-            await index.start()
+            # Started as the daemon starts it (its pool, gc.freeze, a scan).
+            service = IndexService(index, pool)
+            service.startService()
             await index.when_idle()
             seconds = time.perf_counter() - started
             cpu = time.process_time() - cpu
@@ -256,8 +261,7 @@ async def index_tree(reactor, root: str, state: str):
             roots[name] = entry.content.root
     finally:
         lag.stop()
-        await index.stop()
-        pool.stop()
+        await service.stopService()
     return seconds, cpu, roots, lag.late, passes
 
 

@@ -319,28 +319,57 @@ class _Database:
                 "INSERT INTO meta (key, value) VALUES (?, ?)", self._meta.items()
             )
 
+    @contextlib.contextmanager
+    def batch(self) -> Iterator[None]:
+        """
+        One transaction for every L{store} this thread makes meanwhile (a
+        batch of small files: a commit per file cost about as much as
+        hashing a 1 MiB file).  Other threads wait for it to end.
+        """
+        with self._lock, self._transaction():
+            self._batch_owner = threading.get_ident()
+            try:
+                yield
+            finally:
+                self._batch_owner = None
+
+    _batch_owner: int | None = None
+
     def store(
         self, name: str, content: Content, identity: Identity, digests: bytes
     ) -> int:
         """Insert or update C{name}'s row (an update keeps its seq); its seq."""
-        device, inode, size, mtime_ns = identity
+        if self._batch_owner == threading.get_ident():
+            assert self._connection is not None
+            return self._upsert(self._connection, name, content, identity, digests)
         with self._lock, self._transaction() as connection:
-            connection.execute(
-                _UPSERT,
-                (
-                    name,
-                    size,
-                    _to_sql(device),
-                    _to_sql(inode),
-                    mtime_ns,
-                    content.piece_size,
-                    content.root,
-                    digests,
-                ),
-            )
-            (seq,) = connection.execute(
-                "SELECT seq FROM files WHERE name = ?", (name,)
-            ).fetchone()
+            return self._upsert(connection, name, content, identity, digests)
+
+    def _upsert(
+        self,
+        connection: sqlite3.Connection,
+        name: str,
+        content: Content,
+        identity: Identity,
+        digests: bytes,
+    ) -> int:
+        device, inode, size, mtime_ns = identity
+        connection.execute(
+            _UPSERT,
+            (
+                name,
+                size,
+                _to_sql(device),
+                _to_sql(inode),
+                mtime_ns,
+                content.piece_size,
+                content.root,
+                digests,
+            ),
+        )
+        (seq,) = connection.execute(
+            "SELECT seq FROM files WHERE name = ?", (name,)
+        ).fetchone()
         return int(seq)
 
     def delete(self, names: list[str]) -> None:
@@ -501,6 +530,25 @@ class _HashJob:
         self._hashed = bytearray()
 
 
+# Most small files hashed in one pool call.
+MAX_BATCH_FILES = 64
+
+
+def _run_batch(
+    database: _Database, batch: list[_HashJob]
+) -> list[tuple[_HashJob, object]]:
+    """(Pool.) One step of each job, their rows stored in one transaction;
+    a job's exception is its outcome."""
+    results: list[tuple[_HashJob, object]] = []
+    with database.batch():
+        for job in batch:
+            try:
+                results.append((job, job.step()))
+            except BaseException:
+                results.append((job, Failure()))
+    return results
+
+
 class ShareIndex:
     """
     The index of one share folder: an in-memory mirror on the reactor thread,
@@ -541,6 +589,9 @@ class ShareIndex:
             watch and inotify is not None and IReactorFDSet.providedBy(reactor)
         )
         self._per_step = max(1, step_bytes // PIECE_SIZE)
+        self._step_bytes = self._per_step * PIECE_SIZE
+        # Files that take one step: a batch of them shares a pool call.
+        self._small_bytes = self._step_bytes // 4
         self._cache = _DigestCache(max_cached_piece_bytes)
         # The mirror.  _identities duplicates the entries' identities so that
         # a scan's snapshot is one C-level dict copy.
@@ -877,16 +928,67 @@ class ShareIndex:
                 if job is None:
                     break
                 self._stepping = True
-                d = self._in_pool(job.step)
-                d.addCallbacks(
-                    self._stepped,
-                    self._step_failed,
-                    callbackArgs=(job,),
-                    errbackArgs=(job,),
-                )
+                if job.priority or not self._small(job):
+                    d = self._in_pool(job.step)
+                    d.addCallbacks(
+                        self._stepped,
+                        self._step_failed,
+                        callbackArgs=(job,),
+                        errbackArgs=(job,),
+                    )
+                else:
+                    batch = self._small_batch(job)
+                    d = self._in_pool(
+                        lambda batch=batch: _run_batch(self._database, batch)
+                    )
+                    d.addCallback(self._batch_stepped)
                 d.addBoth(self._step_ended)
         finally:
             self._kicking = False
+
+    def _small(self, job: _HashJob) -> bool:
+        """Whether C{job} is a file small enough to share a pool call."""
+        return job.expected is not None and job.expected[2] <= self._small_bytes
+
+    def _small_batch(self, first: _HashJob) -> list[_HashJob]:
+        """
+        C{first} and the next small background files, up to one step's
+        bytes: hashed in one pool call, so that a share of small files does
+        not pay two thread hand-offs per file (measured: about as long as
+        hashing a 1 MiB file).  A priority request waits for one step at
+        most, as before.
+        """
+        batch, total = [first], first.expected[2] if first.expected else 0
+        while self._queue and len(batch) < MAX_BATCH_FILES:
+            name = self._queue[0]
+            expected = self._queued.get(name)
+            if expected is None or name in self._jobs:
+                self._queue.popleft()  # stale
+                self._queued.pop(name, None)
+                continue
+            if (
+                expected[2] > self._small_bytes
+                or total + expected[2] > self._step_bytes
+            ):
+                break
+            self._queue.popleft()
+            self._queued.pop(name)
+            batch.append(self._new_job(name, expected))
+            total += expected[2]
+        return batch
+
+    def _batch_stepped(self, results: list[tuple[_HashJob, object]]) -> None:
+        for job, outcome in results:
+            if isinstance(outcome, Failure):
+                self._step_failed(outcome, job)
+            elif outcome is None and job is not self._background:
+                # It grew past one step meanwhile: hash it on its own.
+                self._finish(job)
+                job.close()
+                if job.expected is not None:
+                    self._queue_hash(job.name, job.expected)
+            else:
+                self._stepped(outcome, job)  # type: ignore[arg-type]
 
     def _step_ended(self, result: object) -> None:
         if isinstance(result, Failure):

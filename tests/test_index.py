@@ -710,3 +710,22 @@ class ServableNamesTests(IndexCase):
         runner.run_all()  # hashed
         self.successResultOf(idle)
         self.successResultOf(index.when_idle())
+
+    def test_small_files_share_a_pool_call(self) -> None:
+        """
+        Small files are hashed several to a pool call (one step's bytes at
+        most), not one call each; every one is indexed all the same.
+        """
+        for number in range(10):
+            self.put(f"f{number}", pattern(1000, seed=number))
+        runner = StepPool()
+        index = self.make(runner, step_bytes=4 * MIB)
+        index.start()
+        runner.run_next()  # the database is loaded
+        runner.run_next()  # the scan: ten files queued
+        runner.run_next()  # one pool call hashes them all
+        self.assertEqual(runner.pending, [])
+        self.assertEqual(len(index), 10)
+        for number in range(10):
+            self.assertRoot(index.lookup(f"f{number}"), pattern(1000, seed=number))
+        self.successResultOf(index.when_idle())
