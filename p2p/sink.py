@@ -49,11 +49,14 @@ PARTIAL_SUFFIX = ".p2p-part"
 STATE_SUFFIX = ".p2p-part.state"
 _STATE_MAGIC = b"p2p-relay partial v1\n"
 
-# Bytes of received pieces allowed to wait for the worker thread before
-# the connection is paused: enough to keep it busy, small enough to keep
-# the client's memory flat.
-HIGH_WATER_BYTES = 8 * 1024 * 1024
-LOW_WATER_BYTES = 2 * 1024 * 1024
+# Bytes of received pieces allowed to wait for the worker threads before
+# the connection is paused: enough to keep them busy, small enough to keep
+# the client's memory flat.  A piece holds the received chunks it came in,
+# up to twice its own size, so this bounds about twice as much memory:
+# measured on a 20 GiB fetch to stdout, a peak RSS of 59-61 MiB at 4 MiB
+# against 69-74 MiB at 8 MiB, for 5% more time.
+HIGH_WATER_BYTES = 4 * 1024 * 1024
+LOW_WATER_BYTES = 1024 * 1024
 
 
 class SerialWorker:
