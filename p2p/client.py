@@ -229,26 +229,14 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         assert isinstance(self.request, wire.Pieces)
         if listing.root != self.request.root:
             raise WireError(wire.Code.BAD_REQUEST, "the reply is for other content")
-        if not valid_piece_size(listing.piece):
-            raise WireError(wire.Code.BAD_REQUEST, f"piece size {listing.piece}")
-        content = Content(bytes.fromhex(listing.root), listing.size, listing.piece)
-        if content.pieces > MAX_PIECES:
-            raise WireError(
-                wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many"
-            )
+        content = _described(listing.root, listing.size, listing.piece)
         if listing.count != DIGEST_BYTES * content.pieces:
             raise WireError(wire.Code.BAD_REQUEST, "wrong length of piece digests")
         return content
 
     def _check_header(self, header: wire.FileHeader) -> Content:
         """The content a header describes, if it answers our request."""
-        if not valid_piece_size(header.piece):
-            raise WireError(wire.Code.BAD_REQUEST, f"piece size {header.piece}")
-        content = Content(bytes.fromhex(header.root), header.size, header.piece)
-        if content.pieces > MAX_PIECES:
-            raise WireError(
-                wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many"
-            )
+        content = _described(header.root, header.size, header.piece)
         request = self.request
         if isinstance(request, wire.Get):
             expected = (0, header.size)
@@ -476,6 +464,20 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                     "broken",
                 )
             )
+
+
+def _described(root: str, size: int, piece_size: int) -> Content:
+    """
+    The content a peer's reply describes, if a client can take it: a piece
+    size it accepts (a power of two, 16 KiB-16 MiB) and a piece list it
+    can hold (at most L{MAX_PIECES} pieces).
+    """
+    if not valid_piece_size(piece_size):
+        raise WireError(wire.Code.BAD_REQUEST, f"piece size {piece_size}")
+    content = Content(bytes.fromhex(root), size, piece_size)
+    if content.pieces > MAX_PIECES:
+        raise WireError(wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many")
+    return content
 
 
 def peer_endpoint(

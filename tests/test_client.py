@@ -54,7 +54,7 @@ from p2p.peer import PeerFactory
 from p2p.pieces import Content, PieceList
 from p2p.share import ShareFolder
 from p2p.sink import HIGH_WATER_BYTES, FileOutput, PieceSink, StreamOutput
-from tests._indexed import indexed, run_inline
+from tests._indexed import StepPool, indexed, run_inline
 from tests.test_peer import connect_in_memory
 from tests.test_share import temp_dir, write
 from tests.test_sink import QueuedWorker
@@ -652,34 +652,6 @@ class LyingIndex(ShareIndex):
         return super().piece_digests(entry)
 
 
-class QueuedPool:
-    """
-    A pool for a L{ShareIndex} that runs its work only when the test says
-    so: a file stays "being indexed" for as long as the test likes.
-    """
-
-    def __init__(self) -> None:
-        self.queue: list[tuple[Callable[[], object], Deferred]] = []
-
-    def __call__(self, work: Callable[[], object]) -> Deferred:
-        d: Deferred = Deferred()
-        self.queue.append((work, d))
-        return d
-
-    def run_next(self) -> None:
-        work, d = self.queue.pop(0)
-        try:
-            result = work()
-        except BaseException:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-    def run_all(self) -> None:
-        while self.queue:
-            self.run_next()
-
-
 class Network:
     """
     The scripted peers a L{Fetcher} talks to, by peer address.
@@ -1065,7 +1037,7 @@ class FetcherTests(SynchronousTestCase):
         attempt outlasts the idle timeout many times over, no other peer is
         asked, and the file comes once the peer's header does.
         """
-        pool = QueuedPool()
+        pool = StepPool()
         share = self.make_share("indexing", {NAME: BIG})
         # One piece per pool call: the file takes four calls to index.
         index = ShareIndex(

@@ -14,15 +14,13 @@ import os
 import shutil
 import sqlite3
 import tempfile
-from collections.abc import Callable
 from typing import Any
 
 from blake3 import blake3
-from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.defer import CancelledError
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
 from twisted.logger import LogLevel, globalLogPublisher
-from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -42,6 +40,7 @@ from p2p.index import (
 from p2p.pieces import PIECE_SIZE, PieceList, root_of
 from p2p.share import ShareFolder, run_inline
 from p2p.wire import Code, WireError
+from tests._indexed import StepPool
 
 MIB = 1024 * 1024
 RESCAN_SECONDS = 60.0
@@ -78,34 +77,6 @@ def expected_root(data: bytes) -> bytes:
 
 def touch(path: str, mtime_ns: int) -> None:
     os.utime(path, ns=(mtime_ns, mtime_ns))
-
-
-class StepPool:
-    """A C{run_in_pool} that queues works; the test runs them in turn."""
-
-    def __init__(self) -> None:
-        self.pending: list[tuple[Callable[[], Any], Deferred[Any]]] = []
-
-    def __call__(self, work: Callable[[], Any]) -> Deferred[Any]:
-        d: Deferred[Any] = Deferred()
-        self.pending.append((work, d))
-        return d
-
-    def run_next(self) -> None:
-        work, d = self.pending.pop(0)
-        try:
-            result = work()
-        except BaseException:
-            d.errback(Failure())
-        else:
-            d.callback(result)
-
-    def run_all(self) -> None:
-        for _ in range(1000):
-            if not self.pending:
-                return
-            self.run_next()
-        raise AssertionError("the pool never drained")
 
 
 class IndexCase(SynchronousTestCase):
