@@ -44,6 +44,7 @@ from p2p.sink import (
     PieceSink,
     SerialWorker,
     StreamOutput,
+    write_all,
 )
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
 from p2p.units import format_bytes, parse_bytes
@@ -294,7 +295,7 @@ class Console:
     def write(self, data: bytes) -> bool:
         """Write results to stdout; False (after one error line) if it fails."""
         try:
-            self.stdout.write(data)
+            write_all(self.stdout, data)
             self.stdout.flush()
         except OSError as e:
             self.error(f"cannot write to stdout: {e.strerror or e}")

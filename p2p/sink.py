@@ -206,7 +206,7 @@ class StreamOutput(Output):
         self._waiting[offset] = data
         while self.position in self._waiting:
             for part in parts_of(self._waiting.pop(self.position)):
-                self.stream.write(part)
+                write_all(self.stream, part)
                 self.position += len(part)
                 self.written += len(part)
         if self.written:
@@ -215,6 +215,21 @@ class StreamOutput(Output):
     @property
     def restartable(self) -> bool:
         return self.written == 0
+
+
+def write_all(stream: BinaryIO, data: bytes | bytearray | memoryview) -> None:
+    """
+    Write every byte of C{data} to C{stream}.  A raw stream (stdout under
+    ``python -u`` or ``PYTHONUNBUFFERED``, a ``FileIO``) may write only part
+    of a buffer, on a pipe interrupted by a signal say; a buffered one
+    writes it all.  A non-blocking one that would block is an error.
+    """
+    view = memoryview(data)
+    while view:
+        written = stream.write(view)
+        if written is None:
+            raise BlockingIOError(errno.EAGAIN, "the output would block")
+        view = view[written:]
 
 
 # Linux's F_SETPIPE_SZ (fcntl.F_SETPIPE_SZ from Python 3.10 on Linux).

@@ -102,6 +102,24 @@ class StreamTests(SynchronousTestCase):
         self.sink.write(3, parts[3])
         self.assertEqual(self.stream.getvalue(), self.data)
 
+    def test_partial_writes(self) -> None:
+        """
+        A raw stream (stdout under ``python -u``: a FileIO, which may write
+        only part of a buffer) still gets every byte, in order.
+        """
+
+        class Trickle(io.BytesIO):
+            def write(self, data) -> int:
+                return super().write(bytes(data)[:1000])
+
+        stream = Trickle()
+        sink = PieceSink(StreamOutput(stream))
+        fired(sink.begin(self.content, self.list))
+        for index, piece in enumerate(chunks(self.data)):
+            sink.write(index, piece)
+        self.assertEqual(fired(sink.settled()), [])
+        self.assertEqual(stream.getvalue(), self.data)
+
     def test_bad_piece_never_reaches_the_stream(self) -> None:
         """A piece that does not verify is dropped and reported."""
         bad = bytearray(chunks(self.data)[0])
