@@ -13,7 +13,10 @@ lookup is O(1) and a page O(log n + limit).  A reactor-side scheduler keeps
 at most one hashing *step* (``step_bytes`` of one file) in the pool at a
 time, and picks each next step with ``ensure`` jobs first.  A 20 GiB file
 being hashed in the background therefore delays a client's small file by
-one step at most.
+one step at most.  Small files go several to a step (a *batch*, stored in
+one transaction), and two batches may run at once, one per pool thread:
+their hashing runs outside the GIL, and per-file costs (opening, stat,
+commits) overlap with the other batch's hashing.
 
 Never serve a stale hash.  An entry describes the bytes its file had when
 it was hashed, named by ``identity``, and the index lags the disk by a
@@ -35,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import contextlib
+import dataclasses
 import errno
 import os
 import re
@@ -245,6 +249,8 @@ class _Database:
     def __init__(self, path: str) -> None:
         self._path = path
         self._lock = threading.Lock()
+        # Per thread: the rows a batch holds back (see batch()).
+        self._held = threading.local()
         self._connection: sqlite3.Connection | None = None
         self._meta = {"schema": str(SCHEMA_VERSION), "piece_size": str(PIECE_SIZE)}
 
@@ -320,28 +326,35 @@ class _Database:
             )
 
     @contextlib.contextmanager
-    def batch(self) -> Iterator[None]:
+    def batch(self) -> Iterator[dict[str, int]]:
         """
-        One transaction for every L{store} this thread makes meanwhile (a
-        batch of small files: a commit per file cost about as much as
-        hashing a 1 MiB file).  Other threads wait for it to end.
+        Hold back every L{store} this thread makes meanwhile and write them
+        at the end in one transaction (a commit per small file cost about as
+        much as hashing it); the context's value then maps each name stored
+        to its seq (L{store} returns 0 meanwhile).  The lock is taken only
+        for that transaction, so another thread's batch hashes meanwhile.
         """
-        with self._lock, self._transaction():
-            self._batch_owner = threading.get_ident()
-            try:
-                yield
-            finally:
-                self._batch_owner = None
-
-    _batch_owner: int | None = None
+        pending: list[tuple[str, Content, Identity, bytes]] = []
+        seqs: dict[str, int] = {}
+        self._held.rows = pending
+        try:
+            yield seqs
+        finally:
+            self._held.rows = None
+        if pending:
+            with self._lock, self._transaction() as connection:
+                for row in pending:
+                    seqs[row[0]] = self._upsert(connection, *row)
 
     def store(
         self, name: str, content: Content, identity: Identity, digests: bytes
     ) -> int:
-        """Insert or update C{name}'s row (an update keeps its seq); its seq."""
-        if self._batch_owner == threading.get_ident():
-            assert self._connection is not None
-            return self._upsert(self._connection, name, content, identity, digests)
+        """Insert or update C{name}'s row (an update keeps its seq); its seq
+        (0 inside a L{batch}, which says it at the end)."""
+        rows = getattr(self._held, "rows", None)
+        if rows is not None:
+            rows.append((name, content, identity, digests))
+            return 0
         with self._lock, self._transaction() as connection:
             return self._upsert(connection, name, content, identity, digests)
 
@@ -540,13 +553,26 @@ def _run_batch(
     """(Pool.) One step of each job, their rows stored in one transaction;
     a job's exception is its outcome."""
     results: list[tuple[_HashJob, object]] = []
-    with database.batch():
+    try:
+        with database.batch() as seqs:
+            for job in batch:
+                try:
+                    results.append((job, job.step()))
+                except BaseException:
+                    results.append((job, Failure()))
+    except BaseException:
+        # The rows could not be written (a full disk): none was indexed.
+        failure = Failure()
         for job in batch:
-            try:
-                results.append((job, job.step()))
-            except BaseException:
-                results.append((job, Failure()))
-    return results
+            job.close()
+        return [(job, failure) for job in batch]
+    # The rows were written at the end: give each new entry its seq.
+    return [
+        (job, dataclasses.replace(outcome, seq=seqs[outcome.name]))
+        if isinstance(outcome, IndexEntry) and outcome.seq == 0
+        else (job, outcome)
+        for job, outcome in results
+    ]
 
 
 class ShareIndex:
@@ -607,7 +633,10 @@ class ShareIndex:
         self._queue: deque[str] = deque()
         self._queued: dict[str, Identity] = {}
         self._failed: dict[str, Identity] = {}  # logged once per identity
-        self._stepping = self._kicking = False
+        self._kicking = False
+        # Pool calls hashing now (one; two when both are batches of small
+        # files), and how many of them are batches.
+        self._steps = self._batching = 0
         # Scans and change detection.
         self._scanning = self._rescan_again = False
         self._scans = self._scan_failures = 0
@@ -923,11 +952,18 @@ class ShareIndex:
             return
         self._kicking = True
         try:
-            while not self._stepping and not self._halted:
-                job = self._next_job()
+            while not self._halted:
+                if not self._steps:
+                    job = self._next_job()
+                elif self._steps == 1 and self._batching and not self._priority:
+                    # A batch of small files runs: a second one may run beside
+                    # it on the pool's other thread (each hashes off the GIL).
+                    job = self._next_small()
+                else:
+                    job = None
                 if job is None:
                     break
-                self._stepping = True
+                self._steps += 1
                 if job.priority or not self._small(job):
                     d = self._in_pool(job.step)
                     d.addCallbacks(
@@ -938,10 +974,12 @@ class ShareIndex:
                     )
                 else:
                     batch = self._small_batch(job)
+                    self._batching += 1
                     d = self._in_pool(
                         lambda batch=batch: _run_batch(self._database, batch)
                     )
                     d.addCallback(self._batch_stepped)
+                    d.addBoth(self._batch_ended)
                 d.addBoth(self._step_ended)
         finally:
             self._kicking = False
@@ -977,6 +1015,27 @@ class ShareIndex:
             total += expected[2]
         return batch
 
+    def _next_small(self) -> _HashJob | None:
+        """A new job for the next queued small file, if that is what comes
+        next (not the background job: it is in the running batch)."""
+        while self._queue:
+            name = self._queue[0]
+            expected = self._queued.get(name)
+            if expected is None or name in self._jobs:
+                self._queue.popleft()  # stale
+                self._queued.pop(name, None)
+                continue
+            if expected[2] > self._small_bytes:
+                return None
+            self._queue.popleft()
+            self._queued.pop(name)
+            return self._new_job(name, expected)
+        return None
+
+    def _batch_ended(self, result: T) -> T:
+        self._batching -= 1
+        return result
+
     def _batch_stepped(self, results: list[tuple[_HashJob, object]]) -> None:
         for job, outcome in results:
             if isinstance(outcome, Failure):
@@ -993,7 +1052,7 @@ class ShareIndex:
     def _step_ended(self, result: object) -> None:
         if isinstance(result, Failure):
             self._unexpected(result, "a hashing step")
-        self._stepping = False
+        self._steps -= 1
         self._kick()
         self._log_initial()
 

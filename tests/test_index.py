@@ -700,3 +700,27 @@ class ServableNamesTests(IndexCase):
         for number in range(10):
             self.assertRoot(index.lookup(f"f{number}"), pattern(1000, seed=number))
         self.successResultOf(index.when_idle())
+
+    def test_two_batches_at_once(self) -> None:
+        """
+        Two batches of small files may run at once, on the pool's two
+        threads; each stores its rows in one transaction at its end, and
+        every file gets its own seq.
+        """
+        for number in range(20):
+            self.put(f"f{number:02}", pattern(100 * 1024, seed=number))
+        runner = StepPool()
+        index = self.make(runner, step_bytes=MIB)  # a batch: 10 such files
+        index.start()
+        runner.run_next()  # the database is loaded
+        runner.run_next()  # the scan: twenty files queued
+        self.assertEqual(len(runner.pending), 2)  # two batches at once
+        runner.run_all()
+        self.assertEqual(len(index), 20)
+        seqs = [index.lookup(f"f{number:02}").seq for number in range(20)]
+        self.assertEqual(len(set(seqs)), 20)
+        self.assertNotIn(0, seqs)
+        for number in range(20):
+            self.assertRoot(
+                index.lookup(f"f{number:02}"), pattern(100 * 1024, seed=number)
+            )
