@@ -997,27 +997,18 @@ class ShareIndex:
         most, as before.
         """
         batch, total = [first], first.expected[2] if first.expected else 0
-        while self._queue and len(batch) < MAX_BATCH_FILES:
-            name = self._queue[0]
-            expected = self._queued.get(name)
-            if expected is None or name in self._jobs:
-                self._queue.popleft()  # stale
-                self._queued.pop(name, None)
-                continue
-            if (
-                expected[2] > self._small_bytes
-                or total + expected[2] > self._step_bytes
-            ):
+        while len(batch) < MAX_BATCH_FILES:
+            job = self._next_small(self._step_bytes - total)
+            if job is None:
                 break
-            self._queue.popleft()
-            self._queued.pop(name)
-            batch.append(self._new_job(name, expected))
-            total += expected[2]
+            assert job.expected is not None
+            batch.append(job)
+            total += job.expected[2]
         return batch
 
-    def _next_small(self) -> _HashJob | None:
-        """A new job for the next queued small file, if that is what comes
-        next (not the background job: it is in the running batch)."""
+    def _next_small(self, room: int | None = None) -> _HashJob | None:
+        """A new job for the next queued file if it is small (and at most
+        C{room} bytes): never the background job, which is in a batch."""
         while self._queue:
             name = self._queue[0]
             expected = self._queued.get(name)
@@ -1025,7 +1016,9 @@ class ShareIndex:
                 self._queue.popleft()  # stale
                 self._queued.pop(name, None)
                 continue
-            if expected[2] > self._small_bytes:
+            if expected[2] > self._small_bytes or (
+                room is not None and expected[2] > room
+            ):
                 return None
             self._queue.popleft()
             self._queued.pop(name)
