@@ -52,7 +52,8 @@ class PeerFailed(Exception):
     reply), ``broken`` (closed or stalled mid-transfer; the pieces that
     verified are kept), ``corrupted`` (a piece or the piece list did not
     verify: nothing of it was used), ``other-content`` (the peer's file
-    differs from the content being assembled), ``protocol`` (a malformed
+    differs from the content being assembled, or, asked for it by root,
+    the peer has none of it), ``protocol`` (a malformed
     reply), ``timeout``, or ``resume`` (an earlier run left verified
     pieces: ask this peer again for the rest only).
     """
@@ -187,7 +188,11 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 header = wire.FileHeader.from_line(line)
                 content = self._check_header(header)
         except wire.RemoteError as e:
-            self._fail(f"refused: ERR {e.code} {e.message}", "refused", abort=False)
+            # Asked by root, "no such content" means the peer holds other
+            # content (or none) under the name: a second pass may want it.
+            other = isinstance(self.request, wire.Blob) and e.code == 404
+            kind = "other-content" if other else "refused"
+            self._fail(f"refused: ERR {e.code} {e.message}", kind, abort=False)
             return
         except WireError as e:
             self._fail(f"protocol error: {e.message}", "protocol")

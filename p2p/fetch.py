@@ -185,9 +185,6 @@ class _Try:
         self.offset = offset
         self.started = now
         self.abandoned = False
-        # Asked by root (BLOB) rather than by name: a refusal then means
-        # "not this content", and the peer may hold another under the name.
-        self.by_content = False
         self.deferred: Deferred[wire.FileHeader] | None = None
 
 
@@ -207,7 +204,6 @@ class _FetchRun:
         self.by_root = by_root
         self.candidates = candidates or []
         self.swarm: Swarm | None = None
-        self.sources: list[SourceReport] = []
         self.name = name
         self.peers = peers
         self.sink = sink
@@ -296,7 +292,6 @@ class _FetchRun:
         request = self._request()
         offset = request.offset if isinstance(request, wire.Blob) else 0
         attempt = _Try(index, self.peers[index], offset, fetcher.now())
-        attempt.by_content = isinstance(request, wire.Blob)
         self.pending[index] = attempt
         protocol = FileFetchProtocol(
             request,
@@ -392,9 +387,7 @@ class _FetchRun:
             # ask this same peer again, for the rest only.
             self.queue.appendleft(attempt.index)
         else:
-            if kind == "other-content" or (
-                attempt.by_content and _is_not_found(failure)
-            ):
+            if kind == "other-content":
                 self.holders.add(attempt.index)
             self._record(attempt, False, describe(failure))
             if (
@@ -449,12 +442,14 @@ class _FetchRun:
         d.addErrback(self._crashed)
 
     def _swarmed(self, reports: list[SourceReport], attempt: _Try) -> None:
-        self.sources = reports
         self._record(attempt, True, "found")
         assert self.sink.content is not None
-        result = FetchResult(self.name, attempt.peer, self.sink.content, self.attempts)
-        result.sources = [r for r in reports if r.units]
-        self.done.callback(result)
+        served = [report for report in reports if report.units]
+        self.done.callback(
+            FetchResult(
+                self.name, attempt.peer, self.sink.content, self.attempts, served
+            )
+        )
 
     def _swarm_failed(self, failure: Failure) -> None:
         if self.done.called:
@@ -474,7 +469,7 @@ class _FetchRun:
             if report.reason is None:
                 continue
             self.attempts.append(Attempt(report.peer, False, report.reason, 0.0))
-            if report.reason.startswith("corrupted"):
+            if report.kind == "corrupted":
                 liars.add((report.peer.host, report.peer.port))
         self.queue = deque(
             i
@@ -529,9 +524,3 @@ class _FetchRun:
 
     def _cancel(self, _: Deferred) -> None:
         self._stop_all()
-
-
-def _is_not_found(failure: Failure) -> bool:
-    """Whether a peer answered ``ERR 404``."""
-    value = failure.value
-    return isinstance(value, PeerFailed) and value.reason.startswith("refused: ERR 404")

@@ -35,6 +35,7 @@ from p2p.client import (
     EndpointFor,
     FileFetchProtocol,
     OutputFailed,
+    PeerFailed,
     describe,
 )
 from p2p.request import cancelled_to_timeout
@@ -59,6 +60,7 @@ class SourceReport:
     units: int = 0
     bytes: int = 0
     reason: str | None = None  # why it was dropped, if it was
+    kind: str | None = None  # and the PeerFailed kind of that, if any
 
 
 class SwarmFailed(Exception):
@@ -163,10 +165,12 @@ class Swarm:
             missing = self.content.pieces - len(self.sink.done)
             self.done.errback(SwarmFailed(missing, self.reports))
 
-    def _drop(self, source: _Source, reason: str) -> None:
+    def _drop(self, source: _Source, failure: Failure) -> None:
         if source in self.sources:
             self.sources.remove(source)
-        source.report.reason = reason
+        source.report.reason = describe(failure)
+        if isinstance(failure.value, PeerFailed):
+            source.report.kind = failure.value.kind
         self.report(source.report)
 
     # -- picking units ----------------------------------------------------
@@ -295,7 +299,7 @@ class Swarm:
             self.done.errback(failure)
             return
         failure.trap(*SKIPPABLE)
-        self._drop(source, describe(failure))
+        self._drop(source, failure)
         # Let the pieces received settle before working out what is missing.
         d = self.sink.settled()
         d.addCallbacks(lambda _: self._fill(), self._output_failed)
