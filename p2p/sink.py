@@ -9,10 +9,10 @@ flight.  With ``-o PATH`` verified pieces are written in place into
 an interrupted run is resumed by the next run for the same content (its
 pieces are hashed again, and only those that verify are kept).
 
-Hashing and writing run on one worker thread per download (L{SerialWorker}),
-beside the reactor thread that receives; the receiving side pauses its
-connection while too many bytes wait for the worker (L{PieceSink.write}
-returns False).
+Hashing and writing run on two worker threads per download, in a pipeline
+(L{SerialWorker}), beside the reactor thread that receives; the receiving
+side pauses its connection while too many bytes wait for the workers
+(L{PieceSink.write} returns False).
 """
 
 from __future__ import annotations
@@ -308,9 +308,10 @@ class FileOutput(Output):
         self.lock()
         assert self._fd is not None
         held = self._resumable(content, pieces)
-        if not held and os.fstat(self._fd).st_size:
+        length = os.fstat(self._fd).st_size
+        if not held and length:
             os.ftruncate(self._fd, 0)
-        elif os.fstat(self._fd).st_size > content.size:
+        elif length > content.size:
             os.ftruncate(self._fd, content.size)
         self._write_state(content)
         self.content = content
@@ -592,21 +593,10 @@ class PieceSink:
         self._backlog += size
         pieces = self.pieces
 
-        submit_checked = getattr(self.worker, "submit_checked", None)
-        if submit_checked is not None:
-            d = submit_checked(
-                lambda: _verifies(content, pieces, index, data),
-                lambda: self.output.write_piece(offset, data),
-            )
-        else:  # a plain worker (a test's): both on one thread
-
-            def verify_and_store() -> bool:
-                if not _verifies(content, pieces, index, data):
-                    return False
-                self.output.write_piece(offset, data)
-                return True
-
-            d = self._submit(verify_and_store)
+        d = self.worker.submit_checked(
+            lambda: _verifies(content, pieces, index, data),
+            lambda: self.output.write_piece(offset, data),
+        )
         d.addCallbacks(
             self._stored,
             self._store_failed,

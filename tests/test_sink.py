@@ -23,6 +23,7 @@ from p2p.sink import (
     PieceSink,
     StreamOutput,
 )
+from tests._indexed import StepPool
 
 MIB = 1024 * 1024
 
@@ -39,26 +40,15 @@ def chunks(data: bytes) -> list[bytes]:
     return [data[i : i + MIB] for i in range(0, len(data), MIB)]
 
 
-class QueuedWorker:
-    """Runs submitted calls only when the test says so (a slow thread)."""
-
-    def __init__(self) -> None:
-        self.queue: list[tuple] = []
+class QueuedWorker(StepPool):
+    """A sink's worker that runs what it is given only when the test says
+    so (a slow thread): L{StepPool}'s queue behind the worker's interface."""
 
     def submit(self, work) -> Deferred:
-        d: Deferred = Deferred()
-        self.queue.append((work, d))
-        return d
+        return self(work)
 
-    def run_all(self) -> None:
-        while self.queue:
-            work, d = self.queue.pop(0)
-            try:
-                result = work()
-            except BaseException:
-                d.errback(Failure())
-            else:
-                d.callback(result)
+    def submit_checked(self, check, work) -> Deferred:
+        return self(lambda: bool(check() and (work(), True)[1]))
 
     def stop(self) -> None:
         pass
