@@ -14,23 +14,12 @@ from __future__ import annotations
 import os
 import re
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TypeVar
-
-from twisted.internet.defer import Deferred, maybeDeferred
 
 from p2p.wire import Code, WireError
 
-T = TypeVar("T")
-
 # twistd's pid file and (rotated) log files, at the top of the share.
 TWISTD_FILES = re.compile(r"twistd\.pid|twistd\.log(\.[0-9_]+)?")
-
-
-def run_inline(work: Callable[[], T]) -> Deferred[T]:
-    """Run C{work} now, as a pool runner that has no threads (tests)."""
-    return maybeDeferred(work)
 
 
 @dataclass

@@ -13,7 +13,6 @@ import errno
 import os
 import shutil
 import sqlite3
-import tempfile
 from typing import Any
 
 from blake3 import blake3
@@ -38,26 +37,13 @@ from p2p.index import (
     ShareIndex,
 )
 from p2p.pieces import PIECE_SIZE, PieceList, root_of
-from p2p.share import ShareFolder, run_inline
+from p2p.share import ShareFolder
 from p2p.wire import Code, WireError
-from tests._indexed import StepPool
+from tests._indexed import StepPool, run_inline
+from tests.test_share import temp_dir, write
 
 MIB = 1024 * 1024
 RESCAN_SECONDS = 60.0
-
-
-def temp_dir(case: SynchronousTestCase) -> str:
-    """A fresh absolute temporary directory, removed when C{case} ends."""
-    path = tempfile.mkdtemp(prefix="p2p-index-test-")
-    case.addCleanup(shutil.rmtree, path, True)
-    return path
-
-
-def write(path: str, data: bytes) -> str:
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    with open(path, "wb") as stream:
-        stream.write(data)
-    return path
 
 
 def pattern(size: int, seed: int = 0) -> bytes:

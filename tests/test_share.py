@@ -31,9 +31,9 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2p import wire
 from p2p.peer import PeerFactory
 from p2p.pieces import PIECE_SIZE, root_of
-from p2p.share import OpenedFile, ShareFolder, run_inline
+from p2p.share import OpenedFile, ShareFolder
 from p2p.wire import Code, WireError
-from tests._indexed import peer_factory
+from tests._indexed import peer_factory, run_inline
 
 SECRET = b"TOP SECRET: outside the share folder\n"
 A_CONTENT = b"alpha file\n"
@@ -730,7 +730,7 @@ class ListingTests(SynchronousTestCase):
 
 
 class RunInlineTests(SynchronousTestCase):
-    """L{run_inline}: a pool runner without threads, for tests."""
+    """L{tests._indexed.run_inline}: a pool runner without threads."""
 
     def test_run_inline(self) -> None:
         """C{run_inline} turns a result or an exception into a fired Deferred."""
