@@ -30,7 +30,7 @@ from p2p.service import ListeningService, PortFileService
 from p2p.throttle import TokenBucket
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
-from ._support import set_relay_environment
+from ._support import set_environment, set_relay_environment
 
 PEER_ID = "0123456789abcdef"
 
@@ -47,36 +47,7 @@ def children(parent: MultiService, kind: type) -> list:
 
 def set_token_environment(case: SynchronousTestCase, value: str | None) -> None:
     """Set (or unset, for C{None}) $P2P_TOKEN for the duration of C{case}."""
-    saved = os.environ.get(TOKEN_ENVIRONMENT_VARIABLE)
-
-    def restore() -> None:
-        if saved is None:
-            os.environ.pop(TOKEN_ENVIRONMENT_VARIABLE, None)
-        else:
-            os.environ[TOKEN_ENVIRONMENT_VARIABLE] = saved
-
-    case.addCleanup(restore)
-    if value is None:
-        os.environ.pop(TOKEN_ENVIRONMENT_VARIABLE, None)
-    else:
-        os.environ[TOKEN_ENVIRONMENT_VARIABLE] = value
-
-
-def set_environment(case: SynchronousTestCase, name: str, value: str | None) -> None:
-    """Set (or unset, for C{None}) $C{name} for the duration of C{case}."""
-    saved = os.environ.get(name)
-
-    def restore() -> None:
-        if saved is None:
-            os.environ.pop(name, None)
-        else:
-            os.environ[name] = saved
-
-    case.addCleanup(restore)
-    if value is None:
-        os.environ.pop(name, None)
-    else:
-        os.environ[name] = value
+    set_environment(case, TOKEN_ENVIRONMENT_VARIABLE, value)
 
 
 def activity_reports(events: list[dict]) -> list[dict]:
