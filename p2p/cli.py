@@ -552,19 +552,22 @@ class Client:
         )
         started = time.monotonic()
         try:
-            # Likely holders, for several sources at once: the relay's
-            # suggestions by name; any peer for a content root.
-            candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
-            result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
-            yield sink.finish()
+            try:
+                # Likely holders, for several sources at once: the relay's
+                # suggestions by name; any peer for a content root.
+                candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
+                result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
+                yield sink.finish()
+            finally:
+                # The fetch is over, one way or another: nothing for an
+                # interruption to report from here on.
+                self.current = None
         except NotFoundAnywhere as e:
-            self.current = None
             kept = yield sink.abandon(keep=True)
             self.console.error(f"{name}: not found on any of {e.peers} active peer(s)")
             self._kept(name, sink, kept)
             return EXIT_NOT_FOUND
         except (OutputFailed, OSError) as e:
-            self.current = None
             yield sink.abandon(keep=False)
             error = e.error if isinstance(e, OutputFailed) else e
             self.console.error(
@@ -572,10 +575,8 @@ class Client:
             )
             return EXIT_OUTPUT
         except BaseException:
-            self.current = None
             sink.abandon(keep=False)
             raise
-        self.current = None
         yield sink.abandon(keep=False)  # stops the worker; the file is in place
         content = result.content
         seconds = time.monotonic() - started
