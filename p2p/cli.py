@@ -127,15 +127,10 @@ class GetOptions(usage.Options):
                 raise usage.UsageError(f"--max-size: {e}") from None
         expect = self["expect"]
         if expect is not None:
-            if not is_root(expect):
+            if not wire.is_root(expect):
                 raise usage.UsageError("--expect takes a ROOT: 64 lowercase hex digits")
             if len(self["names"]) != 1:
                 raise usage.UsageError("--expect goes with exactly one NAME")
-
-
-def is_root(text: str) -> bool:
-    """Whether C{text} names a content (64 lowercase hex digits)."""
-    return len(text) == 64 and all(c in "0123456789abcdef" for c in text)
 
 
 class PeersOptions(usage.Options):
@@ -487,7 +482,7 @@ class Client:
         except ValueError:
             self.console.error(f"{name[:60]!r}: not a valid file name")
             return EXIT_NOT_FOUND
-        by_root = is_root(name)
+        by_root = wire.is_root(name)
         target = _target_path(name, output)
         folder = os.path.dirname(os.path.abspath(target)) if target else None
         # The partial file is created next to the target (for an atomic

@@ -42,8 +42,6 @@ MAX_PIECE_SIZE = 16 * 1024 * 1024
 # unbounded list.
 MAX_PIECES = 1 << 22
 ROOT_TAG = b"p2p-relay pieces v1\n"
-# Read size while hashing a file: one piece, so one read feeds one digest.
-READ_BYTES = PIECE_SIZE
 
 
 def valid_piece_size(piece_size: int) -> bool:
@@ -96,14 +94,6 @@ def root_of(size: int, piece_size: int, digests: bytes) -> bytes:
     """
     preamble = ROOT_TAG + struct.pack(">QI", size, piece_size)
     return blake3(preamble + digests).digest()
-
-
-def split_digests(digests: bytes) -> list[bytes]:
-    """The concatenated C{digests} as a list of one digest per piece."""
-    return [
-        digests[start : start + DIGEST_BYTES]
-        for start in range(0, len(digests), DIGEST_BYTES)
-    ]
 
 
 class PieceListMismatch(Exception):
@@ -223,10 +213,3 @@ def hash_descriptor(
         progress(min(size, (index + 1) * piece_size))
     content = Content(root_of(size, piece_size, bytes(digests)), size, piece_size)
     return content, bytes(digests)
-
-
-def parse_root(text: str) -> bytes:
-    """The root named by 64 lowercase hex digits; ValueError otherwise."""
-    if len(text) != 2 * DIGEST_BYTES or text != text.lower():
-        raise ValueError("a root is 64 lowercase hex digits")
-    return bytes.fromhex(text)

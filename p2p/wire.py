@@ -650,9 +650,14 @@ def _parse_name(text: str) -> str:
     return text
 
 
+def is_root(text: str) -> bool:
+    """Whether C{text} names a content: 64 lowercase hex digits."""
+    return _SHA256.fullmatch(text) is not None
+
+
 def parse_root_text(text: str) -> str:
     """Accept a content root: 64 lowercase hex digits."""
-    if not _SHA256.fullmatch(text):
+    if not is_root(text):
         raise WireError(Code.BAD_REQUEST, "root must be 64 lowercase hex digits")
     return text
 

@@ -109,8 +109,3 @@ class PieceListTests(SynchronousTestCase):
         )
         swapped = self.digests[32:64] + self.digests[:32] + self.digests[64:]
         self.assertRaises(PieceListMismatch, PieceList.check, self.content, swapped)
-
-    def test_parse_root(self) -> None:
-        self.assertEqual(pieces.parse_root("ab" * 32), b"\xab" * 32)
-        for bad in ("AB" * 32, "ab" * 31, "zz" * 32):
-            self.assertRaises(ValueError, pieces.parse_root, bad)

@@ -1082,3 +1082,12 @@ class FileEntryTests(WireAssertions, SynchronousTestCase):
                 b"F\xff",
             ],
         )
+
+
+class RootTests(SynchronousTestCase):
+    """``wire.is_root``: what names a content, for the client and the wire."""
+
+    def test_is_root(self) -> None:
+        self.assertTrue(wire.is_root("ab" * 32))
+        for bad in ("AB" * 32, "ab" * 31, "zz" * 32, "ab" * 32 + " ", ""):
+            self.assertFalse(wire.is_root(bad), bad)
