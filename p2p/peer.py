@@ -320,13 +320,15 @@ class PeerProtocol(ServerLineProtocol):
             try:
                 opened = self.share.open(entry.name)
             except WireError:
-                # Gone, or no longer servable: have the index notice.
-                self.index.ensure(entry.name)[0].addErrback(lambda _: None)
-                continue
-            if self.index.current(entry.name, opened.identity) is None:
-                # Changed on disk since it was indexed: never serve the new
-                # bytes under the old root.  Have it indexed again.
-                opened.close()
+                opened = None  # gone, or no longer servable
+            if (
+                opened is None
+                or self.index.current(entry.name, opened.identity) is None
+            ):
+                # Gone, or changed on disk since it was indexed: never serve
+                # new bytes under the old root.  Have the index look again.
+                if opened is not None:
+                    opened.close()
                 self.index.ensure(entry.name)[0].addErrback(lambda _: None)
                 continue
             offset, count = _span(entry, request.offset, request.length, opened)
