@@ -1047,7 +1047,7 @@ class ShareIndex:
             self._unexpected(result, "a hashing step")
         self._steps -= 1
         self._kick()
-        self._log_initial()
+        self._work_ended()
 
     def _finish(self, job: _HashJob) -> list[Deferred[IndexEntry]]:
         self._jobs.pop(job.name, None)
@@ -1106,13 +1106,17 @@ class ShareIndex:
             self._idle_waiters.append(d)
         return d
 
-    def _log_initial(self) -> None:
-        # Called whenever a scan, a refresh or a hashing step ends.
+    def _work_ended(self) -> None:
+        """A scan, a refresh or a hashing step ended: wake L{when_idle}'s
+        waiters if nothing is left to do, and log the first scan's end."""
         if self._idle_waiters and self._ready and not self.indexing:
             waiters, self._idle_waiters = self._idle_waiters, []
             for waiter in waiters:
                 if not waiter.called:
                     waiter.callback(None)
+        self._log_initial()
+
+    def _log_initial(self) -> None:
         if self._initial is None or self._scanning or self._jobs or self._queued:
             return
         stats, self._initial = self._initial, None
@@ -1191,7 +1195,7 @@ class ShareIndex:
             self._start_scan()
         else:
             self._schedule_scan(self._rescan_interval)
-        self._log_initial()
+        self._work_ended()
 
     # -- inotify -------------------------------------------------------------
 
@@ -1295,4 +1299,4 @@ class ShareIndex:
 
     def _refresh_ended(self, ignored: object) -> None:
         self._refreshing -= 1
-        self._log_initial()
+        self._work_ended()
