@@ -1,0 +1,56 @@
+"""Which source and which network an address counts as, for limits.
+
+A limit per address is defeated by anyone with many addresses: an IPv6
+host is handed a whole /64, and a small provider's customer or a cloud
+tenant gets addresses from one /24.  So every limit the servers keep per
+source is kept twice (see ``docs/security.rst``):
+
+* per **source**: an IPv4 address, or the /64 of an IPv6 address (one
+  host's share: its interface may pick any address inside it);
+* per **network**: the /24 of an IPv4 address, the /48 of an IPv6 one (one
+  site, as go-libp2p's resource manager and BitTorrent's BEP 42 group
+  them).
+
+Keys are short strings (``"10.1.2.3"``, ``"2001:db8:1:2::/64"``,
+``"10.1.2.0/24"``) so that logs and tests can show them.  Anything that is
+not an IP address (a UNIX socket's ``"?"``) is its own source and network.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+
+SOURCE_PREFIX_V6 = 64
+NETWORK_PREFIX_V4 = 24
+NETWORK_PREFIX_V6 = 48
+
+
+@functools.lru_cache(maxsize=8192)
+def groups(host: str) -> tuple[str, str]:
+    """
+    The C{(source, network)} keys of C{host}, an address as
+    L{p2p.wire.normalise_host} gives it (IPv4-mapped IPv6 already plain
+    IPv4).  Cached: every connection and every request asks, and parsing
+    an address costs about 10 us.
+    """
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host, host
+    if address.version == 4:
+        network = ipaddress.ip_network(f"{host}/{NETWORK_PREFIX_V4}", strict=False)
+        return host, str(network)
+    source = ipaddress.ip_network(f"{address}/{SOURCE_PREFIX_V6}", strict=False)
+    network = ipaddress.ip_network(f"{address}/{NETWORK_PREFIX_V6}", strict=False)
+    return str(source), str(network)
+
+
+def source_of(host: str) -> str:
+    """The per-source key of C{host} (see L{groups})."""
+    return groups(host)[0]
+
+
+def network_of(host: str) -> str:
+    """The per-network key of C{host} (see L{groups})."""
+    return groups(host)[1]

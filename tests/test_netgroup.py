@@ -1,0 +1,34 @@
+"""Tests for L{p2p.netgroup}: which source and network an address counts as."""
+
+from __future__ import annotations
+
+from twisted.trial.unittest import SynchronousTestCase
+
+from p2p import netgroup
+
+
+class GroupsTests(SynchronousTestCase):
+    def test_ipv4(self) -> None:
+        """An IPv4 address is its own source, in its /24."""
+        self.assertEqual(netgroup.groups("127.1.0.7"), ("127.1.0.7", "127.1.0.0/24"))
+        self.assertEqual(netgroup.network_of("10.2.3.4"), "10.2.3.0/24")
+        self.assertEqual(netgroup.source_of("10.2.3.4"), "10.2.3.4")
+
+    def test_ipv6(self) -> None:
+        """An IPv6 address counts as its /64, in its /48: a host that picks
+        any address of its /64 is still one source."""
+        first = netgroup.groups("2001:db8:1:2::1")
+        second = netgroup.groups("2001:db8:1:2:ffff::9")
+        self.assertEqual(first, ("2001:db8:1:2::/64", "2001:db8:1::/48"))
+        self.assertEqual(first, second)
+        self.assertNotEqual(
+            netgroup.source_of("2001:db8:1:3::1"), first[0]
+        )  # another /64 of the same /48
+        self.assertEqual(netgroup.network_of("2001:db8:1:3::1"), first[1])
+
+    def test_loopback_v6(self) -> None:
+        self.assertEqual(netgroup.groups("::1"), ("::/64", "::/48"))
+
+    def test_not_an_address(self) -> None:
+        """A UNIX socket's "?" (or anything not an IP) is its own group."""
+        self.assertEqual(netgroup.groups("?"), ("?", "?"))
