@@ -33,25 +33,34 @@ from twisted.internet.interfaces import (
     IReactorTime,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
-from p2p import wire
-from p2p.transports import (
-    is_plain_tcp,
-    plain_socket,
-    unsent_bytes,
-    unsent_output,
-    write_now,
-)
+from p2p import netgroup, wire
+from p2p.transports import unsent_output, write_now
 from p2p.wire import Code, WireError
 
-DEFAULT_MAX_CONNECTIONS = 1000
-DEFAULT_MAX_CONNECTIONS_PER_HOST = 64
+# Idle connections are cheap (about 3 KiB each in Twisted, see
+# docs/security.rst): the total is set well above what one network may hold,
+# so that it takes many networks to fill it.
+DEFAULT_MAX_CONNECTIONS = 10_000
+DEFAULT_MAX_CONNECTIONS_PER_HOST = 32
+DEFAULT_MAX_CONNECTIONS_PER_NETWORK = 256
 # A well-behaved client makes one request per connection; ten refusals in a
 # row is a broken or hostile one.
 MAX_ERRORS_PER_CONNECTION = 10
+# A client sends its request as soon as it has read the banner.
+DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS = 5.0
+# Our clients make one to a few requests per connection; these bound a
+# connection kept open by a trickle of cheap questions.
+DEFAULT_MAX_LIFETIME_SECONDS = 300.0
+DEFAULT_MAX_REQUESTS_PER_CONNECTION = 1000
+# Refusals logged one by one per period; the rest are summarised.
+REFUSALS_LOGGED_PER_PERIOD = 20
+REFUSAL_LOG_PERIOD_SECONDS = 60.0
+# Distinct reasons counted per period (the rest count as "other").
+MAX_REASONS = 32
 
 # What source_host says of a connection without an IP source.
 UNKNOWN_HOST = "?"
@@ -62,12 +71,22 @@ _CLOSING_CODES = frozenset({Code.LINE_TOO_LONG, Code.TIMEOUT})
 
 class ConnectionLimits:
     """
-    Open-connection counters.
+    Open-connection counters, per source, per network and in total.
+
+    Sources and networks are those of L{p2p.netgroup}: an IPv4 address or
+    an IPv6 /64; an IPv4 /24 or an IPv6 /48.  The last C{reserve} places
+    of the total are kept for sources that C{is_member} vouches for (the
+    relay: addresses holding a lease), so a flood that fills the server
+    still leaves room for its peers' renewals.
 
     :param max_total: connections allowed at once (0: no limit).
-    :param max_per_host: connections allowed at once from one source
-        address (0: no limit).  Connections without an IP source (UNIX
-        sockets) all count as one host.
+    :param max_per_host: connections allowed at once from one source (0:
+        no limit).  Connections without an IP source (UNIX sockets) all
+        count as one source.
+    :param max_per_network: connections allowed at once from one network
+        (0: no limit).
+    :param reserve: places of C{max_total} only members may take.
+    :param is_member: whether a source address may use the reserve.
     """
 
     log = Logger()
@@ -76,43 +95,73 @@ class ConnectionLimits:
         self,
         max_total: int = DEFAULT_MAX_CONNECTIONS,
         max_per_host: int = DEFAULT_MAX_CONNECTIONS_PER_HOST,
+        max_per_network: int = DEFAULT_MAX_CONNECTIONS_PER_NETWORK,
+        reserve: int | None = None,
+        is_member: Callable[[str], bool] | None = None,
     ) -> None:
-        if max_total < 0 or max_per_host < 0:
+        if max_total < 0 or max_per_host < 0 or max_per_network < 0:
             raise ValueError("connection limits must be 0 (no limit) or more")
         self.max_total = max_total
         self.max_per_host = max_per_host
+        self.max_per_network = max_per_network
+        if reserve is None:
+            reserve = max_total // 10 if is_member is not None else 0
+        if not 0 <= reserve <= max_total:
+            raise ValueError("the reserve must be between 0 and the total limit")
+        self.reserve = reserve
+        self.is_member = is_member
         self.total = 0
         self._per_host: dict[str, int] = {}
+        self._per_network: dict[str, int] = {}
 
     def admit(self, host: str) -> str | None:
         """Count a new connection from C{host}, or say why it is refused."""
-        if self.max_total and self.total >= self.max_total:
-            return f"too many connections (limit {self.max_total})"
-        held = self._per_host.get(host, 0)
+        source, network = netgroup.groups(host)
+        if self.max_total:
+            if self.total >= self.max_total:
+                return f"too many connections (limit {self.max_total})"
+            if self.total >= self.max_total - self.reserve and not (
+                self.is_member is not None and self.is_member(host)
+            ):
+                return (
+                    f"too many connections (limit {self.max_total}, the last "
+                    f"{self.reserve} kept for registered peers)"
+                )
+        held = self._per_host.get(source, 0)
         if self.max_per_host and held >= self.max_per_host:
             return f"too many connections from your address (limit {self.max_per_host})"
+        in_network = self._per_network.get(network, 0)
+        if self.max_per_network and in_network >= self.max_per_network:
+            return (
+                f"too many connections from your network {network} "
+                f"(limit {self.max_per_network})"
+            )
         self.total += 1
-        self._per_host[host] = held + 1
+        self._per_host[source] = held + 1
+        self._per_network[network] = in_network + 1
         return None
 
     def release(self, host: str) -> None:
         """Forget a connection that L{admit} counted."""
+        source, network = netgroup.groups(host)
         self.total -= 1
-        held = self._per_host[host] - 1
-        if held:
-            self._per_host[host] = held
-        else:
-            del self._per_host[host]
+        _decrement(self._per_host, source)
+        _decrement(self._per_network, network)
 
     def open_from(self, host: str) -> int:
-        """How many counted connections C{host} holds."""
-        return self._per_host.get(host, 0)
+        """How many counted connections C{host}'s source holds."""
+        return self._per_host.get(netgroup.source_of(host), 0)
+
+    def open_from_network(self, host: str) -> int:
+        """How many counted connections C{host}'s network holds."""
+        return self._per_network.get(netgroup.network_of(host), 0)
 
     def protocol_for(
         self,
         address: object,
         role: str,
         build: Callable[[str, Callable[[], None]], Protocol],
+        refusals: RefusalLog | None = None,
     ) -> Protocol:
         """
         The protocol for a new connection from C{address}: C{build(host,
@@ -120,22 +169,168 @@ class ConnectionLimits:
 
         C{host} is the source address as L{source_host} gives it.
         C{release} must be called exactly once, when the connection is lost
-        (L{ServerLineProtocol} does that).
+        (L{ServerLineProtocol} does that).  Refusals go to C{refusals} when
+        given (rate-limited), else straight to the log.
         """
         host = source_host(address)
         refusal = self.admit(host)
         if refusal is not None:
             # No address in the log: a flood would fill it with one victim's
             # (possibly spoofed-by-proxy) address; the reason says enough.
-            self.log.warn(
-                "refused a {role} connection: {reason}", role=role, reason=refusal
-            )
+            format = "refused a {role} connection: {reason}"
+            if refusals is not None:
+                refusals.refused(format, refusal, role=role)
+            else:
+                self.log.warn(format, role=role, reason=refusal)
             return RefusingProtocol(role, refusal)
         try:
             return build(host, lambda: self.release(host))
         except BaseException:
             self.release(host)
             raise
+
+
+class RefusalLog:
+    """
+    Refusals, logged so that a flood cannot fill the disk.
+
+    The first C{burst} refusals of each C{period} are logged one event each
+    (as before); the rest are only counted, by reason, and one summary event
+    says how many were left out once the period ends.  Log growth is then
+    bounded by about C{burst + 1} events a period, whatever is thrown at the
+    server (see docs/security.rst for the measured bytes per second).
+
+    The relay also logs changes to its table (new, unregistered and expired
+    peers) through one of these, with a larger share: a registration flood
+    must not fill the disk either.
+
+    :param clock: the reactor's clock (the summary is a timed call).
+    :param what: what the summary calls the events left out.
+    :param level: the level events are logged at.
+    :param logger: the logger to emit through (default: this class's), so
+        that events keep their source's namespace.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        burst: int = REFUSALS_LOGGED_PER_PERIOD,
+        period: float = REFUSAL_LOG_PERIOD_SECONDS,
+        what: str = "refusals",
+        level: LogLevel = LogLevel.warn,
+        logger: Logger | None = None,
+    ) -> None:
+        if logger is not None:
+            self.log = logger
+        self.clock = clock
+        self.burst = burst
+        self.period = period
+        self.what = what
+        self.level = level
+        self._logged = 0
+        self._window_ends = 0.0
+        self._left_out: dict[str, int] = {}
+        self._summary: IDelayedCall | None = None
+        self.total = 0
+
+    def refused(self, format: str, reason: str, **fields: object) -> None:
+        """
+        Log a refusal event (C{format} with C{fields}), unless this period's
+        share is used up; C{reason} is the short reason it is counted under.
+        """
+        self.total += 1
+        now = self.clock.seconds()
+        if now >= self._window_ends:
+            self._window_ends = now + self.period
+            self._logged = 0
+        if self._logged < self.burst:
+            self._logged += 1
+            self.log.emit(self.level, format, reason=reason, **fields)
+            return
+        left_out = self._left_out
+        if reason not in left_out and len(left_out) >= MAX_REASONS:
+            reason = "other"
+        left_out[reason] = left_out.get(reason, 0) + 1
+        if self._summary is None:
+            self._summary = self.clock.callLater(
+                self._window_ends - now, self.summarise
+            )
+
+    def summarise(self) -> None:
+        """Log how many refusals were left out, by reason (one event)."""
+        if self._summary is not None and self._summary.active():
+            self._summary.cancel()
+        self._summary = None
+        left_out, self._left_out = self._left_out, {}
+        if not left_out:
+            return
+        reasons = ", ".join(
+            f"{count} x {reason}"
+            for reason, count in sorted(left_out.items(), key=lambda i: -i[1])[:10]
+        )
+        self.log.emit(
+            self.level,
+            "{count} more {what} not logged one by one: {reasons}",
+            count=sum(left_out.values()),
+            what=self.what,
+            reasons=reasons,
+            left_out=left_out,
+        )
+
+    def stop(self) -> None:
+        """Log what is pending now (the server is stopping)."""
+        self.summarise()
+
+
+class ConnectionPolicy:
+    """
+    What every connection of one server lives under, besides the idle
+    timeout and the open-connection limits: a short deadline for its first
+    request, a maximum lifetime and request count (so nobody can hold a
+    place for ever by asking cheap questions), and the refusal log.
+
+    :param clock: the reactor's clock.
+    :param first_request_timeout: seconds a new connection has to send its
+        first complete request line (C{None}: only the idle timeout).
+    :param max_lifetime: seconds after which a connection's next request
+        is refused and the connection closed (0: no limit).  Checked at
+        requests only, so a transfer in progress is never cut.
+    :param max_requests: requests one connection may make (0: no limit).
+    """
+
+    def __init__(
+        self,
+        clock: IReactorTime,
+        first_request_timeout: float | None = DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS,
+        max_lifetime: float = DEFAULT_MAX_LIFETIME_SECONDS,
+        max_requests: int = DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+        refusals: RefusalLog | None = None,
+    ) -> None:
+        if max_lifetime < 0 or max_requests < 0:
+            raise ValueError("connection limits must be 0 (no limit) or more")
+        if first_request_timeout is not None and first_request_timeout <= 0:
+            raise ValueError("the first-request timeout must be positive")
+        self.clock = clock
+        self.first_request = (
+            IdleTimeouts(clock, first_request_timeout)
+            if first_request_timeout is not None
+            else None
+        )
+        self.max_lifetime = max_lifetime
+        self.max_requests = max_requests
+        self.refusals = refusals if refusals is not None else RefusalLog(clock)
+
+    def used_up(self, connected_at: float, requests: int) -> str | None:
+        """Why a connection must not make another request, or C{None}."""
+        if self.max_requests and requests >= self.max_requests:
+            return f"{self.max_requests} requests on one connection"
+        if self.max_lifetime and self.clock.seconds() - connected_at >= (
+            self.max_lifetime
+        ):
+            return f"connection older than {self.max_lifetime:g} s"
+        return None
 
 
 class LimitedServerFactory(ServerFactory):
@@ -148,8 +343,10 @@ class LimitedServerFactory(ServerFactory):
     :param clock: the reactor's clock (idle deadlines run on it).
     :param idle_timeout: see L{ServerLineProtocol} (C{None}: never).
     :param limits: open-connection limits; past them a connection gets a
-        L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
-        source address.
+        L{RefusingProtocol} (``ERR 503``).  Default: L{ConnectionLimits}'s.
+    :param policy: the first-request deadline, lifetime and request count
+        of each connection, and the refusal log.  Default:
+        L{ConnectionPolicy}'s.
     """
 
     noisy = False
@@ -160,26 +357,43 @@ class LimitedServerFactory(ServerFactory):
         clock: IReactorTime,
         idle_timeout: float | None,
         limits: ConnectionLimits | None = None,
+        policy: ConnectionPolicy | None = None,
     ) -> None:
         self.clock = clock
         self.idle_timeout = idle_timeout
         self.limits = limits if limits is not None else ConnectionLimits()
+        self.policy = policy if policy is not None else ConnectionPolicy(clock)
         self.idle_timeouts = (
             IdleTimeouts(clock, idle_timeout) if idle_timeout is not None else None
         )
 
     def buildProtocol(self, addr: object) -> Protocol:
-        return self.limits.protocol_for(addr, self.role, self._build)
+        return self.limits.protocol_for(
+            addr, self.role, self._build, self.policy.refusals
+        )
 
     def _build(self, host: str, on_lost: Callable[[], None]) -> Protocol:
         protocol = self.build(host, on_lost)
         protocol.factory = self
+        protocol.policy = self.policy
         return protocol
+
+    def doStop(self) -> None:
+        self.policy.refusals.stop()
+        super().doStop()
 
     def build(self, host: str, on_lost: Callable[[], None]) -> Protocol:
         """The protocol for an admitted connection from C{host} (subclasses);
         C{on_lost} must reach its L{ServerLineProtocol}."""
         raise NotImplementedError
+
+
+def _decrement(counts: dict[str, int], key: str) -> None:
+    left = counts[key] - 1
+    if left:
+        counts[key] = left
+    else:
+        del counts[key]
 
 
 class RefusingProtocol(Protocol):
@@ -200,6 +414,35 @@ class RefusingProtocol(Protocol):
 
     def dataReceived(self, data: bytes) -> None:
         """Whatever the client sends is ignored: we are hanging up."""
+
+
+class ReadGate:
+    """
+    A connection's reading, as the transport's streaming producer: the
+    transport pauses it while it holds more answers than its buffer size,
+    and resumes it when the client has read them.  Pausing pauses the
+    protocol (no request is read); the count of resumes tells an idle
+    timeout whether the client is still reading.
+    """
+
+    __slots__ = ("protocol", "paused", "resumes")
+
+    def __init__(self, protocol: ServerLineProtocol) -> None:
+        self.protocol = protocol
+        self.paused = False
+        self.resumes = 0
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+        self.protocol.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        self.resumes += 1
+        self.protocol.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.protocol.transport.loseConnection()
 
 
 def source_host(address: object) -> str:
@@ -314,6 +557,11 @@ class ServerLineProtocol(LineReceiver):
     MAX_LENGTH = wire.MAX_RECEIVE_LENGTH
     role = "server"
     log = Logger()
+    # Set by the factory (L{LimitedServerFactory}); None: only the idle
+    # timeout, line length and error budget apply.
+    policy: ConnectionPolicy | None = None
+    # Complete requests received so far.
+    requests = 0
 
     def __init__(
         self,
@@ -332,8 +580,18 @@ class ServerLineProtocol(LineReceiver):
         self._input_ended = False
 
     def connectionMade(self) -> None:
-        self.resetTimeout()
-        self.sendLine(wire.banner(self.role))
+        self._connected_at = self.clock.seconds()
+        policy = self.policy
+        if policy is not None and policy.first_request is not None:
+            # A shorter deadline until the first request; the idle timeout
+            # between requests starts with it.
+            policy.first_request.restart(self)
+        else:
+            self.resetTimeout()
+        # Not through send_answer: reading must not be paused before a TLS
+        # handshake (the banner waits in the TLS layer until then, and a
+        # paused read would never receive the client's hello).
+        write_now(self.transport, wire.banner(self.role) + self.delimiter)
 
     def sendLine(self, line: bytes) -> None:
         """Send one line (see L{send_answer})."""
@@ -345,10 +603,9 @@ class ServerLineProtocol(LineReceiver):
         lines.append(b"")
         self.send_answer(self.delimiter.join(lines))
 
-    # Registered as the transport's streaming producer (see send_answer).
-    _holding = False
-    # Bytes of answers written, sent or not (see timeoutConnection).
-    _answered = 0
+    # The streaming producer registered with the transport while answers
+    # may wait unsent (see send_answer), or None.
+    _gate: ReadGate | None = None
 
     def send_answer(self, data: bytes) -> None:
         """
@@ -356,25 +613,23 @@ class ServerLineProtocol(LineReceiver):
         (L{write_now}).
 
         A client that sends requests without reading the answers would make
-        the transport queue them without bound.  So once an answer is left
-        waiting on a plain TCP connection, the protocol registers itself as
-        the transport's streaming producer: Twisted then pauses it (no more
-        requests are read) while more than the transport's buffer size is
-        queued, and resumes it when the client has read.  Over TLS the
-        transport cannot say what it holds; see docs/security.rst.
+        the transport queue them without bound.  So once an answer may be
+        left waiting (the socket did not take it all, or the transport
+        cannot say: TLS), the protocol's reading is registered as the
+        transport's streaming producer (L{IConsumer.registerProducer}, on
+        TCP and TLS alike): Twisted then pauses it (no more requests are
+        read) while more than the transport's buffer size is queued, and
+        resumes it when the client has read.
         """
-        self._answered += len(data)
-        if write_now(self.transport, data) or self._holding:
+        if write_now(self.transport, data) or self._gate is not None:
             return
-        if plain_socket(self.transport) is None:
-            return
-        self._holding = True
-        self.transport.registerProducer(self, True)
+        self._gate = ReadGate(self)
+        self.transport.registerProducer(self._gate, True)
 
     def release_transport(self) -> None:
         """Stop being the transport's producer, so another may register."""
-        if self._holding:
-            self._holding = False
+        if self._gate is not None:
+            self._gate = None
             self.transport.unregisterProducer()
 
     def resumeProducing(self) -> None:
@@ -390,6 +645,9 @@ class ServerLineProtocol(LineReceiver):
     def connectionLost(self, reason: Failure | None = None) -> None:
         if self._idle is not None:
             self._idle.stop(self)
+        if not self.requests and self.policy is not None:
+            if self.policy.first_request is not None:
+                self.policy.first_request.stop(self)
         on_lost, self._on_lost = self._on_lost, None
         if on_lost is not None:
             on_lost()
@@ -403,6 +661,16 @@ class ServerLineProtocol(LineReceiver):
         # bytes trickled without a line end never restart the idle timer.
         if not line.strip():
             return
+        policy = self.policy
+        if policy is not None:
+            if not self.requests and policy.first_request is not None:
+                policy.first_request.stop(self)
+            used_up = policy.used_up(self._connected_at, self.requests)
+            if used_up is not None:
+                self.refuse(WireError(Code.TOO_MANY, f"{used_up}; reconnect"))
+                self.transport.loseConnection()
+                return
+        self.requests += 1
         self.resetTimeout()
         try:
             self.request_received(line)
@@ -441,9 +709,19 @@ class ServerLineProtocol(LineReceiver):
             self.transport.loseConnection()
 
     def refuse(self, error: WireError) -> None:
-        """Log a refused request and reply with its ``ERR`` line."""
-        self.log.warn("refused a request: {error}", error=str(error))
+        """Log a refused request (rate-limited, see L{RefusalLog}) and reply
+        with its ``ERR`` line."""
+        self.log_refusal(
+            "refused a request: {error}", str(int(error.code)), error=str(error)
+        )
         self.send_error(error.code, error.message)
+
+    def log_refusal(self, format: str, reason: str, **fields: object) -> None:
+        """Log a refusal through the server's L{RefusalLog} when it has one."""
+        if self.policy is not None:
+            self.policy.refusals.refused(format, reason, **fields)
+        else:
+            self.log.warn(format, reason=reason, **fields)
 
     def send_error(self, code: Code, message: str) -> None:
         """
@@ -456,37 +734,47 @@ class ServerLineProtocol(LineReceiver):
             return
         self.errors += 1
         if self.errors >= MAX_ERRORS_PER_CONNECTION:
-            self.log.warn(
+            self.log_refusal(
                 "closing a connection after {count} error replies",
+                "error budget",
                 count=self.errors,
             )
             self.sendLine(wire.format_error(Code.TOO_MANY, "too many errors"))
             self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self.log.warn("refused a request: line too long")
+        self.log_refusal("refused a request: line too long", "413")
         self.send_error(Code.LINE_TOO_LONG, "line too long")
 
-    # Bytes of answers the client had taken at the last idle timeout.
-    _delivered_at_timeout = -1
+    # The gate's resume count at the last idle timeout.
+    _resumes_at_timeout = -1
 
     def timeoutConnection(self) -> None:
         """
         ``ERR 408`` and a close, for a client that sent no request for the
-        idle period.  One that still has answers to read is different: as
-        long as it reads (it took more bytes than by the last timeout) that
-        is progress and it gets another period; one that has stopped
-        reading is cut off (an abort: a polite close would wait for it to
-        read, maybe for ever, holding its place in the limits).
+        idle period.  One whose transport holds more answers than it can
+        buffer (it paused our reading) is different: if it resumed us since
+        the last timeout, the client reads, which is progress, and it gets
+        another period; one that has stopped reading is cut off (an abort:
+        a polite close would wait for it to read, maybe for ever, holding
+        its place in the limits).
         """
-        unsent = unsent_bytes(self.transport) if is_plain_tcp(self.transport) else 0
-        if unsent:
-            delivered = self._answered - unsent
-            if delivered > self._delivered_at_timeout:
-                self._delivered_at_timeout = delivered
+        gate = self._gate
+        if gate is not None and gate.paused:
+            if gate.resumes > self._resumes_at_timeout:
+                self._resumes_at_timeout = gate.resumes
                 self.resetTimeout()
                 return
-            self.log.info("closing a connection whose client stopped reading")
+            self.log_refusal(
+                "closing a connection whose client stopped reading", "not reading"
+            )
             self.transport.abortConnection()
             return
+        if not self.requests and self.policy is not None:
+            timeout = self.policy.first_request
+            if timeout is not None:
+                self.send_error(
+                    Code.TIMEOUT, f"no request within {timeout.timeout:g} s"
+                )
+                return
         self.send_error(Code.TIMEOUT, "idle timeout")

@@ -32,6 +32,7 @@ from p2p import wire
 from p2p.index import IndexEntry, ShareIndex
 from p2p.limits import (
     ConnectionLimits,
+    ConnectionPolicy,
     IdleTimeouts,
     LimitedServerFactory,
     ServerLineProtocol,
@@ -531,8 +532,9 @@ class PeerFactory(LimitedServerFactory):
     through its index.
 
     :param limits: open-connection limits; past them a connection gets a
-        L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
-        source address.
+        L{RefusingProtocol} (``ERR 503``).  Default: L{ConnectionLimits}'s.
+    :param policy: each connection's first-request deadline, lifetime and
+        request count, and the refusal log (L{ConnectionPolicy}).
     :param throttle: the upload budget all transfers share
         (``--max-upload-rate``), or C{None} for none.
     """
@@ -547,8 +549,9 @@ class PeerFactory(LimitedServerFactory):
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         limits: ConnectionLimits | None = None,
         throttle: TokenBucket | None = None,
+        policy: ConnectionPolicy | None = None,
     ) -> None:
-        super().__init__(clock, idle_timeout, limits)
+        super().__init__(clock, idle_timeout, limits, policy)
         self.share = share
         self.index = index
         self.throttle = throttle

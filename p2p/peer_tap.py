@@ -24,12 +24,14 @@ from p2p.endpoints import (
 )
 from p2p.hints import build_filter
 from p2p.index import ShareIndex
-from p2p.limits import DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.relay_tap import (
     CONNECTION_LIMIT_OPTIONS,
+    CONNECTION_OPTIONS,
+    check_connection_options,
     check_limits,
     connection_limits,
+    connection_policy,
     token_option,
 )
 from p2p.service import ListeningService, PortFileService
@@ -94,20 +96,7 @@ class Options(usage.Options):
             "Close connections silent for this many seconds.",
             float,
         ],
-        [
-            "max-connections",
-            None,
-            DEFAULT_MAX_CONNECTIONS,
-            "Most client connections open at once (0: no limit).",
-            int,
-        ],
-        [
-            "max-connections-per-host",
-            None,
-            DEFAULT_MAX_CONNECTIONS_PER_HOST,
-            "Most client connections open at once from one address (0: no limit).",
-            int,
-        ],
+        *CONNECTION_OPTIONS,
         [
             "token",
             None,
@@ -185,6 +174,7 @@ class Options(usage.Options):
                 f"--state {self['state']!r} is inside the share: it would be served"
             )
         check_limits(self, CONNECTION_LIMIT_OPTIONS)
+        check_connection_options(self)
         self["token"] = token_option(self["token"])
 
 
@@ -255,6 +245,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
         config["idle-timeout"],
         connection_limits(config),
         throttle=TokenBucket(reactor, rate) if rate else None,
+        policy=connection_policy(config, reactor),
     )
     try:
         listen = server_endpoint(reactor, config["listen"])

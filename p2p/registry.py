@@ -6,11 +6,15 @@ Three structures, each chosen for one job (see ``docs/performance.rst``):
   common case on the internet), ``host -> {port: Lease}`` once it holds
   more.  No ``(host, port)`` tuple per lease, no separate per-host counter,
   and every lease of a host shares one host string.
-* **by registration order**: a *chunked list*, a list of short lists of
-  leases in sequence-number order plus the first sequence number of each
-  chunk.  ``page`` finds a cursor by bisection (O(log n)) and then reads
-  forward, so a reply costs O(log n + limit) however big the table is.
-  Removing a lease costs O(log n + chunk size).
+* **by registration order, in two tiers**: verified leases (the relay
+  dialled the peer back and it answered as a peer, see L{p2p.dialback})
+  and the others, each a *chunked list* (L{_Order}): short lists of leases
+  in sequence-number order plus the first sequence number of each chunk.
+  A listing gives every verified lease before any unverified one, so
+  leases on ports where no peer answers (a Sybil flood) cannot push honest
+  peers off the first pages.  ``page`` finds a cursor by bisection
+  (O(log n)) and then reads forward, so a reply costs O(log n + limit)
+  however big the table is.  Removing a lease costs O(log n + chunk size).
 * **by expiry time**: a min-heap of the leases themselves, ordered by the
   time they were last *due* to be checked.  A renewal only moves
   ``expires``; when the lease comes due the sweep sees it was renewed and
@@ -27,7 +31,7 @@ from operator import attrgetter
 
 from zope.interface import implementer
 
-from p2p import hints
+from p2p import hints, netgroup
 from p2p.interfaces import ILease, IRegistry
 from p2p.wire import peer_id_for
 
@@ -42,7 +46,21 @@ CHUNK_SIZE = 512
 # peers of a huge one (they are still listed, and a client still tries them).
 MAX_HINT_SCAN = 10_000
 
+# A filter with more bits set than this matches most names (a false
+# positive rate of 1/8 and up: an honest peer with about 470 names, or one
+# that set every bit to be suggested for everything).  The registry keeps
+# no such filter: its peer is listed, never suggested for a name.
+SATURATED_FILTER_BITS = hints.FILTER_BITS // 2
+
+# Cursor positions in the unverified tier carry this bit (see position).
+UNVERIFIED_TIER = 1 << 62
+
 _seq_of = attrgetter("seq")
+
+
+def saturated(files: bytes) -> bool:
+    """Whether a filter matches too much to suggest its peer for a name."""
+    return int.from_bytes(files, "big").bit_count() > SATURATED_FILTER_BITS
 
 
 class RegistryFull(Exception):
@@ -71,6 +89,7 @@ class Lease:
         "expires",
         "due",
         "files",
+        "verified",
     )
 
     def __init__(
@@ -99,6 +118,8 @@ class Lease:
         # one slot for a peer that announces none (free in practice: it
         # fits in the object's 16-byte allocation rounding).
         self.files = files
+        # Whether the relay dialled the peer back and it answered.
+        self.verified = False
 
     @property
     def peer_id(self) -> str:
@@ -124,23 +145,38 @@ class MemoryRegistry:
 
     :param ttl: seconds a lease lasts after each registration or renewal.
     :param max_peers: total leases allowed (0: no limit).
-    :param max_per_host: leases allowed per observed host (0: no limit).
+    :param max_per_host: leases allowed per source: an IPv4 address or an
+        IPv6 /64 (0: no limit).
+    :param max_per_network: leases allowed per network: an IPv4 /24 or an
+        IPv6 /48 (0: no limit; see L{p2p.netgroup}).
     """
 
-    def __init__(self, ttl: float, max_peers: int = 0, max_per_host: int = 0) -> None:
+    def __init__(
+        self,
+        ttl: float,
+        max_peers: int = 0,
+        max_per_host: int = 0,
+        max_per_network: int = 0,
+    ) -> None:
         if ttl <= 0:
             raise ValueError("ttl must be positive")
-        if max_peers < 0 or max_per_host < 0:
+        if max_peers < 0 or max_per_host < 0 or max_per_network < 0:
             # A negative limit would refuse every registration.
             raise ValueError("registration limits must be 0 (no limit) or more")
         self.ttl = ttl
         self.max_peers = max_peers
         self.max_per_host = max_per_host
+        self.max_per_network = max_per_network
         self._by_host: dict[str, Lease | dict[int, Lease]] = {}
+        # Leases per network, and per IPv6 /64 (an IPv4 source is one host,
+        # counted by _by_host): kept only while their limit is on, so a
+        # table without limits pays nothing for them.
+        self._per_network: dict[str, int] = {}
+        self._per_source_v6: dict[str, int] = {}
         self._count = 0
         self._seq = 0
-        self._chunks: list[list[Lease]] = []
-        self._firsts: list[int] = []
+        self._verified = _Order()
+        self._unverified = _Order()
         self._heap: list[Lease] = []
         # One int object per distinct port, shared by every lease using it.
         self._ports: dict[int, int] = {}
@@ -149,7 +185,7 @@ class MemoryRegistry:
         return self._count
 
     def __iter__(self) -> Iterator[Lease]:
-        return iter([lease for chunk in self._chunks for lease in chunk])
+        return iter([*self._verified, *self._unverified])
 
     # -- by address ----------------------------------------------------------
 
@@ -164,6 +200,46 @@ class MemoryRegistry:
         if held is None:
             return 0
         return 1 if type(held) is Lease else len(held)
+
+    def holds(self, host: str) -> bool:
+        """IRegistry API: whether C{host} holds a lease (expired or not)."""
+        return host in self._by_host
+
+    def find(self, host: str, port: int) -> Lease | None:
+        """IRegistry API: the lease of C{host}:C{port}, if any (maybe
+        expired but not swept yet)."""
+        return self._find(host, port)
+
+    def _refusal(self, host: str) -> str | None:
+        """Why a new lease for C{host} is refused, or C{None}."""
+        if self.max_peers and self._count >= self.max_peers:
+            return f"the relay holds its maximum of {self.max_peers} peers"
+        if self.max_per_host:
+            source = netgroup.source_of(host)
+            held = (
+                self._held(host)
+                if source == host
+                else self._per_source_v6.get(source, 0)
+            )
+            if held >= self.max_per_host:
+                return f"at most {self.max_per_host} registrations per address"
+        if self.max_per_network:
+            network = netgroup.network_of(host)
+            if self._per_network.get(network, 0) >= self.max_per_network:
+                return (
+                    f"at most {self.max_per_network} registrations per "
+                    f"network ({network})"
+                )
+        return None
+
+    def _count_groups(self, host: str, step: int) -> None:
+        """Add C{step} to C{host}'s network and IPv6 source counts."""
+        if self.max_per_network:
+            _bump(self._per_network, netgroup.network_of(host), step)
+        if self.max_per_host:
+            source = netgroup.source_of(host)
+            if source != host:
+                _bump(self._per_source_v6, source, step)
 
     def _add(self, lease: Lease) -> None:
         held = self._by_host.get(lease.host)
@@ -186,58 +262,41 @@ class MemoryRegistry:
             if len(held) == 1:
                 (self._by_host[lease.host],) = held.values()
         self._count -= 1
+        self._count_groups(lease.host, -1)
         self._unlist(lease)
 
     # -- by registration order -----------------------------------------------
 
-    def _list(self, lease: Lease) -> None:
-        chunks = self._chunks
-        if chunks and len(chunks[-1]) < CHUNK_SIZE:
-            chunks[-1].append(lease)
-        else:
-            chunks.append([lease])
-            self._firsts.append(lease.seq)
+    def _order_of(self, lease: Lease) -> _Order:
+        return self._verified if lease.verified else self._unverified
 
     def _unlist(self, lease: Lease) -> None:
-        chunks, firsts = self._chunks, self._firsts
-        index = bisect_right(firsts, lease.seq) - 1
-        chunk = chunks[index]
-        position = bisect_left(chunk, lease.seq, key=_seq_of)
-        del chunk[position]
-        if not chunk:
-            del chunks[index], firsts[index]
-            return
-        if position == 0:
-            firsts[index] = chunk[0].seq
-        # Merge a chunk that shrank with its successor, so churn cannot
-        # leave many tiny chunks behind.
-        if len(chunk) < CHUNK_SIZE // 4 and index + 1 < len(chunks):
-            following = chunks[index + 1]
-            if len(chunk) + len(following) <= CHUNK_SIZE:
-                chunk.extend(following)
-                del chunks[index + 1], firsts[index + 1]
+        self._order_of(lease).remove(lease)
+
+    def position(self, lease: Lease) -> int:
+        """
+        IRegistry API: where C{lease} stands in a listing, as a cursor
+        (verified leases first, each tier by registration).
+        """
+        return lease.seq if lease.verified else UNVERIFIED_TIER | lease.seq
 
     def page(self, now: float, after: int, limit: int) -> tuple[list[Lease], bool]:
         """
-        IRegistry API: up to C{limit} leases registered after sequence
-        number C{after}, oldest first, and whether more remain.
+        IRegistry API: up to C{limit} leases listed after position C{after}
+        (see L{position}; 0: from the start), verified leases first, and
+        whether more remain.
         """
         self.expire(now)
-        chunks = self._chunks
-        index = bisect_right(self._firsts, after) - 1
-        if index < 0:
-            index, position = 0, 0
-        else:
-            position = bisect_right(chunks[index], after, key=_seq_of)
         result: list[Lease] = []
-        while index < len(chunks) and len(result) < limit:
-            chunk = chunks[index]
-            taken = chunk[position : position + limit - len(result)]
-            result.extend(taken)
-            position += len(taken)
-            if position >= len(chunk):
-                index, position = index + 1, 0
-        more = index < len(chunks) and position < len(chunks[index])
+        if not after & UNVERIFIED_TIER:
+            result, more = self._verified.page(after, limit)
+            if more or len(result) >= limit:
+                return result, bool(more or len(self._unverified))
+            after = 0
+        leases, more = self._unverified.page(
+            after & ~UNVERIFIED_TIER, limit - len(result)
+        )
+        result.extend(leases)
         return result, more
 
     def active(self, now: float, limit: int) -> list[Lease]:
@@ -255,16 +314,17 @@ class MemoryRegistry:
         match = hints.matcher(hint)
         result: list[Lease] = []
         seen = 0
-        for chunk in self._chunks:
-            for lease in chunk[: scan - seen]:
-                files = lease.files
-                if files is not None and match(files):
-                    result.append(lease)
-                    if len(result) >= limit:
-                        return result
-            seen += len(chunk)
-            if seen >= scan:
-                break
+        for order in (self._verified, self._unverified):
+            for chunk in order.chunks:
+                for lease in chunk[: scan - seen]:
+                    files = lease.files
+                    if files is not None and match(files):
+                        result.append(lease)
+                        if len(result) >= limit:
+                            return result
+                seen += len(chunk)
+                if seen >= scan:
+                    return result
         return result
 
     # -- register, unregister, expire ----------------------------------------
@@ -278,6 +338,8 @@ class MemoryRegistry:
         files: bytes | None = None,
     ) -> Lease:
         expires = now + self.ttl
+        if files is not None and saturated(files):
+            files = None  # it would make its peer a suggestion for any name
         lease = self._find(host, port)
         if lease is not None and lease.expires <= now:
             # Run out but not yet swept: a new registration, not a renewal.
@@ -289,15 +351,15 @@ class MemoryRegistry:
             lease.name = name
             lease.files = files
             return lease
-        if self.max_peers and self._count >= self.max_peers:
-            raise RegistryFull(f"the relay holds its maximum of {self.max_peers} peers")
-        if self.max_per_host and self._held(host) >= self.max_per_host:
-            raise RegistryFull(f"at most {self.max_per_host} registrations per address")
+        refusal = self._refusal(host)
+        if refusal is not None:
+            raise RegistryFull(refusal)
         self._seq += 1
         port = self._ports.setdefault(port, port)
         lease = Lease(host, port, name, now, expires, self._seq, files)
         self._add(lease)
-        self._list(lease)
+        self._count_groups(host, 1)
+        self._unverified.add(lease)
         heapq.heappush(self._heap, lease)
         if len(self._heap) > 2 * self._count + 1024:
             self._compact()
@@ -308,12 +370,25 @@ class MemoryRegistry:
         # then; a register/unregister loop would grow it, so rebuild it from
         # the live leases now and then (amortised O(1) per registration).
         heap = []
-        for chunk in self._chunks:
-            for lease in chunk:
-                lease.due = lease.expires
-                heap.append(lease)
+        for lease in self:
+            lease.due = lease.expires
+            heap.append(lease)
         heapq.heapify(heap)
         self._heap = heap
+
+    def mark_verified(self, host: str, port: int) -> Lease | None:
+        """
+        IRegistry API: the peer at C{host}:C{port} answered the relay's
+        dial-back: list its lease with the verified ones.
+
+        :return: the lease, or C{None} if it is gone.
+        """
+        lease = self._find(host, port)
+        if lease is not None and not lease.verified:
+            self._unverified.remove(lease)
+            lease.verified = True
+            self._verified.add(lease)
+        return lease
 
     def unregister(self, host: str, port: int) -> Lease | None:
         lease = self._find(host, port)
@@ -339,3 +414,92 @@ class MemoryRegistry:
                 lease.due = lease.expires
                 heapq.heapreplace(heap, lease)
         return expired
+
+
+def _bump(counts: dict[str, int], key: str, step: int) -> None:
+    count = counts.get(key, 0) + step
+    if count > 0:
+        counts[key] = count
+    else:
+        counts.pop(key, None)
+
+
+class _Order:
+    """
+    Leases in sequence-number order, as a chunked list: short lists of
+    leases plus the first sequence number of each (see the module doc).
+    Adding the newest lease appends; adding an older one (a lease moving
+    tiers) inserts into its chunk, which splits when it grows too long.
+    """
+
+    __slots__ = ("chunks", "firsts", "count")
+
+    def __init__(self) -> None:
+        self.chunks: list[list[Lease]] = []
+        self.firsts: list[int] = []
+        self.count = 0
+
+    def __len__(self) -> int:
+        return self.count
+
+    def __iter__(self) -> Iterator[Lease]:
+        return iter([lease for chunk in self.chunks for lease in chunk])
+
+    def add(self, lease: Lease) -> None:
+        chunks, firsts = self.chunks, self.firsts
+        self.count += 1
+        if not chunks or lease.seq > chunks[-1][-1].seq:
+            if chunks and len(chunks[-1]) < CHUNK_SIZE:
+                chunks[-1].append(lease)
+            else:
+                chunks.append([lease])
+                firsts.append(lease.seq)
+            return
+        index = max(0, bisect_right(firsts, lease.seq) - 1)
+        chunk = chunks[index]
+        chunk.insert(bisect_left(chunk, lease.seq, key=_seq_of), lease)
+        firsts[index] = chunk[0].seq
+        if len(chunk) > 2 * CHUNK_SIZE:
+            chunks.insert(index + 1, chunk[CHUNK_SIZE:])
+            del chunk[CHUNK_SIZE:]
+            firsts.insert(index + 1, chunks[index + 1][0].seq)
+
+    def remove(self, lease: Lease) -> None:
+        chunks, firsts = self.chunks, self.firsts
+        index = bisect_right(firsts, lease.seq) - 1
+        chunk = chunks[index]
+        position = bisect_left(chunk, lease.seq, key=_seq_of)
+        del chunk[position]
+        self.count -= 1
+        if not chunk:
+            del chunks[index], firsts[index]
+            return
+        if position == 0:
+            firsts[index] = chunk[0].seq
+        # Merge a chunk that shrank with its successor, so churn cannot
+        # leave many tiny chunks behind.
+        if len(chunk) < CHUNK_SIZE // 4 and index + 1 < len(chunks):
+            following = chunks[index + 1]
+            if len(chunk) + len(following) <= CHUNK_SIZE:
+                chunk.extend(following)
+                del chunks[index + 1], firsts[index + 1]
+
+    def page(self, after: int, limit: int) -> tuple[list[Lease], bool]:
+        """Up to C{limit} leases after sequence number C{after}, and
+        whether more follow."""
+        chunks = self.chunks
+        index = bisect_right(self.firsts, after) - 1
+        if index < 0:
+            index, position = 0, 0
+        else:
+            position = bisect_right(chunks[index], after, key=_seq_of)
+        result: list[Lease] = []
+        while index < len(chunks) and len(result) < limit:
+            chunk = chunks[index]
+            taken = chunk[position : position + limit - len(result)]
+            result.extend(taken)
+            position += len(taken)
+            if position >= len(chunk):
+                index, position = index + 1, 0
+        more = index < len(chunks) and position < len(chunks[index])
+        return result, more

@@ -19,17 +19,21 @@ import hmac
 from collections.abc import Callable
 
 from twisted.internet.interfaces import IAddress, IReactorTime
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from p2p import wire
+from p2p.dialback import DialBack
 from p2p.interfaces import IRegistry
 from p2p.limits import (
     UNKNOWN_HOST,
     ConnectionLimits,
+    ConnectionPolicy,
     IdleTimeouts,
     LimitedServerFactory,
+    RefusalLog,
     ServerLineProtocol,
 )
+from p2p.ratelimit import GuessBrake, RequestBudget
 from p2p.registry import MAX_HINT_SCAN, RegistryFull
 from p2p.wire import Code, WireError
 
@@ -45,6 +49,12 @@ MAX_PEERS_PER_REPLY = wire.MAX_PEERS_PER_PAGE
 # within the same second; a bigger one still pays only for the pages it
 # serves.
 LINE_CACHE_ENTRIES = 16_384
+# Request costs in budget tokens (see Relay.charge): a hinted query scans up
+# to MAX_HINT_SCAN leases, about three times a full page's work.
+HINT_COST = 3.0
+PAGE_LINES_PER_TOKEN = 1000
+# Table changes logged one by one per minute; the rest are counted.
+TABLE_EVENTS_LOGGED_PER_MINUTE = 600
 
 
 def default_renew_interval(ttl: int) -> int:
@@ -63,11 +73,19 @@ def observed_host(address: IAddress) -> str:
 class Activity:
     """Counts of the requests a relay answered since its last summary."""
 
-    __slots__ = ("registered", "renewed", "unregistered", "expired", "lists", "hinted")
+    __slots__ = (
+        "registered",
+        "renewed",
+        "unregistered",
+        "expired",
+        "verified",
+        "lists",
+        "hinted",
+    )
 
     def __init__(self) -> None:
         self.registered = self.renewed = self.unregistered = self.expired = 0
-        self.lists = self.hinted = 0
+        self.verified = self.lists = self.hinted = 0
 
     def __bool__(self) -> bool:
         return any(getattr(self, name) for name in self.__slots__)
@@ -91,6 +109,14 @@ class Relay:
         ``token=``, or get ``ERR 401``.  C{None}: no authentication (a
         token sent anyway is ignored).
     :param token_for_queries: require the token for PEERS too.
+    :param budget: per-source and per-network request rates
+        (L{RequestBudget}); C{None}: no rate limit.
+    :param brake: slows down token guessing (L{GuessBrake}); C{None}: none.
+    :param dialback: probes new peers (L{DialBack}); leases whose peer
+        answers are listed first.  C{None}: none is probed, and every lease
+        is listed in registration order.
+    :param refusals: where refused registrations are logged (rate-limited);
+        default: a L{RefusalLog} of its own.
     """
 
     log = Logger()
@@ -104,6 +130,9 @@ class Relay:
         allow_claimed_host: bool = False,
         token: str | None = None,
         token_for_queries: bool = False,
+        budget: RequestBudget | None = None,
+        brake: GuessBrake | None = None,
+        refusals: RefusalLog | None = None,
     ) -> None:
         if token_for_queries and not token:
             raise ValueError("token_for_queries needs a token")
@@ -120,6 +149,34 @@ class Relay:
         # _listing); bounded.
         self._lines: dict[object, tuple[float, float, float, str | None, bytes]] = {}
         self.activity = Activity()
+        self.budget = budget
+        self.brake = brake
+        self.dialback: DialBack | None = None
+        self.refusals = (
+            refusals if refusals is not None else RefusalLog(clock, logger=self.log)
+        )
+        # Changes to the table, logged one event each up to a share per
+        # minute (a registration flood must not fill the disk), the rest
+        # only counted in the activity summary.
+        self.changes = RefusalLog(
+            clock,
+            TABLE_EVENTS_LOGGED_PER_MINUTE,
+            60.0,
+            "table changes",
+            LogLevel.info,
+            self.log,
+        )
+
+    def probe_with(self, dialback: DialBack) -> None:
+        """Dial new peers back with C{dialback} (its answers mark leases
+        verified)."""
+        self.dialback = dialback
+
+    def answered(self, host: str, port: int) -> None:
+        """The peer at C{host}:C{port} answered the dial-back."""
+        lease = self.registry.mark_verified(host, port)
+        if lease is not None:
+            self.activity.verified += 1
 
     @property
     def requires_token(self) -> bool:
@@ -132,30 +189,69 @@ class Relay:
 
         :return: the reply as lines without their delimiters.
         """
+        if self.budget is not None:
+            self.charge(request, source)
         if isinstance(request, wire.Register):
-            self.check_token(request.token)
+            self.check_token(request.token, source)
             return [self.register(request, source).to_line()]
         if isinstance(request, wire.Unregister):
-            self.check_token(request.token)
+            self.check_token(request.token, source)
             return [self.unregister(request, source)]
         if self.token_for_queries:
-            self.check_token(request.token)
+            self.check_token(request.token, source)
         return self.peers(request)
 
-    def check_token(self, given: str | None) -> None:
+    def charge(self, request: wire.RelayRequest, source: str) -> None:
+        """
+        Charge C{request} to its source's and network's budgets, or refuse
+        it (429 with a retry-after).  A renewal of a lease the source holds
+        is charged to its source only: neighbours flooding from the same
+        network cannot starve a peer's renewals.
+        """
+        assert self.budget is not None
+        renewal = False
+        if isinstance(request, wire.Register):
+            cost = 1.0
+            lease = self.registry.find(source, request.port)
+            renewal = lease is not None and lease.expires > self.clock.seconds()
+        elif isinstance(request, wire.Peers):
+            cost = (
+                HINT_COST
+                if request.hint is not None
+                else 1.0
+                + ((request.limit or MAX_PEERS_PER_REPLY) / PAGE_LINES_PER_TOKEN)
+            )
+        else:
+            cost = 1.0
+        wait = self.budget.charge(source, cost, exempt_network=renewal)
+        if wait:
+            raise wire.retry_later("too many requests", wait)
+
+    def check_token(self, given: str | None, source: str | None = None) -> None:
         """
         Refuse (401) a request without the relay's token, when it has one.
 
         The comparison takes the same time whatever the bytes, so a client
-        cannot guess the token byte by byte from response times.  Neither the
-        reply nor the log repeats what was sent.
+        cannot guess the token byte by byte from response times; and with a
+        L{GuessBrake}, each wrong token in a row doubles the wait before the
+        source's next one is compared (429 with a retry-after until then).
+        Neither the reply nor the log repeats what was sent.
         """
         if self._token is None:
             return
         if given is None:
             raise WireError(Code.UNAUTHORIZED, "token required")
+        brake = self.brake if source is not None else None
+        if brake is not None:
+            wait = brake.wait(source)
+            if wait:
+                raise wire.retry_later("too many wrong tokens", wait)
         if not hmac.compare_digest(given.encode("utf-8"), self._token):
+            if brake is not None:
+                brake.wrong(source)
             raise WireError(Code.UNAUTHORIZED, "wrong token")
+        if brake is not None:
+            brake.right(source)
 
     def _claimed_host(self, claimed: str | None, source: str) -> str:
         """The host a request acts on: the observed one unless trusted."""
@@ -184,21 +280,28 @@ class Relay:
                 bytes.fromhex(request.files) if request.files else None,
             )
         except RegistryFull as e:
-            self.log.warn("registration refused: {reason}", reason=str(e))
+            self.refusals.refused(
+                "registration refused: {error}", "registration", error=str(e)
+            )
             raise WireError(Code.TOO_MANY, str(e)) from None
         # New iff the table grew: comparing lease.registered with now would
         # call a renewal at the same clock reading a registration.
         if len(self.registry) > held:
             self.activity.registered += 1
-            self.log.info(
+            self.changes.refused(
                 "peer {peer_id} {event} at {address}",
+                "registered",
                 peer_id=lease.peer_id,
                 event="registered",
                 address=wire.format_address(host, request.port),
                 name=request.name,
             )
+            if self.dialback is not None:
+                self.dialback.submit(host, request.port)
         else:
             self.activity.renewed += 1
+            if self.dialback is not None and not lease.verified:
+                self.dialback.submit(host, request.port)
         return wire.Registered(lease.peer_id, self.ttl, self.renew, source)
 
     def unregister(self, request: wire.Unregister, source: str) -> bytes:
@@ -207,8 +310,11 @@ class Relay:
         if lease is None:
             raise WireError(Code.NOT_FOUND, "no such registration")
         self.activity.unregistered += 1
-        self.log.info(
+        if self.dialback is not None:
+            self.dialback.forget(lease.host, lease.port)
+        self.changes.refused(
             "peer {peer_id} unregistered from {address}",
+            "unregistered",
             peer_id=lease.peer_id,
             address=wire.format_address(lease.host, lease.port),
         )
@@ -244,7 +350,7 @@ class Relay:
         self.activity.lists += 1
         next_cursor = None
         if more and leases and request.paged:
-            next_cursor = wire.format_cursor(leases[-1].seq)
+            next_cursor = wire.format_cursor(self.registry.position(leases[-1]))
         return self._listing(leases, now, next_cursor)
 
     def _listing(
@@ -297,8 +403,9 @@ class Relay:
             return
         self.log.info(
             "activity: {registered} new peers, {renewed} renewals, "
-            "{unregistered} unregistered, {expired} expired, {lists} peer "
-            "lists, {hinted} name queries; {active} peers active",
+            "{unregistered} unregistered, {expired} expired, {verified} "
+            "answered the dial-back, {lists} peer lists, {hinted} name "
+            "queries; {active} peers active",
             active=len(self.registry),
             **activity.as_dict(),
         )
@@ -307,8 +414,11 @@ class Relay:
         """End every lease whose time is up, logging each."""
         for lease in self.registry.expire(self.clock.seconds()):
             self.activity.expired += 1
-            self.log.info(
+            if self.dialback is not None:
+                self.dialback.forget(lease.host, lease.port)
+            self.changes.refused(
                 "peer {peer_id} expired at {address}",
+                "expired",
                 peer_id=lease.peer_id,
                 address=wire.format_address(lease.host, lease.port),
             )
@@ -352,8 +462,9 @@ class RelayFactory(LimitedServerFactory):
     Builds a L{RelayProtocol} per connection, all sharing one L{Relay}.
 
     :param limits: open-connection limits; past them a connection gets a
-        L{RefusingProtocol} (``ERR 503``).  Default: 1000 in total, 64 per
-        source address.
+        L{RefusingProtocol} (``ERR 503``).  Default: L{ConnectionLimits}'s.
+    :param policy: each connection's first-request deadline, lifetime and
+        request count, and the refusal log (L{ConnectionPolicy}).
     """
 
     role = "relay"
@@ -363,8 +474,9 @@ class RelayFactory(LimitedServerFactory):
         relay: Relay,
         idle_timeout: float | None = DEFAULT_IDLE_TIMEOUT_SECONDS,
         limits: ConnectionLimits | None = None,
+        policy: ConnectionPolicy | None = None,
     ) -> None:
-        super().__init__(relay.clock, idle_timeout, limits)
+        super().__init__(relay.clock, idle_timeout, limits, policy)
         self.relay = relay
 
     def build(self, host: str, on_lost: Callable[[], None]) -> RelayProtocol:

@@ -3,18 +3,29 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 
 from twisted.application.internet import TimerService
-from twisted.application.service import MultiService
+from twisted.application.service import MultiService, Service
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
 from twisted.python import usage
 
 from p2p import wire
+from p2p.dialback import DEFAULT_TIMEOUT_SECONDS as DEFAULT_DIALBACK_TIMEOUT_SECONDS
+from p2p.dialback import DialBack
 from p2p.endpoints import check_server, server_description, server_endpoint
 from p2p.limits import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    DEFAULT_MAX_CONNECTIONS_PER_NETWORK,
+    DEFAULT_MAX_LIFETIME_SECONDS,
+    DEFAULT_MAX_REQUESTS_PER_CONNECTION,
     ConnectionLimits,
+    ConnectionPolicy,
 )
+from p2p.ratelimit import GuessBrake, RequestBudget
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -26,9 +37,77 @@ from p2p.relay import (
 from p2p.service import ListeningService, PortFileService
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
+log = Logger()
+
 DEFAULT_LISTEN = "tcp:8000"
 # Renewals and peer lists are logged as counts, once a minute.
 DEFAULT_REPORT_INTERVAL_SECONDS = 60.0
+
+
+# Options both servers take: how many connections, from where, for how long.
+CONNECTION_OPTIONS = [
+    [
+        "max-connections",
+        None,
+        DEFAULT_MAX_CONNECTIONS,
+        "Most connections open at once (0: no limit).",
+        int,
+    ],
+    [
+        "max-connections-per-host",
+        None,
+        DEFAULT_MAX_CONNECTIONS_PER_HOST,
+        "Most connections open at once from one address, an IPv6 /64 "
+        "counting as one (0: no limit).",
+        int,
+    ],
+    [
+        "max-connections-per-network",
+        None,
+        DEFAULT_MAX_CONNECTIONS_PER_NETWORK,
+        "Most connections open at once from one network: an IPv4 /24, an "
+        "IPv6 /48 (0: no limit).",
+        int,
+    ],
+    [
+        "first-request-timeout",
+        None,
+        DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS,
+        "Close a new connection that sends no complete request within this "
+        "many seconds.",
+        float,
+    ],
+    [
+        "max-connection-lifetime",
+        None,
+        DEFAULT_MAX_LIFETIME_SECONDS,
+        "Refuse further requests on a connection this many seconds old, "
+        "and close it; a transfer in progress is never cut (0: no limit).",
+        float,
+    ],
+    [
+        "max-requests-per-connection",
+        None,
+        DEFAULT_MAX_REQUESTS_PER_CONNECTION,
+        "Requests one connection may make (0: no limit).",
+        int,
+    ],
+]
+CONNECTION_LIMIT_OPTIONS = [
+    "max-connections",
+    "max-connections-per-host",
+    "max-connections-per-network",
+    "max-connection-lifetime",
+    "max-requests-per-connection",
+]
+# Request budgets: a burst of this many seconds' worth is allowed.
+BURST_SECONDS = 5.0
+DEFAULT_REQUESTS_PER_SECOND = 20.0
+DEFAULT_NETWORK_REQUESTS_PER_SECOND = 100.0
+DEFAULT_MAX_LEASES_PER_HOST = 64
+DEFAULT_MAX_LEASES_PER_NETWORK = 256
+# Descriptors kept beyond the connection limit: listeners, logs, dial-backs.
+SPARE_DESCRIPTORS = 256
 
 
 class Options(usage.Options):
@@ -52,23 +131,40 @@ class Options(usage.Options):
         [
             "max-per-host",
             None,
-            1000,
-            "Most leases per source address (0: no limit).",
+            DEFAULT_MAX_LEASES_PER_HOST,
+            "Most leases per address, an IPv6 /64 counting as one (0: no limit).",
             int,
         ],
         [
-            "max-connections",
+            "max-per-network",
             None,
-            DEFAULT_MAX_CONNECTIONS,
-            "Most connections open at once (0: no limit).",
+            DEFAULT_MAX_LEASES_PER_NETWORK,
+            "Most leases per network: an IPv4 /24, an IPv6 /48 (0: no limit).",
             int,
         ],
+        *CONNECTION_OPTIONS,
         [
-            "max-connections-per-host",
+            "requests-per-second",
             None,
-            DEFAULT_MAX_CONNECTIONS_PER_HOST,
-            "Most connections open at once from one address (0: no limit).",
-            int,
+            DEFAULT_REQUESTS_PER_SECOND,
+            "Requests one address may make per second, on average; bursts "
+            f"of {BURST_SECONDS:g} s worth (0: no limit).",
+            float,
+        ],
+        [
+            "network-requests-per-second",
+            None,
+            DEFAULT_NETWORK_REQUESTS_PER_SECOND,
+            "The same for one network (IPv4 /24, IPv6 /48); renewals of "
+            "existing leases are not counted here (0: no limit).",
+            float,
+        ],
+        [
+            "dial-back-timeout",
+            None,
+            DEFAULT_DIALBACK_TIMEOUT_SECONDS,
+            "Seconds a new peer's port has to answer the relay's dial-back.",
+            float,
         ],
         [
             "token",
@@ -99,6 +195,12 @@ class Options(usage.Options):
             "token-for-queries",
             None,
             "Require the token for PEERS too (needs --token).",
+        ],
+        [
+            "no-dial-back",
+            None,
+            "Do not dial new peers back: list leases in registration order, "
+            "verified or not.",
         ],
     ]
 
@@ -136,7 +238,20 @@ class Options(usage.Options):
             raise usage.UsageError("--idle-timeout must be positive")
         if self["report-interval"] < 0:
             raise usage.UsageError("--report-interval must be 0 (never) or more")
-        check_limits(self, ["max-peers", "max-per-host", *CONNECTION_LIMIT_OPTIONS])
+        check_limits(
+            self,
+            [
+                "max-peers",
+                "max-per-host",
+                "max-per-network",
+                "requests-per-second",
+                "network-requests-per-second",
+                *CONNECTION_LIMIT_OPTIONS,
+            ],
+        )
+        check_connection_options(self)
+        if self["dial-back-timeout"] <= 0:
+            raise usage.UsageError("--dial-back-timeout must be positive")
         self["token"] = token_option(self["token"])
         if self["token-for-queries"] and self["token"] is None:
             raise usage.UsageError(
@@ -144,7 +259,10 @@ class Options(usage.Options):
             )
 
 
-CONNECTION_LIMIT_OPTIONS = ["max-connections", "max-connections-per-host"]
+def check_connection_options(config: usage.Options) -> None:
+    """The first-request timeout is positive."""
+    if config["first-request-timeout"] <= 0:
+        raise usage.UsageError("--first-request-timeout must be positive")
 
 
 def check_limits(config: usage.Options, names: list[str]) -> None:
@@ -172,11 +290,67 @@ def token_option(value: str | None) -> str | None:
         ) from None
 
 
-def connection_limits(config: usage.Options) -> ConnectionLimits:
-    """The L{ConnectionLimits} the options ask for."""
+def connection_limits(
+    config: usage.Options, is_member: Callable[[str], bool] | None = None
+) -> ConnectionLimits:
+    """
+    The L{ConnectionLimits} the options ask for (with a tenth of the total
+    kept for sources C{is_member} vouches for, when given), within what the
+    process may open (L{fit_descriptors}).
+    """
+    total = fit_descriptors(config["max-connections"])
     return ConnectionLimits(
-        config["max-connections"], config["max-connections-per-host"]
+        total,
+        config["max-connections-per-host"],
+        config["max-connections-per-network"],
+        is_member=is_member,
     )
+
+
+def connection_policy(config: usage.Options, clock: IReactorTime) -> ConnectionPolicy:
+    """The L{ConnectionPolicy} the options ask for."""
+    return ConnectionPolicy(
+        clock,
+        config["first-request-timeout"],
+        config["max-connection-lifetime"],
+        config["max-requests-per-connection"],
+    )
+
+
+def fit_descriptors(total: int) -> int:
+    """
+    Make room for C{total} connections in the process's descriptor limit:
+    raise the soft limit (up to the hard one) when it is lower than
+    C{total} plus some spare.  If even the hard limit is too low, the
+    connection limit is lowered to fit, and a warning says so (past it,
+    accept() would fail with EMFILE, for everyone).
+
+    :return: the connection limit to use.
+    """
+    try:
+        import resource
+    except ImportError:  # not on POSIX
+        return total
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    wanted = total + SPARE_DESCRIPTORS if total else hard
+    if soft != resource.RLIM_INFINITY and soft < wanted:
+        raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (raised, hard))
+            soft = raised
+        except (ValueError, OSError):
+            pass
+    if soft != resource.RLIM_INFINITY and total and soft < wanted:
+        fitted = max(1, soft - SPARE_DESCRIPTORS)
+        log.warn(
+            "--max-connections {wanted} does not fit in the descriptor limit "
+            "({soft}); using {fitted}",
+            wanted=total,
+            soft=soft,
+            fitted=fitted,
+        )
+        return fitted
+    return total
 
 
 def _listen_description(text: str) -> str:
@@ -191,12 +365,31 @@ def expiry_period(ttl: int) -> float:
     return max(0.5, min(5.0, ttl / 4))
 
 
+def request_budget(config: usage.Options, clock: IReactorTime) -> RequestBudget | None:
+    """The per-source and per-network request rates the options ask for."""
+    per_source = config["requests-per-second"]
+    per_network = config["network-requests-per-second"]
+    if not per_source and not per_network:
+        return None
+    return RequestBudget(
+        clock,
+        per_source,
+        max(1.0, per_source * BURST_SECONDS),
+        per_network,
+        max(1.0, per_network * BURST_SECONDS),
+    )
+
+
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
     registry = MemoryRegistry(
-        config["ttl"], config["max-peers"], config["max-per-host"]
+        config["ttl"],
+        config["max-peers"],
+        config["max-per-host"],
+        config["max-per-network"],
     )
+    policy = connection_policy(config, reactor)
     relay = Relay(
         registry,
         reactor,
@@ -205,9 +398,23 @@ def makeService(config: Options, reactor=None) -> MultiService:
         allow_claimed_host=config["allow-claimed-host"],
         token=config["token"],
         token_for_queries=bool(config["token-for-queries"]),
+        budget=request_budget(config, reactor),
+        brake=GuessBrake(reactor) if config["token"] else None,
+        refusals=policy.refusals,
     )
-    factory = RelayFactory(relay, config["idle-timeout"], connection_limits(config))
+    factory = RelayFactory(
+        relay,
+        config["idle-timeout"],
+        connection_limits(config, registry.holds),
+        policy,
+    )
     parent = MultiService()
+    if not config["no-dial-back"]:
+        dialback = DialBack(
+            reactor, relay.answered, timeout=config["dial-back-timeout"]
+        )
+        relay.probe_with(dialback)
+        DialBackService(dialback).setServiceParent(parent)
     listeners = []
     for description in config["listen"]:
         try:
@@ -229,3 +436,14 @@ def makeService(config: Options, reactor=None) -> MultiService:
     if config["port-file"]:
         PortFileService(config["port-file"], listeners).setServiceParent(parent)
     return parent
+
+
+class DialBackService(Service):
+    """Stops the relay's dial-backs when the relay stops."""
+
+    def __init__(self, dialback: DialBack) -> None:
+        self.dialback = dialback
+
+    def stopService(self) -> None:
+        self.dialback.stop()
+        return super().stopService()

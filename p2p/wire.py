@@ -11,6 +11,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import ipaddress
+import math
 import re
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -50,6 +51,7 @@ _PEER_ID = re.compile(r"[0-9a-f]{16}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(r"[0-9]{1,20}")
 _CURSOR = re.compile(r"[0-9a-f]{1,16}")
+_OPTION_KEY = re.compile(r"[a-z]{1,16}")
 # C0 except tab, DEL and C1: all of Unicode's control characters.
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
@@ -149,6 +151,39 @@ def format_error(code: Code | int, message: str) -> bytes:
     return encode_line(f"ERR {int(code)} {message}")
 
 
+def retry_later(message: str, seconds: float) -> WireError:
+    """
+    ``ERR 429 <message>; retry-after=<seconds>``: a limit that lifts by
+    itself.  The wait is rounded up to a tenth of a second.
+    """
+    wait = max(0.1, math.ceil(seconds * 10) / 10)
+    return WireError(Code.TOO_MANY, f"{message}; retry-after={wait:g}")
+
+
+def retry_after(message: str) -> float | None:
+    """The wait an ``ERR 429`` message asks for, in seconds, or C{None}."""
+    _, found, value = message.rpartition("retry-after=")
+    if not found:
+        return None
+    try:
+        wait = float(value)
+    except ValueError:
+        return None
+    return wait if 0 <= wait < 86400 else None
+
+
+# A command word quoted back in an error: a few letters, nothing that could
+# be an argument (a token sent as the first word must never be echoed).
+_QUOTABLE_VERB = re.compile(r"[A-Z]{1,16}")
+
+
+def unknown_command(verb: str) -> WireError:
+    """501 for C{verb}, quoted only when it looks like a command word."""
+    if _QUOTABLE_VERB.fullmatch(verb):
+        return WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb!r}")
+    return WireError(Code.UNKNOWN_COMMAND, "unknown command")
+
+
 def split_verb(text: str) -> tuple[str, str]:
     """Split a request into its upper-cased verb and the rest of the line."""
     verb, _, rest = text.partition(" ")
@@ -178,10 +213,13 @@ def parse_options(tokens: list[str], allowed: frozenset[str]) -> dict[str, str]:
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or key not in allowed:
-            # Echo the key only: the value of a misspelt "tokn=" is a secret
-            # too, and refusals are logged.
-            shown = f"{key[:40]}=..." if sep else token[:40]
-            raise WireError(Code.BAD_REQUEST, f"unexpected argument {shown!r}")
+            # Echo a short key only: the value of a misspelt "tokn=" is a
+            # secret too, and so may be a bare word; refusals are logged.
+            if _OPTION_KEY.fullmatch(key):
+                shown = f" {key}=..." if sep else f" {key!r}"
+            else:
+                shown = ""
+            raise WireError(Code.BAD_REQUEST, f"unexpected argument{shown}")
         if key in options:
             raise WireError(Code.BAD_REQUEST, f"repeated option {key!r}")
         options[key] = value
@@ -456,7 +494,7 @@ def parse_relay_request(line: bytes) -> RelayRequest:
             ),
             cursor=cursor,
         )
-    raise WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb[:32]!r}")
+    raise unknown_command(verb)
 
 
 # -- relay replies -----------------------------------------------------------
@@ -700,7 +738,7 @@ def parse_peer_request(line: bytes) -> PeerRequest:
             ),
             cursor=cursor,
         )
-    raise WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb[:32]!r}")
+    raise unknown_command(verb)
 
 
 # -- peer replies ------------------------------------------------------------

@@ -304,10 +304,13 @@ class Launcher:
         argv = [sys.executable, "-m", "twisted", "--log-format=text", *args]
         return self.spawn(label, argv)
 
-    async def relay(self, *listen: str, ttl: int = 30) -> Daemon:
-        """A relay on each C{listen} endpoint (default: 127.0.0.1, ephemeral)."""
+    async def relay(
+        self, *listen: str, ttl: int = 30, args: Sequence[str] = ()
+    ) -> Daemon:
+        """A relay on each C{listen} endpoint (default: 127.0.0.1, ephemeral);
+        C{args}: more ``twistd relay`` options."""
         listen = listen or (LOOPBACK,)
-        args = ["relay", "--ttl", str(ttl)]
+        args = ["relay", "--ttl", str(ttl), *args]
         for description in listen:
             args += ["--listen", description]
         process = self.twist("relay", *args)

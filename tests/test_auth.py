@@ -257,7 +257,7 @@ class LoggingTests(TokenRelayTestCase):
         [event] = [
             event
             for event in self.events
-            if event.get("log_namespace") == "p2p.relay.RelayProtocol"
+            if event.get("log_namespace") == "p2p.limits.RefusalLog"
         ]
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertIn("401", formatEvent(event))

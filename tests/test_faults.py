@@ -31,7 +31,7 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
-from p2p import pieces
+from p2p import hints, pieces
 
 from ._processes import (
     LISTENING,
@@ -318,12 +318,14 @@ async def test_blackholed_peer_costs_little(launcher: Launcher):
     next peer is asked after 0.25 s, so ``get`` ends far below the 5 s
     connect timeout; strictly one at a time it costs the connect timeout.
     """
-    relay = await launcher.relay()
+    # Without the dial-back, which would list the blackhole last.
+    relay = await launcher.relay(args=["--no-dial-back"])
     with Blackhole() as hole:
         assert hole.still_blackholed()
-        # Its filter claims every name (a wrong hint, as from a saturated
-        # filter): it stays the first peer tried, suggested or not.
-        reply = await register_by_hand(launcher, relay, hole.port, "f" * 512)
+        # Its filter names the file too (a wrong hint, or a holder that went
+        # dark): registered first, it is the first peer tried.
+        files = hints.build_filter(["sample1.txt"])
+        reply = await register_by_hand(launcher, relay, hole.port, files)
         assert reply.startswith("OK ") and "observed=127.0.0.1" in reply, reply
         peer = await launcher.peer(relay.address, ["sample1.txt"])
 

@@ -21,10 +21,15 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
 from p2p.limits import (
+    DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_HOST,
+    REFUSAL_LOG_PERIOD_SECONDS,
+    REFUSALS_LOGGED_PER_PERIOD,
     ConnectionLimits,
+    ConnectionPolicy,
     IdleTimeouts,
+    ReadGate,
     RefusingProtocol,
     ServerLineProtocol,
     source_host,
@@ -48,11 +53,17 @@ class ConnectionLimitsTests(SynchronousTestCase):
     """The counters on their own."""
 
     def test_defaults(self) -> None:
-        """1000 connections in total, 64 per host, unless told otherwise."""
+        """10,000 connections in total, 32 per source and 256 per network,
+        no reserve, unless told otherwise."""
         limits = ConnectionLimits()
-        self.assertEqual((limits.max_total, limits.max_per_host), (1000, 64))
         self.assertEqual(
-            (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST), (1000, 64)
+            (limits.max_total, limits.max_per_host, limits.max_per_network),
+            (10_000, 32, 256),
+        )
+        self.assertEqual(limits.reserve, 0)
+        self.assertEqual(
+            (DEFAULT_MAX_CONNECTIONS, DEFAULT_MAX_CONNECTIONS_PER_HOST),
+            (10_000, 32),
         )
 
     def test_per_host(self) -> None:
@@ -83,9 +94,63 @@ class ConnectionLimitsTests(SynchronousTestCase):
         self.assertEqual((limits.total, limits.open_from(HOST_A)), (0, 0))
         self.assertIsNone(limits.admit(HOST_B))
 
+    def test_per_network(self) -> None:
+        """Addresses of one /24 share its limit; another /24 is untouched."""
+        limits = ConnectionLimits(max_total=100, max_per_host=5, max_per_network=4)
+        for n in range(4):
+            self.assertIsNone(limits.admit(f"127.1.0.{n + 1}"))
+        self.assertEqual(
+            limits.admit("127.1.0.99"),
+            "too many connections from your network 127.1.0.0/24 (limit 4)",
+        )
+        self.assertIsNone(limits.admit("127.2.0.1"))
+        self.assertEqual(limits.open_from_network("127.1.0.200"), 4)
+        limits.release("127.1.0.1")
+        self.assertIsNone(limits.admit("127.1.0.99"))
+
+    def test_ipv6_source_is_its_64(self) -> None:
+        """Every address of one IPv6 /64 counts as one source."""
+        limits = ConnectionLimits(max_total=100, max_per_host=2, max_per_network=0)
+        self.assertIsNone(limits.admit("2001:db8::1"))
+        self.assertIsNone(limits.admit("2001:db8::2"))
+        self.assertEqual(
+            limits.admit("2001:db8::3"),
+            "too many connections from your address (limit 2)",
+        )
+        self.assertIsNone(limits.admit("2001:db8:0:1::1"))
+        self.assertEqual(limits.open_from("2001:db8::ffff"), 2)
+
+    def test_reserve_for_members(self) -> None:
+        """
+        The last places of the total are kept for members (the relay's
+        registered peers): a flood fills the rest, a member still gets in.
+        """
+        members = {"10.9.9.9"}
+        limits = ConnectionLimits(
+            max_total=10,
+            max_per_host=0,
+            max_per_network=0,
+            reserve=2,
+            is_member=members.__contains__,
+        )
+        for n in range(8):
+            self.assertIsNone(limits.admit(f"10.0.{n}.1"))
+        refusal = limits.admit("10.0.99.1")
+        self.assertIn("kept for registered peers", refusal)
+        self.assertIsNone(limits.admit("10.9.9.9"))
+        self.assertIsNone(limits.admit("10.9.9.9"))
+        self.assertEqual(limits.admit("10.9.9.9"), "too many connections (limit 10)")
+
+    def test_default_reserve(self) -> None:
+        """A tenth of the total is reserved when there are members."""
+        limits = ConnectionLimits(max_total=1000, is_member=lambda host: False)
+        self.assertEqual(limits.reserve, 100)
+        self.assertEqual(ConnectionLimits(max_total=1000).reserve, 0)
+        self.assertRaises(ValueError, ConnectionLimits, 10, reserve=11)
+
     def test_zero_means_unlimited(self) -> None:
         """0 disables a limit."""
-        limits = ConnectionLimits(max_total=0, max_per_host=0)
+        limits = ConnectionLimits(max_total=0, max_per_host=0, max_per_network=0)
         for _ in range(5000):
             self.assertIsNone(limits.admit(HOST_A))
         self.assertEqual(limits.total, 5000)
@@ -275,6 +340,115 @@ class FactoryLimitsMixin:
         )
         self.assertTrue(transport.disconnecting)
 
+    def test_first_request_deadline(self) -> None:
+        """
+        A connection that sends no complete request within the first-request
+        timeout gets ERR 408 and a close, long before the idle timeout.
+        """
+        protocol, transport = self.connect(HOST_A)
+        transport.clear()
+        protocol.dataReceived(b"PEE")  # trickled, never finished
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS)
+        self.assertEqual(transport.value(), b"ERR 408 no request within 5 s\n")
+        self.assertTrue(transport.disconnecting)
+
+    def test_first_request_then_idle_timeout(self) -> None:
+        """After the first request, the (longer) idle timeout applies."""
+        protocol, transport = self.connect(HOST_A)
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS - 1)
+        protocol.dataReceived(self.request + b"\n")
+        transport.clear()
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS + 1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(30)
+        self.assertEqual(transport.value(), b"ERR 408 idle timeout\n")
+
+    def test_request_count(self) -> None:
+        """Past its request count a connection is refused (429) and closed."""
+        self.factory.policy = ConnectionPolicy(self.clock, max_requests=2)
+        protocol, transport = self.connect(HOST_A)
+        protocol.dataReceived(self.request + b"\n" + self.request + b"\n")
+        transport.clear()
+        protocol.dataReceived(self.request + b"\n")
+        self.assertEqual(
+            transport.value(),
+            b"ERR 429 2 requests on one connection; reconnect\n",
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_lifetime(self) -> None:
+        """
+        A connection kept open by a cheap request every few seconds is
+        refused and closed at its first request past the lifetime.
+        """
+        self.factory.policy = ConnectionPolicy(self.clock, max_lifetime=60)
+        protocol, transport = self.connect(HOST_A)
+        for _ in range(6):
+            transport.clear()
+            protocol.dataReceived(self.request + b"\n")
+            self.assertTrue(transport.value().startswith(b"OK "))
+            self.clock.advance(11)
+        self.assertFalse(transport.disconnecting)  # 66 s old, quiet for 11
+        transport.clear()
+        protocol.dataReceived(self.request + b"\n")
+        self.assertEqual(
+            transport.value(), b"ERR 429 connection older than 60 s; reconnect\n"
+        )
+        self.assertTrue(transport.disconnecting)
+
+    def test_client_that_stops_reading_is_cut(self) -> None:
+        """
+        Over any transport (TLS included), a client whose answers pile up
+        pauses our reading (the transport's producer API); if it has not
+        read by the idle timeout, the connection is aborted.
+        """
+        protocol, transport = self.connect(HOST_A)
+        protocol.dataReceived(self.request + b"\n")
+        gate = transport.producer
+        self.assertIsInstance(gate, ReadGate)
+        self.assertTrue(transport.streaming)
+        gate.pauseProducing()  # what the transport does when full
+        self.assertTrue(protocol.paused)
+        protocol.dataReceived(self.request + b"\n")  # held, not answered
+        before = transport.value()
+        self.clock.advance(30)
+        self.assertFalse(transport.disconnecting)  # first period: reset
+        self.clock.advance(30)
+        self.assertEqual(transport.value(), before)
+        self.assertTrue(transport.disconnecting)
+
+    def test_client_that_reads_slowly_is_kept(self) -> None:
+        """Resumed (it read) since the last idle period: more time."""
+        protocol, transport = self.connect(HOST_A)
+        protocol.dataReceived(self.request + b"\n")
+        gate = transport.producer
+        gate.pauseProducing()
+        for _ in range(3):
+            self.clock.advance(30)
+            gate.resumeProducing()
+            gate.pauseProducing()
+        self.assertFalse(transport.disconnecting)
+
+    def test_refusals_logged_within_a_budget(self) -> None:
+        """A flood of refused connections logs a bounded number of events
+        and one summary."""
+        for n in range(200):
+            self.connect(HOST_A, 40000 + n)
+        refusal_events = [
+            event
+            for event in self.events
+            if event.get("log_namespace") == "p2p.limits.RefusalLog"
+        ]
+        self.assertEqual(len(refusal_events), REFUSALS_LOGGED_PER_PERIOD)
+        self.clock.advance(REFUSAL_LOG_PERIOD_SECONDS)
+        summaries = [
+            event
+            for event in self.events
+            if "not logged one by one" in event.get("log_format", "")
+        ]
+        self.assertEqual(len(summaries), 1)
+        self.assertEqual(summaries[0]["count"], 200 - 3 - REFUSALS_LOGGED_PER_PERIOD)
+
     def test_per_host_limit(self) -> None:
         """
         The 4th connection from one host (limit 3) is refused with the
@@ -343,7 +517,7 @@ class FactoryLimitsMixin:
         [event] = [
             event
             for event in self.events
-            if event.get("log_namespace") == "p2p.limits.ConnectionLimits"
+            if event.get("log_namespace") == "p2p.limits.RefusalLog"
         ]
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertEqual(event["role"], self.role)
@@ -363,7 +537,7 @@ class RelayLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
         """Without limits given, a factory gets the defaults (never none)."""
         factory = RelayFactory(Relay(MemoryRegistry(60), self.clock))
         self.assertEqual(
-            (factory.limits.max_total, factory.limits.max_per_host), (1000, 64)
+            (factory.limits.max_total, factory.limits.max_per_host), (10_000, 32)
         )
         self.assertIsInstance(factory.buildProtocol(address(HOST_A)), RelayProtocol)
 
@@ -386,7 +560,7 @@ class PeerLimitsTests(FactoryLimitsMixin, SynchronousTestCase):
         """Without limits given, a factory gets the defaults (never none)."""
         factory = PeerFactory(self.factory.share, self.factory.index, self.clock)
         self.assertEqual(
-            (factory.limits.max_total, factory.limits.max_per_host), (1000, 64)
+            (factory.limits.max_total, factory.limits.max_per_host), (10_000, 32)
         )
         self.assertIsInstance(factory.buildProtocol(address(HOST_A)), PeerProtocol)
 
@@ -509,7 +683,9 @@ class HalfCloseTests(SynchronousTestCase):
         protocol.dataReceived(b"GET a.txt\nLIST\n")
         protocol.readConnectionLost()
         self.assertFalse(transport.disconnecting)  # the file is on its way
-        while transport.producer is not None:
+        # The file producer, then (a StringTransport cannot say it sent the
+        # listing) the connection's read gate, until the close.
+        while transport.producer is not None and not transport.disconnecting:
             transport.producer.resumeProducing()
         listing = f"OK 1\nFILE 300000 {root_hex(content)} a.txt\n".encode()
         self.assertTrue(transport.value().endswith(listing))

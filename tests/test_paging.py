@@ -20,7 +20,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2p import relay as relay_module
 from p2p import wire
 from p2p.client import list_peers
-from p2p.registry import MemoryRegistry
+from p2p.registry import UNVERIFIED_TIER, MemoryRegistry
 from p2p.relay import Relay, RelayProtocol
 from p2p.wire import Code, WireError
 
@@ -94,7 +94,8 @@ class LimitTests(PagingTestCase):
         self.fill(1005)
         for bad in [b"0", b"1001", b"-1", b"x", b"", b"1e3"]:
             self.assertRefused(b"PEERS limit=" + bad)
-        self.assertEqual(self.page(1), ([1], wire.format_cursor(1)))
+        # Unverified leases (no dial-back here): their tier's positions.
+        self.assertEqual(self.page(1), ([1], wire.format_cursor(UNVERIFIED_TIER | 1)))
         ports, cursor = self.page(1000)
         self.assertEqual(ports, list(range(1, 1001)))
         self.assertIsNotNone(cursor)
@@ -394,7 +395,8 @@ class ClientTests(PagingTestCase):
         self.assertEqual(endpoint.requests[1], b"PEERS limit=1000\n")
         self.assertEqual(
             endpoint.requests[2],
-            b"PEERS limit=1000 cursor=%s\n" % wire.format_cursor(1000).encode(),
+            b"PEERS limit=1000 cursor=%s\n"
+            % wire.format_cursor(UNVERIFIED_TIER | 1000).encode(),
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 

@@ -544,13 +544,16 @@ class ModelTests(RegistryTestCase):
 
     def check(self, registry: MemoryRegistry, model: dict, now: float, rng) -> None:
         expected = [lease for lease in model.values() if lease.expires > now]
+        # Verified leases first, each tier by registration.
+        expected.sort(key=lambda lease: (not lease.verified, lease.seq))
         # Order, paging from random cursors, and the page's "more" flag.
         self.assertEqual(registry.active(now, 10**6), expected)
         self.assertEqual(len(registry), len(expected))
         for _ in range(5):
-            after = rng.randrange(0, last_seq(expected) + 2)
+            start = rng.randrange(0, len(expected) + 1)
+            after = registry.position(expected[start - 1]) if start else 0
             limit = rng.randrange(1, 6)
-            tail = [lease for lease in expected if lease.seq > after]
+            tail = expected[start:]
             self.assertEqual(
                 registry.page(now, after, limit), (tail[:limit], len(tail) > limit)
             )
@@ -580,9 +583,15 @@ class ModelTests(RegistryTestCase):
                     if (host, port) not in model:
                         model[(host, port)] = lease
                     self.assertIs(model[(host, port)], lease)
-                elif action < 0.8:
+                elif action < 0.7:
                     gone = registry.unregister(host, port)
                     self.assertIs(gone, model.pop((host, port), None))
+                elif action < 0.8:
+                    # The relay's dial-back reached the peer.
+                    verified = registry.mark_verified(host, port)
+                    self.assertIs(verified, model.get((host, port)))
+                    if verified is not None:
+                        self.assertTrue(verified.verified)
                 else:
                     self.sweep(registry, model, now)
                 model = dict(sorted(model.items(), key=lambda item: item[1].seq))

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
-from p2p.limits import MAX_ERRORS_PER_CONNECTION
+from p2p.limits import MAX_ERRORS_PER_CONNECTION, ConnectionPolicy
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
     MAX_PEERS_PER_REPLY,
@@ -85,6 +85,9 @@ class RelayTestCase(SynchronousTestCase):
     allow_claimed_host = False
     renew: int | None = None
     idle_timeout: float | None = IDLE
+    # The idle tests below time a connection from its start: no separate
+    # first-request deadline unless a test asks for one.
+    first_request_timeout: float | None = None
 
     def setUp(self) -> None:
         self.clock = Clock()
@@ -97,7 +100,11 @@ class RelayTestCase(SynchronousTestCase):
             renew=self.renew,
             allow_claimed_host=self.allow_claimed_host,
         )
-        self.factory = RelayFactory(self.relay, self.idle_timeout)
+        self.factory = RelayFactory(
+            self.relay,
+            self.idle_timeout,
+            policy=ConnectionPolicy(self.clock, self.first_request_timeout),
+        )
 
     def connect(self, peer=PEER_A) -> Connection:
         """Open a connection from ``peer`` and swallow the banner."""
@@ -1050,6 +1057,7 @@ class LoggingTests(RelayTestCase):
                 "renewed": 1,
                 "unregistered": 1,
                 "expired": 0,
+                "verified": 0,
                 "lists": 1,
                 "hinted": 0,
                 "active": 1,
@@ -1099,7 +1107,7 @@ class LoggingTests(RelayTestCase):
             for event in self.relay_events()
             if event["log_level"] == LogLevel.warn
         ]
-        self.assertIn("maximum", event["reason"])
+        self.assertIn("maximum", event["error"])
 
     def test_refused_request(self) -> None:
         """Any refused request logs a warning from the protocol."""
@@ -1107,7 +1115,7 @@ class LoggingTests(RelayTestCase):
         [event] = [
             event
             for event in self.events
-            if event.get("log_namespace") == "p2p.relay.RelayProtocol"
+            if event.get("log_namespace") == "p2p.limits.RefusalLog"
         ]
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertIn("501", event["error"])

@@ -57,6 +57,17 @@ def activity_reports(events: list[dict]) -> list[dict]:
     ]
 
 
+# The options both servers take, with their defaults.
+CONNECTION_DEFAULTS = {
+    "max-connections": 10_000,
+    "max-connections-per-host": 32,
+    "max-connections-per-network": 256,
+    "first-request-timeout": 5.0,
+    "max-connection-lifetime": 300.0,
+    "max-requests-per-connection": 1000,
+}
+
+
 class RelayOptionsTests(SynchronousTestCase):
     def setUp(self) -> None:
         set_token_environment(self, None)
@@ -70,9 +81,13 @@ class RelayOptionsTests(SynchronousTestCase):
                 "renew": 20,
                 "idle-timeout": 30,
                 "max-peers": 100_000,
-                "max-per-host": 1000,
-                "max-connections": 1000,
-                "max-connections-per-host": 64,
+                "max-per-host": 64,
+                "max-per-network": 256,
+                **CONNECTION_DEFAULTS,
+                "requests-per-second": 20.0,
+                "network-requests-per-second": 100.0,
+                "dial-back-timeout": 3.0,
+                "no-dial-back": 0,
                 "token": None,
                 "port-file": None,
                 "report-interval": 60.0,
@@ -212,7 +227,38 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(service, ListeningService)), 1)
         self.assertEqual(len(children(service, TimerService)), 2)
         self.assertEqual(children(service, PortFileService), [])
-        self.assertEqual(len(list(service)), 3)
+        self.assertEqual(len(children(service, relay_tap.DialBackService)), 1)
+        self.assertEqual(len(list(service)), 4)
+
+    def test_no_dial_back(self) -> None:
+        """--no-dial-back: no probes, every lease listed in registration
+        order."""
+        service, _ = self.make("--no-dial-back")
+        self.assertEqual(children(service, relay_tap.DialBackService), [])
+        relay = children(service, ListeningService)[0].factory.relay
+        self.assertIsNone(relay.dialback)
+
+    def test_hostile_network_defaults(self) -> None:
+        """The request budget, the guess brake (with a token), the reserve
+        for registered peers and the connection policy are on by default."""
+        service, _ = self.make("--token", "abc")
+        factory = children(service, ListeningService)[0].factory
+        relay = factory.relay
+        self.assertEqual(
+            (relay.budget.sources.rate, relay.budget.networks.rate), (20.0, 100.0)
+        )
+        self.assertIsNotNone(relay.brake)
+        self.assertIsNotNone(relay.dialback)
+        self.assertEqual(factory.limits.reserve, 1000)
+        self.assertIs(relay.refusals, factory.policy.refusals)
+        self.assertEqual(factory.policy.first_request.timeout, 5.0)
+        self.assertEqual(
+            (factory.policy.max_lifetime, factory.policy.max_requests), (300.0, 1000)
+        )
+        service, _ = self.make(
+            "--requests-per-second", "0", "--network-requests-per-second", "0"
+        )
+        self.assertIsNone(children(service, ListeningService)[0].factory.relay.budget)
 
     def test_listens_on_every_endpoint(self) -> None:
         service, reactor = self.make(
@@ -254,7 +300,7 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual((limits.max_total, limits.max_per_host), (7, 3))
         service, reactor = self.make()
         limits = children(service, ListeningService)[0].factory.limits
-        self.assertEqual((limits.max_total, limits.max_per_host), (1000, 64))
+        self.assertEqual((limits.max_total, limits.max_per_host), (10_000, 32))
 
     def test_token_threaded_into_relay(self) -> None:
         """--token and --token-for-queries reach the Relay policy."""
@@ -366,8 +412,7 @@ class PeerOptionsTests(SynchronousTestCase):
                 "listen": "tcp:0",
                 "name": None,
                 "idle-timeout": 30,
-                "max-connections": 1000,
-                "max-connections-per-host": 64,
+                **CONNECTION_DEFAULTS,
                 "token": None,
                 "port-file": None,
                 "include-hidden": 0,
@@ -721,3 +766,36 @@ class PortFileErrorTests(SynchronousTestCase):
             any("cannot write the port file" in e["log_format"] for e in events)
         )
         service.stopService()
+
+
+class DescriptorLimitTests(SynchronousTestCase):
+    """--max-connections is fitted to what the process may open."""
+
+    def setUp(self) -> None:
+        import resource
+
+        self.resource = resource
+        self.limits = [1024, 4096]
+        self.patch(resource, "getrlimit", lambda which: tuple(self.limits))
+
+        def setrlimit(which, limits):
+            soft, hard = limits
+            if soft > hard:
+                raise ValueError("not allowed")
+            self.limits = [soft, hard]
+
+        self.patch(resource, "setrlimit", setrlimit)
+
+    def test_soft_limit_raised(self) -> None:
+        self.assertEqual(relay_tap.fit_descriptors(2000), 2000)
+        self.assertEqual(self.limits, [2000 + relay_tap.SPARE_DESCRIPTORS, 4096])
+
+    def test_lowered_to_the_hard_limit(self) -> None:
+        self.assertEqual(
+            relay_tap.fit_descriptors(10_000), 4096 - relay_tap.SPARE_DESCRIPTORS
+        )
+        self.assertEqual(self.limits, [4096, 4096])
+
+    def test_enough_already(self) -> None:
+        self.limits = [20_000, 20_000]
+        self.assertEqual(relay_tap.fit_descriptors(10_000), 10_000)
