@@ -55,6 +55,7 @@ from p2p.pieces import Content, PieceList
 from p2p.share import ShareFolder
 from p2p.sink import HIGH_WATER_BYTES, FileOutput, PieceSink, StreamOutput
 from tests._indexed import StepPool, indexed, run_inline
+from tests._support import is_path_only
 from tests.test_peer import connect_in_memory
 from tests.test_share import temp_dir, write
 from tests.test_sink import QueuedWorker
@@ -811,7 +812,7 @@ def open_files() -> set[tuple[int, str]]:
 
     Files only: a peer's first INDEXING timer (a LoopingCall) may install
     the global reactor, whose epoll and waker descriptors are not ours to
-    check.
+    check; nor are the share folders' own (L{is_path_only}).
     """
     found = set()
     for name in os.listdir("/proc/self/fd"):
@@ -819,7 +820,11 @@ def open_files() -> set[tuple[int, str]]:
             target = os.readlink(f"/proc/self/fd/{name}")
         except OSError:
             continue  # the listing's own descriptor, closed by now
-        if target.startswith("/") and not target.startswith("/dev/"):
+        if (
+            target.startswith("/")
+            and not target.startswith("/dev/")
+            and not is_path_only(name)
+        ):
             found.add((int(name), target))
     return found
 

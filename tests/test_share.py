@@ -34,6 +34,7 @@ from p2p.pieces import PIECE_SIZE, root_of
 from p2p.share import OpenedFile, ShareFolder
 from p2p.wire import Code, WireError
 from tests._indexed import peer_factory, run_inline
+from tests._support import is_path_only
 
 SECRET = b"TOP SECRET: outside the share folder\n"
 A_CONTENT = b"alpha file\n"
@@ -62,8 +63,11 @@ def write(path: str, data: bytes) -> str:
 
 
 def open_descriptor_count() -> int:
-    """How many file descriptors this process holds (Linux /proc)."""
-    return len(os.listdir("/proc/self/fd"))
+    """
+    How many file descriptors this process holds (Linux /proc), leaving
+    out the share folders' own (L{tests._support.is_path_only}).
+    """
+    return sum(not is_path_only(fd) for fd in os.listdir("/proc/self/fd"))
 
 
 def digests_of(data: bytes) -> bytes:
@@ -181,12 +185,32 @@ def build_tree(case: SynchronousTestCase) -> tuple[str, str]:
     return base, root
 
 
+def require_openat2(case: SynchronousTestCase) -> None:
+    """Skip C{case} where openat2 cannot be used (not Linux 5.6+)."""
+    probe = tempfile.mkdtemp(prefix="p2p-test-")
+    case.addCleanup(shutil.rmtree, probe, True)
+    if ShareFolder(probe).resolver != "openat2":
+        case.skipTest("openat2 is not available here")
+
+
 class ShareTestMixin:
-    """Builds the standard tree and opens names in it."""
+    """
+    Builds the standard tree and opens names in it, resolved the way
+    C{openat2} says (None: whatever the system offers, True: openat2, False:
+    the walk), in every share the test makes with L{folder}.
+    """
+
+    openat2: bool | None = None
 
     def setUp(self) -> None:
+        if self.openat2:
+            require_openat2(self)
         self.base, self.root = build_tree(self)
-        self.share = ShareFolder(self.root)
+        self.share = self.folder()
+
+    def folder(self, root: str | None = None, **options) -> ShareFolder:
+        """A share of C{root} (the tree by default), resolving as the class says."""
+        return ShareFolder(root or self.root, openat2=self.openat2, **options)
 
     def read_all(self, opened: OpenedFile) -> bytes:
         """The content of an opened file, closing it."""
@@ -351,7 +375,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         Allowing hidden files relaxes nothing else in the corpus: the
         hidden-only refusals are served or become plain 404s.
         """
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         for name, code in HOSTILE_NAMES.items():
             expected = HIDDEN_ONLY.get(name, code)
             if isinstance(expected, bytes):
@@ -395,7 +419,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         except OSError:
             self.skipTest("cannot create device nodes here")
         self.assertRefused("zero-device", Code.FORBIDDEN)
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         self.assertRefused("zero-device", Code.FORBIDDEN, share)
 
     def test_hidden_refused_by_default(self) -> None:
@@ -409,7 +433,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
 
     def test_hidden_served_when_included(self) -> None:
         """With C{include_hidden} hidden files and links to them are served."""
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         self.assertEqual(self.read_all(share.open(".secret")), b"hidden at the top\n")
         self.assertEqual(
             self.read_all(share.open("sub/.x")), b"hidden in a subfolder\n"
@@ -426,7 +450,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         for a path leading outside.
         """
         write(os.path.join(self.root, "..notes"), b"dots\n")
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         self.assertEqual(self.read_all(share.open("..notes")), b"dots\n")
         self.assertRefused("..notes", Code.FORBIDDEN)  # hidden by default
 
@@ -434,7 +458,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         """A share folder named through a symlink still confines names."""
         alias = os.path.join(self.base, "alias")
         os.symlink(self.root, alias)
-        share = ShareFolder(alias)
+        share = self.folder(alias)
         self.assertEqual(self.read_all(share.open("a.txt")), A_CONTENT)
         self.assertRefused("out", Code.FORBIDDEN, share)
         self.assertRefused("../outside/secret.txt", Code.FORBIDDEN, share)
@@ -460,6 +484,12 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         opened.close()
         self.assertEqual(opened.fd, -1)
         self.assertRaises(OSError, os.fstat, fd)
+
+
+class NameResolutionWalkTests(NameResolutionTests):
+    """The same, with names resolved by the walk (as where openat2 is missing)."""
+
+    openat2 = False
 
 
 # Hostile names that only exist as bytes on the wire: overlong UTF-8 dots and
