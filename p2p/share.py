@@ -148,7 +148,7 @@ def _refusal(error: OSError) -> WireError:
         return WireError(Code.FORBIDDEN, "name leads outside the share folder")
     if error.errno == errno.ELOOP:
         return WireError(Code.FORBIDDEN, "too many symlinks, or a symlink loop")
-    # ENOTDIR, EACCES, ENXIO (a socket), ENAMETOOLONG, EAGAIN ever again...
+    # ENOTDIR, EACCES, ENXIO (a socket), ENAMETOOLONG, EAGAIN at every try...
     return WireError(Code.FORBIDDEN, f"cannot open: {error.strerror}")
 
 
@@ -224,10 +224,10 @@ class ShareFolder:
         """
         Open C{name} for serving.
 
-        Symlinks are followed while they stay inside the folder and are
-        relative; a symlink that leads (or, absolute, points) outside is
-        refused, and so, unless hidden files are shared, is one that leads
-        to a hidden file or to twistd's files.
+        Relative symlinks are followed while they stay inside the folder;
+        absolute ones are refused wherever they point, and so, unless hidden
+        files are shared, is a symlink that leads to a hidden file or to
+        twistd's files.
 
         :raise WireError: 403 for names that escape the folder or are not
             regular files (or cannot be opened), 404 for missing files.
@@ -241,6 +241,8 @@ class ShareFolder:
                 fd = self._open_walking(parts)
         except OSError as e:
             raise _refusal(e) from None
+        except UnicodeEncodeError:  # not from the wire, which is UTF-8
+            raise WireError(Code.FORBIDDEN, "name cannot be encoded") from None
         try:
             info = os.fstat(fd)
         except OSError as e:
@@ -254,7 +256,7 @@ class ShareFolder:
 
     # -- openat2 ---------------------------------------------------------------
 
-    def _openat2(self, path: bytes, resolve: int) -> int:
+    def _openat2_retrying(self, path: bytes, resolve: int) -> int:
         assert _openat2 is not None
         for _ in range(OPENAT2_ATTEMPTS - 1):
             try:
@@ -271,13 +273,13 @@ class ShareFolder:
         try:
             # Most names hold no symlink: then the path is the name, whose
             # every component _check_name has already seen.
-            return self._openat2(path, beneath | RESOLVE_NO_SYMLINKS)
+            return self._openat2_retrying(path, beneath | RESOLVE_NO_SYMLINKS)
         except OSError as e:
             if e.errno != errno.ELOOP:
                 raise
         # A symlink on the way: the kernel follows it, still beneath the
         # folder (not a fallback: the same guarantee, more work).
-        fd = self._openat2(path, beneath)
+        fd = self._openat2_retrying(path, beneath)
         if not self.include_hidden:
             try:
                 self._check_landing(fd)
@@ -301,6 +303,8 @@ class ShareFolder:
             raise WireError(
                 Code.FORBIDDEN, "cannot tell where a symlink leads (no /proc)"
             ) from None
+        if where == root:
+            return  # the folder itself ("here" -> "."): not a regular file
         prefix = root.rstrip("/") + "/"
         if not where.startswith(prefix):
             raise WireError(Code.FORBIDDEN, "name leads outside the share folder")
@@ -357,8 +361,8 @@ class ShareFolder:
                         self._check_resolved(fd, [name for name, _ in held] + [part])
                     return fd
                 held.append((part, fd))
-            # The name ended on a folder ("link" -> "sub/..").
-            raise OSError(errno.EISDIR, os.strerror(errno.EISDIR))
+            # The name ended on a folder ("here" -> ".", "up" -> "sub/..").
+            raise WireError(Code.FORBIDDEN, "not a regular file")
         finally:
             for _, fd in held:
                 os.close(fd)

@@ -630,6 +630,8 @@ class SymlinkTests(ShareTestMixin, SynchronousTestCase):
         self.assertEqual(self.read_all(self.share.open("sub/down/c.txt")), C_CONTENT)
         self.assertEqual(self.read_all(self.share.open("indir/b.txt")), B_CONTENT)
         self.assertEqual(self.read_all(self.share.open("here/a.txt")), A_CONTENT)
+        error = self.assertRefused("here", Code.FORBIDDEN)  # the folder itself
+        self.assertEqual(error.message, "not a regular file")
 
     def test_absolute_symlink_refused(self) -> None:
         """An absolute symlink is refused even when it points inside."""
