@@ -165,10 +165,27 @@ def _identity(info: os.stat_result) -> Identity:
     return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
 
 
-def _stat_name(share: ShareFolder, name: str) -> Identity | None:
-    """(Pool.) The identity of C{name} if it is a servable regular file."""
+def _stat_name(
+    share: ShareFolder, name: str, folder_fd: int | None = None
+) -> Identity | None:
+    """
+    (Pool.) The identity of C{name} if it is a servable regular file.
+
+    Looked up relative to its folder, C{folder_fd} (the walk's descriptor)
+    or one opened without following symlinks (L{ShareFolder.open_folder}):
+    a folder swapped for a symlink cannot pass a file outside the share off
+    as one of its own.
+    """
+    folder, _, filename = name.rpartition("/")
     try:
-        info = os.lstat(os.path.join(share.root, *name.split("/")))
+        if folder_fd is not None:
+            info = os.stat(filename, dir_fd=folder_fd, follow_symlinks=False)
+        else:
+            fd = share.open_folder(folder)
+            try:
+                info = os.stat(filename, dir_fd=fd, follow_symlinks=False)
+            finally:
+                os.close(fd)
     except OSError:
         return None
     if stat.S_ISREG(info.st_mode):
@@ -179,7 +196,7 @@ def _stat_name(share: ShareFolder, name: str) -> Identity | None:
     # a regular file) instead of re-implementing its checks.
     try:
         opened = share.open(name)
-    except (WireError, OSError):
+    except WireError:
         return None
     opened.close()
     return opened.identity
@@ -199,27 +216,29 @@ def _scan(
 ) -> _ScanResult:
     """
     (Pool.) Walk the share and compare it with C{snapshot} (ours to consume).
-    Directory symlinks are not followed; hidden folders are skipped.
+    Directory symlinks are not followed, not even one swapped in for a folder
+    while the walk runs (L{ShareFolder.walk}); hidden folders are skipped.
     """
     if not os.path.isdir(share.root):
         # A share folder that went away must not look like one whose files
         # all went: that would empty the database.
         raise OSError(errno.ENOENT, "the share folder is missing", share.root)
     result = _ScanResult({}, [], [])
-    for directory, dirnames, filenames in os.walk(share.root):
+    for folder, dirnames, filenames, folder_fd in share.walk():
         if halted():
             raise _Halted()
         if not share.include_hidden:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
         dirnames.sort()
-        result.directories.append(directory)
-        folder = os.path.relpath(directory, share.root)
-        prefix = "" if folder == os.curdir else folder.replace(os.sep, "/") + "/"
+        result.directories.append(
+            os.path.join(share.root, *folder.split("/")) if folder else share.root
+        )
+        prefix = folder + "/" if folder else ""
         for filename in sorted(filenames):
             name = prefix + filename
             if not _shareable(name, share.include_hidden):
                 continue
-            identity = _stat_name(share, name)
+            identity = _stat_name(share, name, folder_fd)
             if identity is None:
                 continue
             result.files += 1

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 
 from twisted.trial.unittest import SynchronousTestCase
@@ -29,3 +30,32 @@ def set_environment(case: SynchronousTestCase, name: str, value: str | None) -> 
 def set_relay_environment(case: SynchronousTestCase, value: str | None) -> None:
     """Set (or unset, for C{None}) $P2P_RELAY for the duration of C{case}."""
     set_environment(case, RELAY_ENVIRONMENT_VARIABLE, value)
+
+
+def descriptors() -> dict[int, str]:
+    """
+    This process's descriptors (Linux /proc) and what each one names,
+    leaving out ``O_PATH`` ones: every L{p2p.share.ShareFolder} holds one of
+    its folder for as long as it lives, and a garbage collection may close
+    those of earlier tests at any time.  Nothing opened to serve, hash or
+    walk is ``O_PATH``, so leaks of those still show.  The collector is
+    paused meanwhile: closing a folder's descriptor mid-listing could pass
+    it off as another.
+    """
+    paused = gc.isenabled()
+    gc.disable()
+    try:
+        found = {}
+        for name in os.listdir("/proc/self/fd"):
+            try:
+                target = os.readlink(f"/proc/self/fd/{name}")
+                with open(f"/proc/self/fdinfo/{name}") as info:
+                    flags = next(line for line in info if line.startswith("flags:"))
+            except OSError:
+                continue  # the listing's own descriptor, closed by now
+            if not int(flags.split()[1], 8) & os.O_PATH:
+                found[int(name)] = target
+        return found
+    finally:
+        if paused:
+            gc.enable()

@@ -55,6 +55,7 @@ from p2p.pieces import Content, PieceList
 from p2p.share import ShareFolder
 from p2p.sink import HIGH_WATER_BYTES, FileOutput, PieceSink, StreamOutput
 from tests._indexed import StepPool, indexed, run_inline
+from tests._support import descriptors
 from tests.test_peer import connect_in_memory
 from tests.test_share import temp_dir, write
 from tests.test_sink import QueuedWorker
@@ -811,17 +812,13 @@ def open_files() -> set[tuple[int, str]]:
 
     Files only: a peer's first INDEXING timer (a LoopingCall) may install
     the global reactor, whose epoll and waker descriptors are not ours to
-    check.
+    check; nor are the share folders' own (L{descriptors}).
     """
-    found = set()
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            target = os.readlink(f"/proc/self/fd/{name}")
-        except OSError:
-            continue  # the listing's own descriptor, closed by now
-        if target.startswith("/") and not target.startswith("/dev/"):
-            found.add((int(name), target))
-    return found
+    return {
+        (fd, target)
+        for fd, target in descriptors().items()
+        if target.startswith("/") and not target.startswith("/dev/")
+    }
 
 
 def blob_line(data: bytes, offset: int) -> bytes:

@@ -13,7 +13,10 @@ client sees of them.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import platform
+import re
 import shutil
 import signal
 import stat
@@ -26,15 +29,19 @@ from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
+from twisted.python.monkey import MonkeyPatcher
 from twisted.trial.unittest import SynchronousTestCase
 
+import p2p.index
+import p2p.share
 from p2p import wire
 from p2p.limits import ReadGate
 from p2p.peer import PeerFactory
 from p2p.pieces import PIECE_SIZE, root_of
-from p2p.share import OpenedFile, ShareFolder
+from p2p.share import MAX_SYMLINKS, OPENAT2_ATTEMPTS, OpenedFile, ShareFolder
 from p2p.wire import Code, WireError
 from tests._indexed import peer_factory, run_inline
+from tests._support import descriptors
 
 SECRET = b"TOP SECRET: outside the share folder\n"
 A_CONTENT = b"alpha file\n"
@@ -63,8 +70,11 @@ def write(path: str, data: bytes) -> str:
 
 
 def open_descriptor_count() -> int:
-    """How many file descriptors this process holds (Linux /proc)."""
-    return len(os.listdir("/proc/self/fd"))
+    """
+    How many file descriptors this process holds (Linux /proc), leaving
+    out the share folders' own (L{tests._support.descriptors}).
+    """
+    return len(descriptors())
 
 
 def digests_of(data: bytes) -> bytes:
@@ -182,12 +192,32 @@ def build_tree(case: SynchronousTestCase) -> tuple[str, str]:
     return base, root
 
 
+def require_openat2(case: SynchronousTestCase) -> None:
+    """Skip C{case} where openat2 cannot be used (not Linux 5.6+)."""
+    probe = tempfile.mkdtemp(prefix="p2p-test-")
+    case.addCleanup(shutil.rmtree, probe, True)
+    if ShareFolder(probe).resolver != "openat2":
+        case.skipTest("openat2 is not available here")
+
+
 class ShareTestMixin:
-    """Builds the standard tree and opens names in it."""
+    """
+    Builds the standard tree and opens names in it, resolved the way
+    C{openat2} says (None: whatever the system offers, True: openat2, False:
+    the walk), in every share the test makes with L{folder}.
+    """
+
+    openat2: bool | None = None
 
     def setUp(self) -> None:
+        if self.openat2:
+            require_openat2(self)
         self.base, self.root = build_tree(self)
-        self.share = ShareFolder(self.root)
+        self.share = self.folder()
+
+    def folder(self, root: str | None = None, **options) -> ShareFolder:
+        """A share of C{root} (the tree by default), resolving as the class says."""
+        return ShareFolder(root or self.root, openat2=self.openat2, **options)
 
     def read_all(self, opened: OpenedFile) -> bytes:
         """The content of an opened file, closing it."""
@@ -352,7 +382,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         Allowing hidden files relaxes nothing else in the corpus: the
         hidden-only refusals are served or become plain 404s.
         """
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         for name, code in HOSTILE_NAMES.items():
             expected = HIDDEN_ONLY.get(name, code)
             if isinstance(expected, bytes):
@@ -396,7 +426,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         except OSError:
             self.skipTest("cannot create device nodes here")
         self.assertRefused("zero-device", Code.FORBIDDEN)
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         self.assertRefused("zero-device", Code.FORBIDDEN, share)
 
     def test_hidden_refused_by_default(self) -> None:
@@ -410,7 +440,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
 
     def test_hidden_served_when_included(self) -> None:
         """With C{include_hidden} hidden files and links to them are served."""
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         self.assertEqual(self.read_all(share.open(".secret")), b"hidden at the top\n")
         self.assertEqual(
             self.read_all(share.open("sub/.x")), b"hidden in a subfolder\n"
@@ -427,7 +457,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         for a path leading outside.
         """
         write(os.path.join(self.root, "..notes"), b"dots\n")
-        share = ShareFolder(self.root, include_hidden=True)
+        share = self.folder(include_hidden=True)
         self.assertEqual(self.read_all(share.open("..notes")), b"dots\n")
         self.assertRefused("..notes", Code.FORBIDDEN)  # hidden by default
 
@@ -435,7 +465,7 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         """A share folder named through a symlink still confines names."""
         alias = os.path.join(self.base, "alias")
         os.symlink(self.root, alias)
-        share = ShareFolder(alias)
+        share = self.folder(alias)
         self.assertEqual(self.read_all(share.open("a.txt")), A_CONTENT)
         self.assertRefused("out", Code.FORBIDDEN, share)
         self.assertRefused("../outside/secret.txt", Code.FORBIDDEN, share)
@@ -461,6 +491,353 @@ class NameResolutionTests(ShareTestMixin, SynchronousTestCase):
         opened.close()
         self.assertEqual(opened.fd, -1)
         self.assertRaises(OSError, os.fstat, fd)
+
+
+class NameResolutionWalkTests(NameResolutionTests):
+    """The same, with names resolved by the walk (as where openat2 is missing)."""
+
+    openat2 = False
+
+
+# -- symlinks and swapped folders (issue 9) ----------------------------------
+
+INSIDE = b"the file inside the share\n"
+
+
+class HookedOS:
+    """
+    Stands in for the C{os} module of L{p2p.share} and L{p2p.index} (and
+    for openat2): C{hook(name)} runs just before each file-system call,
+    which C{calls} records by name.  A hook can swap a folder at any step
+    of a lookup, deterministically, or make a call fail.  Everything else
+    is the real C{os}.
+    """
+
+    CALLS = frozenset({"open", "readlink", "stat", "lstat", "fstat", "scandir"})
+
+    def __init__(self, hook) -> None:
+        self.hook = hook
+        self.calls: list[str] = []
+
+    def _wrap(self, name: str, function):
+        def call(*args, **kwargs):
+            self.calls.append(name)
+            self.hook(name)
+            return function(*args, **kwargs)
+
+        return call
+
+    def __getattr__(self, name: str):
+        value = getattr(os, name)
+        return self._wrap(name, value) if name in self.CALLS else value
+
+    def run(self, function, *args, **kwargs):
+        """C{function(*args, **kwargs)} with the modules' calls routed here."""
+        patcher = MonkeyPatcher((p2p.share, "os", self), (p2p.index, "os", self))
+        if p2p.share._openat2 is not None:
+            openat2 = self._wrap("openat2", p2p.share._openat2)
+            patcher.addPatch(p2p.share, "_openat2", openat2)
+        return patcher.runWithPatches(function, *args, **kwargs)
+
+
+def swap_at(step: int, swap):
+    """A L{HookedOS} that runs C{swap()} before its C{step}-th call (from 0)."""
+    hooked = HookedOS(lambda name: swap() if len(hooked.calls) == step + 1 else None)
+    return hooked
+
+
+def fail(calls: str, code: int, times: int = 1_000_000):
+    """A L{HookedOS} whose first C{times} calls named C{calls} fail with C{code}."""
+    failed = []
+
+    def hook(name: str) -> None:
+        if name == calls and len(failed) < times:
+            failed.append(name)
+            raise OSError(code, os.strerror(code))
+
+    return HookedOS(hook)
+
+
+def swap_tree(case: SynchronousTestCase, absolute: bool = False):
+    """
+    A share whose folder C{e} holds C{secret.txt} (L{INSIDE}) and
+    C{inside-only.txt}, beside a folder outside holding another
+    C{secret.txt} (L{SECRET}) and C{only-outside.txt}, and a symlink to
+    that outside folder (relative or C{absolute}), hidden in the share.
+    Returns C{(root, swap, outside)}: C{swap()} exchanges C{e} and the
+    symlink by three renames (so C{e} is a folder, missing, or the link).
+    """
+    base = temp_dir(case)
+    root = os.path.join(base, "share")
+    outside = os.path.join(base, "outside")
+    write(os.path.join(root, "e", "secret.txt"), INSIDE)
+    write(os.path.join(root, "e", "inside-only.txt"), INSIDE)
+    write(os.path.join(root, "top.txt"), A_CONTENT)
+    write(os.path.join(outside, "secret.txt"), SECRET)
+    write(os.path.join(outside, "only-outside.txt"), SECRET)
+    link = os.path.join(root, ".e-link")
+    os.symlink(outside if absolute else "../outside", link)
+    folder, spare = os.path.join(root, "e"), os.path.join(root, ".e-spare")
+
+    def swap() -> None:
+        os.rename(folder, spare)
+        os.rename(link, folder)
+        os.rename(spare, link)
+
+    return root, swap, outside
+
+
+class SymlinkTests(ShareTestMixin, SynchronousTestCase):
+    """
+    Symlinks, resolved with openat2: followed while relative and inside
+    the share, refused otherwise; a folder swapped for a symlink to a
+    folder outside, at any step of a lookup, never opens a file there.
+    """
+
+    openat2: bool | None = True
+
+    def setUp(self) -> None:
+        super().setUp()
+
+        def link(target: str, name: str) -> None:
+            os.symlink(target, os.path.join(self.root, *name.split("/")))
+
+        link("../../a.txt", "sub/deeper/up")  # a ".." that stays inside
+        link("../sub/deeper", "sub/down")
+        link(os.path.join(self.root, "a.txt"), "abs-inside")
+        link(os.path.join(self.root, "sub"), "abs-dir")
+        link(os.path.join(self.base, "outside"), "outdir-abs")
+        link("self", "self")
+        link(".", "here")
+        link(".hidden-dir", "hid")
+        link("twistd.log", "log")
+        write(os.path.join(self.root, "twistd.log"), b"the peer's own log\n")
+
+    def test_symlinked_folder_to_outside(self) -> None:
+        """A name through a symlink to a folder outside is refused, whether
+        the link is relative or absolute and the file exists there or not."""
+        for name in (
+            "outdir/secret.txt",
+            "outdir-abs/secret.txt",
+            "outdir/missing.txt",
+            "outdir-abs/missing.txt",
+        ):
+            self.assertRefused(name, Code.FORBIDDEN)
+
+    def test_relative_symlinks_inside(self) -> None:
+        """Relative symlinks that stay inside are followed, a ".." in their
+        target included."""
+        self.assertEqual(self.read_all(self.share.open("sub/deeper/up")), A_CONTENT)
+        self.assertEqual(self.read_all(self.share.open("sub/down/c.txt")), C_CONTENT)
+        self.assertEqual(self.read_all(self.share.open("indir/b.txt")), B_CONTENT)
+        self.assertEqual(self.read_all(self.share.open("here/a.txt")), A_CONTENT)
+        error = self.assertRefused("here", Code.FORBIDDEN)  # the folder itself
+        self.assertEqual(error.message, "not a regular file")
+
+    def test_absolute_symlink_refused(self) -> None:
+        """An absolute symlink is refused even when it points inside."""
+        self.assertRefused("abs-inside", Code.FORBIDDEN)
+        self.assertRefused("abs-dir/b.txt", Code.FORBIDDEN)
+
+    def test_symlink_loops(self) -> None:
+        """
+        Loops are 403, never a hang.  40 symlinks in one lookup are
+        followed, a 41st is not: Linux's own limit, whichever way names are
+        resolved.
+        """
+        for name in ("self", "loop1", "loop2", "self/a.txt"):
+            self.assertRefused(name, Code.FORBIDDEN)
+        many = "here/" * MAX_SYMLINKS + "a.txt"
+        self.assertEqual(self.read_all(self.share.open(many)), A_CONTENT)
+        self.assertRefused("here/" + many, Code.FORBIDDEN)
+
+    def test_symlink_to_a_name_not_shared(self) -> None:
+        """
+        As when names were resolved with realpath(): by default a visible
+        symlink, to a file or through a folder, cannot reach a hidden file
+        or twistd's files; with hidden files shared, the hidden one is.
+        """
+        for name in ("to-hidden", "hid/h.txt", "log"):
+            self.assertRefused(name, Code.FORBIDDEN)
+        share = self.folder(include_hidden=True)
+        self.assertEqual(
+            self.read_all(share.open("hid/h.txt")), b"in a hidden folder\n"
+        )
+
+    def test_failing_calls_are_wire_errors(self) -> None:
+        """
+        Whatever a file-system call answers, open() raises a WireError
+        (403 but for a missing file) and leaks no descriptor: the lookup
+        failing, or the fstat of what it opened.
+        """
+        lookup = "openat2" if self.share.resolver == "openat2" else "open"
+        for call, code, expected in (
+            (lookup, errno.EIO, Code.FORBIDDEN),
+            (lookup, errno.ENOENT, Code.NOT_FOUND),
+            (lookup, errno.EACCES, Code.FORBIDDEN),
+            ("fstat", errno.EIO, Code.FORBIDDEN),
+        ):
+            before = open_descriptor_count()
+            error = fail(call, code).run(
+                self.assertRaises, WireError, self.share.open, "sub/b.txt"
+            )
+            self.assertEqual(error.code, expected, (call, code))
+            self.assertEqual(open_descriptor_count(), before, (call, code))
+
+    def assertNeverOutside(self, absolute: bool, swapped_first: bool) -> set:
+        """
+        Open C{e/secret.txt} of a L{swap_tree} once for each step of the
+        lookup, swapping C{e} (a folder, or first the symlink) just before
+        that step; each time the answer must be the file inside or a
+        refusal.  Returns the set of answers.
+        """
+        answers: set[bytes | Code] = set()
+        for step in range(100):
+            root, swap, _ = swap_tree(self, absolute)
+            share = self.folder(root)
+            if swapped_first:
+                swap()
+            hooked = swap_at(step, swap)
+            try:
+                answer: bytes | Code = self.read_all(
+                    hooked.run(share.open, "e/secret.txt")
+                )
+            except WireError as error:
+                answer = error.code
+            self.assertIn(answer, (INSIDE, Code.FORBIDDEN, Code.NOT_FOUND), step)
+            answers.add(answer)
+            if len(hooked.calls) <= step:
+                return answers  # the lookup ended before this step: all done
+        self.fail("the lookup never ended")
+
+    def test_folder_swapped_at_every_step(self) -> None:
+        """
+        The attack of issue 9, step by step: whichever call of the lookup
+        the swap precedes, the file outside is never opened (realpath()
+        then open() opened it when the swap came between the two).  Both
+        outcomes are reached: the swap is not simply missed.
+        """
+        for absolute in (False, True):
+            for swapped_first in (False, True):
+                answers = self.assertNeverOutside(absolute, swapped_first)
+                self.assertIn(INSIDE, answers)
+                self.assertIn(Code.FORBIDDEN, answers)
+
+    def test_scan_never_lists_a_swapped_folder(self) -> None:
+        """
+        The index's walk, with the folder swapped before any one of its
+        calls: nothing of the folder outside is listed (a name only it
+        holds) or taken for a file inside (its identity).  The folder inside
+        is listed when the swap comes late enough.
+        """
+        listed = []
+        for step in range(1000):
+            root, swap, outside = swap_tree(self)
+            share = self.folder(root)
+            outsiders = {
+                p2p.index._identity(os.stat(os.path.join(outside, name)))
+                for name in os.listdir(outside)
+            }
+            hooked = swap_at(step, swap)
+            result = hooked.run(p2p.index._scan, share, {}, lambda: False)
+            names = set(result.changed)
+            self.assertLessEqual(
+                names, {"top.txt", "e/secret.txt", "e/inside-only.txt"}, step
+            )
+            self.assertFalse(outsiders & set(result.changed.values()), step)
+            listed.append("e/secret.txt" in names)
+            if len(hooked.calls) <= step:
+                self.assertIn(False, listed)
+                self.assertIn(True, listed)
+                return
+        self.fail("the scan never ended")
+
+    def test_restat_through_a_swapped_folder(self) -> None:
+        """
+        A changed name (inotify) is looked up again without following a
+        folder swapped for a symlink: no identity of a file outside.
+        """
+        root, swap, outside = swap_tree(self)
+        share = self.folder(root)
+        inside = p2p.index._stat_name(share, "e/secret.txt")
+        self.assertEqual(inside, share.open("e/secret.txt").identity)
+        swap()
+        self.assertIsNone(p2p.index._stat_name(share, "e/secret.txt"))
+        self.assertIsNone(p2p.index._stat_name(share, "e/only-outside.txt"))
+
+
+class SymlinkWalkTests(SymlinkTests):
+    """The same, resolved by the walk (as where openat2 is missing)."""
+
+    openat2 = False
+
+
+class OpenAt2Tests(ShareTestMixin, SynchronousTestCase):
+    """What is particular to openat2: retries, no downgrade, the probe."""
+
+    openat2: bool | None = True
+
+    def test_used_where_available(self) -> None:
+        """On Linux 5.6+ (x86_64, aarch64) a share uses openat2 by default."""
+        release = tuple(int(n) for n in re.findall(r"\d+", os.uname().release)[:2])
+        if platform.machine() not in ("x86_64", "aarch64") or release < (5, 6):
+            self.skipTest("not Linux 5.6+ on x86_64 or aarch64")
+        self.assertEqual(ShareFolder(self.root).resolver, "openat2")
+
+    def test_eagain_retried(self) -> None:
+        """EAGAIN (a rename raced with a "..") is retried, a bounded number
+        of times; then the name is refused."""
+        hooked = fail("openat2", errno.EAGAIN, times=OPENAT2_ATTEMPTS - 1)
+        self.assertEqual(self.read_all(hooked.run(self.share.open, "a.txt")), A_CONTENT)
+        hooked = fail("openat2", errno.EAGAIN)
+        error = hooked.run(self.assertRaises, WireError, self.share.open, "a.txt")
+        self.assertEqual(error.code, Code.FORBIDDEN)
+        self.assertEqual(hooked.calls, ["openat2"] * OPENAT2_ATTEMPTS)
+
+    def test_no_downgrade(self) -> None:
+        """
+        Once openat2 is chosen, no error of a lookup (even ENOSYS) makes the
+        share resolve that name another way: it is refused, and nothing else
+        is opened.
+        """
+        for code in (errno.ENOSYS, errno.EPERM, errno.EINVAL, errno.EXDEV):
+            hooked = fail("openat2", code)
+            error = hooked.run(
+                self.assertRaises, WireError, self.share.open, "sub/b.txt"
+            )
+            self.assertEqual(error.code, Code.FORBIDDEN)
+            self.assertEqual(hooked.calls, ["openat2"])
+
+    def test_probe(self) -> None:
+        """
+        The choice is made once, when the share is created, with a lookup
+        of the folder itself: no openat2 (ENOSYS: Linux before 5.6; EPERM:
+        a seccomp filter) means the walk.
+        """
+        for code in (errno.ENOSYS, errno.EPERM):
+            share = fail("openat2", code).run(ShareFolder, self.root)
+            self.assertEqual(share.resolver, "walk")
+            self.assertEqual(self.read_all(share.open("sub/b.txt")), B_CONTENT)
+        patcher = MonkeyPatcher((p2p.share, "_openat2", None))
+        self.assertEqual(
+            patcher.runWithPatches(ShareFolder, self.root).resolver, "walk"
+        )
+        self.assertRaises(
+            ValueError, patcher.runWithPatches, ShareFolder, self.root, openat2=True
+        )
+
+    def test_symlink_without_proc(self) -> None:
+        """
+        Where the kernel cannot say where a symlink led (no /proc), names
+        through symlinks are refused unless hidden files are shared (no
+        name to check then); names without a symlink are unaffected.
+        """
+        hooked = fail("readlink", errno.ENOENT)
+        error = hooked.run(self.assertRaises, WireError, self.share.open, "inlink")
+        self.assertEqual(error.code, Code.FORBIDDEN)
+        self.assertEqual(self.read_all(hooked.run(self.share.open, "a.txt")), A_CONTENT)
+        share = self.folder(include_hidden=True)
+        self.assertEqual(self.read_all(hooked.run(share.open, "inlink")), A_CONTENT)
 
 
 # Hostile names that only exist as bytes on the wire: overlong UTF-8 dots and
