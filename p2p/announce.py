@@ -186,6 +186,12 @@ class Announcer(Service):
         cap = self.renew_interval or DEFAULT_MAX_RETRY_SECONDS
         delay = min(cap, FIRST_RETRY_SECONDS * 2 ** (self.failures - 1))
         delay *= 0.5 + 0.5 * self.jitter()
+        if failure.check(wire.RemoteError) and failure.value.code == 429:
+            # A relay that asks us to wait (its request budget, say) gets
+            # at least the wait it asked for.
+            asked = wire.retry_after(failure.value.message)
+            if asked is not None:
+                delay = max(delay, asked)
         self.lease = None
         if failure.check(wire.RemoteError) and failure.value.code == 401:
             # A configuration error, not an outage: say so louder.  Keep

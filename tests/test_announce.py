@@ -354,6 +354,16 @@ class RetryTests(AnnouncerTestMixin, SynchronousTestCase):
         self.assertIsNotNone(self.announcer.lease)
         self.stop()
 
+    def test_retry_after_is_honoured(self) -> None:
+        """A relay's ``retry-after=`` (its request budget) is waited for,
+        even when the backoff would retry sooner."""
+        self.relay.script = [answer(b"ERR 429 too many requests; retry-after=7.5\n")]
+        self.announcer.startService()
+        self.assertEqual(self.next_delay(), 7.5)
+        self.clock.advance(7.5)
+        self.assertIsNotNone(self.announcer.lease)
+        self.stop()
+
 
 class StopTests(AnnouncerTestMixin, SynchronousTestCase):
     """stopService: unregister, and leave no timer behind."""
