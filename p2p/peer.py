@@ -31,12 +31,14 @@ from zope.interface import implementer
 from p2p import wire
 from p2p.index import IndexEntry, ShareIndex
 from p2p.limits import (
+    UNKNOWN_HOST,
     ConnectionLimits,
     ConnectionPolicy,
     IdleTimeouts,
     LimitedServerFactory,
     ServerLineProtocol,
 )
+from p2p.ratelimit import RequestBudget
 from p2p.share import OpenedFile, ShareFolder
 from p2p.throttle import TokenBucket
 from p2p.transports import no_delay, zero_copy_socket
@@ -224,8 +226,12 @@ class PeerProtocol(ServerLineProtocol):
         on_lost: Callable[[], None] | None = None,
         idle_timeouts: IdleTimeouts | None = None,
         throttle: TokenBucket | None = None,
+        budget: RequestBudget | None = None,
+        source: str = UNKNOWN_HOST,
     ) -> None:
         super().__init__(clock, idle_timeout, on_lost, idle_timeouts)
+        self.budget = budget
+        self.source = source
         self.share = share
         self.index = index
         self.throttle = throttle
@@ -249,6 +255,11 @@ class PeerProtocol(ServerLineProtocol):
 
     def request_received(self, line: bytes) -> None:
         request = wire.parse_peer_request(line)
+        budget = self.budget
+        if budget is not None and isinstance(request, (wire.ListFiles, wire.Pieces)):
+            wait = budget.charge(self.source, 1.0)
+            if wait:
+                raise wire.retry_later("too many requests", wait)
         if isinstance(request, wire.ListFiles):
             self._send_listing(request)
         elif isinstance(request, wire.Pieces):
@@ -537,6 +548,9 @@ class PeerFactory(LimitedServerFactory):
         request count, and the refusal log (L{ConnectionPolicy}).
     :param throttle: the upload budget all transfers share
         (``--max-upload-rate``), or C{None} for none.
+    :param budget: what ``LIST`` and ``PIECES`` may cost per source and
+        network (L{RequestBudget}), or C{None} for no limit.  Transfers are
+        not charged: the connection limits and the upload rate bound them.
     """
 
     role = "peer"
@@ -550,8 +564,10 @@ class PeerFactory(LimitedServerFactory):
         limits: ConnectionLimits | None = None,
         throttle: TokenBucket | None = None,
         policy: ConnectionPolicy | None = None,
+        budget: RequestBudget | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, limits, policy)
+        self.budget = budget
         self.share = share
         self.index = index
         self.throttle = throttle
@@ -565,4 +581,6 @@ class PeerFactory(LimitedServerFactory):
             on_lost,
             self.idle_timeouts,
             self.throttle,
+            self.budget,
+            host,
         )

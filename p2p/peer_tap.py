@@ -28,10 +28,13 @@ from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.relay_tap import (
     CONNECTION_LIMIT_OPTIONS,
     CONNECTION_OPTIONS,
+    REQUEST_LIMIT_OPTIONS,
+    REQUEST_OPTIONS,
     check_connection_options,
     check_limits,
     connection_limits,
     connection_policy,
+    request_budget,
     token_option,
 )
 from p2p.service import ListeningService, PortFileService
@@ -97,6 +100,7 @@ class Options(usage.Options):
             float,
         ],
         *CONNECTION_OPTIONS,
+        *REQUEST_OPTIONS,
         [
             "token",
             None,
@@ -173,7 +177,7 @@ class Options(usage.Options):
             raise usage.UsageError(
                 f"--state {self['state']!r} is inside the share: it would be served"
             )
-        check_limits(self, CONNECTION_LIMIT_OPTIONS)
+        check_limits(self, [*CONNECTION_LIMIT_OPTIONS, *REQUEST_LIMIT_OPTIONS])
         check_connection_options(self)
         self["token"] = token_option(self["token"])
 
@@ -246,6 +250,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
         connection_limits(config),
         throttle=TokenBucket(reactor, rate) if rate else None,
         policy=connection_policy(config, reactor),
+        budget=request_budget(config, reactor),
     )
     try:
         listen = server_endpoint(reactor, config["listen"])

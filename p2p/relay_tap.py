@@ -104,6 +104,27 @@ CONNECTION_LIMIT_OPTIONS = [
 BURST_SECONDS = 5.0
 DEFAULT_REQUESTS_PER_SECOND = 20.0
 DEFAULT_NETWORK_REQUESTS_PER_SECOND = 100.0
+# Both servers' request budgets (the peer charges LIST and PIECES only:
+# transfers are bounded by the connection limits and the upload rate).
+REQUEST_OPTIONS = [
+    [
+        "requests-per-second",
+        None,
+        DEFAULT_REQUESTS_PER_SECOND,
+        "Requests (a peer counts LIST and PIECES) one address may make per "
+        f"second, on average; bursts of {BURST_SECONDS:g} s worth (0: no limit).",
+        float,
+    ],
+    [
+        "network-requests-per-second",
+        None,
+        DEFAULT_NETWORK_REQUESTS_PER_SECOND,
+        "The same for one network (IPv4 /24, IPv6 /48); a relay does not "
+        "count renewals of existing leases here (0: no limit).",
+        float,
+    ],
+]
+REQUEST_LIMIT_OPTIONS = ["requests-per-second", "network-requests-per-second"]
 DEFAULT_MAX_LEASES_PER_HOST = 64
 DEFAULT_MAX_LEASES_PER_NETWORK = 256
 # Descriptors kept beyond the connection limit: listeners, logs, dial-backs.
@@ -143,22 +164,7 @@ class Options(usage.Options):
             int,
         ],
         *CONNECTION_OPTIONS,
-        [
-            "requests-per-second",
-            None,
-            DEFAULT_REQUESTS_PER_SECOND,
-            "Requests one address may make per second, on average; bursts "
-            f"of {BURST_SECONDS:g} s worth (0: no limit).",
-            float,
-        ],
-        [
-            "network-requests-per-second",
-            None,
-            DEFAULT_NETWORK_REQUESTS_PER_SECOND,
-            "The same for one network (IPv4 /24, IPv6 /48); renewals of "
-            "existing leases are not counted here (0: no limit).",
-            float,
-        ],
+        *REQUEST_OPTIONS,
         [
             "dial-back-timeout",
             None,
@@ -244,8 +250,7 @@ class Options(usage.Options):
                 "max-peers",
                 "max-per-host",
                 "max-per-network",
-                "requests-per-second",
-                "network-requests-per-second",
+                *REQUEST_LIMIT_OPTIONS,
                 *CONNECTION_LIMIT_OPTIONS,
             ],
         )

@@ -9,17 +9,24 @@ helpers of L{tests.test_relay}).
 
 from __future__ import annotations
 
+import shutil
+import tempfile
+
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import hints, wire
 from p2p.limits import ConnectionPolicy
+from p2p.peer import PeerFactory
 from p2p.ratelimit import GuessBrake, RequestBudget
 from p2p.registry import MemoryRegistry
 from p2p.relay import Relay, RelayFactory
+from p2p.share import ShareFolder
 from p2p.wire import Code
 
+from ._indexed import indexed
 from .test_relay import Connection
 
 TTL = 60
@@ -245,3 +252,36 @@ class RetryAfterTests(SynchronousTestCase):
         self.assertEqual(wire.retry_after(error.message), 0.3)
         self.assertIsNone(wire.retry_after("table full"))
         self.assertIsNone(wire.retry_after("x; retry-after=soon"))
+
+
+class PeerBudgetTests(SynchronousTestCase):
+    """A peer charges LIST and PIECES to the same kind of budget; transfers
+    are not charged."""
+
+    def test_list_flood_gets_429(self) -> None:
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        with open(f"{root}/a.txt", "wb") as stream:
+            stream.write(b"hello\n")
+        clock = Clock()
+        share = ShareFolder(root)
+        factory = PeerFactory(
+            share,
+            indexed(self, share, Clock()),
+            clock,
+            30,
+            policy=ConnectionPolicy(clock, None),
+            budget=RequestBudget(clock, 2, 2, 100, 100),
+        )
+        protocol = factory.buildProtocol(source("127.1.0.1"))
+        transport = StringTransport()
+        protocol.makeConnection(transport)
+        transport.clear()
+        protocol.dataReceived(b"LIST\nLIST\nLIST\n")
+        lines = transport.value().split(b"\n")
+        self.assertEqual(lines[0], b"OK 1")
+        self.assertEqual(lines[2], b"OK 1")
+        self.assertEqual(lines[4], b"ERR 429 too many requests; retry-after=0.5")
+        transport.clear()
+        protocol.dataReceived(b"GET a.txt\n")
+        self.assertTrue(transport.value().startswith(b"OK 6 "))

@@ -413,6 +413,8 @@ class PeerOptionsTests(SynchronousTestCase):
                 "name": None,
                 "idle-timeout": 30,
                 **CONNECTION_DEFAULTS,
+                "requests-per-second": 20.0,
+                "network-requests-per-second": 100.0,
                 "token": None,
                 "port-file": None,
                 "include-hidden": 0,
