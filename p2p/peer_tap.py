@@ -258,9 +258,13 @@ def makeService(config: Options, reactor=None) -> MultiService:
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     parent = MultiService()
-    IndexService(index, pool).setServiceParent(parent)
+    # The listener first: if it cannot listen, twistd exits before the
+    # index's threads start (they would keep the process alive).  No
+    # request can arrive before the reactor runs, by which time the index
+    # has started too.
     listener = ListeningService(listen, factory, "peer")
     listener.setServiceParent(parent)
+    IndexService(index, pool).setServiceParent(parent)
 
     def name_filter():
         # The first registration waits (briefly) for the first scan, so that

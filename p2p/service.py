@@ -7,6 +7,7 @@ import tempfile
 
 from twisted.application.service import Service
 from twisted.internet.defer import Deferred, FirstError, gatherResults
+from twisted.internet.error import CannotListenError
 from twisted.internet.interfaces import (
     IListeningPort,
     IProtocolFactory,
@@ -18,13 +19,31 @@ from twisted.python.failure import Failure
 from p2p import wire
 
 
+class ListenFailed(SystemExit):
+    """
+    A daemon cannot listen on an address it was given: twistd exits with
+    status 1 and this one line on stderr (a C{SystemExit} is how a service
+    may end twistd at startup without a traceback).
+    """
+
+    def __init__(self, role: str, error: CannotListenError) -> None:
+        reason = error.socketError
+        detail = getattr(reason, "strerror", None) or str(reason)
+        interface = error.interface or "*"
+        address = wire.format_address(interface, error.port)
+        super().__init__(f"twistd {role}: cannot listen on {address}: {detail}")
+        self.role = role
+        self.error = error
+
+
 class ListeningService(Service):
     """
     Listen on an endpoint while running, and tell who wants to know the port.
 
     Like C{strports.service} it fails fast: when the endpoint cannot listen
-    synchronously (a TCP port in use, say) C{startService} raises, so twistd
-    exits instead of running with nothing listening.  Unlike it, it hands out
+    synchronously (a TCP port in use, say) C{startService} raises
+    L{ListenFailed}, so twistd exits with one line on stderr instead of
+    running with nothing listening.  Unlike it, it hands out
     the bound L{IListeningPort} (``tcp:0`` binds an ephemeral port the peer
     must announce) without reading private attributes.
     """
@@ -47,6 +66,11 @@ class ListeningService(Service):
         d.addBoth(outcome.append)
         if outcome and isinstance(outcome[0], Failure):
             self.running = False
+            error = outcome[0].value
+            if isinstance(error, CannotListenError):
+                # One line, not twistd's 40-line traceback: the address
+                # and the reason are all there is to say.
+                raise ListenFailed(self.role, error)
             outcome[0].raiseException()
         if outcome:
             self._listening(outcome[0])

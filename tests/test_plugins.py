@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import ast
 import os
+import socket
+import subprocess
+import sys
+import tempfile
 
 from twisted.application.service import IServiceMaker
 from twisted.plugin import IPlugin, getPlugins
@@ -91,3 +95,52 @@ class PluginModuleTests(SynchronousTestCase):
             self.skipTest("p2p is installed, not run from a checkout")
         self.assertFalse(os.path.exists(os.path.join(root, "twisted", "__init__.py")))
         self.assertFalse(os.path.exists(os.path.join(plugins, "__init__.py")))
+
+
+class PortInUseTests(SynchronousTestCase):
+    """``twistd relay`` or ``twistd peer`` on a port in use: exit status 1
+    and one line saying so, no traceback (a real twistd process)."""
+
+    def run_twistd(self, *args: str) -> subprocess.CompletedProcess:
+        busy = socket.socket()
+        self.addCleanup(busy.close)
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        twistd = os.path.join(os.path.dirname(sys.executable), "twistd")
+        return subprocess.run(
+            [
+                twistd,
+                "-n",
+                "--pidfile=",
+                *args,
+                "--listen",
+                f"tcp:{port}:interface=127.0.0.1",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            cwd=tempfile.mkdtemp(),
+            env={
+                **os.environ,
+                "P2P_RELAY": "127.0.0.1:9",
+                "XDG_STATE_HOME": tempfile.mkdtemp(),
+            },
+        ), port
+
+    def assertOneLine(self, result, port: int, role: str) -> None:
+        output = result.stdout + result.stderr
+        self.assertEqual(result.returncode, 1, output)
+        self.assertIn(
+            f"twistd {role}: cannot listen on 127.0.0.1:{port}: Address already in use",
+            output,
+        )
+        self.assertNotIn("Traceback", output)
+
+    def test_relay(self) -> None:
+        result, port = self.run_twistd("relay")
+        self.assertOneLine(result, port, "relay")
+
+    def test_peer(self) -> None:
+        result, port = self.run_twistd("peer")
+        self.assertOneLine(result, port, "peer")

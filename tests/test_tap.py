@@ -26,7 +26,7 @@ from p2p.endpoints import DEFAULT_RELAY
 from p2p.hints import build_filter
 from p2p.peer import PeerFactory
 from p2p.relay import RelayFactory
-from p2p.service import ListeningService, PortFileService
+from p2p.service import ListenFailed, ListeningService, PortFileService
 from p2p.throttle import TokenBucket
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
@@ -382,7 +382,9 @@ class RelayServiceTests(SynchronousTestCase):
                 raise CannotListenError(interface, port, OSError("in use"))
 
         service = relay_tap.makeService(parse_relay("8000"), Busy())
-        self.assertRaises(CannotListenError, service.startService)
+        error = self.assertRaises(ListenFailed, service.startService)
+        self.assertIsInstance(error, SystemExit)
+        self.assertEqual(str(error), "twistd relay: cannot listen on *:8000: in use")
         self.assertFalse(children(service, ListeningService)[0].running)
 
 
@@ -608,8 +610,12 @@ class PeerServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(service, Announcer)), 1)
         self.assertEqual(children(service, PortFileService), [])
         self.assertEqual(len(list(service)), 3)
-        # The index starts first: the listener and the announcer use it.
-        self.assertIsInstance(list(service)[0], peer_tap.IndexService)
+        # The listener starts first (a port in use stops twistd before the
+        # index's threads exist), then the index, before the announcer.
+        self.assertEqual(
+            [type(child) for child in service][:2],
+            [ListeningService, peer_tap.IndexService],
+        )
         self.assertEqual(
             len(children(self.make("--port-file", "p"), PortFileService)), 1
         )
