@@ -30,6 +30,7 @@ from p2p.relay_tap import (
     CONNECTION_OPTIONS,
     REQUEST_LIMIT_OPTIONS,
     REQUEST_OPTIONS,
+    DaemonOptions,
     check_connection_options,
     check_limits,
     connection_limits,
@@ -71,7 +72,8 @@ def _inside(path: str, folder: str) -> bool:
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
 
 
-class Options(usage.Options):
+class Options(DaemonOptions):
+    tapname = "peer"
     synopsis = "[options] [RELAY_HOST RELAY_PORT]"
     longdesc = (
         "Run a peer: serve the files of --share to clients and keep a lease at "

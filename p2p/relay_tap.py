@@ -131,7 +131,34 @@ DEFAULT_MAX_LEASES_PER_NETWORK = 256
 SPARE_DESCRIPTORS = 256
 
 
-class Options(usage.Options):
+class DaemonOptions(usage.Options):
+    """
+    A daemon's options that, when they are wrong, let twistd print a short
+    usage hint before the error instead of every option (twistd prints the
+    failed subcommand's whole usage, then the one line that matters).
+    """
+
+    _failed = False
+
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        try:
+            super().parseOptions(options)
+        except usage.UsageError:
+            self._failed = True
+            raise
+
+    def getUsage(self, width: int | None = None) -> str:
+        if self._failed:
+            command = getattr(self, "subCommand", None) or self.tapname
+            return (
+                f"Usage: twistd [options] {command} {self.synopsis}\n"
+                f"Run 'twistd {command} --help' for every option."
+            )
+        return super().getUsage(width)
+
+
+class Options(DaemonOptions):
+    tapname = "relay"
     synopsis = "[options] [PORT]"
     longdesc = (
         "Run a relay: peers register (a lease of --ttl seconds, renewed "

@@ -807,3 +807,26 @@ class DescriptorLimitTests(SynchronousTestCase):
     def test_enough_already(self) -> None:
         self.limits = [20_000, 20_000]
         self.assertEqual(relay_tap.fit_descriptors(10_000), 10_000)
+
+
+class UsageErrorTests(SynchronousTestCase):
+    """A wrong option: twistd prints our usage, which is then a two-line
+    hint, not every option, before the error itself."""
+
+    def test_relay(self) -> None:
+        config = relay_tap.Options()
+        self.assertRaises(usage.UsageError, config.parseOptions, ["--ttl", "0"])
+        self.assertEqual(
+            config.getUsage(),
+            "Usage: twistd [options] relay [options] [PORT]\n"
+            "Run 'twistd relay --help' for every option.",
+        )
+
+    def test_peer(self) -> None:
+        config = peer_tap.Options()
+        self.assertRaises(usage.UsageError, config.parseOptions, ["--bogus"])
+        self.assertIn("Run 'twistd peer --help' for every option.", config.getUsage())
+
+    def test_help_is_complete(self) -> None:
+        """Without an error, the usage lists every option."""
+        self.assertIn("--max-connections-per-network", str(relay_tap.Options()))
