@@ -185,11 +185,36 @@ def unknown_command(verb: str) -> WireError:
 
 
 def split_verb(text: str) -> tuple[str, str]:
-    """Split a request into its upper-cased verb and the rest of the line."""
+    """
+    Split a request into its upper-cased verb (commands are case-insensitive)
+    and the rest of the line.  A line that starts with a space or a tab, or
+    a tab after the verb, is refused with a message saying so: words are
+    separated by single spaces.
+    """
     verb, _, rest = text.partition(" ")
     if not verb:
-        raise WireError(Code.BAD_REQUEST, "empty request")
+        raise WireError(Code.BAD_REQUEST, "request starts with a space")
+    if "\t" in verb:
+        where = (
+            "starts with a tab" if verb[0] == "\t" else "has a tab after the command"
+        )
+        raise WireError(
+            Code.BAD_REQUEST, f"request {where}: separate words with single spaces"
+        )
     return verb.upper(), rest
+
+
+def split_arguments(rest: str) -> list[str]:
+    """The space-separated words after a verb (trailing spaces ignored);
+    400 for a double space or a tab between them (what the protocol does
+    not allow)."""
+    rest = rest.rstrip(" ")
+    if not rest:
+        return []
+    args = rest.split(" ")
+    if "" in args or "\t" in rest:
+        raise WireError(Code.BAD_REQUEST, "separate words with single spaces (no tabs)")
+    return args
 
 
 def parse_int(text: str, what: str, low: int = 0, high: int = 2**63 - 1) -> int:
@@ -437,7 +462,7 @@ _PEERS_OPTIONS = frozenset({"token", "limit", "cursor", "hint"})
 def parse_relay_request(line: bytes) -> RelayRequest:
     """Parse one line sent to a relay."""
     verb, rest = split_verb(decode_line(line))
-    args = rest.split()
+    args = split_arguments(rest)
     if verb == "REGISTER":
         if not args:
             raise WireError(Code.BAD_REQUEST, "usage: REGISTER <port> [name=<name>]")
@@ -725,7 +750,7 @@ def parse_peer_request(line: bytes) -> PeerRequest:
             raise WireError(Code.BAD_REQUEST, "usage: PIECES <root>")
         return Pieces(parse_root_text(rest))
     if verb == "LIST":
-        options = parse_options(rest.split(), _LIST_OPTIONS)
+        options = parse_options(split_arguments(rest), _LIST_OPTIONS)
         limit = options.get("limit")
         cursor = options.get("cursor")
         if cursor is not None:

@@ -1091,3 +1091,41 @@ class RootTests(SynchronousTestCase):
         self.assertTrue(wire.is_root("ab" * 32))
         for bad in ("AB" * 32, "ab" * 31, "zz" * 32, "ab" * 32 + " ", ""):
             self.assertFalse(wire.is_root(bad), bad)
+
+
+class SeparatorTests(SynchronousTestCase):
+    """Words are separated by single spaces; the errors say what is wrong
+    (issue 10: a leading space read as "empty request", a tab made the whole
+    line an unknown command echoed upper-cased)."""
+
+    def assertRefused(self, line: bytes, message: str) -> None:
+        for parse in (wire.parse_relay_request, wire.parse_peer_request):
+            error = self.assertRaises(wire.WireError, parse, line)
+            self.assertEqual(
+                (error.code, error.message), (wire.Code.BAD_REQUEST, message)
+            )
+
+    def test_leading_space(self) -> None:
+        self.assertRefused(b" PEERS", "request starts with a space")
+
+    def test_tabs(self) -> None:
+        self.assertRefused(
+            b"PEERS\tlimit=2",
+            "request has a tab after the command: separate words with single spaces",
+        )
+        self.assertRefused(
+            b"\tPEERS", "request starts with a tab: separate words with single spaces"
+        )
+
+    def test_double_space_between_arguments(self) -> None:
+        error = self.assertRaises(
+            wire.WireError, wire.parse_relay_request, b"PEERS limit=2  cursor=1"
+        )
+        self.assertEqual(error.message, "separate words with single spaces (no tabs)")
+
+    def test_trailing_spaces_and_case(self) -> None:
+        """Trailing spaces are ignored, and commands are case-insensitive."""
+        self.assertEqual(
+            wire.parse_relay_request(b"peers limit=2 "), wire.Peers(limit=2)
+        )
+        self.assertEqual(wire.parse_peer_request(b"list "), wire.ListFiles())
