@@ -47,6 +47,7 @@ from p2p.sink import (
     write_all,
 )
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
+from p2p.text import shown
 from p2p.units import format_bytes, parse_bytes
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
@@ -277,7 +278,10 @@ class Console:
             self.error(text)
 
     def error(self, text: str) -> None:
-        self.stderr.write(f"p2p: {text}\n")
+        # Names are escaped where they are quoted (L{shown}); this catches
+        # any other text a peer or the relay chose (an ERR message, say)
+        # before it reaches the terminal.
+        self.stderr.write(f"p2p: {shown(text, backslash=False)}\n")
         self.stderr.flush()
 
     def prompt(self) -> None:
@@ -410,7 +414,7 @@ class Client:
         for entry in entries:
             line = f"{entry.address} {entry.peer_id}"
             if entry.name:
-                line += f" {entry.name}"
+                line += f" {shown(entry.name)}"
             lines.append(line.encode() + b"\n")
         return EXIT_OK if self.console.write(b"".join(lines)) else EXIT_OUTPUT
 
@@ -438,14 +442,16 @@ class Client:
                 continue
             rows.extend((f.name, f.size, f.root, entry.address) for f in files)
         rows.sort()
+        # Sorted by the names themselves; shown escaped (see p2p.text).
         if long:
             text = "".join(
-                f"{size:>12} {root} {address:<22} {name}\n"
+                f"{size:>12} {root} {address:<22} {shown(name)}\n"
                 for name, size, root, address in rows
             )
         else:
             text = "".join(
-                f"{size:>12} {address:<22} {name}\n" for name, size, _, address in rows
+                f"{size:>12} {address:<22} {shown(name)}\n"
+                for name, size, _, address in rows
             )
         return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
 
@@ -480,8 +486,10 @@ class Client:
         try:
             wire.Get(name).to_line()
         except ValueError:
-            self.console.error(f"{name[:60]!r}: not a valid file name")
+            self.console.error(f"{shown(name[:60])}: not a valid file name")
             return EXIT_NOT_FOUND
+        # The name as shown to a person (p2p.text); the fetch uses it as is.
+        label = shown(name)
         by_root = wire.is_root(name)
         target = _target_path(name, output)
         folder = os.path.dirname(os.path.abspath(target)) if target else None
@@ -490,7 +498,9 @@ class Client:
         if folder is not None and not (
             os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
         ):
-            self.console.error(f"{name}: cannot write {target}: no writable folder")
+            self.console.error(
+                f"{label}: cannot write {shown(target)}: no writable folder"
+            )
             return EXIT_OUTPUT
         try:
             peers = yield self.peers()
@@ -498,7 +508,7 @@ class Client:
             return self.relay_failed(Failure())
         if not peers:
             self.console.say(f"relay {self.relay_text}: 0 active peer(s)")
-            self.console.error(f"{name}: no active peers")
+            self.console.error(f"{label}: no active peers")
             return EXIT_NOT_FOUND
         if by_root:
             # The relay's hints are by name: every peer may hold a content.
@@ -508,7 +518,7 @@ class Client:
             suggested = yield self.suggested(name)
             self.console.say(
                 f"relay {self.relay_text}: {len(peers)} active peer(s), "
-                f"{len(suggested)} suggested for {name}"
+                f"{len(suggested)} suggested for {label}"
             )
         peers = hinted_order(suggested, peers)
         output_to: Output
@@ -519,7 +529,9 @@ class Client:
             try:
                 output_to.lock()
             except OSError as e:
-                self.console.error(f"{name}: cannot write {target}: {e.strerror}")
+                self.console.error(
+                    f"{label}: cannot write {shown(target)}: {e.strerror}"
+                )
                 return EXIT_OUTPUT
         if IReactorThreads.providedBy(self.reactor):
             worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
@@ -532,18 +544,18 @@ class Client:
             expected_root=name if by_root else expect,
             max_size=self.max_size,
         )
-        self.current = (name, sink)
+        self.current = (label, sink)
         fetcher = Fetcher(
             self.reactor,
             self.options["connect-timeout"],
             self.options["idle-timeout"],
             endpoint_for=self.endpoint_for,
-            report=lambda attempt: self._report(name, attempt),
+            report=lambda attempt: self._report(label, attempt),
             stagger=self.options["stagger"],
-            on_indexing=lambda peer, progress: self._indexing(name, peer, progress),
-            on_header=lambda attempt: self._found(name, attempt),
+            on_indexing=lambda peer, progress: self._indexing(label, peer, progress),
+            on_header=lambda attempt: self._found(label, attempt),
             max_sources=self.max_sources,
-            on_source_dropped=lambda report: self._dropped(name, report),
+            on_source_dropped=lambda report: self._dropped(label, report),
         )
         started = time.monotonic()
         try:
@@ -559,14 +571,15 @@ class Client:
                 self.current = None
         except NotFoundAnywhere as e:
             kept = yield sink.abandon(keep=True)
-            self.console.error(f"{name}: not found on any of {e.peers} active peer(s)")
-            self._kept(name, sink, kept)
+            self.console.error(f"{label}: not found on any of {e.peers} active peer(s)")
+            self._kept(label, sink, kept)
             return EXIT_NOT_FOUND
         except (OutputFailed, OSError) as e:
             yield sink.abandon(keep=False)
             error = e.error if isinstance(e, OutputFailed) else e
             self.console.error(
-                f"{name}: cannot write {output_to.label}: {error.strerror or error}"
+                f"{label}: cannot write {shown(output_to.label)}: "
+                f"{error.strerror or error}"
             )
             return EXIT_OUTPUT
         except BaseException:
@@ -588,23 +601,23 @@ class Client:
         else:
             origin = result.peer.address
         self.console.say(
-            f"{name}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
+            f"{label}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
             f"from {origin} (root {content.root_hex[:12]}..., "
-            f"every piece verified) -> {output_to.label}"
+            f"every piece verified) -> {shown(output_to.label)}"
         )
         return EXIT_OK
 
-    def _dropped(self, name: str, report: SourceReport) -> None:
+    def _dropped(self, label: str, report: SourceReport) -> None:
         self.console.say(
-            f"{name}: stopped using {report.peer.address}: {report.reason}"
+            f"{label}: stopped using {report.peer.address}: {report.reason}"
         )
 
     def _indexing(
-        self, name: str, peer: wire.PeerEntry, progress: wire.Indexing
+        self, label: str, peer: wire.PeerEntry, progress: wire.Indexing
     ) -> None:
         share = progress.done / progress.total if progress.total else 1.0
         self.console.say(
-            f"{name}: {peer.address} is indexing it ({share:.0%} of "
+            f"{label}: {peer.address} is indexing it ({share:.0%} of "
             f"{progress.total} bytes); waiting"
         )
 
@@ -617,43 +630,43 @@ class Client:
         """
         if self.current is None:
             return
-        name, sink = self.current
+        label, sink = self.current
         self.current = None
         output = sink.output
         # What the stopping transfers report after this line is noise.
         self.console.quiet = True
         if isinstance(output, FileOutput) and sink.content is not None:
-            self._kept(name, sink, output.partial)
+            self._kept(label, sink, output.partial)
         elif isinstance(output, StreamOutput):
             self.console.error(
-                f"{name}: interrupted after {output.written} verified bytes to stdout"
+                f"{label}: interrupted after {output.written} verified bytes to stdout"
             )
         else:
             if isinstance(output, FileOutput):
                 # Nothing of this run to resume: no leftovers (an earlier
                 # run's partial file, if any, stays for the next run).
                 output.abandon(keep=False)
-            self.console.error(f"{name}: interrupted; nothing was kept")
+            self.console.error(f"{label}: interrupted; nothing was kept")
 
-    def _kept(self, name: str, sink: PieceSink, kept: str | None) -> None:
+    def _kept(self, label: str, sink: PieceSink, kept: str | None) -> None:
         if kept is not None and sink.content is not None:
             self.console.error(
-                f"{name}: kept {sink.received} of {sink.content.size} verified "
-                f"bytes in {kept}; run the same command again to resume"
+                f"{label}: kept {sink.received} of {sink.content.size} verified "
+                f"bytes in {shown(kept)}; run the same command again to resume"
             )
 
-    def _found(self, name: str, attempt: Attempt) -> None:
+    def _found(self, label: str, attempt: Attempt) -> None:
         """A peer's header arrived: say where from and how long it took."""
         self.console.say(
-            f"{name}: found at {_where(attempt)} "
+            f"{label}: found at {_where(attempt)} "
             f"({attempt.seconds * 1000:.0f} ms to the first byte)"
         )
 
-    def _report(self, name: str, attempt: Attempt) -> None:
+    def _report(self, label: str, attempt: Attempt) -> None:
         if not attempt.ok:
             ms = attempt.seconds * 1000
             self.console.say(
-                f"{name}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
+                f"{label}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
             )
 
 

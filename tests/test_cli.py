@@ -310,6 +310,27 @@ class GetTests(CommandTestCase):
         self.assertFalse(os.path.exists("x"))
         self.assert_no_timers()
 
+    def test_names_and_peer_messages_are_escaped(self) -> None:
+        """
+        Every line on stderr shows a name with visible escapes, and text a
+        peer chose (its ERR message) cannot reorder or hide what follows.
+        """
+        name = "invoice\u202efdp.exe"
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", name)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol.dataReceived("ERR 404 gone\u2066\u200b\n".encode())
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        errors = self.console.stderr.getvalue()
+        self.assertTrue(errors.isascii(), errors)
+        self.assertIn(
+            "invoice\\u202efdp.exe: skipped 127.0.0.1:4001: refused: "
+            "ERR 404 gone\\u2066\\u200b",
+            errors,
+        )
+        self.assertIn("invoice\\u202efdp.exe: not found on any of 1", errors)
+
     def test_output_not_writable(self) -> None:
         folder = self.mktemp()
         os.mkdir(folder)
@@ -506,6 +527,34 @@ class LsTests(CommandTestCase):
                 f"{10:>12} {self.ROOT_B} {'127.0.0.1:4001':<22} b.txt",
             ],
         )
+
+    def test_names_are_escaped(self) -> None:
+        """
+        A name with a bidirectional override or a zero-width space is
+        printed with visible escapes (a backslash doubled), by ls and ls
+        --long alike; sorting uses the names themselves.
+        """
+        names = ["invoice\u202efdp.exe", "pay\u200bpal", "back\\slash\tx"]
+        for argv, root in ((["ls"], ""), (["ls", "--long"], f"{self.ROOT_A} ")):
+            self.reactor = MemoryReactorClock()
+            self.console = FakeConsole()
+            d = self.run_cli("--relay", "127.0.0.1:9", *argv)
+            self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+            protocol, _ = self.connect(1, b"P2P/2 peer")
+            entries = [wire.FileEntry(1, self.ROOT_A, name) for name in names]
+            protocol.dataReceived(
+                b"OK 3\n" + b"".join(entry.to_line() + b"\n" for entry in entries)
+            )
+            self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+            address = f"{'127.0.0.1:4001':<22}"
+            self.assertEqual(
+                self.console.out.decode().splitlines(),
+                [
+                    f"{1:>12} {root}{address} back\\\\slash\\u0009x",
+                    f"{1:>12} {root}{address} invoice\\u202efdp.exe",
+                    f"{1:>12} {root}{address} pay\\u200bpal",
+                ],
+            )
 
     def test_older_peer_is_reported_and_skipped(self) -> None:
         """A P2P/1 peer cannot be listed: one line says why, the others
