@@ -36,6 +36,13 @@ from p2p.client import (
 )
 from p2p.endpoints import client_endpoint, relay_from_environment
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
+from p2p.pace import (
+    DEFAULT_HEADER_TIMEOUT_SECONDS,
+    DEFAULT_MIN_RATE,
+    DEFAULT_MIN_RATE_SECONDS,
+    DEFAULT_PACE,
+    Pace,
+)
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import (
     FileOutput,
@@ -110,6 +117,30 @@ class GetOptions(usage.Options):
             "1024).  With -o, a file that would not fit on the target's file "
             "system is always refused.",
         ],
+        [
+            "min-rate",
+            None,
+            f"{DEFAULT_MIN_RATE // 1024}K",
+            "Skip a peer whose transfer averages less than RATE bytes a second "
+            "over --min-rate-time seconds (K, M, G as for --max-size; 0: any "
+            "rate).",
+        ],
+        [
+            "min-rate-time",
+            None,
+            DEFAULT_MIN_RATE_SECONDS,
+            "Seconds over which --min-rate is measured.",
+            float,
+        ],
+        [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT_SECONDS,
+            "Skip a peer whose reply header and piece list take longer than "
+            "this many seconds, however its bytes trickle (time it shows "
+            "indexing progress does not count; 0: no limit).",
+            float,
+        ],
     ]
     optFlags = [
         ["fsync", None, "With -o: flush each file to the disk before renaming it."]
@@ -126,6 +157,17 @@ class GetOptions(usage.Options):
                 self["max-size"] = parse_bytes(self["max-size"])
             except ValueError as e:
                 raise usage.UsageError(f"--max-size: {e}") from None
+        try:
+            self["min-rate"] = parse_bytes(self["min-rate"])
+        except ValueError as e:
+            raise usage.UsageError(f"--min-rate: {e}") from None
+        if self["min-rate-time"] <= 0:
+            raise usage.UsageError("--min-rate-time must be positive")
+        if self["header-timeout"] < 0:
+            raise usage.UsageError("--header-timeout must not be negative")
+        self["pace"] = Pace(
+            self["min-rate"], self["min-rate-time"], self["header-timeout"] or None
+        )
         expect = self["expect"]
         if expect is not None:
             if not wire.is_root(expect):
@@ -353,6 +395,8 @@ class Client:
         self.max_size: int | None = None
         # get --sources: most holders of one file used at once.
         self.max_sources = DEFAULT_MAX_SOURCES
+        # get --min-rate, --min-rate-time, --header-timeout.
+        self.pace = DEFAULT_PACE
         # The name being fetched and its sink (for an interruption).
         self.current: tuple[str, PieceSink] | None = None
         self.relay = client_endpoint(reactor, self.relay_text)
@@ -556,6 +600,7 @@ class Client:
             on_header=lambda attempt: self._found(label, attempt),
             max_sources=self.max_sources,
             on_source_dropped=lambda report: self._dropped(label, report),
+            pace=self.pace,
         )
         started = time.monotonic()
         try:
@@ -765,6 +810,7 @@ def run(
         client.durable = sub["fsync"]
         client.max_size = sub["max-size"]
         client.max_sources = sub["sources"]
+        client.pace = sub["pace"]
         return (yield client.get(sub["names"], sub["output"], sub["expect"]))
     if command == "peers":
         return (yield client.print_peers())

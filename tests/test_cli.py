@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import cli, pieces, wire
+from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
 from ._support import set_relay_environment
@@ -167,6 +168,9 @@ class UsageTests(CommandTestCase):
             ["demo", "--peers", "x"],
             ["demo", "--files", missing],
             ["get", "-o", missing, "a", "b"],
+            ["get", "--min-rate", "fast", "a"],
+            ["get", "--min-rate-time", "0", "a"],
+            ["get", "--header-timeout", "-1", "a"],
         ):
             self.console = FakeConsole()
             code = self.successResultOf(self.run_cli(*argv))
@@ -360,6 +364,66 @@ class GetTests(CommandTestCase):
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)
         self.assert_no_timers()
+
+
+class PaceOptionTests(CommandTestCase):
+    """--min-rate, --min-rate-time and --header-timeout reach every peer."""
+
+    CONTENT = os.urandom(300_000)
+
+    def start_get(self, *argv: str):
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", *argv, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)  # no suggestion
+        return d
+
+    def test_defaults(self) -> None:
+        options = cli.parse(["get", "a"])
+        self.assertEqual(options.subOptions["pace"], Pace(4096, 10.0, 30.0))
+        options = cli.parse(["get", "--min-rate", "0", "--header-timeout", "0", "a"])
+        self.assertEqual(options.subOptions["pace"], Pace(0, 10.0, None))
+
+    def test_slow_peer_skipped(self) -> None:
+        """
+        With --min-rate 64K --min-rate-time 2, a peer sending 10 KiB a
+        second is skipped after two seconds of it, and the next one serves
+        the whole file (to stdout: nothing had been written yet).
+        """
+        d = self.start_get("--min-rate", "64K", "--min-rate-time", "2")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        reply = peer_reply(self.CONTENT)
+        start = len(reply) - len(self.CONTENT)
+        protocol.dataReceived(reply[:start])
+        for _ in range(3):
+            protocol.dataReceived(reply[start : start + 10240])
+            start += 10240
+            for _ in range(10):
+                self.reactor.advance(0.1)
+        self.assertIn(
+            "skipped 127.0.0.1:4001: too slow: 20.0 KiB in 2 s, less than "
+            "--min-rate 64.0 KiB/s",
+            self.console.stderr.getvalue(),
+        )
+        serve(self.reactor, 3, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        self.assert_no_timers()
+
+    def test_header_timeout(self) -> None:
+        """--header-timeout 3: a peer that greets and never answers the
+        request, though it keeps sending INDEXING lines without progress,
+        is skipped after 3 s."""
+        d = self.start_get("--header-timeout", "3")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        for _ in range(3):
+            protocol.dataReceived(wire.Indexing(0, 100).to_line() + b"\n")
+            self.reactor.advance(1)
+        self.assertIn(
+            "skipped 127.0.0.1:4001: timed out: no header within 3s",
+            self.console.stderr.getvalue(),
+        )
+        serve(self.reactor, 3, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
 
 class PieceTests(CommandTestCase):
