@@ -48,9 +48,12 @@ from p2p.sink import (
     FileOutput,
     InlineWorker,
     Output,
+    OutputRefused,
     PieceSink,
     SerialWorker,
     StreamOutput,
+    ThroughOutput,
+    output_for,
     write_all,
 )
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
@@ -536,16 +539,25 @@ class Client:
         label = shown(name)
         by_root = wire.is_root(name)
         target = _target_path(name, output)
-        folder = os.path.dirname(os.path.abspath(target)) if target else None
-        # The partial file is created next to the target (for an atomic
-        # rename); find out now, not mid-transfer, that it cannot be.
-        if folder is not None and not (
-            os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
-        ):
-            self.console.error(
-                f"{label}: cannot write {shown(target)}: no writable folder"
-            )
-            return EXIT_OUTPUT
+        output_to: Output
+        if target is None:
+            output_to = StreamOutput(self.console.stdout)
+        else:
+            try:
+                output_to = output_for(target)
+            except OutputRefused as e:
+                self.console.error(f"{label}: cannot write {shown(target)}: {e}")
+                return EXIT_OUTPUT
+            folder = os.path.dirname(os.path.abspath(target))
+            # The partial file is created next to the target (for an atomic
+            # rename); find out now, not mid-transfer, that it cannot be.
+            if isinstance(output_to, FileOutput) and not (
+                os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+            ):
+                self.console.error(
+                    f"{label}: cannot write {shown(target)}: no writable folder"
+                )
+                return EXIT_OUTPUT
         try:
             peers = yield self.peers()
         except RELAY_FAILURES:
@@ -565,16 +577,12 @@ class Client:
                 f"{len(suggested)} suggested for {label}"
             )
         peers = hinted_order(suggested, peers)
-        output_to: Output
-        if target is None:
-            output_to = StreamOutput(self.console.stdout)
-        else:
-            output_to = FileOutput(target)
+        if target is not None:
             try:
-                output_to.lock()
+                yield self._open(label, output_to)
             except OSError as e:
                 self.console.error(
-                    f"{label}: cannot write {shown(target)}: {e.strerror}"
+                    f"{label}: cannot write {shown(target)}: {e.strerror or e}"
                 )
                 return EXIT_OUTPUT
         if IReactorThreads.providedBy(self.reactor):
@@ -652,6 +660,22 @@ class Client:
         )
         return EXIT_OK
 
+    @inlineCallbacks
+    def _open(self, label: str, output: Output):
+        """
+        Lock a file output's partial file, or open (and lock) a target
+        written through.  A FIFO nobody reads yet is waited for, off the
+        reactor thread, before any peer is asked.
+        """
+        if isinstance(output, FileOutput):
+            output.lock()
+        elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
+            self.console.say(f"{label}: waiting for a reader of {shown(output.label)}")
+            if IReactorThreads.providedBy(self.reactor):
+                yield in_daemon_thread(self.reactor, output.open)
+            else:
+                output.open()
+
     def _dropped(self, label: str, report: SourceReport) -> None:
         self.console.say(
             f"{label}: stopped using {report.peer.address}: {report.reason}"
@@ -684,7 +708,8 @@ class Client:
             self._kept(label, sink, output.partial)
         elif isinstance(output, StreamOutput):
             self.console.error(
-                f"{label}: interrupted after {output.written} verified bytes to stdout"
+                f"{label}: interrupted after {output.written} verified bytes to "
+                f"{shown(output.label)}"
             )
         else:
             if isinstance(output, FileOutput):

@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import sys
 
 from twisted.internet.address import IPv4Address
@@ -21,6 +22,7 @@ from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
 from ._support import set_relay_environment
+from .test_sink import _Reader
 
 # What a real refused connect() reports: an errno and its name.
 REFUSED = (errno.ECONNREFUSED, "ECONNREFUSED")
@@ -343,6 +345,41 @@ class GetTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
         self.assert_one_error_line("cannot write")
         self.assertEqual(self.reactor.tcpClients, [], "checked before any request")
+
+    def test_output_through_a_fifo(self) -> None:
+        """-o onto a FIFO writes the content through it; the FIFO stays a
+        FIFO and nothing else appears beside it."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        fifo = os.path.join(folder, "pipe")
+        os.mkfifo(fifo)
+        reader = _Reader(fifo)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", "-o", fifo, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(reader.result(), self.CONTENT)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assertEqual(os.listdir(folder), ["pipe"])
+        self.assertIn(f"every piece verified) -> {fifo}", self.console.err_lines[-1])
+        self.assert_no_timers()
+
+    def test_output_link_to_a_file_refused(self) -> None:
+        """-o onto a symbolic link to a regular file is refused before the
+        relay is asked; the file is untouched."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        with open(os.path.join(folder, "real"), "wb") as stream:
+            stream.write(b"precious")
+        link = os.path.join(folder, "link")
+        os.symlink("real", link)
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", link, "a.txt")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
+        self.assert_one_error_line("cannot write", "a symbolic link to a regular file")
+        self.assertEqual(self.reactor.tcpClients, [])
+        with open(os.path.join(folder, "real"), "rb") as stream:
+            self.assertEqual(stream.read(), b"precious")
 
     def test_peer_connect_timeout_skips_peer(self) -> None:
         """A peer that never accepts the connection is skipped after
