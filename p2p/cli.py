@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from p2p import __version__, wire
+from p2p.choice import Choice, ask_roots, choose
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -577,6 +578,24 @@ class Client:
                 f"{len(suggested)} suggested for {label}"
             )
         peers = hinted_order(suggested, peers)
+        # Likely holders, for several sources at once: the relay's
+        # suggestions by name; any peer for a content root.
+        candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
+        if by_root:
+            basis = "as you gave it"
+        elif expect is not None:
+            basis = "as --expect gave it"
+        else:
+            basis = "as its holder described it"
+        if not by_root and expect is None and len(suggested) >= 2:
+            choice = yield self._choose(label, name, suggested, output_to)
+            if choice is not None:
+                expect = choice.chosen.root
+                peers, candidates = _holders_first(choice, peers, suggested)
+                basis = (
+                    f"as {len(choice.chosen.holders)} of {choice.answered} "
+                    "holders described it"
+                )
         if target is not None:
             try:
                 yield self._open(label, output_to)
@@ -613,9 +632,6 @@ class Client:
         started = time.monotonic()
         try:
             try:
-                # Likely holders, for several sources at once: the relay's
-                # suggestions by name; any peer for a content root.
-                candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
                 result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
                 yield sink.finish()
             finally:
@@ -655,10 +671,56 @@ class Client:
             origin = result.peer.address
         self.console.say(
             f"{label}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
-            f"from {origin} (root {content.root_hex[:12]}..., "
+            f"from {origin} (root {content.root_hex[:12]}... {basis}, "
             f"every piece verified) -> {shown(output_to.label)}"
         )
         return EXIT_OK
+
+    @inlineCallbacks
+    def _choose(
+        self, label: str, name: str, suggested: list[wire.PeerEntry], output: Output
+    ):
+        """
+        Ask the first suggested holders (up to --sources, at least two)
+        which content they hold under C{name} (L{p2p.choice}); say so on
+        stderr, even with -q, when they disagree.  Fires with the
+        L{Choice}, or C{None} when no holder answered with a content the
+        client would take.
+        """
+        holders = suggested[: max(2, self.max_sources)]
+        offers = yield ask_roots(
+            name,
+            holders,
+            self.endpoint_for,
+            self.reactor,
+            self.options["connect-timeout"],
+        )
+        sizes = PieceSink(output, InlineWorker(), max_size=self.max_size)
+        choice = choose(offers, len(holders), lambda size: sizes.refusal(size) is None)
+        if choice is None or not choice.disagree:
+            return choice
+        self.console.error(
+            f"{label}: holders disagree on its content ({choice.answered} of "
+            f"{choice.asked} asked answered):"
+        )
+        for offered in choice.contents:
+            count = len(offered.holders)
+            self.console.error(
+                f"{label}:   root {offered.root} ({offered.size} bytes) from "
+                f"{count} holder{'s' if count > 1 else ''}: "
+                + ", ".join(peer.address for peer in offered.holders)
+            )
+        if choice.chosen is not choice.contents[0]:
+            why = "what more holders offer is too large"
+        elif choice.tied:
+            why = "as many holders offer another; the relay suggested it first"
+        else:
+            why = "the most holders offer it"
+        self.console.error(
+            f"{label}: taking root {choice.chosen.root[:12]}... ({why}); "
+            "--expect ROOT takes another"
+        )
+        return choice
 
     @inlineCallbacks
     def _open(self, label: str, output: Output):
@@ -762,6 +824,33 @@ def hinted_order(
             seen.add(key)
             ordered.append(entry)
     return ordered
+
+
+def _holders_first(
+    choice: Choice, peers: list[wire.PeerEntry], suggested: list[wire.PeerEntry]
+) -> tuple[list[wire.PeerEntry], list[wire.PeerEntry]]:
+    """
+    The order to try peers in, and the candidates for several sources,
+    once a content is chosen: its holders first; holders of other content
+    last (they will be skipped: asked only if everything else failed).
+    """
+    others = {
+        (peer.host, peer.port)
+        for offered in choice.contents
+        if offered is not choice.chosen
+        for peer in offered.holders
+    }
+
+    def differs(peer: wire.PeerEntry) -> bool:
+        return (peer.host, peer.port) in others
+
+    chosen = list(choice.chosen.holders)
+    ordered = hinted_order(
+        chosen,
+        [p for p in peers if not differs(p)] + [p for p in peers if differs(p)],
+    )
+    candidates = hinted_order(chosen, [p for p in suggested if not differs(p)])
+    return ordered, candidates
 
 
 def _target_path(name: str, output: str | None) -> str | None:

@@ -345,14 +345,14 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         assert isinstance(self.request, wire.Pieces)
         if listing.root != self.request.root:
             raise WireError(wire.Code.BAD_REQUEST, "the reply is for other content")
-        content = _described(listing.root, listing.size, listing.piece)
+        content = described(listing.root, listing.size, listing.piece)
         if listing.count != DIGEST_BYTES * content.pieces:
             raise WireError(wire.Code.BAD_REQUEST, "wrong length of piece digests")
         return content
 
     def _check_header(self, header: wire.FileHeader) -> Content:
         """The content a header describes, if it answers our request."""
-        content = _described(header.root, header.size, header.piece)
+        content = described(header.root, header.size, header.piece)
         request = self.request
         if isinstance(request, wire.Get):
             expected = (0, header.size)
@@ -590,7 +590,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             )
 
 
-def _described(root: str, size: int, piece_size: int) -> Content:
+def described(root: str, size: int, piece_size: int) -> Content:
     """
     The content a peer's reply describes, if a client can take it: a piece
     size it accepts (a power of two, 16 KiB-16 MiB) and a piece list it

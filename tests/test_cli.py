@@ -28,6 +28,7 @@ from .test_sink import _Reader
 REFUSED = (errno.ECONNREFUSED, "ECONNREFUSED")
 PEER_A = "aaaaaaaaaaaaaaaa"
 PEER_B = "bbbbbbbbbbbbbbbb"
+MIB = pieces.PIECE_SIZE
 
 
 class FakeConsole(cli.Console):
@@ -118,6 +119,16 @@ def serve(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
     return request
 
 
+def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
+    """Play a peer asked for a name's header only (RANGE 0 0); return the
+    request it got."""
+    protocol, transport = connect(reactor, index, b"P2P/2 peer")
+    request = transport.value()
+    header = wire.FileHeader(0, root_of(content), 0, len(content), pieces.PIECE_SIZE, 0)
+    protocol.dataReceived(header.to_line() + b"\n")
+    return request
+
+
 class CommandTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
@@ -170,6 +181,11 @@ class UsageTests(CommandTestCase):
             ["demo", "--peers", "x"],
             ["demo", "--files", missing],
             ["get", "-o", missing, "a", "b"],
+            ["get", "--expect", "abc", "a"],
+            ["get", "--expect", "A" * 64, "a"],
+            ["get", "--expect", "a" * 63 + "g", "a"],
+            ["get", "--expect", "a" * 64, "a", "b"],
+            ["get", "--expect", "a" * 64],
             ["get", "--min-rate", "fast", "a"],
             ["get", "--min-rate-time", "0", "a"],
             ["get", "--header-timeout", "-1", "a"],
@@ -461,6 +477,193 @@ class PaceOptionTests(CommandTestCase):
         )
         serve(self.reactor, 3, self.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+
+
+class ChoiceTests(CommandTestCase):
+    """
+    A fetch by name with several likely holders first asks them which
+    content they hold (L{p2p.choice}), takes the one most offer, and says
+    so when they disagree.
+    """
+
+    REAL = b"the report everybody wants\n" * 40
+    FAKE = b"MZ something else entirely\n"
+    HOLDERS = [
+        (PEER_A, "127.0.0.1", 4001),
+        (PEER_B, "127.0.0.1", 4002),
+        ("cccccccccccccccc", "127.0.0.1", 4003),
+    ]
+
+    def start(self, *argv: str, holders=HOLDERS):
+        d = self.run_cli("--relay", "127.0.0.1:9", *argv, "get", "r.pdf")
+        self.answer_peers(0, *holders)
+        self.answer_peers(1, *holders)  # all suggested
+        return d
+
+    def test_majority_taken_and_disagreement_reported(self) -> None:
+        """
+        A liar listed first offers other content under the name: the two
+        honest holders outvote it.  stderr names every content with its
+        holders, the choice and why (even with -q); the liar is never
+        asked for the file, and the final line says what was verified.
+        """
+        d = self.start("-q")
+        range_line = b"RANGE 0 0 r.pdf\n"
+        self.assertEqual(answer_range(self.reactor, 2, self.FAKE), range_line)
+        self.assertEqual(answer_range(self.reactor, 3, self.REAL), range_line)
+        self.assertEqual(answer_range(self.reactor, 4, self.REAL), range_line)
+        self.assertEqual(self.reactor.tcpClients[5][:2], ("127.0.0.1", 4002))
+        self.assertEqual(serve(self.reactor, 5, self.REAL), b"GET r.pdf\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.REAL)
+        real, fake = root_of(self.REAL), root_of(self.FAKE)
+        self.assertEqual(
+            self.console.err_lines,
+            [
+                "p2p: r.pdf: holders disagree on its content (3 of 3 asked answered):",
+                f"p2p: r.pdf:   root {real} ({len(self.REAL)} bytes) from 2 "
+                "holders: 127.0.0.1:4002, 127.0.0.1:4003",
+                f"p2p: r.pdf:   root {fake} ({len(self.FAKE)} bytes) from 1 "
+                "holder: 127.0.0.1:4001",
+                f"p2p: r.pdf: taking root {real[:12]}... (the most holders "
+                "offer it); --expect ROOT takes another",
+            ],
+        )
+        self.assertEqual(len(self.reactor.tcpClients), 6)
+        self.assert_no_timers()
+
+    def test_tie_goes_to_the_relays_order(self) -> None:
+        d = self.start(holders=self.HOLDERS[:2])
+        answer_range(self.reactor, 2, self.FAKE)
+        answer_range(self.reactor, 3, self.REAL)
+        self.assertEqual(self.reactor.tcpClients[4][:2], ("127.0.0.1", 4001))
+        serve(self.reactor, 4, self.FAKE)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.FAKE)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            "(as many holders offer another; the relay suggested it first)", errors
+        )
+        self.assertIn("as 1 of 2 holders described it, every piece verified", errors)
+
+    def test_chosen_content_only(self) -> None:
+        """The choice pins the content: a chosen holder that answers the
+        GET with other content is skipped, like a mismatch of --expect."""
+        d = self.start(holders=self.HOLDERS[:2])
+        answer_range(self.reactor, 2, self.REAL)
+        answer_range(self.reactor, 3, self.REAL)
+        serve(self.reactor, 4, self.FAKE)
+        self.assertIn(
+            "skipped 127.0.0.1:4001: has other content",
+            self.console.stderr.getvalue(),
+        )
+        serve(self.reactor, 5, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.REAL)
+
+    def test_agreement_is_quiet(self) -> None:
+        d = self.start(holders=self.HOLDERS[:2])
+        answer_range(self.reactor, 2, self.REAL)
+        answer_range(self.reactor, 3, self.REAL)
+        serve(self.reactor, 4, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        errors = self.console.stderr.getvalue()
+        self.assertNotIn("disagree", errors)
+        self.assertIn("as 2 of 2 holders described it", errors)
+
+    def test_no_question_with_one_holder_or_a_pinned_root(self) -> None:
+        """
+        One likely holder, --expect, or a fetch by ROOT: no RANGE is sent,
+        the first connection to a peer asks for the file itself (one round
+        trip, as before).
+        """
+        for argv, holders, name in (
+            ([], self.HOLDERS[:1], "r.pdf"),
+            (["--expect", root_of(self.REAL)], self.HOLDERS, "r.pdf"),
+        ):
+            self.reactor = MemoryReactorClock()
+            self.console = FakeConsole()
+            d = self.run_cli("--relay", "127.0.0.1:9", "get", *argv, name)
+            self.answer_peers(0, *holders)
+            self.answer_peers(1, *holders)
+            self.assertEqual(serve(self.reactor, 2, self.REAL), b"GET r.pdf\n")
+            self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.reactor = MemoryReactorClock()
+        self.console = FakeConsole()
+        root = root_of(self.REAL)
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", root)
+        self.answer_peers(0, *self.HOLDERS)
+        for index in range(1, 4):
+            protocol, transport = self.connect(index, b"P2P/2 peer")
+            self.assertEqual(transport.value(), f"PIECES {root}\n".encode())
+            protocol.dataReceived(b"ERR 404 no such content\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assert_one_error_line("not found on any of 3")
+        self.assert_no_timers()
+
+
+class PinnedContentTests(CommandTestCase):
+    """
+    ``get ROOT`` and ``get --expect ROOT NAME`` take that content and
+    nothing else, whatever a peer answers.
+    """
+
+    CONTENT = b"exactly this content\n" * 30
+    OTHER = b"any other content\n" * 30
+
+    def test_root_fetch_skips_a_piece_list_of_other_content(self) -> None:
+        root = root_of(self.CONTENT)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", root)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        self.assertEqual(transport.value(), f"PIECES {root}\n".encode())
+        listing = wire.PiecesHeader(32, root_of(self.OTHER), len(self.OTHER), MIB)
+        protocol.dataReceived(listing.to_line() + b"\n" + piece_digests(self.OTHER))
+        protocol, transport = self.connect(2, b"P2P/2 peer")
+        listing = wire.PiecesHeader(32, root, len(self.CONTENT), MIB)
+        protocol.dataReceived(listing.to_line() + b"\n" + piece_digests(self.CONTENT))
+        self.assertEqual(
+            transport.value().splitlines()[-1],
+            f"BLOB {root} 0 {len(self.CONTENT)}".encode(),
+        )
+        protocol.dataReceived(peer_reply(self.CONTENT))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            "skipped 127.0.0.1:4001: protocol error: the reply is for other content",
+            errors,
+        )
+        self.assertIn(f"(root {root[:12]}... as you gave it, every piece", errors)
+        self.assert_no_timers()
+
+    def test_expect_skips_other_content(self) -> None:
+        root = root_of(self.CONTENT)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", "--expect", root, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)
+        self.assertEqual(serve(self.reactor, 2, self.OTHER), b"GET a.txt\n")
+        self.assertEqual(serve(self.reactor, 3, self.CONTENT), b"GET a.txt\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            f"skipped 127.0.0.1:4001: has other content (root "
+            f"{root_of(self.OTHER)[:12]}...)",
+            errors,
+        )
+        self.assertIn("as --expect gave it, every piece verified", errors)
+
+    def test_expect_never_takes_other_content(self) -> None:
+        """With only other content on offer, nothing is written."""
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "--expect", "a" * 64, "a.txt"
+        )
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertEqual(self.console.out, b"")
 
 
 class PieceTests(CommandTestCase):
