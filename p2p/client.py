@@ -438,7 +438,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     _accepting = False
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self.result.called:
+        if self.result.called or self._all_in:
             return
         self.resetTimeout()
         if self._digests is not None:
@@ -521,11 +521,18 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     _gone = False
 
     def _drained(self, _: None) -> None:
-        if not self.result.called and not self._gone:
+        if not self.result.called and not self._gone and not self._all_in:
             self._resume()
+
+    # Set once every announced byte is in: nothing more is read.
+    _all_in = False
 
     def _complete(self) -> None:
         # Every byte is in; the sink may still be verifying and storing.
+        # Whatever the peer sends after them is left unread (and not
+        # counted against it): the pieces decide.
+        self._all_in = True
+        self.transport.pauseProducing()
         self._stop_timers()
         d = self.sink.settled()
         d.addCallbacks(self._verified, self._store_failed)

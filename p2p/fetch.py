@@ -411,7 +411,19 @@ class _FetchRun:
         # Let the pieces already received settle before working out what
         # is missing.
         d = self.sink.settled()
-        d.addCallbacks(lambda _: self._launch(), self._output_failed)
+        d.addCallbacks(lambda _: self._go_on(attempt), self._output_failed)
+
+    def _go_on(self, attempt: _Try) -> None:
+        """After a failed attempt: the next one, unless the pieces that
+        verified meanwhile already complete the content."""
+        if self.sink.complete and not self.done.called:
+            self._stop_all()
+            assert self.sink.content is not None
+            self.done.callback(
+                FetchResult(self.name, attempt.peer, self.sink.content, self.attempts)
+            )
+            return
+        self._launch()
 
     # -- several holders at once --------------------------------------------
 

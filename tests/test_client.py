@@ -694,6 +694,24 @@ class SlowWorkerTests(SynchronousTestCase):
         self.assertEqual(self.out.getvalue(), self.data)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_bytes_after_the_last_are_not_read(self) -> None:
+        """
+        Once every announced byte is in, the connection is no longer read:
+        bytes a peer sends after them (an endless stream) are neither held
+        nor held against it while the last pieces are being verified, and
+        the fetch succeeds.
+        """
+        self.start()
+        self.protocol.dataReceived(self.data)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.protocol.dataReceived(b"x" * 100_000)
+        self.assertNoResult(self.protocol.result)
+        self.worker.run_all()
+        self.assertEqual(
+            self.successResultOf(self.protocol.result).size, len(self.data)
+        )
+        self.assertEqual(self.out.getvalue(), self.data)
+
     def test_paused_time_is_not_the_peers(self) -> None:
         """
         While the connection is paused for the worker (a slow disk, a slow
