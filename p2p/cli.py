@@ -711,7 +711,7 @@ class Client:
                 + ", ".join(peer.address for peer in offered.holders)
             )
         if choice.chosen is not choice.contents[0]:
-            why = "what more holders offer is too large"
+            why = "the contents ahead of it are too large"
         elif choice.tied:
             why = "as many holders offer another; the relay suggested it first"
         else:
