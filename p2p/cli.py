@@ -592,10 +592,11 @@ class Client:
             if choice is not None:
                 expect = choice.chosen.root
                 peers, candidates = _holders_first(choice, peers, suggested)
-                basis = (
-                    f"as {len(choice.chosen.holders)} of {choice.answered} "
-                    "holders described it"
-                )
+                if choice.answered > 1:
+                    basis = (
+                        f"as {len(choice.chosen.holders)} of {choice.answered} "
+                        "holders described it"
+                    )
         if target is not None:
             try:
                 yield self._open(label, output_to)

@@ -561,6 +561,21 @@ class ChoiceTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(self.console.out, self.REAL)
 
+    def test_one_answer(self) -> None:
+        """One holder answers, the other cannot be reached: its content is
+        taken, and the final line does not claim a count."""
+        d = self.start(holders=self.HOLDERS[:2])
+        self.refuse(2)
+        answer_range(self.reactor, 3, self.REAL)
+        self.assertEqual(self.reactor.tcpClients[4][:2], ("127.0.0.1", 4002))
+        serve(self.reactor, 4, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertIn(
+            "as its holder described it, every piece verified",
+            self.console.stderr.getvalue(),
+        )
+        self.assert_no_timers()
+
     def test_agreement_is_quiet(self) -> None:
         d = self.start(holders=self.HOLDERS[:2])
         answer_range(self.reactor, 2, self.REAL)
