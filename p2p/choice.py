@@ -3,10 +3,10 @@
 A name is only a name: any peer can serve content of its own under any
 name, with a root that matches it, and every piece of it verifies.  So
 before a fetch by name with several likely holders, the client asks the
-first few of them (up to ``--sources``, at least two) at once for the name's
-header only, ``RANGE 0 0 <name>`` (a header with ``offset=0 size=<size>``
-and no bytes: see docs/protocol.rst), and takes the content **the most of
-them offer**, ties going to the one the relay suggested first.  The fetch
+first few of them (up to ``--sources``) at once for the name's header
+only, ``RANGE 0 0 <name>`` (a header with ``offset=0 size=<size>`` and no
+bytes: see docs/protocol.rst), and takes the content **the most of them
+offer**, ties going to the one the relay suggested first.  The fetch
 then accepts that content only, as ``--expect`` would; holders offering
 another are reported.
 
@@ -14,8 +14,8 @@ This notices a lone liar among honest holders, and says so; it cannot tell
 which content the name's author meant when liars are as many as the honest
 (a fetch by ROOT, or ``--expect ROOT``, can).  It costs one round trip, to
 all of those holders in parallel, and only when the relay suggests two
-holders or more: a name with one likely holder is fetched as before, in
-one round trip.
+holders or more (and ``--sources`` allows two): a name with one likely
+holder is fetched as before, in one round trip.
 
 L{choose} is the rule (pure); L{ask_roots} asks.
 """
@@ -34,10 +34,11 @@ from p2p import wire
 from p2p.client import SKIPPABLE, EndpointFor, described
 from p2p.request import request_lines
 
-# Once a holder answered, the others have this long to answer too: enough
-# for any working link's round trip, short beside a blackholed peer's
-# connect timeout.
-DISCOVERY_GRACE_SECONDS = 1.0
+# Once a holder answered, the others have this long to answer too: RFC
+# 8305's connection attempt delay, as for the fetch's stagger (a working
+# link's round trip is far shorter); so a blackholed holder costs this, not
+# the connect timeout.
+DISCOVERY_GRACE_SECONDS = 0.25
 
 
 @dataclass(frozen=True)

@@ -109,8 +109,9 @@ class GetOptions(usage.Options):
             "sources",
             None,
             DEFAULT_MAX_SOURCES,
-            "Fetch a large file from up to this many holders at once "
-            "(1: one peer at a time).",
+            "Fetch a large file from up to this many holders at once, and ask "
+            "up to this many which content they hold under the name (1: one "
+            "peer at a time).",
             int,
         ],
         [
@@ -587,7 +588,11 @@ class Client:
             basis = "as --expect gave it"
         else:
             basis = "as its holder described it"
-        if not by_root and expect is None and len(suggested) >= 2:
+        if (
+            not by_root
+            and expect is None
+            and min(len(suggested), self.max_sources) >= 2
+        ):
             choice = yield self._choose(label, name, suggested, output_to)
             if choice is not None:
                 expect = choice.chosen.root
@@ -682,13 +687,13 @@ class Client:
         self, label: str, name: str, suggested: list[wire.PeerEntry], output: Output
     ):
         """
-        Ask the first suggested holders (up to --sources, at least two)
+        Ask the first suggested holders (up to --sources)
         which content they hold under C{name} (L{p2p.choice}); say so on
         stderr, even with -q, when they disagree.  Fires with the
         L{Choice}, or C{None} when no holder answered with a content the
         client would take.
         """
-        holders = suggested[: max(2, self.max_sources)]
+        holders = suggested[: self.max_sources]
         offers = yield ask_roots(
             name,
             holders,

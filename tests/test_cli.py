@@ -588,12 +588,13 @@ class ChoiceTests(CommandTestCase):
 
     def test_no_question_with_one_holder_or_a_pinned_root(self) -> None:
         """
-        One likely holder, --expect, or a fetch by ROOT: no RANGE is sent,
-        the first connection to a peer asks for the file itself (one round
-        trip, as before).
+        One likely holder, --sources 1, --expect, or a fetch by ROOT: no
+        RANGE is sent, the first connection to a peer asks for the file
+        itself (one round trip, as before).
         """
         for argv, holders, name in (
             ([], self.HOLDERS[:1], "r.pdf"),
+            (["--sources", "1"], self.HOLDERS, "r.pdf"),
             (["--expect", root_of(self.REAL)], self.HOLDERS, "r.pdf"),
         ):
             self.reactor = MemoryReactorClock()

@@ -342,6 +342,9 @@ async def test_blackholed_peer_costs_little(launcher: Launcher):
             "--connect-timeout",
             "1",
             "get",
+            # Nor the question to both holders (p2p.choice) first.
+            "--sources",
+            "1",
             "sample1.txt",
         )
         assert slow.code == EXIT_OK, slow.stderr
