@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from p2p import wire
 from p2p.client import SKIPPABLE, EndpointFor, described
 from p2p.request import request_lines
+from p2p.wire import WireError
 
 # Once a holder answered, the others have this long to answer too: RFC
 # 8305's connection attempt delay, as for the fetch's stagger (a working
@@ -123,6 +124,9 @@ def ask_roots(
     clock: IReactorTime,
     timeout: float,
     grace: float = DISCOVERY_GRACE_SECONDS,
+    on_failure: Callable[[wire.PeerEntry, Failure, float], object] = (
+        lambda peer, failure, seconds: None
+    ),
 ) -> Deferred[list[Offer]]:
     """
     Ask every one of C{holders} at once for C{name}'s header only
@@ -131,7 +135,9 @@ def ask_roots(
     first answer (the stragglers are dropped), each request being bounded
     by C{timeout} seconds.  A holder that refuses, is still indexing the
     file, fails or answers something other than an empty range of a
-    well-formed content offers nothing.  Cancelling stops every request.
+    well-formed content offers nothing, and is told to C{on_failure} with
+    the failure and the seconds it took (not one still waited for when
+    the question ends).  Cancelling stops every request.
     """
     line = wire.Range(0, 0, name).to_line()
     offers: list[Offer | None] = [None] * len(holders)
@@ -159,14 +165,16 @@ def ask_roots(
     def answered(lines: list[bytes], index: int) -> None:
         header = wire.FileHeader.from_line(lines[0])
         if (header.offset, header.count, header.hashes) != (0, 0, 0):
-            return  # not what was asked: no offer
+            raise WireError(wire.Code.BAD_REQUEST, "the reply is for another range")
         described(header.root, header.size, header.piece)
         offers[index] = Offer(holders[index], header.root, header.size)
         if not timer and not over:
             timer.append(clock.callLater(grace, finish))
 
-    def failed(failure: Failure) -> None:
+    def failed(failure: Failure, index: int, started: float) -> None:
         failure.trap(*SKIPPABLE)
+        if not over:
+            on_failure(holders[index], failure, clock.seconds() - started)
 
     def settled(_: None) -> None:
         pending[0] -= 1
@@ -186,7 +194,7 @@ def ask_roots(
             continue  # an address this client cannot reach (TLS setup)
         d = request_lines(endpoint, "peer", line, clock, False, timeout)
         d.addCallback(answered, index)
-        d.addErrback(failed)
+        d.addErrback(failed, index, clock.seconds())
         requests.append(d)
     # Counted first, watched after: a request may have settled already.
     pending[0] = len(requests)

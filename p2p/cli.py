@@ -694,12 +694,20 @@ class Client:
         client would take.
         """
         holders = suggested[: self.max_sources]
+
+        def failed(peer: wire.PeerEntry, failure: Failure, seconds: float) -> None:
+            self.console.say(
+                f"{label}: skipped {peer.address}: {describe(failure)} "
+                f"({seconds * 1000:.0f} ms, asked which content it holds)"
+            )
+
         offers = yield ask_roots(
             name,
             holders,
             self.endpoint_for,
             self.reactor,
             self.options["connect-timeout"],
+            on_failure=failed,
         )
         sizes = PieceSink(output, InlineWorker(), max_size=self.max_size)
         choice = choose(offers, len(holders), lambda size: sizes.refusal(size) is None)

@@ -14,6 +14,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
 from p2p.choice import DISCOVERY_GRACE_SECONDS, Offer, ask_roots, choose
+from p2p.client import describe as describe_failure
 from p2p.share import ShareFolder
 from tests.test_client import CONNECT, Network, ScriptedServer, describe
 from tests.test_share import temp_dir, write
@@ -98,8 +99,16 @@ class AskRootsTests(SynchronousTestCase):
         return ShareFolder(root)
 
     def ask(self) -> list[Offer]:
+        self.failed: list[tuple[wire.PeerEntry, str, float]] = []
         d = ask_roots(
-            NAME, self.network.peers, self.network.endpoint_for, self.clock, CONNECT
+            NAME,
+            self.network.peers,
+            self.network.endpoint_for,
+            self.clock,
+            CONNECT,
+            on_failure=lambda peer, failure, seconds: self.failed.append(
+                (peer, describe_failure(failure), seconds)
+            ),
         )
         self.network.run(d)
         offered = self.successResultOf(d)
@@ -136,6 +145,13 @@ class AskRootsTests(SynchronousTestCase):
                 self.network.requests(asked), [wire.Range(0, 0, NAME).to_line()]
             )
         self.assertEqual(self.clock.seconds(), 0)
+        self.assertEqual(
+            self.failed,
+            [
+                (peers[2], "refused: ERR 404 no such file", 0),
+                (peers[3], "protocol error: unexpected argument 'nonsense'", 0),
+            ],
+        )
 
     def test_stragglers_get_the_grace_period(self) -> None:
         """A silent holder is not waited for past the grace period that
@@ -146,13 +162,18 @@ class AskRootsTests(SynchronousTestCase):
         offered = self.ask()
         self.assertEqual([offer.peer for offer in offered], [self.network.peers[1]])
         self.assertEqual(self.clock.seconds(), DISCOVERY_GRACE_SECONDS)
+        self.assertEqual(self.failed, [])  # late, not failed
 
     def test_nobody_answers(self) -> None:
         """Without any answer the request timeout bounds it: no offer."""
-        self.network.add("silent")
-        self.network.add("refuse")
+        silent = self.network.add("silent")
+        refusing = self.network.add("refuse")
         self.assertEqual(self.ask(), [])
         self.assertEqual(self.clock.seconds(), CONNECT)
+        self.assertEqual(
+            [(peer, reason[:14]) for peer, reason, _ in self.failed],
+            [(refusing, "cannot connect"), (silent, "timed out")],
+        )
 
     def test_cancel(self) -> None:
         self.network.add("silent")

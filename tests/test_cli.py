@@ -570,9 +570,12 @@ class ChoiceTests(CommandTestCase):
         self.assertEqual(self.reactor.tcpClients[4][:2], ("127.0.0.1", 4002))
         serve(self.reactor, 4, self.REAL)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
-        self.assertIn(
-            "as its holder described it, every piece verified",
-            self.console.stderr.getvalue(),
+        errors = self.console.stderr.getvalue()
+        self.assertIn("as its holder described it, every piece verified", errors)
+        self.assertRegex(
+            errors,
+            r"r\.pdf: skipped 127\.0\.0\.1:4001: cannot connect: .* \(0 ms, asked "
+            r"which content it holds\)",
         )
         self.assert_no_timers()
 

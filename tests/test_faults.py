@@ -391,6 +391,9 @@ async def test_hanging_peer_is_skipped(launcher: Launcher):
             "--connect-timeout",
             "1",
             "get",
+            # Nor the question to both holders (p2p.choice) first.
+            "--sources",
+            "1",
             "sample1.txt",
         )
     finally:
