@@ -687,11 +687,10 @@ class Client:
         self, label: str, name: str, suggested: list[wire.PeerEntry], output: Output
     ):
         """
-        Ask the first suggested holders (up to --sources)
-        which content they hold under C{name} (L{p2p.choice}); say so on
-        stderr, even with -q, when they disagree.  Fires with the
-        L{Choice}, or C{None} when no holder answered with a content the
-        client would take.
+        Ask the first suggested holders (up to --sources) which content
+        they hold under C{name} (L{p2p.choice}); say so on stderr, even
+        with -q, when they disagree.  Fires with the L{Choice}, or C{None}
+        when no holder answered with a content the client would take.
         """
         holders = suggested[: self.max_sources]
 
