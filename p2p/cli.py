@@ -22,6 +22,7 @@ from twisted.python import usage
 from twisted.python.failure import Failure
 
 from p2p import __version__, wire
+from p2p.choice import Choice, ask_roots, choose
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -36,17 +37,28 @@ from p2p.client import (
 )
 from p2p.endpoints import client_endpoint, relay_from_environment
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
+from p2p.pace import (
+    DEFAULT_HEADER_TIMEOUT_SECONDS,
+    DEFAULT_MIN_RATE,
+    DEFAULT_MIN_RATE_SECONDS,
+    DEFAULT_PACE,
+    Pace,
+)
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import (
     FileOutput,
     InlineWorker,
     Output,
+    OutputRefused,
     PieceSink,
     SerialWorker,
     StreamOutput,
+    ThroughOutput,
+    output_for,
     write_all,
 )
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
+from p2p.text import shown
 from p2p.units import format_bytes, parse_bytes
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
@@ -97,8 +109,9 @@ class GetOptions(usage.Options):
             "sources",
             None,
             DEFAULT_MAX_SOURCES,
-            "Fetch a large file from up to this many holders at once "
-            "(1: one peer at a time).",
+            "Fetch a large file from up to this many holders at once, and ask "
+            "up to this many which content they hold under the name (1: one "
+            "peer at a time).",
             int,
         ],
         [
@@ -108,6 +121,30 @@ class GetOptions(usage.Options):
             "Refuse a file larger than SIZE (e.g. 10G; K, M, G are powers of "
             "1024).  With -o, a file that would not fit on the target's file "
             "system is always refused.",
+        ],
+        [
+            "min-rate",
+            None,
+            f"{DEFAULT_MIN_RATE // 1024}K",
+            "Skip a peer whose transfer averages less than RATE bytes a second "
+            "over --min-rate-time seconds (K, M, G as for --max-size; 0: any "
+            "rate).",
+        ],
+        [
+            "min-rate-time",
+            None,
+            DEFAULT_MIN_RATE_SECONDS,
+            "Seconds over which --min-rate is measured.",
+            float,
+        ],
+        [
+            "header-timeout",
+            None,
+            DEFAULT_HEADER_TIMEOUT_SECONDS,
+            "Skip a peer whose reply header and piece list take longer than "
+            "this many seconds, however its bytes trickle (time it shows "
+            "indexing progress does not count; 0: no limit).",
+            float,
         ],
     ]
     optFlags = [
@@ -125,6 +162,17 @@ class GetOptions(usage.Options):
                 self["max-size"] = parse_bytes(self["max-size"])
             except ValueError as e:
                 raise usage.UsageError(f"--max-size: {e}") from None
+        try:
+            self["min-rate"] = parse_bytes(self["min-rate"])
+        except ValueError as e:
+            raise usage.UsageError(f"--min-rate: {e}") from None
+        if self["min-rate-time"] <= 0:
+            raise usage.UsageError("--min-rate-time must be positive")
+        if self["header-timeout"] < 0:
+            raise usage.UsageError("--header-timeout must not be negative")
+        self["pace"] = Pace(
+            self["min-rate"], self["min-rate-time"], self["header-timeout"] or None
+        )
         expect = self["expect"]
         if expect is not None:
             if not wire.is_root(expect):
@@ -277,7 +325,10 @@ class Console:
             self.error(text)
 
     def error(self, text: str) -> None:
-        self.stderr.write(f"p2p: {text}\n")
+        # Names are escaped where they are quoted (L{shown}); this catches
+        # any other text a peer or the relay chose (an ERR message, say)
+        # before it reaches the terminal.
+        self.stderr.write(f"p2p: {shown(text, backslash=False)}\n")
         self.stderr.flush()
 
     def prompt(self) -> None:
@@ -349,6 +400,8 @@ class Client:
         self.max_size: int | None = None
         # get --sources: most holders of one file used at once.
         self.max_sources = DEFAULT_MAX_SOURCES
+        # get --min-rate, --min-rate-time, --header-timeout.
+        self.pace = DEFAULT_PACE
         # The name being fetched and its sink (for an interruption).
         self.current: tuple[str, PieceSink] | None = None
         self.relay = client_endpoint(reactor, self.relay_text)
@@ -410,7 +463,7 @@ class Client:
         for entry in entries:
             line = f"{entry.address} {entry.peer_id}"
             if entry.name:
-                line += f" {entry.name}"
+                line += f" {shown(entry.name)}"
             lines.append(line.encode() + b"\n")
         return EXIT_OK if self.console.write(b"".join(lines)) else EXIT_OUTPUT
 
@@ -438,14 +491,16 @@ class Client:
                 continue
             rows.extend((f.name, f.size, f.root, entry.address) for f in files)
         rows.sort()
+        # Sorted by the names themselves; shown escaped (see p2p.text).
         if long:
             text = "".join(
-                f"{size:>12} {root} {address:<22} {name}\n"
+                f"{size:>12} {root} {address:<22} {shown(name)}\n"
                 for name, size, root, address in rows
             )
         else:
             text = "".join(
-                f"{size:>12} {address:<22} {name}\n" for name, size, _, address in rows
+                f"{size:>12} {address:<22} {shown(name)}\n"
+                for name, size, _, address in rows
             )
         return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
 
@@ -480,25 +535,38 @@ class Client:
         try:
             wire.Get(name).to_line()
         except ValueError:
-            self.console.error(f"{name[:60]!r}: not a valid file name")
+            self.console.error(f"{shown(name[:60])}: not a valid file name")
             return EXIT_NOT_FOUND
+        # The name as shown to a person (p2p.text); the fetch uses it as is.
+        label = shown(name)
         by_root = wire.is_root(name)
         target = _target_path(name, output)
-        folder = os.path.dirname(os.path.abspath(target)) if target else None
-        # The partial file is created next to the target (for an atomic
-        # rename); find out now, not mid-transfer, that it cannot be.
-        if folder is not None and not (
-            os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
-        ):
-            self.console.error(f"{name}: cannot write {target}: no writable folder")
-            return EXIT_OUTPUT
+        output_to: Output
+        if target is None:
+            output_to = StreamOutput(self.console.stdout)
+        else:
+            try:
+                output_to = output_for(target)
+            except OutputRefused as e:
+                self.console.error(f"{label}: cannot write {shown(target)}: {e}")
+                return EXIT_OUTPUT
+            folder = os.path.dirname(os.path.abspath(target))
+            # The partial file is created next to the target (for an atomic
+            # rename); find out now, not mid-transfer, that it cannot be.
+            if isinstance(output_to, FileOutput) and not (
+                os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+            ):
+                self.console.error(
+                    f"{label}: cannot write {shown(target)}: no writable folder"
+                )
+                return EXIT_OUTPUT
         try:
             peers = yield self.peers()
         except RELAY_FAILURES:
             return self.relay_failed(Failure())
         if not peers:
             self.console.say(f"relay {self.relay_text}: 0 active peer(s)")
-            self.console.error(f"{name}: no active peers")
+            self.console.error(f"{label}: no active peers")
             return EXIT_NOT_FOUND
         if by_root:
             # The relay's hints are by name: every peer may hold a content.
@@ -508,18 +576,39 @@ class Client:
             suggested = yield self.suggested(name)
             self.console.say(
                 f"relay {self.relay_text}: {len(peers)} active peer(s), "
-                f"{len(suggested)} suggested for {name}"
+                f"{len(suggested)} suggested for {label}"
             )
         peers = hinted_order(suggested, peers)
-        output_to: Output
-        if target is None:
-            output_to = StreamOutput(self.console.stdout)
+        # Likely holders, for several sources at once: the relay's
+        # suggestions by name; any peer for a content root.
+        candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
+        if by_root:
+            basis = "as you gave it"
+        elif expect is not None:
+            basis = "as --expect gave it"
         else:
-            output_to = FileOutput(target)
+            basis = "as its holder described it"
+        if (
+            not by_root
+            and expect is None
+            and min(len(suggested), self.max_sources) >= 2
+        ):
+            choice = yield self._choose(label, name, suggested, output_to)
+            if choice is not None:
+                expect = choice.chosen.root
+                peers, candidates = _holders_first(choice, peers, suggested)
+                if choice.answered > 1:
+                    basis = (
+                        f"as {len(choice.chosen.holders)} of {choice.answered} "
+                        "holders described it"
+                    )
+        if target is not None:
             try:
-                output_to.lock()
+                yield self._open(label, output_to)
             except OSError as e:
-                self.console.error(f"{name}: cannot write {target}: {e.strerror}")
+                self.console.error(
+                    f"{label}: cannot write {shown(target)}: {e.strerror or e}"
+                )
                 return EXIT_OUTPUT
         if IReactorThreads.providedBy(self.reactor):
             worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
@@ -532,25 +621,23 @@ class Client:
             expected_root=name if by_root else expect,
             max_size=self.max_size,
         )
-        self.current = (name, sink)
+        self.current = (label, sink)
         fetcher = Fetcher(
             self.reactor,
             self.options["connect-timeout"],
             self.options["idle-timeout"],
             endpoint_for=self.endpoint_for,
-            report=lambda attempt: self._report(name, attempt),
+            report=lambda attempt: self._report(label, attempt),
             stagger=self.options["stagger"],
-            on_indexing=lambda peer, progress: self._indexing(name, peer, progress),
-            on_header=lambda attempt: self._found(name, attempt),
+            on_indexing=lambda peer, progress: self._indexing(label, peer, progress),
+            on_header=lambda attempt: self._found(label, attempt),
             max_sources=self.max_sources,
-            on_source_dropped=lambda report: self._dropped(name, report),
+            on_source_dropped=lambda report: self._dropped(label, report),
+            pace=self.pace,
         )
         started = time.monotonic()
         try:
             try:
-                # Likely holders, for several sources at once: the relay's
-                # suggestions by name; any peer for a content root.
-                candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
                 result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
                 yield sink.finish()
             finally:
@@ -559,14 +646,15 @@ class Client:
                 self.current = None
         except NotFoundAnywhere as e:
             kept = yield sink.abandon(keep=True)
-            self.console.error(f"{name}: not found on any of {e.peers} active peer(s)")
-            self._kept(name, sink, kept)
+            self.console.error(f"{label}: not found on any of {e.peers} active peer(s)")
+            self._kept(label, sink, kept)
             return EXIT_NOT_FOUND
         except (OutputFailed, OSError) as e:
             yield sink.abandon(keep=False)
             error = e.error if isinstance(e, OutputFailed) else e
             self.console.error(
-                f"{name}: cannot write {output_to.label}: {error.strerror or error}"
+                f"{label}: cannot write {shown(output_to.label)}: "
+                f"{error.strerror or error}"
             )
             return EXIT_OUTPUT
         except BaseException:
@@ -588,23 +676,92 @@ class Client:
         else:
             origin = result.peer.address
         self.console.say(
-            f"{name}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
-            f"from {origin} (root {content.root_hex[:12]}..., "
-            f"every piece verified) -> {output_to.label}"
+            f"{label}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
+            f"from {origin} (root {content.root_hex[:12]}... {basis}, "
+            f"every piece verified) -> {shown(output_to.label)}"
         )
         return EXIT_OK
 
-    def _dropped(self, name: str, report: SourceReport) -> None:
+    @inlineCallbacks
+    def _choose(
+        self, label: str, name: str, suggested: list[wire.PeerEntry], output: Output
+    ):
+        """
+        Ask the first suggested holders (up to --sources) which content
+        they hold under C{name} (L{p2p.choice}); say so on stderr, even
+        with -q, when they disagree.  Fires with the L{Choice}, or C{None}
+        when no holder answered with a content the client would take.
+        """
+        holders = suggested[: self.max_sources]
+
+        def failed(peer: wire.PeerEntry, failure: Failure, seconds: float) -> None:
+            self.console.say(
+                f"{label}: skipped {peer.address}: {describe(failure)} "
+                f"({seconds * 1000:.0f} ms, asked which content it holds)"
+            )
+
+        offers = yield ask_roots(
+            name,
+            holders,
+            self.endpoint_for,
+            self.reactor,
+            self.options["connect-timeout"],
+            on_failure=failed,
+        )
+        sizes = PieceSink(output, InlineWorker(), max_size=self.max_size)
+        choice = choose(offers, len(holders), lambda size: sizes.refusal(size) is None)
+        if choice is None or not choice.disagree:
+            return choice
+        self.console.error(
+            f"{label}: holders disagree on its content ({choice.answered} of "
+            f"{choice.asked} asked answered):"
+        )
+        for offered in choice.contents:
+            count = len(offered.holders)
+            self.console.error(
+                f"{label}:   root {offered.root} ({offered.size} bytes) from "
+                f"{count} holder{'s' if count > 1 else ''}: "
+                + ", ".join(peer.address for peer in offered.holders)
+            )
+        if choice.chosen is not choice.contents[0]:
+            why = "the contents ahead of it are too large"
+        elif choice.tied:
+            why = "as many holders offer another; the relay suggested it first"
+        else:
+            why = "the most holders offer it"
+        self.console.error(
+            f"{label}: taking root {choice.chosen.root[:12]}... ({why}); "
+            "--expect ROOT takes another"
+        )
+        return choice
+
+    @inlineCallbacks
+    def _open(self, label: str, output: Output):
+        """
+        Lock a file output's partial file, or open (and lock) a target
+        written through.  A FIFO nobody reads yet is waited for, off the
+        reactor thread, before any peer is asked.
+        """
+        if isinstance(output, FileOutput):
+            output.lock()
+        elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
+            self.console.say(f"{label}: waiting for a reader of {shown(output.label)}")
+            if IReactorThreads.providedBy(self.reactor):
+                yield in_daemon_thread(self.reactor, output.open)
+            else:
+                output.open()
+
+    def _dropped(self, label: str, report: SourceReport) -> None:
         self.console.say(
-            f"{name}: stopped using {report.peer.address}: {report.reason}"
+            f"{label}: stopped using {report.peer.address}: {report.reason}"
         )
 
     def _indexing(
-        self, name: str, peer: wire.PeerEntry, progress: wire.Indexing
+        self, label: str, peer: wire.PeerEntry, progress: wire.Indexing
     ) -> None:
         share = progress.done / progress.total if progress.total else 1.0
         self.console.say(
-            f"{name}: {peer.address} is indexing it ({share:.0%} of "
+            f"{label}: {peer.address} is indexing it ({share:.0%} of "
             f"{progress.total} bytes); waiting"
         )
 
@@ -617,43 +774,44 @@ class Client:
         """
         if self.current is None:
             return
-        name, sink = self.current
+        label, sink = self.current
         self.current = None
         output = sink.output
         # What the stopping transfers report after this line is noise.
         self.console.quiet = True
         if isinstance(output, FileOutput) and sink.content is not None:
-            self._kept(name, sink, output.partial)
+            self._kept(label, sink, output.partial)
         elif isinstance(output, StreamOutput):
             self.console.error(
-                f"{name}: interrupted after {output.written} verified bytes to stdout"
+                f"{label}: interrupted after {output.written} verified bytes to "
+                f"{shown(output.label)}"
             )
         else:
             if isinstance(output, FileOutput):
                 # Nothing of this run to resume: no leftovers (an earlier
                 # run's partial file, if any, stays for the next run).
                 output.abandon(keep=False)
-            self.console.error(f"{name}: interrupted; nothing was kept")
+            self.console.error(f"{label}: interrupted; nothing was kept")
 
-    def _kept(self, name: str, sink: PieceSink, kept: str | None) -> None:
+    def _kept(self, label: str, sink: PieceSink, kept: str | None) -> None:
         if kept is not None and sink.content is not None:
             self.console.error(
-                f"{name}: kept {sink.received} of {sink.content.size} verified "
-                f"bytes in {kept}; run the same command again to resume"
+                f"{label}: kept {sink.received} of {sink.content.size} verified "
+                f"bytes in {shown(kept)}; run the same command again to resume"
             )
 
-    def _found(self, name: str, attempt: Attempt) -> None:
+    def _found(self, label: str, attempt: Attempt) -> None:
         """A peer's header arrived: say where from and how long it took."""
         self.console.say(
-            f"{name}: found at {_where(attempt)} "
+            f"{label}: found at {_where(attempt)} "
             f"({attempt.seconds * 1000:.0f} ms to the first byte)"
         )
 
-    def _report(self, name: str, attempt: Attempt) -> None:
+    def _report(self, label: str, attempt: Attempt) -> None:
         if not attempt.ok:
             ms = attempt.seconds * 1000
             self.console.say(
-                f"{name}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
+                f"{label}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
             )
 
 
@@ -679,6 +837,33 @@ def hinted_order(
             seen.add(key)
             ordered.append(entry)
     return ordered
+
+
+def _holders_first(
+    choice: Choice, peers: list[wire.PeerEntry], suggested: list[wire.PeerEntry]
+) -> tuple[list[wire.PeerEntry], list[wire.PeerEntry]]:
+    """
+    The order to try peers in, and the candidates for several sources,
+    once a content is chosen: its holders first; holders of other content
+    last (they will be skipped: asked only if everything else failed).
+    """
+    others = {
+        (peer.host, peer.port)
+        for offered in choice.contents
+        if offered is not choice.chosen
+        for peer in offered.holders
+    }
+
+    def differs(peer: wire.PeerEntry) -> bool:
+        return (peer.host, peer.port) in others
+
+    chosen = list(choice.chosen.holders)
+    ordered = hinted_order(
+        chosen,
+        [p for p in peers if not differs(p)] + [p for p in peers if differs(p)],
+    )
+    candidates = hinted_order(chosen, [p for p in suggested if not differs(p)])
+    return ordered, candidates
 
 
 def _target_path(name: str, output: str | None) -> str | None:
@@ -752,6 +937,7 @@ def run(
         client.durable = sub["fsync"]
         client.max_size = sub["max-size"]
         client.max_sources = sub["sources"]
+        client.pace = sub["pace"]
         return (yield client.get(sub["names"], sub["output"], sub["expect"]))
     if command == "peers":
         return (yield client.print_peers())

@@ -20,12 +20,18 @@ from twisted.internet.defer import (
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
 from twisted.internet.error import ConnectError, ConnectionClosed
 from twisted.internet.error import TimeoutError as ConnectingTimeout
-from twisted.internet.interfaces import IReactorTCP, IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTCP,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.protocols.basic import LineReceiver
 from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2p import hints, wire
+from p2p.pace import DEFAULT_PACE, Pace, RateWatch
 from p2p.pieces import (
     DIGEST_BYTES,
     MAX_PIECES,
@@ -37,6 +43,7 @@ from p2p.pieces import (
 from p2p.request import IncompleteReply, request_lines
 from p2p.sink import ContentMismatch, PieceSink
 from p2p.transports import no_delay
+from p2p.units import format_bytes
 from p2p.wire import WireError
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -54,8 +61,10 @@ class PeerFailed(Exception):
     verify: nothing of it was used), ``other-content`` (the peer's file
     differs from the content being assembled, or, asked for it by root,
     the peer has none of it), ``protocol`` (a malformed
-    reply), ``timeout``, or ``resume`` (an earlier run left verified
-    pieces: ask this peer again for the rest only).
+    reply), ``timeout`` (silent, or no header in time), ``slow`` (below
+    the minimum rate; the pieces that verified are kept), ``too-large``,
+    or ``resume`` (an earlier run left verified pieces: ask this peer
+    again for the rest only).
     """
 
     def __init__(self, reason: str, kind: str = "refused") -> None:
@@ -108,9 +117,14 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     every piece verified; it fails with L{PeerFailed} for a refusal, a
     broken transfer, a piece or piece list that does not verify
     (``corrupted``), other content than the sink's (``other-content``), a
-    protocol violation or a silence longer than C{idle_timeout}; or with
+    protocol violation, a silence longer than C{idle_timeout}, a header
+    late or a transfer too slow for C{pace} (L{p2p.pace}); or with
     L{OutputFailed} when storing fails.  Cancelling it aborts the
     connection.
+
+    Nothing past what a header announced is ever buffered or stored: the
+    piece list is read up to its announced length, and a byte beyond the
+    announced count fails the peer before any of its chunk is used.
     """
 
     delimiter = wire.DELIMITER
@@ -125,11 +139,24 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         accept_header: Callable[[wire.FileHeader], None] = lambda header: None,
         on_indexing: Callable[[wire.Indexing], None] = lambda progress: None,
         on_content: Callable[[Content], bool] = lambda content: False,
+        pace: Pace = DEFAULT_PACE,
     ) -> None:
         self.request = request
         self.sink = sink
         self.clock = clock
         self.idle_timeout = idle_timeout
+        self.pace = pace
+        self._rate: RateWatch | None = None
+        if pace.min_rate > 0:
+            self._rate = RateWatch(
+                clock, pace.min_rate, pace.min_rate_time, self._too_slow
+            )
+        # The header deadline (pace.header_timeout), while it runs.
+        self._deadline: IDelayedCall | None = None
+        # The last indexing progress seen (bytes hashed), if any, and when
+        # the first came.
+        self._indexed: int | None = None
+        self._indexing_since = 0.0
         # Called with a well-formed header before any byte is stored; raising
         # PeerFailed turns the peer down (e.g. another peer already won).
         self.accept_header = accept_header
@@ -154,13 +181,97 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         return self.clock.callLater(period, func)
 
     def _cancel(self, _: Deferred) -> None:
-        self.setTimeout(None)
+        self._stop_timers()
         if self.transport is not None:
             self.transport.abortConnection()
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
         self.setTimeout(self.idle_timeout)
+        self._arm_deadline()
+
+    # -- time: idle, the header's deadline, the minimum rate -------------------
+
+    def _arm_deadline(self) -> None:
+        """(Re)start the time the peer has for its header and piece list."""
+        self._disarm_deadline()
+        if self.pace.header_timeout is not None:
+            self._deadline = self.clock.callLater(
+                self.pace.header_timeout, self._header_late
+            )
+
+    def _disarm_deadline(self) -> None:
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
+    def _header_late(self) -> None:
+        self._deadline = None
+        self._fail(
+            f"timed out: no header within {self.pace.header_timeout:g}s", "timeout"
+        )
+
+    def _too_slow(self, reason: str) -> None:
+        self._fail(reason, "slow")
+
+    def _stop_timers(self) -> None:
+        self.setTimeout(None)
+        self._disarm_deadline()
+        if self._rate is not None:
+            self._rate.stop()
+
+    def _pause(self) -> None:
+        """
+        Stop reading for our own sake (the sink is busy): the time this
+        takes is not the peer's, so neither its idle timer nor its rate
+        stretch runs meanwhile.
+        """
+        self.transport.pauseProducing()
+        self.setTimeout(None)
+        if self._rate is not None:
+            self._rate.stop()
+
+    def _resume(self, content: bool = True) -> None:
+        """Read again; with C{content}, the rate is watched from now."""
+        self.setTimeout(self.idle_timeout)
+        if content and self._rate is not None:
+            self._rate.start()
+        self.transport.resumeProducing()
+
+    def _indexing(self, progress: wire.Indexing) -> None:
+        """
+        The peer is still indexing the file.  A line that shows progress
+        (more bytes hashed) gives it its header deadline afresh; past that
+        deadline's length, the bytes hashed must keep up the minimum rate
+        since the first line, as a transfer would (so a peer busy with
+        other work at first is not blamed, and one that fakes slow progress
+        is bounded by the size it claims).  A size beyond what the client
+        would take fails it at once.
+        """
+        if progress.done > progress.total:
+            raise WireError(wire.Code.BAD_REQUEST, "INDEXING past the file's size")
+        if self.sink.content is None:
+            refusal = self.sink.refusal(progress.total)
+            if refusal is not None:
+                self._fail(f"too large: {refusal}", "too-large")
+                return
+        now = self.clock.seconds()
+        if self._indexed is None:
+            self._indexing_since = now
+        if self._indexed is None or progress.done > self._indexed:
+            self._arm_deadline()
+            self._indexed = progress.done
+        grace, rate = self.pace.header_timeout, self.pace.min_rate
+        if grace is not None and rate > 0:
+            waited = now - self._indexing_since
+            if waited > grace + progress.done / rate:
+                self._fail(
+                    f"too slow: indexing, {format_bytes(progress.done)} hashed in "
+                    f"{waited:g} s",
+                    "slow",
+                )
+                return
+        self.on_indexing(progress)
 
     # -- lines: banner, progress, header ------------------------------------
 
@@ -176,7 +287,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 return
             progress = wire.Indexing.from_line(line)
             if progress is not None:
-                self.on_indexing(progress)
+                self._indexing(progress)
                 return
             if isinstance(self.request, wire.Pieces):
                 listing = wire.PiecesHeader.from_line(line)
@@ -234,14 +345,14 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         assert isinstance(self.request, wire.Pieces)
         if listing.root != self.request.root:
             raise WireError(wire.Code.BAD_REQUEST, "the reply is for other content")
-        content = _described(listing.root, listing.size, listing.piece)
+        content = described(listing.root, listing.size, listing.piece)
         if listing.count != DIGEST_BYTES * content.pieces:
             raise WireError(wire.Code.BAD_REQUEST, "wrong length of piece digests")
         return content
 
     def _check_header(self, header: wire.FileHeader) -> Content:
         """The content a header describes, if it answers our request."""
-        content = _described(header.root, header.size, header.piece)
+        content = described(header.root, header.size, header.piece)
         request = self.request
         if isinstance(request, wire.Get):
             expected = (0, header.size)
@@ -271,7 +382,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         except ContentMismatch:
             self._fail("has other content", "other-content")
             return
-        self.transport.pauseProducing()
+        # Header and piece list are in: the deadline has been kept.
+        self._disarm_deadline()
+        # Preparing the output may take long (hashing a partial file again).
+        self._pause()
         d.addCallbacks(self._ready, self._store_failed)
 
     def _ready(self, _: None) -> None:
@@ -293,7 +407,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             return
         self._accepting = True
         held, self._held = bytes(self._held), bytearray()
-        self.transport.resumeProducing()
+        self._resume()
         if held:
             self._content_received(held)
         elif self.remaining == 0 or self.sink.complete:
@@ -305,7 +419,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if self._held:
             self._fail("protocol error: bytes after the piece list", "protocol")
             return
-        self.transport.resumeProducing()
+        self._resume(content=False)
         if self.sink.complete:
             self._complete()
             return
@@ -314,6 +428,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.content.root_hex, offset, self.content.size - offset
         )
         self.header = None
+        self._arm_deadline()  # for the BLOB's header
         self.setLineMode()
         self.sendLine(self.request.to_line())
 
@@ -323,12 +438,17 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     _accepting = False
 
     def rawDataReceived(self, data: bytes) -> None:
-        if self.result.called:
+        if self.result.called or self._all_in:
             return
         self.resetTimeout()
         if self._digests is not None:
             data = self._receive_digests(data)
         if not data:
+            return
+        if len(self._held) + len(data) > self.remaining:
+            # Not a byte of it is used: nothing past the announced count is
+            # ever held or stored.
+            self._fail("protocol error: more bytes than announced", "protocol")
             return
         if not self._accepting:
             self._held += data
@@ -336,10 +456,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._content_received(data)
 
     def _content_received(self, data: bytes) -> None:
-        if len(data) > self.remaining:
-            self._fail("protocol error: more bytes than announced", "protocol")
-            return
         self.remaining -= len(data)
+        if self._rate is not None:
+            self._rate.count(len(data))
         try:
             keep_going = self._receive_content(data)
         except OSError as e:
@@ -351,7 +470,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self._complete()
         elif not keep_going:
             # The sink's worker is behind: stop reading until it catches up.
-            self.transport.pauseProducing()
+            self._pause()
             self.sink.when_drained().addCallback(self._drained)
 
     def _receive_digests(self, data: bytes) -> bytes:
@@ -402,12 +521,19 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     _gone = False
 
     def _drained(self, _: None) -> None:
-        if not self.result.called and not self._gone:
-            self.transport.resumeProducing()
+        if not self.result.called and not self._gone and not self._all_in:
+            self._resume()
+
+    # Set once every announced byte is in: nothing more is read.
+    _all_in = False
 
     def _complete(self) -> None:
         # Every byte is in; the sink may still be verifying and storing.
-        self.setTimeout(None)
+        # Whatever the peer sends after them is left unread (and not
+        # counted against it): the pieces decide.
+        self._all_in = True
+        self.transport.pauseProducing()
+        self._stop_timers()
         d = self.sink.settled()
         d.addCallbacks(self._verified, self._store_failed)
 
@@ -428,13 +554,13 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._output_failed(failure.value)
 
     def _output_failed(self, error: OSError) -> None:
-        self.setTimeout(None)
+        self._stop_timers()
         if not self.result.called:
             self.result.errback(OutputFailed(error))
         self.transport.abortConnection()
 
     def _fail(self, reason: str, kind: str = "refused", abort: bool = True) -> None:
-        self.setTimeout(None)
+        self._stop_timers()
         # As in _verified: the real reason first, then the close.
         if not self.result.called:
             self.result.errback(PeerFailed(reason, kind))
@@ -452,7 +578,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
-        self.setTimeout(None)
+        self._stop_timers()
         if self.result.called:
             return
         if self.header is None:
@@ -471,7 +597,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             )
 
 
-def _described(root: str, size: int, piece_size: int) -> Content:
+def described(root: str, size: int, piece_size: int) -> Content:
     """
     The content a peer's reply describes, if a client can take it: a piece
     size it accepts (a power of two, 16 KiB-16 MiB) and a piece list it

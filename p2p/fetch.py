@@ -47,6 +47,7 @@ from p2p.client import (
     describe,
     peer_endpoint,
 )
+from p2p.pace import DEFAULT_PACE, Pace
 from p2p.pieces import Content
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink
@@ -116,6 +117,10 @@ class Fetcher:
         (see L{p2p.swarm}); 1 keeps every fetch on one peer at a time.
     :param on_source_dropped: called with the L{SourceReport} of a holder
         the swarm stopped using, and why.
+    :param pace: what every peer must keep up to (L{p2p.pace}): a peer
+        whose header comes too late, or whose transfer falls below the
+        minimum rate, is skipped like one that broke (the next one goes on
+        from the first missing piece), or dropped as a source of a swarm.
     """
 
     def __init__(
@@ -134,8 +139,10 @@ class Fetcher:
         on_header: Callable[[Attempt], None] = lambda attempt: None,
         max_sources: int = DEFAULT_MAX_SOURCES,
         on_source_dropped: Callable[[SourceReport], None] = lambda report: None,
+        pace: Pace = DEFAULT_PACE,
     ) -> None:
         self.reactor = reactor
+        self.pace = pace
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
         self.endpoint_for = endpoint_for or (
@@ -301,6 +308,7 @@ class _FetchRun:
             accept_header=lambda header: self._accept(attempt, header),
             on_indexing=lambda progress: fetcher.on_indexing(attempt.peer, progress),
             on_content=lambda content: self._worth_a_swarm(attempt),
+            pace=fetcher.pace,
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False
@@ -403,7 +411,19 @@ class _FetchRun:
         # Let the pieces already received settle before working out what
         # is missing.
         d = self.sink.settled()
-        d.addCallbacks(lambda _: self._launch(), self._output_failed)
+        d.addCallbacks(lambda _: self._go_on(attempt), self._output_failed)
+
+    def _go_on(self, attempt: _Try) -> None:
+        """After a failed attempt: the next one, unless the pieces that
+        verified meanwhile already complete the content."""
+        if self.sink.complete and not self.done.called:
+            self._stop_all()
+            assert self.sink.content is not None
+            self.done.callback(
+                FetchResult(self.name, attempt.peer, self.sink.content, self.attempts)
+            )
+            return
+        self._launch()
 
     # -- several holders at once --------------------------------------------
 
@@ -436,6 +456,7 @@ class _FetchRun:
             fetcher.idle_timeout,
             fetcher.max_sources,
             report=fetcher.on_source_dropped,
+            pace=fetcher.pace,
         )
         d = self.swarm.run()
         d.addCallbacks(self._swarmed, self._swarm_failed, (attempt,))

@@ -7,7 +7,10 @@ always a verified prefix of the content, and memory holds only the pieces in
 flight.  With ``-o PATH`` verified pieces are written in place into
 ``PATH.p2p-part``, renamed to ``PATH`` once complete; a partial file left by
 an interrupted run is resumed by the next run for the same content (its
-pieces are hashed again, and only those that verify are kept).
+pieces are hashed again, and only those that verify are kept).  A ``PATH``
+that exists and is not a regular file (a device, a FIFO, ``/dev/stdout``)
+is written through instead, in order, as stdout is (L{ThroughOutput};
+L{output_for} tells which).
 
 Hashing and writing run on two worker threads per download, in a pipeline
 (L{SerialWorker}), beside the reactor thread that receives; the receiving
@@ -19,8 +22,10 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import io
 import os
 import queue
+import re
 import stat
 import struct
 import threading
@@ -262,7 +267,9 @@ class FileOutput(Output):
 
     The partial file is locked (``flock``) from L{lock} to the end, so two
     runs with the same target never write into each other: the second
-    fails at once with C{EBUSY}.
+    fails at once with C{EBUSY}.  The lock is on the file then at the
+    partial path: one renamed into place (or removed) by the run that held
+    it is never taken over by a run that opened it before.
     """
 
     def __init__(self, path: str) -> None:
@@ -288,21 +295,29 @@ class FileOutput(Output):
         """
         if self._fd is not None:
             return
-        flags = os.O_RDWR | os.O_CLOEXEC
-        try:
-            fd = os.open(self.partial, flags | os.O_CREAT | os.O_EXCL, 0o666)
-            self._created = True
-        except FileExistsError:
-            fd = os.open(self.partial, flags)  # an earlier run's: resumable
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        # Never through a symbolic link planted at the partial path.
+        flags = os.O_RDWR | os.O_CLOEXEC | os.O_NOFOLLOW
+        for _ in range(_LOCK_ATTEMPTS):
+            try:
+                fd = os.open(self.partial, flags | os.O_CREAT | os.O_EXCL, 0o666)
+                created = True
+            except FileExistsError:
+                fd = os.open(self.partial, flags)  # an earlier run's: resumable
+                created = False
+            try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise OSError(errno.EINVAL, f"{self.partial} is not a file")
+                _lock(fd, self.partial)
+                if _same_file(fd, self.partial):
+                    self._fd, self._created = fd, created
+                    return
+            except BaseException:
+                os.close(fd)
+                raise
+            # The run that held it renamed or removed it since we opened it:
+            # what we locked is not the partial file any more.
             os.close(fd)
-            raise OSError(
-                errno.EBUSY,
-                f"another p2p is already writing it ({self.partial} is locked)",
-            ) from None
-        self._fd = fd
+        raise OSError(errno.EBUSY, f"another p2p keeps replacing {self.partial}")
 
     def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
         self.lock()
@@ -353,7 +368,12 @@ class FileOutput(Output):
 
     def _write_state(self, content: Content) -> None:
         temporary = self.state + ".new"
-        with open(temporary, "wb") as stream:
+        fd = os.open(
+            temporary,
+            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+            0o666,
+        )
+        with open(fd, "wb") as stream:
             stream.write(_state_record(content))
         os.replace(temporary, self.state)
 
@@ -408,6 +428,197 @@ class FileOutput(Output):
         if self._fd is not None:
             os.close(self._fd)  # releases the lock
             self._fd = None
+
+
+# Opening and locking the partial file again, when another run renamed it
+# between our open and our lock: once is the normal worst case.
+_LOCK_ATTEMPTS = 5
+
+
+def _lock(fd: int, path: str) -> None:
+    """Lock C{fd} for this run, or fail with C{EBUSY} at once."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        raise OSError(
+            errno.EBUSY, f"another p2p is already writing it ({path} is locked)"
+        ) from None
+
+
+def _same_file(fd: int, path: str) -> bool:
+    """Whether C{path} still names the file open at C{fd}."""
+    try:
+        named = os.stat(path, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    held = os.fstat(fd)
+    return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
+
+
+class ThroughOutput(StreamOutput):
+    """
+    Verified pieces, in order, written through an existing target that is
+    not a regular file: a character or block device (``/dev/null``), a
+    FIFO, a symbolic link to one, or a link to a file descriptor
+    (``/dev/stdout``, ``/proc/self/fd/N``).  As curl's ``-o`` does, the
+    target is opened for writing and never replaced: no partial file, no
+    rename, no resume.
+
+    A link to one of this process's own descriptors is written through a
+    duplicate of it (``-o /dev/stdout`` is stdout, appending included);
+    anything else is opened, and locked (``flock``) like a partial file,
+    so two runs never interleave their pieces in one target: the second
+    fails at once with C{EBUSY}.
+    """
+
+    def __init__(self, path: str, descriptor: int | None = None) -> None:
+        self.path = path
+        self.label = path
+        self.descriptor = descriptor
+        self.position = 0
+        self._waiting: dict[int, bytes] = {}
+        self.written = 0
+        self._fd: int | None = None
+        self._size: int | None = None
+        self.stream: io.FileIO | None = None  # type: ignore[assignment]
+
+    def open(self, blocking: bool = True) -> bool:
+        """
+        Open and lock the target (once).  A FIFO nobody reads yet cannot
+        be opened without waiting for a reader: without C{blocking} that
+        returns False, with it the call waits (as curl's does).
+
+        :raise OSError: C{EBUSY} when another run holds it; any error
+            opening it.
+        """
+        if self._fd is not None:
+            return True
+        if self.descriptor is not None:
+            fd = os.dup(self.descriptor)
+        else:
+            flags = os.O_WRONLY | os.O_CLOEXEC | os.O_NOCTTY
+            try:
+                fd = os.open(self.path, flags | (0 if blocking else os.O_NONBLOCK))
+            except OSError as e:
+                if e.errno == errno.ENXIO and not blocking:
+                    return False  # a FIFO without a reader
+                raise
+            try:
+                if not blocking:
+                    mode = fcntl.fcntl(fd, fcntl.F_GETFL)
+                    fcntl.fcntl(fd, fcntl.F_SETFL, mode & ~os.O_NONBLOCK)
+                _lock(fd, self.path)
+                if stat.S_ISBLK(os.fstat(fd).st_mode):
+                    self._size = os.lseek(fd, 0, os.SEEK_END)
+                    os.lseek(fd, 0, os.SEEK_SET)
+            except BaseException:
+                os.close(fd)
+                raise
+        self._fd = fd
+        self.stream = io.FileIO(fd, "wb", closefd=False)
+        _widen_pipe(self.stream)
+        return True
+
+    def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
+        self.open()
+        return super().prepare(content, pieces)
+
+    def room(self) -> int | None:
+        """A block device's size; nothing else has a known bound."""
+        return self._size
+
+    def finish(self, durable: bool) -> None:
+        assert self._fd is not None
+        if durable:
+            try:
+                os.fsync(self._fd)
+            except OSError as e:
+                # A FIFO, a terminal or /dev/null has nothing to flush.
+                if e.errno not in (errno.EINVAL, errno.EROFS, errno.ENOTSUP):
+                    raise
+        self._close()
+
+    def abandon(self, keep: bool) -> str | None:
+        self._close()
+        return None
+
+    def _close(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # releases the lock
+            self._fd = None
+
+
+class OutputRefused(Exception):
+    """An ``-o`` target the client will not write (the message says why)."""
+
+
+# /proc/PID/fd/N and /proc/PID/task/TID/fd/N: where /dev/stdout, /dev/fd/N,
+# /proc/self/fd/N and /proc/thread-self/fd/N lead.
+_DESCRIPTOR_LINK = re.compile(r"/proc/(?P<pid>\d+)(?:/task/\d+)?/fd/(?P<fd>\d+)")
+# As the kernel's own bound on a chain of links (MAXSYMLINKS).
+_MAX_LINKS = 40
+
+
+def output_for(path: str) -> FileOutput | ThroughOutput:
+    """
+    The output for ``-o PATH`` (a path that is not a folder):
+
+    * nothing there, or a regular file: L{FileOutput} (a partial file,
+      renamed over PATH once complete);
+    * a character or block device, a FIFO, a symbolic link to one, or a
+      link to a file descriptor (``/dev/stdout``): L{ThroughOutput};
+    * a symbolic link to a regular file, or to nothing: refused.  Writing
+      the file it points to would follow a link someone may have planted
+      (in ``/tmp``, say) to a file of yours; replacing the link would lose
+      it.  Name the file itself.
+
+    :raise OutputRefused: for what is refused (and a socket).
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return FileOutput(path)
+    except OSError:
+        return FileOutput(path)  # its lock() reports the error
+    if stat.S_ISREG(info.st_mode):
+        return FileOutput(path)
+    if stat.S_ISLNK(info.st_mode):
+        link = _descriptor_link(path)
+        if link is not None:
+            pid, descriptor = link
+            return ThroughOutput(path, descriptor if pid == os.getpid() else None)
+        try:
+            info = os.stat(path)
+        except OSError:
+            raise OutputRefused("a symbolic link to nothing") from None
+        if stat.S_ISREG(info.st_mode):
+            raise OutputRefused(
+                "a symbolic link to a regular file (give the file's own path)"
+            )
+    if stat.S_ISCHR(info.st_mode) or stat.S_ISBLK(info.st_mode):
+        return ThroughOutput(path)
+    if stat.S_ISFIFO(info.st_mode):
+        return ThroughOutput(path)
+    raise OutputRefused("not a regular file, a device or a FIFO")
+
+
+def _descriptor_link(path: str) -> tuple[int, int] | None:
+    """
+    The (process, descriptor) a chain of symbolic links from C{path}
+    reaches through ``/proc/PID/fd/N``, if it does.
+    """
+    for _ in range(_MAX_LINKS):
+        folder, name = os.path.split(os.path.abspath(path))
+        full = os.path.join(os.path.realpath(folder), name)
+        match = _DESCRIPTOR_LINK.fullmatch(full)
+        if match is not None:
+            return int(match["pid"]), int(match["fd"])
+        try:
+            target = os.readlink(full)
+        except OSError:
+            return None  # not a link (any more)
+        path = os.path.join(os.path.dirname(full), target)
+    return None
 
 
 def _state_record(content: Content) -> bytes:

@@ -38,6 +38,7 @@ from p2p.client import (
     PeerFailed,
     describe,
 )
+from p2p.pace import DEFAULT_PACE, Pace
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink, StreamOutput
 
@@ -103,6 +104,8 @@ class Swarm:
     :param max_sources: most holders asked at once.
     :param report: called with a L{SourceReport} whenever a source is
         dropped (its C{reason} set).
+    :param pace: what each source must keep up to (L{p2p.pace}); one whose
+        unit falls below the minimum rate is dropped like one that broke.
     """
 
     def __init__(
@@ -116,8 +119,10 @@ class Swarm:
         max_sources: int = DEFAULT_MAX_SOURCES,
         unit_pieces: int = UNIT_PIECES,
         report: Callable[[SourceReport], None] = lambda report: None,
+        pace: Pace = DEFAULT_PACE,
     ) -> None:
         assert sink.content is not None
+        self.pace = pace
         self.reactor = reactor
         self.sink = sink
         self.content = sink.content
@@ -252,7 +257,7 @@ class Swarm:
             self.content.root_hex, offset, last_offset + last_length - offset
         )
         protocol = FileFetchProtocol(
-            request, self.sink, self.reactor, self.idle_timeout
+            request, self.sink, self.reactor, self.idle_timeout, pace=self.pace
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False

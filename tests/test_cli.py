@@ -8,6 +8,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import stat
 import sys
 
 from twisted.internet.address import IPv4Address
@@ -17,14 +18,17 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import cli, pieces, wire
+from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
 from ._support import set_relay_environment
+from .test_sink import _Reader
 
 # What a real refused connect() reports: an errno and its name.
 REFUSED = (errno.ECONNREFUSED, "ECONNREFUSED")
 PEER_A = "aaaaaaaaaaaaaaaa"
 PEER_B = "bbbbbbbbbbbbbbbb"
+MIB = pieces.PIECE_SIZE
 
 
 class FakeConsole(cli.Console):
@@ -115,6 +119,16 @@ def serve(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
     return request
 
 
+def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
+    """Play a peer asked for a name's header only (RANGE 0 0); return the
+    request it got."""
+    protocol, transport = connect(reactor, index, b"P2P/2 peer")
+    request = transport.value()
+    header = wire.FileHeader(0, root_of(content), 0, len(content), pieces.PIECE_SIZE, 0)
+    protocol.dataReceived(header.to_line() + b"\n")
+    return request
+
+
 class CommandTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
@@ -167,6 +181,14 @@ class UsageTests(CommandTestCase):
             ["demo", "--peers", "x"],
             ["demo", "--files", missing],
             ["get", "-o", missing, "a", "b"],
+            ["get", "--expect", "abc", "a"],
+            ["get", "--expect", "A" * 64, "a"],
+            ["get", "--expect", "a" * 63 + "g", "a"],
+            ["get", "--expect", "a" * 64, "a", "b"],
+            ["get", "--expect", "a" * 64],
+            ["get", "--min-rate", "fast", "a"],
+            ["get", "--min-rate-time", "0", "a"],
+            ["get", "--header-timeout", "-1", "a"],
         ):
             self.console = FakeConsole()
             code = self.successResultOf(self.run_cli(*argv))
@@ -310,6 +332,27 @@ class GetTests(CommandTestCase):
         self.assertFalse(os.path.exists("x"))
         self.assert_no_timers()
 
+    def test_names_and_peer_messages_are_escaped(self) -> None:
+        """
+        Every line on stderr shows a name with visible escapes, and text a
+        peer chose (its ERR message) cannot reorder or hide what follows.
+        """
+        name = "invoice\u202efdp.exe"
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", name)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol.dataReceived("ERR 404 gone\u2066\u200b\n".encode())
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        errors = self.console.stderr.getvalue()
+        self.assertTrue(errors.isascii(), errors)
+        self.assertIn(
+            "invoice\\u202efdp.exe: skipped 127.0.0.1:4001: refused: "
+            "ERR 404 gone\\u2066\\u200b",
+            errors,
+        )
+        self.assertIn("invoice\\u202efdp.exe: not found on any of 1", errors)
+
     def test_output_not_writable(self) -> None:
         folder = self.mktemp()
         os.mkdir(folder)
@@ -318,6 +361,41 @@ class GetTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
         self.assert_one_error_line("cannot write")
         self.assertEqual(self.reactor.tcpClients, [], "checked before any request")
+
+    def test_output_through_a_fifo(self) -> None:
+        """-o onto a FIFO writes the content through it; the FIFO stays a
+        FIFO and nothing else appears beside it."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        fifo = os.path.join(folder, "pipe")
+        os.mkfifo(fifo)
+        reader = _Reader(fifo)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", "-o", fifo, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(reader.result(), self.CONTENT)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assertEqual(os.listdir(folder), ["pipe"])
+        self.assertIn(f"every piece verified) -> {fifo}", self.console.err_lines[-1])
+        self.assert_no_timers()
+
+    def test_output_link_to_a_file_refused(self) -> None:
+        """-o onto a symbolic link to a regular file is refused before the
+        relay is asked; the file is untouched."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        with open(os.path.join(folder, "real"), "wb") as stream:
+            stream.write(b"precious")
+        link = os.path.join(folder, "link")
+        os.symlink("real", link)
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", link, "a.txt")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
+        self.assert_one_error_line("cannot write", "a symbolic link to a regular file")
+        self.assertEqual(self.reactor.tcpClients, [])
+        with open(os.path.join(folder, "real"), "rb") as stream:
+            self.assertEqual(stream.read(), b"precious")
 
     def test_peer_connect_timeout_skips_peer(self) -> None:
         """A peer that never accepts the connection is skipped after
@@ -339,6 +417,272 @@ class GetTests(CommandTestCase):
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)
         self.assert_no_timers()
+
+
+class PaceOptionTests(CommandTestCase):
+    """--min-rate, --min-rate-time and --header-timeout reach every peer."""
+
+    CONTENT = os.urandom(300_000)
+
+    def start_get(self, *argv: str):
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", *argv, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)  # no suggestion
+        return d
+
+    def test_defaults(self) -> None:
+        options = cli.parse(["get", "a"])
+        self.assertEqual(options.subOptions["pace"], Pace(4096, 10.0, 30.0))
+        options = cli.parse(["get", "--min-rate", "0", "--header-timeout", "0", "a"])
+        self.assertEqual(options.subOptions["pace"], Pace(0, 10.0, None))
+
+    def test_slow_peer_skipped(self) -> None:
+        """
+        With --min-rate 64K --min-rate-time 2, a peer sending 10 KiB a
+        second is skipped after two seconds of it, and the next one serves
+        the whole file (to stdout: nothing had been written yet).
+        """
+        d = self.start_get("--min-rate", "64K", "--min-rate-time", "2")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        reply = peer_reply(self.CONTENT)
+        start = len(reply) - len(self.CONTENT)
+        protocol.dataReceived(reply[:start])
+        for _ in range(3):
+            protocol.dataReceived(reply[start : start + 10240])
+            start += 10240
+            for _ in range(10):
+                self.reactor.advance(0.1)
+        self.assertIn(
+            "skipped 127.0.0.1:4001: too slow: 20.0 KiB in 2 s, less than "
+            "--min-rate 64.0 KiB/s",
+            self.console.stderr.getvalue(),
+        )
+        serve(self.reactor, 3, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        self.assert_no_timers()
+
+    def test_header_timeout(self) -> None:
+        """--header-timeout 3: a peer that greets and never answers the
+        request, though it keeps sending INDEXING lines without progress,
+        is skipped after 3 s."""
+        d = self.start_get("--header-timeout", "3")
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        for _ in range(3):
+            protocol.dataReceived(wire.Indexing(0, 100).to_line() + b"\n")
+            self.reactor.advance(1)
+        self.assertIn(
+            "skipped 127.0.0.1:4001: timed out: no header within 3s",
+            self.console.stderr.getvalue(),
+        )
+        serve(self.reactor, 3, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+
+
+class ChoiceTests(CommandTestCase):
+    """
+    A fetch by name with several likely holders first asks them which
+    content they hold (L{p2p.choice}), takes the one most offer, and says
+    so when they disagree.
+    """
+
+    REAL = b"the report everybody wants\n" * 40
+    FAKE = b"MZ something else entirely\n"
+    HOLDERS = [
+        (PEER_A, "127.0.0.1", 4001),
+        (PEER_B, "127.0.0.1", 4002),
+        ("cccccccccccccccc", "127.0.0.1", 4003),
+    ]
+
+    def start(self, *argv: str, holders=HOLDERS):
+        d = self.run_cli("--relay", "127.0.0.1:9", *argv, "get", "r.pdf")
+        self.answer_peers(0, *holders)
+        self.answer_peers(1, *holders)  # all suggested
+        return d
+
+    def test_majority_taken_and_disagreement_reported(self) -> None:
+        """
+        A liar listed first offers other content under the name: the two
+        honest holders outvote it.  stderr names every content with its
+        holders, the choice and why (even with -q); the liar is never
+        asked for the file, and the final line says what was verified.
+        """
+        d = self.start("-q")
+        range_line = b"RANGE 0 0 r.pdf\n"
+        self.assertEqual(answer_range(self.reactor, 2, self.FAKE), range_line)
+        self.assertEqual(answer_range(self.reactor, 3, self.REAL), range_line)
+        self.assertEqual(answer_range(self.reactor, 4, self.REAL), range_line)
+        self.assertEqual(self.reactor.tcpClients[5][:2], ("127.0.0.1", 4002))
+        self.assertEqual(serve(self.reactor, 5, self.REAL), b"GET r.pdf\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.REAL)
+        real, fake = root_of(self.REAL), root_of(self.FAKE)
+        self.assertEqual(
+            self.console.err_lines,
+            [
+                "p2p: r.pdf: holders disagree on its content (3 of 3 asked answered):",
+                f"p2p: r.pdf:   root {real} ({len(self.REAL)} bytes) from 2 "
+                "holders: 127.0.0.1:4002, 127.0.0.1:4003",
+                f"p2p: r.pdf:   root {fake} ({len(self.FAKE)} bytes) from 1 "
+                "holder: 127.0.0.1:4001",
+                f"p2p: r.pdf: taking root {real[:12]}... (the most holders "
+                "offer it); --expect ROOT takes another",
+            ],
+        )
+        self.assertEqual(len(self.reactor.tcpClients), 6)
+        self.assert_no_timers()
+
+    def test_tie_goes_to_the_relays_order(self) -> None:
+        d = self.start(holders=self.HOLDERS[:2])
+        answer_range(self.reactor, 2, self.FAKE)
+        answer_range(self.reactor, 3, self.REAL)
+        self.assertEqual(self.reactor.tcpClients[4][:2], ("127.0.0.1", 4001))
+        serve(self.reactor, 4, self.FAKE)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.FAKE)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            "(as many holders offer another; the relay suggested it first)", errors
+        )
+        self.assertIn("as 1 of 2 holders described it, every piece verified", errors)
+
+    def test_chosen_content_only(self) -> None:
+        """The choice pins the content: a chosen holder that answers the
+        GET with other content is skipped, like a mismatch of --expect."""
+        d = self.start(holders=self.HOLDERS[:2])
+        answer_range(self.reactor, 2, self.REAL)
+        answer_range(self.reactor, 3, self.REAL)
+        serve(self.reactor, 4, self.FAKE)
+        self.assertIn(
+            "skipped 127.0.0.1:4001: has other content",
+            self.console.stderr.getvalue(),
+        )
+        serve(self.reactor, 5, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.REAL)
+
+    def test_one_answer(self) -> None:
+        """One holder answers, the other cannot be reached: its content is
+        taken, and the final line does not claim a count."""
+        d = self.start(holders=self.HOLDERS[:2])
+        self.refuse(2)
+        answer_range(self.reactor, 3, self.REAL)
+        self.assertEqual(self.reactor.tcpClients[4][:2], ("127.0.0.1", 4002))
+        serve(self.reactor, 4, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        errors = self.console.stderr.getvalue()
+        self.assertIn("as its holder described it, every piece verified", errors)
+        self.assertRegex(
+            errors,
+            r"r\.pdf: skipped 127\.0\.0\.1:4001: cannot connect: .* \(0 ms, asked "
+            r"which content it holds\)",
+        )
+        self.assert_no_timers()
+
+    def test_agreement_is_quiet(self) -> None:
+        d = self.start(holders=self.HOLDERS[:2])
+        answer_range(self.reactor, 2, self.REAL)
+        answer_range(self.reactor, 3, self.REAL)
+        serve(self.reactor, 4, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        errors = self.console.stderr.getvalue()
+        self.assertNotIn("disagree", errors)
+        self.assertIn("as 2 of 2 holders described it", errors)
+
+    def test_no_question_with_one_holder_or_a_pinned_root(self) -> None:
+        """
+        One likely holder, --sources 1, --expect, or a fetch by ROOT: no
+        RANGE is sent, the first connection to a peer asks for the file
+        itself (one round trip, as before).
+        """
+        for argv, holders, name in (
+            ([], self.HOLDERS[:1], "r.pdf"),
+            (["--sources", "1"], self.HOLDERS, "r.pdf"),
+            (["--expect", root_of(self.REAL)], self.HOLDERS, "r.pdf"),
+        ):
+            self.reactor = MemoryReactorClock()
+            self.console = FakeConsole()
+            d = self.run_cli("--relay", "127.0.0.1:9", "get", *argv, name)
+            self.answer_peers(0, *holders)
+            self.answer_peers(1, *holders)
+            self.assertEqual(serve(self.reactor, 2, self.REAL), b"GET r.pdf\n")
+            self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.reactor = MemoryReactorClock()
+        self.console = FakeConsole()
+        root = root_of(self.REAL)
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", root)
+        self.answer_peers(0, *self.HOLDERS)
+        for index in range(1, 4):
+            protocol, transport = self.connect(index, b"P2P/2 peer")
+            self.assertEqual(transport.value(), f"PIECES {root}\n".encode())
+            protocol.dataReceived(b"ERR 404 no such content\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assert_one_error_line("not found on any of 3")
+        self.assert_no_timers()
+
+
+class PinnedContentTests(CommandTestCase):
+    """
+    ``get ROOT`` and ``get --expect ROOT NAME`` take that content and
+    nothing else, whatever a peer answers.
+    """
+
+    CONTENT = b"exactly this content\n" * 30
+    OTHER = b"any other content\n" * 30
+
+    def test_root_fetch_skips_a_piece_list_of_other_content(self) -> None:
+        root = root_of(self.CONTENT)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", root)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        self.assertEqual(transport.value(), f"PIECES {root}\n".encode())
+        listing = wire.PiecesHeader(32, root_of(self.OTHER), len(self.OTHER), MIB)
+        protocol.dataReceived(listing.to_line() + b"\n" + piece_digests(self.OTHER))
+        protocol, transport = self.connect(2, b"P2P/2 peer")
+        listing = wire.PiecesHeader(32, root, len(self.CONTENT), MIB)
+        protocol.dataReceived(listing.to_line() + b"\n" + piece_digests(self.CONTENT))
+        self.assertEqual(
+            transport.value().splitlines()[-1],
+            f"BLOB {root} 0 {len(self.CONTENT)}".encode(),
+        )
+        protocol.dataReceived(peer_reply(self.CONTENT))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            "skipped 127.0.0.1:4001: protocol error: the reply is for other content",
+            errors,
+        )
+        self.assertIn(f"(root {root[:12]}... as you gave it, every piece", errors)
+        self.assert_no_timers()
+
+    def test_expect_skips_other_content(self) -> None:
+        root = root_of(self.CONTENT)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", "--expect", root, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)
+        self.assertEqual(serve(self.reactor, 2, self.OTHER), b"GET a.txt\n")
+        self.assertEqual(serve(self.reactor, 3, self.CONTENT), b"GET a.txt\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        self.assertIn(
+            f"skipped 127.0.0.1:4001: has other content (root "
+            f"{root_of(self.OTHER)[:12]}...)",
+            errors,
+        )
+        self.assertIn("as --expect gave it, every piece verified", errors)
+
+    def test_expect_never_takes_other_content(self) -> None:
+        """With only other content on offer, nothing is written."""
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "--expect", "a" * 64, "a.txt"
+        )
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertEqual(self.console.out, b"")
 
 
 class PieceTests(CommandTestCase):
@@ -506,6 +850,34 @@ class LsTests(CommandTestCase):
                 f"{10:>12} {self.ROOT_B} {'127.0.0.1:4001':<22} b.txt",
             ],
         )
+
+    def test_names_are_escaped(self) -> None:
+        """
+        A name with a bidirectional override or a zero-width space is
+        printed with visible escapes (a backslash doubled), by ls and ls
+        --long alike; sorting uses the names themselves.
+        """
+        names = ["invoice\u202efdp.exe", "pay\u200bpal", "back\\slash\tx"]
+        for argv, root in ((["ls"], ""), (["ls", "--long"], f"{self.ROOT_A} ")):
+            self.reactor = MemoryReactorClock()
+            self.console = FakeConsole()
+            d = self.run_cli("--relay", "127.0.0.1:9", *argv)
+            self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+            protocol, _ = self.connect(1, b"P2P/2 peer")
+            entries = [wire.FileEntry(1, self.ROOT_A, name) for name in names]
+            protocol.dataReceived(
+                b"OK 3\n" + b"".join(entry.to_line() + b"\n" for entry in entries)
+            )
+            self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+            address = f"{'127.0.0.1:4001':<22}"
+            self.assertEqual(
+                self.console.out.decode().splitlines(),
+                [
+                    f"{1:>12} {root}{address} back\\\\slash\\u0009x",
+                    f"{1:>12} {root}{address} invoice\\u202efdp.exe",
+                    f"{1:>12} {root}{address} pay\\u200bpal",
+                ],
+            )
 
     def test_older_peer_is_reported_and_skipped(self) -> None:
         """A P2P/1 peer cannot be listed: one line says why, the others

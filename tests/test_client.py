@@ -50,6 +50,7 @@ from p2p.client import (
 )
 from p2p.fetch import Attempt, Fetcher, NotFoundAnywhere
 from p2p.index import IndexEntry, ShareIndex
+from p2p.pace import DEFAULT_PACE, UNBOUNDED, Pace
 from p2p.peer import PeerFactory
 from p2p.pieces import Content, PieceList
 from p2p.share import ShareFolder
@@ -103,7 +104,7 @@ def blob_for(data: bytes, offset: int = 0) -> wire.Blob:
     return wire.Blob(content.root_hex, offset, len(data) - offset)
 
 
-class FileFetchProtocolTests(SynchronousTestCase):
+class _OneFetch(SynchronousTestCase):
     """One fetch, on a StringTransport, fed by hand."""
 
     def setUp(self) -> None:
@@ -112,13 +113,14 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.sink = PieceSink(StreamOutput(self.out))
         self.progress: list[wire.Indexing] = []
 
-    def connect(self, transport=None, request=None, idle=IDLE):
+    def connect(self, transport=None, request=None, idle=IDLE, pace=DEFAULT_PACE):
         self.protocol = FileFetchProtocol(
             request or wire.Get(NAME),
             self.sink,
             self.clock,
             idle,
             on_indexing=self.progress.append,
+            pace=pace,
         )
         self.transport = transport or StringTransport()
         if isinstance(self.transport, StringTransportWithDisconnection):
@@ -139,6 +141,10 @@ class FileFetchProtocolTests(SynchronousTestCase):
             self.assertEqual(failure.value.kind, kind)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         return failure.value
+
+
+class FileFetchProtocolTests(_OneFetch):
+    """One fetch, on a StringTransport, fed by hand."""
 
     def test_request_after_banner(self) -> None:
         """The GET line goes out once the peer's banner arrived, not before."""
@@ -204,10 +210,12 @@ class FileFetchProtocolTests(SynchronousTestCase):
         connection alive past the idle timeout."""
         self.connect()
         self.greet()
-        for done in range(0, 100, 10):
+        for done in range(0, 100 * MIB, 10 * MIB):
             self.clock.advance(IDLE - 1)
-            self.protocol.dataReceived(wire.Indexing(done, 100).to_line() + b"\n")
-        self.assertEqual([p.done for p in self.progress], list(range(0, 100, 10)))
+            self.protocol.dataReceived(wire.Indexing(done, 100 * MIB).to_line() + b"\n")
+        self.assertEqual(
+            [p.done for p in self.progress], list(range(0, 100 * MIB, 10 * MIB))
+        )
         self.protocol.dataReceived(reply_for(CONTENT))
         self.successResultOf(self.protocol.result)
 
@@ -413,8 +421,9 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.assertFailed("timed out")
 
     def test_progress_resets_timeout(self) -> None:
-        """A slow transfer that keeps delivering bytes is not timed out."""
-        self.connect()
+        """A slow transfer that keeps delivering bytes is not timed out (by
+        the idle timer: the minimum rate is off here, see PaceTests)."""
+        self.connect(pace=UNBOUNDED)
         self.greet()
         reply = reply_for(CONTENT)
         for start in range(0, len(reply), 5000):
@@ -433,8 +442,8 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.assertFailed("timed out")
 
     def test_no_timeout(self) -> None:
-        """An idle timeout of None schedules nothing."""
-        self.connect(idle=None)
+        """An idle timeout of None (and no pace) schedules nothing."""
+        self.connect(idle=None, pace=UNBOUNDED)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
     def test_cancel(self) -> None:
@@ -463,6 +472,172 @@ class FileFetchProtocolTests(SynchronousTestCase):
         self.connect(StringTransportWithDisconnection())
         self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(b"abc", body=b"abd"))
         self.assertFailed("corrupted")
+
+
+class PaceTests(_OneFetch):
+    """
+    What a peer must keep up to (L{p2p.pace}): the minimum rate of a
+    transfer, the deadline of its header and piece list, its indexing
+    progress; and never a byte past what its header announced.  Time moves
+    in steps of at most a second, as a running reactor's would.
+    """
+
+    PACE = Pace(min_rate=4096, min_rate_time=10.0, header_timeout=30.0)
+
+    def tick(self, seconds: float, step: float = 1.0) -> None:
+        for _ in range(round(seconds / step)):
+            self.clock.advance(step)
+
+    def test_trickle_is_too_slow(self) -> None:
+        """
+        A valid header, then one byte every two seconds: never silent for
+        the idle timeout, but below the minimum rate, so the peer fails at
+        the end of the first stretch ("slow": what verified is kept), and
+        not a byte of the unfinished piece reached the output.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        reply = reply_for(CONTENT)
+        body = len(reply) - len(CONTENT)
+        self.protocol.dataReceived(reply[:body])
+        for position in range(body, body + 4):
+            self.tick(2)
+            self.protocol.dataReceived(reply[position : position + 1])
+        self.tick(1.9, 0.1)
+        self.assertNoResult(self.protocol.result)
+        self.tick(0.2, 0.1)
+        failure = self.assertFailed("too slow: 4 B in 10 s", "slow")
+        self.assertIn("--min-rate 4.0 KiB/s", failure.reason)
+        self.assertTrue(self.transport.disconnected)
+        self.assertEqual(self.content(), b"")
+
+    def test_steady_transfer_passes(self) -> None:
+        """Twice the minimum rate for three stretches: it completes."""
+        data = os.urandom(240 * 1024)
+        self.connect(pace=self.PACE)
+        self.greet()
+        reply = reply_for(data)
+        for start in range(0, len(reply), 8192):
+            self.protocol.dataReceived(reply[start : start + 8192])
+            self.tick(1)
+        self.assertGreater(self.clock.seconds(), 25)
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), data)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_rate_off(self) -> None:
+        """--min-rate 0: a trickle is judged by the idle timer only."""
+        self.connect(pace=Pace(0, 10.0, 30.0))
+        self.greet()
+        reply = reply_for(CONTENT[:50])
+        self.protocol.dataReceived(reply[:-50])
+        for position in range(len(reply) - 50, len(reply)):
+            self.tick(5)
+            self.protocol.dataReceived(reply[position : position + 1])
+        self.successResultOf(self.protocol.result)
+
+    def test_piece_list_trickle_misses_the_header_deadline(self) -> None:
+        """
+        The header line at once, then its piece list a byte every five
+        seconds (each byte restarting the idle timer): the header deadline
+        still ends it, 30 s after the connection.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        reply = reply_for(BIG)
+        line = reply.index(b"\n") + 1
+        self.protocol.dataReceived(reply[:line])
+        for position in range(line, line + 5):
+            self.tick(5)
+            self.protocol.dataReceived(reply[position : position + 1])
+        self.tick(4.9, 0.1)
+        self.assertNoResult(self.protocol.result)
+        self.tick(0.2, 0.1)
+        self.assertFailed("timed out: no header within 30s", "timeout")
+        self.assertEqual(self.content(), b"")
+
+    def test_header_line_trickle_is_silence(self) -> None:
+        """A header line trickled without its end is silence: the idle
+        timer ends it (an unfinished line is not activity)."""
+        self.connect(pace=self.PACE)
+        self.greet()
+        for byte in reply_for(CONTENT)[:5]:
+            self.tick(2)
+            self.protocol.dataReceived(bytes([byte]))
+        self.tick(IDLE - 2)
+        self.assertFailed("timed out: silent for 10s", "timeout")
+
+    def test_indexing_without_progress(self) -> None:
+        """
+        INDEXING lines that never show progress keep the idle timer going
+        but not the header deadline: 30 s after the last progress, the
+        peer is skipped.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        line = wire.Indexing(MIB, 100 * MIB).to_line() + b"\n"
+        for _ in range(5):
+            self.protocol.dataReceived(line)
+            self.tick(5)
+        self.protocol.dataReceived(line)
+        self.tick(4)
+        self.assertNoResult(self.protocol.result)
+        self.protocol.dataReceived(line)
+        self.tick(1)
+        self.assertFailed("timed out: no header within 30s", "timeout")
+
+    def test_indexing_progress_renews_the_deadline(self) -> None:
+        """A long indexing that keeps progressing is waited for, far past
+        the header deadline, and the file then comes."""
+        self.connect(pace=self.PACE)
+        self.greet()
+        total = 100 * MIB
+        for second in range(100):
+            done = second * total // 100
+            self.protocol.dataReceived(wire.Indexing(done, total).to_line() + b"\n")
+            self.tick(1)
+        self.protocol.dataReceived(reply_for(CONTENT))
+        self.successResultOf(self.protocol.result)
+
+    def test_indexing_too_slow(self) -> None:
+        """
+        A peer faking slow progress (1 KiB a second of a huge file) is
+        bounded like a slow transfer: past the header deadline's length,
+        what it hashed must keep up the minimum rate since its first line.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        total = 10**15
+        for second in range(41):
+            line = wire.Indexing(second * 1024, total).to_line() + b"\n"
+            self.protocol.dataReceived(line)
+            self.tick(1)
+        self.assertNoResult(self.protocol.result)
+        self.protocol.dataReceived(wire.Indexing(41 * 1024, total).to_line() + b"\n")
+        self.assertFailed("too slow: indexing, 41.0 KiB hashed in 41 s", "slow")
+
+    def test_indexing_size_refused_at_once(self) -> None:
+        """The size in an INDEXING line already counts against --max-size."""
+        self.sink = PieceSink(StreamOutput(self.out), max_size=MIB)
+        self.connect(pace=self.PACE)
+        self.greet()
+        self.protocol.dataReceived(wire.Indexing(0, 2 * MIB).to_line() + b"\n")
+        self.assertFailed(
+            "too large: 2097152 bytes is more than --max-size", "too-large"
+        )
+        self.assertEqual(self.progress, [])
+
+    def test_endless_stream_is_cut_at_the_announced_count(self) -> None:
+        """
+        A header for N bytes, then N bytes and more in one chunk: the
+        chunk is refused whole, before any of it is stored.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        self.protocol.dataReceived(reply_for(CONTENT) + b"x" * 100_000)
+        self.assertFailed("more bytes than announced", "protocol")
+        self.assertEqual(self.content(), b"")
+        self.assertEqual(self.sink.received, 0)
 
 
 class SlowWorkerTests(SynchronousTestCase):
@@ -519,6 +694,59 @@ class SlowWorkerTests(SynchronousTestCase):
         )
         self.assertEqual(self.out.getvalue(), self.data)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bytes_after_the_last_are_not_read(self) -> None:
+        """
+        Once every announced byte is in, the connection is no longer read:
+        bytes a peer sends after them (an endless stream) are neither held
+        nor held against it while the last pieces are being verified, and
+        the fetch succeeds.
+        """
+        self.start()
+        self.protocol.dataReceived(self.data)
+        self.assertEqual(self.transport.producerState, "paused")
+        self.protocol.dataReceived(b"x" * 100_000)
+        self.assertNoResult(self.protocol.result)
+        self.worker.run_all()
+        self.assertEqual(
+            self.successResultOf(self.protocol.result).size, len(self.data)
+        )
+        self.assertEqual(self.out.getvalue(), self.data)
+
+    def test_paused_time_is_not_the_peers(self) -> None:
+        """
+        While the connection is paused for the worker (a slow disk, a slow
+        reader of stdout), neither the idle timer nor the minimum rate runs:
+        a long wait is ours, not the peer's, and the transfer then goes on.
+        """
+        self.start()
+        self.protocol.dataReceived(self.data[:HIGH_WATER_BYTES])
+        self.assertEqual(self.transport.producerState, "paused")
+        for _ in range(120):
+            self.clock.advance(1)
+        self.assertNoResult(self.protocol.result)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.worker.run_all()
+        self.assertEqual(self.transport.producerState, "producing")
+        self.protocol.dataReceived(self.data[HIGH_WATER_BYTES:])
+        self.worker.run_all()
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.out.getvalue(), self.data)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bytes_held_while_preparing_are_bounded(self) -> None:
+        """
+        Bytes that arrive while the output is being prepared wait in
+        memory, but never more than the header announced.
+        """
+        self.protocol.dataReceived(b"P2P/2 peer\n" + self.reply[: self.body])
+        self.protocol.dataReceived(self.data[:MIB])
+        self.assertNoResult(self.protocol.result)
+        self.protocol.dataReceived(self.data[MIB:] + b"more")
+        failure = self.failureResultOf(self.protocol.result, PeerFailed)
+        self.assertIn("more bytes than announced", failure.value.reason)
+        self.worker.run_all()
+        self.assertEqual(self.out.getvalue(), b"")
 
     def test_verifies_after_the_worker_caught_up(self) -> None:
         """
@@ -581,6 +809,41 @@ class ScriptedServer(LineReceiver):
             self.transport.write(reply)
         if self.close:
             self.transport.loseConnection()
+
+
+class Trickler(LineReceiver):
+    """
+    A peer that answers a ``GET`` with a valid reply for C{data}, sent at
+    once up to C{start} bytes (default: the header and piece list), then
+    one byte every C{every} seconds of C{clock}: never silent for long.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(
+        self, clock: Clock, data: bytes, every: float = 2.0, start: int | None = None
+    ) -> None:
+        self.clock = clock
+        self.reply = reply_for(data)
+        self.every = every
+        self.position = len(self.reply) - len(data) if start is None else start
+        self.timer = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"P2P/2 peer\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.transport.write(self.reply[: self.position])
+        self.timer = self.clock.callLater(self.every, self.drip)
+
+    def drip(self) -> None:
+        self.transport.write(self.reply[self.position : self.position + 1])
+        self.position += 1
+        self.timer = self.clock.callLater(self.every, self.drip)
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()
 
 
 def answer(data: bytes, line: bytes, cut: int | None = None) -> bytes:
@@ -1137,6 +1400,35 @@ class FetcherTests(SynchronousTestCase):
         self.assertEqual([a.offset for a in result.attempts], [0, 2 * MIB])
         self.assertEqual(
             self.network.requests(self.network.peers[1]), [blob_line(BIG, 2 * MIB)]
+        )
+        self.assertDelivered(result, BIG)
+        self.assertQuiet()
+
+    def test_trickling_peer_is_skipped(self) -> None:
+        """
+        A peer that trickles its content a byte every two seconds is
+        skipped at the end of the minimum rate's first stretch (10 s), and
+        the next peer delivers the file, whole.
+        """
+        self.network.add(lambda: Trickler(self.clock, CONTENT))
+        self.network.add(self.has_it)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(
+            result.attempts, ["too slow: 4 B in 10 s, less than --min-rate", "found"]
+        )
+        self.assertEqual(self.clock.seconds(), 10)
+        self.assertDelivered(result)
+        self.assertQuiet()
+
+    def test_trickled_piece_list_misses_the_header_deadline(self) -> None:
+        """A peer that sends its header line, then trickles the piece list,
+        is skipped at the header deadline (30 s after it connected)."""
+        line = reply_for(BIG).index(b"\n") + 1
+        self.network.add(lambda: Trickler(self.clock, BIG, start=line))
+        self.network.add(self.has_big)
+        result = self.successResultOf(self.fetch())
+        self.assertReasons(
+            result.attempts, ["timed out: no header within 30s", "found"]
         )
         self.assertDelivered(result, BIG)
         self.assertQuiet()

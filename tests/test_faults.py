@@ -344,6 +344,9 @@ async def test_blackholed_peer_costs_little(launcher: Launcher):
             "--connect-timeout",
             "1",
             "get",
+            # Nor the question to both holders (p2p.choice) first.
+            "--sources",
+            "1",
             "sample1.txt",
         )
         assert slow.code == EXIT_OK, slow.stderr
@@ -390,6 +393,9 @@ async def test_hanging_peer_is_skipped(launcher: Launcher):
             "--connect-timeout",
             "1",
             "get",
+            # Nor the question to both holders (p2p.choice) first.
+            "--sources",
+            "1",
             "sample1.txt",
         )
     finally:

@@ -6,13 +6,18 @@ import errno
 import io
 import os
 import shutil
+import socket
+import stat
 import tempfile
+import threading
+from unittest import SkipTest
 
 from twisted.internet.defer import Deferred
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import pieces
+from p2p import sink as sink_module
 from p2p.pieces import Content, PieceList
 from p2p.sink import (
     HIGH_WATER_BYTES,
@@ -20,8 +25,11 @@ from p2p.sink import (
     STATE_SUFFIX,
     ContentMismatch,
     FileOutput,
+    OutputRefused,
     PieceSink,
     StreamOutput,
+    ThroughOutput,
+    output_for,
 )
 from tests._indexed import StepPool
 
@@ -286,3 +294,234 @@ class FileTests(SynchronousTestCase):
             self.assertEqual(os.path.getsize(kept), MIB)
         resumed = self.sink()
         self.assertEqual(resumed.done, {0})
+
+
+class LockTests(SynchronousTestCase):
+    """Two runs with one ``-o`` target never write into each other."""
+
+    def setUp(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="p2p-test-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "out.bin")
+        self.data = os.urandom(2 * MIB + 5)
+        self.content, self.list = describe(self.data)
+
+    def test_finished_file_is_never_taken_over(self) -> None:
+        """
+        A second run that opened the partial file just before the first
+        renamed it into place (and so unlocked it) does not lock the
+        finished file: it sees the partial path now names another file
+        (none), starts a partial file of its own, and preparing that for
+        other content leaves the finished file whole.
+        """
+        first = PieceSink(FileOutput(self.path))
+        fired(first.begin(self.content, self.list))
+        for index, piece in enumerate(chunks(self.data)):
+            first.write(index, piece)
+        real_lock = sink_module._lock
+        raced: list[int] = []
+
+        def lock_after_the_rename(fd: int, path: str) -> None:
+            if not raced:
+                raced.append(fd)
+                fired(first.finish())  # renamed into place, lock released
+            real_lock(fd, path)
+
+        self.patch(sink_module, "_lock", lock_after_the_rename)
+        second = FileOutput(self.path)
+        second.lock()
+        self.assertEqual(len(raced), 1)
+        other, listing = describe(os.urandom(3000))
+        fired(PieceSink(second).begin(other, listing))
+        with open(self.path, "rb") as stream:
+            self.assertEqual(stream.read(), self.data)
+        self.assertNotEqual(
+            os.stat(self.path).st_ino, os.stat(self.path + PARTIAL_SUFFIX).st_ino
+        )
+        second.abandon(keep=False)
+        self.assertEqual(os.listdir(self.folder), ["out.bin"])
+
+    def test_partial_path_never_followed(self) -> None:
+        """A symbolic link planted at the partial path is not written
+        through: the run fails, the file it points to is untouched."""
+        victim = os.path.join(self.folder, "victim")
+        with open(victim, "wb") as stream:
+            stream.write(b"precious")
+        os.symlink(victim, self.path + PARTIAL_SUFFIX)
+        error = self.assertRaises(OSError, FileOutput(self.path).lock)
+        self.assertEqual(error.errno, errno.ELOOP)
+        with open(victim, "rb") as stream:
+            self.assertEqual(stream.read(), b"precious")
+
+
+class _Reader:
+    """Reads a FIFO (or a pipe's read end) to its end, on a thread: the
+    other end of a write-through output."""
+
+    def __init__(self, path: str | None = None, fd: int | None = None) -> None:
+        self.data = bytearray()
+        self.path = path
+        self.fd = fd
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        fd = os.open(self.path, os.O_RDONLY) if self.fd is None else self.fd
+        try:
+            while chunk := os.read(fd, 65536):
+                self.data += chunk
+        finally:
+            os.close(fd)
+
+    def result(self) -> bytes:
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the writer never closed"
+        return bytes(self.data)
+
+
+class ThroughTests(SynchronousTestCase):
+    """
+    ``-o`` onto something that is not a regular file is written through,
+    in order, and never replaced (L{output_for}, L{ThroughOutput}).
+    """
+
+    def setUp(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="p2p-test-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.data = os.urandom(3 * MIB + 77)
+        self.content, self.list = describe(self.data)
+
+    def path(self, name: str) -> str:
+        return os.path.join(self.folder, name)
+
+    def write_through(self, output) -> None:
+        """Every piece, out of order, then finish."""
+        sink = PieceSink(output)
+        fired(sink.begin(self.content, self.list))
+        for index, piece in reversed(list(enumerate(chunks(self.data)))):
+            sink.write(index, piece)
+        fired(sink.finish())
+
+    def test_fifo(self) -> None:
+        """A FIFO gets the content in order; it is still a FIFO, and no
+        partial or state file appears beside it."""
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        reader = _Reader(fifo)
+        output = output_for(fifo)
+        self.assertIsInstance(output, ThroughOutput)
+        self.write_through(output)
+        self.assertEqual(reader.result(), self.data)
+        self.assertTrue(stat.S_ISFIFO(os.lstat(fifo).st_mode))
+        self.assertEqual(os.listdir(self.folder), ["fifo"])
+
+    def test_fifo_without_reader(self) -> None:
+        """Opening without waiting says there is no reader yet."""
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        output = output_for(fifo)
+        self.assertFalse(output.open(blocking=False))
+        self.assertEqual(os.listdir(self.folder), ["fifo"])
+
+    def test_second_writer_refused(self) -> None:
+        """Two runs never interleave pieces in one FIFO: the second fails
+        at once (EBUSY), the first's output is whole."""
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        reader = _Reader(fifo)
+        first = output_for(fifo)
+        self.assertTrue(first.open())
+        second = output_for(fifo)
+        error = self.assertRaises(OSError, second.open, False)
+        self.assertEqual(error.errno, errno.EBUSY)
+        self.write_through(first)
+        self.assertEqual(reader.result(), self.data)
+
+    def test_symlink_to_fifo(self) -> None:
+        fifo = self.path("fifo")
+        os.mkfifo(fifo)
+        link = self.path("link")
+        os.symlink("fifo", link)
+        reader = _Reader(fifo)
+        self.write_through(output_for(link))
+        self.assertEqual(reader.result(), self.data)
+        self.assertTrue(os.path.islink(link))
+
+    def test_character_device(self) -> None:
+        """
+        A copy of /dev/null (a character device made with mknod, as root):
+        written through, and still that device afterwards, with --fsync
+        too (which a device may not support).
+        """
+        device = self.path("null")
+        try:
+            os.mknod(device, 0o666 | stat.S_IFCHR, os.makedev(1, 3))
+        except PermissionError:
+            raise SkipTest("making a device needs root") from None
+        output = output_for(device)
+        self.assertIsInstance(output, ThroughOutput)
+        self.assertTrue(output.open())
+        sink = PieceSink(output, durable=True)
+        fired(sink.begin(self.content, self.list))
+        for index, piece in enumerate(chunks(self.data)):
+            sink.write(index, piece)
+        fired(sink.finish())
+        info = os.lstat(device)
+        self.assertTrue(stat.S_ISCHR(info.st_mode))
+        self.assertEqual(info.st_rdev, os.makedev(1, 3))
+        self.assertEqual(os.listdir(self.folder), ["null"])
+
+    def test_system_devices_are_written_through(self) -> None:
+        """/dev/null and /dev/stdout would be written through, never
+        replaced (only classified here: nothing is opened)."""
+        self.assertIsInstance(output_for("/dev/null"), ThroughOutput)
+        stdout = output_for("/dev/stdout")
+        self.assertIsInstance(stdout, ThroughOutput)
+        self.assertEqual(stdout.descriptor, 1)
+
+    def test_link_to_a_descriptor(self) -> None:
+        """
+        A link to one of our descriptors (as /dev/stdout is, through
+        /proc/self/fd/1), even through another link, is written through a
+        duplicate of that descriptor: the pipe's reader gets the content.
+        """
+        read_end, write_end = os.pipe()
+        reader = _Reader(fd=read_end)
+        link = self.path("stdout")
+        os.symlink(f"/proc/self/fd/{write_end}", link)
+        os.symlink("stdout", self.path("again"))
+        output = output_for(self.path("again"))
+        self.assertIsInstance(output, ThroughOutput)
+        self.assertEqual(output.descriptor, write_end)
+        self.assertTrue(output.open(blocking=False))
+        self.write_through(output)
+        os.close(write_end)
+        self.assertEqual(reader.result(), self.data)
+
+    def test_refused(self) -> None:
+        """A link to a regular file or to nothing, and a socket, are
+        refused; the file the link points to is untouched."""
+        target = self.path("real.bin")
+        with open(target, "wb") as stream:
+            stream.write(b"precious")
+        os.symlink("real.bin", self.path("to-file"))
+        os.symlink("missing", self.path("dangling"))
+        listener = socket.socket(socket.AF_UNIX)
+        self.addCleanup(listener.close)
+        listener.bind(self.path("socket"))
+        for name, reason in (
+            ("to-file", "a symbolic link to a regular file"),
+            ("dangling", "a symbolic link to nothing"),
+            ("socket", "not a regular file, a device or a FIFO"),
+        ):
+            error = self.assertRaises(OutputRefused, output_for, self.path(name))
+            self.assertIn(reason, str(error))
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), b"precious")
+
+    def test_regular_and_missing_targets_use_a_partial_file(self) -> None:
+        existing = self.path("there.bin")
+        with open(existing, "wb"):
+            pass
+        self.assertIsInstance(output_for(existing), FileOutput)
+        self.assertIsInstance(output_for(self.path("new.bin")), FileOutput)

@@ -29,6 +29,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2p import wire
 from p2p.client import FileFetchProtocol, OutputFailed, PeerFailed
 from p2p.fetch import SWARM_MIN_BYTES, Attempt, Fetcher, NotFoundAnywhere
+from p2p.pace import DEFAULT_PACE, Pace
 from p2p.peer import PeerFactory
 from p2p.pieces import PIECE_SIZE, Content, PieceData, PieceList, length_of
 from p2p.share import ShareFolder
@@ -358,6 +359,7 @@ class SwarmTestsMixin:
         max_sources: int = 3,
         idle_timeout: float = IDLE,
         endpoint_for=None,
+        pace: Pace = DEFAULT_PACE,
     ) -> Swarm:
         return Swarm(
             self.clock,
@@ -368,6 +370,7 @@ class SwarmTestsMixin:
             idle_timeout,
             max_sources,
             report=self.dropped.append,
+            pace=pace,
         )
 
     def report_of(
@@ -482,6 +485,27 @@ class SwarmTests(SwarmTestsMixin, SynchronousTestCase):
             self.assertGreater(self.report_of(reports, peer).units, slow_units)
         # 20 MiB at 10.5 MiB/s in all: a little over two seconds at best.
         self.assertLess(self.clock.seconds(), 2.5)
+        self.assertEqual(self.out.getvalue(), DATA)
+        self.assertQuiet()
+
+    def test_slow_source_is_dropped(self) -> None:
+        """
+        A holder below the minimum rate (here 1 MiB/s over 1 s, against
+        256 KiB/s) is dropped as a source at the end of its first stretch,
+        its unit goes back to the pool, and the others finish the content.
+        """
+        fast = [self.throttled(4 * MIB), self.throttled(4 * MIB)]
+        slow = self.throttled(MIB // 4)
+        sink = self.stream_sink()
+        pace = Pace(min_rate=MIB, min_rate_time=1.0, header_timeout=30.0)
+        d = self.swarm(sink, [slow, *fast], pace=pace).run()
+        self.network.run(d, limit=5000)
+        reports = self.successResultOf(d)
+        [dropped] = self.dropped
+        self.assertEqual(dropped.peer, slow)
+        self.assertEqual(dropped.kind, "slow")
+        self.assertIn("too slow", dropped.reason)
+        self.assertEqual(self.report_of(reports, slow).units, 0)
         self.assertEqual(self.out.getvalue(), DATA)
         self.assertQuiet()
 
