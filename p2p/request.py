@@ -10,6 +10,7 @@ from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
 from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
 from twisted.internet.protocol import Factory
+from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
@@ -19,6 +20,10 @@ from p2p.wire import WireError
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10
 # A relay or peer that promises more lines than this is misbehaving.
 MAX_LISTING_LINES = 100_000
+# A server's "retry-after=" is honoured this many times per request, when
+# it asks for at most this long (a longer wait is reported instead).
+RETRIES_AFTER_429 = 3
+MAX_RETRY_AFTER_SECONDS = 5.0
 
 
 class IncompleteReply(Exception):
@@ -116,13 +121,46 @@ def request_lines(
     clock: IReactorTime,
     listing: bool = False,
     timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
+    retries: int = RETRIES_AFTER_429,
 ) -> Deferred[list[bytes]]:
     """
     Connect to C{endpoint}, send C{request}, and return the reply lines.
 
-    The whole exchange (connect included) is bounded by C{timeout} seconds,
-    after which it fails with L{twisted.internet.defer.TimeoutError}.
+    Each exchange (connect included) is bounded by C{timeout} seconds,
+    after which it fails with L{twisted.internet.defer.TimeoutError}.  A
+    server that answers ``ERR 429 ...; retry-after=S`` (a request budget)
+    is asked again after S seconds, up to C{retries} times, when S is at
+    most L{MAX_RETRY_AFTER_SECONDS}; a longer wait fails at once with the
+    L{wire.RemoteError}, which says how long.
     """
+
+    def attempt(left: int) -> Deferred[list[bytes]]:
+        d = _request_once(endpoint, role, request, clock, listing, timeout)
+        if left > 0:
+            d.addErrback(retry, left)
+        return d
+
+    def retry(failure: Failure, left: int) -> Deferred[list[bytes]] | Failure:
+        error = failure.value
+        if not isinstance(error, wire.RemoteError) or error.code != 429:
+            return failure
+        wait = wire.retry_after(error.message)
+        if wait is None or wait > MAX_RETRY_AFTER_SECONDS:
+            return failure
+        return deferLater(clock, wait, attempt, left - 1)
+
+    return attempt(retries)
+
+
+def _request_once(
+    endpoint: IStreamClientEndpoint,
+    role: str,
+    request: bytes,
+    clock: IReactorTime,
+    listing: bool,
+    timeout: float,
+) -> Deferred[list[bytes]]:
+    """One exchange of L{request_lines}."""
     factory = Factory.forProtocol(lambda: LineRequestProtocol(role, request, listing))
     factory.noisy = False
     d = endpoint.connect(factory)

@@ -310,6 +310,43 @@ class RequestLinesTests(SynchronousTestCase):
         self.assertEqual(self.failureResultOf(d, wire.RemoteError).value.code, 429)
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_retry_after(self) -> None:
+        """
+        ``ERR 429 ...; retry-after=S``: asked again after S seconds, on a new
+        connection, up to three times; then the error stands.
+        """
+        endpoint = FakeEndpoint()
+        d = request_lines(endpoint, "relay", b"PEERS", self.clock, listing=True)
+        refusal = b"P2P/1 relay\nERR 429 too many requests; retry-after=0.5\n"
+        for attempt in range(3):
+            endpoint.protocols[attempt].dataReceived(refusal)
+            self.assertNoResult(d)
+            self.assertEqual(len(endpoint.protocols), attempt + 1)
+            self.clock.advance(0.5)
+        endpoint.protocols[3].dataReceived(refusal)
+        self.assertEqual(self.failureResultOf(d, wire.RemoteError).value.code, 429)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_retry_after_then_success(self) -> None:
+        endpoint = FakeEndpoint()
+        d = request_lines(endpoint, "relay", b"PEERS", self.clock, listing=True)
+        endpoint.protocols[0].dataReceived(
+            b"P2P/1 relay\nERR 429 too many requests; retry-after=0.2\n"
+        )
+        self.clock.advance(0.2)
+        endpoint.protocols[1].dataReceived(b"P2P/1 relay\nOK 0\n")
+        self.assertEqual(self.successResultOf(d), [b"OK 0"])
+
+    def test_long_retry_after_is_reported(self) -> None:
+        """A wait longer than five seconds is not waited for."""
+        endpoint = FakeEndpoint()
+        d = request_lines(endpoint, "relay", b"PEERS", self.clock, listing=True)
+        endpoint.protocols[0].dataReceived(
+            b"P2P/1 relay\nERR 429 too many wrong tokens; retry-after=30\n"
+        )
+        self.failureResultOf(d, wire.RemoteError)
+        self.assertEqual(len(endpoint.protocols), 1)
+
     def test_connect_timeout(self) -> None:
         """A connection that never completes times out after C{timeout}."""
         endpoint = FakeEndpoint("hang")
