@@ -88,6 +88,8 @@ IN_CREATE = 0x100
 IN_DELETE = 0x200
 IN_DELETE_SELF = 0x400
 IN_ISDIR = 0x40000000
+IN_ONLYDIR = 0x01000000
+IN_DONT_FOLLOW = 0x02000000
 WATCH_MASK = (
     IN_CLOSE_WRITE
     | IN_MOVED_TO
@@ -546,12 +548,13 @@ class _HashJob:
         return IndexEntry(self.name, content, self.identity, seq)
 
     def _path(self) -> Identity:
-        try:
-            return _identity(
-                os.stat(os.path.join(self._share.root, *self.name.split("/")))
-            )
-        except FileNotFoundError:
-            raise WireError(Code.NOT_FOUND, "no such file") from None
+        # Looked up the safe way (never through a folder swapped for a
+        # symlink): a file that is gone, or no longer a servable file, is
+        # "not found".
+        identity = _stat_name(self._share, self.name)
+        if identity is None:
+            raise WireError(Code.NOT_FOUND, "no such file")
+        return identity
 
     def _restart(self) -> None:
         self.close()
@@ -1235,8 +1238,11 @@ class ShareIndex:
             try:
                 self._notifier.watch(
                     FilePath(directory),
-                    mask=WATCH_MASK,
-                    autoAdd=True,
+                    # Never through a symlink (a folder swapped for one
+                    # would have us watch outside the share); new folders
+                    # are watched by the rescan their creation starts.
+                    mask=WATCH_MASK | IN_DONT_FOLLOW | IN_ONLYDIR,
+                    autoAdd=False,
                     callbacks=[self._on_event],
                 )
             except inotify.INotifyError as error:

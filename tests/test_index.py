@@ -636,6 +636,31 @@ class NotifyTests(IndexCase):
         self.assertEqual(reactor.getDelayedCalls(), [])
 
 
+    def test_real_inotify_new_folder(self) -> None:
+        """
+        A folder made after the start is watched by the rescan its creation
+        starts (Twisted's autoAdd is off: it would follow a folder swapped
+        for a symlink): files written in it later are indexed too.
+        """
+        if index_module.inotify is None:
+            raise self.skipTest("no inotify here")
+        reactor = MemoryReactorClock()
+        self.put("a", b"alpha")
+        index = self.make(reactor=reactor)
+        self.successResultOf(index.start())
+        [notifier] = reactor.getReaders()
+        self.put("new/b", b"bravo")
+        notifier.doRead()
+        reactor.advance(DEBOUNCE_SECONDS)
+        self.assertRoot(index.lookup("new/b"), b"bravo")
+        self.put("new/c", b"charlie")
+        notifier.doRead()
+        reactor.advance(DEBOUNCE_SECONDS)
+        self.assertRoot(index.lookup("new/c"), b"charlie")
+        self.successResultOf(index.stop())
+        reactor.advance(0)
+
+
 class ServableNamesTests(IndexCase):
     """What the peer announces: indexed names and names on their way."""
 
