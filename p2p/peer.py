@@ -40,6 +40,7 @@ from p2p.limits import (
 )
 from p2p.ratelimit import RequestBudget
 from p2p.share import OpenedFile, ShareFolder
+from p2p.text import shown
 from p2p.throttle import TokenBucket
 from p2p.transports import no_delay, zero_copy_socket
 from p2p.wire import Code, WireError
@@ -385,13 +386,19 @@ class PeerProtocol(ServerLineProtocol):
                 self.send_error(Code.UNAVAILABLE, "the peer is stopping")
             elif failure.check(OSError):
                 self.log.error(
-                    "cannot index {name}: {error}",
+                    "cannot index {shown_name}: {error}",
                     name=request.name,
+                    shown_name=shown(request.name),
                     error=failure.value,
                 )
                 self.send_error(Code.INTERNAL, "cannot read the file")
             else:
-                self.log.failure("cannot index {name}", failure, name=request.name)
+                self.log.failure(
+                    "cannot index {shown_name}",
+                    failure,
+                    name=request.name,
+                    shown_name=shown(request.name),
+                )
                 self.send_error(Code.INTERNAL, "cannot read the file")
             self._read_next()
 
@@ -442,8 +449,9 @@ class PeerProtocol(ServerLineProtocol):
         self.send_answer(header.to_line() + self.delimiter + digests)
         self._header_sent = True
         self.log.info(
-            "sending {name} ({count} bytes from byte {offset})",
+            "sending {shown_name} ({count} bytes from byte {offset})",
             name=opened.name,
+            shown_name=shown(opened.name),
             count=count,
             offset=offset,
         )
@@ -461,7 +469,12 @@ class PeerProtocol(ServerLineProtocol):
         return producer.start()
 
     def _sent(self, _: None, opened: OpenedFile, count: int) -> None:
-        self.log.info("sent {name} ({count} bytes)", name=opened.name, count=count)
+        self.log.info(
+            "sent {shown_name} ({count} bytes)",
+            name=opened.name,
+            shown_name=shown(opened.name),
+            count=count,
+        )
         self._close_file()
         self._read_next()
 
@@ -471,18 +484,34 @@ class PeerProtocol(ServerLineProtocol):
         header_sent = self._header_sent
         self._close_file()
         if failure.check(ConnectionLost):
-            self.log.info("client left during {name}", name=opened.name)
+            self.log.info(
+                "client left during {shown_name}",
+                name=opened.name,
+                shown_name=shown(opened.name),
+            )
         elif failure.check(FileShrank):
-            self.log.warn("{name} shrank while being sent", name=opened.name)
+            self.log.warn(
+                "{shown_name} shrank while being sent",
+                name=opened.name,
+                shown_name=shown(opened.name),
+            )
         elif not header_sent and failure.check(OSError, KeyError):
             self.log.error(
-                "cannot read {name}: {error}", name=opened.name, error=failure.value
+                "cannot read {shown_name}: {error}",
+                name=opened.name,
+                shown_name=shown(opened.name),
+                error=failure.value,
             )
             self.send_error(Code.INTERNAL, "cannot read the file")
             self._read_next()
             return
         else:
-            self.log.failure("sending {name} failed", failure, name=opened.name)
+            self.log.failure(
+                "sending {shown_name} failed",
+                failure,
+                name=opened.name,
+                shown_name=shown(opened.name),
+            )
         # The byte stream can no longer match its header: end the connection.
         if not self._lost:
             self.transport.abortConnection()

@@ -18,13 +18,16 @@ from __future__ import annotations
 import errno
 import gc
 import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 
 from blake3 import blake3
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
@@ -1707,3 +1710,27 @@ class ZeroCopyTests(SynchronousTestCase):
         from p2p.transports import zero_copy_socket
 
         self.assertIsNone(zero_copy_socket(StringTransport()))
+
+
+class LoggedNamesTests(SynchronousTestCase):
+    """Names in the peer's log lines are escaped for the terminal that shows
+    them; the event keeps the exact name in its C{name} field."""
+
+    def test_sending_line(self) -> None:
+        root = tempfile.mkdtemp()
+        self.addCleanup(shutil.rmtree, root)
+        name = "invoice\u202efdp.exe"
+        with open(os.path.join(root, name), "wb") as stream:
+            stream.write(b"x")
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        share = ShareFolder(root)
+        factory = PeerFactory(share, indexed(self, share, Clock()), Clock(), 30)
+        protocol = factory.buildProtocol(CLIENT_ADDRESS)
+        protocol.makeConnection(StringTransport())
+        protocol.dataReceived(f"GET {name}\n".encode())
+        [event] = [
+            e for e in events if "shown_name" in e and "sending" in e["log_format"]
+        ]
+        self.assertEqual(event["name"], name)
+        self.assertIn("invoice\\u202efdp.exe", formatEvent(event))
+        self.assertNotIn("\u202e", formatEvent(event))
