@@ -15,17 +15,7 @@ from twisted.python.threadpool import ThreadPool
 
 from p2p import wire
 from p2p.announce import Announcer
-from p2p.endpoints import (
-    check_client,
-    check_server,
-    client_endpoint,
-    relay_from_environment,
-    server_endpoint,
-)
-from p2p.hints import build_filter
-from p2p.index import ShareIndex
-from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
-from p2p.relay_tap import (
+from p2p.daemon import (
     CONNECTION_LIMIT_OPTIONS,
     CONNECTION_OPTIONS,
     REQUEST_LIMIT_OPTIONS,
@@ -38,6 +28,16 @@ from p2p.relay_tap import (
     request_budget,
     token_option,
 )
+from p2p.endpoints import (
+    check_client,
+    check_server,
+    client_endpoint,
+    relay_from_environment,
+    server_endpoint,
+)
+from p2p.hints import build_filter
+from p2p.index import ShareIndex
+from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
 from p2p.throttle import TokenBucket

@@ -16,7 +16,7 @@ from twisted.logger import globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import peer_tap, relay_tap, wire
+from p2p import daemon, peer_tap, relay_tap, wire
 from p2p.announce import (
     FILTER_REFRESH_SECONDS,
     UNREGISTER_TIMEOUT_SECONDS,
@@ -795,18 +795,18 @@ class DescriptorLimitTests(SynchronousTestCase):
         self.patch(resource, "setrlimit", setrlimit)
 
     def test_soft_limit_raised(self) -> None:
-        self.assertEqual(relay_tap.fit_descriptors(2000), 2000)
-        self.assertEqual(self.limits, [2000 + relay_tap.SPARE_DESCRIPTORS, 4096])
+        self.assertEqual(daemon.fit_descriptors(2000), 2000)
+        self.assertEqual(self.limits, [2000 + daemon.SPARE_DESCRIPTORS, 4096])
 
     def test_lowered_to_the_hard_limit(self) -> None:
         self.assertEqual(
-            relay_tap.fit_descriptors(10_000), 4096 - relay_tap.SPARE_DESCRIPTORS
+            daemon.fit_descriptors(10_000), 4096 - daemon.SPARE_DESCRIPTORS
         )
         self.assertEqual(self.limits, [4096, 4096])
 
     def test_enough_already(self) -> None:
         self.limits = [20_000, 20_000]
-        self.assertEqual(relay_tap.fit_descriptors(10_000), 10_000)
+        self.assertEqual(daemon.fit_descriptors(10_000), 10_000)
 
 
 class UsageErrorTests(SynchronousTestCase):
