@@ -4,6 +4,11 @@
     python bench/run.py            # the full suite (several minutes)
     python bench/run.py --quick    # under a minute: proves each runs
 
+A full run also writes each benchmark's tables, as printed, to
+``docs/bench/<name>.txt``, which ``docs/performance.rst`` includes: the
+figures in the docs are always those of the last full run of the code they
+sit beside (``--no-docs`` leaves them alone; a quick run never writes them).
+
 Each benchmark compares our system with its baselines in the same run on
 the same machine and prints the ratios; figures drift between runs on
 shared machines, ratios much less.  ``--quick`` is what CI runs: it checks
@@ -31,13 +36,22 @@ BENCHMARKS = [
     "fallback",
     "fetch_cost",
     "many_clients",
+    "small_files",
 ]
+DOCS_TABLES = os.path.join(
+    os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "bench"
+)
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small and fast")
     parser.add_argument("--json", help="write every table here")
+    parser.add_argument(
+        "--no-docs",
+        action="store_true",
+        help="do not write docs/bench/*.txt (a full run does by default)",
+    )
     parser.add_argument("only", nargs="*", help=f"some of: {', '.join(BENCHMARKS)}")
     args = parser.parse_args()
     here = os.path.dirname(os.path.abspath(__file__))
@@ -54,7 +68,7 @@ def main() -> int:
             argv = [sys.executable, script, "--json", results.name]
             if args.quick:
                 argv.append("--quick")
-            code = subprocess.call(argv)
+            printed, code = run_echoing(argv)
             with open(results.name) as stream:
                 text = stream.read()
         found = json.loads(text)["tables"] if text else []
@@ -64,11 +78,40 @@ def main() -> int:
             )
             failed.append(name)
         tables.extend(found)
-        print(f"({name}: {time.perf_counter() - started:.1f} s)", flush=True)
+        elapsed = time.perf_counter() - started
+        print(f"({name}: {elapsed:.1f} s)", flush=True)
+        if found and code == 0 and not args.quick and not args.no_docs:
+            write_docs_tables(name, printed, elapsed)
     if args.json:
         with open(args.json, "w") as stream:
             json.dump({"quick": args.quick, "tables": tables}, stream, indent=2)
     return 1 if failed else 0
+
+
+def run_echoing(argv: list[str]) -> tuple[str, int]:
+    """Run C{argv}, echoing its output as it comes; return it and the exit
+    status."""
+    process = subprocess.Popen(argv, stdout=subprocess.PIPE, text=True, bufsize=1)
+    lines = []
+    assert process.stdout is not None
+    for line in process.stdout:
+        sys.stdout.write(line)
+        sys.stdout.flush()
+        lines.append(line)
+    return "".join(lines), process.wait()
+
+
+def write_docs_tables(name: str, printed: str, seconds: float) -> None:
+    """Keep C{name}'s tables, as printed, for docs/performance.rst."""
+    os.makedirs(DOCS_TABLES, exist_ok=True)
+    tables = printed[printed.find("\n## ") + 1 :] if "\n## " in printed else printed
+    header = (
+        f"# python bench/run.py: {name}, {time.strftime('%Y-%m-%d')}, "
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, "
+        f"{seconds:.0f} s\n"
+    )
+    with open(os.path.join(DOCS_TABLES, f"{name}.txt"), "w") as stream:
+        stream.write(header + tables.rstrip() + "\n")
 
 
 if __name__ == "__main__":
