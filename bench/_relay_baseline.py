@@ -5,7 +5,9 @@ A minimal ``LineReceiver`` on 127.0.0.1 (port printed on stdout): it greets
 with the relay banner, answers each line with one dict lookup (by verb) and
 leaves the close to the client, exactly the shape of a P2P/1 request.  No
 limits, no timeouts, no logging, no registry: what is left is the cost of a
-Twisted TCP connection, which our relay must approach.
+Twisted TCP connection, which our relay must approach.  It writes as the
+relay does (L{p2p.transports.write_now}: at once when the socket takes it),
+so the two differ in what they do per request, not in how they write.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ import sys
 from twisted.internet import reactor
 from twisted.internet.protocol import ServerFactory
 from twisted.protocols.basic import LineReceiver
+
+from p2p.transports import write_now
 
 REPLIES = {
     b"REGISTER": b"OK 0123456789abcdef ttl=60 renew=20 observed=127.0.0.1\n",
@@ -27,10 +31,10 @@ class Baseline(LineReceiver):
     delimiter = b"\n"
 
     def connectionMade(self) -> None:
-        self.transport.write(b"P2P/1 relay\n")
+        write_now(self.transport, b"P2P/1 relay\n")
 
     def lineReceived(self, line: bytes) -> None:
-        self.transport.write(REPLIES.get(line.split(b" ", 1)[0], UNKNOWN))
+        write_now(self.transport, REPLIES.get(line.split(b" ", 1)[0], UNKNOWN))
 
 
 def main() -> None:

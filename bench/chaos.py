@@ -31,7 +31,15 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from _harness import P2P, TWISTD, Daemon, MiB, listening_port  # noqa: E402
+from _harness import (  # noqa: E402
+    ONE_SOURCE,
+    P2P,
+    RELAY_ONE_SOURCE,
+    TWISTD,
+    Daemon,
+    MiB,
+    listening_port,
+)
 
 # Small files and large ones: a fault is likely to land in the middle of
 # the large ones' transfers.
@@ -57,7 +65,7 @@ class Cluster:
         self.relay = Daemon(
             "relay",
             TWISTD + ["relay", "--listen", "tcp:0:interface=127.0.0.1",
-                      "--ttl", str(ttl)],
+                      "--ttl", str(ttl), *RELAY_ONE_SOURCE],
         )  # fmt: skip
         self.peers: list[Daemon] = []
         # One condition for every daemon, so a wait can watch them all.
@@ -76,12 +84,12 @@ class Cluster:
         # A restarted relay must come back on the same port.
         self.relay.argv = TWISTD + [
             "relay", "--listen", f"tcp:{self.port}:interface=127.0.0.1",
-            "--ttl", str(self.ttl),
+            "--ttl", str(self.ttl), *RELAY_ONE_SOURCE,
         ]  # fmt: skip
         for peer in self.peers:
             peer.argv = TWISTD + [
                 "peer", "--relay", f"127.0.0.1:{self.port}", "--share", peer.cwd,
-                "--listen", "tcp:0:interface=127.0.0.1",
+                "--listen", "tcp:0:interface=127.0.0.1", *ONE_SOURCE,
             ]  # fmt: skip
             self.start_peer(peer)
 
