@@ -106,6 +106,26 @@ class DialBackTests(SynchronousTestCase):
         self.assertEqual(len(self.attempts()), 4)
         self.assertEqual(self.dialback.pending, 101 + 50 - 4)
 
+    def test_rate(self) -> None:
+        """
+        Probes refused at once (nothing listens) still start at most
+        C{rate} a second: a registration flood costs the relay a bounded
+        share of its time.
+        """
+        dialback = DialBack(self.reactor, lambda *_: None, rate=10, concurrency=1000)
+        for number in range(50):
+            dialback.submit(f"127.{number}.0.1", 1)
+        self.assertEqual(len(self.attempts()), 10)
+        for index in range(10):
+            self.refuse(index)
+        self.assertEqual(len(self.attempts()), 10)
+        self.reactor.advance(1)
+        self.assertEqual(len(self.attempts()), 20)
+        dialback.stop()  # no more starts; the ten in flight end by their timeout
+        self.reactor.advance(3)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(len(self.attempts()), 20)
+
     def test_failed_probe_not_repeated_at_once(self) -> None:
         """A silent port is probed again only after retry_after (at a
         renewal), not at every renewal."""
