@@ -214,6 +214,8 @@ class Run:
     stdout: bytes
     stderr: bytes
     max_rss_bytes: int
+    # User plus system CPU the child used, all its threads.
+    cpu_seconds: float = 0.0
 
 
 def run_timed(argv: list[str], timeout: float = 600, **kwargs) -> Run:
@@ -257,7 +259,16 @@ def run_timed(argv: list[str], timeout: float = 600, **kwargs) -> Run:
         b"".join(out),
         b"".join(err),
         usage.ru_maxrss * 1024,
+        usage.ru_utime + usage.ru_stime,
     )
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU a running process has used so far."""
+    with open(f"/proc/{pid}/stat") as stream:
+        fields = stream.read().rpartition(")")[2].split()
+    # utime and stime: fields 14 and 15 of stat(5), counted from "state".
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def peak_rss_bytes(pid: int) -> int:

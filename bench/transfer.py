@@ -31,6 +31,7 @@ import argparse
 import os
 import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -45,6 +46,7 @@ from _harness import (  # noqa: E402
     MiB,
     Report,
     Series,
+    cpu_seconds,
     make_file,
     peak_rss_bytes,
     run_timed,
@@ -133,9 +135,15 @@ def _size(size: int) -> str:
 TOTALS = re.compile(rb"(\d+) bytes in ([0-9.]+) s \(")
 
 
+# CPU seconds (user + system) of each side, per run: client, then server.
+CPU: dict[str, list[tuple[float, float]]] = {}
+
+
 def ours(relay_port: int, name: str, *extra: str) -> tuple[float, float]:
     """One ``p2p get`` (stdout to /dev/null): whole-command seconds, and the
     transfer's seconds as it reports them (first request to last piece)."""
+    server = SERVERS["peer"]
+    before = cpu_seconds(server)
     run = run_timed(
         P2P + ["--relay", f"127.0.0.1:{relay_port}", "get", *extra, name],
         stdout=subprocess.DEVNULL,
@@ -145,15 +153,63 @@ def ours(relay_port: int, name: str, *extra: str) -> tuple[float, float]:
     match = TOTALS.search(run.stderr)
     if match is None:
         raise RuntimeError(f"no totals line in {run.stderr!r}")
+    key = "file" if "-o" in extra else "stdout"
+    CPU.setdefault(key, []).append((run.cpu_seconds, cpu_seconds(server) - before))
     return run.seconds, float(match.group(2))
 
 
 def raw(sender_port: int, size: int, *out: str) -> tuple[float, float]:
     """One baseline receiver: whole-process seconds, and its transfer's."""
+    server = SERVERS["sender"]
+    before = cpu_seconds(server)
     run = run_timed(RAW + ["recv", str(sender_port), str(size), *out])
     if run.returncode != 0:
         raise RuntimeError(f"baseline failed: {run.stderr!r}")
+    key = "raw file" if out else "raw"
+    CPU.setdefault(key, []).append((run.cpu_seconds, cpu_seconds(server) - before))
     return run.seconds, float(run.stdout)
+
+
+# The serving processes' pids, for their CPU per run.
+SERVERS: dict[str, int] = {}
+
+
+def cpu_report(report: Report, size: int, raw_rate: float) -> None:
+    """
+    Where the CPU goes, per GiB, and what it allows: with every process's
+    work overlapped perfectly on this machine's cores, a transfer can go no
+    faster than cores / (CPU seconds per byte, both sides together).
+    """
+    gib = size / GiB
+    cores = os.cpu_count() or 1
+    lines = []
+    ceilings = {}
+    for key, label in [
+        ("stdout", "p2p get > /dev/null"),
+        ("file", "p2p get -o"),
+        ("raw", "(a) raw"),
+        ("raw file", "(b) raw -> file"),
+    ]:
+        runs = CPU.get(key)
+        if not runs:
+            continue
+        client = statistics.median(c for c, _ in runs) / gib
+        server = statistics.median(s for _, s in runs) / gib
+        ceilings[key] = cores / (client + server) * GiB / 1e6
+        lines.append(
+            f"{label:24} client {client:5.2f} s/GiB, server {server:5.2f} s/GiB: "
+            f"at most {ceilings[key]:.0f} MB/s on {cores} cores"
+        )
+    if "stdout" in ceilings:
+        lines.append(
+            f"0.90 of (a) measured is {0.9 * raw_rate:.0f} MB/s; the CPU ours "
+            f"needs allows at most {ceilings['stdout']:.0f} MB/s to stdout"
+        )
+    report.line(
+        f"8.2c CPU per GiB (user + system, all threads), {_size(size)}",
+        "\n".join(lines),
+        ceilings=ceilings,
+    )
 
 
 def throughput(report: Report, work: str, size: int, repeats: int) -> None:
@@ -176,6 +232,8 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
         daemons.append(start_peer(port, share))
         sender = Daemon("sendfile", RAW + ["send", source]).start()
         daemons.append(sender)
+        SERVERS["peer"] = daemons[1].process.pid
+        SERVERS["sender"] = sender.process.pid
         sender_port = int(sender.wait_for("", 30).strip())
         runs: dict[str, list[tuple[float, float]]] = {
             "stdout": [], "file": [], "raw": [], "raw file": []
@@ -217,6 +275,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                 [Series("p2p get -o (verified)", rates("file"), "MB/s"), *baselines],
                 note=note,
             )
+        cpu_report(report, size, statistics.median(mb / run[1] for run in runs["raw"]))
     finally:
         for daemon in daemons:
             daemon.stop()

@@ -42,7 +42,7 @@ from p2p.pieces import (
 )
 from p2p.request import IncompleteReply, request_lines
 from p2p.sink import ContentMismatch, PieceSink
-from p2p.transports import no_delay
+from p2p.transports import no_delay, read_in_large_chunks
 from p2p.units import format_bytes
 from p2p.wire import WireError
 
@@ -187,6 +187,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
 
     def connectionMade(self) -> None:
         no_delay(self.transport)
+        read_in_large_chunks(self.transport)
         self.setTimeout(self.idle_timeout)
         self._arm_deadline()
 

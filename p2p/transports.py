@@ -15,6 +15,11 @@ transports; a future Twisted whose internals moved):
 L{unsent_output} says whether a transport still holds bytes: the servers
 ask it when the client's end of input arrives (see
 L{p2p.limits.ServerLineProtocol.__conform__}).
+
+L{read_in_large_chunks} makes a plain TCP transport read up to 1 MiB per
+``recv`` instead of Twisted's 64 KiB: a client receiving a large file then
+runs its Python receive path a sixteenth as often (measured: 13% less CPU
+per GiB, 14% more throughput on loopback, see docs/performance.rst).
 """
 
 from __future__ import annotations
@@ -106,6 +111,26 @@ def write_now(transport: object, data: bytes) -> bool:
         data = data[sent:]
     transport.write(data)  # type: ignore[attr-defined]
     return False
+
+
+# What a receiving client reads per recv(): big enough that Python's cost
+# per read is small next to the kernel's copy, small enough to stay in
+# cache.
+LARGE_READ_BYTES = 1024 * 1024
+
+
+def read_in_large_chunks(transport: object, size: int = LARGE_READ_BYTES) -> bool:
+    """
+    Make a plain TCP C{transport} read up to C{size} bytes per ``recv``
+    (Twisted's socket transports read C{bufferSize} bytes, 64 KiB by
+    default, per call of C{doRead}).  Any other transport is left alone.
+
+    :return: whether the read size was changed.
+    """
+    if not is_plain_tcp(transport):
+        return False
+    transport.bufferSize = size  # type: ignore[attr-defined]
+    return True
 
 
 def no_delay(transport: object) -> None:

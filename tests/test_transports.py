@@ -15,7 +15,13 @@ from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p.transports import plain_socket, unsent_output, write_now
+from p2p.transports import (
+    LARGE_READ_BYTES,
+    plain_socket,
+    read_in_large_chunks,
+    unsent_output,
+    write_now,
+)
 
 
 class Queued(StringTransport):
@@ -63,6 +69,32 @@ class UnsentOutputTests(SynchronousTestCase):
         """Transports that cannot tell may always hold unsent bytes."""
         self.assertTrue(unsent_output(object()))
         self.assertTrue(unsent_output(StringTransport()))
+
+
+class LargeReadsTests(SynchronousTestCase):
+    def test_tcp_connection_reads_its_buffer_size(self) -> None:
+        """
+        A real tcp.Connection reads C{bufferSize} bytes per doRead: with
+        read_in_large_chunks, one call takes what 64 KiB reads would take
+        in several (should Twisted stop reading C{bufferSize}, this fails).
+        """
+        connection, theirs = connection_pair(self)
+        received = []
+        connection.protocol = type(
+            "Sink", (), {"dataReceived": lambda self, data: received.append(data)}
+        )()
+        self.assertTrue(read_in_large_chunks(connection))
+        self.assertEqual(connection.bufferSize, LARGE_READ_BYTES)
+        # More than 64 KiB, less than the socket pair's buffer.
+        sent = theirs.send(b"x" * (150 * 1024))
+        self.assertGreater(sent, 64 * 1024)
+        connection.doRead()
+        self.assertEqual(len(received[0]), sent)
+
+    def test_other_transports_untouched(self) -> None:
+        transport = StringTransport()
+        self.assertFalse(read_in_large_chunks(transport))
+        self.assertFalse(hasattr(transport, "bufferSize"))
 
 
 class WriteNowTests(SynchronousTestCase):
