@@ -14,8 +14,8 @@ address, unless ``--allow-claimed-host``), at most C{rate} probes started a
 second, C{concurrency} at once and C{per_network} per network
 (L{p2p.netgroup}), taking networks in turn so that one network's thousand
 leases cannot delay another's one; a probe lasts at most C{timeout}
-seconds; pending probes are bounded per network and in all.  A probe that fails is retried no sooner than
-C{retry_after} seconds later, at a renewal.
+seconds; pending probes are bounded per network and in all.  A probe that
+fails is retried no sooner than C{retry_after} seconds later, at a renewal.
 
 A peer that listens with TLS says nothing until the client speaks, so a
 probe that hears nothing for C{tls_after} seconds starts TLS on the same
