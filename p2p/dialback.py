@@ -219,7 +219,11 @@ class DialBack:
         endpoint_type = TCP6ClientEndpoint if ":" in host else TCP4ClientEndpoint
         endpoint = endpoint_type(self.reactor, host, port, timeout=self.timeout)
         probe = BannerProbe(done, self.reactor, self.tls_after)
-        connecting = endpoint.connect(Factory.forProtocol(lambda: probe))
+        factory = Factory.forProtocol(lambda: probe)
+        # Not a line per probe ("Starting factory"...): registrations would
+        # log two each, past every rate limit of the relay's log.
+        factory.noisy = False
+        connecting = endpoint.connect(factory)
         connecting.addErrback(lambda _: probe.finish(False))
         timer = self.reactor.callLater(self.timeout, self._give_up, probe, connecting)
 
