@@ -14,8 +14,8 @@ networks (L{p2p.netgroup}); nothing here ever leaves 127.0.0.0/8.
   count, answers counted by L{kind}.
 * L{hold} and L{keep_alive}: connections held open with a request now and
   then.
-* L{tls_flood}: TLS connections that pipeline requests and never read (a
-  thread, blocking sockets).
+* L{stalled_readers}: connections (TLS or TCP) that pipeline requests and
+  never read (a thread, blocking sockets).
 * Run as a script (``python tests/_attackers.py ADDRESS --slots ...``) it is
   a L{Flood} in a process of its own, so that a flood does not compete with
   the measuring client for one reactor (and, niced, less with the relay
@@ -425,38 +425,41 @@ async def keep_alive(clients: Sequence[Client]) -> Counter[str]:
     )
 
 
-def tls_flood(
+def stalled_readers(
     host: str,
     port: int,
     sources: Sequence[str],
     pipelined: int,
     per_source: int = CONNECTIONS_PER_SOURCE,
-) -> list[ssl.SSLSocket]:
+    tls: bool = True,
+) -> list[socket.socket]:
     """
-    (A thread: blocking sockets.)  C{per_source} TLS connections from each
-    of C{sources}; each reads the banner, then sends C{pipelined} ``PEERS``
-    and never reads again.  A small receive buffer keeps what the kernels
-    hold small: the relay's own buffering is what is measured.  No
-    certificate is checked (an attacker does not care).
+    (A thread: blocking sockets.)  C{per_source} connections (TLS, or plain
+    TCP) from each of C{sources}; each reads the banner, then sends
+    C{pipelined} ``PEERS`` and never reads again.  A small receive buffer
+    keeps what the kernels hold small: the relay's own buffering is what is
+    measured.  No certificate is checked (an attacker does not care).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
     context.verify_mode = ssl.CERT_NONE
-    connections: list[ssl.SSLSocket] = []
+    connections: list[socket.socket] = []
     try:
         for source in sources:
             for _ in range(per_source):
                 raw = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+                connections.append(raw)
                 raw.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
                 raw.settimeout(EXCHANGE_TIMEOUT_SECONDS)
                 raw.bind((source, 0))
                 raw.connect((host, port))
-                connection = context.wrap_socket(raw)
-                connections.append(connection)
+                connection = context.wrap_socket(raw) if tls else raw
+                connections[-1] = connection
                 banner = connection.recv(64)
                 if banner != b"P2P/1 relay\n":
                     raise ConnectionClosed(f"unexpected greeting {banner!r}")
-                connection.sendall(b"PEERS\n" * pipelined)
+                if pipelined:
+                    connection.sendall(b"PEERS\n" * pipelined)
     except BaseException:
         for connection in connections:
             connection.close()
@@ -464,9 +467,9 @@ def tls_flood(
     return connections
 
 
-def read_replies(connection: ssl.SSLSocket, count: int) -> int:
+def read_replies(connection: socket.socket, count: int) -> int:
     """
-    (A thread.)  Read from a L{tls_flood} connection until C{count} more
+    (A thread.)  Read from a L{stalled_readers} connection until C{count} more
     listings (``OK <n>`` headers) came, or it closed; how many came.
     """
     seen = 0

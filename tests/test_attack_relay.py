@@ -70,7 +70,7 @@ from ._attackers import (
     p99,
     read_replies,
     replies,
-    tls_flood,
+    stalled_readers,
     vm_bytes,
 )
 from ._certs import Authority
@@ -589,7 +589,7 @@ async def test_tls_pipelining_memory_is_bounded(
 
     host, port = secure.rsplit(":", 1)
     connections = await threads.deferToThread(
-        tls_flood, host, int(port), TLS_SOURCES, TLS_PIPELINED
+        stalled_readers, host, int(port), TLS_SOURCES, TLS_PIPELINED
     )
     try:
         # Answered after the relay read every connection's requests (they
