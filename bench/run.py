@@ -31,6 +31,7 @@ BENCHMARKS = [
     "fallback",
     "fetch_cost",
     "many_clients",
+    "attack",
 ]
 
 
