@@ -89,9 +89,6 @@ NAME = "sample1.txt"
 SAMPLE = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "p2p", "samples", NAME
 )
-# Well-behaved clients: twenty addresses in ten /24s of their own (their
-# budgets hold even when they ask back to back for a whole flood).
-SAMPLERS = [f"127.{80 + n // 2}.0.{n % 2 + 1}" for n in range(20)]
 ERRORS_PER_CONNECTION = 10
 KiB = 1024
 
@@ -178,20 +175,11 @@ def client(relay: str, *args: str, timeout: float = 600):
 
 
 async def warm_samples(crowd: Crowd, address: str, count: int) -> list[float]:
-    """L{samples} after a few unmeasured ones: the idle baseline must not
-    pay for the relay's first requests (imports, caches)."""
-    await samples(crowd, address, len(SAMPLERS))
-    return await samples(crowd, address, count)
-
-
-async def samples(crowd: Crowd, address: str, count: int, over=None) -> list[float]:
-    """Well-behaved ``PEERS``, one after the other: C{count} of them, or
-    as many as fit before C{over()} is true."""
-    taken: list[float] = []
-    while len(taken) < count and not (over is not None and over()):
-        sampler = SAMPLERS[len(taken) % len(SAMPLERS)]
-        taken.append(await crowd.timed(address, sampler, b"PEERS"))
-    return taken
+    """C{count} well-behaved requests after a few unmeasured ones: the idle
+    baseline must not pay for the relay's first requests (imports,
+    caches)."""
+    await crowd.well_behaved(address, 20)
+    return await crowd.well_behaved(address, count)
 
 
 def ms(values: list[float]) -> list[float]:
@@ -380,7 +368,7 @@ async def connection_flood(reactor, args, report: Report) -> None:
         )
         kept = sum(len(clients) for clients, _ in held)
         refused: Counter[str] = sum((r for _, r in held), Counter())
-        during = await samples(crowd, address, args.samples)
+        during = await crowd.well_behaved(address, args.samples)
         report.table(
             f"2. Connection flood ({kept} held from 20 sources, {sum(refused.values())}"
             " refused): well-behaved PEERS p99, ms (lower is better)",
@@ -418,7 +406,7 @@ async def request_flood(reactor, args, report: Report) -> None:
                 def over(flooder=flooder) -> bool:
                     return bool(flooder.lines) and flooder.lines[-1].startswith("{")
 
-                during = await samples(crowd, address, 1500, over)
+                during = await crowd.well_behaved(address, 1500, over)
                 await deferToThread(flooder.wait_for, "{", 60)
             finally:
                 flooder.stop()
@@ -585,14 +573,14 @@ async def stalled(reactor, args, report: Report, work: str) -> None:
                 for m in (1, 2):
                     batch = [b"REGISTER %d" % port for port in ports]
                     await crowd.exchange(plain, f"127.{n}.0.{m}", batch)
-            await samples(crowd, plain, 1)
+            await crowd.well_behaved(plain, 1)
             before = rss_bytes(relay.pid)
             host, port = (secure if tls else plain).rsplit(":", 1)
             sources = ["127.100.0.1", "127.100.0.2", "127.101.0.1", "127.101.0.2"]
             connections = await deferToThread(
                 stalled_readers, host, int(port), sources, args.pipelined, 32, tls
             )
-            during = await samples(crowd, plain, 20)
+            during = await crowd.well_behaved(plain, 20)
             peak = peak_rss_bytes(relay.pid)
             read = await gatherResults(
                 [deferToThread(read_replies, c, 10) for c in connections[:4]]
@@ -643,7 +631,7 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
         "600",
     )
     try:
-        await samples(crowd, address, 1)
+        await crowd.well_behaved(address, 1)
         before = rss_bytes(relay.pid)
         started = time.perf_counter()
         held = await gatherResults(
@@ -652,7 +640,7 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
         opened = sum(len(clients) for clients, _ in held)
         seconds = time.perf_counter() - started
         assert opened == len(sources) * 25, opened
-        await samples(crowd, address, 1)
+        await crowd.well_behaved(address, 1)
         after = rss_bytes(relay.pid)
     finally:
         await crowd.close_all()
@@ -669,7 +657,7 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
     )
     connections = []
     try:
-        await samples(crowd, plain, 1)
+        await crowd.well_behaved(plain, 1)
         tls_before = rss_bytes(relay.pid)
         host, port = secure.rsplit(":", 1)
         tls_sources = [
@@ -678,7 +666,7 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
         connections = await deferToThread(
             stalled_readers, host, int(port), tls_sources, 1, 25, True
         )
-        await samples(crowd, plain, 1)
+        await crowd.well_behaved(plain, 1)
         tls_after = rss_bytes(relay.pid)
     finally:
         for connection in connections:

@@ -161,6 +161,26 @@ class QuietFactory(Factory):
         return self.instance
 
 
+class Samplers:
+    """
+    Source addresses for well-behaved clients, which must never be over
+    their budgets however many requests they make: each address of
+    127.240.0.0/12 (kept for them: attackers use lower ones) serves
+    C{per_address} requests, two addresses per /24.  A ``PEERS`` costs two
+    tokens, so 40 requests fit in a source's burst (100) and two sources in
+    a network's (500).
+    """
+
+    def __init__(self, per_address: int = 40) -> None:
+        self.per_address = per_address
+        self.used = 0
+
+    def next(self) -> str:
+        n = self.used // self.per_address
+        self.used += 1
+        return f"127.{240 + (n // 512) % 16}.{(n // 2) % 256}.{n % 2 + 1}"
+
+
 class Crowd:
     """
     The attack clients of one test: connections bound to chosen loopback
@@ -172,6 +192,7 @@ class Crowd:
         self.reactor = reactor
         self.open: set[Client] = set()
         self.sockets: list[socket.socket] = []
+        self.samplers = Samplers()
 
     async def connect(
         self,
@@ -220,6 +241,20 @@ class Crowd:
         elapsed = time.perf_counter() - started
         await client.when_closed()
         return elapsed
+
+    async def well_behaved(
+        self, address: str, count: int, over: Callable[[], bool] | None = None
+    ) -> list[float]:
+        """
+        L{timed} ``PEERS`` from well-behaved clients (L{Samplers}), one
+        after the other: C{count} of them, or as many as come before
+        C{over()} is true.
+        """
+        taken: list[float] = []
+        while len(taken) < count and not (over is not None and over()):
+            source = self.samplers.next()
+            taken.append(await self.timed(address, source, b"PEERS"))
+        return taken
 
     def silent_listener(self, source: str) -> int:
         """A port on C{source} that accepts (in the kernel) and never says a

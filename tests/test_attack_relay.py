@@ -144,34 +144,18 @@ async def relay_with_env(
     return Daemon(process, [match.group("address")])
 
 
-# Well-behaved clients: twenty addresses in ten /24s of their own, each
-# asking a few times a second at most, within its budget (PEERS costs 2 of
-# a source's 100-token burst and 20 tokens a second) even when the sampler
-# runs back to back for a whole flood.
-SAMPLERS = [f"127.{80 + n // 2}.0.{n % 2 + 1}" for n in range(20)]
 MAX_SAMPLES = 1500
 
 
-async def samples_during(
-    crowd: Crowd, address: str, count: int = SAMPLES, line: bytes = b"PEERS"
-) -> list[float]:
-    """C{count} well-behaved requests, one after the other (see L{SAMPLERS})."""
-    return [
-        await crowd.timed(address, SAMPLERS[n % len(SAMPLERS)], line)
-        for n in range(count)
-    ]
+async def samples_during(crowd: Crowd, address: str, count: int) -> list[float]:
+    """C{count} well-behaved requests, one after the other."""
+    return await crowd.well_behaved(address, count)
 
 
-async def samples_until(
-    crowd: Crowd, address: str, over: Deferred, line: bytes = b"PEERS"
-) -> list[float]:
+async def samples_until(crowd: Crowd, address: str, over: Deferred) -> list[float]:
     """Well-behaved requests, one after the other, until C{over} fired (at
     most MAX_SAMPLES)."""
-    samples: list[float] = []
-    while not over.called and len(samples) < MAX_SAMPLES:
-        sampler = SAMPLERS[len(samples) % len(SAMPLERS)]
-        samples.append(await crowd.timed(address, sampler, line))
-    return samples
+    return await crowd.well_behaved(address, MAX_SAMPLES, lambda: over.called)
 
 
 # -- 1. Sybil leases -------------------------------------------------------------
