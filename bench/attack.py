@@ -24,7 +24,7 @@ figure is set against a baseline taken in the same run:
    refusals, against the bytes it received; and under a registration flood.
 6. Stalled readers: 128 connections pipelining ``PEERS`` (about 24 KB each
    answer) without reading: the relay's RSS growth over TLS, against plain
-   TCP.
+   TCP, and what its sockets hold in the kernel (not in its RSS).
 7. Idle connections: the relay's RSS with none and with N idle connections
    (N = 10,000 from 40 /24s; ``--quick``: 2,000), bytes per connection;
    the same over TLS.
@@ -80,6 +80,7 @@ from tests._attackers import (  # noqa: E402
     p99,
     read_replies,
     replies,
+    send_queue_bytes,
     stalled_readers,
 )
 from tests._certs import Authority  # noqa: E402
@@ -582,11 +583,12 @@ async def stalled(reactor, args, report: Report, work: str) -> None:
             )
             during = await crowd.well_behaved(plain, 20)
             peak = peak_rss_bytes(relay.pid)
+            queued = send_queue_bytes(int(port))
             read = await gatherResults(
                 [deferToThread(read_replies, c, 10) for c in connections[:4]]
             )
             assert read == [10] * 4, read
-            figures[tls] = (before, peak, rss_bytes(relay.pid), during)
+            figures[tls] = (before, peak, rss_bytes(relay.pid), during, queued)
         finally:
             for connection in connections:
                 connection.close()
@@ -606,7 +608,9 @@ async def stalled(reactor, args, report: Report, work: str) -> None:
         f"{tcp_figures[1] / MiB:.1f}/{tcp_figures[2] / MiB:.1f} MiB; PEERS p99 "
         f"meanwhile {p99(ms(tls_figures[3])):.1f} ms (TLS), "
         f"{p99(ms(tcp_figures[3])):.1f} ms (TCP); every reader that read again "
-        "got its answers",
+        "got its answers.\nNot in the RSS: the relay's kernel send queues held "
+        f"{tls_figures[4] / MiB:.0f} MiB (TLS) and {tcp_figures[4] / MiB:.0f} MiB "
+        "(TCP) for these 128 connections",
     )
 
 
