@@ -166,10 +166,6 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def log_bytes(daemon: Daemon, since: int = 0) -> int:
-    return sum(len(line.encode()) for line in daemon.lines[since:])
-
-
 def client(relay: str, *args: str, timeout: float = 600):
     """(A thread.)  One ``p2p`` run, timed."""
     return run_timed(P2P + ["--relay", relay, *args], timeout=timeout)
@@ -396,6 +392,11 @@ async def request_flood(reactor, args, report: Report) -> None:
     rows = {}
     try:
         idle = await warm_samples(crowd, address, args.samples)
+        # What a well-behaved request costs the relay, to subtract from its
+        # CPU during the floods (the samples go on meanwhile).
+        cpu = cpu_seconds(relay.pid)
+        await crowd.well_behaved(address, 200)
+        per_sample = (cpu_seconds(relay.pid) - cpu) / 200
         for nice in (10, 0):
             cpu = cpu_seconds(relay.pid)
             flooder = Daemon(
@@ -405,16 +406,21 @@ async def request_flood(reactor, args, report: Report) -> None:
                 await deferToThread(flooder.wait_for, "flooding", 30)
 
                 def over(flooder=flooder) -> bool:
-                    return bool(flooder.lines) and flooder.lines[-1].startswith("{")
+                    return not flooder.alive or any(
+                        line.startswith("{") for line in flooder.lines
+                    )
 
                 during = await crowd.well_behaved(address, 1500, over)
-                await deferToThread(flooder.wait_for, "{", 60)
+                await deferToThread(flooder.wait_for, '{"got"', 60)
             finally:
                 flooder.stop()
-            result = json.loads(flooder.lines[-1])
+            result = json.loads(
+                next(line for line in flooder.lines if line.startswith('{"got"'))
+            )
             got = Counter(result["got"])
-            rows[nice] = (during, result, cpu_seconds(relay.pid) - cpu, got)
-        during, result, cpu, got = rows[10]
+            cpu = cpu_seconds(relay.pid) - cpu
+            rows[nice] = (during, result, cpu, got, cpu - len(during) * per_sample)
+        during, result, cpu, got, flood_cpu = rows[10]
         report.table(
             "3. Request flood (64 connections pipelining PEERS hint=, "
             f"{args.flood_seconds:g} s): well-behaved PEERS p99, ms (lower is better)",
@@ -435,12 +441,14 @@ async def request_flood(reactor, args, report: Report) -> None:
             f"niced run: {result['exchanges']} connections in "
             f"{result['seconds']:.2f} s ({result['exchanges'] / result['seconds']:.0f}"
             f"/s): {fmt(got)}\nrelay CPU {cpu:.2f} s "
-            f"({cpu / result['seconds']:.0%} of a core), "
-            f"{cpu / result['exchanges'] * 1e3:.2f} ms per flood connection "
-            f"(about {ERRORS_PER_CONNECTION + 1} answers each)",
+            f"({cpu / result['seconds']:.0%} of a core), of which "
+            f"{len(during)} well-behaved requests took about "
+            f"{len(during) * per_sample:.2f} s (at {per_sample * 1e3:.2f} ms each, "
+            f"idle): {flood_cpu / result['exchanges'] * 1e3:.2f} ms per flood "
+            f"connection (about {ERRORS_PER_CONNECTION + 1} answers each)",
             connections=result["exchanges"],
             ok=got["OK"],
-            cpu_ms_per_connection=cpu / result["exchanges"] * 1e3,
+            cpu_ms_per_connection=flood_cpu / result["exchanges"] * 1e3,
         )
     finally:
         await crowd.close_all()
@@ -500,6 +508,26 @@ async def token_guessing(reactor, args, report: Report) -> None:
 # -- 5. Log amplification --------------------------------------------------------
 
 
+def stopped_log(relay: Daemon, mark: int) -> list[str]:
+    """
+    (A thread.)  Stop C{relay} (SIGTERM) and wait for its last line: the
+    lines it logged from C{mark} until it was told to stop, all read.
+    """
+    relay.stop()
+    # Not Daemon.wait_for: it gives up once the process is gone, maybe
+    # before its reader thread has read the last lines.
+    deadline = time.monotonic() + 10
+    with relay.changed:
+        while not any("Main loop terminated" in x for x in relay.lines[mark:]):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                raise RuntimeError("the relay's last log line never came")
+            relay.changed.wait(remaining)
+        lines = relay.lines[mark:]
+    end = next(n for n, line in enumerate(lines) if "Received SIGTERM" in line)
+    return lines[:end]
+
+
 async def log_amplification(reactor, args, report: Report) -> None:
     crowd = Crowd(reactor)
     relay, (address,) = await deferToThread(start_relay)
@@ -514,12 +542,18 @@ async def log_amplification(reactor, args, report: Report) -> None:
         flood.add("127.121.0.1", [hint] * 50, slots=8)
         flood.add(capped, [b"PEERS"], slots=4)
         await flood.run()
-        refused_bytes = log_bytes(relay, mark)
-        refused_lines = len(relay.lines) - mark
+        await crowd.close_all()
+        during = await deferToThread(stopped_log, relay, mark)
+        refused_bytes = sum(len(line.encode()) for line in during)
         refusals = sum(n for k, n in flood.got.items() if k.startswith("ERR "))
+    finally:
+        await crowd.close_all()
+        relay.stop()
 
-        # A registration flood: every new lease is a table change, logged up
-        # to 600 a minute.
+    # A registration flood: every new lease is a table change, logged up to
+    # 600 a minute (and dialled back: no line per probe).
+    relay, (address,) = await deferToThread(start_relay)
+    try:
         mark = len(relay.lines)
         lines = [b"REGISTER %d" % port for port in closed_ports(64)]
         started = time.perf_counter()
@@ -528,25 +562,26 @@ async def log_amplification(reactor, args, report: Report) -> None:
             answer = await crowd.exchange(address, f"127.{150 + n}.0.1", lines)
             registered += sum(a.startswith(b"OK") for a in replies(answer.lines))
         seconds = time.perf_counter() - started
-        table_bytes = log_bytes(relay, mark)
-        table_lines = len(relay.lines) - mark
-        report.table(
-            f"5. Log amplification, {flood.duration:.1f} s of refusals: relay log "
-            "bytes per second (lower is better)",
-            Series("log written", [refused_bytes / flood.duration], "B/s"),
-            [Series("bytes received", [flood.sent / flood.duration], "B/s")],
-            higher_is_better=False,
-            note=f"{refusals} refusals ({fmt(flood.got)}) logged as "
-            f"{refused_lines} lines, {refused_bytes} bytes: "
-            f"{refused_bytes / flood.sent:.6f} log bytes per byte received; the "
-            f"rest is one summary line a minute\nregistration flood: {registered} "
-            f"new leases in {seconds:.1f} s logged as {table_lines} lines, "
-            f"{table_bytes} bytes ({table_bytes / max(1, registered):.0f} B per "
-            "lease; at most 600 lines a minute, then counted)",
-        )
+        await crowd.close_all()
+        table = await deferToThread(stopped_log, relay, mark)
+        table_bytes = sum(len(line.encode()) for line in table)
     finally:
         await crowd.close_all()
         relay.stop()
+    report.table(
+        f"5. Log amplification, {flood.duration:.1f} s of refusals: relay log "
+        "bytes per second (lower is better)",
+        Series("log written", [refused_bytes / flood.duration], "B/s"),
+        [Series("bytes received", [flood.sent / flood.duration], "B/s")],
+        higher_is_better=False,
+        note=f"{refusals} refusals ({fmt(flood.got)}) logged as "
+        f"{len(during)} lines, {refused_bytes} bytes: "
+        f"{refused_bytes / flood.sent:.6f} log bytes per byte received; the "
+        f"rest is one summary line a minute\nregistration flood: {registered} "
+        f"new leases in {seconds:.1f} s logged as {len(table)} lines, "
+        f"{table_bytes} bytes ({table_bytes / max(1, registered):.0f} B per "
+        "lease; at most 600 lines a minute, then counted)",
+    )
 
 
 # -- 6. Stalled readers ----------------------------------------------------------

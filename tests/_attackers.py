@@ -359,7 +359,8 @@ class Flood:
         (the relay cut the connection after its tenth refusal), ``with
         retry-after`` (answers that say when to ask again) and
         ``unanswered`` (requests sent on a connection the relay closed
-        before answering them).
+        before answering them), and ``failed: <error>`` (exchanges that
+        failed: no connection, a timeout...).
     """
 
     def __init__(
@@ -425,7 +426,15 @@ class Flood:
             and time.perf_counter() - self.started < self.seconds
             and self.exchanges < self.max_exchanges
         ):
-            client = await self.crowd.exchange(self.address, source, lines)
+            try:
+                client = await self.crowd.exchange(self.address, source, lines)
+            except Exception as e:
+                # One exchange gone wrong (a timeout, a reset) does not end
+                # the attack; it is counted, by error.
+                self.exchanges += 1
+                self.got[f"failed: {type(e).__name__}"] += 1
+                self._notify()
+                continue
             self.exchanges += 1
             self.sent += client.sent
             answers = replies(client.lines)
