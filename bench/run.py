@@ -37,6 +37,7 @@ BENCHMARKS = [
     "fetch_cost",
     "many_clients",
     "small_files",
+    "attack",
 ]
 DOCS_TABLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "bench"
