@@ -35,6 +35,7 @@ from p2p.limits import (
 )
 from p2p.ratelimit import GuessBrake, RequestBudget
 from p2p.registry import MAX_HINT_SCAN, RegistryFull
+from p2p.transports import cap_send_buffer
 from p2p.wire import Code, WireError
 
 DEFAULT_TTL_SECONDS = 60
@@ -53,6 +54,8 @@ LINE_CACHE_ENTRIES = 16_384
 # to MAX_HINT_SCAN leases, about three times a full page's work.
 HINT_COST = 3.0
 PAGE_LINES_PER_TOKEN = 1000
+# The kernel send buffer of a relay connection (see cap_send_buffer).
+SEND_BUFFER_BYTES = 64 * 1024
 # Table changes logged one by one per minute; the rest are counted.
 TABLE_EVENTS_LOGGED_PER_MINUTE = 600
 
@@ -446,6 +449,12 @@ class RelayProtocol(ServerLineProtocol):
         self.relay = relay
         # The observed address, when the factory already worked it out.
         self._source = source
+
+    def connectionMade(self) -> None:
+        # A relay's answers are at most about 80 KB: a bigger kernel buffer
+        # would only let clients that stop reading park memory in it.
+        cap_send_buffer(self.transport, SEND_BUFFER_BYTES)
+        super().connectionMade()
 
     def request_received(self, line: bytes) -> None:
         # The source address cannot change: work it out once per connection.

@@ -133,6 +133,42 @@ def read_in_large_chunks(transport: object, size: int = LARGE_READ_BYTES) -> boo
     return True
 
 
+def tcp_transport(transport: object) -> object | None:
+    """
+    The TCP connection under C{transport}: itself when it is Twisted's plain
+    TCP transport, the one a TLS layer runs on (a L{TLSMemoryBIOProtocol} is
+    that connection's protocol, its C{transport} the connection), else
+    C{None}.
+    """
+    if isinstance(transport, tcp.Connection):
+        return transport
+    below = getattr(transport, "transport", None)
+    if ISSLTransport.providedBy(transport) and isinstance(below, tcp.Connection):
+        return below
+    return None
+
+
+def cap_send_buffer(transport: object, size: int) -> bool:
+    """
+    Cap the kernel's send buffer of C{transport}'s TCP socket (TLS
+    included) at C{size} bytes (Linux doubles it for its bookkeeping).  A
+    server whose answers are small gives up nothing, and a client that
+    stops reading can no longer make the kernel hold megabytes for it:
+    Linux grows a send buffer up to ``tcp_wmem``'s maximum (4 MiB here), so
+    128 stalled readers held 250-340 MiB outside any limit of the server.
+
+    :return: whether a socket was found and capped.
+    """
+    connection = tcp_transport(transport)
+    if connection is None:
+        return False
+    try:
+        connection.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+    except OSError:
+        return False  # already closed
+    return True
+
+
 def no_delay(transport: object) -> None:
     """
     Turn Nagle's algorithm off on C{transport} when it is TCP (TLS

@@ -51,7 +51,6 @@ _PEER_ID = re.compile(r"[0-9a-f]{16}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _DIGITS = re.compile(r"[0-9]{1,20}")
 _CURSOR = re.compile(r"[0-9a-f]{1,16}")
-_OPTION_KEY = re.compile(r"[a-z]{1,16}")
 # C0 except tab, DEL and C1: all of Unicode's control characters.
 _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
@@ -172,15 +171,24 @@ def retry_after(message: str) -> float | None:
     return wait if 0 <= wait < 86400 else None
 
 
-# A command word quoted back in an error: a few letters, nothing that could
-# be an argument (a token sent as the first word must never be echoed).
-_QUOTABLE_VERB = re.compile(r"[A-Z]{1,16}")
+# Words an error may quote back: the protocol's own commands and option
+# keys, nothing else.  Any other word may be a secret (a token of letters
+# sent as the first word, or as a bare argument), and refusals are logged.
+KNOWN_VERBS = frozenset(
+    {"REGISTER", "UNREGISTER", "PEERS", "GET", "RANGE", "BLOB", "PIECES", "LIST"}
+)
+KNOWN_OPTION_KEYS = frozenset(
+    {"name", "host", "token", "files", "limit", "cursor", "hint"}
+)
 
 
 def unknown_command(verb: str) -> WireError:
-    """501 for C{verb}, quoted only when it looks like a command word."""
-    if _QUOTABLE_VERB.fullmatch(verb):
-        return WireError(Code.UNKNOWN_COMMAND, f"unknown command {verb!r}")
+    """
+    501 for C{verb}: named only when it is one of the protocol's commands
+    (one the other role serves, as a relay asked for ``GET``).
+    """
+    if verb in KNOWN_VERBS:
+        return WireError(Code.UNKNOWN_COMMAND, f"{verb} is not served here")
     return WireError(Code.UNKNOWN_COMMAND, "unknown command")
 
 
@@ -238,13 +246,11 @@ def parse_options(tokens: list[str], allowed: frozenset[str]) -> dict[str, str]:
     for token in tokens:
         key, sep, value = token.partition("=")
         if not sep or key not in allowed:
-            # Echo a short key only: the value of a misspelt "tokn=" is a
-            # secret too, and so may be a bare word; refusals are logged.
-            if _OPTION_KEY.fullmatch(key):
-                shown = f" {key}=..." if sep else f" {key!r}"
-            else:
-                shown = ""
-            raise WireError(Code.BAD_REQUEST, f"unexpected argument{shown}")
+            # Name the key only when it is one of the protocol's (never the
+            # value, never another word: either may be a secret).
+            if sep and key in KNOWN_OPTION_KEYS:
+                raise WireError(Code.BAD_REQUEST, f"{key}= is not accepted here")
+            raise WireError(Code.BAD_REQUEST, "unexpected argument")
         if key in options:
             raise WireError(Code.BAD_REQUEST, f"repeated option {key!r}")
         options[key] = value

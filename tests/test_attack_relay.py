@@ -23,10 +23,10 @@ sockets to sources in other /24s than the honest parties (127.1.0.1,
 * Log amplification: a flood of refusals logs at most the burst of the
   refusal log, and the rest as one summary.
 * TLS pipelining: 128 TLS connections pipelining ``PEERS`` without reading
-  leave the relay's memory bounded: its heap, that is.  What its sockets
-  hold in the kernel is not bounded (a strict xfail records it).
-* A token sent where a command goes is never echoed nor logged; one of
-  letters only is (a strict xfail records it).
+  leave the relay's memory bounded: its heap, and what its sockets hold in
+  the kernel (each send buffer is capped).
+* A token sent where a command goes is never echoed nor logged, one of
+  letters only included.
 
 Every flood is bounded in count and in time; every wait is on an event (a
 reply, a closed connection, a log line) and bounded by a timeout.  The
@@ -609,12 +609,6 @@ async def test_tls_pipelining_memory_is_bounded(
 KERNEL_QUEUE_BOUND = 64 * MiB
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="the relay bounds what it buffers, not what its sockets hold: the "
-    "kernel autotunes each send buffer up to tcp_wmem's maximum (4 MiB here), "
-    "about 2-2.7 MiB per stalled reader (checked: 250-340 MiB for 128)",
-)
 @attack_test
 async def test_stalled_readers_kernel_buffers_are_bounded(
     launcher: Launcher, crowd: Crowd
@@ -710,12 +704,6 @@ async def test_token_is_never_echoed(launcher: Launcher, crowd: Crowd):
     assert token not in log
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="a token of 1-16 letters is quoted back as a command word "
-    "(upper-cased) or a bare argument, and logged (p2p.wire unknown_command, "
-    "parse_options)",
-)
 @attack_test
 async def test_letters_only_token_is_never_echoed(launcher: Launcher, crowd: Crowd):
     """The same with a weak token of lower-case letters only."""

@@ -232,16 +232,30 @@ class SecretsTests(HostileRelayTestCase):
         reply = self.ask("127.1.0.2", TOKEN.encode())
         self.assertEqual(reply, [b"ERR 501 unknown command"])
 
-    def test_command_word_quoted(self) -> None:
+    def test_other_roles_command_named(self) -> None:
         self.assertEqual(
-            self.ask("127.1.0.1", b"HELLO"), [b"ERR 501 unknown command 'HELLO'"]
+            self.ask("127.1.0.1", b"GET a.txt"), [b"ERR 501 GET is not served here"]
+        )
+
+    def test_command_word_not_quoted(self) -> None:
+        self.assertEqual(
+            self.ask("127.1.0.1", b"HELLO"), [b"ERR 501 unknown command"]
         )
 
     def test_bare_argument_not_echoed(self) -> None:
         reply = self.ask("127.1.0.1", b"PEERS " + TOKEN.encode())
         self.assertEqual(reply, [b"ERR 400 unexpected argument"])
         reply = self.ask("127.1.0.1", b"PEERS tokn=" + TOKEN.encode())
-        self.assertEqual(reply, [b"ERR 400 unexpected argument tokn=..."])
+        self.assertEqual(reply, [b"ERR 400 unexpected argument"])
+        reply = self.ask("127.1.0.1", b"PEERS name=box")
+        self.assertEqual(reply, [b"ERR 400 name= is not accepted here"])
+
+    def test_letters_only_token(self) -> None:
+        """A token of letters only, where a command or an argument goes, is
+        not quoted either (upper-cased or not)."""
+        for line in [b"opensesame", b"PEERS opensesame", b"PEERS opensesame=x"]:
+            reply = self.ask("127.1.0.1", line)[0]
+            self.assertNotIn(b"opensesame", reply.lower())
 
 
 class RetryAfterTests(SynchronousTestCase):

@@ -17,6 +17,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p.transports import (
     LARGE_READ_BYTES,
+    cap_send_buffer,
     plain_socket,
     read_in_large_chunks,
     unsent_output,
@@ -69,6 +70,19 @@ class UnsentOutputTests(SynchronousTestCase):
         """Transports that cannot tell may always hold unsent bytes."""
         self.assertTrue(unsent_output(object()))
         self.assertTrue(unsent_output(StringTransport()))
+
+
+class SendBufferTests(SynchronousTestCase):
+    def test_tcp_socket_capped(self) -> None:
+        """The socket under a plain TCP transport gets the capped buffer
+        (Linux reports twice what was set)."""
+        connection, _ = connection_pair(self)
+        self.assertTrue(cap_send_buffer(connection, 64 * 1024))
+        size = connection.getHandle().getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        self.assertLessEqual(size, 2 * 64 * 1024)
+
+    def test_other_transports_untouched(self) -> None:
+        self.assertFalse(cap_send_buffer(StringTransport(), 64 * 1024))
 
 
 class LargeReadsTests(SynchronousTestCase):
