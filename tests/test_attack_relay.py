@@ -52,7 +52,6 @@ import time
 from collections import Counter
 from collections.abc import Sequence
 
-import pytest
 import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, gatherResults
