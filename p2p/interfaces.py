@@ -64,10 +64,11 @@ class IRegistry(Interface):
     def likely_holders(now, hint, limit, scan):
         """
         The unexpired leases whose announced filter may hold the name whose
-        hint is C{hint} (L{p2p.hints.name_hint}), oldest registration
-        first: at most C{limit} of them, found among the first C{scan}
-        leases in registration order (so the cost is O(scan) whatever the
-        size of the table).  Leases without a filter never match.
+        hint is C{hint} (L{p2p.hints.name_hint}): at most C{limit} of them,
+        found among the first C{scan} leases in listing order (verified
+        first, then by registration; so the cost is O(scan) whatever the
+        size of the table), the first two of each network before any
+        network's third.  Leases without a filter never match.
 
         :return: a list of leases.
         """

@@ -52,6 +52,10 @@ MAX_HINT_SCAN = 10_000
 # no such filter: its peer is listed, never suggested for a name.
 SATURATED_FILTER_BITS = hints.FILTER_BITS // 2
 
+# Suggestions for a name from one network before every other network's
+# (see likely_holders).
+SUGGESTED_PER_NETWORK = 2
+
 # Cursor positions in the unverified tier carry this bit (see position).
 UNVERIFIED_TIER = 1 << 62
 
@@ -313,19 +317,34 @@ class MemoryRegistry:
         self.expire(now)
         match = hints.matcher(hint)
         result: list[Lease] = []
+        # A network's matches beyond its first few wait until every other
+        # network's came: fakes that answer the dial-back from one network
+        # cannot push an honest holder from another down the list.
+        overflow: list[Lease] = []
+        per_network: dict[str, int] = {}
+        network_of = netgroup.network_of
         seen = 0
         for order in (self._verified, self._unverified):
             for chunk in order.chunks:
                 for lease in chunk[: scan - seen]:
                     files = lease.files
-                    if files is not None and match(files):
-                        result.append(lease)
-                        if len(result) >= limit:
-                            return result
+                    if files is None or not match(files):
+                        continue
+                    network = network_of(lease.host)
+                    taken = per_network.get(network, 0)
+                    if taken >= SUGGESTED_PER_NETWORK:
+                        overflow.append(lease)
+                        continue
+                    per_network[network] = taken + 1
+                    result.append(lease)
+                    if len(result) >= limit:
+                        return result
                 seen += len(chunk)
                 if seen >= scan:
-                    return result
-        return result
+                    break
+            if seen >= scan:
+                break
+        return (result + overflow)[:limit]
 
     # -- register, unregister, expire ----------------------------------------
 

@@ -177,6 +177,24 @@ class VerifiedFirstTests(HostileRelayTestCase):
             cursor = cursor_text.encode()
         self.assertEqual(seen, [2, 4, 1, 3, 5])
 
+    def test_suggestions_spread_over_networks(self) -> None:
+        """
+        Verified fakes from one network that match every name cannot push
+        an honest holder from another network down the suggestions: each
+        network's first two come before any network's third.
+        """
+        files = hints.build_filter(["a.txt"]).encode()
+        for port in range(1, 9):
+            self.ask("127.1.0.1", b"REGISTER %d files=%s" % (port, files))
+            self.relay.answered("127.1.0.1", port)
+        self.ask("127.0.0.1", b"REGISTER 9000 files=" + files)
+        self.relay.answered("127.0.0.1", 9000)
+        hint = hints.name_hint("a.txt").encode()
+        reply = self.ask("10.9.0.1", b"PEERS hint=" + hint)
+        ports = [wire.PeerEntry.from_line(x).port for x in reply[1:]]
+        self.assertEqual(ports[:3], [1, 2, 9000])
+        self.assertEqual(sorted(ports), [1, 2, 3, 4, 5, 6, 7, 8, 9000])
+
     def test_saturated_filter_is_no_suggestion(self) -> None:
         """A filter with every bit set is listed, never suggested."""
         self.ask("127.1.0.1", b"REGISTER 9001 files=" + b"f" * 512)
@@ -238,9 +256,7 @@ class SecretsTests(HostileRelayTestCase):
         )
 
     def test_command_word_not_quoted(self) -> None:
-        self.assertEqual(
-            self.ask("127.1.0.1", b"HELLO"), [b"ERR 501 unknown command"]
-        )
+        self.assertEqual(self.ask("127.1.0.1", b"HELLO"), [b"ERR 501 unknown command"])
 
     def test_bare_argument_not_echoed(self) -> None:
         reply = self.ask("127.1.0.1", b"PEERS " + TOKEN.encode())
