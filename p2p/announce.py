@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.client import describe
+from p2p.errors import describe
 from p2p.request import request_lines
 from p2p.service import ListeningService
 

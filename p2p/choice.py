@@ -31,7 +31,9 @@ from twisted.internet.interfaces import IDelayedCall, IReactorTime
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.client import SKIPPABLE, EndpointFor, described
+from p2p.client import described
+from p2p.endpoints import EndpointFor
+from p2p.errors import SKIPPABLE
 from p2p.request import request_lines
 from p2p.wire import WireError
 

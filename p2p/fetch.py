@@ -33,19 +33,23 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
-    SKIPPABLE,
-    EndpointFor,
     FileFetchProtocol,
+)
+from p2p.endpoints import EndpointFor, peer_endpoint
+from p2p.errors import (
+    SKIPPABLE,
+    FailureKind,
     OutputFailed,
     PeerFailed,
     describe,
-    peer_endpoint,
+    kind_of,
 )
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.pieces import Content
@@ -73,6 +77,8 @@ class Attempt:
     reason: str
     seconds: float
     offset: int = 0
+    # Why it failed, sorted (None for a success).
+    kind: FailureKind | None = None
 
 
 @dataclass
@@ -195,8 +201,15 @@ class _Try:
         self.deferred: Deferred[wire.FileHeader] | None = None
 
 
+# The failures an attempt may end with that are not bugs: a peer's fault
+# (SKIPPABLE), or the output's (the fetch stops).
+EXPECTED = (*SKIPPABLE, OutputFailed)
+
+
 class _FetchRun:
     """The state of one fetch: the queue of peers and the attempts in flight."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -335,7 +348,7 @@ class _FetchRun:
     def _accept(self, attempt: _Try, header: wire.FileHeader) -> None:
         """A peer answered with a header: it wins, the others stand down."""
         if self.active is not None or self.done.called:
-            raise PeerFailed("another peer is already sending", "abandoned")
+            raise PeerFailed("another peer is already sending", FailureKind.ABANDONED)
         del self.pending[attempt.index]
         self.active = attempt
         self._disarm()
@@ -353,13 +366,16 @@ class _FetchRun:
             )
         )
 
-    def _record(self, attempt: _Try, ok: bool, reason: str) -> None:
+    def _record(
+        self, attempt: _Try, ok: bool, reason: str, kind: FailureKind | None = None
+    ) -> None:
         finished = Attempt(
             attempt.peer,
             ok,
             reason,
             self.fetcher.now() - attempt.started,
             attempt.offset,
+            kind,
         )
         self.attempts.append(finished)
         self.fetcher.report(finished)
@@ -373,6 +389,15 @@ class _FetchRun:
         )
 
     def _failed(self, failure: Failure, attempt: _Try) -> None:
+        if attempt.abandoned or self.done.called:
+            # Nothing to decide from it, but a bug is still a bug: logged,
+            # never dropped (and never allowed to end a fetch going well).
+            if not failure.check(*EXPECTED):
+                self.log.failure(
+                    "unexpected error in an attempt that no longer counts",
+                    failure,
+                    peer=attempt.peer.address,
+                )
         if attempt.abandoned:
             # Cancelled because another peer answered first; it may still be
             # needed if that peer fails, so it goes back in the queue.
@@ -386,18 +411,18 @@ class _FetchRun:
         self.pending.pop(attempt.index, None)
         if self.active is attempt:
             self.active = None
-        kind = failure.value.kind if isinstance(failure.value, PeerFailed) else ""
-        if kind == "handover":
+        kind = kind_of(failure)
+        if kind is FailureKind.HANDOVER:
             self._start_swarm(attempt)
             return
-        if kind == "resume":
+        if kind is FailureKind.RESUME:
             # It holds the content, and an earlier run left part of it:
             # ask this same peer again, for the rest only.
             self.queue.appendleft(attempt.index)
         else:
-            if kind == "other-content":
+            if kind is FailureKind.OTHER_CONTENT:
                 self.holders.add(attempt.index)
-            self._record(attempt, False, describe(failure))
+            self._record(attempt, False, describe(failure), kind)
             if (
                 not self.sink.done
                 and not self.by_root
@@ -489,8 +514,10 @@ class _FetchRun:
         for report in failure.value.reports:
             if report.reason is None:
                 continue
-            self.attempts.append(Attempt(report.peer, False, report.reason, 0.0))
-            if report.kind == "corrupted":
+            self.attempts.append(
+                Attempt(report.peer, False, report.reason, 0.0, kind=report.kind)
+            )
+            if report.kind is FailureKind.CORRUPTED:
                 liars.add((report.peer.host, report.peer.port))
         self.queue = deque(
             i

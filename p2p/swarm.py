@@ -27,17 +27,13 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.client import (
-    SKIPPABLE,
-    EndpointFor,
-    FileFetchProtocol,
-    OutputFailed,
-    PeerFailed,
-    describe,
-)
+from p2p.client import FileFetchProtocol
+from p2p.endpoints import EndpointFor
+from p2p.errors import SKIPPABLE, FailureKind, OutputFailed, describe, kind_of
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink, StreamOutput
@@ -61,7 +57,7 @@ class SourceReport:
     units: int = 0
     bytes: int = 0
     reason: str | None = None  # why it was dropped, if it was
-    kind: str | None = None  # and the PeerFailed kind of that, if any
+    kind: FailureKind | None = None  # and the kind of that
 
 
 class SwarmFailed(Exception):
@@ -107,6 +103,8 @@ class Swarm:
     :param pace: what each source must keep up to (L{p2p.pace}); one whose
         unit falls below the minimum rate is dropped like one that broke.
     """
+
+    log = Logger()
 
     def __init__(
         self,
@@ -174,8 +172,7 @@ class Swarm:
         if source in self.sources:
             self.sources.remove(source)
         source.report.reason = describe(failure)
-        if isinstance(failure.value, PeerFailed):
-            source.report.kind = failure.value.kind
+        source.report.kind = kind_of(failure)
         self.report(source.report)
 
     # -- picking units ----------------------------------------------------
@@ -296,6 +293,13 @@ class Swarm:
         was_current = source.unit is unit
         self._release(unit)
         if self.done.called:
+            if not failure.check(*SKIPPABLE, OutputFailed):
+                # Too late to matter, but a bug is logged, never dropped.
+                self.log.failure(
+                    "unexpected error in a unit after the end",
+                    failure,
+                    peer=source.peer.address,
+                )
             return
         if failure.check(CancelledError) and not was_current:
             return  # abandoned after another source finished its pieces
