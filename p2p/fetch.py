@@ -123,6 +123,8 @@ class Fetcher:
         (see L{p2p.swarm}); 1 keeps every fetch on one peer at a time.
     :param on_source_dropped: called with the L{SourceReport} of a holder
         the swarm stopped using, and why.
+    :param on_serving: called with the peers sending pieces whenever they
+        change: the one whose header won, then the swarm's sources.
     :param pace: what every peer must keep up to (L{p2p.pace}): a peer
         whose header comes too late, or whose transfer falls below the
         minimum rate, is skipped like one that broke (the next one goes on
@@ -146,6 +148,7 @@ class Fetcher:
         max_sources: int = DEFAULT_MAX_SOURCES,
         on_source_dropped: Callable[[SourceReport], None] = lambda report: None,
         pace: Pace = DEFAULT_PACE,
+        on_serving: Callable[[list[wire.PeerEntry]], None] = lambda peers: None,
     ) -> None:
         self.reactor = reactor
         self.pace = pace
@@ -162,6 +165,7 @@ class Fetcher:
         self.on_header = on_header
         self.max_sources = max(1, max_sources)
         self.on_source_dropped = on_source_dropped
+        self.on_serving = on_serving
 
     def fetch(
         self,
@@ -356,6 +360,7 @@ class _FetchRun:
             other.abandoned = True
             assert other.deferred is not None
             other.deferred.cancel()
+        self.fetcher.on_serving([attempt.peer])
         self.fetcher.on_header(
             Attempt(
                 attempt.peer,
@@ -480,12 +485,19 @@ class _FetchRun:
             fetcher.connect_timeout,
             fetcher.idle_timeout,
             fetcher.max_sources,
-            report=fetcher.on_source_dropped,
+            report=self._source_dropped,
             pace=fetcher.pace,
         )
         d = self.swarm.run()
+        if not d.called:
+            fetcher.on_serving(self.swarm.serving)
         d.addCallbacks(self._swarmed, self._swarm_failed, (attempt,))
         d.addErrback(self._crashed)
+
+    def _source_dropped(self, report: SourceReport) -> None:
+        self.fetcher.on_source_dropped(report)
+        if self.swarm is not None and not self.swarm.done.called:
+            self.fetcher.on_serving(self.swarm.serving)
 
     def _swarmed(self, reports: list[SourceReport], attempt: _Try) -> None:
         self._record(attempt, True, "found")

@@ -142,6 +142,11 @@ class Swarm:
         # Every piece before this one is done (pieces are never undone).
         self._cursor = 0
 
+    @property
+    def serving(self) -> list[wire.PeerEntry]:
+        """The holders in use now."""
+        return [source.peer for source in self.sources]
+
     def run(self) -> Deferred[list[SourceReport]]:
         """Fires with a report per source once the content is complete."""
         self._fill()
