@@ -29,3 +29,7 @@ class ImportGraphTests(SynchronousTestCase):
     def test_announce_and_tls_do_not_load_the_client(self) -> None:
         for module in ("p2p.announce", "p2p.tls"):
             self.assertNotIn("p2p.client", loaded_after(module), module)
+
+    def test_demo_and_session_do_not_load_the_command_line(self) -> None:
+        for module in ("p2p.demo", "p2p.session"):
+            self.assertNotIn("p2p.cli", loaded_after(module), module)
