@@ -271,7 +271,7 @@ class DemoOptions(_Command):
 
 
 class Options(usage.Options):
-    synopsis = "Usage: p2p [options] COMMAND [options] [ARGS]"
+    synopsis = "Usage: p2p [options]"
     longdesc = (
         "Relay-based peer-to-peer file sharing client.  'p2p HOST PORT' is the "
         "seed client's form of 'p2p --relay HOST:PORT get'.  Options may follow "
@@ -423,6 +423,8 @@ def permuted(argv: list[str]) -> list[str]:
     if not rest or rest[0] not in COMMANDS:
         return argv
     before = argv[: len(argv) - len(rest)]
+    if before[-1:] == ["--"]:
+        before = before[:-1]  # "p2p -- get ...": ends nothing the command needs
     command, tail = rest[0], rest[1:]
     sub = COMMANDS[command]()
     own_short = set(sub.shortOpt.replace(":", ""))
