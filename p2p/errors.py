@@ -17,7 +17,12 @@ import enum
 import os
 
 from twisted.internet.defer import CancelledError, TimeoutError
-from twisted.internet.error import ConnectError, ConnectionClosed, DNSLookupError
+from twisted.internet.error import (
+    ConnectError,
+    ConnectingCancelledError,
+    ConnectionClosed,
+    DNSLookupError,
+)
 from twisted.internet.error import TimeoutError as ConnectingTimeout
 from twisted.python.failure import Failure
 
@@ -82,7 +87,9 @@ class OutputFailed(Exception):
 
 # The failures that mean "move on to the next peer".  Python's own
 # ConnectionError (refused, reset, aborted) covers endpoints that report a
-# socket error without wrapping it in Twisted's ConnectError.
+# socket error without wrapping it in Twisted's ConnectError.  A TCP
+# endpoint's connection attempt, cancelled, fails with
+# ConnectingCancelledError rather than CancelledError.
 SKIPPABLE = (
     PeerFailed,
     ConnectError,
@@ -90,6 +97,7 @@ SKIPPABLE = (
     ConnectionClosed,
     TimeoutError,
     CancelledError,
+    ConnectingCancelledError,
     IncompleteReply,
     WireError,
     wire.RemoteError,
@@ -106,7 +114,10 @@ def kind_of(failure: Failure) -> FailureKind:
     value = failure.value
     if isinstance(value, PeerFailed):
         return value.kind
-    if isinstance(value, (ConnectingTimeout, TimeoutError, CancelledError)):
+    if isinstance(
+        value,
+        (ConnectingTimeout, TimeoutError, CancelledError, ConnectingCancelledError),
+    ):
         return FailureKind.TIMEOUT
     if isinstance(value, (ConnectError, ConnectionRefusedError)):
         return FailureKind.UNREACHABLE
@@ -133,7 +144,7 @@ def describe(failure: Failure) -> str:
         return f"cannot connect: {reason or type(value).__name__}"
     if isinstance(value, (ConnectionRefusedError, ConnectionResetError)):
         return f"cannot connect: {value.strerror or type(value).__name__}"
-    if isinstance(value, (TimeoutError, CancelledError)):
+    if isinstance(value, (TimeoutError, CancelledError, ConnectingCancelledError)):
         return "timed out"
     if isinstance(value, wire.RemoteError):
         return f"refused: ERR {value.code} {value.message}"

@@ -15,6 +15,7 @@ that its import is not counted in the first file's time).
 
 from __future__ import annotations
 
+import time
 from typing import IO
 
 from p2p import wire
@@ -22,6 +23,8 @@ from p2p.text import shown
 
 # Redraw at most this often: a bar must cost nothing next to the transfer.
 REDRAW_SECONDS = 0.2
+# A file that takes less than this gets no bar (it would only flicker).
+SHOW_AFTER_SECONDS = 0.5
 # Longest name shown in front of a bar (the rest is cut, marked with "...").
 LABEL_CHARACTERS = 32
 
@@ -55,14 +58,24 @@ class ProgressBar:
         self._bar_class = _bar_class()
         self._bar = None
         self._name: str | None = None
+        # The name whose bar is not shown yet, and since when it waits.
+        self._waiting: tuple[str, float] | None = None
         # Who sends which name (told before its first bytes come).
         self._peers: tuple[str | None, str] = (None, "")
 
     def update(self, name: str, received: int, total: int) -> None:
-        """C{received} of C{total} bytes of C{name} are in."""
+        """C{received} of C{total} bytes of C{name} are in (the bar shows
+        once the file has taken L{SHOW_AFTER_SECONDS})."""
         bar = self._bar
         if bar is None or self._name != name:
-            self.close()
+            if bar is not None:
+                self.close()
+            now = time.monotonic()
+            if self._waiting is None or self._waiting[0] != name:
+                self._waiting = (name, now)
+            if now - self._waiting[1] < SHOW_AFTER_SECONDS:
+                return
+            self._waiting = None
             self._name = name
             self._bar = bar = self._bar_class(
                 total=total,
@@ -113,3 +126,4 @@ class ProgressBar:
             self._bar.close()
         self._bar = None
         self._name = None
+        self._waiting = None

@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -306,7 +307,7 @@ class Swarm:
                     peer=source.peer.address,
                 )
             return
-        if failure.check(CancelledError) and not was_current:
+        if failure.check(CancelledError, ConnectingCancelledError) and not was_current:
             return  # abandoned after another source finished its pieces
         if failure.check(OutputFailed):
             self._stop_all()

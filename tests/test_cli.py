@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import cli, pieces, session, wire
+from p2p import cli, pieces, progress, session, wire
 from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
@@ -1173,6 +1173,11 @@ class ProgressTests(CommandTestCase):
 
     CONTENT = os.urandom(2 * pieces.PIECE_SIZE + 333)
 
+    def setUp(self) -> None:
+        super().setUp()
+        # In memory a fetch takes no time: show the bar at once.
+        self.patch(progress, "SHOW_AFTER_SECONDS", 0)
+
     def fetch(self, *argv: str, tty: bool) -> str:
         self.console = FakeConsole()
         if tty:
@@ -1198,6 +1203,11 @@ class ProgressTests(CommandTestCase):
         self.assertIn("a.txt", errors.split("p2p: a.txt: found")[1])
         self.assertIn("from 127.0.0.1:4001", errors)
         self.assertIn("/2.00M", errors)
+
+    def test_none_for_a_quick_file(self) -> None:
+        """A file that takes less than SHOW_AFTER_SECONDS gets no bar."""
+        self.patch(progress, "SHOW_AFTER_SECONDS", 60)
+        self.assertNotIn("\r", self.fetch(tty=True))
 
     def test_none_without_a_terminal(self) -> None:
         self.assertNotIn("\r", self.fetch(tty=False))

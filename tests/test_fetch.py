@@ -9,6 +9,7 @@ import io
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import Deferred, succeed
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -30,11 +31,13 @@ class BuggyCancel(Exception):
 
 
 class _Endpoints:
-    """Peer A's connection never completes, and cancelling it fails with a
-    bug; peer B connects at once to a StringTransport."""
+    """Peer A's connection never completes, and cancelling it fails with
+    C{cancel_error} (a bug by default); peer B connects at once to a
+    StringTransport."""
 
-    def __init__(self) -> None:
+    def __init__(self, cancel_error: Exception | None = None) -> None:
         self.protocols: dict[int, object] = {}
+        self.cancel_error = cancel_error or BuggyCancel("cancelled badly")
 
     def endpoint_for(self, peer: wire.PeerEntry):
         return _Endpoint(self, peer)
@@ -47,7 +50,8 @@ class _Endpoint:
 
     def connect(self, factory):
         if self.peer is PEER_A:
-            return Deferred(lambda d: d.errback(BuggyCancel("cancelled badly")))
+            error = self.endpoints.cancel_error
+            return Deferred(lambda d: d.errback(error))
         protocol = factory.buildProtocol(
             IPv4Address("TCP", self.peer.host, self.peer.port)
         )
@@ -81,6 +85,24 @@ class UnexpectedFailureTests(SynchronousTestCase):
         self.assertEqual(result.peer, PEER_B)
         self.assertEqual(out.getvalue(), CONTENT)
         self.assertEqual(len(self.flushLoggedErrors(BuggyCancel)), 1)
+
+    def test_cancelled_tcp_connection_is_expected(self) -> None:
+        """
+        A real TCP endpoint's cancelled connection attempt fails with
+        ConnectingCancelledError: an abandoned attempt's normal end, not a
+        bug to log.
+        """
+        clock = Clock()
+        endpoints = _Endpoints(ConnectingCancelledError(PEER_A.address))
+        fetcher = Fetcher(clock, endpoint_for=endpoints.endpoint_for, now=clock.seconds)
+        out = io.BytesIO()
+        d = fetcher.fetch(NAME, [PEER_A, PEER_B], PieceSink(StreamOutput(out)))
+        clock.advance(0.25)
+        protocol = endpoints.protocols[4002]
+        protocol.dataReceived(wire.banner("peer") + b"\n")
+        protocol.dataReceived(reply_for(CONTENT))
+        self.assertEqual(self.successResultOf(d).peer, PEER_B)
+        self.assertEqual(self.flushLoggedErrors(), [])
 
     def test_attempts_carry_their_kind(self) -> None:
         """Each finished attempt says why, as a L{FailureKind}."""
