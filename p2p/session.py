@@ -496,7 +496,6 @@ class ClientSession:
         except (OutputFailed, OSError) as e:
             yield sink.abandon(keep=False)
             error = e.error if isinstance(e, OutputFailed) else e
-            assert target is not None or isinstance(output_to, StreamOutput)
             return self._output_failed(
                 name, output_label, error.strerror or str(error), sink.content
             )
