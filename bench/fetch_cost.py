@@ -35,12 +35,12 @@ from _harness import NullStream, Report, indexed_factory, react_report  # noqa: 
 from twisted.internet.endpoints import TCP4ClientEndpoint, TCP4ServerEndpoint  # noqa: E402
 
 from p2p import wire  # noqa: E402
-from p2p.cli import hinted_order  # noqa: E402
 from p2p.client import likely_holders, list_peers, peer_endpoint  # noqa: E402
 from p2p.fetch import Fetcher  # noqa: E402
 from p2p.hints import build_filter  # noqa: E402
 from p2p.registry import MemoryRegistry  # noqa: E402
 from p2p.relay import Relay, RelayFactory  # noqa: E402
+from p2p.session import hinted_order  # noqa: E402
 from p2p.sink import PieceSink, StreamOutput  # noqa: E402
 
 FILES_PER_PEER = 2

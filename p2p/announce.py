@@ -22,7 +22,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.client import describe
+from p2p.errors import describe
 from p2p.request import request_lines
 from p2p.service import ListeningService
 
@@ -69,7 +69,9 @@ class Announcer(Service):
         self.relay = relay
         self.listening = listening
         self.clock = clock
-        self.name = name
+        # Not self.name: that is the service's name in its parent
+        # (IService), which getServiceNamed looks up.
+        self.display_name = name
         self.token = token
         self.request_timeout = request_timeout
         self.jitter = jitter
@@ -137,7 +139,9 @@ class Announcer(Service):
 
     def _send_register(self, files: str | None) -> Deferred[list[bytes]]:
         assert self.port is not None
-        request = wire.Register(self.port, self.name, token=self.token, files=files)
+        request = wire.Register(
+            self.port, self.display_name, token=self.token, files=files
+        )
         return request_lines(
             self.relay,
             "relay",

@@ -28,10 +28,13 @@ from dataclasses import dataclass
 
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.client import SKIPPABLE, EndpointFor, described
+from p2p.client import described
+from p2p.endpoints import EndpointFor
+from p2p.errors import SKIPPABLE
 from p2p.request import request_lines
 from p2p.wire import WireError
 
@@ -40,6 +43,8 @@ from p2p.wire import WireError
 # link's round trip is far shorter); so a blackholed holder costs this, not
 # the connect timeout.
 DISCOVERY_GRACE_SECONDS = 0.25
+
+_log = Logger()
 
 
 @dataclass(frozen=True)
@@ -182,10 +187,13 @@ def ask_roots(
             finish()
 
     def crashed(failure: Failure) -> None:
-        # A bug, not a peer's fault: let it reach the caller.
+        # A bug, not a peer's fault: let it reach the caller, or, once the
+        # answer is given, the log (never dropped).
         if not over:
             stop()
             done.errback(failure)
+        else:
+            _log.failure("unexpected error after the holders' question", failure)
 
     for index, holder in enumerate(holders):
         try:

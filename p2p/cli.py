@@ -1,103 +1,108 @@
 """The ``p2p`` command: ``get``, ``peers``, ``ls`` and ``demo``.
 
-stdout carries only results (file content, peer or file lines); progress and
-diagnostics go to stderr.  Every failure ends in one line on stderr and a
-documented exit status, never a traceback.
+This module parses the command line and prints; the work is done by a
+L{p2p.session.ClientSession}.  stdout carries only results (file content,
+peer or file lines, or with ``--json`` one JSON object per line); progress
+and diagnostics go to stderr.  Every failure ends in one line on stderr and
+a documented exit status, never a traceback.
+
+Options may come anywhere among a command's operands, as GNU programs take
+them (``p2p get NAME -o PATH``); ``--`` ends the options, and the global
+options may follow the command too (L{permuted}).
 """
 
 from __future__ import annotations
 
 import errno
+import getopt
+import json
 import os
 import sys
-import threading
-import time
 from collections.abc import Callable
-from typing import IO, NoReturn, TypeVar
+from typing import IO, NoReturn
 
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.internet.error import DNSLookupError
-from twisted.internet.interfaces import IReactorThreads
+from twisted.internet.defer import inlineCallbacks
 from twisted.python import usage
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p import __version__, wire
-from p2p.choice import Choice, ask_roots, choose
-from p2p.client import (
-    DEFAULT_CONNECT_TIMEOUT_SECONDS,
-    DEFAULT_IDLE_TIMEOUT_SECONDS,
-    SKIPPABLE,
-    ListingTooLong,
-    OutputFailed,
-    describe,
-    likely_holders,
-    list_files,
-    list_peers,
-    peer_endpoint,
-)
-from p2p.endpoints import client_endpoint, relay_from_environment
-from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
+from p2p.choice import Choice
+from p2p.client import DEFAULT_CONNECT_TIMEOUT_SECONDS, DEFAULT_IDLE_TIMEOUT_SECONDS
+from p2p.endpoints import relay_from_environment
+from p2p.errors import RELAY_FAILURES, describe
+from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt
+from p2p.interfaces import IFetchObserver
 from p2p.pace import (
     DEFAULT_HEADER_TIMEOUT_SECONDS,
     DEFAULT_MIN_RATE,
     DEFAULT_MIN_RATE_SECONDS,
-    DEFAULT_PACE,
     Pace,
 )
-from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
-from p2p.sink import (
-    FileOutput,
-    InlineWorker,
-    Output,
-    OutputRefused,
-    PieceSink,
-    SerialWorker,
-    StreamOutput,
-    ThroughOutput,
-    output_for,
-    write_all,
+from p2p.progress import ProgressBar
+from p2p.session import (
+    Basis,
+    ClientSession,
+    GetResult,
+    Settings,
+    Status,
+    in_daemon_thread,
+    name_problem,
 )
+from p2p.sink import write_all
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
+from p2p.targets import TargetError, Targets
 from p2p.text import shown
 from p2p.units import format_bytes, parse_bytes
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
-
-T = TypeVar("T")
 
 EXIT_OK = 0
 EXIT_NOT_FOUND = 1
 EXIT_USAGE = 2
 EXIT_RELAY = 3
 EXIT_OUTPUT = 4
+EXIT_INTERNAL = 70
 EXIT_INTERRUPTED = 130
 
+EXIT_FOR = {
+    Status.OK: EXIT_OK,
+    Status.NO_PEERS: EXIT_NOT_FOUND,
+    Status.NOT_FOUND: EXIT_NOT_FOUND,
+    Status.INVALID_NAME: EXIT_NOT_FOUND,
+    Status.OUTPUT_FAILED: EXIT_OUTPUT,
+    Status.RELAY_FAILED: EXIT_RELAY,
+}
+
 PROMPT = "file name (empty line or 'quit' to stop)> "
-# A fetch by content root may use any peer: the first this many are asked
-# to serve pieces at once (the rest remain the fallback).
-MAX_ROOT_CANDIDATES = 16
-
-# What "the relay cannot be reached or misbehaved" looks like: the peer-level
-# failures plus a name that does not resolve (peers are IP literals, so only
-# the relay's address goes through DNS).
-RELAY_FAILURES = (*SKIPPABLE, DNSLookupError)
 
 
-class GetOptions(usage.Options):
-    synopsis = "[-o PATH] [--expect ROOT] [NAME|ROOT ...]"
+class _Command(usage.Options):
+    """What every sub-command takes: ``--version`` (ours, not Twisted's)."""
+
+    def opt_version(self) -> NoReturn:
+        """Print the version and exit."""
+        print(f"p2p {__version__}")
+        sys.exit(0)
+
+
+class GetOptions(_Command):
+    synopsis = "[-o PATH] [--expect ROOT] [--json] [NAME|ROOT ...]"
     longdesc = (
         "Fetch each NAME from the first active peer that has it and print it "
         "(or save it with -o), checking every piece as it arrives.  A ROOT (64 "
         "hex digits, as 'p2p ls --long' prints) fetches that content from any "
         "peer holding it under any name.  With no NAME, ask for names "
-        "interactively."
+        "interactively.  With -o DIR and several names, each keeps its "
+        "relative path under DIR."
     )
     optParameters = [
         [
             "output",
             "o",
             None,
-            "Save to PATH (a folder when several names) instead of printing.",
+            "Save to PATH instead of printing; with several names (or none), "
+            "PATH is a folder and each name keeps its relative path under it.",
         ],
         [
             "expect",
@@ -148,13 +153,38 @@ class GetOptions(usage.Options):
         ],
     ]
     optFlags = [
-        ["fsync", None, "With -o: flush each file to the disk before renaming it."]
+        ["fsync", None, "With -o: flush each file to the disk before renaming it."],
+        [
+            "json",
+            None,
+            "Print one JSON object per name on stdout (needs -o: stdout "
+            "cannot carry both).",
+        ],
+        ["progress", None, "Show a progress bar even when stderr is no terminal."],
+        ["no-progress", None, "Never show a progress bar."],
     ]
 
     def parseArgs(self, *names: str) -> None:
         self["names"] = list(names)
 
     def postOptions(self) -> None:
+        for name in self["names"]:
+            problem = name_problem(name)
+            if problem is not None:
+                raise usage.UsageError(f"{shown(name[:60])!r}: {problem}")
+        if self["fsync"] and self["output"] is None:
+            raise usage.UsageError("--fsync goes with -o PATH")
+        if self["progress"] and self["no-progress"]:
+            raise usage.UsageError("--progress or --no-progress, not both")
+        if self["json"]:
+            if self["output"] is None:
+                raise usage.UsageError(
+                    "--json needs -o PATH: stdout carries the file content otherwise"
+                )
+            if _is_stdout(self["output"]):
+                raise usage.UsageError(
+                    f"--json: -o {self['output']} is stdout, which carries the JSON"
+                )
         if not 1 <= self["sources"] <= 64:
             raise usage.UsageError("--sources must be between 1 and 64")
         if self["max-size"] is not None:
@@ -181,21 +211,40 @@ class GetOptions(usage.Options):
                 raise usage.UsageError("--expect goes with exactly one NAME")
 
 
-class PeersOptions(usage.Options):
-    synopsis = ""
-    longdesc = "Print the active peers, one 'HOST:PORT ID [NAME]' line each."
+def _is_stdout(path: str) -> bool:
+    """Whether C{path} names this process's stdout (``/dev/stdout``, its
+    file, ...)."""
+    if os.path.realpath(path) == os.devnull:
+        return False  # both may go there: nothing mixes
+    try:
+        return os.path.samestat(os.stat(path), os.fstat(sys.stdout.fileno()))
+    except (OSError, AttributeError, ValueError):
+        return False
 
 
-class LsOptions(usage.Options):
-    synopsis = "[--long]"
+class PeersOptions(_Command):
+    synopsis = "[--json]"
+    longdesc = (
+        "Print the active peers, one 'HOST:PORT ID [NAME]' line each (with "
+        "--json, one JSON object each)."
+    )
+    optFlags = [["json", None, "One JSON object per peer."]]
+
+
+class LsOptions(_Command):
+    synopsis = "[--long] [--json]"
     longdesc = (
         "List the files of every active peer: 'SIZE HOST:PORT NAME' lines; "
-        "with --long, 'SIZE ROOT HOST:PORT NAME', ROOT naming the content."
+        "with --long, 'SIZE ROOT HOST:PORT NAME', ROOT naming the content; "
+        "with --json, one JSON object per file."
     )
-    optFlags = [["long", "l", "Also print each file's content root."]]
+    optFlags = [
+        ["long", "l", "Also print each file's content root."],
+        ["json", None, "One JSON object per file (root included)."],
+    ]
 
 
-class DemoOptions(usage.Options):
+class DemoOptions(_Command):
     synopsis = "[--peers N] [--files DIR] [NAME ...]"
     longdesc = (
         "Start a relay and N peers on 127.0.0.1 in this process, spread the "
@@ -211,6 +260,10 @@ class DemoOptions(usage.Options):
         self["names"] = list(names)
 
     def postOptions(self) -> None:
+        for name in self["names"]:
+            problem = name_problem(name)
+            if problem is not None:
+                raise usage.UsageError(f"{shown(name[:60])!r}: {problem}")
         if not 1 <= self["peers"] <= 100:
             raise usage.UsageError("--peers must be between 1 and 100")
         if self["files"] is not None and not os.path.isdir(self["files"]):
@@ -221,9 +274,11 @@ class Options(usage.Options):
     synopsis = "Usage: p2p [options]"
     longdesc = (
         "Relay-based peer-to-peer file sharing client.  'p2p HOST PORT' is the "
-        "seed client's form of 'p2p --relay HOST:PORT get'.  Exit status: 0 success, "
-        "1 not found on any peer, 2 usage error, 3 relay unreachable or failing, "
-        "4 output cannot be written, 70 internal error, 130 interrupted."
+        "seed client's form of 'p2p --relay HOST:PORT get'.  Options may follow "
+        "the command and its arguments; '--' ends them.  Exit status: 0 "
+        "success, 1 not found on any peer, 2 usage error, 3 relay unreachable "
+        "or failing, 4 output cannot be written, 70 internal error, 130 "
+        "interrupted."
     )
     optParameters = [
         [
@@ -290,6 +345,12 @@ class Options(usage.Options):
         print(f"p2p {__version__}")
         sys.exit(0)
 
+    def parseOptions(self, options: list[str] | None = None) -> None:
+        """Parse C{options} (the seed's form, or permuted: L{permuted})."""
+        if options is None:
+            options = sys.argv[1:]
+        super().parseOptions(permuted(seed_form(options)))
+
     def postOptions(self) -> None:
         if self.subCommand is None:
             raise usage.UsageError("missing COMMAND (get, peers, ls or demo)")
@@ -307,574 +368,88 @@ class Options(usage.Options):
                 # Say what is wrong without repeating the secret.
                 raise usage.UsageError(f"--token: {e.message}") from None
 
-
-class Console:
-    """The client's two output streams and its input."""
-
-    def __init__(
-        self, stdin: IO[str], stdout: IO[bytes], stderr: IO[str], quiet: bool
-    ) -> None:
-        self.stdin = stdin
-        self.stdout = stdout
-        self.stderr = stderr
-        self.quiet = quiet
-
-    def say(self, text: str) -> None:
-        """Progress: suppressed by -q."""
-        if not self.quiet:
-            self.error(text)
-
-    def error(self, text: str) -> None:
-        # Names are escaped where they are quoted (L{shown}); this catches
-        # any other text a peer or the relay chose (an ERR message, say)
-        # before it reaches the terminal.
-        self.stderr.write(f"p2p: {shown(text, backslash=False)}\n")
-        self.stderr.flush()
-
-    def prompt(self) -> None:
-        """Ask for a name, when a person is typing (not when input is piped)."""
-        isatty = getattr(self.stdin, "isatty", None)
-        if isatty is not None and isatty():
-            self.stderr.write(PROMPT)
-            self.stderr.flush()
-
-    def write(self, data: bytes) -> bool:
-        """Write results to stdout; False (after one error line) if it fails."""
-        try:
-            write_all(self.stdout, data)
-            self.stdout.flush()
-        except OSError as e:
-            self.error(f"cannot write to stdout: {e.strerror or e}")
-            return False
-        return True
+    def settings(self) -> Settings:
+        """What the session needs of these options (and ``get``'s)."""
+        settings = Settings(
+            relay=self["relay"],
+            token=self["token"],
+            connect_timeout=self["connect-timeout"],
+            idle_timeout=self["idle-timeout"],
+            stagger=self["stagger"],
+            peer_ca=self["peer-ca"],
+        )
+        if self.subCommand == "get":
+            sub = self.subOptions
+            settings.durable = sub["fsync"]
+            settings.max_size = sub["max-size"]
+            settings.max_sources = sub["sources"]
+            settings.pace = sub["pace"]
+        return settings
 
 
-class ClosedOutput:
-    """Stands in for a stdout the process was started without (``>&-``)."""
-
-    def write(self, data: bytes) -> int:
-        raise OSError(errno.EBADF, "stdout is closed")
-
-    def flush(self) -> None:
-        raise OSError(errno.EBADF, "stdout is closed")
+COMMANDS = {name: parser for name, _, parser, _ in Options.subCommands}
 
 
-def standard_output():
-    """The binary stdout, or a L{ClosedOutput} when there is none."""
-    if sys.stdout is None:
-        return ClosedOutput()
-    return sys.stdout.buffer
+def _takes_value(option: str, parser: usage.Options) -> bool:
+    if option.startswith("--"):
+        return f"{option[2:]}=" in parser.longOpt
+    return f"{option[1]}:" in parser.shortOpt
 
 
-def in_daemon_thread(reactor, work: Callable[[], T]) -> Deferred[T]:
+def _owns(option: str, parser: usage.Options) -> bool:
+    if option.startswith("--"):
+        name = option[2:]
+        return name in parser.longOpt or f"{name}=" in parser.longOpt
+    return option[1] in parser.shortOpt.replace(":", "")
+
+
+def permuted(argv: list[str]) -> list[str]:
     """
-    Run blocking C{work} (terminal input, a large write to stdout) off the
-    reactor thread.  A daemon thread, unlike the reactor's pool, cannot keep
-    the process alive after Ctrl-C while it waits for input.
+    C{argv} with the options of a command moved before its operands, as GNU
+    getopt permutes them (Twisted's parser, like C{getopt.getopt}, stops at
+    the first operand): ``get NAME -o PATH`` becomes ``get -o PATH --
+    NAME``.  Global options found after the command (``get NAME --relay
+    R``) move before it; a command's own option wins a name both have
+    (``--help``, ``--version``).  ``--`` ends the options; with
+    ``POSIXLY_CORRECT`` set, so does the first operand.
+
+    :raise usage.UsageError: for an unknown option after the command.
     """
-    d: Deferred[T] = Deferred()
-
-    def runner() -> None:
-        try:
-            result = work()
-        except BaseException:
-            reactor.callFromThread(d.errback, Failure())
-        else:
-            reactor.callFromThread(d.callback, result)
-
-    threading.Thread(target=runner, daemon=True).start()
-    return d
-
-
-class Client:
-    """Carries out one ``p2p`` command against one relay."""
-
-    def __init__(self, reactor, options: Options, console: Console) -> None:
-        self.reactor = reactor
-        self.options = options
-        self.console = console
-        self.relay_text = options["relay"]
-        # With -o --fsync: saved files are flushed to the disk before renaming.
-        self.durable = False
-        # get --max-size: the largest file to accept (None: what fits).
-        self.max_size: int | None = None
-        # get --sources: most holders of one file used at once.
-        self.max_sources = DEFAULT_MAX_SOURCES
-        # get --min-rate, --min-rate-time, --header-timeout.
-        self.pace = DEFAULT_PACE
-        # The name being fetched and its sink (for an interruption).
-        self.current: tuple[str, PieceSink] | None = None
-        self.relay = client_endpoint(reactor, self.relay_text)
-        timeout = options["connect-timeout"]
-        if options["peer-ca"] is not None:
-            from p2p.tls import peer_endpoint_for
-
-            self.endpoint_for = peer_endpoint_for(reactor, options["peer-ca"], timeout)
-        else:
-            self.endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)
-        self.request_timeout = max(
-            options["connect-timeout"], DEFAULT_REQUEST_TIMEOUT_SECONDS
-        )
-
-    @inlineCallbacks
-    def peers(self):
-        """Phase 2; prints nothing itself on success."""
-        entries = yield list_peers(
-            self.relay, self.reactor, self.request_timeout, self.options["token"]
-        )
-        return entries
-
-    @inlineCallbacks
-    def suggested(self, name: str):
-        """
-        The peers the relay suggests for C{name} (likely holders, from the
-        peers' name filters); none if the relay cannot say.  Only an
-        ordering hint: the fetch still falls back across every active peer.
-        """
-        try:
-            entries = yield likely_holders(
-                self.relay,
-                self.reactor,
-                self.request_timeout,
-                name,
-                self.options["token"],
-            )
-        except RELAY_FAILURES:
-            # The full list is in already: go on without a suggestion.
-            self.console.say(
-                f"relay {self.relay_text}: no suggestion ({describe(Failure())})"
-            )
-            return []
-        return entries
-
-    def relay_failed(self, failure: Failure) -> int:
-        failure.trap(*RELAY_FAILURES)
-        self.console.error(f"relay {self.relay_text}: {describe(failure)}")
-        return EXIT_RELAY
-
-    @inlineCallbacks
-    def print_peers(self):
-        try:
-            entries = yield self.peers()
-        except RELAY_FAILURES:
-            return self.relay_failed(Failure())
-        self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
-        lines = []
-        for entry in entries:
-            line = f"{entry.address} {entry.peer_id}"
-            if entry.name:
-                line += f" {shown(entry.name)}"
-            lines.append(line.encode() + b"\n")
-        return EXIT_OK if self.console.write(b"".join(lines)) else EXIT_OUTPUT
-
-    @inlineCallbacks
-    def list_all_files(self, long: bool = False):
-        try:
-            entries = yield self.peers()
-        except RELAY_FAILURES:
-            return self.relay_failed(Failure())
-        self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
-        rows = []
-        for entry in entries:
-            endpoint = self.endpoint_for(entry)
-            try:
-                files = yield list_files(endpoint, self.reactor, self.request_timeout)
-            except ListingTooLong as e:
-                files = e.files
-                self.console.error(
-                    f"{entry.address}: {e}; showing the first {len(files)}"
-                )
-            except SKIPPABLE:
-                self.console.error(
-                    f"{entry.address}: cannot list files: {describe(Failure())}"
-                )
-                continue
-            rows.extend((f.name, f.size, f.root, entry.address) for f in files)
-        rows.sort()
-        # Sorted by the names themselves; shown escaped (see p2p.text).
-        if long:
-            text = "".join(
-                f"{size:>12} {root} {address:<22} {shown(name)}\n"
-                for name, size, root, address in rows
-            )
-        else:
-            text = "".join(
-                f"{size:>12} {address:<22} {shown(name)}\n"
-                for name, size, _, address in rows
-            )
-        return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
-
-    @inlineCallbacks
-    def get(self, names: list[str], output: str | None, expect: str | None = None):
-        """Phase 2 then phase 3 for each name; interactive without names."""
-        if output is not None and (len(names) > 1 or not names):
-            if not os.path.isdir(output):
-                self.console.error(
-                    f"-o {output}: must be a folder when fetching several names"
-                )
-                return EXIT_USAGE
-        worst = EXIT_OK
-        if names:
-            for name in names:
-                code = yield self.get_one(name, output, expect)
-                worst = max(worst, code)
-                if code == EXIT_RELAY:
-                    break
-            return worst
-        while True:
-            self.console.prompt()
-            line = yield in_daemon_thread(self.reactor, self.console.stdin.readline)
-            name = line.strip()
-            if not line or name in ("", "quit", "exit"):
-                return worst
-            code = yield self.get_one(name, output)
-            worst = max(worst, code)
-
-    @inlineCallbacks
-    def get_one(self, name: str, output: str | None, expect: str | None = None):
-        try:
-            wire.Get(name).to_line()
-        except ValueError:
-            self.console.error(f"{shown(name[:60])}: not a valid file name")
-            return EXIT_NOT_FOUND
-        # The name as shown to a person (p2p.text); the fetch uses it as is.
-        label = shown(name)
-        by_root = wire.is_root(name)
-        target = _target_path(name, output)
-        output_to: Output
-        if target is None:
-            output_to = StreamOutput(self.console.stdout)
-        else:
-            try:
-                output_to = output_for(target)
-            except OutputRefused as e:
-                self.console.error(f"{label}: cannot write {shown(target)}: {e}")
-                return EXIT_OUTPUT
-            folder = os.path.dirname(os.path.abspath(target))
-            # The partial file is created next to the target (for an atomic
-            # rename); find out now, not mid-transfer, that it cannot be.
-            if isinstance(output_to, FileOutput) and not (
-                os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
-            ):
-                self.console.error(
-                    f"{label}: cannot write {shown(target)}: no writable folder"
-                )
-                return EXIT_OUTPUT
-        try:
-            peers = yield self.peers()
-        except RELAY_FAILURES:
-            return self.relay_failed(Failure())
-        if not peers:
-            self.console.say(f"relay {self.relay_text}: 0 active peer(s)")
-            self.console.error(f"{label}: no active peers")
-            return EXIT_NOT_FOUND
-        if by_root:
-            # The relay's hints are by name: every peer may hold a content.
-            suggested = []
-            self.console.say(f"relay {self.relay_text}: {len(peers)} active peer(s)")
-        else:
-            suggested = yield self.suggested(name)
-            self.console.say(
-                f"relay {self.relay_text}: {len(peers)} active peer(s), "
-                f"{len(suggested)} suggested for {label}"
-            )
-        peers = hinted_order(suggested, peers)
-        # Likely holders, for several sources at once: the relay's
-        # suggestions by name; any peer for a content root.
-        candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
-        if by_root:
-            basis = "as you gave it"
-        elif expect is not None:
-            basis = "as --expect gave it"
-        else:
-            basis = "as its holder described it"
-        if (
-            not by_root
-            and expect is None
-            and min(len(suggested), self.max_sources) >= 2
-        ):
-            choice = yield self._choose(label, name, suggested, output_to)
-            if choice is not None:
-                expect = choice.chosen.root
-                peers, candidates = _holders_first(choice, peers, suggested)
-                if choice.answered > 1:
-                    basis = (
-                        f"as {len(choice.chosen.holders)} of {choice.answered} "
-                        "holders described it"
-                    )
-        if target is not None:
-            try:
-                yield self._open(label, output_to)
-            except OSError as e:
-                self.console.error(
-                    f"{label}: cannot write {shown(target)}: {e.strerror or e}"
-                )
-                return EXIT_OUTPUT
-        if IReactorThreads.providedBy(self.reactor):
-            worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
-        else:  # an in-memory reactor (tests): everything on this thread
-            worker = InlineWorker()
-        sink = PieceSink(
-            output_to,
-            worker,
-            durable=self.durable,
-            expected_root=name if by_root else expect,
-            max_size=self.max_size,
-        )
-        self.current = (label, sink)
-        fetcher = Fetcher(
-            self.reactor,
-            self.options["connect-timeout"],
-            self.options["idle-timeout"],
-            endpoint_for=self.endpoint_for,
-            report=lambda attempt: self._report(label, attempt),
-            stagger=self.options["stagger"],
-            on_indexing=lambda peer, progress: self._indexing(label, peer, progress),
-            on_header=lambda attempt: self._found(label, attempt),
-            max_sources=self.max_sources,
-            on_source_dropped=lambda report: self._dropped(label, report),
-            pace=self.pace,
-        )
-        started = time.monotonic()
-        try:
-            try:
-                result = yield fetcher.fetch(name, peers, sink, by_root, candidates)
-                yield sink.finish()
-            finally:
-                # The fetch is over, one way or another: nothing for an
-                # interruption to report from here on.
-                self.current = None
-        except NotFoundAnywhere as e:
-            kept = yield sink.abandon(keep=True)
-            self.console.error(f"{label}: not found on any of {e.peers} active peer(s)")
-            self._kept(label, sink, kept)
-            return EXIT_NOT_FOUND
-        except (OutputFailed, OSError) as e:
-            yield sink.abandon(keep=False)
-            error = e.error if isinstance(e, OutputFailed) else e
-            self.console.error(
-                f"{label}: cannot write {shown(output_to.label)}: "
-                f"{error.strerror or error}"
-            )
-            return EXIT_OUTPUT
-        except BaseException:
-            sink.abandon(keep=False)
-            raise
-        yield sink.abandon(keep=False)  # stops the worker; the file is in place
-        content = result.content
-        seconds = time.monotonic() - started
-        rate = content.size / seconds / 1e6 if seconds > 0 else 0.0
-        if len(result.sources) > 1:
-            origin = (
-                f"{len(result.sources)} peers ("
-                + ", ".join(
-                    f"{source.peer.address} {format_bytes(source.bytes)}"
-                    for source in result.sources
-                )
-                + ")"
-            )
-        else:
-            origin = result.peer.address
-        self.console.say(
-            f"{label}: {content.size} bytes in {seconds:.2f} s ({rate:.1f} MB/s) "
-            f"from {origin} (root {content.root_hex[:12]}... {basis}, "
-            f"every piece verified) -> {shown(output_to.label)}"
-        )
-        return EXIT_OK
-
-    @inlineCallbacks
-    def _choose(
-        self, label: str, name: str, suggested: list[wire.PeerEntry], output: Output
-    ):
-        """
-        Ask the first suggested holders (up to --sources) which content
-        they hold under C{name} (L{p2p.choice}); say so on stderr, even
-        with -q, when they disagree.  Fires with the L{Choice}, or C{None}
-        when no holder answered with a content the client would take.
-        """
-        holders = suggested[: self.max_sources]
-
-        def failed(peer: wire.PeerEntry, failure: Failure, seconds: float) -> None:
-            self.console.say(
-                f"{label}: skipped {peer.address}: {describe(failure)} "
-                f"({seconds * 1000:.0f} ms, asked which content it holds)"
-            )
-
-        offers = yield ask_roots(
-            name,
-            holders,
-            self.endpoint_for,
-            self.reactor,
-            self.options["connect-timeout"],
-            on_failure=failed,
-        )
-        sizes = PieceSink(output, InlineWorker(), max_size=self.max_size)
-        choice = choose(offers, len(holders), lambda size: sizes.refusal(size) is None)
-        if choice is None or not choice.disagree:
-            return choice
-        self.console.error(
-            f"{label}: holders disagree on its content ({choice.answered} of "
-            f"{choice.asked} asked answered):"
-        )
-        for offered in choice.contents:
-            count = len(offered.holders)
-            self.console.error(
-                f"{label}:   root {offered.root} ({offered.size} bytes) from "
-                f"{count} holder{'s' if count > 1 else ''}: "
-                + ", ".join(peer.address for peer in offered.holders)
-            )
-        if choice.chosen is not choice.contents[0]:
-            why = "the contents ahead of it are too large"
-        elif choice.tied:
-            why = "as many holders offer another; the relay suggested it first"
-        else:
-            why = "the most holders offer it"
-        self.console.error(
-            f"{label}: taking root {choice.chosen.root[:12]}... ({why}); "
-            "--expect ROOT takes another"
-        )
-        return choice
-
-    @inlineCallbacks
-    def _open(self, label: str, output: Output):
-        """
-        Lock a file output's partial file, or open (and lock) a target
-        written through.  A FIFO nobody reads yet is waited for, off the
-        reactor thread, before any peer is asked.
-        """
-        if isinstance(output, FileOutput):
-            output.lock()
-        elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
-            self.console.say(f"{label}: waiting for a reader of {shown(output.label)}")
-            if IReactorThreads.providedBy(self.reactor):
-                yield in_daemon_thread(self.reactor, output.open)
-            else:
-                output.open()
-
-    def _dropped(self, label: str, report: SourceReport) -> None:
-        self.console.say(
-            f"{label}: stopped using {report.peer.address}: {report.reason}"
-        )
-
-    def _indexing(
-        self, label: str, peer: wire.PeerEntry, progress: wire.Indexing
-    ) -> None:
-        share = progress.done / progress.total if progress.total else 1.0
-        self.console.say(
-            f"{label}: {peer.address} is indexing it ({share:.0%} of "
-            f"{progress.total} bytes); waiting"
-        )
-
-    def interrupted(self) -> None:
-        """
-        The process is stopping (Ctrl-C) in the middle of a fetch: one line
-        on what it leaves.  A partial ``-o`` file of known content stays,
-        to be resumed by the same command; what cannot be resumed was never
-        written (stdout) or is not there yet.
-        """
-        if self.current is None:
-            return
-        label, sink = self.current
-        self.current = None
-        output = sink.output
-        # What the stopping transfers report after this line is noise.
-        self.console.quiet = True
-        if isinstance(output, FileOutput) and sink.content is not None:
-            self._kept(label, sink, output.partial)
-        elif isinstance(output, StreamOutput):
-            self.console.error(
-                f"{label}: interrupted after {output.written} verified bytes to "
-                f"{shown(output.label)}"
-            )
-        else:
-            if isinstance(output, FileOutput):
-                # Nothing of this run to resume: no leftovers (an earlier
-                # run's partial file, if any, stays for the next run).
-                output.abandon(keep=False)
-            self.console.error(f"{label}: interrupted; nothing was kept")
-
-    def _kept(self, label: str, sink: PieceSink, kept: str | None) -> None:
-        if kept is not None and sink.content is not None:
-            self.console.error(
-                f"{label}: kept {sink.received} of {sink.content.size} verified "
-                f"bytes in {shown(kept)}; run the same command again to resume"
-            )
-
-    def _found(self, label: str, attempt: Attempt) -> None:
-        """A peer's header arrived: say where from and how long it took."""
-        self.console.say(
-            f"{label}: found at {_where(attempt)} "
-            f"({attempt.seconds * 1000:.0f} ms to the first byte)"
-        )
-
-    def _report(self, label: str, attempt: Attempt) -> None:
-        if not attempt.ok:
-            ms = attempt.seconds * 1000
-            self.console.say(
-                f"{label}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
-            )
-
-
-def _where(attempt: Attempt) -> str:
-    where = attempt.peer.address
-    if attempt.offset:
-        where += f" (resuming at byte {attempt.offset})"
-    return where
-
-
-def hinted_order(
-    suggested: list[wire.PeerEntry], peers: list[wire.PeerEntry]
-) -> list[wire.PeerEntry]:
-    """
-    The order to try peers in: the relay's suggestions first (in its
-    order), then the rest of the full list in its order; each address once.
-    """
-    seen: set[tuple[str, int]] = set()
-    ordered = []
-    for entry in [*suggested, *peers]:
-        key = (entry.host, entry.port)
-        if key not in seen:
-            seen.add(key)
-            ordered.append(entry)
-    return ordered
-
-
-def _holders_first(
-    choice: Choice, peers: list[wire.PeerEntry], suggested: list[wire.PeerEntry]
-) -> tuple[list[wire.PeerEntry], list[wire.PeerEntry]]:
-    """
-    The order to try peers in, and the candidates for several sources,
-    once a content is chosen: its holders first; holders of other content
-    last (they will be skipped: asked only if everything else failed).
-    """
-    others = {
-        (peer.host, peer.port)
-        for offered in choice.contents
-        if offered is not choice.chosen
-        for peer in offered.holders
-    }
-
-    def differs(peer: wire.PeerEntry) -> bool:
-        return (peer.host, peer.port) in others
-
-    chosen = list(choice.chosen.holders)
-    ordered = hinted_order(
-        chosen,
-        [p for p in peers if not differs(p)] + [p for p in peers if differs(p)],
+    top = Options()
+    try:
+        _, rest = getopt.getopt(argv, top.shortOpt, top.longOpt)
+    except getopt.GetoptError:
+        return argv  # the parser itself says what is wrong
+    if not rest or rest[0] not in COMMANDS:
+        return argv
+    before = argv[: len(argv) - len(rest)]
+    if before[-1:] == ["--"]:
+        before = before[:-1]  # "p2p -- get ...": ends nothing the command needs
+    command, tail = rest[0], rest[1:]
+    sub = COMMANDS[command]()
+    own_short = set(sub.shortOpt.replace(":", ""))
+    short = sub.shortOpt + "".join(
+        letter + (":" if f"{letter}:" in top.shortOpt else "")
+        for letter in top.shortOpt.replace(":", "")
+        if letter not in own_short
     )
-    candidates = hinted_order(chosen, [p for p in suggested if not differs(p)])
-    return ordered, candidates
+    long = sub.longOpt + [
+        name for name in top.longOpt if not _owns(f"--{name.rstrip('=')}", sub)
+    ]
+    try:
+        parsed, operands = getopt.gnu_getopt(tail, short, long)
+    except getopt.GetoptError as e:
+        raise usage.UsageError(str(e)) from None
+    moved: list[str] = []
+    own: list[str] = []
+    for option, value in parsed:
+        parser, tokens = (sub, own) if _owns(option, sub) else (top, moved)
+        tokens.append(option)
+        if _takes_value(option, parser):
+            tokens.append(value)
+    return [*before, *moved, command, *own, "--", *operands]
 
 
-def _target_path(name: str, output: str | None) -> str | None:
-    if output is None:
-        return None
-    if os.path.isdir(output):
-        return os.path.join(output, os.path.basename(name))
-    return output
-
-
-COMMANDS = frozenset({"get", "peers", "ls", "demo"})
 # Global options that take a value (the seed form must skip those values).
 _VALUED = frozenset(
     {
@@ -908,8 +483,521 @@ def seed_form(argv: list[str]) -> list[str]:
 
 def parse(argv: list[str]) -> Options:
     options = Options()
-    options.parseOptions(seed_form(argv))
+    options.parseOptions(argv)
     return options
+
+
+class Console:
+    """The client's two output streams and its input."""
+
+    def __init__(
+        self, stdin: IO[str], stdout: IO[bytes], stderr: IO[str], quiet: bool
+    ) -> None:
+        self.stdin = stdin
+        self.stdout = stdout
+        self.stderr = stderr
+        self.quiet = quiet
+        # A progress bar, when one may be shown (see show_progress).
+        self.bar: ProgressBar | None = None
+
+    def say(self, text: str) -> None:
+        """Progress: suppressed by -q."""
+        if not self.quiet:
+            self.error(text)
+
+    def error(self, text: str) -> None:
+        # Names are escaped where they are quoted (L{shown}); this catches
+        # any other text a peer or the relay chose (an ERR message, say)
+        # before it reaches the terminal.
+        line = f"p2p: {shown(text, backslash=False)}\n"
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            self.stderr.write(line)
+            self.stderr.flush()
+
+    def show_progress(self, forced: bool | None) -> None:
+        """
+        Draw progress bars on stderr: with C{forced} C{None}, only when
+        stderr is a terminal and not -q; else as C{forced} says.
+        """
+        if forced is None:
+            isatty = getattr(self.stderr, "isatty", None)
+            forced = not self.quiet and isatty is not None and isatty()
+        self.bar = ProgressBar(self.stderr) if forced else None
+
+    def prompt(self) -> None:
+        """Ask for a name, when a person is typing (not when input is piped)."""
+        isatty = getattr(self.stdin, "isatty", None)
+        if isatty is not None and isatty():
+            self.stderr.write(PROMPT)
+            self.stderr.flush()
+
+    def write(self, data: bytes) -> bool:
+        """Write results to stdout; False (after one error line) if it fails."""
+        try:
+            write_all(self.stdout, data)
+            self.stdout.flush()
+        except OSError as e:
+            self.error(f"cannot write to stdout: {e.strerror or e}")
+            return False
+        return True
+
+    def write_json(self, objects: list[dict]) -> bool:
+        """One JSON object per line on stdout (ASCII: names are exact,
+        escaped by JSON, never by L{shown})."""
+        return self.write(
+            b"".join(json.dumps(obj).encode("ascii") + b"\n" for obj in objects)
+        )
+
+
+class ClosedOutput:
+    """Stands in for a stdout the process was started without (``>&-``)."""
+
+    def write(self, data: bytes) -> int:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+    def flush(self) -> None:
+        raise OSError(errno.EBADF, "stdout is closed")
+
+
+def standard_output():
+    """The binary stdout, or a L{ClosedOutput} when there is none."""
+    if sys.stdout is None:
+        return ClosedOutput()
+    return sys.stdout.buffer
+
+
+@implementer(IFetchObserver)
+class HumanReport:
+    """
+    An L{IFetchObserver} that shows a fetch as ``p2p:`` lines on stderr,
+    and as a progress bar when the console has one.
+    """
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def listed(self, name, relay, peers, suggested) -> None:
+        text = f"relay {relay}: {peers} active peer(s)"
+        if suggested is not None:
+            text += f", {suggested} suggested for {shown(name)}"
+        self.console.say(text)
+
+    def no_suggestion(self, relay, reason) -> None:
+        self.console.say(f"relay {relay}: no suggestion ({reason})")
+
+    def question_failed(self, name, peer, reason, seconds) -> None:
+        self.console.say(
+            f"{shown(name)}: skipped {peer.address}: {reason} "
+            f"({seconds * 1000:.0f} ms, asked which content it holds)"
+        )
+
+    def disagreement(self, name, choice: Choice) -> None:
+        label = shown(name)
+        error = self.console.error
+        error(
+            f"{label}: holders disagree on its content ({choice.answered} of "
+            f"{choice.asked} asked answered):"
+        )
+        for offered in choice.contents:
+            count = len(offered.holders)
+            error(
+                f"{label}:   root {offered.root} ({offered.size} bytes) from "
+                f"{count} holder{'s' if count > 1 else ''}: "
+                + ", ".join(peer.address for peer in offered.holders)
+            )
+        if choice.chosen is not choice.contents[0]:
+            why = "the contents ahead of it are too large"
+        elif choice.tied:
+            why = "as many holders offer another; the relay suggested it first"
+        else:
+            why = "the most holders offer it"
+        error(
+            f"{label}: taking root {choice.chosen.root[:12]}... ({why}); "
+            "--expect ROOT takes another"
+        )
+
+    def waiting_for_reader(self, name, path) -> None:
+        self.console.say(f"{shown(name)}: waiting for a reader of {shown(path)}")
+
+    def skipped(self, name, attempt: Attempt) -> None:
+        ms = attempt.seconds * 1000
+        self.console.say(
+            f"{shown(name)}: skipped {_where(attempt)}: {attempt.reason} ({ms:.0f} ms)"
+        )
+
+    def indexing(self, name, peer, progress: wire.Indexing) -> None:
+        share = progress.done / progress.total if progress.total else 1.0
+        self.console.say(
+            f"{shown(name)}: {peer.address} is indexing it ({share:.0%} of "
+            f"{progress.total} bytes); waiting"
+        )
+
+    def found(self, name, attempt: Attempt) -> None:
+        """A peer's header arrived: say where from and how long it took."""
+        self.console.say(
+            f"{shown(name)}: found at {_where(attempt)} "
+            f"({attempt.seconds * 1000:.0f} ms to the first byte)"
+        )
+
+    def serving(self, name, peers) -> None:
+        if self.console.bar is not None:
+            self.console.bar.serving(name, peers)
+
+    def progress(self, name, received, total) -> None:
+        if self.console.bar is not None:
+            self.console.bar.update(name, received, total)
+
+    def dropped(self, name, report: SourceReport) -> None:
+        self.console.say(
+            f"{shown(name)}: stopped using {report.peer.address}: {report.reason}"
+        )
+
+
+def _where(attempt: Attempt) -> str:
+    where = attempt.peer.address
+    if attempt.offset:
+        where += f" (resuming at byte {attempt.offset})"
+    return where
+
+
+_BASIS = {
+    Basis.ROOT: "as you gave it",
+    Basis.EXPECT: "as --expect gave it",
+    Basis.HOLDER: "as its holder described it",
+}
+
+
+def summary(result: GetResult) -> str:
+    """The last line of a fetch that worked (benchmarks parse it)."""
+    content = result.content
+    assert content is not None and result.peer is not None
+    seconds = result.seconds
+    rate = content.size / seconds / 1e6 if seconds > 0 else 0.0
+    if result.sources:
+        origin = (
+            f"{len(result.sources)} peers ("
+            + ", ".join(
+                f"{source.peer.address} {format_bytes(source.bytes)}"
+                for source in result.sources
+            )
+            + ")"
+        )
+    else:
+        origin = result.peer.address
+    if result.basis is Basis.HOLDERS:
+        basis = f"as {result.agreeing} of {result.answered} holders described it"
+    else:
+        basis = _BASIS[result.basis]
+    return (
+        f"{shown(result.name)}: {content.size} bytes in {seconds:.2f} s "
+        f"({rate:.1f} MB/s) from {origin} (root {content.root_hex[:12]}... "
+        f"{basis}, every piece verified) -> {shown(result.output)}"
+    )
+
+
+def _attempt_json(attempt: Attempt, stage: str) -> dict:
+    return {
+        "stage": stage,
+        "peer": attempt.peer.address,
+        "peer_id": attempt.peer.peer_id,
+        "ok": attempt.ok,
+        "kind": None if attempt.kind is None else str(attempt.kind),
+        "reason": attempt.reason,
+        "seconds": round(attempt.seconds, 6),
+        "offset": attempt.offset,
+    }
+
+
+def get_json(result: GetResult) -> dict:
+    """The ``p2p get --json`` object of one name (see docs/usage.rst)."""
+    content = result.content
+    verified = result.status is Status.OK
+    error = None
+    if result.status is Status.OUTPUT_FAILED:
+        error = f"cannot write {result.output}: {result.problem}"
+    elif result.status is Status.NOT_FOUND:
+        error = f"not found on any of {result.active} active peer(s)"
+    elif result.status is Status.NO_PEERS:
+        error = "no active peers"
+    elif result.problem is not None:
+        error = result.problem
+    return {
+        "name": result.name,
+        "status": result.status.value,
+        "size": None if content is None else content.size,
+        "root": None if content is None else content.root_hex,
+        "verified_against": result.basis.value if verified else None,
+        "output": result.output,
+        "seconds": round(result.seconds, 6),
+        "peers": [_attempt_json(a, "question") for a in result.questions]
+        + [_attempt_json(a, "fetch") for a in result.attempts],
+        "sources": [
+            {
+                "peer": source.peer.address,
+                "peer_id": source.peer.peer_id,
+                "bytes": source.bytes,
+            }
+            for source in result.sources
+        ],
+        "error": error,
+        "kept": result.kept,
+    }
+
+
+class Runner:
+    """Carries out one parsed ``p2p`` command, printing what it learns."""
+
+    def __init__(self, reactor, options: Options, console: Console) -> None:
+        self.reactor = reactor
+        self.options = options
+        self.console = console
+        self.session = ClientSession(
+            reactor,
+            options.settings(),
+            console.stdout,
+            HumanReport(console),
+        )
+
+    @property
+    def relay_text(self) -> str:
+        return self.session.relay_text
+
+    def relay_failed(self, failure: Failure) -> int:
+        failure.trap(*RELAY_FAILURES)
+        self.console.error(f"relay {self.relay_text}: {describe(failure)}")
+        return EXIT_RELAY
+
+    @inlineCallbacks
+    def peers(self, as_json: bool = False):
+        """``p2p peers``."""
+        try:
+            entries = yield self.session.peers()
+        except RELAY_FAILURES:
+            return self.relay_failed(Failure())
+        self.console.say(f"{len(entries)} active peer(s) at {self.relay_text}")
+        if as_json:
+            written = self.console.write_json(
+                [
+                    {
+                        "id": entry.peer_id,
+                        "host": entry.host,
+                        "port": entry.port,
+                        "age": entry.age,
+                        "name": entry.name,
+                    }
+                    for entry in entries
+                ]
+            )
+            return EXIT_OK if written else EXIT_OUTPUT
+        lines = []
+        for entry in entries:
+            line = f"{entry.address} {entry.peer_id}"
+            if entry.name:
+                line += f" {shown(entry.name)}"
+            lines.append(line.encode() + b"\n")
+        return EXIT_OK if self.console.write(b"".join(lines)) else EXIT_OUTPUT
+
+    @inlineCallbacks
+    def ls(self, long: bool = False, as_json: bool = False):
+        """``p2p ls``."""
+        try:
+            listings = yield self.session.listings()
+        except RELAY_FAILURES:
+            return self.relay_failed(Failure())
+        self.console.say(f"{len(listings)} active peer(s) at {self.relay_text}")
+        rows = []
+        for listing in listings:
+            peer = listing.peer
+            if listing.truncated:
+                self.console.error(
+                    f"{peer.address}: {listing.error}; showing the first "
+                    f"{len(listing.files)}"
+                )
+            elif listing.error is not None:
+                self.console.error(
+                    f"{peer.address}: cannot list files: {listing.error}"
+                )
+            rows.extend((f.name, f.size, f.root, peer) for f in listing.files)
+        # Sorted by the names themselves; shown escaped (see p2p.text).
+        rows.sort(key=lambda row: (row[0], row[1], row[2], row[3].address))
+        if as_json:
+            written = self.console.write_json(
+                [
+                    {
+                        "peer": peer.address,
+                        "peer_id": peer.peer_id,
+                        "name": name,
+                        "size": size,
+                        "root": root,
+                    }
+                    for name, size, root, peer in rows
+                ]
+            )
+            return EXIT_OK if written else EXIT_OUTPUT
+        if long:
+            text = "".join(
+                f"{size:>12} {root} {peer.address:<22} {shown(name)}\n"
+                for name, size, root, peer in rows
+            )
+        else:
+            text = "".join(
+                f"{size:>12} {peer.address:<22} {shown(name)}\n"
+                for name, size, _, peer in rows
+            )
+        return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
+
+    @inlineCallbacks
+    def get(
+        self,
+        names: list[str],
+        output: str | None,
+        expect: str | None = None,
+        as_json: bool = False,
+    ):
+        """Phase 2 then phase 3 for each name; interactive without names."""
+        try:
+            targets = Targets(output, keep_paths=len(names) != 1)
+            planned = [targets.claim(name) for name in names]
+        except TargetError as e:
+            self.console.error(f"{e} (try 'p2p get --help')")
+            return EXIT_USAGE
+        worst = EXIT_OK
+        if names:
+            for name, target in zip(names, planned, strict=True):
+                code = yield self.get_one(name, target, expect, as_json)
+                worst = max(worst, code)
+                if code == EXIT_RELAY:
+                    break
+            return worst
+        # Interactive: the relay is asked before the first prompt, so that
+        # a relay that is down says so at once.
+        try:
+            entries = yield self.session.peers()
+        except RELAY_FAILURES:
+            return self.relay_failed(Failure())
+        self.console.say(f"relay {self.relay_text}: {len(entries)} active peer(s)")
+        while True:
+            self.console.prompt()
+            line = yield in_daemon_thread(self.reactor, self.console.stdin.readline)
+            name = line.strip()
+            if not line or name in ("", "quit", "exit"):
+                return worst
+            problem = name_problem(name)
+            if problem is not None:
+                self.console.error(f"{shown(name[:60])}: {problem}")
+                worst = max(worst, EXIT_NOT_FOUND)
+                continue
+            try:
+                target = targets.claim(name, again=True)
+            except TargetError as e:
+                self.console.error(str(e))
+                worst = max(worst, EXIT_USAGE)
+                continue
+            code = yield self.get_one(name, target, None, as_json)
+            worst = max(worst, code)
+            if code == EXIT_RELAY:
+                return worst
+
+    @inlineCallbacks
+    def get_one(self, name, target, expect=None, as_json=False):
+        """Fetch one name; print what came of it; fire with its status."""
+        try:
+            result = yield self.session.get(name, target, expect)
+        finally:
+            if self.console.bar is not None:
+                self.console.bar.close()
+        self.report(result)
+        if as_json and not self.console.write_json([get_json(result)]):
+            return EXIT_OUTPUT
+        return EXIT_FOR[result.status]
+
+    def report(self, result: GetResult) -> None:
+        """The lines that end a fetch."""
+        label = shown(result.name)
+        status = result.status
+        if status is Status.OK:
+            self.console.say(summary(result))
+        elif status is Status.RELAY_FAILED:
+            self.console.error(f"relay {self.relay_text}: {result.problem}")
+        elif status is Status.NO_PEERS:
+            self.console.error(f"{label}: no active peers")
+        elif status is Status.NOT_FOUND:
+            self.console.error(
+                f"{label}: not found on any of {result.active} active peer(s)"
+            )
+        elif status is Status.OUTPUT_FAILED:
+            self.console.error(
+                f"{label}: cannot write {shown(result.output)}: {result.problem}"
+            )
+        else:
+            self.console.error(f"{shown(result.name[:60])}: {result.problem}")
+        if result.kept is not None and result.content is not None:
+            self.console.error(
+                f"{label}: kept {result.received} of {result.content.size} "
+                f"verified bytes in {shown(result.kept)}; run the same command "
+                "again to resume"
+            )
+
+    def interrupted(self) -> None:
+        """
+        The process is stopping (Ctrl-C) in the middle of a fetch: one line
+        on what it leaves.
+        """
+        left = self.session.interrupted()
+        if left is None:
+            return
+        if self.console.bar is not None:
+            self.console.bar.close()
+        # What the stopping transfers report after this line is noise.
+        self.console.quiet = True
+        label = shown(left.name)
+        if left.what == "kept":
+            assert left.path is not None
+            self.console.error(
+                f"{label}: kept {left.received} of {left.size} verified bytes in "
+                f"{shown(left.path)}; run the same command again to resume"
+            )
+        elif left.what == "streamed":
+            self.console.error(
+                f"{label}: interrupted after {left.received} verified bytes to "
+                f"{shown(left.path or 'stdout')}"
+            )
+        else:
+            self.console.error(f"{label}: interrupted; nothing was kept")
+
+    @inlineCallbacks
+    def demo(self, demo_options: DemoOptions):
+        """``p2p demo``: a relay and peers in this process, then ``get``."""
+        from p2p.demo import DemoFailed, start_demo
+
+        try:
+            system = yield start_demo(
+                self.reactor,
+                demo_options["peers"],
+                demo_options["files"],
+                self.console.say,
+            )
+        except DemoFailed as e:
+            self.console.error(str(e))
+            return EXIT_USAGE if e.usage else EXIT_RELAY
+        try:
+            self.session = ClientSession(
+                self.reactor,
+                _with_relay(self.options.settings(), system.relay_address),
+                self.console.stdout,
+                HumanReport(self.console),
+            )
+            code = yield self.get(demo_options["names"], None)
+        finally:
+            yield system.stop()
+        return code
+
+
+def _with_relay(settings: Settings, relay: str) -> Settings:
+    settings.relay = relay
+    return settings
 
 
 @inlineCallbacks
@@ -917,35 +1005,47 @@ def run(
     reactor,
     argv: list[str],
     console: Console | None = None,
-    on_client: Callable[[Client], object] = lambda client: None,
+    on_runner: Callable[[Runner], object] = lambda runner: None,
 ):
-    """Run one ``p2p`` command; fires with the exit status.  C{on_client}
-    is handed the L{Client} before it starts (main() uses it to hear of
+    """Run one ``p2p`` command; fires with the exit status.  C{on_runner}
+    is handed the L{Runner} before it starts (main() uses it to hear of
     an interruption)."""
     console = console or Console(sys.stdin, standard_output(), sys.stderr, False)
     try:
         options = parse(argv)
         console.quiet = options["quiet"]
-        client = Client(reactor, options, console)
+        runner = Runner(reactor, options, console)
     except (usage.UsageError, ValueError) as e:
         # One line, like every other failure.
-        console.error(f"{e} (try 'p2p --help')")
+        command = " " + argv_command(argv) if argv_command(argv) else ""
+        console.error(f"{e} (try 'p2p{command} --help')")
         return EXIT_USAGE
-    on_client(client)
+    on_runner(runner)
     command, sub = options.subCommand, options.subOptions
     if command == "get":
-        client.durable = sub["fsync"]
-        client.max_size = sub["max-size"]
-        client.max_sources = sub["sources"]
-        client.pace = sub["pace"]
-        return (yield client.get(sub["names"], sub["output"], sub["expect"]))
+        if sub["progress"]:
+            console.show_progress(True)
+        elif sub["no-progress"]:
+            console.show_progress(False)
+        else:
+            console.show_progress(None)
+        return (
+            yield runner.get(sub["names"], sub["output"], sub["expect"], sub["json"])
+        )
     if command == "peers":
-        return (yield client.print_peers())
+        return (yield runner.peers(sub["json"]))
     if command == "ls":
-        return (yield client.list_all_files(sub["long"]))
-    from p2p.demo import run_demo
+        return (yield runner.ls(sub["long"], sub["json"]))
+    console.show_progress(None)
+    return (yield runner.demo(sub))
 
-    return (yield run_demo(reactor, options, sub, console))
+
+def argv_command(argv: list[str]) -> str | None:
+    """The command named in C{argv}, if one is (for the usage line's hint)."""
+    for word in seed_form(argv):
+        if word in COMMANDS:
+            return word
+    return None
 
 
 def main(argv: list[str] | None = None) -> NoReturn:
@@ -977,20 +1077,20 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 outcome.append(EXIT_OUTPUT)
             else:
                 sys.stderr.write(f"p2p: internal error: {describe(result)}\n")
-                outcome.append(70)
+                outcome.append(EXIT_INTERNAL)
         else:
             outcome.append(result)  # type: ignore[arg-type]
         if reactor.running:
             reactor.stop()
 
-    def watch(client: Client) -> None:
+    def watch(runner: Runner) -> None:
         # Ctrl-C (SIGINT) stops the reactor: say what an unfinished fetch
         # leaves behind.  After a normal end there is none, and it says
         # nothing.
-        reactor.addSystemEventTrigger("before", "shutdown", client.interrupted)
+        reactor.addSystemEventTrigger("before", "shutdown", runner.interrupted)
 
     def start() -> None:
-        run(reactor, args, on_client=watch).addBoth(finished)
+        run(reactor, args, on_runner=watch).addBoth(finished)
 
     reactor.callWhenRunning(start)
     reactor.run()

@@ -2,27 +2,16 @@
 
 ``FileFetchProtocol`` fetches one file from one peer into a sink, checking
 every piece against its digest; ``p2p.fetch`` drives it across the peers
-(phase 3).
-``SKIPPABLE`` names the failures that mean "this peer cannot help"; anything
-else is a bug and propagates.
+(phase 3).  What can go wrong is sorted in L{p2p.errors}.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable
 
-from twisted.internet.defer import (
-    CancelledError,
-    Deferred,
-    TimeoutError,
-)
-from twisted.internet.endpoints import TCP4ClientEndpoint, TCP6ClientEndpoint
-from twisted.internet.error import ConnectError, ConnectionClosed
-from twisted.internet.error import TimeoutError as ConnectingTimeout
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import (
     IDelayedCall,
-    IReactorTCP,
     IReactorTime,
     IStreamClientEndpoint,
 )
@@ -31,6 +20,14 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2p import hints, wire
+
+# Their earlier home: p2p.client.PeerFailed and the rest still work (the
+# "as" marks them as re-exported).
+from p2p.endpoints import EndpointFor as EndpointFor
+from p2p.endpoints import peer_endpoint as peer_endpoint
+from p2p.errors import SKIPPABLE as SKIPPABLE
+from p2p.errors import FailureKind, OutputFailed, PeerFailed
+from p2p.errors import describe as describe
 from p2p.pace import DEFAULT_PACE, Pace, RateWatch
 from p2p.pieces import (
     DIGEST_BYTES,
@@ -40,7 +37,7 @@ from p2p.pieces import (
     PieceListMismatch,
     valid_piece_size,
 )
-from p2p.request import IncompleteReply, request_lines
+from p2p.request import request_lines
 from p2p.sink import ContentMismatch, PieceSink
 from p2p.transports import no_delay, read_in_large_chunks
 from p2p.units import format_bytes
@@ -49,55 +46,6 @@ from p2p.wire import WireError
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
 DEFAULT_IDLE_TIMEOUT_SECONDS = 10.0
 RECEIVE_CHUNK_BYTES = 1024 * 1024
-
-
-class PeerFailed(Exception):
-    """
-    This peer could not deliver the file; the message says why.
-
-    C{kind} sorts the reasons for the fallback driver: ``refused`` (an ERR
-    reply), ``broken`` (closed or stalled mid-transfer; the pieces that
-    verified are kept), ``corrupted`` (a piece or the piece list did not
-    verify: nothing of it was used), ``other-content`` (the peer's file
-    differs from the content being assembled, or, asked for it by root,
-    the peer has none of it), ``protocol`` (a malformed
-    reply), ``timeout`` (silent, or no header in time), ``slow`` (below
-    the minimum rate; the pieces that verified are kept), ``too-large``,
-    or ``resume`` (an earlier run left verified pieces: ask this peer
-    again for the rest only).
-    """
-
-    def __init__(self, reason: str, kind: str = "refused") -> None:
-        super().__init__(reason)
-        self.reason = reason
-        self.kind = kind
-
-
-class OutputFailed(Exception):
-    """The received bytes could not be stored locally (disk full, folder gone).
-
-    Not a fault of the peer: the fetch stops instead of trying the next one.
-    """
-
-    def __init__(self, error: OSError) -> None:
-        super().__init__(error.strerror or str(error))
-        self.error = error
-
-
-# The failures that mean "move on to the next peer".  Python's own
-# ConnectionError (refused, reset, aborted) covers endpoints that report a
-# socket error without wrapping it in Twisted's ConnectError.
-SKIPPABLE = (
-    PeerFailed,
-    ConnectError,
-    ConnectionError,
-    ConnectionClosed,
-    TimeoutError,
-    CancelledError,
-    IncompleteReply,
-    WireError,
-    wire.RemoteError,
-)
 
 
 class FileFetchProtocol(LineReceiver, TimeoutMixin):
@@ -209,11 +157,12 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def _header_late(self) -> None:
         self._deadline = None
         self._fail(
-            f"timed out: no header within {self.pace.header_timeout:g}s", "timeout"
+            f"timed out: no header within {self.pace.header_timeout:g}s",
+            FailureKind.TIMEOUT,
         )
 
     def _too_slow(self, reason: str) -> None:
-        self._fail(reason, "slow")
+        self._fail(reason, FailureKind.SLOW)
 
     def _stop_timers(self) -> None:
         self.setTimeout(None)
@@ -254,7 +203,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if self.sink.content is None:
             refusal = self.sink.refusal(progress.total)
             if refusal is not None:
-                self._fail(f"too large: {refusal}", "too-large")
+                self._fail(f"too large: {refusal}", FailureKind.TOO_LARGE)
                 return
         now = self.clock.seconds()
         if self._indexed is None:
@@ -269,7 +218,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 self._fail(
                     f"too slow: indexing, {format_bytes(progress.done)} hashed in "
                     f"{waited:g} s",
-                    "slow",
+                    FailureKind.SLOW,
                 )
                 return
         self.on_indexing(progress)
@@ -303,20 +252,21 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             # Asked by root, "no such content" means the peer holds other
             # content (or none) under the name: a second pass may want it.
             other = isinstance(self.request, wire.Blob) and e.code == 404
-            kind = "other-content" if other else "refused"
+            kind = FailureKind.OTHER_CONTENT if other else FailureKind.REFUSED
             self._fail(f"refused: ERR {e.code} {e.message}", kind, abort=False)
             return
         except WireError as e:
-            self._fail(f"protocol error: {e.message}", "protocol")
+            self._fail(f"protocol error: {e.message}", FailureKind.PROTOCOL)
             return
         if not self.sink.continues(header.root):
             self._fail(
-                f"has other content (root {header.root[:12]}...)", "other-content"
+                f"has other content (root {header.root[:12]}...)",
+                FailureKind.OTHER_CONTENT,
             )
             return
         refusal = self.sink.refusal(header.size) if self.sink.content is None else None
         if refusal is not None:
-            self._fail(f"too large: {refusal}", "too-large")
+            self._fail(f"too large: {refusal}", FailureKind.TOO_LARGE)
             return
         if not self._accepted:
             try:
@@ -376,12 +326,15 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         """The content is known (and its piece list checked): store it."""
         assert self.content is not None
         if pieces is None and self.content.pieces > 1 and self.sink.pieces is None:
-            self._fail("protocol error: no piece list for a file of pieces", "protocol")
+            self._fail(
+                "protocol error: no piece list for a file of pieces",
+                FailureKind.PROTOCOL,
+            )
             return
         try:
             d = self.sink.begin(self.content, pieces)
         except ContentMismatch:
-            self._fail("has other content", "other-content")
+            self._fail("has other content", FailureKind.OTHER_CONTENT)
             return
         # Header and piece list are in: the deadline has been kept.
         self._disarm_deadline()
@@ -395,7 +348,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         assert self.header is not None and self.content is not None
         first_contact = not isinstance(self.request, wire.Blob)
         if first_contact and not self.sink.complete and self.on_content(self.content):
-            self._fail("handed over to several sources", "handover")
+            self._fail("handed over to several sources", FailureKind.HANDOVER)
             return
         if isinstance(self.request, wire.Pieces):
             self._ask_content()
@@ -404,7 +357,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if resumable and self.sink.done:
             # An earlier run left verified pieces: ask for the rest instead.
             offset = self.content.span(self.sink.missing()[0])[0]
-            self._fail(f"resuming at byte {offset}", "resume")
+            self._fail(f"resuming at byte {offset}", FailureKind.RESUME)
             return
         self._accepting = True
         held, self._held = bytes(self._held), bytearray()
@@ -418,7 +371,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         """The piece list is in (a fetch by root): ask for what is missing."""
         assert self.content is not None
         if self._held:
-            self._fail("protocol error: bytes after the piece list", "protocol")
+            self._fail(
+                "protocol error: bytes after the piece list", FailureKind.PROTOCOL
+            )
             return
         self._resume(content=False)
         if self.sink.complete:
@@ -449,7 +404,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if len(self._held) + len(data) > self.remaining:
             # Not a byte of it is used: nothing past the announced count is
             # ever held or stored.
-            self._fail("protocol error: more bytes than announced", "protocol")
+            self._fail(
+                "protocol error: more bytes than announced", FailureKind.PROTOCOL
+            )
             return
         if not self._accepting:
             self._held += data
@@ -486,7 +443,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         try:
             pieces = PieceList.check(self.content, digests)
         except PieceListMismatch as e:
-            self._fail(f"corrupted: {e}", "corrupted")
+            self._fail(f"corrupted: {e}", FailureKind.CORRUPTED)
             return b""
         self._begin(pieces)
         return data[need:]
@@ -516,7 +473,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         return keep_going
 
     def _bad_piece(self, index: int) -> None:
-        self._fail(f"corrupted: piece {index} does not match its digest", "corrupted")
+        self._fail(
+            f"corrupted: piece {index} does not match its digest", FailureKind.CORRUPTED
+        )
 
     # Set when the connection is gone (ITransport offers no such flag).
     _gone = False
@@ -560,7 +519,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.result.errback(OutputFailed(error))
         self.transport.abortConnection()
 
-    def _fail(self, reason: str, kind: str = "refused", abort: bool = True) -> None:
+    def _fail(
+        self, reason: str, kind: FailureKind = FailureKind.REFUSED, abort: bool = True
+    ) -> None:
         self._stop_timers()
         # As in _verified: the real reason first, then the close.
         if not self.result.called:
@@ -571,11 +532,11 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        kind = "broken" if self.header is not None else "timeout"
+        kind = FailureKind.BROKEN if self.header is not None else FailureKind.TIMEOUT
         self._fail(f"timed out: silent for {self.idle_timeout:g}s", kind)
 
     def lineLengthExceeded(self, line: bytes) -> None:
-        self._fail("protocol error: reply line too long", "protocol")
+        self._fail("protocol error: reply line too long", FailureKind.PROTOCOL)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
@@ -584,7 +545,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             return
         if self.header is None:
             self.result.errback(
-                PeerFailed("connection closed before a reply", "broken")
+                PeerFailed("connection closed before a reply", FailureKind.BROKEN)
             )
         elif self.remaining == 0:
             return  # every byte arrived; the sink decides
@@ -593,7 +554,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.result.errback(
                 PeerFailed(
                     f"broken transfer after {got} of {self.header.count} bytes",
-                    "broken",
+                    FailureKind.BROKEN,
                 )
             )
 
@@ -610,43 +571,6 @@ def described(root: str, size: int, piece_size: int) -> Content:
     if content.pieces > MAX_PIECES:
         raise WireError(wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many")
     return content
-
-
-def peer_endpoint(
-    reactor: IReactorTCP, peer: wire.PeerEntry, timeout: float
-) -> IStreamClientEndpoint:
-    """A plain TCP endpoint for a peer from the relay's list."""
-    if ":" in peer.host:
-        return TCP6ClientEndpoint(reactor, peer.host, peer.port, timeout=timeout)
-    return TCP4ClientEndpoint(reactor, peer.host, peer.port, timeout=timeout)
-
-
-EndpointFor = Callable[[wire.PeerEntry], IStreamClientEndpoint]
-
-
-def describe(failure: Failure) -> str:
-    """One human line for an expected failure of a relay or a peer."""
-    value = failure.value
-    if isinstance(value, PeerFailed):
-        return value.reason
-    if isinstance(value, ConnectingTimeout):
-        # Twisted's own connect timeout (the endpoint's) fired first.
-        return "timed out"
-    if isinstance(value, ConnectError):
-        # osError is an errno for refusals, a message or None otherwise.
-        reason = value.osError
-        if isinstance(reason, int):
-            reason = os.strerror(reason)
-        return f"cannot connect: {reason or type(value).__name__}"
-    if isinstance(value, (ConnectionRefusedError, ConnectionResetError)):
-        return f"cannot connect: {value.strerror or type(value).__name__}"
-    if isinstance(value, (TimeoutError, CancelledError)):
-        return "timed out"
-    if isinstance(value, wire.RemoteError):
-        return f"refused: ERR {value.code} {value.message}"
-    if isinstance(value, WireError):
-        return f"protocol error: {value.message}"
-    return str(value) or type(value).__name__
 
 
 def list_peers(

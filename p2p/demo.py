@@ -2,7 +2,9 @@
 
 A relay and N peers start on 127.0.0.1 with ephemeral ports, each peer with
 its own temporary share folder; the sample files (or the user's) are dealt
-out evenly; then the ordinary client runs against that relay.
+out evenly; then the ordinary client (L{p2p.cli}) runs against that relay.
+It reaches the relay's and the peers' services by their names
+(C{getServiceNamed}), never by looking inside the service trees.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from importlib import resources
 
 from twisted.application.service import MultiService
@@ -18,8 +21,6 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from p2p import peer_tap, relay_tap
-from p2p.announce import Announcer
-from p2p.service import ListeningService
 
 REGISTRATION_TIMEOUT_SECONDS = 10
 
@@ -67,8 +68,8 @@ def deal(workdir: str, peers: int, folder: str | None) -> list[tuple[str, list[s
 class Narrator:
     """Shows the relay's and peers' log events as they happen."""
 
-    def __init__(self, console) -> None:
-        self.console = console
+    def __init__(self, say: Callable[[str], None]) -> None:
+        self.say = say
         self.labels: dict[int, str] = {}
 
     def label(self, thing: object, text: str) -> None:
@@ -87,85 +88,112 @@ class Narrator:
         if label is None and namespace.startswith("p2p.relay"):
             label = "relay"
         if label is not None:
-            self.console.say(f"  [{label}] {formatEvent(event)}")
+            self.say(f"  [{label}] {formatEvent(event)}")
 
 
-def _children(parent: MultiService, kind: type) -> list:
-    return [service for service in parent if isinstance(service, kind)]
+class DemoFailed(Exception):
+    """The demo could not start; C{usage} when the command line is to blame
+    (no files to share), else the system itself (peers that never
+    registered)."""
+
+    def __init__(self, message: str, usage: bool = False) -> None:
+        super().__init__(message)
+        self.usage = usage
+
+
+class DemoSystem:
+    """A running demo: the relay's address for the client, and L{stop}."""
+
+    def __init__(
+        self, relay_address: str, services: list[MultiService], narrator, workdir
+    ) -> None:
+        self.relay_address = relay_address
+        self._services = services
+        self._narrator = narrator
+        self._workdir = workdir
+
+    @inlineCallbacks
+    def stop(self):
+        """Stop the peers (they unregister) and the relay; clean up."""
+        self._narrator.say("the demo stops: peers unregister, the relay closes")
+        try:
+            for service in reversed(self._services):
+                yield service.stopService()
+        finally:
+            globalLogPublisher.removeObserver(self._narrator)
+            shutil.rmtree(self._workdir, ignore_errors=True)
 
 
 @inlineCallbacks
-def run_demo(reactor, options, demo_options, console):
-    """Run the demo; fires with the client's exit status."""
-    from p2p.cli import EXIT_RELAY, EXIT_USAGE, Client
-
+def start_demo(reactor, peers: int, files: str | None, say: Callable[[str], None]):
+    """
+    Start a relay and C{peers} peers on 127.0.0.1, dealing out the sample
+    files (or those directly inside C{files}); C{say} narrates.  Fires with
+    a L{DemoSystem} once every peer registered, or fails with L{DemoFailed}
+    (after stopping what started).
+    """
     workdir = tempfile.mkdtemp(prefix="p2p-demo-")
     services: list[MultiService] = []
-    narrator = Narrator(console)
+    narrator = Narrator(say)
     globalLogPublisher.addObserver(narrator)
+    system = DemoSystem("", services, narrator, workdir)
     try:
-        shares = deal(workdir, demo_options["peers"], demo_options["files"])
+        shares = deal(workdir, peers, files)
         if not any(names for _, names in shares):
-            console.error(f"--files {demo_options['files']}: no files to share")
-            return EXIT_USAGE
-        console.say(
-            "phase 1: a relay and its peers start; each peer registers, then hangs up"
-        )
+            raise DemoFailed(f"--files {files}: no files to share", usage=True)
+        say("phase 1: a relay and its peers start; each peer registers, then hangs up")
         relay_config = relay_tap.Options()
         relay_config.parseOptions(["--listen", "tcp:0:interface=127.0.0.1"])
         relay = relay_tap.makeService(relay_config, reactor)
-        narrator.label(_children(relay, ListeningService)[0], "relay")
+        listener = relay.getServiceNamed(relay_tap.LISTENER)
+        narrator.label(listener, "relay")
         relay.startService()
         services.append(relay)
-        relay_port = _children(relay, ListeningService)[0].port.getHost().port
-        relay_address = f"tcp:127.0.0.1:{relay_port}"
+        port = yield listener.when_listening()
+        system.relay_address = f"tcp:127.0.0.1:{port.getHost().port}"
         waiting = []
         for index, (share, names) in enumerate(shares):
+            label = f"peer{index + 1}"
             config = peer_tap.Options()
             config.parseOptions(
                 [
-                    "--relay", relay_address,
+                    "--relay", system.relay_address,
                     "--share", share,
                     "--listen", "tcp:0:interface=127.0.0.1",
-                    "--name", f"peer{index + 1}",
+                    "--name", label,
                     "--state", os.path.join(workdir, f"state{index + 1}"),
                 ]
             )  # fmt: skip
             peer = peer_tap.makeService(config, reactor)
-            announcer = _children(peer, Announcer)[0]
-            narrator.label(announcer, f"peer{index + 1}")
-            narrator.label(_children(peer, ListeningService)[0], f"peer{index + 1}")
+            announcer = peer.getServiceNamed(peer_tap.ANNOUNCER)
+            narrator.label(announcer, label)
+            narrator.label(peer.getServiceNamed(peer_tap.LISTENER), label)
             peer.startService()
             services.append(peer)
-            narrator.label(peer_share(peer), f"peer{index + 1}")
-            console.say(f"  [peer{index + 1}] shares {', '.join(names) or 'nothing'}")
+            narrator.label(peer_share(peer), label)
+            say(f"  [{label}] shares {', '.join(names) or 'nothing'}")
             registered = announcer.when_registered()
             registered.addTimeout(REGISTRATION_TIMEOUT_SECONDS, reactor)
             waiting.append(registered)
         try:
             yield gatherResults(waiting, consumeErrors=True)
         except FirstError:
-            console.error("the peers could not register at the demo relay in time")
-            return EXIT_RELAY
-        console.say(
+            raise DemoFailed(
+                "the peers could not register at the demo relay in time"
+            ) from None
+        say(
             "phase 2: the client asks the relay for the active peers; "
             "phase 3: it tries them one at a time"
         )
-        options["relay"] = relay_address
-        client = Client(reactor, options, console)
-        code = yield client.get(demo_options["names"], None)
-        return code
     except usage.UsageError as e:
-        console.error(str(e))
-        return EXIT_USAGE
-    finally:
-        console.say("the demo stops: peers unregister, the relay closes")
-        for service in reversed(services):
-            yield service.stopService()
-        globalLogPublisher.removeObserver(narrator)
-        shutil.rmtree(workdir, ignore_errors=True)
+        yield system.stop()
+        raise DemoFailed(str(e), usage=True) from None
+    except BaseException:
+        yield system.stop()
+        raise
+    return system
 
 
 def peer_share(peer: MultiService):
     """The ShareFolder a peer service tree serves (for labelling its logs)."""
-    return _children(peer, ListeningService)[0].factory.share
+    return peer.getServiceNamed(peer_tap.LISTENER).factory.share

@@ -1,12 +1,24 @@
-"""Turn the addresses users type into Twisted endpoints."""
+"""Turn the addresses users type, and the peers the relay lists, into endpoints."""
 
 from __future__ import annotations
 
 import os
 import re
+from collections.abc import Callable
 
-from twisted.internet.endpoints import clientFromString, serverFromString
-from twisted.internet.interfaces import IStreamClientEndpoint, IStreamServerEndpoint
+from twisted.internet.endpoints import (
+    TCP4ClientEndpoint,
+    TCP6ClientEndpoint,
+    clientFromString,
+    serverFromString,
+)
+from twisted.internet.interfaces import (
+    IReactorTCP,
+    IStreamClientEndpoint,
+    IStreamServerEndpoint,
+)
+
+from p2p import wire
 
 DEFAULT_RELAY = "tcp:127.0.0.1:8000"
 RELAY_ENVIRONMENT_VARIABLE = "P2P_RELAY"
@@ -100,6 +112,19 @@ def client_endpoint(reactor, text: str) -> IStreamClientEndpoint:
 
         endpoint = checked_tls_endpoint(description, endpoint)
     return endpoint
+
+
+def peer_endpoint(
+    reactor: IReactorTCP, peer: wire.PeerEntry, timeout: float
+) -> IStreamClientEndpoint:
+    """A plain TCP endpoint for a peer from the relay's list."""
+    if ":" in peer.host:
+        return TCP6ClientEndpoint(reactor, peer.host, peer.port, timeout=timeout)
+    return TCP4ClientEndpoint(reactor, peer.host, peer.port, timeout=timeout)
+
+
+#: Builds the client endpoint for a peer (plain TCP, or TLS: L{p2p.tls}).
+EndpointFor = Callable[[wire.PeerEntry], IStreamClientEndpoint]
 
 
 def server_endpoint(reactor, text: str) -> IStreamServerEndpoint:

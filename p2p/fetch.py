@@ -33,19 +33,23 @@ from dataclasses import dataclass, field
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
-    SKIPPABLE,
-    EndpointFor,
     FileFetchProtocol,
+)
+from p2p.endpoints import EndpointFor, peer_endpoint
+from p2p.errors import (
+    SKIPPABLE,
+    FailureKind,
     OutputFailed,
     PeerFailed,
     describe,
-    peer_endpoint,
+    kind_of,
 )
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.pieces import Content
@@ -73,6 +77,8 @@ class Attempt:
     reason: str
     seconds: float
     offset: int = 0
+    # Why it failed, sorted (None for a success).
+    kind: FailureKind | None = None
 
 
 @dataclass
@@ -117,6 +123,8 @@ class Fetcher:
         (see L{p2p.swarm}); 1 keeps every fetch on one peer at a time.
     :param on_source_dropped: called with the L{SourceReport} of a holder
         the swarm stopped using, and why.
+    :param on_serving: called with the peers sending pieces whenever they
+        change: the one whose header won, then the swarm's sources.
     :param pace: what every peer must keep up to (L{p2p.pace}): a peer
         whose header comes too late, or whose transfer falls below the
         minimum rate, is skipped like one that broke (the next one goes on
@@ -140,6 +148,7 @@ class Fetcher:
         max_sources: int = DEFAULT_MAX_SOURCES,
         on_source_dropped: Callable[[SourceReport], None] = lambda report: None,
         pace: Pace = DEFAULT_PACE,
+        on_serving: Callable[[list[wire.PeerEntry]], None] = lambda peers: None,
     ) -> None:
         self.reactor = reactor
         self.pace = pace
@@ -156,6 +165,7 @@ class Fetcher:
         self.on_header = on_header
         self.max_sources = max(1, max_sources)
         self.on_source_dropped = on_source_dropped
+        self.on_serving = on_serving
 
     def fetch(
         self,
@@ -195,8 +205,15 @@ class _Try:
         self.deferred: Deferred[wire.FileHeader] | None = None
 
 
+# The failures an attempt may end with that are not bugs: a peer's fault
+# (SKIPPABLE), or the output's (the fetch stops).
+EXPECTED = (*SKIPPABLE, OutputFailed)
+
+
 class _FetchRun:
     """The state of one fetch: the queue of peers and the attempts in flight."""
+
+    log = Logger()
 
     def __init__(
         self,
@@ -335,7 +352,7 @@ class _FetchRun:
     def _accept(self, attempt: _Try, header: wire.FileHeader) -> None:
         """A peer answered with a header: it wins, the others stand down."""
         if self.active is not None or self.done.called:
-            raise PeerFailed("another peer is already sending", "abandoned")
+            raise PeerFailed("another peer is already sending", FailureKind.ABANDONED)
         del self.pending[attempt.index]
         self.active = attempt
         self._disarm()
@@ -343,6 +360,7 @@ class _FetchRun:
             other.abandoned = True
             assert other.deferred is not None
             other.deferred.cancel()
+        self.fetcher.on_serving([attempt.peer])
         self.fetcher.on_header(
             Attempt(
                 attempt.peer,
@@ -353,13 +371,16 @@ class _FetchRun:
             )
         )
 
-    def _record(self, attempt: _Try, ok: bool, reason: str) -> None:
+    def _record(
+        self, attempt: _Try, ok: bool, reason: str, kind: FailureKind | None = None
+    ) -> None:
         finished = Attempt(
             attempt.peer,
             ok,
             reason,
             self.fetcher.now() - attempt.started,
             attempt.offset,
+            kind,
         )
         self.attempts.append(finished)
         self.fetcher.report(finished)
@@ -373,6 +394,15 @@ class _FetchRun:
         )
 
     def _failed(self, failure: Failure, attempt: _Try) -> None:
+        if attempt.abandoned or self.done.called:
+            # Nothing to decide from it, but a bug is still a bug: logged,
+            # never dropped (and never allowed to end a fetch going well).
+            if not failure.check(*EXPECTED):
+                self.log.failure(
+                    "unexpected error in an attempt that no longer counts",
+                    failure,
+                    peer=attempt.peer.address,
+                )
         if attempt.abandoned:
             # Cancelled because another peer answered first; it may still be
             # needed if that peer fails, so it goes back in the queue.
@@ -386,18 +416,18 @@ class _FetchRun:
         self.pending.pop(attempt.index, None)
         if self.active is attempt:
             self.active = None
-        kind = failure.value.kind if isinstance(failure.value, PeerFailed) else ""
-        if kind == "handover":
+        kind = kind_of(failure)
+        if kind is FailureKind.HANDOVER:
             self._start_swarm(attempt)
             return
-        if kind == "resume":
+        if kind is FailureKind.RESUME:
             # It holds the content, and an earlier run left part of it:
             # ask this same peer again, for the rest only.
             self.queue.appendleft(attempt.index)
         else:
-            if kind == "other-content":
+            if kind is FailureKind.OTHER_CONTENT:
                 self.holders.add(attempt.index)
-            self._record(attempt, False, describe(failure))
+            self._record(attempt, False, describe(failure), kind)
             if (
                 not self.sink.done
                 and not self.by_root
@@ -455,12 +485,19 @@ class _FetchRun:
             fetcher.connect_timeout,
             fetcher.idle_timeout,
             fetcher.max_sources,
-            report=fetcher.on_source_dropped,
+            report=self._source_dropped,
             pace=fetcher.pace,
         )
         d = self.swarm.run()
+        if not d.called:
+            fetcher.on_serving(self.swarm.serving)
         d.addCallbacks(self._swarmed, self._swarm_failed, (attempt,))
         d.addErrback(self._crashed)
+
+    def _source_dropped(self, report: SourceReport) -> None:
+        self.fetcher.on_source_dropped(report)
+        if self.swarm is not None and not self.swarm.done.called:
+            self.fetcher.on_serving(self.swarm.serving)
 
     def _swarmed(self, reports: list[SourceReport], attempt: _Try) -> None:
         self._record(attempt, True, "found")
@@ -489,8 +526,10 @@ class _FetchRun:
         for report in failure.value.reports:
             if report.reason is None:
                 continue
-            self.attempts.append(Attempt(report.peer, False, report.reason, 0.0))
-            if report.kind == "corrupted":
+            self.attempts.append(
+                Attempt(report.peer, False, report.reason, 0.0, kind=report.kind)
+            )
+            if report.kind is FailureKind.CORRUPTED:
                 liars.add((report.peer.host, report.peer.port))
         self.queue = deque(
             i

@@ -94,3 +94,56 @@ class ILease(Interface):
     files = Attribute(
         "The announced name filter (256 raw bytes, see p2p.hints), or None."
     )
+
+
+class IFetchObserver(Interface):
+    """
+    Hears what a L{p2p.session.ClientSession} does while it fetches a name,
+    as it happens; the command line shows it (lines on stderr, a progress
+    bar).  Every C{name} is the exact name (or ROOT) asked for, never
+    escaped: showing it safely is the observer's business (L{p2p.text}).
+    The outcome itself is the L{p2p.session.GetResult} the fetch fires
+    with.
+    """
+
+    def listed(name, relay, peers, suggested):
+        """
+        The relay listed C{peers} active peers (a count) and, by name,
+        suggested C{suggested} of them for C{name} (C{None} for a ROOT:
+        hints are by name).
+        """
+
+    def no_suggestion(relay, reason):
+        """The relay could not say which peers may hold a name (C{reason});
+        the fetch goes on without a suggestion."""
+
+    def question_failed(name, peer, reason, seconds):
+        """C{peer} (a L{p2p.wire.PeerEntry}) could not say which content it
+        holds under C{name}: C{reason}, after C{seconds}."""
+
+    def disagreement(name, choice):
+        """The holders asked offer different contents under C{name}; the
+        L{p2p.choice.Choice} says which and what was taken."""
+
+    def waiting_for_reader(name, path):
+        """The ``-o`` target is a FIFO nobody reads yet: waiting for one."""
+
+    def skipped(name, attempt):
+        """An L{p2p.fetch.Attempt} at C{name} failed; the next goes on."""
+
+    def indexing(name, peer, progress):
+        """C{peer} is still indexing C{name} (a L{p2p.wire.Indexing})."""
+
+    def found(name, attempt):
+        """A peer's header for C{name} came (an L{p2p.fetch.Attempt} whose
+        C{seconds} is the time to it); its bytes follow."""
+
+    def serving(name, peers):
+        """The peers (L{p2p.wire.PeerEntry}) now sending C{name}'s pieces."""
+
+    def progress(name, received, total):
+        """C{received} of C{total} bytes of C{name} are verified and stored
+        (pieces kept from an earlier run included)."""
+
+    def dropped(name, report):
+        """A holder was stopped being used (a L{p2p.swarm.SourceReport})."""

@@ -216,6 +216,11 @@ class IndexService(Service):
         return d
 
 
+# The names of the services makeService builds, for getServiceNamed.
+LISTENER = "listener"
+ANNOUNCER = "announcer"
+
+
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -265,6 +270,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
     # request can arrive before the reactor runs, by which time the index
     # has started too.
     listener = ListeningService(listen, factory, "peer")
+    listener.setName(LISTENER)
     listener.setServiceParent(parent)
     IndexService(index, pool).setServiceParent(parent)
 
@@ -290,6 +296,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
         token=config["token"],
         files=name_filter,
     )
+    announcer.setName(ANNOUNCER)
     announcer.setServiceParent(parent)
     index.subscribe(announcer.files_changed)
     if config["port-file"]:

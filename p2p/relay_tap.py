@@ -192,6 +192,11 @@ def expiry_period(ttl: int) -> float:
     return max(0.5, min(5.0, ttl / 4))
 
 
+# The names of the services makeService builds, for getServiceNamed: the
+# (first) listener; the others are "listener 2", "listener 3"...
+LISTENER = "listener"
+
+
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -228,12 +233,13 @@ def makeService(config: Options, reactor=None) -> MultiService:
         relay.probe_with(dialback)
         DialBackService(dialback).setServiceParent(parent)
     listeners = []
-    for description in config["listen"]:
+    for number, description in enumerate(config["listen"], start=1):
         try:
             endpoint = server_endpoint(reactor, description)
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
         listener = ListeningService(endpoint, factory, "relay")
+        listener.setName(LISTENER if number == 1 else f"{LISTENER} {number}")
         listener.setServiceParent(parent)
         listeners.append(listener)
     sweeper = TimerService(expiry_period(config["ttl"]), relay.expire)

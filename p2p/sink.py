@@ -33,6 +33,7 @@ from collections.abc import Callable
 from typing import BinaryIO, TypeVar
 
 from twisted.internet.defer import Deferred, maybeDeferred, succeed
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p.pieces import (
@@ -670,6 +671,8 @@ class PieceSink:
     of the pieces that failed verification since the last call.
     """
 
+    log = Logger()
+
     def __init__(
         self,
         output: Output,
@@ -677,9 +680,12 @@ class PieceSink:
         durable: bool = False,
         expected_root: str | None = None,
         max_size: int | None = None,
+        on_progress: Callable[[], object] = lambda: None,
     ) -> None:
         self.output = output
         self.max_size = max_size
+        # Told whenever C{received} changes (a progress bar's cue).
+        self._on_progress = on_progress
         # The content the user asked for by root (p2p get ROOT, --expect):
         # no other is ever taken.
         self.expected_root = expected_root
@@ -732,6 +738,7 @@ class PieceSink:
         def held(indexes: set[int]) -> None:
             self.done |= indexes
             self.received += sum(content.span(index)[1] for index in indexes)
+            self._progressed()
 
         def tell_waiters(result: object) -> object:
             waiters, self._prepared = self._prepared or [], None
@@ -745,6 +752,13 @@ class PieceSink:
         d.addCallback(held)
         d.addBoth(tell_waiters)
         return d
+
+    def _progressed(self) -> None:
+        try:
+            self._on_progress()
+        except Exception:
+            # Only a display: its bug must not stop the pieces.
+            self.log.failure("progress report failed")
 
     def refusal(self, size: int) -> str | None:
         """
@@ -765,6 +779,7 @@ class PieceSink:
         self.pieces = None
         self.done.clear()
         self.received = 0
+        self._progressed()
 
     @property
     def restartable(self) -> bool:
@@ -825,6 +840,7 @@ class PieceSink:
             if index not in self.done:
                 self.done.add(index)
                 self.received += size
+                self._progressed()
         elif on_bad is not None:
             on_bad(index)
         else:

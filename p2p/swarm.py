@@ -26,18 +26,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.error import ConnectingCancelledError
 from twisted.internet.protocol import Factory
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from p2p import wire
-from p2p.client import (
-    SKIPPABLE,
-    EndpointFor,
-    FileFetchProtocol,
-    OutputFailed,
-    PeerFailed,
-    describe,
-)
+from p2p.client import FileFetchProtocol
+from p2p.endpoints import EndpointFor
+from p2p.errors import SKIPPABLE, FailureKind, OutputFailed, describe, kind_of
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink, StreamOutput
@@ -61,7 +58,7 @@ class SourceReport:
     units: int = 0
     bytes: int = 0
     reason: str | None = None  # why it was dropped, if it was
-    kind: str | None = None  # and the PeerFailed kind of that, if any
+    kind: FailureKind | None = None  # and the kind of that
 
 
 class SwarmFailed(Exception):
@@ -108,6 +105,8 @@ class Swarm:
         unit falls below the minimum rate is dropped like one that broke.
     """
 
+    log = Logger()
+
     def __init__(
         self,
         reactor,
@@ -144,6 +143,11 @@ class Swarm:
         # Every piece before this one is done (pieces are never undone).
         self._cursor = 0
 
+    @property
+    def serving(self) -> list[wire.PeerEntry]:
+        """The holders in use now."""
+        return [source.peer for source in self.sources]
+
     def run(self) -> Deferred[list[SourceReport]]:
         """Fires with a report per source once the content is complete."""
         self._fill()
@@ -174,8 +178,7 @@ class Swarm:
         if source in self.sources:
             self.sources.remove(source)
         source.report.reason = describe(failure)
-        if isinstance(failure.value, PeerFailed):
-            source.report.kind = failure.value.kind
+        source.report.kind = kind_of(failure)
         self.report(source.report)
 
     # -- picking units ----------------------------------------------------
@@ -296,8 +299,15 @@ class Swarm:
         was_current = source.unit is unit
         self._release(unit)
         if self.done.called:
+            if not failure.check(*SKIPPABLE, OutputFailed):
+                # Too late to matter, but a bug is logged, never dropped.
+                self.log.failure(
+                    "unexpected error in a unit after the end",
+                    failure,
+                    peer=source.peer.address,
+                )
             return
-        if failure.check(CancelledError) and not was_current:
+        if failure.check(CancelledError, ConnectingCancelledError) and not was_current:
             return  # abandoned after another source finished its pieces
         if failure.check(OutputFailed):
             self._stop_all()

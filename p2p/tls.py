@@ -54,7 +54,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
-from p2p.client import EndpointFor, peer_endpoint
+from p2p.endpoints import EndpointFor, peer_endpoint
 
 if TYPE_CHECKING:
     # Public in Twisted's documentation, but only defined in a private module.
@@ -70,7 +70,7 @@ class TLSFailed(ConnectError):
     """
 
     def __init__(self, reason: str) -> None:
-        # p2p.client.describe shows osError: "cannot connect: <reason>".
+        # p2p.errors.describe shows osError: "cannot connect: <reason>".
         super().__init__(osError=reason)
         self.reason = reason
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 
+from twisted.internet.defer import Deferred
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -186,3 +187,30 @@ class AskRootsTests(SynchronousTestCase):
         self.network.flush()
         self.failureResultOf(d)
         self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_bug_after_the_end_is_logged(self) -> None:
+        """
+        A holder still waited for when the question ends is cancelled; a
+        bug in that cancellation (not an expected failure) is logged,
+        never dropped, and the answer stands.
+        """
+
+        class BuggyCancel(Exception):
+            pass
+
+        class Buggy:
+            def connect(self, factory):
+                return Deferred(lambda d: d.errback(BuggyCancel("bug")))
+
+        honest = self.network.add(self.honest)
+        buggy = self.network.add("blackhole")
+
+        def endpoint_for(peer):
+            if peer is buggy:
+                return Buggy()
+            return self.network.endpoint_for(peer)
+
+        d = ask_roots(NAME, [honest, buggy], endpoint_for, self.clock, CONNECT)
+        self.network.run(d)
+        self.assertEqual([offer.peer for offer in self.successResultOf(d)], [honest])
+        self.assertEqual(len(self.flushLoggedErrors(BuggyCancel)), 1)

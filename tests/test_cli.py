@@ -7,17 +7,19 @@ from __future__ import annotations
 
 import errno
 import io
+import json
 import os
 import stat
 import sys
 
 from twisted.internet.address import IPv4Address
+from twisted.internet.defer import succeed
 from twisted.internet.error import ConnectionLost, DNSLookupError, getConnectError
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import cli, pieces, wire
+from p2p import cli, pieces, progress, session, wire
 from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
@@ -926,3 +928,398 @@ class TokenOptionTests(SynchronousTestCase):
         with self.assertRaises(usage.UsageError) as caught:
             cli.parse(["--token", "bad token!", "peers"])
         self.assertNotIn("bad token!", str(caught.exception))
+
+
+class TtyStringIO(io.StringIO):
+    """stderr as a terminal."""
+
+    def isatty(self) -> bool:
+        return True
+
+
+class PermutationTests(CommandTestCase):
+    """Options anywhere among a command's operands, as GNU getopt takes
+    them; ``--`` ends them; global options after the command too."""
+
+    def test_options_after_names(self) -> None:
+        options = cli.parse(["get", "a.txt", "-o", "out", "b.txt", "--sources=2"])
+        sub = options.subOptions
+        self.assertEqual(sub["names"], ["a.txt", "b.txt"])
+        self.assertEqual(sub["output"], "out")
+        self.assertEqual(sub["sources"], 2)
+
+    def test_double_dash_ends_options(self) -> None:
+        options = cli.parse(["get", "-o", "out", "--", "-weird-name", "--json"])
+        self.assertEqual(options.subOptions["names"], ["-weird-name", "--json"])
+        self.assertFalse(options.subOptions["json"])
+
+    def test_global_options_after_the_command(self) -> None:
+        options = cli.parse(
+            ["get", "a.txt", "--relay", "10.1.2.3:4001", "-q", "--stagger", "0"]
+        )
+        self.assertEqual(options["relay"], "10.1.2.3:4001")
+        self.assertTrue(options["quiet"])
+        self.assertEqual(options["stagger"], 0)
+        self.assertEqual(options.subOptions["names"], ["a.txt"])
+        options = cli.parse(["ls", "--long", "-r", "4002"])
+        self.assertEqual(options["relay"], "4002")
+        self.assertTrue(options.subOptions["long"])
+
+    def test_seed_form_with_options_after_names(self) -> None:
+        options = cli.parse(["127.0.0.1", "8000", "a.txt", "-o", "out"])
+        self.assertEqual(options["relay"], "127.0.0.1:8000")
+        self.assertEqual(options.subOptions["names"], ["a.txt"])
+        self.assertEqual(options.subOptions["output"], "out")
+
+    def test_posixly_correct_stops_at_the_first_operand(self) -> None:
+        self.patch(os, "environ", {**os.environ, "POSIXLY_CORRECT": "1"})
+        options = cli.parse(["get", "a.txt", "-o", "out"])
+        self.assertEqual(options.subOptions["names"], ["a.txt", "-o", "out"])
+        self.assertIsNone(options.subOptions["output"])
+
+    def test_saves_with_output_after_the_name(self) -> None:
+        """``p2p get NAME -o PATH`` saves, as ``p2p get -o PATH NAME`` does."""
+        target = self.mktemp()
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "-o", target)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        self.assertEqual(serve(self.reactor, 2, GetTests.CONTENT), b"GET a.txt\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        with open(target, "rb") as stream:
+            self.assertEqual(stream.read(), GetTests.CONTENT)
+        self.assertEqual(self.console.out, b"")
+
+    def test_unknown_option_after_a_name(self) -> None:
+        code = self.successResultOf(self.run_cli("get", "a.txt", "--frob"))
+        self.assertEqual(code, cli.EXIT_USAGE)
+        self.assert_one_error_line("frob")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
+class EverydayUsageTests(CommandTestCase):
+    """Usage errors found before any connection: exit 2, one line."""
+
+    def test_usage_errors(self) -> None:
+        folder = self.mktemp()
+        os.mkdir(folder)
+        for argv in (
+            ["get", ""],
+            ["get", "a.txt", ""],
+            ["get", "a\x01b"],
+            ["get", "--fsync", "a.txt"],
+            ["get", "--json", "a.txt"],
+            ["get", "--progress", "--no-progress", "a.txt"],
+            # -o DIR with several names: each must be a relative path, and
+            # no two may meet.
+            ["get", "-o", folder, "a.txt", "/etc/passwd"],
+            ["get", "-o", folder, "a.txt", "../b.txt"],
+            ["get", "-o", folder, "a.txt", "x/./b.txt"],
+            ["get", "-o", folder, "a.txt", "x//b.txt"],
+            ["get", "-o", folder, "x/a.txt", "x/a.txt"],
+            ["get", "-o", folder, "x", "x/a.txt"],
+            ["get", "-o", folder, "x/a.txt", "x"],
+            ["get", "-o", folder, "a.txt", "b" * 256 + "/c"],
+            ["get", "-o", folder, ".."],
+        ):
+            self.console = FakeConsole()
+            code = self.successResultOf(self.run_cli("--relay", "127.0.0.1:9", *argv))
+            self.assertEqual(code, cli.EXIT_USAGE, argv)
+            self.assert_one_error_line()
+            self.assertEqual(self.console.out, b"")
+            self.assertEqual(self.reactor.tcpClients, [], argv)
+        self.assertEqual(os.listdir(folder), [])
+
+    def test_collision_names_both(self) -> None:
+        folder = self.mktemp()
+        os.mkdir(folder)
+        self.successResultOf(self.run_cli("get", "-o", folder, "x/a", "y", "x/a"))
+        self.assert_one_error_line("'x/a'", "given twice")
+
+    def test_version_everywhere(self) -> None:
+        for argv in (["--version"], ["get", "--version"], ["ls", "a", "--version"]):
+            output = io.StringIO()
+            self.patch(sys, "stdout", output)
+            failure = self.failureResultOf(self.run_cli(*argv), SystemExit)
+            self.assertEqual(failure.value.code, 0)
+            self.assertEqual(output.getvalue(), f"p2p {cli.__version__}\n", argv)
+
+
+class KeepPathsTests(CommandTestCase):
+    """``-o DIR`` with several names writes DIR/NAME for each, keeping the
+    names' folders (``wget -x``)."""
+
+    A = b"the a file\n" * 20
+    B = b"the other b file\n" * 20
+
+    def test_relative_paths_kept(self) -> None:
+        folder = self.mktemp()
+        os.mkdir(folder)
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b/x"
+        )
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        self.assertEqual(serve(self.reactor, 2, self.A), b"GET a/x\n")
+        self.answer_peers(3)
+        self.assertEqual(serve(self.reactor, 4, self.B), b"GET b/x\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        with open(os.path.join(folder, "a", "x"), "rb") as stream:
+            self.assertEqual(stream.read(), self.A)
+        with open(os.path.join(folder, "b", "x"), "rb") as stream:
+            self.assertEqual(stream.read(), self.B)
+        self.assertEqual(sorted(os.listdir(folder)), ["a", "b"])
+
+    def test_folder_made_for_a_name_not_found_is_removed(self) -> None:
+        folder = self.mktemp()
+        os.mkdir(folder)
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b"
+        )
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol.dataReceived(b"ERR 404 no such file\n")
+        self.answer_peers(3)
+        serve(self.reactor, 4, self.B)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertEqual(os.listdir(folder), ["b"])
+
+    def test_symbolic_link_on_the_way_refused(self) -> None:
+        folder = self.mktemp()
+        os.mkdir(folder)
+        os.symlink("/tmp", os.path.join(folder, "a"))
+        code = self.successResultOf(self.run_cli("get", "-o", folder, "a/x", "b"))
+        self.assertEqual(code, cli.EXIT_USAGE)
+        self.assert_one_error_line("not a folder")
+        self.assertEqual(self.reactor.tcpClients, [])
+
+
+class OneListingTests(CommandTestCase):
+    """However many names, the relay lists its peers once; each name costs
+    one hint request at most."""
+
+    def test_several_names(self) -> None:
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
+        self.assertEqual(self.answer_peers(0, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        hint = self.answer_peers(1)
+        self.assertTrue(hint.startswith(b"PEERS hint="), hint)
+        serve(self.reactor, 2, GetTests.CONTENT)
+        hint = self.answer_peers(3)
+        self.assertTrue(hint.startswith(b"PEERS hint="), hint)
+        serve(self.reactor, 4, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, GetTests.CONTENT * 2)
+        self.assertEqual(len(self.reactor.tcpClients), 5)
+
+    def test_old_listing_asked_again(self) -> None:
+        """A listing older than a lease is not trusted: asked again."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        # A peer indexing the file (showing progress) for a minute.
+        for step in range(1, 8):
+            self.reactor.advance(9.5)
+            progress = wire.Indexing(step * MIB, 10 * MIB)
+            protocol.dataReceived(progress.to_line() + b"\n")
+        self.assertGreater(self.reactor.seconds(), session.LISTING_MAX_AGE_SECONDS)
+        protocol.dataReceived(peer_reply(GetTests.CONTENT))
+        self.assertEqual(self.answer_peers(3, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        self.answer_peers(4)
+        serve(self.reactor, 5, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+
+
+class InteractiveTests(CommandTestCase):
+    """``p2p HOST PORT``: the relay is asked before the first prompt."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        lines: list[str] = []
+        self.read = lines
+
+        def synchronous(reactor, work):
+            lines.append("read")
+            return succeed(work())
+
+        self.patch(cli, "in_daemon_thread", synchronous)
+
+    def test_relay_down_fails_at_once(self) -> None:
+        self.console = FakeConsole("sample1.txt\n")
+        d = self.run_cli("127.0.0.1", "9")
+        self.refuse(0)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_RELAY)
+        self.assert_one_error_line("relay 127.0.0.1:9", "cannot connect")
+        self.assertEqual(self.read, [], "no name was asked for")
+
+    def test_says_which_relay_and_how_many_peers(self) -> None:
+        self.console = FakeConsole("a.txt\n")
+        d = self.run_cli("127.0.0.1", "9")
+        self.assertNoResult(d)
+        self.assertEqual(self.read, [])
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.assertEqual(
+            self.console.err_lines, ["p2p: relay 127.0.0.1:9: 2 active peer(s)"]
+        )
+        # The name typed is fetched with that listing: a hint request next.
+        self.assertTrue(self.answer_peers(1).startswith(b"PEERS hint="))
+        serve(self.reactor, 2, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, GetTests.CONTENT)
+
+
+class ProgressTests(CommandTestCase):
+    """A progress bar on stderr when it is a terminal (or --progress)."""
+
+    CONTENT = os.urandom(2 * pieces.PIECE_SIZE + 333)
+
+    def setUp(self) -> None:
+        super().setUp()
+        # In memory a fetch takes no time: show the bar at once.
+        self.patch(progress, "SHOW_AFTER_SECONDS", 0)
+
+    def fetch(self, *argv: str, tty: bool) -> str:
+        self.console = FakeConsole()
+        if tty:
+            self.console.stderr = TtyStringIO()
+        self.reactor = MemoryReactorClock()
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", *argv, "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.CONTENT)
+        errors = self.console.stderr.getvalue()
+        # The human lines stay, whole, whatever the bar does.
+        self.assertIn("\np2p: a.txt: found at 127.0.0.1:4001", "\n" + errors)
+        self.assertRegex(
+            errors, rf"(^|\n|\r)p2p: a\.txt: {len(self.CONTENT)} bytes in .*\n$"
+        )
+        return errors
+
+    def test_bar_on_a_terminal(self) -> None:
+        errors = self.fetch(tty=True)
+        self.assertIn("\r", errors)
+        self.assertIn("a.txt", errors.split("p2p: a.txt: found")[1])
+        self.assertIn("from 127.0.0.1:4001", errors)
+        self.assertIn("/2.00M", errors)
+
+    def test_none_for_a_quick_file(self) -> None:
+        """A file that takes less than SHOW_AFTER_SECONDS gets no bar."""
+        self.patch(progress, "SHOW_AFTER_SECONDS", 60)
+        self.assertNotIn("\r", self.fetch(tty=True))
+
+    def test_none_without_a_terminal(self) -> None:
+        self.assertNotIn("\r", self.fetch(tty=False))
+
+    def test_forced(self) -> None:
+        self.assertIn("\r", self.fetch("--progress", tty=False))
+        self.assertNotIn("\r", self.fetch("--no-progress", tty=True))
+
+    def test_quiet_terminal(self) -> None:
+        self.console = FakeConsole()
+        self.console.stderr = TtyStringIO()
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.stderr.getvalue(), "")
+
+
+class JsonTests(CommandTestCase):
+    """``--json``: one object per line on stdout, exact names."""
+
+    NAME = "invoice\u202efdp.exe"
+
+    def lines(self) -> list[dict]:
+        return [json.loads(line) for line in self.console.out.splitlines()]
+
+    def test_peers(self) -> None:
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "peers", "--json")
+        protocol, _ = self.connect(0, b"P2P/1 relay")
+        protocol.dataReceived(
+            f"OK 2\nPEER {PEER_A} 127.0.0.1 4001 age=7 name=p1\n"
+            f"PEER {PEER_B} ::1 4002 age=0\n".encode()
+        )
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(
+            self.lines(),
+            [
+                {
+                    "id": PEER_A,
+                    "host": "127.0.0.1",
+                    "port": 4001,
+                    "age": 7,
+                    "name": "p1",
+                },
+                {"id": PEER_B, "host": "::1", "port": 4002, "age": 0, "name": None},
+            ],
+        )
+
+    def test_ls_carries_exact_names(self) -> None:
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls", "--json")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        protocol, _ = self.connect(1, b"P2P/2 peer")
+        entry = wire.FileEntry(5, "a" * 64, self.NAME)
+        protocol.dataReceived(b"OK 1\n" + entry.to_line() + b"\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertTrue(self.console.out.isascii())
+        self.assertEqual(
+            self.lines(),
+            [
+                {
+                    "peer": "127.0.0.1:4001",
+                    "peer_id": PEER_A,
+                    "name": self.NAME,
+                    "size": 5,
+                    "root": "a" * 64,
+                }
+            ],
+        )
+
+    def test_get(self) -> None:
+        folder = self.mktemp()
+        os.mkdir(folder)
+        content = GetTests.CONTENT
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "--json", "-o", folder,
+            self.NAME, "gone.txt",
+        )  # fmt: skip
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)
+        self.refuse(2)
+        serve(self.reactor, 3, content)
+        self.answer_peers(4)
+        for index in (5, 6):
+            protocol, _ = self.connect(index, b"P2P/2 peer")
+            protocol.dataReceived(b"ERR 404 no such file\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        found, missing = self.lines()
+        self.assertEqual(
+            {k: v for k, v in found.items() if k not in ("seconds", "peers")},
+            {
+                "name": self.NAME,
+                "status": "ok",
+                "size": len(content),
+                "root": root_of(content),
+                "verified_against": "holder",
+                "output": os.path.join(folder, self.NAME),
+                "sources": [],
+                "error": None,
+                "kept": None,
+            },
+        )
+        self.assertEqual(
+            [(p["stage"], p["peer"], p["ok"], p["kind"]) for p in found["peers"]],
+            [
+                ("fetch", "127.0.0.1:4001", False, "unreachable"),
+                ("fetch", "127.0.0.1:4002", True, None),
+            ],
+        )
+        self.assertEqual(missing["status"], "not-found")
+        self.assertEqual(missing["error"], "not found on any of 2 active peer(s)")
+        self.assertEqual(
+            [(p["kind"], p["reason"]) for p in missing["peers"]],
+            [("refused", "refused: ERR 404 no such file")] * 2,
+        )

@@ -14,7 +14,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import cli, hints, wire
+from p2p import cli, hints, session, wire
 from p2p.pieces import PIECE_SIZE
 from p2p.registry import MemoryRegistry
 from p2p.share import ShareFolder
@@ -324,9 +324,9 @@ class ClientOrderTests(CommandTestCase):
         a, b, c = (
             wire.PeerEntry(p, h, port) for p, h, port in (self.A, self.B, self.C)
         )
-        self.assertEqual(cli.hinted_order([c, a], [a, b, c]), [c, a, b])
-        self.assertEqual(cli.hinted_order([], [a, b]), [a, b])
-        self.assertEqual(cli.hinted_order([c], [a]), [c, a])
+        self.assertEqual(session.hinted_order([c, a], [a, b, c]), [c, a, b])
+        self.assertEqual(session.hinted_order([], [a, b]), [a, b])
+        self.assertEqual(session.hinted_order([c], [a]), [c, a])
 
     def test_suggested_peer_first(self) -> None:
         target = self.mktemp()

@@ -9,6 +9,7 @@ finds nothing to run here and the two runners never share a reactor.
 from __future__ import annotations
 
 import functools
+import json
 import os
 import re
 import signal
@@ -255,6 +256,48 @@ async def test_relay_down(launcher: Launcher):
             assert len(result.stderr_lines) == 1, result.stderr
             assert "cannot connect" in result.stderr
             no_traceback(result.stderr)
+
+
+@integration
+async def test_interactive_client_checks_the_relay_first(launcher: Launcher):
+    """
+    ``p2p HOST PORT`` with no relay there fails at once, with one line,
+    before asking for any name (its stdin is closed: it would otherwise
+    end quietly, status 0, without ever asking the relay).
+    """
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as closed:
+        closed.bind(("127.0.0.1", 0))
+        result = await launcher.client("127.0.0.1", str(closed.getsockname()[1]))
+    assert result.code == EXIT_RELAY, result.stderr
+    assert len(result.stderr_lines) == 1, result.stderr
+    assert "cannot connect" in result.stderr
+    no_traceback(result.stderr)
+
+
+@integration
+async def test_everyday_get(seed, launcher, tmp_path):
+    """
+    Options after the names, ``-o DIR`` with several names, and ``--json``:
+    each file lands under DIR, stdout carries one JSON object per name.
+    """
+    out = tmp_path / "out"
+    out.mkdir()
+    result = await launcher.client(
+        "get", "sample3.txt", "missing.txt", "sample1.txt",
+        "-o", str(out), "--json", "--relay", seed.relay.address,
+    )  # fmt: skip
+    assert result.code == EXIT_NOT_FOUND, result.stderr
+    assert sorted(os.listdir(out)) == ["sample1.txt", "sample3.txt"]
+    assert (out / "sample3.txt").read_bytes() == sample("sample3.txt")
+    objects = [json.loads(line) for line in result.stdout.splitlines()]
+    assert [(o["name"], o["status"]) for o in objects] == [
+        ("sample3.txt", "ok"),
+        ("missing.txt", "not-found"),
+        ("sample1.txt", "ok"),
+    ]
+    assert objects[0]["size"] == len(sample("sample3.txt"))
+    assert objects[0]["output"] == str(out / "sample3.txt")
+    no_traceback(result.stderr)
 
 
 @integration

@@ -174,6 +174,30 @@ class StreamTests(SynchronousTestCase):
         self.assertRaises(OSError, sink.write, 1, chunks(self.data)[1])
 
 
+class ProgressTests(SynchronousTestCase):
+    """C{on_progress} hears each change of the verified byte count; a
+    failing listener is logged and never stops the pieces."""
+
+    def test_told_and_robust(self) -> None:
+        data = os.urandom(2 * MIB + 10)
+        content, piece_list = describe(data)
+        seen: list[int] = []
+
+        def listener() -> None:
+            seen.append(sink.received)
+            raise ZeroDivisionError("a display's bug")
+
+        stream = io.BytesIO()
+        sink = PieceSink(StreamOutput(stream), on_progress=listener)
+        fired(sink.begin(content, piece_list))
+        for index, piece in enumerate(chunks(data)):
+            sink.write(index, piece)
+        self.assertEqual(fired(sink.settled()), [])
+        self.assertEqual(stream.getvalue(), data)
+        self.assertEqual(seen, [0, MIB, 2 * MIB, len(data)])
+        self.assertEqual(len(self.flushLoggedErrors(ZeroDivisionError)), 4)
+
+
 class BackpressureTests(SynchronousTestCase):
     def test_high_and_low_water(self) -> None:
         """write() asks for a pause past the high water mark; when_drained

@@ -566,6 +566,17 @@ class PeerOptionsTests(SynchronousTestCase):
             self.assertIn(fragment, text)
 
 
+class RelayNamedServiceTests(SynchronousTestCase):
+    def test_listeners_by_name(self) -> None:
+        """The first listener is named LISTENER, the others numbered."""
+        config = relay_tap.Options()
+        config.parseOptions(["--listen", "tcp:0", "--listen", "tcp:0"])
+        service = relay_tap.makeService(config, MemoryReactorClock())
+        first = service.getServiceNamed(relay_tap.LISTENER)
+        second = service.getServiceNamed(f"{relay_tap.LISTENER} 2")
+        self.assertEqual(children(service, ListeningService), [first, second])
+
+
 class PeerServiceTests(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
@@ -619,6 +630,17 @@ class PeerServiceTests(SynchronousTestCase):
         self.assertEqual(
             len(children(self.make("--port-file", "p"), PortFileService)), 1
         )
+
+    def test_named_services(self) -> None:
+        """The listener and the announcer are reachable by name (the demo
+        uses that), whatever display name the peer has."""
+        service = self.make("--name", "announcer")
+        self.assertIsInstance(
+            service.getServiceNamed(peer_tap.LISTENER), ListeningService
+        )
+        announcer = service.getServiceNamed(peer_tap.ANNOUNCER)
+        self.assertIsInstance(announcer, Announcer)
+        self.assertEqual(announcer.display_name, "announcer")
 
     def test_listens_and_registers(self) -> None:
         """

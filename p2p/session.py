@@ -1,0 +1,642 @@
+"""One run of the client against one relay: what ``p2p`` does, without the
+printing.
+
+A L{ClientSession} asks the relay for the active peers once (phase 2) and
+keeps that list for the run, refreshing it only once it is older than a
+lease (L{LISTING_MAX_AGE_SECONDS}); for each name it asks the relay which
+peers may hold it (``PEERS hint=``), maybe asks those holders which
+content they hold (L{p2p.choice}), then fetches it (phase 3, L{p2p.fetch})
+into stdout or a file.  What happens meanwhile goes to an
+L{IFetchObserver}; each fetch fires with a L{GetResult}.  L{p2p.cli} turns
+both into lines, progress bars or JSON.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import BinaryIO, TypeVar
+
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.interfaces import IReactorThreads
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from p2p import wire
+from p2p.choice import Choice, ask_roots, choose
+from p2p.client import (
+    DEFAULT_CONNECT_TIMEOUT_SECONDS,
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    ListingTooLong,
+    likely_holders,
+    list_files,
+    list_peers,
+)
+from p2p.endpoints import DEFAULT_RELAY, client_endpoint, peer_endpoint
+from p2p.errors import RELAY_FAILURES, SKIPPABLE, OutputFailed, describe, kind_of
+from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
+from p2p.interfaces import IFetchObserver
+from p2p.pace import DEFAULT_PACE, Pace
+from p2p.pieces import Content
+from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
+from p2p.sink import (
+    FileOutput,
+    InlineWorker,
+    Output,
+    OutputRefused,
+    PieceSink,
+    SerialWorker,
+    StreamOutput,
+    ThroughOutput,
+    output_for,
+)
+from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
+from p2p.targets import Target, make_parents, remove_made
+
+T = TypeVar("T")
+
+# A fetch by content root may use any peer: the first this many are asked
+# to serve pieces at once (the rest remain the fallback).
+MAX_ROOT_CANDIDATES = 16
+# The relay's list is kept for the run, but not longer than a lease (the
+# relay's default): by then some of its peers may be gone, and others come.
+LISTING_MAX_AGE_SECONDS = 60.0
+
+
+@dataclass
+class Settings:
+    """What a session needs from the command line."""
+
+    relay: str = DEFAULT_RELAY
+    token: str | None = None
+    connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
+    idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
+    stagger: float = DEFAULT_STAGGER_SECONDS
+    peer_ca: str | None = None
+    # get --fsync: saved files are flushed to the disk before renaming.
+    durable: bool = False
+    # get --max-size: the largest file to accept (None: what fits).
+    max_size: int | None = None
+    # get --sources: most holders of one file used at once.
+    max_sources: int = DEFAULT_MAX_SOURCES
+    # get --min-rate, --min-rate-time, --header-timeout.
+    pace: Pace = DEFAULT_PACE
+
+
+class Status(enum.Enum):
+    """How the fetch of one name ended."""
+
+    OK = "ok"
+    #: the relay lists no active peer
+    NO_PEERS = "no-peers"
+    #: no active peer delivered it
+    NOT_FOUND = "not-found"
+    #: the output could not be written (C{GetResult.problem} says why)
+    OUTPUT_FAILED = "output-failed"
+    #: the relay could not be reached, or failed
+    RELAY_FAILED = "relay-failed"
+    #: the name cannot be asked for (C{GetResult.problem} says why)
+    INVALID_NAME = "invalid-name"
+
+
+class Basis(enum.Enum):
+    """What the pieces of a fetched content were checked against."""
+
+    #: the ROOT the user gave
+    ROOT = "root"
+    #: ``--expect ROOT``
+    EXPECT = "expect"
+    #: the content most of the holders asked offered
+    HOLDERS = "holders"
+    #: the root the (first) holder that answered described
+    HOLDER = "holder"
+
+
+@dataclass
+class GetResult:
+    """The outcome of fetching one name (L{ClientSession.get})."""
+
+    name: str
+    status: Status
+    # Where the content went: "stdout", or the -o path.
+    output: str = "stdout"
+    content: Content | None = None
+    seconds: float = 0.0
+    # Every peer tried, in order, with why it failed.
+    attempts: list[Attempt] = field(default_factory=list)
+    # The holders that served pieces, when several did.
+    sources: list[SourceReport] = field(default_factory=list)
+    # The peer whose header won (None unless OK).
+    peer: wire.PeerEntry | None = None
+    basis: Basis = Basis.HOLDER
+    # With Basis.HOLDERS: how many holders offered the content taken, of
+    # how many that answered.
+    agreeing: int = 0
+    answered: int = 0
+    # Why it failed, for OUTPUT_FAILED, RELAY_FAILED and INVALID_NAME.
+    problem: str | None = None
+    # Active peers when it was not found.
+    active: int = 0
+    # A partial file kept for a later run to resume, and its verified bytes.
+    kept: str | None = None
+    received: int = 0
+    # The holders that could not say which content they hold (p2p.choice),
+    # before the fetch itself.
+    questions: list[Attempt] = field(default_factory=list)
+
+
+@dataclass
+class Listing:
+    """One peer's files (L{ClientSession.listings}): C{error} when it could
+    not be listed; C{truncated} when it lists more than the client takes."""
+
+    peer: wire.PeerEntry
+    files: list[wire.FileEntry]
+    error: str | None = None
+    truncated: bool = False
+
+
+@dataclass
+class Interruption:
+    """What an interrupted fetch leaves (L{ClientSession.interrupted})."""
+
+    name: str
+    # "kept" (a partial file to resume), "streamed" (verified bytes went to
+    # a stream) or "nothing".
+    what: str
+    path: str | None = None
+    received: int = 0
+    size: int = 0
+
+
+def name_problem(name: str) -> str | None:
+    """Why C{name} cannot be asked of a peer, or C{None} if it can."""
+    if not name:
+        return "an empty name"
+    try:
+        wire.decode_line(wire.encode_line(f"GET {name}"))
+    except (ValueError, wire.WireError):
+        return "not a valid file name"
+    if len(name.encode("utf-8")) > wire.MAX_NAME_LENGTH:
+        return f"longer than {wire.MAX_NAME_LENGTH} bytes"
+    return None
+
+
+def in_daemon_thread(reactor, work: Callable[[], T]) -> Deferred[T]:
+    """
+    Run blocking C{work} (terminal input, opening a FIFO) off the reactor
+    thread.  A daemon thread, unlike the reactor's pool, cannot keep the
+    process alive after Ctrl-C while it waits.
+    """
+    d: Deferred[T] = Deferred()
+
+    def runner() -> None:
+        try:
+            result = work()
+        except BaseException:
+            reactor.callFromThread(d.errback, Failure())
+        else:
+            reactor.callFromThread(d.callback, result)
+
+    threading.Thread(target=runner, daemon=True).start()
+    return d
+
+
+@implementer(IFetchObserver)
+class QuietObserver:
+    """An L{IFetchObserver} that ignores everything."""
+
+    def listed(self, name, relay, peers, suggested) -> None:
+        pass
+
+    def no_suggestion(self, relay, reason) -> None:
+        pass
+
+    def question_failed(self, name, peer, reason, seconds) -> None:
+        pass
+
+    def disagreement(self, name, choice) -> None:
+        pass
+
+    def waiting_for_reader(self, name, path) -> None:
+        pass
+
+    def skipped(self, name, attempt) -> None:
+        pass
+
+    def indexing(self, name, peer, progress) -> None:
+        pass
+
+    def found(self, name, attempt) -> None:
+        pass
+
+    def serving(self, name, peers) -> None:
+        pass
+
+    def progress(self, name, received, total) -> None:
+        pass
+
+    def dropped(self, name, report) -> None:
+        pass
+
+
+class ClientSession:
+    """
+    The client's work against one relay.
+
+    :param reactor: provides TCP and time (threads too, outside tests).
+    :param settings: the command line's choices.
+    :param stdout: where content goes without ``-o``.
+    :param observer: hears each fetch's progress.
+    :raise ValueError: for an unusable relay address.
+    """
+
+    def __init__(
+        self,
+        reactor,
+        settings: Settings,
+        stdout: BinaryIO,
+        observer: IFetchObserver | None = None,
+    ) -> None:
+        self.reactor = reactor
+        self.settings = settings
+        self.stdout = stdout
+        self.observer: IFetchObserver = observer or QuietObserver()
+        self.relay_text = settings.relay
+        self.relay = client_endpoint(reactor, settings.relay)
+        timeout = settings.connect_timeout
+        if settings.peer_ca is not None:
+            from p2p.tls import peer_endpoint_for
+
+            self.endpoint_for = peer_endpoint_for(reactor, settings.peer_ca, timeout)
+        else:
+            self.endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)
+        self.request_timeout = max(timeout, DEFAULT_REQUEST_TIMEOUT_SECONDS)
+        # The relay's last list, and when it came (the reactor's clock).
+        self._listing: list[wire.PeerEntry] | None = None
+        self._listed_at = 0.0
+        # The name being fetched and its sink (for an interruption).
+        self.current: tuple[str, PieceSink] | None = None
+        # The holders of the name being fetched that could not say which
+        # content they hold.
+        self._questions: list[Attempt] = []
+
+    # -- phase 2 -------------------------------------------------------------
+
+    @inlineCallbacks
+    def peers(self, fresh: bool = False):
+        """
+        The relay's list of active peers: asked once, then kept for
+        L{LISTING_MAX_AGE_SECONDS} (with C{fresh}, asked again anyway).
+        Fails with one of L{RELAY_FAILURES} when the relay cannot answer.
+        """
+        now = self.reactor.seconds()
+        if (
+            fresh
+            or self._listing is None
+            or now - self._listed_at > LISTING_MAX_AGE_SECONDS
+        ):
+            entries = yield list_peers(
+                self.relay, self.reactor, self.request_timeout, self.settings.token
+            )
+            self._listing, self._listed_at = entries, self.reactor.seconds()
+        return list(self._listing)
+
+    @inlineCallbacks
+    def suggested(self, name: str):
+        """
+        The peers the relay suggests for C{name} (likely holders, from the
+        peers' name filters); none if the relay cannot say.  Only an
+        ordering hint: the fetch still falls back across every active peer.
+        """
+        try:
+            entries = yield likely_holders(
+                self.relay,
+                self.reactor,
+                self.request_timeout,
+                name,
+                self.settings.token,
+            )
+        except RELAY_FAILURES:
+            # The full list is in already: go on without a suggestion.
+            self.observer.no_suggestion(self.relay_text, describe(Failure()))
+            return []
+        return entries
+
+    @inlineCallbacks
+    def listings(self):
+        """
+        Every active peer's files, one L{Listing} per peer in the relay's
+        order (every page of each; a peer that cannot be listed has its
+        C{error}).  Fails like L{peers} when the relay cannot answer.
+        """
+        entries = yield self.peers()
+        listings = []
+        for entry in entries:
+            endpoint = self.endpoint_for(entry)
+            try:
+                files = yield list_files(endpoint, self.reactor, self.request_timeout)
+            except ListingTooLong as e:
+                listings.append(Listing(entry, e.files, str(e), truncated=True))
+            except SKIPPABLE:
+                listings.append(Listing(entry, [], describe(Failure())))
+            else:
+                listings.append(Listing(entry, files))
+        return listings
+
+    # -- phase 3 -------------------------------------------------------------
+
+    @inlineCallbacks
+    def get(self, name: str, target: Target | None, expect: str | None = None):
+        """
+        Fetch C{name} (or a ROOT) into C{target} (C{None}: stdout); fires
+        with a L{GetResult}.  Missing folders of the target under its
+        C{folder} are made first, and removed again if nothing was written.
+        """
+        made: list[str] = []
+        self._questions = []
+        result = yield self._get(name, target, expect, made)
+        result.questions = self._questions
+        if made and result.status is not Status.OK and result.kept is None:
+            remove_made(made)
+        return result
+
+    @inlineCallbacks
+    def _get(self, name: str, target: Target | None, expect: str | None, made):
+        settings = self.settings
+        observer = self.observer
+        problem = name_problem(name)
+        if problem is not None:
+            return GetResult(name, Status.INVALID_NAME, problem=problem)
+        by_root = wire.is_root(name)
+        output_to: Output
+        if target is None:
+            output_to = StreamOutput(self.stdout)
+        else:
+            path = target.path
+            try:
+                made.extend(make_parents(target))
+                output_to = output_for(path)
+            except (OSError, OutputRefused) as e:
+                reason = e.strerror if isinstance(e, OSError) else None
+                return self._output_failed(name, path, reason or str(e))
+            folder = os.path.dirname(os.path.abspath(path))
+            # The partial file is created next to the target (for an atomic
+            # rename); find out now, not mid-transfer, that it cannot be.
+            if isinstance(output_to, FileOutput) and not (
+                os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+            ):
+                return self._output_failed(name, path, "no writable folder")
+        output_label = output_to.label if target is not None else "stdout"
+        try:
+            peers = yield self.peers()
+        except RELAY_FAILURES:
+            return GetResult(
+                name,
+                Status.RELAY_FAILED,
+                output_label,
+                problem=describe(Failure()),
+            )
+        if not peers:
+            observer.listed(name, self.relay_text, 0, None)
+            return GetResult(name, Status.NO_PEERS, output_label)
+        if by_root:
+            # The relay's hints are by name: every peer may hold a content.
+            suggested: list[wire.PeerEntry] = []
+            observer.listed(name, self.relay_text, len(peers), None)
+        else:
+            suggested = yield self.suggested(name)
+            observer.listed(name, self.relay_text, len(peers), len(suggested))
+        peers = hinted_order(suggested, peers)
+        # Likely holders, for several sources at once: the relay's
+        # suggestions by name; any peer for a content root.
+        candidates = peers[:MAX_ROOT_CANDIDATES] if by_root else suggested
+        basis = Basis.ROOT if by_root else Basis.HOLDER
+        agreeing = answered = 0
+        if expect is not None:
+            basis = Basis.EXPECT
+        if (
+            not by_root
+            and expect is None
+            and min(len(suggested), settings.max_sources) >= 2
+        ):
+            choice = yield self._choose(name, suggested, output_to)
+            if choice is not None:
+                expect = choice.chosen.root
+                peers, candidates = _holders_first(choice, peers, suggested)
+                if choice.answered > 1:
+                    basis = Basis.HOLDERS
+                    agreeing = len(choice.chosen.holders)
+                    answered = choice.answered
+        if target is not None:
+            try:
+                yield self._open(name, output_to)
+            except OSError as e:
+                return self._output_failed(name, target.path, e.strerror or str(e))
+        if IReactorThreads.providedBy(self.reactor):
+            worker: SerialWorker | InlineWorker = SerialWorker(self.reactor)
+        else:  # an in-memory reactor (tests): everything on this thread
+            worker = InlineWorker()
+        sink: PieceSink
+
+        def progressed() -> None:
+            if sink.content is not None:
+                observer.progress(name, sink.received, sink.content.size)
+
+        sink = PieceSink(
+            output_to,
+            worker,
+            durable=settings.durable,
+            expected_root=name if by_root else expect,
+            max_size=settings.max_size,
+            on_progress=progressed,
+        )
+        self.current = (name, sink)
+        fetcher = Fetcher(
+            self.reactor,
+            settings.connect_timeout,
+            settings.idle_timeout,
+            endpoint_for=self.endpoint_for,
+            report=lambda attempt: self._finished(name, attempt),
+            stagger=settings.stagger,
+            on_indexing=lambda peer, progress: observer.indexing(name, peer, progress),
+            on_header=lambda attempt: observer.found(name, attempt),
+            max_sources=settings.max_sources,
+            on_source_dropped=lambda report: observer.dropped(name, report),
+            on_serving=lambda serving: observer.serving(name, serving),
+            pace=settings.pace,
+        )
+        started = time.monotonic()
+        try:
+            try:
+                fetched = yield fetcher.fetch(name, peers, sink, by_root, candidates)
+                yield sink.finish()
+            finally:
+                # The fetch is over, one way or another: nothing for an
+                # interruption to report from here on.
+                self.current = None
+        except NotFoundAnywhere as e:
+            kept = yield sink.abandon(keep=True)
+            result = GetResult(
+                name,
+                Status.NOT_FOUND,
+                output_label,
+                sink.content,
+                time.monotonic() - started,
+                e.attempts,
+                active=e.peers,
+            )
+            if kept is not None and sink.content is not None:
+                result.kept, result.received = kept, sink.received
+            return result
+        except (OutputFailed, OSError) as e:
+            yield sink.abandon(keep=False)
+            error = e.error if isinstance(e, OutputFailed) else e
+            return self._output_failed(
+                name, output_label, error.strerror or str(error), sink.content
+            )
+        except BaseException:
+            sink.abandon(keep=False)
+            raise
+        yield sink.abandon(keep=False)  # stops the worker; the file is in place
+        return GetResult(
+            name,
+            Status.OK,
+            output_label,
+            fetched.content,
+            time.monotonic() - started,
+            fetched.attempts,
+            fetched.sources if len(fetched.sources) > 1 else [],
+            fetched.peer,
+            basis,
+            agreeing,
+            answered,
+        )
+
+    def _finished(self, name: str, attempt: Attempt) -> None:
+        if not attempt.ok:
+            self.observer.skipped(name, attempt)
+
+    def _output_failed(
+        self, name: str, path: str, reason: str, content: Content | None = None
+    ) -> GetResult:
+        return GetResult(name, Status.OUTPUT_FAILED, path, content, problem=reason)
+
+    @inlineCallbacks
+    def _choose(self, name: str, suggested: list[wire.PeerEntry], output: Output):
+        """
+        Ask the first suggested holders (up to --sources) which content
+        they hold under C{name} (L{p2p.choice}); tell the observer when
+        they disagree.  Fires with the L{Choice}, or C{None} when no holder
+        answered with a content the client would take.
+        """
+        holders = suggested[: self.settings.max_sources]
+
+        def failed(peer: wire.PeerEntry, failure: Failure, seconds: float) -> None:
+            reason = describe(failure)
+            self._questions.append(
+                Attempt(peer, False, reason, seconds, kind=kind_of(failure))
+            )
+            self.observer.question_failed(name, peer, reason, seconds)
+
+        offers = yield ask_roots(
+            name,
+            holders,
+            self.endpoint_for,
+            self.reactor,
+            self.settings.connect_timeout,
+            on_failure=failed,
+        )
+        sizes = PieceSink(output, InlineWorker(), max_size=self.settings.max_size)
+        choice = choose(offers, len(holders), lambda size: sizes.refusal(size) is None)
+        if choice is not None and choice.disagree:
+            self.observer.disagreement(name, choice)
+        return choice
+
+    @inlineCallbacks
+    def _open(self, name: str, output: Output):
+        """
+        Lock a file output's partial file, or open (and lock) a target
+        written through.  A FIFO nobody reads yet is waited for, off the
+        reactor thread, before any peer is asked.
+        """
+        if isinstance(output, FileOutput):
+            output.lock()
+        elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
+            self.observer.waiting_for_reader(name, output.label)
+            if IReactorThreads.providedBy(self.reactor):
+                yield in_daemon_thread(self.reactor, output.open)
+            else:
+                output.open()
+
+    def interrupted(self) -> Interruption | None:
+        """
+        The process is stopping (Ctrl-C) in the middle of a fetch: what it
+        leaves.  A partial ``-o`` file of known content stays, to be resumed
+        by the same command; what cannot be resumed was never written
+        (stdout) or is not there yet (and is cleaned up here).
+        """
+        if self.current is None:
+            return None
+        name, sink = self.current
+        self.current = None
+        output = sink.output
+        if isinstance(output, FileOutput) and sink.content is not None:
+            return Interruption(
+                name, "kept", output.partial, sink.received, sink.content.size
+            )
+        if isinstance(output, StreamOutput):
+            return Interruption(name, "streamed", output.label, output.written)
+        if isinstance(output, FileOutput):
+            # Nothing of this run to resume: no leftovers (an earlier
+            # run's partial file, if any, stays for the next run).
+            output.abandon(keep=False)
+        return Interruption(name, "nothing")
+
+
+def hinted_order(
+    suggested: list[wire.PeerEntry], peers: list[wire.PeerEntry]
+) -> list[wire.PeerEntry]:
+    """
+    The order to try peers in: the relay's suggestions first (in its
+    order), then the rest of the full list in its order; each address once.
+    """
+    seen: set[tuple[str, int]] = set()
+    ordered = []
+    for entry in [*suggested, *peers]:
+        key = (entry.host, entry.port)
+        if key not in seen:
+            seen.add(key)
+            ordered.append(entry)
+    return ordered
+
+
+def _holders_first(
+    choice: Choice, peers: list[wire.PeerEntry], suggested: list[wire.PeerEntry]
+) -> tuple[list[wire.PeerEntry], list[wire.PeerEntry]]:
+    """
+    The order to try peers in, and the candidates for several sources,
+    once a content is chosen: its holders first; holders of other content
+    last (they will be skipped: asked only if everything else failed).
+    """
+    others = {
+        (peer.host, peer.port)
+        for offered in choice.contents
+        if offered is not choice.chosen
+        for peer in offered.holders
+    }
+
+    def differs(peer: wire.PeerEntry) -> bool:
+        return (peer.host, peer.port) in others
+
+    chosen = list(choice.chosen.holders)
+    ordered = hinted_order(
+        chosen,
+        [p for p in peers if not differs(p)] + [p for p in peers if differs(p)],
+    )
+    candidates = hinted_order(chosen, [p for p in suggested if not differs(p)])
+    return ordered, candidates
