@@ -635,7 +635,6 @@ class NotifyTests(IndexCase):
         self.assertEqual(reactor.getReaders(), [])
         self.assertEqual(reactor.getDelayedCalls(), [])
 
-
     def test_real_inotify_new_folder(self) -> None:
         """
         A folder made after the start is watched by the rescan its creation
