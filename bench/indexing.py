@@ -432,11 +432,16 @@ def list_loop(port: int, bound: float) -> None:
 
     threading.Thread(target=wait_for_eof, daemon=True).start()
     deadline = time.monotonic() + bound
-    sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    stream = sock.makefile("rb")
-    if stream.readline() != b"P2P/2 peer\n":
-        raise RuntimeError("unexpected banner")
+
+    def connect():
+        sock = socket.create_connection(("127.0.0.1", port), timeout=10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        stream = sock.makefile("rb")
+        if stream.readline() != b"P2P/2 peer\n":
+            raise RuntimeError("unexpected banner")
+        return sock, stream
+
+    sock, stream = connect()
     pages = entries = rounds = 0
     cursor = None
     started = time.perf_counter()
@@ -446,6 +451,12 @@ def list_loop(port: int, bound: float) -> None:
             request += f" cursor={cursor}"
         sock.sendall(request.encode() + b"\n")
         fields = stream.readline().split()
+        if fields[:2] == [b"ERR", b"429"] and fields[-1] == b"reconnect":
+            # The peer's cap on requests per connection: as a client
+            # would, start a new one and ask again.
+            sock.close()
+            sock, stream = connect()
+            continue
         if fields[:1] != [b"OK"]:
             raise RuntimeError(f"LIST failed: {fields!r}")
         count = int(fields[1])
