@@ -1,14 +1,17 @@
 """Keep the client's receive buffers in its heap instead of faulting them in.
 
-Twisted reads a socket with ``recv(bufferSize)``: a new 1 MiB bytes object
-per read, freed a moment later by the hashing and writing threads.  glibc's
+Twisted reads a socket with ``recv(bufferSize)``: a new bytes object per
+read (1 MiB on the client, see L{p2p.transports.read_in_large_chunks}),
+freed a moment later by the hashing and writing threads.  glibc's
 defaults hand such memory back to the system (``munmap``, or trimming the
 top of the heap past 2 MiB) and take it again for the next read, so the
 kernel zero-fills fresh pages under ``recv``: ``perf`` counted 100,000 to
 150,000 page faults per GiB received, and the client ran at 0.87 of the
 sendfile/sha256 baseline.  Asking glibc to keep freed memory makes the
 next read reuse it: about 10,000 faults per GiB and 1.0 of the baseline
-(docs/performance.rst, benchmark 1).  Peak memory does not change: the
+(measured in an earlier round, against a SHA-256 baseline since replaced;
+docs/performance.rst has the current 8.2 tables).  Peak memory does not
+change: the
 pages kept are the ones the transfer touched anyway.
 
 glibc only (``mallopt``); anywhere else this does nothing.

@@ -18,8 +18,8 @@ L{p2p.limits.ServerLineProtocol.__conform__}).
 
 L{read_in_large_chunks} makes a plain TCP transport read up to 1 MiB per
 ``recv`` instead of Twisted's 64 KiB: a client receiving a large file then
-runs its Python receive path a sixteenth as often (measured: 13% less CPU
-per GiB, 14% more throughput on loopback, see docs/performance.rst).
+runs its Python receive path a sixteenth as often (bench/transfer.py's
+CPU-per-GiB table shows what the receiving side costs).
 """
 
 from __future__ import annotations
