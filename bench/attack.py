@@ -720,8 +720,8 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
         higher_is_better=False,
         note=f"TCP: RSS {before / MiB:.1f} MiB with none, {after / MiB:.1f} MiB "
         f"with {opened:,} (opened in {seconds:.1f} s, each after one PEERS); "
-        f"TLS: {tls_before / MiB:.1f} -> {tls_after / MiB:.1f} MiB.  "
-        "p2p/limits.py says 'about 3 KiB each'.",
+        f"TLS: {tls_before / MiB:.1f} -> {tls_after / MiB:.1f} MiB (the "
+        "default --max-connections is set from these).",
     )
 
 
