@@ -1021,6 +1021,15 @@ def run(
         console.error(f"{e} (try 'p2p{command} --help')")
         return EXIT_USAGE
     on_runner(runner)
+    try:
+        return (yield _run_command(runner, options, console))
+    finally:
+        runner.session.close()
+
+
+@inlineCallbacks
+def _run_command(runner: Runner, options: Options, console: Console):
+    """The command's own work (see L{run})."""
     command, sub = options.subCommand, options.subOptions
     if command == "get":
         if sub["progress"]:
