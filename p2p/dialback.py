@@ -41,6 +41,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from p2p import netgroup
+from p2p.ratelimit import BucketTable
 
 DEFAULT_CONCURRENCY = 32
 DEFAULT_PER_NETWORK = 2
@@ -151,8 +152,7 @@ class DialBack:
         # under ten thousand peers), probing costs the relay a bounded
         # share of its time; the leases wait unverified meanwhile.
         self.rate = rate
-        self._tokens = float(rate)
-        self._stamp = reactor.seconds()
+        self._starts = BucketTable(rate, max(1.0, rate), size=1)
         self._wake: IDelayedCall | None = None
         self.on_answer = on_answer
         self.concurrency = concurrency
@@ -228,35 +228,29 @@ class DialBack:
         pending, running = self._pending, self._running
         rounds = len(pending)
         while pending and self._in_flight < self.concurrency and rounds > 0:
-            if not self._take_token():
-                return
             network, queue = next(iter(pending.items()))
             pending.move_to_end(network)
             rounds -= 1
             if running.get(network, 0) >= self.per_network:
-                self._tokens += 1  # not spent
                 continue
+            if not self._take_start():
+                return
             host, port = queue.popleft()
             if not queue:
                 del pending[network]
             rounds = len(pending)
             self._start(network, host, port)
 
-    def _take_token(self) -> bool:
+    def _take_start(self) -> bool:
         """Take one probe's worth of the rate, or arrange to pump again when
         there is one."""
         now = self.reactor.seconds()
-        self._tokens = min(
-            float(self.rate), self._tokens + (now - self._stamp) * self.rate
-        )
-        self._stamp = now
-        if self._tokens >= 1:
-            self._tokens -= 1
+        wait = self._starts.wait("", 1, now)
+        if not wait:
+            self._starts.take("", 1, now)
             return True
         if self._wake is None:
-            self._wake = self.reactor.callLater(
-                (1 - self._tokens) / self.rate, self._woken
-            )
+            self._wake = self.reactor.callLater(wait, self._woken)
         return False
 
     def _woken(self) -> None:
