@@ -145,8 +145,8 @@ class ConnectionLimits:
         """Forget a connection that L{admit} counted."""
         source, network = netgroup.groups(host)
         self.total -= 1
-        _decrement(self._per_host, source)
-        _decrement(self._per_network, network)
+        netgroup.tally(self._per_host, source, -1)
+        netgroup.tally(self._per_network, network, -1)
 
     def open_from(self, host: str) -> int:
         """How many counted connections C{host}'s source holds."""
@@ -386,14 +386,6 @@ class LimitedServerFactory(ServerFactory):
         """The protocol for an admitted connection from C{host} (subclasses);
         C{on_lost} must reach its L{ServerLineProtocol}."""
         raise NotImplementedError
-
-
-def _decrement(counts: dict[str, int], key: str) -> None:
-    left = counts[key] - 1
-    if left:
-        counts[key] = left
-    else:
-        del counts[key]
 
 
 class RefusingProtocol(Protocol):

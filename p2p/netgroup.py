@@ -54,3 +54,16 @@ def source_of(host: str) -> str:
 def network_of(host: str) -> str:
     """The per-network key of C{host} (see L{groups})."""
     return groups(host)[1]
+
+
+def tally(counts: dict[str, int], key: str, step: int) -> None:
+    """
+    Add C{step} to C{key}'s count in C{counts}, dropping the key at zero so
+    that a table of counts per source or network holds only those present.
+    Taking away from a key that is not there is a bug (a KeyError).
+    """
+    count = (counts[key] if step < 0 else counts.get(key, 0)) + step
+    if count:
+        counts[key] = count
+    else:
+        del counts[key]

@@ -239,11 +239,11 @@ class MemoryRegistry:
     def _count_groups(self, host: str, step: int) -> None:
         """Add C{step} to C{host}'s network and IPv6 source counts."""
         if self.max_per_network:
-            _bump(self._per_network, netgroup.network_of(host), step)
+            netgroup.tally(self._per_network, netgroup.network_of(host), step)
         if self.max_per_host:
             source = netgroup.source_of(host)
             if source != host:
-                _bump(self._per_source_v6, source, step)
+                netgroup.tally(self._per_source_v6, source, step)
 
     def _add(self, lease: Lease) -> None:
         held = self._by_host.get(lease.host)
@@ -433,14 +433,6 @@ class MemoryRegistry:
                 lease.due = lease.expires
                 heapq.heapreplace(heap, lease)
         return expired
-
-
-def _bump(counts: dict[str, int], key: str, step: int) -> None:
-    count = counts.get(key, 0) + step
-    if count > 0:
-        counts[key] = count
-    else:
-        counts.pop(key, None)
 
 
 class _Order:

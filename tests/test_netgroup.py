@@ -32,3 +32,17 @@ class GroupsTests(SynchronousTestCase):
     def test_not_an_address(self) -> None:
         """A UNIX socket's "?" (or anything not an IP) is its own group."""
         self.assertEqual(netgroup.groups("?"), ("?", "?"))
+
+
+class TallyTests(SynchronousTestCase):
+    def test_counts_and_drops_at_zero(self) -> None:
+        counts: dict[str, int] = {}
+        netgroup.tally(counts, "10.0.0.0/24", 1)
+        netgroup.tally(counts, "10.0.0.0/24", 1)
+        netgroup.tally(counts, "10.0.0.0/24", -1)
+        self.assertEqual(counts, {"10.0.0.0/24": 1})
+        netgroup.tally(counts, "10.0.0.0/24", -1)
+        self.assertEqual(counts, {})
+
+    def test_taking_from_nothing_is_a_bug(self) -> None:
+        self.assertRaises(KeyError, netgroup.tally, {}, "x", -1)
