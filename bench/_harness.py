@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -22,6 +23,8 @@ from dataclasses import dataclass, field
 TWISTD = [sys.executable, "-m", "twisted", "--log-format=text"]
 P2P = [sys.executable, "-m", "p2p"]
 LOOPBACK = "tcp:0:interface=127.0.0.1"
+# The totals line `p2p get` ends a fetch with ("N bytes in S.SS s (...").
+TOTALS = re.compile(rb"(\d+) bytes in ([0-9.]+) s \(")
 # Every client of a benchmark comes from 127.0.0.1, one source in one
 # network: the limits per source and per network, meant for the open
 # network, are set out of reach (their checks still run, so their cost is

@@ -28,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import (  # noqa: E402
     P2P,
+    TOTALS,
     Daemon,
     MiB,
     Report,
@@ -40,7 +41,6 @@ from _harness import (  # noqa: E402
 
 CAP = "20M"
 CAP_BYTES = 20 * MiB
-TOTALS = re.compile(rb"(\d+) bytes in ([0-9.]+) s \(")
 
 
 def fetch_rate(relay_port: int, name: str, *extra: str) -> tuple[float, str]:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import statistics
 import subprocess
@@ -41,6 +40,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from _harness import (  # noqa: E402
     P2P,
+    TOTALS,
     Daemon,
     GiB,
     MiB,
@@ -130,9 +130,6 @@ def _size(size: int) -> str:
     if size >= MiB:
         return f"{size // MiB} MiB"
     return f"{size // KiB} KiB"
-
-
-TOTALS = re.compile(rb"(\d+) bytes in ([0-9.]+) s \(")
 
 
 # CPU seconds (user + system) of each side, per run: client, then server.
