@@ -865,6 +865,7 @@ class Runner:
             return EXIT_USAGE
         worst = EXIT_OK
         if names:
+            self.session.match_locally = len(names) > 1
             for name, target in zip(names, planned, strict=True):
                 code = yield self.get_one(name, target, expect, as_json)
                 worst = max(worst, code)

@@ -579,9 +579,12 @@ def list_peers(
     timeout: float,
     token: str | None = None,
     maximum: int = 10_000,
+    files: bool = False,
 ) -> Deferred[list[wire.PeerEntry]]:
     """
-    Phase 2: the relay's list of active peers, oldest registration first.
+    Phase 2: the relay's list of active peers, oldest registration first;
+    with C{files}, each with its name filter (``PEERS files=1``, which a
+    relay from before filters answers with ``ERR 400``).
 
     The first request is the plain ``PEERS`` every relay answers (at most
     1000 peers, no cursor).  Only when that page is full are there maybe
@@ -616,7 +619,7 @@ def list_peers(
 
     def ask_page(cursor: str | None) -> None:
         limit = min(page_size, maximum - len(peers))
-        request = wire.Peers(token=token, limit=limit, cursor=cursor)
+        request = wire.Peers(token=token, limit=limit, cursor=cursor, files=files)
         d = request_lines(relay, "relay", request.to_line(), clock, True, timeout)
         d.addCallbacks(got_page, failed_page, errbackArgs=(cursor,))
         d.addErrback(result.errback)
@@ -637,7 +640,7 @@ def list_peers(
         else:
             result.errback(failure)
 
-    ask(wire.Peers(token=token), got_first)
+    ask(wire.Peers(token=token, files=files), got_first)
     return result
 
 

@@ -14,6 +14,7 @@ both into lines, progress bars or JSON.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import threading
 import time
@@ -26,7 +27,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2p import wire
+from p2p import hints, wire
 from p2p.choice import Choice, ask_roots, choose
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
@@ -291,6 +292,13 @@ class ClientSession:
         # The relay's last list, and when it came (the reactor's clock).
         self._listing: list[wire.PeerEntry] | None = None
         self._listed_at = 0.0
+        # With several names to fetch, the list carries the peers' name
+        # filters and names are matched here: one relay request per run
+        # instead of one per name (which the relay's request budget would
+        # slow to a few names a second).  Off again for a relay that
+        # cannot send filters.
+        self.match_locally = False
+        self._listed_with_files = False
         # The name being fetched and its sink (for an interruption).
         self.current: tuple[str, PieceSink] | None = None
         # The holders of the name being fetched that could not say which
@@ -328,12 +336,31 @@ class ClientSession:
             fresh
             or self._listing is None
             or now - self._listed_at > LISTING_MAX_AGE_SECONDS
+            or self.match_locally != self._listed_with_files
         ):
-            entries = yield list_peers(
-                self.relay, self.reactor, self.request_timeout, self.settings.token
-            )
+            entries = yield self._list(self.match_locally)
             self._listing, self._listed_at = entries, self.reactor.seconds()
         return list(self._listing)
+
+    @inlineCallbacks
+    def _list(self, files: bool):
+        """The relay's list, with filters if C{files} and the relay can."""
+        ask = functools.partial(
+            list_peers,
+            self.relay,
+            self.reactor,
+            self.request_timeout,
+            self.settings.token,
+        )
+        try:
+            entries = yield ask(files=files)
+        except wire.RemoteError as e:
+            if not files or e.code != wire.Code.BAD_REQUEST:
+                raise
+            self.match_locally = files = False  # a relay from before filters
+            entries = yield ask()
+        self._listed_with_files = files
+        return entries
 
     @inlineCallbacks
     def suggested(self, name: str):
@@ -341,7 +368,10 @@ class ClientSession:
         The peers the relay suggests for C{name} (likely holders, from the
         peers' name filters); none if the relay cannot say.  Only an
         ordering hint: the fetch still falls back across every active peer.
+        With L{match_locally}, matched here against the listed filters.
         """
+        if self._listed_with_files and self._listing is not None:
+            return hints.suggest(self._listing, name, wire.MAX_PEERS_PER_PAGE)
         try:
             entries = yield likely_holders(
                 self.relay,

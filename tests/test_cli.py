@@ -19,7 +19,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import cli, pieces, progress, session, wire
+from p2p import cli, hints, pieces, progress, session, wire
 from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
@@ -69,14 +69,19 @@ def refuse(
     )
 
 
-def answer_peers(
-    reactor: MemoryReactorClock, index: int, *entries: tuple[str, str, int]
-) -> bytes:
-    """Play the relay: answer PEERS with C{entries} (id, host, port)."""
+def answer_peers(reactor: MemoryReactorClock, index: int, *entries: tuple) -> bytes:
+    """
+    Play the relay: answer PEERS with C{entries}: (id, host, port), or
+    (id, host, port, names) for a peer whose filter holds C{names}.
+    """
     protocol, transport = connect(reactor, index, b"P2P/1 relay")
     request = transport.value()
     reply = [f"OK {len(entries)}"]
-    reply += [f"PEER {i} {h} {p} age=0" for i, h, p in entries]
+    for peer_id, host, port, *names in entries:
+        line = f"PEER {peer_id} {host} {port} age=0"
+        if names:
+            line += f" files={hints.build_filter(names[0])}"
+        reply.append(line)
     protocol.dataReceived("".join(line + "\n" for line in reply).encode())
     return request
 
@@ -146,7 +151,7 @@ class CommandTestCase(SynchronousTestCase):
     def refuse(self, index: int, reason: Exception | None = None) -> None:
         refuse(self.reactor, index, reason)
 
-    def answer_peers(self, index: int, *entries: tuple[str, str, int]) -> bytes:
+    def answer_peers(self, index: int, *entries: tuple) -> bytes:
         return answer_peers(self.reactor, index, *entries)
 
     def assert_one_error_line(self, *fragments: str) -> None:
@@ -1058,10 +1063,8 @@ class KeepPathsTests(CommandTestCase):
             "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b/x"
         )
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_peers(1)
-        self.assertEqual(serve(self.reactor, 2, self.A), b"GET a/x\n")
-        self.answer_peers(3)
-        self.assertEqual(serve(self.reactor, 4, self.B), b"GET b/x\n")
+        self.assertEqual(serve(self.reactor, 1, self.A), b"GET a/x\n")
+        self.assertEqual(serve(self.reactor, 2, self.B), b"GET b/x\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         with open(os.path.join(folder, "a", "x"), "rb") as stream:
             self.assertEqual(stream.read(), self.A)
@@ -1076,11 +1079,9 @@ class KeepPathsTests(CommandTestCase):
             "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b"
         )
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_peers(1)
-        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol, _ = self.connect(1, b"P2P/2 peer")
         protocol.dataReceived(b"ERR 404 no such file\n")
-        self.answer_peers(3)
-        serve(self.reactor, 4, self.B)
+        serve(self.reactor, 2, self.B)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         self.assertEqual(os.listdir(folder), ["b"])
 
@@ -1095,28 +1096,63 @@ class KeepPathsTests(CommandTestCase):
 
 
 class OneListingTests(CommandTestCase):
-    """However many names, the relay lists its peers once; each name costs
-    one hint request at most."""
+    """However many names, the relay is asked once: with several names the
+    listing carries the peers' name filters (``PEERS files=1``) and names
+    are matched here; one name costs one hint request."""
+
+    def test_one_name_asks_a_hint(self) -> None:
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.assertEqual(self.answer_peers(0, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        hint = self.answer_peers(1)
+        self.assertEqual(
+            hint, wire.Peers(hint=hints.name_hint("a.txt")).to_line() + b"\n"
+        )
+        serve(self.reactor, 2, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
     def test_several_names(self) -> None:
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
-        self.assertEqual(self.answer_peers(0, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
-        hint = self.answer_peers(1)
-        self.assertTrue(hint.startswith(b"PEERS hint="), hint)
+        listing = self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(listing, b"PEERS files=1\n")
+        serve(self.reactor, 1, GetTests.CONTENT)
         serve(self.reactor, 2, GetTests.CONTENT)
-        hint = self.answer_peers(3)
-        self.assertTrue(hint.startswith(b"PEERS hint="), hint)
-        serve(self.reactor, 4, GetTests.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(self.console.out, GetTests.CONTENT * 2)
-        self.assertEqual(len(self.reactor.tcpClients), 5)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+
+    def test_filters_choose_the_first_peer(self) -> None:
+        """Each name goes first to the peer whose filter holds it."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
+        self.answer_peers(
+            0,
+            (PEER_A, "127.0.0.1", 4001, ["a.txt"]),
+            (PEER_B, "127.0.0.1", 4002, ["b.txt"]),
+        )
+        serve(self.reactor, 1, GetTests.CONTENT)
+        serve(self.reactor, 2, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        ports = [client[1] for client in self.reactor.tcpClients[1:]]
+        self.assertEqual(ports, [4001, 4002])
+
+    def test_relay_without_filters(self) -> None:
+        """A relay from before filters answers 400: listed again without,
+        and each name asks its hint."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
+        protocol, transport = self.connect(0, b"P2P/1 relay")
+        self.assertEqual(transport.value(), b"PEERS files=1\n")
+        protocol.dataReceived(b"ERR 400 unknown option 'files'\n")
+        self.assertEqual(self.answer_peers(1, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        self.assertTrue(self.answer_peers(2).startswith(b"PEERS hint="))
+        serve(self.reactor, 3, GetTests.CONTENT)
+        self.assertTrue(self.answer_peers(4).startswith(b"PEERS hint="))
+        serve(self.reactor, 5, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
     def test_old_listing_asked_again(self) -> None:
         """A listing older than a lease is not trusted: asked again."""
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_peers(1)
-        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol, _ = self.connect(1, b"P2P/2 peer")
         # A peer indexing the file (showing progress) for a minute.
         for step in range(1, 8):
             self.reactor.advance(9.5)
@@ -1124,9 +1160,9 @@ class OneListingTests(CommandTestCase):
             protocol.dataReceived(progress.to_line() + b"\n")
         self.assertGreater(self.reactor.seconds(), session.LISTING_MAX_AGE_SECONDS)
         protocol.dataReceived(peer_reply(GetTests.CONTENT))
-        self.assertEqual(self.answer_peers(3, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
-        self.answer_peers(4)
-        serve(self.reactor, 5, GetTests.CONTENT)
+        listing = self.answer_peers(2, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(listing, b"PEERS files=1\n")
+        serve(self.reactor, 3, GetTests.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
 
@@ -1287,11 +1323,9 @@ class JsonTests(CommandTestCase):
             self.NAME, "gone.txt",
         )  # fmt: skip
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
-        self.answer_peers(1)
-        self.refuse(2)
-        serve(self.reactor, 3, content)
-        self.answer_peers(4)
-        for index in (5, 6):
+        self.refuse(1)
+        serve(self.reactor, 2, content)
+        for index in (3, 4):
             protocol, _ = self.connect(index, b"P2P/2 peer")
             protocol.dataReceived(b"ERR 404 no such file\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
