@@ -37,6 +37,7 @@ from p2p.pieces import (
     PieceListMismatch,
     valid_piece_size,
 )
+from p2p.pool import release
 from p2p.request import request_lines
 from p2p.sink import ContentMismatch, PieceSink
 from p2p.transports import no_delay, read_in_large_chunks
@@ -507,7 +508,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         # Fire before closing: a transport may report connectionLost from
         # inside loseConnection, which would fire a "broken transfer" first.
         self.result.callback(self.header)
-        self.transport.loseConnection()
+        release(self.transport)  # every byte read: kept for the next fetch
 
     def _store_failed(self, failure: Failure) -> None:
         failure.trap(OSError)
@@ -529,7 +530,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if abort:
             self.transport.abortConnection()
         else:
-            self.transport.loseConnection()
+            release(self.transport)  # a whole ERR line: the connection is sound
 
     def timeoutConnection(self) -> None:
         kind = FailureKind.BROKEN if self.header is not None else FailureKind.TIMEOUT

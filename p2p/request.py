@@ -15,6 +15,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from p2p import wire
+from p2p.pool import release
 from p2p.wire import WireError
 
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10
@@ -87,7 +88,12 @@ class LineRequestProtocol(LineReceiver):
             self.result.errback(result)
         else:
             self.result.callback(result)
-        self.transport.loseConnection()
+        if isinstance(result, Failure) and not result.check(wire.RemoteError):
+            self.transport.loseConnection()
+        else:
+            # A whole reply, or a whole ERR line: a pooled connection is
+            # sound for the next request (p2p.pool).
+            release(self.transport)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.result.called:

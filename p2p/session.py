@@ -43,6 +43,7 @@ from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywher
 from p2p.interfaces import IFetchObserver
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.pieces import Content
+from p2p.pool import ConnectionPool
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import (
     FileOutput,
@@ -285,9 +286,12 @@ class ClientSession:
         if settings.peer_ca is not None:
             from p2p.tls import peer_endpoint_for
 
-            self.endpoint_for = peer_endpoint_for(reactor, settings.peer_ca, timeout)
+            endpoint_for = peer_endpoint_for(reactor, settings.peer_ca, timeout)
         else:
-            self.endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)
+            endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)  # noqa: E731
+        # Connections to peers kept between fetches (p2p.pool).
+        self.pool = ConnectionPool(reactor)
+        self.endpoint_for = self.pool.wrap(endpoint_for)
         self.request_timeout = max(timeout, DEFAULT_REQUEST_TIMEOUT_SECONDS)
         # The relay's last list, and when it came (the reactor's clock).
         self._listing: list[wire.PeerEntry] | None = None
@@ -317,7 +321,9 @@ class ClientSession:
         return _LentWorker(self._worker)
 
     def close(self) -> None:
-        """Stop the session's threads (after its last fetch)."""
+        """Stop the session's threads and close its idle connections (after
+        its last fetch)."""
+        self.pool.close()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None

@@ -14,7 +14,12 @@ import sys
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
-from twisted.internet.error import ConnectionLost, DNSLookupError, getConnectError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    DNSLookupError,
+    getConnectError,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
@@ -118,12 +123,30 @@ def peer_reply(content: bytes, offset: int = 0) -> bytes:
     return header.to_line() + b"\n" + digests + content[offset:]
 
 
+def hang_up(protocol, transport: StringTransport) -> None:
+    """
+    The peer closes the connection after its reply, unless the client did:
+    each exchange of these tests on a connection of its own (the client's
+    keeping of connections is tested in test_pool).
+    """
+    if not transport.disconnecting:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+
 def serve(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
     """Play a peer that has the file; return the request it got."""
     protocol, transport = connect(reactor, index, b"P2P/2 peer")
     request = transport.value()
     protocol.dataReceived(peer_reply(content))
+    hang_up(protocol, transport)
     return request
+
+
+def refuse_file(reactor: MemoryReactorClock, index: int) -> None:
+    """Play a peer that does not have the file."""
+    protocol, transport = connect(reactor, index, b"P2P/2 peer")
+    protocol.dataReceived(b"ERR 404 no such file\n")
+    hang_up(protocol, transport)
 
 
 def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
@@ -133,6 +156,7 @@ def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> byt
     request = transport.value()
     header = wire.FileHeader(0, root_of(content), 0, len(content), pieces.PIECE_SIZE, 0)
     protocol.dataReceived(header.to_line() + b"\n")
+    hang_up(protocol, transport)
     return request
 
 
@@ -1079,8 +1103,7 @@ class KeepPathsTests(CommandTestCase):
             "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b"
         )
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        protocol, _ = self.connect(1, b"P2P/2 peer")
-        protocol.dataReceived(b"ERR 404 no such file\n")
+        refuse_file(self.reactor, 1)
         serve(self.reactor, 2, self.B)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         self.assertEqual(os.listdir(folder), ["b"])
@@ -1326,8 +1349,7 @@ class JsonTests(CommandTestCase):
         self.refuse(1)
         serve(self.reactor, 2, content)
         for index in (3, 4):
-            protocol, _ = self.connect(index, b"P2P/2 peer")
-            protocol.dataReceived(b"ERR 404 no such file\n")
+            refuse_file(self.reactor, index)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         found, missing = self.lines()
         self.assertEqual(
