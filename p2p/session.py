@@ -303,11 +303,11 @@ class ClientSession:
         # cannot send filters.
         self.match_locally = False
         self._listed_with_files = False
-        # The name being fetched and its sink (for an interruption).
-        self.current: tuple[str, PieceSink] | None = None
-        # The holders of the name being fetched that could not say which
-        # content they hold.
-        self._questions: list[Attempt] = []
+        # While the relay is being asked: those waiting for the same answer.
+        self._asking: list[Deferred[None]] | None = None
+        # The names being fetched and their sinks (for an interruption):
+        # several at once with p2p get --jobs.
+        self._running: list[tuple[str, PieceSink]] = []
         # The checking and storing threads, started at the first fetch and
         # lent to every fetch after it (two threads per file were a tenth
         # of a small file's cost); stopped by close().
@@ -344,9 +344,27 @@ class ClientSession:
             or now - self._listed_at > LISTING_MAX_AGE_SECONDS
             or self.match_locally != self._listed_with_files
         ):
-            entries = yield self._list(self.match_locally)
-            self._listing, self._listed_at = entries, self.reactor.seconds()
+            if self._asking is None:
+                # Names fetched at once share one request to the relay; each
+                # goes on in the order it asked.
+                self._asking = []
+                self._list(self.match_locally).addBoth(self._listed)
+            waiter: Deferred[None] = Deferred()
+            self._asking.append(waiter)
+            yield waiter
+        assert self._listing is not None
         return list(self._listing)
+
+    def _listed(self, result: list[wire.PeerEntry] | Failure) -> None:
+        """The relay answered (or failed): tell everyone waiting."""
+        if not isinstance(result, Failure):
+            self._listing, self._listed_at = result, self.reactor.seconds()
+        waiters, self._asking = self._asking or [], None
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
 
     @inlineCallbacks
     def _list(self, files: bool):
@@ -423,15 +441,23 @@ class ClientSession:
         C{folder} are made first, and removed again if nothing was written.
         """
         made: list[str] = []
-        self._questions = []
-        result = yield self._get(name, target, expect, made)
-        result.questions = self._questions
+        # The holders of the name that could not say which content they hold.
+        questions: list[Attempt] = []
+        result = yield self._get(name, target, expect, made, questions)
+        result.questions = questions
         if made and result.status is not Status.OK and result.kept is None:
             remove_made(made)
         return result
 
     @inlineCallbacks
-    def _get(self, name: str, target: Target | None, expect: str | None, made):
+    def _get(
+        self,
+        name: str,
+        target: Target | None,
+        expect: str | None,
+        made: list[str],
+        questions: list[Attempt],
+    ):
         settings = self.settings
         observer = self.observer
         problem = name_problem(name)
@@ -489,7 +515,7 @@ class ClientSession:
             and expect is None
             and min(len(suggested), settings.max_sources) >= 2
         ):
-            choice = yield self._choose(name, suggested, output_to)
+            choice = yield self._choose(name, suggested, output_to, questions)
             if choice is not None:
                 expect = choice.chosen.root
                 peers, candidates = _holders_first(choice, peers, suggested)
@@ -517,7 +543,8 @@ class ClientSession:
             max_size=settings.max_size,
             on_progress=progressed,
         )
-        self.current = (name, sink)
+        running = (name, sink)
+        self._running.append(running)
         fetcher = Fetcher(
             self.reactor,
             settings.connect_timeout,
@@ -540,7 +567,8 @@ class ClientSession:
             finally:
                 # The fetch is over, one way or another: nothing for an
                 # interruption to report from here on.
-                self.current = None
+                if running in self._running:
+                    self._running.remove(running)
         except NotFoundAnywhere as e:
             kept = yield sink.abandon(keep=True)
             result = GetResult(
@@ -589,7 +617,13 @@ class ClientSession:
         return GetResult(name, Status.OUTPUT_FAILED, path, content, problem=reason)
 
     @inlineCallbacks
-    def _choose(self, name: str, suggested: list[wire.PeerEntry], output: Output):
+    def _choose(
+        self,
+        name: str,
+        suggested: list[wire.PeerEntry],
+        output: Output,
+        questions: list[Attempt],
+    ):
         """
         Ask the first suggested holders (up to --sources) which content
         they hold under C{name} (L{p2p.choice}); tell the observer when
@@ -600,7 +634,7 @@ class ClientSession:
 
         def failed(peer: wire.PeerEntry, failure: Failure, seconds: float) -> None:
             reason = describe(failure)
-            self._questions.append(
+            questions.append(
                 Attempt(peer, False, reason, seconds, kind=kind_of(failure))
             )
             self.observer.question_failed(name, peer, reason, seconds)
@@ -635,29 +669,32 @@ class ClientSession:
             else:
                 output.open()
 
-    def interrupted(self) -> Interruption | None:
+    def interrupted(self) -> list[Interruption]:
         """
-        The process is stopping (Ctrl-C) in the middle of a fetch: what it
+        The process is stopping (Ctrl-C) in the middle of fetches: what each
         leaves.  A partial ``-o`` file of known content stays, to be resumed
         by the same command; what cannot be resumed was never written
         (stdout) or is not there yet (and is cleaned up here).
         """
-        if self.current is None:
-            return None
-        name, sink = self.current
-        self.current = None
-        output = sink.output
-        if isinstance(output, FileOutput) and sink.content is not None:
-            return Interruption(
-                name, "kept", output.partial, sink.received, sink.content.size
-            )
-        if isinstance(output, StreamOutput):
-            return Interruption(name, "streamed", output.label, output.written)
-        if isinstance(output, FileOutput):
-            # Nothing of this run to resume: no leftovers (an earlier
-            # run's partial file, if any, stays for the next run).
-            output.abandon(keep=False)
-        return Interruption(name, "nothing")
+        running, self._running = self._running, []
+        return [_left_by(name, sink) for name, sink in running]
+
+
+def _left_by(name: str, sink: PieceSink) -> Interruption:
+    """What an interrupted fetch of C{name} into C{sink} leaves."""
+    output = sink.output
+    if isinstance(output, FileOutput) and output.resumable:
+        return Interruption(
+            name, "kept", output.partial, sink.received, output.content.size
+        )
+    if isinstance(output, StreamOutput):
+        return Interruption(name, "streamed", output.label, output.written)
+    if isinstance(output, FileOutput):
+        # Nothing of this run to resume (no content known yet, or one of
+        # a single piece): no leftovers (an earlier run's partial file, if
+        # any, stays for the next run).
+        output.abandon(keep=False)
+    return Interruption(name, "nothing")
 
 
 def hinted_order(

@@ -426,6 +426,12 @@ class FileOutput(Output):
             _unlink(self.state)
         self._close()
 
+    @property
+    def resumable(self) -> bool:
+        """Whether the partial file holds a known content a later run can
+        resume (one of several pieces: a state file says which)."""
+        return self.content is not None and self._stated
+
     def abandon(self, keep: bool) -> str | None:
         """
         Keep the partial file only if it can be resumed (its content is
@@ -436,7 +442,7 @@ class FileOutput(Output):
         if self._fd is not None and self.content is None and not self._created:
             self._close()
             return self.partial if keep else None
-        if keep and self.content is not None and self._fd is not None and self._stated:
+        if keep and self.resumable and self._fd is not None:
             self._close()
             return self.partial
         if self._fd is not None:

@@ -1189,6 +1189,84 @@ class OneListingTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
 
+class JobsTests(CommandTestCase):
+    """``p2p get -o DIR`` with several names fetches up to --jobs at once."""
+
+    CONTENT = b"some content\n"
+
+    def run_jobs(self, *argv: str, names=("a", "b", "c")):
+        self.folder = self.mktemp()
+        os.mkdir(self.folder)
+        runners: list[cli.Runner] = []
+        d = cli.run(
+            self.reactor,
+            ["-q", "--relay", "127.0.0.1:9", "get", "-o", self.folder, *argv, *names],
+            self.console,
+            runners.append,
+        )
+        self.runner = runners[0]
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        return d
+
+    def test_at_most_jobs_at_once(self) -> None:
+        d = self.run_jobs("-j", "2")
+        self.assertEqual(len(self.reactor.tcpClients), 3, "the relay, then a and b")
+        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET b\n")
+        self.assertEqual(len(self.reactor.tcpClients), 4, "c starts as b ends")
+        self.assertEqual(serve(self.reactor, 3, self.CONTENT), b"GET c\n")
+        self.assertEqual(serve(self.reactor, 1, self.CONTENT), b"GET a\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(sorted(os.listdir(self.folder)), ["a", "b", "c"])
+
+    def test_default(self) -> None:
+        names = [f"n{number}" for number in range(cli.DEFAULT_JOBS + 1)]
+        self.run_jobs(names=names)
+        self.assertEqual(len(self.reactor.tcpClients), 1 + cli.DEFAULT_JOBS)
+
+    def test_bounds(self) -> None:
+        for jobs in ("0", str(cli.MAX_JOBS + 1)):
+            d = self.run_cli("get", "-j", jobs, "-o", "x", "a", "b")
+            self.assertEqual(self.successResultOf(d), cli.EXIT_USAGE)
+            self.assertIn("--jobs must be between 1 and", self.console.err_lines[-1])
+
+    def test_stdout_one_at_a_time(self) -> None:
+        """To stdout, contents come one after the other, whatever --jobs."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-j", "4", "a", "b")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        serve(self.reactor, 1, b"first\n")
+        serve(self.reactor, 2, b"second\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, b"first\nsecond\n")
+
+    def test_interrupted_says_what_each_leaves(self) -> None:
+        """Ctrl-C with several fetches running: a line for each."""
+        self.run_jobs("-j", "2")
+        self.runner.interrupted()
+        lines = self.console.err_lines
+        self.assertEqual(
+            lines,
+            [
+                "p2p: a: interrupted; nothing was kept",
+                "p2p: b: interrupted; nothing was kept",
+            ],
+        )
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_relay_failure_stops_the_rest(self) -> None:
+        """The names not started yet are not tried once the relay failed."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "-j", "2", "-o", folder,
+            "a", "b", "c",
+        )  # fmt: skip
+        self.refuse(0)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_RELAY)
+        self.assertEqual(len(self.reactor.tcpClients), 1, "the relay was asked once")
+        self.assertEqual(len(self.console.err_lines), 2, self.console.err_lines)
+
+
 class InteractiveTests(CommandTestCase):
     """``p2p HOST PORT``: the relay is asked before the first prompt."""
 
@@ -1346,10 +1424,15 @@ class JsonTests(CommandTestCase):
             self.NAME, "gone.txt",
         )  # fmt: skip
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        # Both names at once (--jobs): each asks A first.
+        self.assertEqual(self.reactor.tcpClients[1][1], 4001)
+        self.assertEqual(self.reactor.tcpClients[2][1], 4001)
         self.refuse(1)
-        serve(self.reactor, 2, content)
-        for index in (3, 4):
-            refuse_file(self.reactor, index)
+        refuse_file(self.reactor, 2)
+        # gone.txt ends first: its JSON object still comes second.
+        refuse_file(self.reactor, 4)
+        self.assertEqual(self.console.out, b"")
+        serve(self.reactor, 3, content)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         found, missing = self.lines()
         self.assertEqual(
