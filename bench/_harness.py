@@ -119,9 +119,16 @@ def listening_port(daemon: Daemon, timeout: float = 30) -> int:
     return int(line.rsplit(":", 1)[1])
 
 
-def start_relay(*extra: str, listen: str = LOOPBACK) -> tuple[Daemon, int]:
+def start_relay(
+    *extra: str, listen: str = LOOPBACK, default_limits: bool = False
+) -> tuple[Daemon, int]:
+    """
+    A relay, its per-source limits lifted (all the load of a benchmark
+    comes from one address) unless C{default_limits}: what users get.
+    """
+    lifted = [] if default_limits else RELAY_ONE_SOURCE
     relay = Daemon(
-        "relay", TWISTD + ["relay", "--listen", listen, *RELAY_ONE_SOURCE, *extra]
+        "relay", TWISTD + ["relay", "--listen", listen, *lifted, *extra]
     ).start()
     return relay, listening_port(relay)
 
@@ -133,18 +140,20 @@ def start_peer(
     *extra: str,
     indexed: bool = True,
     timeout: float = 30,
+    default_limits: bool = False,
 ) -> Daemon:
     """
     A peer serving C{share}, its index beside it (C{share}.state).  With
     C{indexed}, return once its first scan and hashing are done (its
     ``indexed the share`` line): what "once indexed" means in the figures.
+    Its per-source limits are lifted unless C{default_limits}.
     """
     peer = Daemon(
         name,
         TWISTD
         + ["peer", "--relay", f"127.0.0.1:{relay_port}", "--share", share]
         + ["--listen", LOOPBACK, "--state", share.rstrip("/") + f".{name}.state"]
-        + ONE_SOURCE
+        + ([] if default_limits else ONE_SOURCE)
         + list(extra),
     ).start()
     peer.wait_for("registered at the relay", timeout)

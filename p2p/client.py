@@ -505,10 +505,12 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if failed:
             self._bad_piece(failed[0])
             return
-        # Fire before closing: a transport may report connectionLost from
-        # inside loseConnection, which would fire a "broken transfer" first.
+        # Every byte read: the connection is kept for the next fetch, and
+        # handed back before this one's result fires, so that a fetch the
+        # result starts can take it.  (Its connectionLost, from inside, is
+        # harmless now: every announced byte arrived.)
+        release(self.transport)
         self.result.callback(self.header)
-        release(self.transport)  # every byte read: kept for the next fetch
 
     def _store_failed(self, failure: Failure) -> None:
         failure.trap(OSError)
@@ -530,7 +532,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if abort:
             self.transport.abortConnection()
         else:
-            release(self.transport)  # a whole ERR line: the connection is sound
+            # Never kept after an ERR: a peer closes a connection that had
+            # too many (its error budget), and would refuse the next fetch.
+            self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         kind = FailureKind.BROKEN if self.header is not None else FailureKind.TIMEOUT

@@ -841,16 +841,19 @@ class LsTests(CommandTestCase):
     ROOT_B = "b" * 64
 
     def answer_pages(self) -> list[bytes]:
-        """The peer's listing comes in two pages; return its requests."""
+        """The peer's listing comes in two pages, asked on one connection
+        (it is kept between requests); return the requests."""
         requests = []
         pages = [
             (b"OK 1 next=7", wire.FileEntry(10, self.ROOT_B, "b.txt")),
             (b"OK 1", wire.FileEntry(2048, self.ROOT_A, "a dir/a.txt")),
         ]
-        for index, (header, entry) in enumerate(pages, start=1):
-            protocol, transport = self.connect(index, b"P2P/2 peer")
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        for header, entry in pages:
             requests.append(transport.value())
+            transport.clear()
             protocol.dataReceived(header + b"\n" + entry.to_line() + b"\n")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
         return requests
 
     def test_ls(self) -> None:
@@ -1252,6 +1255,21 @@ class JobsTests(CommandTestCase):
             ],
         )
         self.assertEqual(os.listdir(self.folder), [])
+
+    def test_connections_kept_but_not_after_an_error(self) -> None:
+        """A connection that carried a file is kept for the next name; one
+        that carried an ERR is closed (a peer counts errors per connection,
+        and closes one after ten)."""
+        d = self.run_jobs("-j", "1", names=("a", "b", "c"))
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        protocol.dataReceived(peer_reply(self.CONTENT))
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2, "b asked on it")
+        self.assertEqual(transport.value(), b"GET a\nGET b\n")
+        protocol.dataReceived(b"ERR 404 no such file\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET c\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
 
     def test_relay_failure_stops_the_rest(self) -> None:
         """The names not started yet are not tried once the relay failed."""
