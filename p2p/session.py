@@ -661,7 +661,12 @@ class ClientSession:
         reactor thread, before any peer is asked.
         """
         if isinstance(output, FileOutput):
-            output.lock()
+            if IReactorThreads.providedBy(self.reactor):
+                # Creating a file took about a millisecond here (ext4): off
+                # the reactor thread, other names' transfers go on meanwhile.
+                yield self._worker_for_fetch().submit(output.lock)
+            else:
+                output.lock()
         elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
             self.observer.waiting_for_reader(name, output.label)
             if IReactorThreads.providedBy(self.reactor):
