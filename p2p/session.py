@@ -523,7 +523,15 @@ class ClientSession:
                     basis = Basis.HOLDERS
                     agreeing = len(choice.chosen.holders)
                     answered = choice.answered
-        if target is not None:
+        locked: Deferred[None] | None = None
+        if isinstance(output_to, FileOutput) and IReactorThreads.providedBy(
+            self.reactor
+        ):
+            # The partial file is created while the first peer is asked
+            # (creating a file took about a millisecond here, as long as
+            # the request); the sink waits for it before storing anything.
+            locked = self._worker_for_fetch().submit(output_to.lock)
+        elif target is not None:
             try:
                 yield self._open(name, output_to)
             except OSError as e:
@@ -542,6 +550,7 @@ class ClientSession:
             expected_root=name if by_root else expect,
             max_size=settings.max_size,
             on_progress=progressed,
+            ready=locked,
         )
         running = (name, sink)
         self._running.append(running)
@@ -661,12 +670,7 @@ class ClientSession:
         reactor thread, before any peer is asked.
         """
         if isinstance(output, FileOutput):
-            if IReactorThreads.providedBy(self.reactor):
-                # Creating a file took about a millisecond here (ext4): off
-                # the reactor thread, other names' transfers go on meanwhile.
-                yield self._worker_for_fetch().submit(output.lock)
-            else:
-                output.lock()
+            output.lock()  # an in-memory reactor's (tests): see _get
         elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
             self.observer.waiting_for_reader(name, output.label)
             if IReactorThreads.providedBy(self.reactor):
