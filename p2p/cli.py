@@ -29,7 +29,7 @@ from zope.interface import implementer
 from p2p import __version__, wire
 from p2p.choice import Choice
 from p2p.client import DEFAULT_CONNECT_TIMEOUT_SECONDS, DEFAULT_IDLE_TIMEOUT_SECONDS
-from p2p.endpoints import relay_from_environment
+from p2p.endpoints import relays_from_environment
 from p2p.errors import RELAY_FAILURES, describe
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt
 from p2p.interfaces import IFetchObserver
@@ -40,6 +40,8 @@ from p2p.pace import (
     Pace,
 )
 from p2p.progress import ProgressBar
+from p2p.relay_cache import default_cache_folder, format_age
+from p2p.relay_list import RelayFailure, RelayObserver, reasons
 from p2p.session import (
     Basis,
     ClientSession,
@@ -299,12 +301,6 @@ class Options(usage.Options):
     )
     optParameters = [
         [
-            "relay",
-            "r",
-            None,
-            "Relay endpoint or HOST:PORT (default $P2P_RELAY or tcp:127.0.0.1:8000).",
-        ],
-        [
             "connect-timeout",
             None,
             DEFAULT_CONNECT_TIMEOUT_SECONDS,
@@ -344,6 +340,12 @@ class Options(usage.Options):
     optFlags = [
         ["quiet", "q", "No progress or diagnostics on stderr (errors still show)."],
         ["verbose", "v", "Also show Twisted's log on stderr."],
+        [
+            "no-cache",
+            None,
+            "Neither read nor write the cached peer list (by default 'get' "
+            "falls back on it when no relay answers).",
+        ],
     ]
     subCommands = [
         ["get", None, GetOptions, "Fetch files by name."],
@@ -357,10 +359,22 @@ class Options(usage.Options):
         ],
     ]
 
+    def __init__(self) -> None:
+        super().__init__()
+        self["relay"] = []
+
     def opt_version(self) -> NoReturn:
         """Print the version and exit."""
         print(f"p2p {__version__}")
         sys.exit(0)
+
+    def opt_relay(self, relay: str) -> None:
+        """Relay endpoint or HOST:PORT; repeat it to ask several, in order,
+        until one answers (default $P2P_RELAY, a comma-separated list, or
+        tcp:127.0.0.1:8000)."""
+        self["relay"].append(relay)
+
+    opt_r = opt_relay
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse C{options} (the seed's form, or permuted: L{permuted})."""
@@ -375,7 +389,7 @@ class Options(usage.Options):
             raise usage.UsageError("timeouts must be positive")
         if self["stagger"] < 0:
             raise usage.UsageError("--stagger must not be negative")
-        self["relay"] = relay_from_environment(self["relay"])
+        self["relay"] = relays_from_environment(self["relay"])
         if self["token"] is None:
             self["token"] = os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
         if self["token"] is not None:
@@ -388,7 +402,8 @@ class Options(usage.Options):
     def settings(self) -> Settings:
         """What the session needs of these options (and ``get``'s)."""
         settings = Settings(
-            relay=self["relay"],
+            relays=self["relay"],
+            cache_folder=None if self["no-cache"] else default_cache_folder(),
             token=self["token"],
             connect_timeout=self["connect-timeout"],
             idle_timeout=self["idle-timeout"],
@@ -672,6 +687,29 @@ class HumanReport:
         )
 
 
+class RelayReport(RelayObserver):
+    """Which relay answered, and the peer cache's news, as ``p2p:`` lines."""
+
+    def __init__(self, console: Console) -> None:
+        self.console = console
+
+    def answered(self, relay: str, failures: list[RelayFailure]) -> None:
+        text = f"relay {relay} answered"
+        if failures:
+            text += f" (after {reasons(failures)})"
+        self.console.say(text)
+
+    def using_cache(self, age: float, failures: list[RelayFailure]) -> None:
+        # Shown even with -q: the peers may be long gone.
+        self.console.error(
+            f"relays unreachable; using the peer list cached {format_age(age)} "
+            f"ago ({reasons(failures)})"
+        )
+
+    def cache_problem(self, problem: str) -> None:
+        self.console.error(problem)
+
+
 def _where(attempt: Attempt) -> str:
     where = attempt.peer.address
     if attempt.offset:
@@ -787,11 +825,15 @@ class Runner:
         self.reactor = reactor
         self.options = options
         self.console = console
-        self.session = ClientSession(
-            reactor,
-            options.settings(),
-            console.stdout,
-            HumanReport(console),
+        self.session = self.make_session(options.settings())
+
+    def make_session(self, settings: Settings) -> ClientSession:
+        return ClientSession(
+            self.reactor,
+            settings,
+            self.console.stdout,
+            HumanReport(self.console),
+            RelayReport(self.console),
         )
 
     @property
@@ -800,8 +842,15 @@ class Runner:
 
     def relay_failed(self, failure: Failure) -> int:
         failure.trap(*RELAY_FAILURES)
-        self.console.error(f"relay {self.relay_text}: {describe(failure)}")
+        self.relay_error(describe(failure))
         return EXIT_RELAY
+
+    def relay_error(self, problem: str | None) -> None:
+        """No relay answered (and no cache could stand in): one line."""
+        if self.session.relays.several:
+            self.console.error(f"no relay answered: {problem}")
+        else:
+            self.console.error(f"relay {self.relay_text}: {problem}")
 
     @inlineCallbacks
     def peers(self, as_json: bool = False):
@@ -911,7 +960,7 @@ class Runner:
         # Interactive: the relay is asked before the first prompt, so that
         # a relay that is down says so at once.
         try:
-            entries = yield self.session.peers()
+            entries = yield self.session.peers(cached=True)
         except RELAY_FAILURES:
             return self.relay_failed(Failure())
         self.console.say(f"relay {self.relay_text}: {len(entries)} active peer(s)")
@@ -1007,7 +1056,7 @@ class Runner:
         if status is Status.OK:
             self.console.say(summary(result))
         elif status is Status.RELAY_FAILED:
-            self.console.error(f"relay {self.relay_text}: {result.problem}")
+            self.relay_error(result.problem)
         elif status is Status.NO_PEERS:
             self.console.error(f"{label}: no active peers")
         elif status is Status.NOT_FOUND:
@@ -1058,11 +1107,8 @@ class Runner:
             self.console.error(str(e))
             return EXIT_USAGE if e.usage else EXIT_RELAY
         try:
-            self.session = ClientSession(
-                self.reactor,
-                _with_relay(self.options.settings(), system.relay_address),
-                self.console.stdout,
-                HumanReport(self.console),
+            self.session = self.make_session(
+                _with_relay(self.options.settings(), system.relay_address)
             )
             code = yield self.get(demo_options["names"], None)
         finally:
@@ -1071,7 +1117,10 @@ class Runner:
 
 
 def _with_relay(settings: Settings, relay: str) -> Settings:
-    settings.relay = relay
+    # The demo's relay lives for one run, on a port of its own: nothing to
+    # cache.
+    settings.relays = [relay]
+    settings.cache_folder = None
     return settings
 
 

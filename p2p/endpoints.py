@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -93,6 +93,20 @@ def with_default_backlog(description: str) -> str:
 def relay_from_environment(explicit: str | None = None) -> str:
     """The relay description: explicit option, then $P2P_RELAY, then default."""
     return explicit or os.environ.get(RELAY_ENVIRONMENT_VARIABLE) or DEFAULT_RELAY
+
+
+def relays_from_environment(explicit: Sequence[str] = ()) -> list[str]:
+    """
+    The relays to use, in order: the repeated ``--relay`` options, else
+    $P2P_RELAY read as a comma-separated list, else the default.  Each is
+    named once (a repeat would only be asked twice).
+    """
+    if explicit:
+        texts = [text.strip() for text in explicit]
+    else:
+        variable = os.environ.get(RELAY_ENVIRONMENT_VARIABLE, "")
+        texts = [text.strip() for text in variable.split(",")]
+    return list(dict.fromkeys(text for text in texts if text)) or [DEFAULT_RELAY]
 
 
 def client_endpoint(reactor, text: str) -> IStreamClientEndpoint:

@@ -1,14 +1,17 @@
-"""One run of the client against one relay: what ``p2p`` does, without the
+"""One run of the client against its relays: what ``p2p`` does, without the
 printing.
 
-A L{ClientSession} asks the relay for the active peers once (phase 2) and
-keeps that list for the run, refreshing it only once it is older than a
+A L{ClientSession} asks the relays, in order until one answers
+(L{p2p.relay_list}), for the active peers once (phase 2) and keeps that
+list for the run, refreshing it only once it is older than a
 lease (L{LISTING_MAX_AGE_SECONDS}); for each name it asks the relay which
 peers may hold it (``PEERS hint=``), maybe asks those holders which
 content they hold (L{p2p.choice}), then fetches it (phase 3, L{p2p.fetch})
 into stdout or a file.  What happens meanwhile goes to an
 L{IFetchObserver}; each fetch fires with a L{GetResult}.  L{p2p.cli} turns
-both into lines, progress bars or JSON.
+both into lines, progress bars or JSON.  The last list a relay gave is
+cached (L{p2p.relay_cache}); a fetch falls back on it when every relay
+fails.
 """
 
 from __future__ import annotations
@@ -37,13 +40,15 @@ from p2p.client import (
     list_files,
     list_peers,
 )
-from p2p.endpoints import DEFAULT_RELAY, client_endpoint, peer_endpoint
+from p2p.endpoints import DEFAULT_RELAY, peer_endpoint
 from p2p.errors import RELAY_FAILURES, SKIPPABLE, OutputFailed, describe, kind_of
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
 from p2p.interfaces import IFetchObserver
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.pieces import Content
 from p2p.pool import ConnectionPool
+from p2p.relay_cache import CacheUnusable, PeerCache
+from p2p.relay_list import RelayList, RelayObserver
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import (
     FileOutput,
@@ -67,13 +72,18 @@ MAX_ROOT_CANDIDATES = 16
 # The relay's list is kept for the run, but not longer than a lease (the
 # relay's default): by then some of its peers may be gone, and others come.
 LISTING_MAX_AGE_SECONDS = 60.0
+# What stands for the relay's name while the cached list is in use.
+CACHED_LIST = "(cached list)"
 
 
 @dataclass
 class Settings:
     """What a session needs from the command line."""
 
-    relay: str = DEFAULT_RELAY
+    # The relays to ask, in order.
+    relays: list[str] = field(default_factory=lambda: [DEFAULT_RELAY])
+    # Where the last peer list is cached (None: --no-cache).
+    cache_folder: str | None = None
     token: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
@@ -260,12 +270,13 @@ class _LentWorker:
 
 class ClientSession:
     """
-    The client's work against one relay.
+    The client's work against its relays.
 
     :param reactor: provides TCP and time (threads too, outside tests).
     :param settings: the command line's choices.
     :param stdout: where content goes without ``-o``.
     :param observer: hears each fetch's progress.
+    :param relay_observer: hears which relay answered, and of the cache.
     :raise ValueError: for an unusable relay address.
     """
 
@@ -275,13 +286,19 @@ class ClientSession:
         settings: Settings,
         stdout: BinaryIO,
         observer: IFetchObserver | None = None,
+        relay_observer: RelayObserver | None = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
         self.stdout = stdout
         self.observer: IFetchObserver = observer or QuietObserver()
-        self.relay_text = settings.relay
-        self.relay = client_endpoint(reactor, settings.relay)
+        self.relay_observer = relay_observer or RelayObserver()
+        self.relays = RelayList(reactor, settings.relays)
+        self.cache = (
+            None
+            if settings.cache_folder is None
+            else PeerCache(settings.cache_folder, self.relays.texts, reactor.seconds)
+        )
         timeout = settings.connect_timeout
         if settings.peer_ca is not None:
             from p2p.tls import peer_endpoint_for
@@ -308,6 +325,8 @@ class ClientSession:
         # The names being fetched and their sinks (for an interruption):
         # several at once with p2p get --jobs.
         self._running: list[tuple[str, PieceSink]] = []
+        # Whether the list in use is the cached one (every relay failed).
+        self._listing_cached = False
         # The checking and storing threads, started at the first fetch and
         # lent to every fetch after it (two threads per file were a tenth
         # of a small file's cost); stopped by close().
@@ -328,14 +347,23 @@ class ClientSession:
             self._worker.stop()
             self._worker = None
 
+    @property
+    def relay_text(self) -> str:
+        """The relay whose list is in use (before one answered: all)."""
+        if self._listing_cached:
+            return CACHED_LIST
+        return self.relays.text
+
     # -- phase 2 -------------------------------------------------------------
 
     @inlineCallbacks
-    def peers(self, fresh: bool = False):
+    def peers(self, fresh: bool = False, cached: bool = False):
         """
-        The relay's list of active peers: asked once, then kept for
-        L{LISTING_MAX_AGE_SECONDS} (with C{fresh}, asked again anyway).
-        Fails with one of L{RELAY_FAILURES} when the relay cannot answer.
+        The list of active peers from the first relay that answers: asked
+        once, then kept for L{LISTING_MAX_AGE_SECONDS} (with C{fresh},
+        asked again anyway), and cached.  Fails with one of
+        L{RELAY_FAILURES} when no relay answers, unless C{cached} allows
+        the cached list (which is then kept like a relay's).
         """
         now = self.reactor.seconds()
         if (
@@ -345,10 +373,11 @@ class ClientSession:
             or self.match_locally != self._listed_with_files
         ):
             if self._asking is None:
-                # Names fetched at once share one request to the relay; each
-                # goes on in the order it asked.
+                # Names fetched at once share one request to the relays (and
+                # one look at the cache: the first asker's C{cached} holds
+                # for all); each goes on in the order it asked.
                 self._asking = []
-                self._list(self.match_locally).addBoth(self._listed)
+                self._from_relays(cached).addBoth(self._listed)
             waiter: Deferred[None] = Deferred()
             self._asking.append(waiter)
             yield waiter
@@ -367,11 +396,61 @@ class ClientSession:
                 waiter.callback(None)
 
     @inlineCallbacks
-    def _list(self, files: bool):
-        """The relay's list, with filters if C{files} and the relay can."""
+    def _from_relays(self, cached: bool):
+        """The first answering relay's list (saved to the cache), else with
+        C{cached} the cached list; else the relays' failure."""
+        try:
+            entries = yield self.relays.first_answer(self._list)
+        except RELAY_FAILURES:
+            failure = Failure()
+            entries = self._cached() if cached else None
+            if entries is None:
+                failure.raiseException()
+            self._listing_cached = True
+            # The cache keeps no name filters: nothing to match here.
+            self.match_locally = self._listed_with_files = False
+        else:
+            self._listing_cached = False
+            if self.relays.several:
+                self.relay_observer.answered(self.relay_text, self.relays.failures)
+            self._save(entries)
+        return entries
+
+    def _save(self, entries: list[wire.PeerEntry]) -> None:
+        if self.cache is None:
+            return
+        try:
+            self.cache.save(entries)
+        except OSError as e:
+            self.relay_observer.cache_problem(
+                f"cannot write the peer cache {self.cache.path}: {e.strerror or e}"
+            )
+
+    def _cached(self) -> list[wire.PeerEntry] | None:
+        """The cached peers (telling the relay observer), if any."""
+        if self.cache is None:
+            return None
+        try:
+            cached = self.cache.load()
+        except CacheUnusable as e:
+            self.relay_observer.cache_problem(
+                f"ignoring the peer cache {self.cache.path}: {e}"
+            )
+            return None
+        if cached is None:
+            return None
+        age = self.reactor.seconds() - cached.saved
+        self.relay_observer.using_cache(age, self.relays.failures)
+        return cached.peers
+
+    @inlineCallbacks
+    def _list(self, relay):
+        """One relay's list, with filters if L{match_locally} and the relay
+        can (a relay that cannot is asked again without)."""
+        files = self.match_locally
         ask = functools.partial(
             list_peers,
-            self.relay,
+            relay,
             self.reactor,
             self.request_timeout,
             self.settings.token,
@@ -396,9 +475,12 @@ class ClientSession:
         """
         if self._listed_with_files and self._listing is not None:
             return hints.suggest(self._listing, name, wire.MAX_PEERS_PER_PAGE)
+        relay = self.relays.endpoint
+        if relay is None:
+            return []  # the cached list: no relay to ask
         try:
             entries = yield likely_holders(
-                self.relay,
+                relay,
                 self.reactor,
                 self.request_timeout,
                 name,
@@ -484,7 +566,7 @@ class ClientSession:
                 return self._output_failed(name, path, "no writable folder")
         output_label = output_to.label if target is not None else "stdout"
         try:
-            peers = yield self.peers()
+            peers = yield self.peers(cached=True)
         except RELAY_FAILURES:
             return GetResult(
                 name,
@@ -501,7 +583,8 @@ class ClientSession:
             observer.listed(name, self.relay_text, len(peers), None)
         else:
             suggested = yield self.suggested(name)
-            observer.listed(name, self.relay_text, len(peers), len(suggested))
+            count = None if self._listing_cached else len(suggested)
+            observer.listed(name, self.relay_text, len(peers), count)
         peers = hinted_order(suggested, peers)
         # Likely holders, for several sources at once: the relay's
         # suggestions by name; any peer for a content root.

@@ -289,6 +289,9 @@ class Launcher:
                 # Peers keep their index under $XDG_STATE_HOME: the test's
                 # own folder, outside every share.
                 "XDG_STATE_HOME": os.path.join(self.workdir, "state"),
+                # Clients cache the relays' peer lists under
+                # $XDG_CACHE_HOME: the test's own folder too.
+                "XDG_CACHE_HOME": os.path.join(self.workdir, "cache"),
                 **(env or {}),
             },
             path=self.workdir,

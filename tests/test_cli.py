@@ -28,7 +28,7 @@ from p2p import cli, hints, pieces, progress, session, wire
 from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
-from ._support import set_relay_environment
+from ._support import set_cache_environment, set_relay_environment
 from .test_sink import _Reader
 
 # What a real refused connect() reports: an errno and its name.
@@ -163,6 +163,7 @@ def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> byt
 class CommandTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
+        self.cache_home = set_cache_environment(self)
         self.reactor = MemoryReactorClock()
         self.console = FakeConsole()
 
@@ -989,17 +990,17 @@ class PermutationTests(CommandTestCase):
         options = cli.parse(
             ["get", "a.txt", "--relay", "10.1.2.3:4001", "-q", "--stagger", "0"]
         )
-        self.assertEqual(options["relay"], "10.1.2.3:4001")
+        self.assertEqual(options["relay"], ["10.1.2.3:4001"])
         self.assertTrue(options["quiet"])
         self.assertEqual(options["stagger"], 0)
         self.assertEqual(options.subOptions["names"], ["a.txt"])
         options = cli.parse(["ls", "--long", "-r", "4002"])
-        self.assertEqual(options["relay"], "4002")
+        self.assertEqual(options["relay"], ["4002"])
         self.assertTrue(options.subOptions["long"])
 
     def test_seed_form_with_options_after_names(self) -> None:
         options = cli.parse(["127.0.0.1", "8000", "a.txt", "-o", "out"])
-        self.assertEqual(options["relay"], "127.0.0.1:8000")
+        self.assertEqual(options["relay"], ["127.0.0.1:8000"])
         self.assertEqual(options.subOptions["names"], ["a.txt"])
         self.assertEqual(options.subOptions["output"], "out")
 
