@@ -296,8 +296,8 @@ class Options(usage.Options):
         "seed client's form of 'p2p --relay HOST:PORT get'.  Options may follow "
         "the command and its arguments; '--' ends them.  Exit status: 0 "
         "success, 1 not found on any peer, 2 usage error, 3 relay unreachable "
-        "or failing, 4 output cannot be written, 70 internal error, 130 "
-        "interrupted."
+        "or failing (every --relay, with no cached peer list to use), 4 output "
+        "cannot be written, 70 internal error, 130 interrupted."
     )
     optParameters = [
         [
@@ -369,10 +369,15 @@ class Options(usage.Options):
         sys.exit(0)
 
     def opt_relay(self, relay: str) -> None:
-        """Relay endpoint or HOST:PORT; repeat it to ask several, in order,
-        until one answers (default $P2P_RELAY, a comma-separated list, or
-        tcp:127.0.0.1:8000)."""
         self["relay"].append(relay)
+
+    # Twisted prints the docstring as the option's help, indentation
+    # included: one line.
+    opt_relay.__doc__ = (
+        "Relay endpoint or HOST:PORT; repeat it to ask several, in order, "
+        "until one answers (default $P2P_RELAY, a comma-separated list, or "
+        "tcp:127.0.0.1:8000)."
+    )
 
     opt_r = opt_relay
 

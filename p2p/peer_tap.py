@@ -138,10 +138,15 @@ class Options(DaemonOptions):
         self["relay"] = []
 
     def opt_relay(self, relay: str) -> None:
-        """Relay endpoint; repeat it to register at several relays, each
-        lease renewed on its own (default $P2P_RELAY, a comma-separated
-        list, or tcp:127.0.0.1:8000)."""
         self["relay"].append(relay)
+
+    # Twisted prints the docstring as the option's help, indentation
+    # included: one line.
+    opt_relay.__doc__ = (
+        "Relay endpoint; repeat it to register at several relays, each lease "
+        "renewed on its own (default $P2P_RELAY, a comma-separated list, or "
+        "tcp:127.0.0.1:8000)."
+    )
 
     opt_r = opt_relay
 
