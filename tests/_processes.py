@@ -290,8 +290,10 @@ class Launcher:
                 # own folder, outside every share.
                 "XDG_STATE_HOME": os.path.join(self.workdir, "state"),
                 # Clients cache the relays' peer lists under
-                # $XDG_CACHE_HOME: the test's own folder too.
-                "XDG_CACHE_HOME": os.path.join(self.workdir, "cache"),
+                # $XDG_CACHE_HOME: the test's own (conftest), else a
+                # folder of this launcher's; never the real home's.
+                "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME")
+                or os.path.join(self.workdir, "cache"),
                 **(env or {}),
             },
             path=self.workdir,

@@ -68,7 +68,7 @@ async def test_several_relays_and_the_cache(launcher: Launcher):
         )
         no_traceback(result.stderr)
         # The launcher gives every process the test's own $XDG_CACHE_HOME.
-        folder = os.path.join(launcher.workdir, "cache", "p2p-relay")
+        folder = os.path.join(os.environ["XDG_CACHE_HOME"], "p2p-relay")
         cache = PeerCache(folder, [down, second.address], time.time)
         assert stat.S_IMODE(os.stat(cache.path).st_mode) == 0o600
 
