@@ -322,3 +322,50 @@ class CacheTests(CommandTestCase):
         serve(self.reactor, 1, CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(self.console.out, CONTENT)
+
+
+class SeveralNamesTests(CommandTestCase):
+    """With several names (one listing with the peers' name filters), the
+    relays are still asked once for the run, and the cache once."""
+
+    def test_listing_with_filters_from_the_next_relay(self) -> None:
+        d = self.run_cli("-q", "--relay", A, "--relay", B, "get", "a.txt", "b.txt")
+        self.refuse(0)
+        listing = self.answer_peers(1, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(listing, b"PEERS files=1\n")
+        serve(self.reactor, 2, CONTENT)
+        serve(self.reactor, 3, CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, CONTENT * 2)
+        self.assertEqual(len(self.reactor.tcpClients), 4, "no hint request")
+
+    def test_relay_without_filters_is_asked_again(self) -> None:
+        """A relay that cannot send filters (ERR 400) is listed again
+        without them, not passed over."""
+        d = self.run_cli("-q", "--relay", A, "--relay", B, "get", "a.txt", "b.txt")
+        protocol, _ = self.connect(0, b"P2P/1 relay")
+        protocol.dataReceived(b"ERR 400 unknown option 'files'\n")
+        self.assertEqual(self.reactor.tcpClients[1][:2], ("127.0.0.1", 9))
+        self.assertEqual(self.answer_peers(1, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        self.assertTrue(self.answer_peers(2).startswith(b"PEERS hint="))
+        serve(self.reactor, 3, CONTENT)
+        self.assertEqual(self.reactor.tcpClients[4][:2], ("127.0.0.1", 9))
+        self.assertTrue(self.answer_peers(4).startswith(b"PEERS hint="))
+        serve(self.reactor, 5, CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+
+    def test_cache_used_once_for_the_run(self) -> None:
+        d = self.run_cli("--relay", A, "peers")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.successResultOf(d)
+        self.reactor = MemoryReactorClock()
+        self.console = FakeConsole()
+        d = self.run_cli("-q", "--relay", A, "get", "a.txt", "b.txt")
+        self.refuse(0)
+        serve(self.reactor, 1, CONTENT)
+        serve(self.reactor, 2, CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, CONTENT * 2)
+        peers = [client[1] for client in self.reactor.tcpClients[1:]]
+        self.assertEqual(peers, [4001, 4001], "the relay was not asked again")
+        self.assert_one_error_line("using the peer list cached 0 min ago")
