@@ -29,7 +29,7 @@ from zope.interface import implementer
 from p2p import __version__, wire
 from p2p.choice import Choice
 from p2p.client import DEFAULT_CONNECT_TIMEOUT_SECONDS, DEFAULT_IDLE_TIMEOUT_SECONDS
-from p2p.endpoints import relays_from_environment
+from p2p.endpoints import relay_option, relays_from_environment
 from p2p.errors import RELAY_FAILURES, describe
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt
 from p2p.interfaces import IFetchObserver
@@ -359,27 +359,16 @@ class Options(usage.Options):
         ],
     ]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self["relay"] = []
-
     def opt_version(self) -> NoReturn:
         """Print the version and exit."""
         print(f"p2p {__version__}")
         sys.exit(0)
 
-    def opt_relay(self, relay: str) -> None:
-        self["relay"].append(relay)
-
-    # Twisted prints the docstring as the option's help, indentation
-    # included: one line.
-    opt_relay.__doc__ = (
+    opt_relay = opt_r = relay_option(
         "Relay endpoint or HOST:PORT; repeat it to ask several, in order, "
         "until one answers (default $P2P_RELAY, a comma-separated list, or "
         "tcp:127.0.0.1:8000)."
     )
-
-    opt_r = opt_relay
 
     def parseOptions(self, options: list[str] | None = None) -> None:
         """Parse C{options} (the seed's form, or permuted: L{permuted})."""
@@ -394,7 +383,7 @@ class Options(usage.Options):
             raise usage.UsageError("timeouts must be positive")
         if self["stagger"] < 0:
             raise usage.UsageError("--stagger must not be negative")
-        self["relay"] = relays_from_environment(self["relay"])
+        self["relay"] = relays_from_environment(self.get("relay", []))
         if self["token"] is None:
             self["token"] = os.environ.get(TOKEN_ENVIRONMENT_VARIABLE) or None
         if self["token"] is not None:

@@ -32,6 +32,7 @@ from p2p.endpoints import (
     check_client,
     check_server,
     client_endpoint,
+    relay_option,
     relays_from_environment,
     server_endpoint,
 )
@@ -133,35 +134,24 @@ class Options(DaemonOptions):
     ]
     optFlags = [["include-hidden", None, "Also serve dot files and dot folders."]]
 
-    def __init__(self) -> None:
-        super().__init__()
-        self["relay"] = []
-
-    def opt_relay(self, relay: str) -> None:
-        self["relay"].append(relay)
-
-    # Twisted prints the docstring as the option's help, indentation
-    # included: one line.
-    opt_relay.__doc__ = (
+    opt_relay = opt_r = relay_option(
         "Relay endpoint; repeat it to register at several relays, each lease "
         "renewed on its own (default $P2P_RELAY, a comma-separated list, or "
         "tcp:127.0.0.1:8000)."
     )
-
-    opt_r = opt_relay
 
     def parseArgs(self, *args: str) -> None:
         if not args:
             return
         if len(args) != 2 or not (args[1].isascii() and args[1].isdigit()):
             raise usage.UsageError("expected RELAY_HOST RELAY_PORT (or use --relay)")
-        if self["relay"]:
+        if self.get("relay"):
             raise usage.UsageError("give the relay either as --relay or as arguments")
         host, port = args
         self["relay"] = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
     def postOptions(self) -> None:
-        self["relay"] = relays_from_environment(self["relay"])
+        self["relay"] = relays_from_environment(self.get("relay", []))
         try:
             for relay in self["relay"]:
                 check_client(relay)
