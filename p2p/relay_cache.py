@@ -148,15 +148,14 @@ class PeerCache:
 
 def _parsed(data: bytes) -> CachedList:
     lines = data.split(b"\n")
-    if lines[-1] != b"":
-        raise CacheUnusable("truncated")
-    lines.pop()
     try:
         header = lines[0].decode("ascii")
-    except (IndexError, UnicodeDecodeError):
+    except UnicodeDecodeError:
         header = ""
     if not header.startswith(_HEADER):
         raise CacheUnusable("not a peer list")
+    if lines.pop() != b"":
+        raise CacheUnusable("truncated")
     try:
         saved = float(header[len(_HEADER) :])
     except ValueError:

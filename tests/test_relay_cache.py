@@ -118,6 +118,8 @@ class PeerCacheTests(SynchronousTestCase):
         for data, fragment in (
             (b"\x00\xffgarbage\n", "not a peer list"),
             (b"", "not a peer list"),
+            (b"garbage", "not a peer list"),
+            (header[:-1], "truncated"),
             (header + peer[:-1], "truncated"),
             (b"p2p-relay peer list 1 saved=nan\n", "no valid time"),
             (b"p2p-relay peer list 1 saved=soon\n", "no valid time"),
