@@ -417,6 +417,8 @@ class ClientSession:
         return entries
 
     def _save(self, entries: list[wire.PeerEntry]) -> None:
+        # Written on the reactor thread: once per listing (a run's first,
+        # then one a minute at most), at most 10,000 short lines.
         if self.cache is None:
             return
         try:

@@ -64,6 +64,14 @@ class SeveralRelaysOptionsTests(CommandTestCase):
         for fragment in ("--relay", "repeat it", "comma-separated", "--no-cache"):
             self.assertIn(fragment, text)
 
+    def test_demo_has_no_cache(self) -> None:
+        """``p2p demo``'s relay lives for one run: its list is not cached."""
+        settings = cli.parse(["-r", A, "-r", B, "demo"]).settings()
+        self.assertIsNotNone(settings.cache_folder)
+        settings = cli._with_relay(settings, "tcp:127.0.0.1:4001")
+        self.assertEqual(settings.relays, ["tcp:127.0.0.1:4001"])
+        self.assertIsNone(settings.cache_folder)
+
     def test_one_bad_relay(self) -> None:
         """One unusable relay among several is a usage error naming it."""
         code = self.successResultOf(
