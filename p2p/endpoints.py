@@ -91,11 +91,6 @@ def with_default_backlog(description: str) -> str:
     return description
 
 
-def relay_from_environment(explicit: str | None = None) -> str:
-    """The relay description: explicit option, then $P2P_RELAY, then default."""
-    return explicit or os.environ.get(RELAY_ENVIRONMENT_VARIABLE) or DEFAULT_RELAY
-
-
 def relays_from_environment(explicit: Sequence[str] = ()) -> list[str]:
     """
     The relays to use, in order: the repeated ``--relay`` options, else
