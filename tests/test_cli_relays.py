@@ -377,3 +377,28 @@ class SeveralNamesTests(CommandTestCase):
         peers = [client[1] for client in self.reactor.tcpClients[1:]]
         self.assertEqual(peers, [4001, 4001], "the relay was not asked again")
         self.assert_one_error_line("using the peer list cached 0 min ago")
+
+    def test_jobs_share_one_fallback(self) -> None:
+        """Names fetched at once (--jobs) wait on one round of the relays,
+        and read the cache once, then each fetches from the cached peer."""
+        d = self.run_cli("--relay", A, "--relay", B, "peers")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.successResultOf(d)
+        self.reactor = MemoryReactorClock()
+        self.console = FakeConsole()
+        folder = self.mktemp()
+        os.mkdir(folder)
+        d = self.run_cli(
+            "-q", "--relay", A, "--relay", B, "get", "-j", "2", "-o", folder, "a", "b"
+        )
+        self.assertEqual(len(self.reactor.tcpClients), 1, "one relay at a time")
+        self.refuse(0)
+        self.refuse(1)
+        self.assertEqual(len(self.reactor.tcpClients), 4, "both names at once")
+        serve(self.reactor, 2, CONTENT)
+        serve(self.reactor, 3, CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(sorted(os.listdir(folder)), ["a", "b"])
+        self.assertEqual(self.reactor.tcpClients[2][:2], ("127.0.0.1", 4001))
+        self.assertEqual(self.reactor.tcpClients[3][:2], ("127.0.0.1", 4001))
+        self.assert_one_error_line("using the peer list cached 0 min ago")
