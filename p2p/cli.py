@@ -1007,8 +1007,9 @@ class Runner:
 
         def finished(result: GetResult, index: int) -> None:
             state["running"] -= 1
-            self.report(result)
             code = EXIT_FOR[result.status]
+            if not (code == EXIT_RELAY and state["stop"]):
+                self.report(result)  # a failed relay is said once
             results[index] = result
             # JSON objects in the order of the names: each once all before it
             # are written.

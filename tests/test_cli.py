@@ -1283,7 +1283,7 @@ class JobsTests(CommandTestCase):
         self.refuse(0)
         self.assertEqual(self.successResultOf(d), cli.EXIT_RELAY)
         self.assertEqual(len(self.reactor.tcpClients), 1, "the relay was asked once")
-        self.assertEqual(len(self.console.err_lines), 2, self.console.err_lines)
+        self.assert_one_error_line("relay 127.0.0.1:9")
 
 
 class InteractiveTests(CommandTestCase):
