@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import itertools
 import os
+import subprocess
+import sys
 
 import pytest
 import pytest_twisted
@@ -257,6 +259,29 @@ class OptionTests(SynchronousTestCase):
             self.parse("--registry", "redis://:hunter2@host:0x/1")
         self.assertNotIn("hunter2", str(caught.exception))
         self.assertEqual(len(str(caught.exception).splitlines()), 1)
+
+    def test_memory_imports_no_redis(self) -> None:
+        """The default relay never imports the Redis code or client."""
+        code = (
+            "import sys\n"
+            "from twisted.internet.testing import MemoryReactorClock\n"
+            "from p2p import relay_tap\n"
+            "config = relay_tap.Options()\n"
+            "config.parseOptions([])\n"
+            "relay_tap.makeService(config, MemoryReactorClock())\n"
+            "print(sorted({'txredisapi', 'p2p.redis_registry'} & set(sys.modules)))\n"
+        )
+        environment = {
+            k: v for k, v in os.environ.items() if k != REDIS_URL_ENVIRONMENT_VARIABLE
+        }
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            check=True,
+            env=environment,
+        ).stdout
+        self.assertEqual(out.strip(), "[]")
 
     def test_service(self) -> None:
         """The service tree gets a Redis client service, which connects only
