@@ -205,6 +205,11 @@ async def name_hints(make: Make) -> None:
     assert addresses(await call(registry.likely_holders(1.0, wanted, 10, 1))) == [
         (HOST, 5)
     ]
+    # Two: across the tiers, the verified lease then the oldest other.
+    assert addresses(await call(registry.likely_holders(1.0, wanted, 10, 2))) == [
+        (HOST, 5),
+        (HOST, 1),
+    ]
     await call(registry.register(HOST, 1, None, 2.0, None))  # filter withdrawn
     found = await call(registry.likely_holders(3.0, wanted, 10, 100))
     assert addresses(found) == [(HOST, 5)]
