@@ -735,13 +735,16 @@ class RedisConnection:
     it connects when L{start}ed and reconnects after every loss, backing off
     up to L{MAX_RECONNECT_DELAY_SECONDS}; a command waits for a connection
     (the registry bounds the wait).  ``rediss://`` uses Twisted's TLS, the
-    server's certificate checked against the system's CAs.
+    server's certificate checked against the system's CAs, or against the
+    CA certificate in the PEM file C{ca}.
     """
 
-    def __init__(self, reactor: Any, address: RedisAddress) -> None:
+    def __init__(
+        self, reactor: Any, address: RedisAddress, ca: str | None = None
+    ) -> None:
         import txredisapi
         from twisted.internet.endpoints import HostnameEndpoint, wrapClientTLS
-        from twisted.internet.ssl import optionsForClientTLS
+        from twisted.internet.ssl import Certificate, optionsForClientTLS
 
         self.factory = txredisapi.RedisFactory(
             str(address),
@@ -758,7 +761,11 @@ class RedisConnection:
             reactor, address.host, address.port, timeout=CONNECT_TIMEOUT_SECONDS
         )
         if address.tls:
-            endpoint = wrapClientTLS(optionsForClientTLS(address.host), endpoint)
+            trust = None
+            if ca is not None:
+                with open(ca, "rb") as stream:
+                    trust = Certificate.loadPEM(stream.read())
+            endpoint = wrapClientTLS(optionsForClientTLS(address.host, trust), endpoint)
         self.endpoint = PatientEndpoint(endpoint, reactor, str(address))
         # After a lost connection: the first attempt soon, then the endpoint
         # keeps trying by itself.
@@ -793,8 +800,11 @@ class PatientEndpoint:
     def connect(self, factory: Any) -> Deferred:
         attempt: Deferred | None = None
         timer: Any = None
+        stopped = False
 
         def cancel(_: Deferred) -> None:
+            nonlocal stopped
+            stopped = True
             if timer is not None and timer.active():
                 timer.cancel()
             if attempt is not None:
@@ -822,7 +832,8 @@ class PatientEndpoint:
         def failed(failure: Failure, failures: int) -> None:
             nonlocal attempt, timer
             attempt = None
-            if failure.check(CancelledError):
+            # A cancelled TCP attempt fails with ConnectingCancelledError.
+            if stopped or failure.check(CancelledError):
                 return
             delay = min(0.25 * 2**failures, MAX_RECONNECT_DELAY_SECONDS)
             timer = self.clock.callLater(delay, again, failures + 1)

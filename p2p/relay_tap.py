@@ -117,6 +117,13 @@ class Options(DaemonOptions):
             "p2p:",
             "Prefix of the Redis keys; relays sharing a table use the same.",
         ],
+        [
+            "registry-ca",
+            None,
+            None,
+            "For rediss://: trust this CA certificate (PEM) for Redis's "
+            "certificate instead of the system's CAs.",
+        ],
         ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
         [
             "report-interval",
@@ -196,6 +203,13 @@ class Options(DaemonOptions):
             raise usage.UsageError("--dial-back-timeout must be positive")
         self["token"] = token_option(self["token"])
         self["redis"] = _registry_option(self["registry"])
+        if self["registry-ca"] is not None:
+            if self["redis"] is None or not self["redis"].tls:
+                raise usage.UsageError("--registry-ca needs a rediss:// --registry")
+            if not os.path.isfile(self["registry-ca"]):
+                raise usage.UsageError(
+                    f"--registry-ca: no such file: {self['registry-ca']}"
+                )
         if self["token-for-queries"] and self["token"] is None:
             raise usage.UsageError(
                 f"--token-for-queries needs --token (or ${TOKEN_ENVIRONMENT_VARIABLE})"
@@ -260,7 +274,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
             RedisRegistry,
         )
 
-        connection = RedisConnection(reactor, config["redis"])
+        connection = RedisConnection(reactor, config["redis"], config["registry-ca"])
         registry = RedisRegistry(
             connection.handler,
             reactor,

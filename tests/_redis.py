@@ -14,6 +14,7 @@ import os
 import shutil
 import socket
 
+from ._certs import Credentials
 from ._processes import Launcher, LoggedProcess, ProcessFailed
 
 REDIS_SERVER = shutil.which("redis-server")
@@ -29,18 +30,51 @@ def free_port() -> int:
 
 
 class RedisServer:
-    """One redis-server process at a time on a fixed port (so a test can
-    kill it and start it again at the same address)."""
+    """
+    One redis-server process at a time on a fixed port (so a test can kill
+    it and start it again at the same address).
 
-    def __init__(self, launcher: Launcher, folder: str) -> None:
+    :param tls: serve TLS only, with this certificate and key (then L{url}
+        is ``rediss://localhost``).
+    :param password: require it (``requirepass``).
+    """
+
+    def __init__(
+        self,
+        launcher: Launcher,
+        folder: str,
+        tls: Credentials | None = None,
+        password: str | None = None,
+    ) -> None:
         self.launcher = launcher
         self.folder = folder
+        self.tls = tls
+        self.password = password
         self.port = 0
         self.process: LoggedProcess | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        secret = f":{self.password}@" if self.password else ""
+        if self.tls is not None:
+            return f"rediss://{secret}localhost:{self.port}/0"
+        return f"redis://{secret}127.0.0.1:{self.port}/0"
+
+    def _listen(self, port: int) -> list[str]:
+        if self.tls is None:
+            return ["--port", str(port)]
+        return [
+            "--port",
+            "0",
+            "--tls-port",
+            str(port),
+            "--tls-cert-file",
+            self.tls.certificate,
+            "--tls-key-file",
+            self.tls.key,
+            "--tls-auth-clients",
+            "no",
+        ]
 
     async def start(self) -> RedisServer:
         """Start on a free port, or (after L{kill}) on the same one."""
@@ -51,8 +85,8 @@ class RedisServer:
                 "redis",
                 [
                     REDIS_SERVER or "redis-server",
-                    "--port",
-                    str(port),
+                    *self._listen(port),
+                    *(["--requirepass", self.password] if self.password else []),
                     "--bind",
                     "127.0.0.1",
                     "--save",

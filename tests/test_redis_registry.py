@@ -18,8 +18,11 @@ import sys
 
 import pytest
 import pytest_twisted
-from twisted.internet.testing import MemoryReactorClock
-from twisted.logger import globalLogPublisher
+from twisted.internet.defer import CancelledError, Deferred
+from twisted.internet.protocol import Protocol
+from twisted.internet.task import Clock
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
@@ -28,15 +31,19 @@ from p2p import wire
 from p2p.interfaces import ISharedRegistry
 from p2p.redis_registry import (
     SCRIPTS,
+    PatientEndpoint,
     RedisClientService,
     RedisConnection,
     RedisRegistry,
     RedisURLError,
     parse_redis_url,
 )
+from p2p.registry import RegistryUnavailable
 from p2p.relay import Relay
 from p2p.relay_tap import REDIS_URL_ENVIRONMENT_VARIABLE, Options, makeService
 
+from ._certs import Authority
+from ._redis import REDIS_SERVER, SKIP_REASON, RedisServer
 from ._registry_suite import SCENARIOS, TTL, Scenario, call
 
 _prefixes = itertools.count()
@@ -169,8 +176,6 @@ async def test_two_registries_share_the_table(make) -> None:
 async def test_unreachable_redis_is_unavailable_within_a_second(reactor) -> None:
     """Nothing listening: a call fails with RegistryUnavailable within the
     call timeout, and the outage is logged once however many calls fail."""
-    from p2p.registry import RegistryUnavailable
-
     from ._redis import free_port
 
     address = parse_redis_url(f"redis://127.0.0.1:{free_port()}/0")
@@ -195,6 +200,54 @@ async def test_unreachable_redis_is_unavailable_within_a_second(reactor) -> None
     finally:
         globalLogPublisher.removeObserver(observe)
         await connection.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_tls_and_password(launcher, tmp_path, reactor) -> None:
+    """
+    rediss:// with a password: the server's certificate is checked (against
+    the CA given, here a throwaway one) and the registry works through it;
+    a wrong password is an unavailable registry, and nothing logged shows
+    the password.
+    """
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    authority = Authority(str(tmp_path / "ca"))
+    credentials = authority.issue("redis", ips=["127.0.0.1"], dns=["localhost"])
+    server = RedisServer(
+        launcher, str(tmp_path / "redis"), tls=credentials, password="s3cret"
+    )
+    await server.start()
+    logged: list[str] = []
+
+    def observe(event: dict) -> None:
+        logged.append(formatEvent(event))
+
+    globalLogPublisher.addObserver(observe)
+    connections = []
+    try:
+        for url, works in [
+            (server.url, True),
+            (server.url.replace("s3cret", "wrong"), False),
+        ]:
+            address = parse_redis_url(url)
+            connection = RedisConnection(reactor, address, authority.certificate)
+            connections.append(connection)
+            connection.start()
+            registry = RedisRegistry(
+                connection.handler, reactor, TTL, where=str(address), timeout=2.0
+            )
+            if works:
+                lease = await registry.register("10.0.0.1", 1, "tls", 0.0)
+                assert lease.name == "tls"
+            else:
+                with pytest.raises(RegistryUnavailable):
+                    await registry.register("10.0.0.1", 1, "tls", 0.0)
+    finally:
+        globalLogPublisher.removeObserver(observe)
+        for connection in connections:
+            await connection.stop()
+    assert not [line for line in logged if "s3cret" in line or "wrong" in line]
 
 
 # -- URLs and options (no Redis needed) ---------------------------------------
@@ -306,3 +359,55 @@ class ScriptTests(SynchronousTestCase):
             ["expire", "hinted", "page", "register", "unregister", "verify"],
         )
         self.assertEqual(len({s.sha for s in SCRIPTS.values()}), len(SCRIPTS))
+
+
+class PatientEndpointTests(SynchronousTestCase):
+    """The Redis connection's endpoint retries by itself, quietly, and stops
+    when cancelled."""
+
+    def setUp(self) -> None:
+        self.clock = Clock()
+        self.attempts: list[Deferred] = []
+        wrapped = self
+
+        class Endpoint:
+            def connect(self, factory):
+                d: Deferred = Deferred()
+                wrapped.attempts.append(d)
+                return d
+
+        self.endpoint = PatientEndpoint(Endpoint(), self.clock, "redis://h:1/0")
+
+    def test_retries_until_connected(self) -> None:
+        connected = self.endpoint.connect(object())
+        self.attempts[0].errback(ConnectionRefusedError())
+        self.assertEqual(len(self.attempts), 1)
+        self.clock.advance(0.25)
+        self.attempts[1].errback(ConnectionRefusedError())
+        self.clock.advance(0.49)
+        self.assertEqual(len(self.attempts), 2)
+        self.clock.advance(0.01)
+        protocol = Protocol()
+        protocol.makeConnection(StringTransport())
+        nodelay: list[bool] = []
+        protocol.transport.setTcpNoDelay = nodelay.append  # type: ignore[attr-defined]
+        self.attempts[2].callback(protocol)
+        self.assertIs(self.successResultOf(connected), protocol)
+        self.assertEqual(nodelay, [True])  # small requests are not held back
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        self.assertEqual(repr(self.endpoint), "<Redis endpoint redis://h:1/0>")
+
+    def test_cancel(self) -> None:
+        """Cancelled while waiting to retry, or during an attempt (which may
+        fail with another error than CancelledError): nothing is left."""
+        connected = self.endpoint.connect(object())
+        self.attempts[0].errback(ConnectionRefusedError())
+        connected.cancel()
+        self.failureResultOf(connected, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+        connecting = self.endpoint.connect(object())
+        self.attempts[1].addErrback(lambda f: f.trap(CancelledError))
+        self.attempts[1].addCallback(lambda _: self.fail("connected"))
+        connecting.cancel()
+        self.failureResultOf(connecting, CancelledError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])

@@ -91,6 +91,7 @@ class RelayOptionsTests(SynchronousTestCase):
                 "token": None,
                 "registry": None,
                 "registry-prefix": "p2p:",
+                "registry-ca": None,
                 "redis": None,
                 "port-file": None,
                 "report-interval": 60.0,
