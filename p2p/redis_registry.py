@@ -772,6 +772,17 @@ class RedisConnection:
         self.factory.initialDelay = 0.25
         self.factory.maxDelay = MAX_RECONNECT_DELAY_SECONDS
         self.handler = self.factory.handler
+        # Fails when Redis refuses the connection for good (a wrong
+        # password): say why, once; calls fail meanwhile (503).
+        self.factory.deferred.addErrback(self._refused)
+
+    log = Logger()
+
+    def _refused(self, failure: Failure) -> None:
+        self.log.error(
+            "Redis refused the registry's connection: {error}",
+            error=failure.getErrorMessage(),
+        )
 
     def start(self) -> None:
         self.factory.startConnecting(self.endpoint)
