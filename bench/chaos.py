@@ -112,14 +112,20 @@ class Cluster:
     def wait_sending(
         self, candidates: list[Daemon], name: str, timeout: float
     ) -> Daemon | None:
-        """The first of C{candidates} to log that it started sending C{name}."""
+        """The first of C{candidates} to log that it is sending C{name} (or,
+        for a small file, that it sent it)."""
         marks = {id(peer): len(peer.lines) for peer in candidates}
         deadline = time.monotonic() + timeout
         with self.changed:
             while True:
                 for peer in candidates:
                     new = peer.lines[marks[id(peer)] :]
-                    if any(f"sending {name} " in line for line in new):
+                    # Only a transfer of 1 MiB or more logs its start;
+                    # a smaller one is over when it is logged.
+                    if any(
+                        f"sending {name} " in line or f"sent {name} " in line
+                        for line in new
+                    ):
                         return peer
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:

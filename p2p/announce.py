@@ -46,6 +46,8 @@ class Announcer(Service):
     :param token: the relay's shared secret, sent as ``token=`` with
         REGISTER and UNREGISTER (never logged).
     :param jitter: returns a float in [0, 1); spreads the peers' renewals.
+    :param relay_text: the relay's address as configured, for the log
+        (a peer may keep leases at several relays, one announcer each).
     :param files: returns the name filter of the share (L{p2p.hints.build_filter},
         512 hex digits) or C{None}, or a Deferred of either (the daemon builds
         it on a thread: walking a large share must not stall the reactor);
@@ -65,8 +67,10 @@ class Announcer(Service):
         request_timeout: float = 10.0,
         jitter: Callable[[], float] = random.random,
         files: Callable[[], str | None] | None = None,
+        relay_text: str = "the relay",
     ) -> None:
         self.relay = relay
+        self.relay_text = relay_text
         self.listening = listening
         self.clock = clock
         # Not self.name: that is the service's name in its parent
@@ -166,13 +170,18 @@ class Announcer(Service):
         if first:
             self.log.info(
                 "registered at the relay as {peer_id} "
-                "(seen as {observed}, lease {ttl}s)",
+                "(at {relay}, seen as {observed}, lease {ttl}s)",
                 peer_id=reply.peer_id,
+                relay=self.relay_text,
                 observed=reply.observed,
                 ttl=reply.ttl,
             )
         else:
-            self.log.debug("lease renewed for {ttl}s", ttl=reply.ttl)
+            self.log.debug(
+                "lease renewed for {ttl}s at {relay}",
+                ttl=reply.ttl,
+                relay=self.relay_text,
+            )
         waiters, self._registered_waiters = self._registered_waiters, []
         for waiter in waiters:
             waiter.callback(reply)
@@ -202,15 +211,18 @@ class Announcer(Service):
             # retrying all the same (the relay's token may be changed).
             self.log.error(
                 "the relay refused our token ({error}): check --token or "
-                "${variable}; retrying in {delay:.1f}s",
+                "${variable}; retrying in {delay:.1f}s (at {relay})",
                 error=describe(failure),
+                relay=self.relay_text,
                 variable=wire.TOKEN_ENVIRONMENT_VARIABLE,
                 delay=delay,
             )
         else:
             self.log.warn(
-                "relay registration failed ({error}); retrying in {delay:.1f}s",
+                "relay registration failed ({error}); retrying in {delay:.1f}s "
+                "(at {relay})",
                 error=describe(failure),
+                relay=self.relay_text,
                 delay=delay,
             )
         self._schedule(delay)
@@ -255,7 +267,13 @@ class Announcer(Service):
             timeout=UNREGISTER_TIMEOUT_SECONDS,
         )
         d.addCallbacks(
-            lambda _: self.log.info("unregistered from the relay"),
-            lambda f: self.log.warn("could not unregister: {error}", error=describe(f)),
+            lambda _: self.log.info(
+                "unregistered from the relay (at {relay})", relay=self.relay_text
+            ),
+            lambda f: self.log.warn(
+                "could not unregister at {relay}: {error}",
+                relay=self.relay_text,
+                error=describe(f),
+            ),
         )
         return d

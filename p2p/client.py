@@ -37,6 +37,7 @@ from p2p.pieces import (
     PieceListMismatch,
     valid_piece_size,
 )
+from p2p.pool import release
 from p2p.request import request_lines
 from p2p.sink import ContentMismatch, PieceSink
 from p2p.transports import no_delay, read_in_large_chunks
@@ -504,10 +505,12 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if failed:
             self._bad_piece(failed[0])
             return
-        # Fire before closing: a transport may report connectionLost from
-        # inside loseConnection, which would fire a "broken transfer" first.
+        # Every byte read: the connection is kept for the next fetch, and
+        # handed back before this one's result fires, so that a fetch the
+        # result starts can take it.  (Its connectionLost, from inside, is
+        # harmless now: every announced byte arrived.)
+        release(self.transport)
         self.result.callback(self.header)
-        self.transport.loseConnection()
 
     def _store_failed(self, failure: Failure) -> None:
         failure.trap(OSError)
@@ -529,6 +532,8 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if abort:
             self.transport.abortConnection()
         else:
+            # Never kept after an ERR: a peer closes a connection that had
+            # too many (its error budget), and would refuse the next fetch.
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
@@ -579,9 +584,12 @@ def list_peers(
     timeout: float,
     token: str | None = None,
     maximum: int = 10_000,
+    files: bool = False,
 ) -> Deferred[list[wire.PeerEntry]]:
     """
-    Phase 2: the relay's list of active peers, oldest registration first.
+    Phase 2: the relay's list of active peers, oldest registration first;
+    with C{files}, each with its name filter (``PEERS files=1``, which a
+    relay from before filters answers with ``ERR 400``).
 
     The first request is the plain ``PEERS`` every relay answers (at most
     1000 peers, no cursor).  Only when that page is full are there maybe
@@ -616,7 +624,7 @@ def list_peers(
 
     def ask_page(cursor: str | None) -> None:
         limit = min(page_size, maximum - len(peers))
-        request = wire.Peers(token=token, limit=limit, cursor=cursor)
+        request = wire.Peers(token=token, limit=limit, cursor=cursor, files=files)
         d = request_lines(relay, "relay", request.to_line(), clock, True, timeout)
         d.addCallbacks(got_page, failed_page, errbackArgs=(cursor,))
         d.addErrback(result.errback)
@@ -637,7 +645,7 @@ def list_peers(
         else:
             result.errback(failure)
 
-    ask(wire.Peers(token=token), got_first)
+    ask(wire.Peers(token=token, files=files), got_first)
     return result
 
 

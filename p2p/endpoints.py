@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from typing import Any
 
 from twisted.internet.endpoints import (
     TCP4ClientEndpoint,
@@ -90,9 +91,33 @@ def with_default_backlog(description: str) -> str:
     return description
 
 
-def relay_from_environment(explicit: str | None = None) -> str:
-    """The relay description: explicit option, then $P2P_RELAY, then default."""
-    return explicit or os.environ.get(RELAY_ENVIRONMENT_VARIABLE) or DEFAULT_RELAY
+def relays_from_environment(explicit: Sequence[str] = ()) -> list[str]:
+    """
+    The relays to use, in order: the repeated ``--relay`` options, else
+    $P2P_RELAY read as a comma-separated list, else the default.  Each is
+    named once (a repeat would only be asked twice).
+    """
+    if explicit:
+        texts = [text.strip() for text in explicit]
+    else:
+        variable = os.environ.get(RELAY_ENVIRONMENT_VARIABLE, "")
+        texts = [text.strip() for text in variable.split(",")]
+    return list(dict.fromkeys(text for text in texts if text)) or [DEFAULT_RELAY]
+
+
+def relay_option(help: str) -> Callable[[Any, str], None]:
+    """
+    An ``opt_relay`` method for a L{twisted.python.usage.Options}: each
+    ``--relay`` adds to the list in C{options["relay"]} (read it with
+    L{relays_from_environment}).  C{help} is the option's help: one line,
+    as Twisted prints a docstring's indentation too.
+    """
+
+    def opt_relay(options: Any, relay: str) -> None:
+        options.setdefault("relay", []).append(relay)
+
+    opt_relay.__doc__ = help
+    return opt_relay
 
 
 def client_endpoint(reactor, text: str) -> IStreamClientEndpoint:

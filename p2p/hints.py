@@ -30,6 +30,8 @@ import hashlib
 import re
 from collections.abc import Iterable
 
+from p2p import netgroup
+
 FILTER_BITS = 2048
 FILTER_BYTES = FILTER_BITS // 8
 POSITIONS = 3
@@ -100,3 +102,24 @@ def matcher(hint: str):
         return bool(filter[ai] & am and filter[bi] & bm and filter[ci] & cm)
 
     return match
+
+
+# A name's suggestions take each network's first two holders before any
+# network's third (the relay's rule, p2p.registry, kept by a client that
+# matches names itself).
+SUGGESTED_PER_NETWORK = 2
+
+
+def suggest(entries: Iterable, name: str, limit: int) -> list:
+    """
+    The client's side of ``PEERS hint=``, from a ``PEERS files=1`` listing:
+    at most C{limit} of C{entries} (in listing order: verified first) whose
+    filter may hold C{name}, spread over networks as the relay spreads them.
+    """
+    match = matcher(name_hint(name))
+    return netgroup.spread(
+        (e for e in entries if e.files is not None and match(e.files)),
+        lambda entry: netgroup.network_of(entry.host),
+        SUGGESTED_PER_NETWORK,
+        limit,
+    )

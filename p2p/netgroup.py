@@ -20,6 +20,11 @@ from __future__ import annotations
 
 import functools
 import ipaddress
+from collections.abc import Callable, Iterable
+from typing import TypeVar
+
+T = TypeVar("T")
+
 
 SOURCE_PREFIX_V6 = 64
 NETWORK_PREFIX_V4 = 24
@@ -67,3 +72,28 @@ def tally(counts: dict[str, int], key: str, step: int) -> None:
         counts[key] = count
     else:
         del counts[key]
+
+
+def spread(
+    items: Iterable[T], network: Callable[[T], str], per_network: int, limit: int
+) -> list[T]:
+    """
+    At most C{limit} of C{items}, in order, except that each network's
+    first C{per_network} come before any network's next: many items from
+    one network (fakes answering from one /24, say) cannot push the others
+    down the list.  Stops reading C{items} once C{limit} are taken.
+    """
+    result: list[T] = []
+    overflow: list[T] = []
+    taken: dict[str, int] = {}
+    for item in items:
+        key = network(item)
+        count = taken.get(key, 0)
+        if count >= per_network:
+            overflow.append(item)
+            continue
+        taken[key] = count + 1
+        result.append(item)
+        if len(result) >= limit:
+            return result
+    return (result + overflow)[:limit]

@@ -46,6 +46,9 @@ from p2p.transports import no_delay, zero_copy_socket
 from p2p.wire import Code, WireError
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30
+# Transfers of at least this many bytes are logged when they start, as
+# well as when they end.
+LOG_START_BYTES = 1024 * 1024
 # Large enough that per-chunk overhead is small, small enough to keep the
 # process's memory flat (one chunk in flight per connection).
 CHUNK_BYTES = 256 * 1024
@@ -448,13 +451,16 @@ class PeerProtocol(ServerLineProtocol):
         )
         self.send_answer(header.to_line() + self.delimiter + digests)
         self._header_sent = True
-        self.log.info(
-            "sending {shown_name} ({count} bytes from byte {offset})",
-            name=opened.name,
-            shown_name=shown(opened.name),
-            count=count,
-            offset=offset,
-        )
+        if count >= LOG_START_BYTES:
+            # A transfer long enough to watch: its start too, not only its
+            # end (a log line was a third of a small file's cost).
+            self.log.info(
+                "sending {shown_name} ({count} bytes from byte {offset})",
+                name=opened.name,
+                shown_name=shown(opened.name),
+                count=count,
+                offset=offset,
+            )
         # The file producer takes the transport over (reading stays paused).
         self.release_transport()
         producer = FileRangeProducer(

@@ -32,7 +32,8 @@ from p2p.endpoints import (
     check_client,
     check_server,
     client_endpoint,
-    relay_from_environment,
+    relay_option,
+    relays_from_environment,
     server_endpoint,
 )
 from p2p.hints import build_filter
@@ -77,15 +78,10 @@ class Options(DaemonOptions):
     synopsis = "[options] [RELAY_HOST RELAY_PORT]"
     longdesc = (
         "Run a peer: serve the files of --share to clients and keep a lease at "
-        "the relay.  RELAY_HOST RELAY_PORT is the seed's short form of --relay."
+        "the relay (at each relay, with several --relay).  RELAY_HOST "
+        "RELAY_PORT is the seed's short form of --relay."
     )
     optParameters = [
-        [
-            "relay",
-            "r",
-            None,
-            "Relay endpoint (default $P2P_RELAY or tcp:127.0.0.1:8000).",
-        ],
         ["share", "s", ".", "Folder whose files are served."],
         [
             "listen",
@@ -138,20 +134,27 @@ class Options(DaemonOptions):
     ]
     optFlags = [["include-hidden", None, "Also serve dot files and dot folders."]]
 
+    opt_relay = opt_r = relay_option(
+        "Relay endpoint; repeat it to register at several relays, each lease "
+        "renewed on its own (default $P2P_RELAY, a comma-separated list, or "
+        "tcp:127.0.0.1:8000)."
+    )
+
     def parseArgs(self, *args: str) -> None:
         if not args:
             return
         if len(args) != 2 or not (args[1].isascii() and args[1].isdigit()):
             raise usage.UsageError("expected RELAY_HOST RELAY_PORT (or use --relay)")
-        if self["relay"]:
+        if self.get("relay"):
             raise usage.UsageError("give the relay either as --relay or as arguments")
         host, port = args
-        self["relay"] = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+        self["relay"] = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
 
     def postOptions(self) -> None:
-        self["relay"] = relay_from_environment(self["relay"])
+        self["relay"] = relays_from_environment(self.get("relay", []))
         try:
-            check_client(self["relay"])
+            for relay in self["relay"]:
+                check_client(relay)
             check_server(self["listen"])
         except ValueError as e:
             raise usage.UsageError(str(e)) from None
@@ -221,6 +224,11 @@ LISTENER = "listener"
 ANNOUNCER = "announcer"
 
 
+def announcer_name(number: int) -> str:
+    """The service name of the announcer to the C{number}th relay (from 1)."""
+    return ANNOUNCER if number == 1 else f"{ANNOUNCER} {number}"
+
+
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
@@ -261,7 +269,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
     )
     try:
         listen = server_endpoint(reactor, config["listen"])
-        relay = client_endpoint(reactor, config["relay"])
+        relays = [(text, client_endpoint(reactor, text)) for text in config["relay"]]
     except ValueError as e:
         raise usage.UsageError(str(e)) from None
     parent = MultiService()
@@ -288,17 +296,21 @@ def makeService(config: Options, reactor=None) -> MultiService:
 
         return scanned.addCallback(build)
 
-    announcer = Announcer(
-        relay,
-        listener,
-        reactor,
-        config["name"],
-        token=config["token"],
-        files=name_filter,
-    )
-    announcer.setName(ANNOUNCER)
-    announcer.setServiceParent(parent)
-    index.subscribe(announcer.files_changed)
+    # One lease per relay, each renewed on that relay's own interval; the
+    # first relay's announcer keeps the plain name (the demo waits on it).
+    for number, (text, relay) in enumerate(relays, start=1):
+        announcer = Announcer(
+            relay,
+            listener,
+            reactor,
+            config["name"],
+            token=config["token"],
+            files=name_filter,
+            relay_text=text,
+        )
+        announcer.setName(announcer_name(number))
+        announcer.setServiceParent(parent)
+        index.subscribe(announcer.files_changed)
     if config["port-file"]:
         PortFileService(config["port-file"], [listener]).setServiceParent(parent)
     return parent

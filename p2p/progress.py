@@ -65,11 +65,12 @@ class ProgressBar:
 
     def update(self, name: str, received: int, total: int) -> None:
         """C{received} of C{total} bytes of C{name} are in (the bar shows
-        once the file has taken L{SHOW_AFTER_SECONDS})."""
+        once the file has taken L{SHOW_AFTER_SECONDS}).  While one file's
+        bar is shown, the others fetched at once (p2p get --jobs) wait."""
         bar = self._bar
         if bar is None or self._name != name:
             if bar is not None:
-                self.close()
+                return
             now = time.monotonic()
             if self._waiting is None or self._waiting[0] != name:
                 self._waiting = (name, now)
@@ -120,8 +121,13 @@ class ProgressBar:
         if bar is not None:
             bar.refresh()
 
-    def close(self) -> None:
-        """Remove the bar (a summary line takes its place)."""
+    def close(self, name: str | None = None) -> None:
+        """Remove the bar (a summary line takes its place); with C{name},
+        only if it is that file's."""
+        if name is not None and name != self._name:
+            if self._waiting is not None and self._waiting[0] == name:
+                self._waiting = None
+            return
         if self._bar is not None:
             self._bar.close()
         self._bar = None

@@ -53,8 +53,8 @@ MAX_HINT_SCAN = 10_000
 SATURATED_FILTER_BITS = hints.FILTER_BITS // 2
 
 # Suggestions for a name from one network before every other network's
-# (see likely_holders).
-SUGGESTED_PER_NETWORK = 2
+# (see likely_holders); the same rule for a client matching names itself.
+SUGGESTED_PER_NETWORK = hints.SUGGESTED_PER_NETWORK
 
 # Cursor positions in the unverified tier carry this bit (see position).
 UNVERIFIED_TIER = 1 << 62
@@ -339,35 +339,28 @@ class MemoryRegistry:
         """
         self.expire(now)
         match = hints.matcher(hint)
-        result: list[Lease] = []
+
+        def matching() -> Iterator[Lease]:
+            seen = 0
+            for order in (self._verified, self._unverified):
+                for chunk in order.chunks:
+                    for lease in chunk[: scan - seen]:
+                        files = lease.files
+                        if files is not None and match(files):
+                            yield lease
+                    seen += len(chunk)
+                    if seen >= scan:
+                        return
+
         # A network's matches beyond its first few wait until every other
         # network's came: fakes that answer the dial-back from one network
         # cannot push an honest holder from another down the list.
-        overflow: list[Lease] = []
-        per_network: dict[str, int] = {}
-        network_of = netgroup.network_of
-        seen = 0
-        for order in (self._verified, self._unverified):
-            for chunk in order.chunks:
-                for lease in chunk[: scan - seen]:
-                    files = lease.files
-                    if files is None or not match(files):
-                        continue
-                    network = network_of(lease.host)
-                    taken = per_network.get(network, 0)
-                    if taken >= SUGGESTED_PER_NETWORK:
-                        overflow.append(lease)
-                        continue
-                    per_network[network] = taken + 1
-                    result.append(lease)
-                    if len(result) >= limit:
-                        return result
-                seen += len(chunk)
-                if seen >= scan:
-                    break
-            if seen >= scan:
-                break
-        return (result + overflow)[:limit]
+        return netgroup.spread(
+            matching(),
+            lambda lease: netgroup.network_of(lease.host),
+            SUGGESTED_PER_NETWORK,
+            limit,
+        )
 
     # -- register, unregister, expire ----------------------------------------
 

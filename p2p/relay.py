@@ -57,6 +57,9 @@ LINE_CACHE_ENTRIES = 16_384
 # to MAX_HINT_SCAN leases, about three times a full page's work.
 HINT_COST = 3.0
 PAGE_LINES_PER_TOKEN = 1000
+# A line with its filter (files=1) is about nine times as long: bytes are
+# what such a page costs.
+FILTER_LINES_PER_TOKEN = 250
 # The kernel send buffer of a relay connection (see cap_send_buffer).
 SEND_BUFFER_BYTES = 64 * 1024
 # Table changes logged one by one per minute; the rest are counted.
@@ -249,11 +252,13 @@ class Relay:
             lease = self.registry.find(source, request.port)
             renewal = lease is not None and lease.expires > self.clock.seconds()
         elif isinstance(request, wire.Peers):
+            lines = request.limit or MAX_PEERS_PER_REPLY
             cost = (
                 HINT_COST
                 if request.hint is not None
                 else 1.0
-                + ((request.limit or MAX_PEERS_PER_REPLY) / PAGE_LINES_PER_TOKEN)
+                + lines
+                / (FILTER_LINES_PER_TOKEN if request.files else PAGE_LINES_PER_TOKEN)
             )
         else:
             cost = 1.0
@@ -429,7 +434,17 @@ class Relay:
         next_cursor = None
         if more and leases and paged:
             next_cursor = wire.format_cursor(self.registry.position(leases[-1]))
-        return self._listing(leases, now, next_cursor)
+        lines = self._listing(leases, now, next_cursor)
+        if request.files:
+            # Each peer's name filter, for a client matching many names
+            # itself: appended to the (cached) line, as on the wire.
+            lines[1:] = [
+                line + b" files=" + lease.files.hex().encode()
+                if lease.files is not None
+                else line
+                for line, lease in zip(lines[1:], leases, strict=True)
+            ]
+        return lines
 
     def _listing(
         self, leases: Sequence[Lease], now: float, next_cursor: str | None

@@ -15,6 +15,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 
 from p2p import wire
+from p2p.pool import release
 from p2p.wire import WireError
 
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10
@@ -81,21 +82,29 @@ class LineRequestProtocol(LineReceiver):
             self._finish(self.lines)
 
     def _finish(self, result: list[bytes] | Failure) -> None:
-        # Fire first: a transport may report connectionLost from inside
-        # loseConnection, which would otherwise fire an IncompleteReply first.
         if isinstance(result, Failure):
+            # Fire first: a transport may report connectionLost from inside
+            # loseConnection, which would otherwise fire an IncompleteReply
+            # first.  Never kept after an error (see FileFetchProtocol._fail).
             self.result.errback(result)
-        else:
-            self.result.callback(result)
-        self.transport.loseConnection()
+            self.transport.loseConnection()
+            return
+        # A whole reply: the connection is kept (p2p.pool), handed back
+        # before the result fires so that what it starts can take it.
+        self._replied = True
+        release(self.transport)
+        self.result.callback(result)
 
     def lineLengthExceeded(self, line: bytes) -> None:
         if self.result.called:
             return  # junk after a complete reply (we are closing anyway)
         self._finish(Failure(WireError(wire.Code.LINE_TOO_LONG, "reply line too long")))
 
+    # Set once the whole reply is in (the connection may then be lost).
+    _replied = False
+
     def connectionLost(self, reason: Failure | None = None) -> None:
-        if not self.result.called:
+        if not self.result.called and not self._replied:
             why = reason.value if reason is not None else ConnectionDone()
             self.result.errback(IncompleteReply(f"connection closed: {why}"))
 

@@ -1,19 +1,23 @@
-"""One run of the client against one relay: what ``p2p`` does, without the
+"""One run of the client against its relays: what ``p2p`` does, without the
 printing.
 
-A L{ClientSession} asks the relay for the active peers once (phase 2) and
-keeps that list for the run, refreshing it only once it is older than a
+A L{ClientSession} asks the relays, in order until one answers
+(L{p2p.relay_list}), for the active peers once (phase 2) and keeps that
+list for the run, refreshing it only once it is older than a
 lease (L{LISTING_MAX_AGE_SECONDS}); for each name it asks the relay which
 peers may hold it (``PEERS hint=``), maybe asks those holders which
 content they hold (L{p2p.choice}), then fetches it (phase 3, L{p2p.fetch})
 into stdout or a file.  What happens meanwhile goes to an
 L{IFetchObserver}; each fetch fires with a L{GetResult}.  L{p2p.cli} turns
-both into lines, progress bars or JSON.
+both into lines, progress bars or JSON.  The last list a relay gave is
+cached (L{p2p.relay_cache}); a fetch falls back on it when every relay
+fails.
 """
 
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import threading
 import time
@@ -26,7 +30,7 @@ from twisted.internet.interfaces import IReactorThreads
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from p2p import wire
+from p2p import hints, wire
 from p2p.choice import Choice, ask_roots, choose
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
@@ -36,12 +40,15 @@ from p2p.client import (
     list_files,
     list_peers,
 )
-from p2p.endpoints import DEFAULT_RELAY, client_endpoint, peer_endpoint
+from p2p.endpoints import DEFAULT_RELAY, peer_endpoint
 from p2p.errors import RELAY_FAILURES, SKIPPABLE, OutputFailed, describe, kind_of
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt, Fetcher, NotFoundAnywhere
 from p2p.interfaces import IFetchObserver
 from p2p.pace import DEFAULT_PACE, Pace
 from p2p.pieces import Content
+from p2p.pool import ConnectionPool
+from p2p.relay_cache import CacheUnusable, PeerCache
+from p2p.relay_list import RelayList, RelayObserver
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import (
     FileOutput,
@@ -65,13 +72,18 @@ MAX_ROOT_CANDIDATES = 16
 # The relay's list is kept for the run, but not longer than a lease (the
 # relay's default): by then some of its peers may be gone, and others come.
 LISTING_MAX_AGE_SECONDS = 60.0
+# What stands for the relay's name while the cached list is in use.
+CACHED_LIST = "(cached list)"
 
 
 @dataclass
 class Settings:
     """What a session needs from the command line."""
 
-    relay: str = DEFAULT_RELAY
+    # The relays to ask, in order.
+    relays: list[str] = field(default_factory=lambda: [DEFAULT_RELAY])
+    # Where the last peer list is cached (None: --no-cache).
+    cache_folder: str | None = None
     token: str | None = None
     connect_timeout: float = DEFAULT_CONNECT_TIMEOUT_SECONDS
     idle_timeout: float = DEFAULT_IDLE_TIMEOUT_SECONDS
@@ -258,12 +270,13 @@ class _LentWorker:
 
 class ClientSession:
     """
-    The client's work against one relay.
+    The client's work against its relays.
 
     :param reactor: provides TCP and time (threads too, outside tests).
     :param settings: the command line's choices.
     :param stdout: where content goes without ``-o``.
     :param observer: hears each fetch's progress.
+    :param relay_observer: hears which relay answered, and of the cache.
     :raise ValueError: for an unusable relay address.
     """
 
@@ -273,29 +286,47 @@ class ClientSession:
         settings: Settings,
         stdout: BinaryIO,
         observer: IFetchObserver | None = None,
+        relay_observer: RelayObserver | None = None,
     ) -> None:
         self.reactor = reactor
         self.settings = settings
         self.stdout = stdout
         self.observer: IFetchObserver = observer or QuietObserver()
-        self.relay_text = settings.relay
-        self.relay = client_endpoint(reactor, settings.relay)
+        self.relay_observer = relay_observer or RelayObserver()
+        self.relays = RelayList(reactor, settings.relays)
+        self.cache = (
+            None
+            if settings.cache_folder is None
+            else PeerCache(settings.cache_folder, self.relays.texts, reactor.seconds)
+        )
         timeout = settings.connect_timeout
         if settings.peer_ca is not None:
             from p2p.tls import peer_endpoint_for
 
-            self.endpoint_for = peer_endpoint_for(reactor, settings.peer_ca, timeout)
+            endpoint_for = peer_endpoint_for(reactor, settings.peer_ca, timeout)
         else:
-            self.endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)
+            endpoint_for = lambda peer: peer_endpoint(reactor, peer, timeout)  # noqa: E731
+        # Connections to peers kept between fetches (p2p.pool).
+        self.pool = ConnectionPool(reactor)
+        self.endpoint_for = self.pool.wrap(endpoint_for)
         self.request_timeout = max(timeout, DEFAULT_REQUEST_TIMEOUT_SECONDS)
         # The relay's last list, and when it came (the reactor's clock).
         self._listing: list[wire.PeerEntry] | None = None
         self._listed_at = 0.0
-        # The name being fetched and its sink (for an interruption).
-        self.current: tuple[str, PieceSink] | None = None
-        # The holders of the name being fetched that could not say which
-        # content they hold.
-        self._questions: list[Attempt] = []
+        # With several names to fetch, the list carries the peers' name
+        # filters and names are matched here: one relay request per run
+        # instead of one per name (which the relay's request budget would
+        # slow to a few names a second).  Off again for a relay that
+        # cannot send filters.
+        self.match_locally = False
+        self._listed_with_files = False
+        # While the relay is being asked: those waiting for the same answer.
+        self._asking: list[Deferred[None]] | None = None
+        # The names being fetched and their sinks (for an interruption):
+        # several at once with p2p get --jobs.
+        self._running: list[tuple[str, PieceSink]] = []
+        # Whether the list in use is the cached one (every relay failed).
+        self._listing_cached = False
         # The checking and storing threads, started at the first fetch and
         # lent to every fetch after it (two threads per file were a tenth
         # of a small file's cost); stopped by close().
@@ -309,31 +340,132 @@ class ClientSession:
         return _LentWorker(self._worker)
 
     def close(self) -> None:
-        """Stop the session's threads (after its last fetch)."""
+        """Stop the session's threads and close its idle connections (after
+        its last fetch)."""
+        self.pool.close()
         if self._worker is not None:
             self._worker.stop()
             self._worker = None
 
+    @property
+    def relay_text(self) -> str:
+        """The relay whose list is in use (before one answered: all)."""
+        if self._listing_cached:
+            return CACHED_LIST
+        return self.relays.text
+
     # -- phase 2 -------------------------------------------------------------
 
     @inlineCallbacks
-    def peers(self, fresh: bool = False):
+    def peers(self, fresh: bool = False, cached: bool = False):
         """
-        The relay's list of active peers: asked once, then kept for
-        L{LISTING_MAX_AGE_SECONDS} (with C{fresh}, asked again anyway).
-        Fails with one of L{RELAY_FAILURES} when the relay cannot answer.
+        The list of active peers from the first relay that answers: asked
+        once, then kept for L{LISTING_MAX_AGE_SECONDS} (with C{fresh},
+        asked again anyway), and cached.  Fails with one of
+        L{RELAY_FAILURES} when no relay answers, unless C{cached} allows
+        the cached list (which is then kept like a relay's).
         """
         now = self.reactor.seconds()
         if (
             fresh
             or self._listing is None
             or now - self._listed_at > LISTING_MAX_AGE_SECONDS
+            or self.match_locally != self._listed_with_files
         ):
-            entries = yield list_peers(
-                self.relay, self.reactor, self.request_timeout, self.settings.token
-            )
-            self._listing, self._listed_at = entries, self.reactor.seconds()
+            if self._asking is None:
+                # Names fetched at once share one request to the relays (and
+                # one look at the cache: the first asker's C{cached} holds
+                # for all); each goes on in the order it asked.
+                self._asking = []
+                self._from_relays(cached).addBoth(self._listed)
+            waiter: Deferred[None] = Deferred()
+            self._asking.append(waiter)
+            yield waiter
+        assert self._listing is not None
         return list(self._listing)
+
+    def _listed(self, result: list[wire.PeerEntry] | Failure) -> None:
+        """The relay answered (or failed): tell everyone waiting."""
+        if not isinstance(result, Failure):
+            self._listing, self._listed_at = result, self.reactor.seconds()
+        waiters, self._asking = self._asking or [], None
+        for waiter in waiters:
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(None)
+
+    @inlineCallbacks
+    def _from_relays(self, cached: bool):
+        """The first answering relay's list (saved to the cache), else with
+        C{cached} the cached list; else the relays' failure."""
+        try:
+            entries = yield self.relays.first_answer(self._list)
+        except RELAY_FAILURES:
+            failure = Failure()
+            entries = self._cached() if cached else None
+            if entries is None:
+                failure.raiseException()
+            self._listing_cached = True
+            # The cache keeps no name filters: nothing to match here.
+            self.match_locally = self._listed_with_files = False
+        else:
+            self._listing_cached = False
+            if self.relays.several:
+                self.relay_observer.answered(self.relay_text, self.relays.failures)
+            self._save(entries)
+        return entries
+
+    def _save(self, entries: list[wire.PeerEntry]) -> None:
+        # Written on the reactor thread: once per listing (a run's first,
+        # then one a minute at most), at most 10,000 short lines.
+        if self.cache is None:
+            return
+        try:
+            self.cache.save(entries)
+        except OSError as e:
+            self.relay_observer.cache_problem(
+                f"cannot write the peer cache {self.cache.path}: {e.strerror or e}"
+            )
+
+    def _cached(self) -> list[wire.PeerEntry] | None:
+        """The cached peers (telling the relay observer), if any."""
+        if self.cache is None:
+            return None
+        try:
+            cached = self.cache.load()
+        except CacheUnusable as e:
+            self.relay_observer.cache_problem(
+                f"ignoring the peer cache {self.cache.path}: {e}"
+            )
+            return None
+        if cached is None:
+            return None
+        age = self.reactor.seconds() - cached.saved
+        self.relay_observer.using_cache(age, self.relays.failures)
+        return cached.peers
+
+    @inlineCallbacks
+    def _list(self, relay):
+        """One relay's list, with filters if L{match_locally} and the relay
+        can (a relay that cannot is asked again without)."""
+        files = self.match_locally
+        ask = functools.partial(
+            list_peers,
+            relay,
+            self.reactor,
+            self.request_timeout,
+            self.settings.token,
+        )
+        try:
+            entries = yield ask(files=files)
+        except wire.RemoteError as e:
+            if not files or e.code != wire.Code.BAD_REQUEST:
+                raise
+            self.match_locally = files = False  # a relay from before filters
+            entries = yield ask()
+        self._listed_with_files = files
+        return entries
 
     @inlineCallbacks
     def suggested(self, name: str):
@@ -341,10 +473,16 @@ class ClientSession:
         The peers the relay suggests for C{name} (likely holders, from the
         peers' name filters); none if the relay cannot say.  Only an
         ordering hint: the fetch still falls back across every active peer.
+        With L{match_locally}, matched here against the listed filters.
         """
+        if self._listed_with_files and self._listing is not None:
+            return hints.suggest(self._listing, name, wire.MAX_PEERS_PER_PAGE)
+        relay = self.relays.endpoint
+        if relay is None:
+            return []  # the cached list: no relay to ask
         try:
             entries = yield likely_holders(
-                self.relay,
+                relay,
                 self.reactor,
                 self.request_timeout,
                 name,
@@ -387,15 +525,23 @@ class ClientSession:
         C{folder} are made first, and removed again if nothing was written.
         """
         made: list[str] = []
-        self._questions = []
-        result = yield self._get(name, target, expect, made)
-        result.questions = self._questions
+        # The holders of the name that could not say which content they hold.
+        questions: list[Attempt] = []
+        result = yield self._get(name, target, expect, made, questions)
+        result.questions = questions
         if made and result.status is not Status.OK and result.kept is None:
             remove_made(made)
         return result
 
     @inlineCallbacks
-    def _get(self, name: str, target: Target | None, expect: str | None, made):
+    def _get(
+        self,
+        name: str,
+        target: Target | None,
+        expect: str | None,
+        made: list[str],
+        questions: list[Attempt],
+    ):
         settings = self.settings
         observer = self.observer
         problem = name_problem(name)
@@ -422,7 +568,7 @@ class ClientSession:
                 return self._output_failed(name, path, "no writable folder")
         output_label = output_to.label if target is not None else "stdout"
         try:
-            peers = yield self.peers()
+            peers = yield self.peers(cached=True)
         except RELAY_FAILURES:
             return GetResult(
                 name,
@@ -439,7 +585,8 @@ class ClientSession:
             observer.listed(name, self.relay_text, len(peers), None)
         else:
             suggested = yield self.suggested(name)
-            observer.listed(name, self.relay_text, len(peers), len(suggested))
+            count = None if self._listing_cached else len(suggested)
+            observer.listed(name, self.relay_text, len(peers), count)
         peers = hinted_order(suggested, peers)
         # Likely holders, for several sources at once: the relay's
         # suggestions by name; any peer for a content root.
@@ -453,7 +600,7 @@ class ClientSession:
             and expect is None
             and min(len(suggested), settings.max_sources) >= 2
         ):
-            choice = yield self._choose(name, suggested, output_to)
+            choice = yield self._choose(name, suggested, output_to, questions)
             if choice is not None:
                 expect = choice.chosen.root
                 peers, candidates = _holders_first(choice, peers, suggested)
@@ -461,7 +608,15 @@ class ClientSession:
                     basis = Basis.HOLDERS
                     agreeing = len(choice.chosen.holders)
                     answered = choice.answered
-        if target is not None:
+        locked: Deferred[None] | None = None
+        if isinstance(output_to, FileOutput) and IReactorThreads.providedBy(
+            self.reactor
+        ):
+            # The partial file is created while the first peer is asked
+            # (creating a file took about a millisecond here, as long as
+            # the request); the sink waits for it before storing anything.
+            locked = self._worker_for_fetch().submit(output_to.lock)
+        elif target is not None:
             try:
                 yield self._open(name, output_to)
             except OSError as e:
@@ -480,8 +635,10 @@ class ClientSession:
             expected_root=name if by_root else expect,
             max_size=settings.max_size,
             on_progress=progressed,
+            ready=locked,
         )
-        self.current = (name, sink)
+        running = (name, sink)
+        self._running.append(running)
         fetcher = Fetcher(
             self.reactor,
             settings.connect_timeout,
@@ -504,7 +661,8 @@ class ClientSession:
             finally:
                 # The fetch is over, one way or another: nothing for an
                 # interruption to report from here on.
-                self.current = None
+                if running in self._running:
+                    self._running.remove(running)
         except NotFoundAnywhere as e:
             kept = yield sink.abandon(keep=True)
             result = GetResult(
@@ -553,7 +711,13 @@ class ClientSession:
         return GetResult(name, Status.OUTPUT_FAILED, path, content, problem=reason)
 
     @inlineCallbacks
-    def _choose(self, name: str, suggested: list[wire.PeerEntry], output: Output):
+    def _choose(
+        self,
+        name: str,
+        suggested: list[wire.PeerEntry],
+        output: Output,
+        questions: list[Attempt],
+    ):
         """
         Ask the first suggested holders (up to --sources) which content
         they hold under C{name} (L{p2p.choice}); tell the observer when
@@ -564,7 +728,7 @@ class ClientSession:
 
         def failed(peer: wire.PeerEntry, failure: Failure, seconds: float) -> None:
             reason = describe(failure)
-            self._questions.append(
+            questions.append(
                 Attempt(peer, False, reason, seconds, kind=kind_of(failure))
             )
             self.observer.question_failed(name, peer, reason, seconds)
@@ -591,7 +755,7 @@ class ClientSession:
         reactor thread, before any peer is asked.
         """
         if isinstance(output, FileOutput):
-            output.lock()
+            output.lock()  # an in-memory reactor's (tests): see _get
         elif isinstance(output, ThroughOutput) and not output.open(blocking=False):
             self.observer.waiting_for_reader(name, output.label)
             if IReactorThreads.providedBy(self.reactor):
@@ -599,29 +763,32 @@ class ClientSession:
             else:
                 output.open()
 
-    def interrupted(self) -> Interruption | None:
+    def interrupted(self) -> list[Interruption]:
         """
-        The process is stopping (Ctrl-C) in the middle of a fetch: what it
+        The process is stopping (Ctrl-C) in the middle of fetches: what each
         leaves.  A partial ``-o`` file of known content stays, to be resumed
         by the same command; what cannot be resumed was never written
         (stdout) or is not there yet (and is cleaned up here).
         """
-        if self.current is None:
-            return None
-        name, sink = self.current
-        self.current = None
-        output = sink.output
-        if isinstance(output, FileOutput) and sink.content is not None:
-            return Interruption(
-                name, "kept", output.partial, sink.received, sink.content.size
-            )
-        if isinstance(output, StreamOutput):
-            return Interruption(name, "streamed", output.label, output.written)
-        if isinstance(output, FileOutput):
-            # Nothing of this run to resume: no leftovers (an earlier
-            # run's partial file, if any, stays for the next run).
-            output.abandon(keep=False)
-        return Interruption(name, "nothing")
+        running, self._running = self._running, []
+        return [_left_by(name, sink) for name, sink in running]
+
+
+def _left_by(name: str, sink: PieceSink) -> Interruption:
+    """What an interrupted fetch of C{name} into C{sink} leaves."""
+    output = sink.output
+    if isinstance(output, FileOutput) and output.resumable:
+        return Interruption(
+            name, "kept", output.partial, sink.received, output.content.size
+        )
+    if isinstance(output, StreamOutput):
+        return Interruption(name, "streamed", output.label, output.written)
+    if isinstance(output, FileOutput):
+        # Nothing of this run to resume (no content known yet, or one of
+        # a single piece): no leftovers (an earlier run's partial file, if
+        # any, stays for the next run).
+        output.abandon(keep=False)
+    return Interruption(name, "nothing")
 
 
 def hinted_order(

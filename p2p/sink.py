@@ -154,11 +154,18 @@ class InlineWorker:
         pass
 
 
+_INLINE = InlineWorker()
+
+
 class Output:
     """Where verified pieces are stored; every method but C{label} runs on
-    the worker thread."""
+    the worker thread (or, for a content of at most C{inline_bytes}, on the
+    reactor thread)."""
 
     label = "output"
+    # Contents this small are checked and stored on the reactor thread:
+    # the four trips to the worker threads cost more than the work.
+    inline_bytes = 0
 
     def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
         """Get ready for C{content}; return the pieces already held."""
@@ -273,6 +280,11 @@ class FileOutput(Output):
     it is never taken over by a run that opened it before.
     """
 
+    # A regular file takes a small content's bytes at once, like the open()
+    # and flock() done on the reactor thread already.  Measured on the
+    # 1,000 x 4 KiB benchmark (bench/small_files.py): see docs/performance.rst.
+    inline_bytes = 256 * 1024
+
     def __init__(self, path: str) -> None:
         self.path = path
         self.label = path
@@ -282,6 +294,10 @@ class FileOutput(Output):
         # Whether this run created the partial file (rather than finding an
         # earlier run's to resume).
         self._created = False
+        # Whether a state file (what makes the partial file resumable) is
+        # there: none for a content of one piece, which has nothing to
+        # resume (it saves three file-system operations per small file).
+        self._stated = False
         self.content: Content | None = None
         # Read once, here on the reactor thread: reading the umask means
         # setting it, which must not race with the worker creating files.
@@ -329,7 +345,12 @@ class FileOutput(Output):
             os.ftruncate(self._fd, 0)
         elif length > content.size:
             os.ftruncate(self._fd, content.size)
-        self._write_state(content)
+        if content.pieces > 1:
+            self._write_state(content)
+            self._stated = True
+        elif self._stated:
+            _unlink(self.state)  # an earlier run's, of another content
+            self._stated = False
         self.content = content
         return held
 
@@ -341,6 +362,7 @@ class FileOutput(Output):
                 recorded = stream.read(256)
         except OSError:
             return set()
+        self._stated = True  # an earlier run's, removed when done
         if recorded != _state_record(content):
             return set()
         held = set()
@@ -400,8 +422,15 @@ class FileOutput(Output):
         os.fchmod(self._fd, self._mode)
         # Renamed while still locked: no other run can slip in between.
         os.replace(self.partial, self.path)
-        _unlink(self.state)
+        if self._stated:
+            _unlink(self.state)
         self._close()
+
+    @property
+    def resumable(self) -> bool:
+        """Whether the partial file holds a known content a later run can
+        resume (one of several pieces: a state file says which)."""
+        return self.content is not None and self._stated
 
     def abandon(self, keep: bool) -> str | None:
         """
@@ -413,7 +442,7 @@ class FileOutput(Output):
         if self._fd is not None and self.content is None and not self._created:
             self._close()
             return self.partial if keep else None
-        if keep and self.content is not None and self._fd is not None:
+        if keep and self.resumable and self._fd is not None:
             self._close()
             return self.partial
         if self._fd is not None:
@@ -681,8 +710,15 @@ class PieceSink:
         expected_root: str | None = None,
         max_size: int | None = None,
         on_progress: Callable[[], object] = lambda: None,
+        ready: Deferred[None] | None = None,
     ) -> None:
         self.output = output
+        # Fires once the output can be prepared (its partial file created,
+        # on the worker thread, while the first peer is asked); its failure
+        # is the output's.
+        self._ready = ready
+        if ready is not None:
+            ready.addErrback(self._not_ready)
         self.max_size = max_size
         # Told whenever C{received} changes (a progress bar's cue).
         self._on_progress = on_progress
@@ -700,6 +736,10 @@ class PieceSink:
         self._drained: Deferred[None] | None = None
         self._prepared: list[Deferred[None]] | None = None
         self._error: BaseException | None = None
+        # Whether this content is small enough to store on the reactor
+        # thread (L{Output.inline_bytes}); decided once, at L{begin}.
+        self._inline = False
+        self._threaded = False
 
     # -- the content -------------------------------------------------------
 
@@ -733,7 +773,17 @@ class PieceSink:
         self.content = content
         self.pieces = pieces
         self._prepared = []
-        d = self._submit(lambda: self.output.prepare(content, pieces))
+        # Never back from the threads: work queued there keeps its order.
+        self._inline = not self._threaded and content.size <= self.output.inline_bytes
+        ready, self._ready = self._ready, None
+        if ready is None:
+            d = self._submit(lambda: self.output.prepare(content, pieces))
+        else:
+            ready.addCallback(self._check_ready)
+            ready.addCallback(
+                lambda _: self._submit(lambda: self.output.prepare(content, pieces))
+            )
+            d = ready
 
         def held(indexes: set[int]) -> None:
             self.done |= indexes
@@ -752,6 +802,14 @@ class PieceSink:
         d.addCallback(held)
         d.addBoth(tell_waiters)
         return d
+
+    def _not_ready(self, failure: Failure) -> None:
+        failure.trap(OSError)
+        self._error = failure.value
+
+    def _check_ready(self, _: object) -> None:
+        if self._error is not None:
+            raise self._error
 
     def _progressed(self) -> None:
         try:
@@ -819,7 +877,7 @@ class PieceSink:
         self._backlog += size
         pieces = self.pieces
 
-        d = self.worker.submit_checked(
+        d = self._worker().submit_checked(
             lambda: _verifies(content, pieces, index, data),
             lambda: self.output.write_piece(offset, data),
         )
@@ -899,5 +957,11 @@ class PieceSink:
         self.worker.stop()
         return result
 
+    def _worker(self) -> SerialWorker | InlineWorker:
+        if self._inline:
+            return _INLINE
+        self._threaded = True
+        return self.worker
+
     def _submit(self, work: Callable[[], T]) -> Deferred[T]:
-        return self.worker.submit(work)
+        return self._worker().submit(work)

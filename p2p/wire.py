@@ -387,20 +387,23 @@ class Unregister:
 
 @dataclass(slots=True)
 class Peers:
-    """``PEERS [hint=<hint>] [limit=<n>] [cursor=<cursor>] [token=<token>]``
+    """``PEERS [hint=<hint>|files=1] [limit=<n>] [cursor=<cursor>] [token=<token>]``
 
     A request with C{limit} or C{cursor} is *paged*: its reply header may
     carry ``next=<cursor>``.  One with neither gets the pre-paging reply
     (at most 1000 peers, never ``next=``), so older clients keep working.
     A request with C{hint} (16 hex digits, L{p2p.hints.name_hint}) asks for
     the likely holders of one name only: never paged, so it takes no
-    C{cursor}.
+    C{cursor}.  One with C{files} (``files=1``) asks for each peer's name
+    filter too (``files=`` on its ``PEER`` line), so that a client with
+    many names matches them itself, from one listing.
     """
 
     token: str | None = field(default=None, repr=False)
     limit: int | None = None
     cursor: str | None = None
     hint: str | None = None
+    files: bool = False
 
     @property
     def paged(self) -> bool:
@@ -410,6 +413,8 @@ class Peers:
         words = ["PEERS"]
         if self.hint is not None:
             words.append(f"hint={self.hint}")
+        if self.files:
+            words.append("files=1")
         if self.limit is not None:
             words.append(f"limit={self.limit}")
         if self.cursor is not None:
@@ -462,7 +467,7 @@ def _parse_optional_host(options: dict[str, str]) -> str | None:
 
 _REGISTER_OPTIONS = frozenset({"name", "host", "token", "files"})
 _UNREGISTER_OPTIONS = frozenset({"host", "token"})
-_PEERS_OPTIONS = frozenset({"token", "limit", "cursor", "hint"})
+_PEERS_OPTIONS = frozenset({"token", "limit", "cursor", "hint", "files"})
 
 
 def parse_relay_request(line: bytes) -> RelayRequest:
@@ -515,7 +520,14 @@ def parse_relay_request(line: bytes) -> RelayRequest:
                 )
             if cursor is not None:
                 raise WireError(Code.BAD_REQUEST, "hint= takes no cursor=")
+        files = options.get("files")
+        if files is not None:
+            if files != "1":
+                raise WireError(Code.BAD_REQUEST, "files= must be 1")
+            if hint is not None:
+                raise WireError(Code.BAD_REQUEST, "hint= takes no files=")
         return Peers(
+            files=files is not None,
             hint=hint,
             token=_parse_token(options),
             limit=(
@@ -566,13 +578,18 @@ class Registered:
 
 @dataclass(frozen=True)
 class PeerEntry:
-    """``PEER <peer-id> <ip> <port> age=<s> [name=<name>]``"""
+    """``PEER <peer-id> <ip> <port> age=<s> [name=<name>] [files=<filter>]``
+
+    C{files} is the peer's announced name filter (256 raw bytes), sent
+    only to ``PEERS files=1``.
+    """
 
     peer_id: str
     host: str
     port: int
     age: int = 0
     name: str | None = None
+    files: bytes | None = field(default=None, repr=False)
 
     @property
     def address(self) -> str:
@@ -582,6 +599,8 @@ class PeerEntry:
         text = f"PEER {self.peer_id} {self.host} {self.port} age={self.age}"
         if self.name:
             text += f" name={self.name}"
+        if self.files is not None:
+            text += f" files={self.files.hex()}"
         return encode_line(text)
 
     @classmethod
@@ -589,17 +608,24 @@ class PeerEntry:
         fields = decode_line(line).split(" ")
         if len(fields) < 5 or fields[0] != "PEER" or not _PEER_ID.fullmatch(fields[1]):
             raise WireError(Code.BAD_REQUEST, "malformed PEER line")
-        options = parse_options(fields[4:], frozenset({"age", "name"}))
+        options = parse_options(fields[4:], _PEER_LINE_OPTIONS)
         if "age" not in options:
             raise WireError(Code.BAD_REQUEST, "PEER line without age")
         name = options.get("name")
+        files = options.get("files")
+        if files is not None and not hints.is_filter(files):
+            raise WireError(Code.BAD_REQUEST, "files= must be 512 lowercase hex digits")
         return cls(
             peer_id=fields[1],
             host=parse_host(fields[2]),
             port=parse_port(fields[3]),
             age=parse_int(options["age"], "age"),
             name=parse_display_name(name) if name is not None else None,
+            files=bytes.fromhex(files) if files is not None else None,
         )
+
+
+_PEER_LINE_OPTIONS = frozenset({"age", "name", "files"})
 
 
 def format_count(count: int, next_cursor: str | None = None) -> bytes:

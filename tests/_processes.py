@@ -289,6 +289,11 @@ class Launcher:
                 # Peers keep their index under $XDG_STATE_HOME: the test's
                 # own folder, outside every share.
                 "XDG_STATE_HOME": os.path.join(self.workdir, "state"),
+                # Clients cache the relays' peer lists under
+                # $XDG_CACHE_HOME: the test's own (conftest), else a
+                # folder of this launcher's; never the real home's.
+                "XDG_CACHE_HOME": os.environ.get("XDG_CACHE_HOME")
+                or os.path.join(self.workdir, "cache"),
                 **(env or {}),
             },
             path=self.workdir,

@@ -32,6 +32,17 @@ def set_relay_environment(case: SynchronousTestCase, value: str | None) -> None:
     set_environment(case, RELAY_ENVIRONMENT_VARIABLE, value)
 
 
+def set_cache_environment(case: SynchronousTestCase) -> str:
+    """
+    Point $XDG_CACHE_HOME at a new folder of C{case}'s own (returned), so
+    that the client's peer cache never touches the real home folder, under
+    trial as under pytest (whose conftest does the same for every test).
+    """
+    folder = os.path.abspath(case.mktemp())
+    set_environment(case, "XDG_CACHE_HOME", folder)
+    return folder
+
+
 def descriptors() -> dict[int, str]:
     """
     This process's descriptors (Linux /proc) and what each one names,

@@ -30,6 +30,17 @@ def _trial_tests_in_tmp_path(request, tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
 
 
+@pytest.fixture(autouse=True)
+def _cache_in_tmp_path(tmp_path_factory, monkeypatch):
+    """
+    No test writes the client's peer cache (p2p.relay_cache) into the real
+    home folder: $XDG_CACHE_HOME is the test's own, for in-process clients
+    and (L{Launcher} passes it on) for ``p2p`` processes.  Not inside
+    C{tmp_path}, which tests list.
+    """
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+
+
 @pytest.fixture
 def reactor():
     """The global reactor pytest-twisted runs."""

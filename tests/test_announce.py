@@ -14,8 +14,8 @@ from twisted.internet.defer import Deferred, fail, succeed
 from twisted.internet.error import CannotListenError
 from twisted.internet.error import ConnectionRefusedError as TCPRefused
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
-from twisted.logger import globalLogPublisher
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
@@ -443,3 +443,29 @@ class StopTests(AnnouncerTestMixin, SynchronousTestCase):
         self.assertEqual(self.relay.verbs(), ["REGISTER", "UNREGISTER", "REGISTER"])
         self.assertEqual(self.next_delay(), RENEW)
         self.stop()
+
+
+class RelayNamedTests(AnnouncerTestMixin, SynchronousTestCase):
+    """A peer may keep leases at several relays (an announcer each): every
+    log event of an announcer names its relay."""
+
+    def test_events_name_the_relay(self) -> None:
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.announcer = self.make(relay_text="relay2.example:4001")
+        self.relay.script = ["refuse"]
+        self.announcer.startService()
+        self.clock.advance(FIRST_RETRY_SECONDS)
+        self.stop()
+        formats = [event["log_format"].split(" (")[0] for event in events]
+        self.assertEqual(
+            formats,
+            [
+                "relay registration failed",
+                "registered at the relay as {peer_id}",
+                "unregistered from the relay",
+            ],
+        )
+        self.assertEqual(
+            [event["relay"] for event in events], ["relay2.example:4001"] * 3
+        )
+        self.assertIn("(at relay2.example:4001, ", formatEvent(events[1]))

@@ -14,16 +14,21 @@ import sys
 
 from twisted.internet.address import IPv4Address
 from twisted.internet.defer import succeed
-from twisted.internet.error import ConnectionLost, DNSLookupError, getConnectError
+from twisted.internet.error import (
+    ConnectionDone,
+    ConnectionLost,
+    DNSLookupError,
+    getConnectError,
+)
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import cli, pieces, progress, session, wire
+from p2p import cli, hints, pieces, progress, session, wire
 from p2p.pace import Pace
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 
-from ._support import set_relay_environment
+from ._support import set_cache_environment, set_relay_environment
 from .test_sink import _Reader
 
 # What a real refused connect() reports: an errno and its name.
@@ -69,14 +74,19 @@ def refuse(
     )
 
 
-def answer_peers(
-    reactor: MemoryReactorClock, index: int, *entries: tuple[str, str, int]
-) -> bytes:
-    """Play the relay: answer PEERS with C{entries} (id, host, port)."""
+def answer_peers(reactor: MemoryReactorClock, index: int, *entries: tuple) -> bytes:
+    """
+    Play the relay: answer PEERS with C{entries}: (id, host, port), or
+    (id, host, port, names) for a peer whose filter holds C{names}.
+    """
     protocol, transport = connect(reactor, index, b"P2P/1 relay")
     request = transport.value()
     reply = [f"OK {len(entries)}"]
-    reply += [f"PEER {i} {h} {p} age=0" for i, h, p in entries]
+    for peer_id, host, port, *names in entries:
+        line = f"PEER {peer_id} {host} {port} age=0"
+        if names:
+            line += f" files={hints.build_filter(names[0])}"
+        reply.append(line)
     protocol.dataReceived("".join(line + "\n" for line in reply).encode())
     return request
 
@@ -113,12 +123,30 @@ def peer_reply(content: bytes, offset: int = 0) -> bytes:
     return header.to_line() + b"\n" + digests + content[offset:]
 
 
+def hang_up(protocol, transport: StringTransport) -> None:
+    """
+    The peer closes the connection after its reply, unless the client did:
+    each exchange of these tests on a connection of its own (the client's
+    keeping of connections is tested in test_pool).
+    """
+    if not transport.disconnecting:
+        protocol.connectionLost(Failure(ConnectionDone()))
+
+
 def serve(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
     """Play a peer that has the file; return the request it got."""
     protocol, transport = connect(reactor, index, b"P2P/2 peer")
     request = transport.value()
     protocol.dataReceived(peer_reply(content))
+    hang_up(protocol, transport)
     return request
+
+
+def refuse_file(reactor: MemoryReactorClock, index: int) -> None:
+    """Play a peer that does not have the file."""
+    protocol, transport = connect(reactor, index, b"P2P/2 peer")
+    protocol.dataReceived(b"ERR 404 no such file\n")
+    hang_up(protocol, transport)
 
 
 def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> bytes:
@@ -128,12 +156,14 @@ def answer_range(reactor: MemoryReactorClock, index: int, content: bytes) -> byt
     request = transport.value()
     header = wire.FileHeader(0, root_of(content), 0, len(content), pieces.PIECE_SIZE, 0)
     protocol.dataReceived(header.to_line() + b"\n")
+    hang_up(protocol, transport)
     return request
 
 
 class CommandTestCase(SynchronousTestCase):
     def setUp(self) -> None:
         set_relay_environment(self, None)
+        self.cache_home = set_cache_environment(self)
         self.reactor = MemoryReactorClock()
         self.console = FakeConsole()
 
@@ -146,7 +176,7 @@ class CommandTestCase(SynchronousTestCase):
     def refuse(self, index: int, reason: Exception | None = None) -> None:
         refuse(self.reactor, index, reason)
 
-    def answer_peers(self, index: int, *entries: tuple[str, str, int]) -> bytes:
+    def answer_peers(self, index: int, *entries: tuple) -> bytes:
         return answer_peers(self.reactor, index, *entries)
 
     def assert_one_error_line(self, *fragments: str) -> None:
@@ -812,16 +842,19 @@ class LsTests(CommandTestCase):
     ROOT_B = "b" * 64
 
     def answer_pages(self) -> list[bytes]:
-        """The peer's listing comes in two pages; return its requests."""
+        """The peer's listing comes in two pages, asked on one connection
+        (it is kept between requests); return the requests."""
         requests = []
         pages = [
             (b"OK 1 next=7", wire.FileEntry(10, self.ROOT_B, "b.txt")),
             (b"OK 1", wire.FileEntry(2048, self.ROOT_A, "a dir/a.txt")),
         ]
-        for index, (header, entry) in enumerate(pages, start=1):
-            protocol, transport = self.connect(index, b"P2P/2 peer")
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        for header, entry in pages:
             requests.append(transport.value())
+            transport.clear()
             protocol.dataReceived(header + b"\n" + entry.to_line() + b"\n")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
         return requests
 
     def test_ls(self) -> None:
@@ -957,17 +990,17 @@ class PermutationTests(CommandTestCase):
         options = cli.parse(
             ["get", "a.txt", "--relay", "10.1.2.3:4001", "-q", "--stagger", "0"]
         )
-        self.assertEqual(options["relay"], "10.1.2.3:4001")
+        self.assertEqual(options["relay"], ["10.1.2.3:4001"])
         self.assertTrue(options["quiet"])
         self.assertEqual(options["stagger"], 0)
         self.assertEqual(options.subOptions["names"], ["a.txt"])
         options = cli.parse(["ls", "--long", "-r", "4002"])
-        self.assertEqual(options["relay"], "4002")
+        self.assertEqual(options["relay"], ["4002"])
         self.assertTrue(options.subOptions["long"])
 
     def test_seed_form_with_options_after_names(self) -> None:
         options = cli.parse(["127.0.0.1", "8000", "a.txt", "-o", "out"])
-        self.assertEqual(options["relay"], "127.0.0.1:8000")
+        self.assertEqual(options["relay"], ["127.0.0.1:8000"])
         self.assertEqual(options.subOptions["names"], ["a.txt"])
         self.assertEqual(options.subOptions["output"], "out")
 
@@ -1058,10 +1091,8 @@ class KeepPathsTests(CommandTestCase):
             "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b/x"
         )
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_peers(1)
-        self.assertEqual(serve(self.reactor, 2, self.A), b"GET a/x\n")
-        self.answer_peers(3)
-        self.assertEqual(serve(self.reactor, 4, self.B), b"GET b/x\n")
+        self.assertEqual(serve(self.reactor, 1, self.A), b"GET a/x\n")
+        self.assertEqual(serve(self.reactor, 2, self.B), b"GET b/x\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         with open(os.path.join(folder, "a", "x"), "rb") as stream:
             self.assertEqual(stream.read(), self.A)
@@ -1076,11 +1107,8 @@ class KeepPathsTests(CommandTestCase):
             "-q", "--relay", "127.0.0.1:9", "get", "-o", folder, "a/x", "b"
         )
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_peers(1)
-        protocol, _ = self.connect(2, b"P2P/2 peer")
-        protocol.dataReceived(b"ERR 404 no such file\n")
-        self.answer_peers(3)
-        serve(self.reactor, 4, self.B)
+        refuse_file(self.reactor, 1)
+        serve(self.reactor, 2, self.B)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         self.assertEqual(os.listdir(folder), ["b"])
 
@@ -1095,28 +1123,63 @@ class KeepPathsTests(CommandTestCase):
 
 
 class OneListingTests(CommandTestCase):
-    """However many names, the relay lists its peers once; each name costs
-    one hint request at most."""
+    """However many names, the relay is asked once: with several names the
+    listing carries the peers' name filters (``PEERS files=1``) and names
+    are matched here; one name costs one hint request."""
+
+    def test_one_name_asks_a_hint(self) -> None:
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.assertEqual(self.answer_peers(0, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        hint = self.answer_peers(1)
+        self.assertEqual(
+            hint, wire.Peers(hint=hints.name_hint("a.txt")).to_line() + b"\n"
+        )
+        serve(self.reactor, 2, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
     def test_several_names(self) -> None:
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
-        self.assertEqual(self.answer_peers(0, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
-        hint = self.answer_peers(1)
-        self.assertTrue(hint.startswith(b"PEERS hint="), hint)
+        listing = self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(listing, b"PEERS files=1\n")
+        serve(self.reactor, 1, GetTests.CONTENT)
         serve(self.reactor, 2, GetTests.CONTENT)
-        hint = self.answer_peers(3)
-        self.assertTrue(hint.startswith(b"PEERS hint="), hint)
-        serve(self.reactor, 4, GetTests.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(self.console.out, GetTests.CONTENT * 2)
-        self.assertEqual(len(self.reactor.tcpClients), 5)
+        self.assertEqual(len(self.reactor.tcpClients), 3)
+
+    def test_filters_choose_the_first_peer(self) -> None:
+        """Each name goes first to the peer whose filter holds it."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
+        self.answer_peers(
+            0,
+            (PEER_A, "127.0.0.1", 4001, ["a.txt"]),
+            (PEER_B, "127.0.0.1", 4002, ["b.txt"]),
+        )
+        serve(self.reactor, 1, GetTests.CONTENT)
+        serve(self.reactor, 2, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        ports = [client[1] for client in self.reactor.tcpClients[1:]]
+        self.assertEqual(ports, [4001, 4002])
+
+    def test_relay_without_filters(self) -> None:
+        """A relay from before filters answers 400: listed again without,
+        and each name asks its hint."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
+        protocol, transport = self.connect(0, b"P2P/1 relay")
+        self.assertEqual(transport.value(), b"PEERS files=1\n")
+        protocol.dataReceived(b"ERR 400 unknown option 'files'\n")
+        self.assertEqual(self.answer_peers(1, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
+        self.assertTrue(self.answer_peers(2).startswith(b"PEERS hint="))
+        serve(self.reactor, 3, GetTests.CONTENT)
+        self.assertTrue(self.answer_peers(4).startswith(b"PEERS hint="))
+        serve(self.reactor, 5, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
     def test_old_listing_asked_again(self) -> None:
         """A listing older than a lease is not trusted: asked again."""
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_peers(1)
-        protocol, _ = self.connect(2, b"P2P/2 peer")
+        protocol, _ = self.connect(1, b"P2P/2 peer")
         # A peer indexing the file (showing progress) for a minute.
         for step in range(1, 8):
             self.reactor.advance(9.5)
@@ -1124,10 +1187,103 @@ class OneListingTests(CommandTestCase):
             protocol.dataReceived(progress.to_line() + b"\n")
         self.assertGreater(self.reactor.seconds(), session.LISTING_MAX_AGE_SECONDS)
         protocol.dataReceived(peer_reply(GetTests.CONTENT))
-        self.assertEqual(self.answer_peers(3, (PEER_A, "127.0.0.1", 4001)), b"PEERS\n")
-        self.answer_peers(4)
-        serve(self.reactor, 5, GetTests.CONTENT)
+        listing = self.answer_peers(2, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(listing, b"PEERS files=1\n")
+        serve(self.reactor, 3, GetTests.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+
+
+class JobsTests(CommandTestCase):
+    """``p2p get -o DIR`` with several names fetches up to --jobs at once."""
+
+    CONTENT = b"some content\n"
+
+    def run_jobs(self, *argv: str, names=("a", "b", "c")):
+        self.folder = self.mktemp()
+        os.mkdir(self.folder)
+        runners: list[cli.Runner] = []
+        d = cli.run(
+            self.reactor,
+            ["-q", "--relay", "127.0.0.1:9", "get", "-o", self.folder, *argv, *names],
+            self.console,
+            runners.append,
+        )
+        self.runner = runners[0]
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        return d
+
+    def test_at_most_jobs_at_once(self) -> None:
+        d = self.run_jobs("-j", "2")
+        self.assertEqual(len(self.reactor.tcpClients), 3, "the relay, then a and b")
+        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET b\n")
+        self.assertEqual(len(self.reactor.tcpClients), 4, "c starts as b ends")
+        self.assertEqual(serve(self.reactor, 3, self.CONTENT), b"GET c\n")
+        self.assertEqual(serve(self.reactor, 1, self.CONTENT), b"GET a\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(sorted(os.listdir(self.folder)), ["a", "b", "c"])
+
+    def test_default(self) -> None:
+        names = [f"n{number}" for number in range(cli.DEFAULT_JOBS + 1)]
+        self.run_jobs(names=names)
+        self.assertEqual(len(self.reactor.tcpClients), 1 + cli.DEFAULT_JOBS)
+
+    def test_bounds(self) -> None:
+        for jobs in ("0", str(cli.MAX_JOBS + 1)):
+            d = self.run_cli("get", "-j", jobs, "-o", "x", "a", "b")
+            self.assertEqual(self.successResultOf(d), cli.EXIT_USAGE)
+            self.assertIn("--jobs must be between 1 and", self.console.err_lines[-1])
+
+    def test_stdout_one_at_a_time(self) -> None:
+        """To stdout, contents come one after the other, whatever --jobs."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-j", "4", "a", "b")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        serve(self.reactor, 1, b"first\n")
+        serve(self.reactor, 2, b"second\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, b"first\nsecond\n")
+
+    def test_interrupted_says_what_each_leaves(self) -> None:
+        """Ctrl-C with several fetches running: a line for each."""
+        self.run_jobs("-j", "2")
+        self.runner.interrupted()
+        lines = self.console.err_lines
+        self.assertEqual(
+            lines,
+            [
+                "p2p: a: interrupted; nothing was kept",
+                "p2p: b: interrupted; nothing was kept",
+            ],
+        )
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_connections_kept_but_not_after_an_error(self) -> None:
+        """A connection that carried a file is kept for the next name; one
+        that carried an ERR is closed (a peer counts errors per connection,
+        and closes one after ten)."""
+        d = self.run_jobs("-j", "1", names=("a", "b", "c"))
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        protocol.dataReceived(peer_reply(self.CONTENT))
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2, "b asked on it")
+        self.assertEqual(transport.value(), b"GET a\nGET b\n")
+        protocol.dataReceived(b"ERR 404 no such file\n")
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET c\n")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+
+    def test_relay_failure_stops_the_rest(self) -> None:
+        """The names not started yet are not tried once the relay failed."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "-j", "2", "-o", folder,
+            "a", "b", "c",
+        )  # fmt: skip
+        self.refuse(0)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_RELAY)
+        self.assertEqual(len(self.reactor.tcpClients), 1, "the relay was asked once")
+        self.assert_one_error_line("relay 127.0.0.1:9")
 
 
 class InteractiveTests(CommandTestCase):
@@ -1287,13 +1443,15 @@ class JsonTests(CommandTestCase):
             self.NAME, "gone.txt",
         )  # fmt: skip
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
-        self.answer_peers(1)
-        self.refuse(2)
+        # Both names at once (--jobs): each asks A first.
+        self.assertEqual(self.reactor.tcpClients[1][1], 4001)
+        self.assertEqual(self.reactor.tcpClients[2][1], 4001)
+        self.refuse(1)
+        refuse_file(self.reactor, 2)
+        # gone.txt ends first: its JSON object still comes second.
+        refuse_file(self.reactor, 4)
+        self.assertEqual(self.console.out, b"")
         serve(self.reactor, 3, content)
-        self.answer_peers(4)
-        for index in (5, 6):
-            protocol, _ = self.connect(index, b"P2P/2 peer")
-            protocol.dataReceived(b"ERR 404 no such file\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         found, missing = self.lines()
         self.assertEqual(

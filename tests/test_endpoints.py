@@ -20,7 +20,7 @@ from p2p.endpoints import (
     check_server,
     client_description,
     client_endpoint,
-    relay_from_environment,
+    relays_from_environment,
     server_description,
     server_endpoint,
     with_default_backlog,
@@ -161,24 +161,37 @@ class EndpointTests(SynchronousTestCase):
 
 
 class EnvironmentTests(SynchronousTestCase):
-    """The relay address: explicit option, then $P2P_RELAY, then the default."""
+    """The relays: explicit options, then $P2P_RELAY (a comma-separated
+    list), then the default."""
 
     def test_default(self) -> None:
         set_relay_environment(self, None)
-        self.assertEqual(relay_from_environment(), DEFAULT_RELAY)
-        self.assertEqual(relay_from_environment(None), "tcp:127.0.0.1:8000")
+        self.assertEqual(relays_from_environment(), [DEFAULT_RELAY])
+        self.assertEqual(relays_from_environment([]), ["tcp:127.0.0.1:8000"])
 
     def test_environment_beats_default(self) -> None:
         set_relay_environment(self, "relay.example:4001")
-        self.assertEqual(relay_from_environment(None), "relay.example:4001")
+        self.assertEqual(relays_from_environment(), ["relay.example:4001"])
+
+    def test_environment_list(self) -> None:
+        """Commas separate relays; blanks around them and empty entries are
+        dropped, a repeat too (the first place stays)."""
+        set_relay_environment(self, " a.example:1 ,tcp:b.example:2,,a.example:1,")
+        self.assertEqual(relays_from_environment(), ["a.example:1", "tcp:b.example:2"])
 
     def test_explicit_beats_environment(self) -> None:
-        set_relay_environment(self, "relay.example:4001")
-        self.assertEqual(relay_from_environment("10.0.0.1:9"), "10.0.0.1:9")
+        set_relay_environment(self, "relay.example:4001,other.example:4001")
+        self.assertEqual(relays_from_environment(["10.0.0.1:9"]), ["10.0.0.1:9"])
+        self.assertEqual(
+            relays_from_environment(["10.0.0.1:9", "4001", "10.0.0.1:9"]),
+            ["10.0.0.1:9", "4001"],
+        )
 
     def test_empty_environment_is_unset(self) -> None:
         set_relay_environment(self, "")
-        self.assertEqual(relay_from_environment(None), DEFAULT_RELAY)
+        self.assertEqual(relays_from_environment(), [DEFAULT_RELAY])
+        set_relay_environment(self, " , ")
+        self.assertEqual(relays_from_environment(), [DEFAULT_RELAY])
 
     def test_variable_name(self) -> None:
         self.assertEqual(endpoints.RELAY_ENVIRONMENT_VARIABLE, "P2P_RELAY")

@@ -136,6 +136,32 @@ class WireTests(SynchronousTestCase):
             error = self.assertRaises(WireError, wire.parse_relay_request, line)
             self.assertEqual(error.code, Code.BAD_REQUEST, line)
 
+    def test_peers_files_round_trip(self) -> None:
+        request = wire.Peers(limit=5, cursor="1a", files=True)
+        self.assertEqual(request.to_line(), b"PEERS files=1 limit=5 cursor=1a")
+        self.assertEqual(wire.parse_relay_request(request.to_line()), request)
+        self.assertTrue(request.paged)
+
+    def test_malformed_files_request(self) -> None:
+        for line in (
+            b"PEERS files=0",
+            b"PEERS files=yes",
+            f"PEERS files=1 hint={self.HINT}".encode(),
+        ):
+            error = self.assertRaises(WireError, wire.parse_relay_request, line)
+            self.assertEqual(error.code, Code.BAD_REQUEST, line)
+
+    def test_peer_line_files_round_trip(self) -> None:
+        entry = wire.PeerEntry(
+            PEER_C, "10.0.0.1", 4001, 3, files=bytes.fromhex(self.FILTER)
+        )
+        line = entry.to_line()
+        self.assertTrue(line.endswith(f" files={self.FILTER}".encode()))
+        self.assertEqual(wire.PeerEntry.from_line(line), entry)
+        bad = line[: -len(self.FILTER)] + b"F" * 512
+        error = self.assertRaises(WireError, wire.PeerEntry.from_line, bad)
+        self.assertEqual(error.code, Code.BAD_REQUEST)
+
     def test_old_forms_unchanged(self) -> None:
         self.assertEqual(wire.parse_relay_request(b"PEERS"), wire.Peers())
         self.assertTrue(wire.parse_relay_request(b"PEERS limit=3").paged)
@@ -213,6 +239,21 @@ class RelayHintTests(RelayTestCase):
         self.assertEqual(len(reply), 2)
         self.assertEqual(self.hinted(f"PEERS hint={'0' * 16}".encode()), [b"OK 0"])
         self.assertEqual(len(self.peers()), 4, "the full list is unchanged")
+
+    def test_listing_with_filters(self) -> None:
+        """``PEERS files=1``: every peer, each with the filter it announced
+        (none for a peer that announced none)."""
+        self.register_files("10.0.0.1", 4001, ["a.txt"])
+        self.register_files("10.0.0.3", 4003, None)
+        reply = self.hinted(b"PEERS files=1")
+        self.assertEqual(reply[0], b"OK 2")
+        entries = [wire.PeerEntry.from_line(line) for line in reply[1:]]
+        self.assertEqual(entries[0].files, hints.filter_bytes(["a.txt"]))
+        self.assertIsNone(entries[1].files)
+        self.assertEqual([e.files for e in self.peers()], [None, None])
+        paged = self.hinted(b"PEERS files=1 limit=1")
+        self.assertTrue(paged[0].startswith(b"OK 1 next="), paged[0])
+        self.assertIn(b" files=", paged[1])
 
     def test_malformed(self) -> None:
         self.assertError(self.hinted(b"PEERS hint=nothex"), Code.BAD_REQUEST)
@@ -382,3 +423,30 @@ class ClientOrderTests(CommandTestCase):
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertIn("no suggestion", self.console.stderr.getvalue())
         self.assert_no_timers()
+
+
+class SuggestTests(SynchronousTestCase):
+    """L{hints.suggest}: a client's own matching of a listing with filters,
+    in the relay's order and with its spread over networks."""
+
+    def entry(self, host: str, port: int, names: list[str] | None):
+        files = hints.filter_bytes(names) if names is not None else None
+        return wire.PeerEntry(PEER_C, host, port, files=files)
+
+    def test_matches_in_order(self) -> None:
+        entries = [
+            self.entry("10.0.0.1", 1, ["b"]),
+            self.entry("10.0.1.1", 2, ["a"]),
+            self.entry("10.0.2.1", 3, None),
+            self.entry("10.0.3.1", 4, ["a", "b"]),
+        ]
+        self.assertEqual([e.port for e in hints.suggest(entries, "a", 10)], [2, 4])
+        self.assertEqual([e.port for e in hints.suggest(entries, "a", 1)], [2])
+        self.assertEqual(hints.suggest(entries, "zzz-not-there", 10), [])
+
+    def test_spread_over_networks(self) -> None:
+        """A third holder from one /24 waits behind another network's."""
+        entries = [self.entry(f"10.9.9.{n}", n, ["a"]) for n in range(1, 5)]
+        entries.append(self.entry("10.0.0.1", 99, ["a"]))
+        ports = [e.port for e in hints.suggest(entries, "a", 10)]
+        self.assertEqual(ports, [1, 2, 99, 3, 4])

@@ -46,3 +46,24 @@ class TallyTests(SynchronousTestCase):
 
     def test_taking_from_nothing_is_a_bug(self) -> None:
         self.assertRaises(KeyError, netgroup.tally, {}, "x", -1)
+
+
+class SpreadTests(SynchronousTestCase):
+    def test_first_of_each_network_first(self) -> None:
+        items = ["a1", "a2", "a3", "b1", "a4", "c1"]
+        spread = netgroup.spread(items, lambda item: item[0], 2, 10)
+        self.assertEqual(spread, ["a1", "a2", "b1", "c1", "a3", "a4"])
+
+    def test_limit_stops_reading(self) -> None:
+        read: list[str] = []
+
+        def items():
+            for item in ["a1", "b1", "a2", "b2", "c1"]:
+                read.append(item)
+                yield item
+
+        self.assertEqual(netgroup.spread(items(), lambda i: i[0], 1, 2), ["a1", "b1"])
+        self.assertEqual(read, ["a1", "b1"])
+        self.assertEqual(
+            netgroup.spread(["a1", "a2"], lambda i: i[0], 1, 5), ["a1", "a2"]
+        )

@@ -39,6 +39,7 @@ from p2p.limits import MAX_ERRORS_PER_CONNECTION, ConnectionPolicy, ReadGate
 from p2p.peer import (
     CHUNK_BYTES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
+    LOG_START_BYTES,
     PROGRESS_INTERVAL_SECONDS,
     FileRangeProducer,
     FileShrank,
@@ -1721,7 +1722,9 @@ class LoggedNamesTests(SynchronousTestCase):
         self.addCleanup(shutil.rmtree, root)
         name = "invoice\u202efdp.exe"
         with open(os.path.join(root, name), "wb") as stream:
-            stream.write(b"x")
+            # Big enough for a "sending" line (a smaller file's transfer is
+            # logged once, when it was sent).
+            stream.write(b"x" * LOG_START_BYTES)
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         share = ShareFolder(root)
         factory = PeerFactory(share, indexed(self, share, Clock()), Clock(), 30)

@@ -320,6 +320,127 @@ class FileTests(SynchronousTestCase):
         self.assertEqual(resumed.done, {0})
 
 
+class SmallFileTests(SynchronousTestCase):
+    """A content of one piece has nothing to resume: no state file; and one
+    of at most L{FileOutput.inline_bytes} is stored on the reactor thread."""
+
+    def setUp(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="p2p-test-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.path = os.path.join(self.folder, "out.bin")
+
+    def test_single_piece_has_no_state_file(self) -> None:
+        data = os.urandom(MIB // 2)
+        content, listing = describe(data)
+        sink = PieceSink(FileOutput(self.path), QueuedWorker())
+        sink.begin(content, listing)
+        sink.worker.run_all()
+        self.assertEqual(os.listdir(self.folder), ["out.bin" + PARTIAL_SUFFIX])
+        sink.write(0, data)
+        sink.finish()
+        sink.worker.run_all()
+        self.assertEqual(os.listdir(self.folder), ["out.bin"])
+
+    def test_single_piece_interrupted_leaves_nothing(self) -> None:
+        """Nothing to resume: even a kept partial file is removed."""
+        content, listing = describe(os.urandom(1000))
+        sink = PieceSink(FileOutput(self.path))
+        fired(sink.begin(content, listing))
+        self.assertIsNone(fired(sink.abandon(keep=True)))
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_earlier_state_removed(self) -> None:
+        """A state file an earlier run left (another content, of several
+        pieces) does not outlive a single-piece content at the same path."""
+        big = os.urandom(2 * MIB)
+        first = PieceSink(FileOutput(self.path))
+        fired(first.begin(*describe(big)))
+        fired(first.abandon(keep=True))
+        self.assertIn("out.bin" + STATE_SUFFIX, os.listdir(self.folder))
+        small = os.urandom(10)
+        second = PieceSink(FileOutput(self.path))
+        fired(second.begin(*describe(small)))
+        second.write(0, small)
+        fired(second.finish())
+        self.assertEqual(os.listdir(self.folder), ["out.bin"])
+
+    def test_small_content_stored_inline(self) -> None:
+        """Every step of a small file happens at once, never on the worker;
+        a bigger one still goes through it."""
+        small = os.urandom(FileOutput.inline_bytes)
+        worker = QueuedWorker()
+        sink = PieceSink(FileOutput(self.path), worker)
+        fired(sink.begin(*describe(small)))
+        sink.write(0, small)
+        fired(sink.settled())
+        fired(sink.finish())
+        self.assertEqual(worker.pending, [])
+        with open(self.path, "rb") as stream:
+            self.assertEqual(stream.read(), small)
+        bigger = os.urandom(FileOutput.inline_bytes + 1)
+        other = PieceSink(FileOutput(self.path + "2"), worker)
+        d = other.begin(*describe(bigger))
+        self.assertNoResult(d)
+        worker.run_all()
+        fired(d)
+
+    def test_stream_never_inline(self) -> None:
+        """A stream may block (a pipe to a slow reader): never written on
+        the reactor thread, however small the content."""
+        worker = QueuedWorker()
+        sink = PieceSink(StreamOutput(io.BytesIO()), worker)
+        d = sink.begin(*describe(b"tiny"))
+        self.assertNoResult(d)
+        worker.run_all()
+        fired(d)
+
+
+class ReadyTests(SynchronousTestCase):
+    """A sink whose output is still being made ready (the partial file
+    created on the worker thread while the first peer is asked)."""
+
+    def setUp(self) -> None:
+        self.folder = tempfile.mkdtemp(prefix="p2p-test-")
+        self.addCleanup(shutil.rmtree, self.folder, True)
+        self.output = FileOutput(os.path.join(self.folder, "out.bin"))
+        self.data = os.urandom(1000)
+
+    def test_begin_waits_for_ready(self) -> None:
+        ready: Deferred[None] = Deferred()
+        sink = PieceSink(self.output, ready=ready)
+        d = sink.begin(*describe(self.data))
+        self.assertNoResult(d)
+        self.output.lock()
+        ready.callback(None)
+        fired(d)
+        sink.write(0, self.data)
+        fired(sink.finish())
+        with open(self.output.path, "rb") as stream:
+            self.assertEqual(stream.read(), self.data)
+
+    def test_output_that_cannot_be_made_ready(self) -> None:
+        """Its error is the output's: begin fails with it, as a store
+        would, and nothing is written."""
+        ready: Deferred[None] = Deferred()
+        sink = PieceSink(self.output, ready=ready)
+        ready.errback(OSError(errno.EBUSY, "another p2p is already writing it"))
+        failure = self.failureResultOf(sink.begin(*describe(self.data)), OSError)
+        self.assertEqual(failure.value.errno, errno.EBUSY)
+        self.assertIsNone(fired(sink.abandon(keep=True)))
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_abandoned_before_any_content(self) -> None:
+        ready: Deferred[None] = Deferred()
+        worker = QueuedWorker()
+        sink = PieceSink(self.output, worker, ready=ready)
+        worker(self.output.lock)  # the lock, queued first, as the session does
+        ready.callback(None)
+        d = sink.abandon(keep=True)
+        worker.run_all()
+        self.assertIsNone(fired(d))
+        self.assertEqual(os.listdir(self.folder), [])
+
+
 class LockTests(SynchronousTestCase):
     """Two runs with one ``-o`` target never write into each other."""
 

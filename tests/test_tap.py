@@ -413,7 +413,7 @@ class PeerOptionsTests(SynchronousTestCase):
         self.assertEqual(
             dict(config),
             {
-                "relay": DEFAULT_RELAY,
+                "relay": [DEFAULT_RELAY],
                 "share": ".",
                 "listen": "tcp:0",
                 "name": None,
@@ -475,23 +475,42 @@ class PeerOptionsTests(SynchronousTestCase):
     def test_seed_host_port(self) -> None:
         """``twistd peer HOST PORT`` is the seed's spelling of ``--relay``."""
         self.assertEqual(
-            self.parse("relay.example", "4001")["relay"], "relay.example:4001"
+            self.parse("relay.example", "4001")["relay"], ["relay.example:4001"]
         )
 
     def test_seed_ipv6_host(self) -> None:
-        self.assertEqual(self.parse("::1", "4001")["relay"], "[::1]:4001")
+        self.assertEqual(self.parse("::1", "4001")["relay"], ["[::1]:4001"])
 
     def test_relay_option(self) -> None:
         self.assertEqual(
-            self.parse("--relay", "tcp:10.0.0.1:9")["relay"], "tcp:10.0.0.1:9"
+            self.parse("--relay", "tcp:10.0.0.1:9")["relay"], ["tcp:10.0.0.1:9"]
         )
-        self.assertEqual(self.parse("-r", "[::1]:9")["relay"], "[::1]:9")
+        self.assertEqual(self.parse("-r", "[::1]:9")["relay"], ["[::1]:9"])
+
+    def test_several_relays(self) -> None:
+        """--relay repeats (each relay once, in order); $P2P_RELAY may be a
+        comma-separated list; a bad one among them is a usage error."""
+        self.assertEqual(
+            self.parse("--relay", "10.0.0.1:9", "-r", "4001", "--relay", "4001")[
+                "relay"
+            ],
+            ["10.0.0.1:9", "4001"],
+        )
+        set_relay_environment(self, "10.0.0.1:9, tcp:10.0.0.2:9,")
+        self.assertEqual(self.parse()["relay"], ["10.0.0.1:9", "tcp:10.0.0.2:9"])
+        self.assertEqual(self.parse("-r", "4001")["relay"], ["4001"])
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("--relay", "4001", "--relay", "127.0.0.1:99999")
+        self.assertIn("99999", str(caught.exception))
+        with self.assertRaises(usage.UsageError):
+            self.parse("--relay", "4001", "10.0.0.1", "9")
+        self.assertIn("repeat it", str(peer_tap.Options()))
 
     def test_environment(self) -> None:
         set_relay_environment(self, "relay.example:4001")
-        self.assertEqual(self.parse()["relay"], "relay.example:4001")
-        self.assertEqual(self.parse("10.0.0.1", "9")["relay"], "10.0.0.1:9")
-        self.assertEqual(self.parse("--relay", "10.0.0.2:9")["relay"], "10.0.0.2:9")
+        self.assertEqual(self.parse()["relay"], ["relay.example:4001"])
+        self.assertEqual(self.parse("10.0.0.1", "9")["relay"], ["10.0.0.1:9"])
+        self.assertEqual(self.parse("--relay", "10.0.0.2:9")["relay"], ["10.0.0.2:9"])
 
     def test_other_options(self) -> None:
         config = self.parse(
@@ -693,6 +712,51 @@ class PeerServiceTests(SynchronousTestCase):
         self.successResultOf(stopped)
         self.assertEqual(self.reactor.getDelayedCalls(), [])
         self.assertIsNone(listener.port)
+
+    def test_registers_at_each_relay(self) -> None:
+        """
+        With several --relay, one announcer per relay (the first keeps the
+        plain name), each registering the same port at its own relay and
+        renewing on that relay's interval; the log names the relay; stopping
+        unregisters at each.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        service = self.make(
+            "--listen", "tcp:0:interface=127.0.0.1",
+            "--relay", "10.0.0.1:4001", "--relay", "10.0.0.2:4002",
+        )  # fmt: skip
+        first, second = children(service, Announcer)
+        self.assertIs(service.getServiceNamed(peer_tap.ANNOUNCER), first)
+        self.assertIs(service.getServiceNamed(peer_tap.announcer_name(2)), second)
+        service.startService()
+        relays = [client[:2] for client in self.reactor.tcpClients]
+        self.assertEqual(relays, [("10.0.0.1", 4001), ("10.0.0.2", 4002)])
+        self.assertTrue(self.register(0).startswith(b"REGISTER 0"))
+        self.assertNoResult(second.when_registered())
+        self.assertTrue(self.register(1).startswith(b"REGISTER 0"))
+        self.successResultOf(first.when_registered())
+        self.successResultOf(second.when_registered())
+        registered = [
+            event["relay"]
+            for event in events
+            if event["log_format"].startswith("registered at the relay")
+        ]
+        self.assertEqual(registered, ["10.0.0.1:4001", "10.0.0.2:4002"])
+        # Each lease is renewed on its own timer, at its own relay.
+        renewals = [c for c in self.reactor.getDelayedCalls() if c.getTime() < 20.5]
+        self.assertEqual(len(renewals), 2)
+        self.reactor.advance(20)
+        relays = [client[:2] for client in self.reactor.tcpClients[2:]]
+        self.assertEqual(sorted(relays), [("10.0.0.1", 4001), ("10.0.0.2", 4002)])
+        self.register(2)
+        self.register(3)
+
+        stopped = service.stopService()
+        relays = [client[:2] for client in self.reactor.tcpClients[4:]]
+        self.assertEqual(sorted(relays), [("10.0.0.1", 4001), ("10.0.0.2", 4002)])
+        self.reactor.advance(UNREGISTER_TIMEOUT_SECONDS)
+        self.successResultOf(stopped)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
 
     def test_index_lives_in_the_state_folder(self) -> None:
         """
