@@ -87,7 +87,9 @@ class ISharedRegistry(IRegistry):
     L{p2p.registry.RegistryUnavailable} when it does not answer in time.
     Every such call also ends the leases due by its C{now} and reports them
     to the callback given to L{report_expired_to}; the relay logs them.
-    C{len()} is the table size the store reported last.
+    C{len()} is the table size the store reported last.  C{page} takes a
+    keyword C{files}: only with C{files=True} do its leases carry their
+    name filters (a memory registry's always do).
     """
 
     def report_expired_to(callback):

@@ -245,16 +245,26 @@ redis.call('EXPIRE', k, ARGV[13])
 return {status, redis.call('ZCARD', DUE), fields(m), pack(expired)}
 """
 
-# ARGV: prefix, now, batch, tier (0 verified, 1 unverified), after, limit.
-# -> {count, more, leases, expired}
+# ARGV: prefix, now, batch, tier (0 verified, 1 unverified), after, limit,
+# files ('1': with the leases' filters).
+# -> {count, more, leases, expired, a '1' or '0' per lease: whether it has
+# a filter, the filters (256 bytes each) one after another}
 _PAGE = """
 local expired = trim(ARGV[2], tonumber(ARGV[3]))
 local tier, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
-local out, more = {}, 0
+local want_files = ARGV[7] == '1'
+local out, more, flags, filters = {}, 0, {}, {}
 local function take(set, wanted)
   local ms = redis.call('ZRANGEBYSCORE', set, '(' .. after, '+inf',
     'LIMIT', 0, wanted + 1)
-  for i = 1, math.min(#ms, wanted) do out[#out + 1] = fields(ms[i]) end
+  for i = 1, math.min(#ms, wanted) do
+    out[#out + 1] = fields(ms[i])
+    if want_files then
+      local f = redis.call('HGET', FILES, ms[i])
+      flags[#flags + 1] = f and '1' or '0'
+      if f then filters[#filters + 1] = f end
+    end
+  end
   return #ms > wanted
 end
 local done = false
@@ -268,7 +278,8 @@ if tier == '0' then
   after = '0'
 end
 if not done and take(UNV, limit - #out) then more = 1 end
-return {redis.call('ZCARD', DUE), more, pack(out), pack(expired)}
+return {redis.call('ZCARD', DUE), more, pack(out), pack(expired),
+  table.concat(flags), table.concat(filters)}
 """
 
 # ARGV: prefix, now, batch, limit, scan, per network, then the three
@@ -586,17 +597,24 @@ class RedisRegistry:
         return self._call("expire", now).addCallback(batch)
 
     def page(
-        self, now: float, after: int, limit: int
+        self, now: float, after: int, limit: int, files: bool = False
     ) -> Deferred[tuple[list[SharedLease], bool]]:
-        """ISharedRegistry API (see L{IRegistry.page})."""
+        """ISharedRegistry API (see L{IRegistry.page}); with C{files}, the
+        leases carry their name filters (for ``PEERS files=1``)."""
         tier = 1 if after & UNVERIFIED_TIER else 0
 
         def paged(reply: list) -> tuple[list[SharedLease], bool]:
-            self._count, more, rows, expired = reply
+            self._count, more, rows, expired, flags, filters = reply
             self._expired(expired)
-            return _leases(rows), bool(more)
+            leases = _leases(rows)
+            offset = 0
+            for lease, flag in zip(leases, flags, strict=False):
+                if flag == ord("1"):
+                    lease.files = filters[offset : offset + hints.FILTER_BYTES]
+                    offset += hints.FILTER_BYTES
+            return leases, bool(more)
 
-        d = self._call("page", now, tier, after & ~UNVERIFIED_TIER, limit)
+        d = self._call("page", now, tier, after & ~UNVERIFIED_TIER, limit, int(files))
         return d.addCallback(paged)
 
     def active(self, now: float, limit: int) -> Deferred[list[SharedLease]]:

@@ -421,18 +421,23 @@ class Relay:
                 return leases.addCallback(self._listing, now, None)
             return self._listing(leases, now, None)
         after = wire.parse_cursor(request.cursor) if request.cursor else 0
-        page = self.registry.page(now, after, limit)
+        if self.shared:
+            # The store reads the filters only when asked (memory's leases
+            # always hold theirs).
+            page = self.registry.page(now, after, limit, files=bool(request.files))
+        else:
+            page = self.registry.page(now, after, limit)
         self.activity.lists += 1
         if isinstance(page, Deferred):
-            return page.addCallback(self._page, now, request.paged)
-        return self._page(page, now, request.paged)
+            return page.addCallback(self._page, now, request)
+        return self._page(page, now, request)
 
     def _page(
-        self, page: tuple[list[Lease], bool], now: float, paged: bool
+        self, page: tuple[list[Lease], bool], now: float, request: wire.Peers
     ) -> list[bytes]:
         leases, more = page
         next_cursor = None
-        if more and leases and paged:
+        if more and leases and request.paged:
             next_cursor = wire.format_cursor(self.registry.position(leases[-1]))
         lines = self._listing(leases, now, next_cursor)
         if request.files:

@@ -120,12 +120,13 @@ async def test_one_round_trip_per_request(make, reactor) -> None:
     counted = registry.client
     relay = Relay(registry, reactor, ttl=int(TTL))
     requests = [
-        "REGISTER 9000 name=a files=" + "00" * 256,
-        "REGISTER 9000",
+        "REGISTER 9000 name=a",
+        "REGISTER 9000 files=" + "00" * 256,  # a renewal sets the filter
         "REGISTER 9001",
         "PEERS",
         "PEERS limit=1",
         "PEERS hint=0123456789abcdef",
+        "PEERS files=1",
         "UNREGISTER 9000",
     ]
     replies = []
@@ -138,7 +139,10 @@ async def test_one_round_trip_per_request(make, reactor) -> None:
     assert replies[3][0] == b"OK 2"
     assert replies[4][0].startswith(b"OK 1 next=")
     assert replies[5] == [b"OK 0"]
-    assert replies[6] == [f"OK {wire.peer_id_for('10.0.0.1', 9000)}".encode()]
+    # files=1: each peer's filter, read in the same round trip.
+    assert replies[6][1].endswith(b" files=" + b"00" * 256)
+    assert b"files=" not in replies[6][2]
+    assert replies[7] == [f"OK {wire.peer_id_for('10.0.0.1', 9000)}".encode()]
     assert relay.activity.registered == 2 and relay.activity.renewed == 1
 
 

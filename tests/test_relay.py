@@ -1197,7 +1197,7 @@ class HeldRegistry:
 
         return self._hold(compute)
 
-    def page(self, now, after, limit):
+    def page(self, now, after, limit, files=False):
         return self._hold(lambda: self.memory.page(now, after, limit))
 
     def active(self, now, limit):
