@@ -9,6 +9,8 @@ with the median quoted; ``Report.write_json`` keeps them for tracking.
 from __future__ import annotations
 
 import compileall
+import contextlib
+import fcntl
 import json
 import os
 import re
@@ -74,6 +76,12 @@ class Daemon:
             stderr=subprocess.STDOUT,
             text=True,
         )
+        # A 1 MiB pipe (Linux; 64 KiB by default): a reader thread that the
+        # loaded machine leaves unscheduled for a moment must not block the
+        # daemon's log writes, hence its reactor (seen: a peer serving small
+        # files spent most of its time in the write of its log line).
+        with contextlib.suppress(OSError, AttributeError):
+            fcntl.fcntl(self.process.stdout.fileno(), fcntl.F_SETPIPE_SZ, 1 << 20)
         threading.Thread(target=self._read, args=(self.process,), daemon=True).start()
         return self
 
