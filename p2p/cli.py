@@ -603,8 +603,14 @@ class HumanReport:
 
     def __init__(self, console: Console) -> None:
         self.console = console
+        # The relay and peer count said last: with many names (one listing
+        # for all), said again only when they change.
+        self._listed: tuple[str, int] | None = None
 
     def listed(self, name, relay, peers, suggested) -> None:
+        if (relay, peers) == self._listed:
+            return
+        self._listed = (relay, peers)
         text = f"relay {relay}: {peers} active peer(s)"
         if suggested is not None:
             text += f", {suggested} suggested for {shown(name)}"

@@ -1272,6 +1272,20 @@ class JobsTests(CommandTestCase):
         self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET c\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
 
+    def test_relay_line_once(self) -> None:
+        """One listing for every name: said once, not once per name."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", "-o", folder, "a", "b")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        serve(self.reactor, 1, self.CONTENT)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        relay_lines = [line for line in self.console.err_lines if ": relay " in line]
+        self.assertEqual(
+            relay_lines, ["p2p: relay 127.0.0.1:9: 1 active peer(s), 0 suggested for a"]
+        )
+
     def test_relay_failure_stops_the_rest(self) -> None:
         """The names not started yet are not tried once the relay failed."""
         folder = self.mktemp()
