@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable
+from time import perf_counter
 
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger, LogLevel
@@ -99,6 +100,11 @@ class Activity:
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 
+    def add(self, other: Activity) -> None:
+        """Add C{other}'s counts to these."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 class Relay:
     """
@@ -155,6 +161,11 @@ class Relay:
         # _listing); bounded.
         self._lines: dict[object, tuple[float, float, float, str | None, bytes]] = {}
         self.activity = Activity()
+        # The counts of every summary so far (the metrics add the current
+        # activity to them), and where request durations go (p2p.metrics
+        # sets it; None: nothing is timed).
+        self.totals = Activity()
+        self.durations: Callable[[float], object] | None = None
         self.budget = budget
         self.brake = brake
         self.dialback: DialBack | None = None
@@ -417,6 +428,7 @@ class Relay:
         """
         self.expire()
         activity, self.activity = self.activity, Activity()
+        self.totals.add(activity)
         if not activity:
             return
         self.log.info(
@@ -472,6 +484,17 @@ class RelayProtocol(ServerLineProtocol):
         super().connectionMade()
 
     def request_received(self, line: bytes) -> None:
+        observe = self.relay.durations
+        if observe is None:
+            self._answer(line)
+            return
+        started = perf_counter()
+        try:
+            self._answer(line)
+        finally:
+            observe(perf_counter() - started)
+
+    def _answer(self, line: bytes) -> None:
         # The source address cannot change: work it out once per connection.
         source = self._source
         if source is None:
