@@ -12,7 +12,8 @@ docs/deployment.rst.
 
 Scrapes are answered on the reactor thread, not in a thread pool as
 C{prometheus_client.twisted.MetricsResource} does: the state read is the
-reactor's, and a few dozen lines take well under a millisecond to render.
+reactor's (a thread would read it while the reactor changes it), and a
+relay's page (2.8 KB) takes about 0.5 ms to render.
 Each service has its own C{CollectorRegistry}, never the global one.
 """
 
