@@ -7,7 +7,9 @@ test_metrics_integration.py.
 
 from __future__ import annotations
 
+import json
 import os
+import re
 import subprocess
 import sys
 
@@ -342,3 +344,48 @@ class MetricsOptionTests(SynchronousTestCase):
             [sys.executable, "-c", code], capture_output=True, text=True, timeout=60
         )
         self.assertEqual(result.stdout.strip(), "False", result.stderr)
+
+
+DOCS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs")
+METRIC_NAME = re.compile(r"\bp2p_(?:relay|peer)_[a-z_]+")
+
+
+def without_suffix(name: str) -> str:
+    """A histogram's name, from one of its series' names."""
+    for suffix in ("_bucket", "_count", "_sum"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+class DocumentedMetricsTests(PeerTestMixin, SynchronousTestCase):
+    """docs/deployment.rst documents every metric the collectors export,
+    and the sample dashboard graphs only exported ones."""
+
+    def exported(self) -> set[str]:
+        """The names of the exported metrics (counters with their _total)."""
+        relay = RelayFactory(Relay(MemoryRegistry(TTL), Clock()))
+        names = set()
+        for collector in (
+            RelayCollector(relay, DurationHistogram()),
+            PeerCollector(self.factory),
+        ):
+            for family in collector.collect():
+                counter = family.type == "counter"
+                names.add(family.name + "_total" if counter else family.name)
+        return names
+
+    def test_documented(self) -> None:
+        with open(os.path.join(DOCS, "deployment.rst"), encoding="utf-8") as f:
+            documented = {without_suffix(n) for n in METRIC_NAME.findall(f.read())}
+        self.assertEqual(documented, self.exported())
+
+    def test_dashboard(self) -> None:
+        with open(os.path.join(DOCS, "grafana-dashboard.json"), encoding="utf-8") as f:
+            dashboard = json.load(f)
+        used = {
+            without_suffix(name)
+            for panel in dashboard["panels"]
+            for target in panel.get("targets", [])
+            for name in METRIC_NAME.findall(target["expr"])
+        }
+        self.assertEqual(used, self.exported())
