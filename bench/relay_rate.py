@@ -256,15 +256,20 @@ def measure(server: Daemon, port: int, kind: str, args, limit: int) -> dict:
     return result
 
 
-def start_relay(work: str, log_level: str) -> tuple[Daemon, int]:
-    port_file = os.path.join(work, f"relay-{log_level}.port")
+def start_relay(
+    work: str, log_level: str, extra: list[str] | None = None, name: str = "relay"
+) -> tuple[Daemon, int]:
+    """A relay on core 0 holding the 10,000 preloaded peers (C{extra}: more
+    options, e.g. another registry)."""
+    port_file = os.path.join(work, f"{name}-{log_level}.port")
     relay = Daemon(
-        "relay",
+        name,
         TWISTD
         + [f"--log-level={log_level}", "relay", "--ttl", "600"]
         + ["--listen", "tcp:0:interface=127.0.0.1:backlog=1024"]
         + ["--port-file", port_file]
-        + RELAY_ONE_SOURCE,
+        + RELAY_ONE_SOURCE
+        + (extra or []),
     ).start()
     deadline = time.monotonic() + 30
     while not os.path.exists(port_file):

@@ -38,6 +38,7 @@ BENCHMARKS = [
     "many_clients",
     "small_files",
     "attack",
+    "redis_registry",
 ]
 DOCS_TABLES = os.path.join(
     os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "docs", "bench"

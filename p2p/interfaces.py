@@ -77,6 +77,44 @@ class IRegistry(Interface):
         """The number of leases held (expired ones may linger until expire)."""
 
 
+class ISharedRegistry(IRegistry):
+    """A lease table kept outside the relay (Redis), shared by several relays.
+
+    The methods of L{IRegistry} take the same arguments and mean the same,
+    but C{register}, C{unregister}, C{expire}, C{active}, C{page},
+    C{likely_holders} and C{mark_verified} return Deferreds, each costing
+    one round trip to the store, which fail with
+    L{p2p.registry.RegistryUnavailable} when it does not answer in time.
+    Every such call also ends the leases due by its C{now} and reports them
+    to the callback given to L{report_expired_to}; the relay logs them.
+    C{len()} is the table size the store reported last.  C{page} takes a
+    keyword C{files}: only with C{files=True} do its leases carry their
+    name filters (a memory registry's always do).
+    """
+
+    def report_expired_to(callback):
+        """Call C{callback(leases)} with the leases each call ended."""
+
+    def find(host, port):
+        """
+        This relay's own record of the lease of C{host}:C{port} (an object
+        with C{expires}), without asking the store: the relay decides how
+        to charge a request before its one round trip.
+        """
+
+    def holds(host):
+        """Whether C{host} holds a lease this relay granted or renewed."""
+
+    def position(lease):
+        """The cursor of C{lease} in a listing (see L{IRegistry.page})."""
+
+    def mark_verified(host, port):
+        """
+        The peer at C{host}:C{port} answered the relay's dial-back: list its
+        lease with the verified ones.  Fires with the lease, or C{None}.
+        """
+
+
 class ILease(Interface):
     """One peer's registration."""
 

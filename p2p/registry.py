@@ -67,8 +67,38 @@ def saturated(files: bytes) -> bool:
     return int.from_bytes(files, "big").bit_count() > SATURATED_FILTER_BITS
 
 
+def check_settings(ttl: float, *limits: int) -> None:
+    """Refuse (ValueError) a lease length or registration limits that
+    cannot work; every registry checks its settings so."""
+    if ttl <= 0:
+        raise ValueError("ttl must be positive")
+    if any(limit < 0 for limit in limits):
+        # A negative limit would refuse every registration.
+        raise ValueError("registration limits must be 0 (no limit) or more")
+
+
+def too_many_peers(limit: int) -> str:
+    """Why a registration is refused: the table is full."""
+    return f"the relay holds its maximum of {limit} peers"
+
+
+def too_many_per_host(limit: int) -> str:
+    """Why a registration is refused: its source holds its share."""
+    return f"at most {limit} registrations per address"
+
+
+def too_many_per_network(limit: int, network: str) -> str:
+    """Why a registration is refused: its network holds its share."""
+    return f"at most {limit} registrations per network ({network})"
+
+
 class RegistryFull(Exception):
     """A registration limit was reached; the message says why."""
+
+
+class RegistryUnavailable(Exception):
+    """A shared registry's store did not answer in time (the relay answers
+    ``ERR 503 registry unavailable``)."""
 
 
 @implementer(ILease)
@@ -162,11 +192,7 @@ class MemoryRegistry:
         max_per_host: int = 0,
         max_per_network: int = 0,
     ) -> None:
-        if ttl <= 0:
-            raise ValueError("ttl must be positive")
-        if max_peers < 0 or max_per_host < 0 or max_per_network < 0:
-            # A negative limit would refuse every registration.
-            raise ValueError("registration limits must be 0 (no limit) or more")
+        check_settings(ttl, max_peers, max_per_host, max_per_network)
         self.ttl = ttl
         self.max_peers = max_peers
         self.max_per_host = max_per_host
@@ -217,7 +243,7 @@ class MemoryRegistry:
     def _refusal(self, host: str) -> str | None:
         """Why a new lease for C{host} is refused, or C{None}."""
         if self.max_peers and self._count >= self.max_peers:
-            return f"the relay holds its maximum of {self.max_peers} peers"
+            return too_many_peers(self.max_peers)
         if self.max_per_host:
             source = netgroup.source_of(host)
             held = (
@@ -226,14 +252,11 @@ class MemoryRegistry:
                 else self._per_source_v6.get(source, 0)
             )
             if held >= self.max_per_host:
-                return f"at most {self.max_per_host} registrations per address"
+                return too_many_per_host(self.max_per_host)
         if self.max_per_network:
             network = netgroup.network_of(host)
             if self._per_network.get(network, 0) >= self.max_per_network:
-                return (
-                    f"at most {self.max_per_network} registrations per "
-                    f"network ({network})"
-                )
+                return too_many_per_network(self.max_per_network, network)
         return None
 
     def _count_groups(self, host: str, step: int) -> None:

@@ -16,15 +16,18 @@ time per request.
 from __future__ import annotations
 
 import hmac
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from time import perf_counter
+from typing import NoReturn
 
+from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IAddress, IReactorTime
 from twisted.logger import Logger, LogLevel
+from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.dialback import DialBack
-from p2p.interfaces import IRegistry
+from p2p.interfaces import IRegistry, ISharedRegistry
 from p2p.limits import (
     UNKNOWN_HOST,
     ConnectionLimits,
@@ -35,7 +38,7 @@ from p2p.limits import (
     ServerLineProtocol,
 )
 from p2p.ratelimit import GuessBrake, RequestBudget
-from p2p.registry import MAX_HINT_SCAN, RegistryFull
+from p2p.registry import MAX_HINT_SCAN, Lease, RegistryFull, RegistryUnavailable
 from p2p.transports import cap_send_buffer
 from p2p.wire import Code, WireError
 
@@ -110,7 +113,9 @@ class Relay:
     """
     The relay's policy, shared by every connection.
 
-    :param registry: the peer table.
+    :param registry: the peer table: in memory (L{IRegistry}, answered at
+        once), or shared (L{ISharedRegistry}: each request is one round trip
+        to the store, and L{handle} returns a Deferred).
     :param clock: the reactor's clock; all lease times come from it.
     :param ttl: lease length granted to peers, in seconds.
     :param renew: renewal interval suggested to peers, in seconds.
@@ -149,6 +154,11 @@ class Relay:
         if token_for_queries and not token:
             raise ValueError("token_for_queries needs a token")
         self.registry = registry
+        self.shared = ISharedRegistry.providedBy(registry)
+        if self.shared:
+            # Leases end inside the calls that find them due; the relay
+            # that ended one logs it.
+            registry.report_expired_to(self._ended)
         self.clock = clock
         self.ttl = ttl
         self.renew = renew if renew is not None else default_renew_interval(ttl)
@@ -192,6 +202,13 @@ class Relay:
     def answered(self, host: str, port: int) -> None:
         """The peer at C{host}:C{port} answered the dial-back."""
         lease = self.registry.mark_verified(host, port)
+        if isinstance(lease, Deferred):
+            lease.addCallbacks(self._verified, _unavailable_is_logged)
+            lease.addErrback(self._bug)
+        else:
+            self._verified(lease)
+
+    def _verified(self, lease: Lease | None) -> None:
         if lease is not None:
             self.activity.verified += 1
 
@@ -200,23 +217,37 @@ class Relay:
         """Whether REGISTER and UNREGISTER need ``token=``."""
         return self._token is not None
 
-    def handle(self, request: wire.RelayRequest, source: str) -> list[bytes]:
+    def handle(
+        self, request: wire.RelayRequest, source: str
+    ) -> list[bytes] | Deferred[list[bytes]]:
         """
         Answer one parsed request from C{source}.
 
-        :return: the reply as lines without their delimiters.
+        :return: the reply as lines without their delimiters; with a shared
+            registry, a Deferred of them (failing with L{WireError}: ``ERR
+            503`` when the store does not answer).
+        :raise WireError: a refusal decided without the registry.
         """
         if self.budget is not None:
             self.charge(request, source)
         if isinstance(request, wire.Register):
             self.check_token(request.token, source)
-            return [self.register(request, source).to_line()]
+            registered = self.register(request, source)
+            if isinstance(registered, Deferred):
+                return registered.addCallbacks(_register_reply, _unavailable)
+            return [registered.to_line()]
         if isinstance(request, wire.Unregister):
             self.check_token(request.token, source)
-            return [self.unregister(request, source)]
+            unregistered = self.unregister(request, source)
+            if isinstance(unregistered, Deferred):
+                return unregistered.addCallbacks(_one_line, _unavailable)
+            return [unregistered]
         if self.token_for_queries:
             self.check_token(request.token, source)
-        return self.peers(request)
+        listing = self.peers(request)
+        if isinstance(listing, Deferred):
+            return listing.addErrback(_unavailable)
+        return listing
 
     def charge(self, request: wire.RelayRequest, source: str) -> None:
         """
@@ -283,29 +314,53 @@ class Relay:
             )
         return claimed
 
-    def register(self, request: wire.Register, source: str) -> wire.Registered:
+    def register(
+        self, request: wire.Register, source: str
+    ) -> wire.Registered | Deferred[wire.Registered]:
         host = self._claimed_host(request.host, source)
         now = self.clock.seconds()
+        files = bytes.fromhex(request.files) if request.files else None
+        if self.shared:
+            # The store's script sweeps first, and says whether it created
+            # the lease, in the same round trip.
+            d = self.registry.register(host, request.port, request.name, now, files)
+
+            def registered(lease) -> wire.Registered:
+                return self._registered(lease, lease.created, host, request, source)
+
+            def full(failure: Failure) -> NoReturn:
+                failure.trap(RegistryFull)
+                self._full(failure.value)
+
+            return d.addCallbacks(registered, full)
         # Sweep first: a lease whose time is up must not count against the
         # limits, nor be revived as a "renewal" by its peer's next REGISTER.
         self.expire()
         held = len(self.registry)
         try:
-            lease = self.registry.register(
-                host,
-                request.port,
-                request.name,
-                now,
-                bytes.fromhex(request.files) if request.files else None,
-            )
+            lease = self.registry.register(host, request.port, request.name, now, files)
         except RegistryFull as e:
-            self.refusals.refused(
-                "registration refused: {error}", "registration", error=str(e)
-            )
-            raise WireError(Code.TOO_MANY, str(e)) from None
+            self._full(e)
         # New iff the table grew: comparing lease.registered with now would
         # call a renewal at the same clock reading a registration.
-        if len(self.registry) > held:
+        return self._registered(lease, len(self.registry) > held, host, request, source)
+
+    def _full(self, error: RegistryFull) -> NoReturn:
+        self.refusals.refused(
+            "registration refused: {error}", "registration", error=str(error)
+        )
+        raise WireError(Code.TOO_MANY, str(error)) from None
+
+    def _registered(
+        self,
+        lease: Lease,
+        new: bool,
+        host: str,
+        request: wire.Register,
+        source: str,
+    ) -> wire.Registered:
+        """Count and log a registration (C{new}) or a renewal."""
+        if new:
             self.activity.registered += 1
             self.changes.refused(
                 "peer {peer_id} {event} at {address}",
@@ -323,9 +378,16 @@ class Relay:
                 self.dialback.submit(host, request.port)
         return wire.Registered(lease.peer_id, self.ttl, self.renew, source)
 
-    def unregister(self, request: wire.Unregister, source: str) -> bytes:
+    def unregister(
+        self, request: wire.Unregister, source: str
+    ) -> bytes | Deferred[bytes]:
         host = self._claimed_host(request.host, source)
         lease = self.registry.unregister(host, request.port)
+        if isinstance(lease, Deferred):
+            return lease.addCallback(self._unregistered)
+        return self._unregistered(lease)
+
+    def _unregistered(self, lease: Lease | None) -> bytes:
         if lease is None:
             raise WireError(Code.NOT_FOUND, "no such registration")
         self.activity.unregistered += 1
@@ -339,7 +401,9 @@ class Relay:
         )
         return wire.encode_line(f"OK {lease.peer_id}")
 
-    def peers(self, request: wire.Peers | None = None) -> list[bytes]:
+    def peers(
+        self, request: wire.Peers | None = None
+    ) -> list[bytes] | Deferred[list[bytes]]:
         """
         One page of the peer list: the header line, then one ``PEER`` line
         per lease (see L{handle}).
@@ -355,7 +419,8 @@ class Relay:
         request = request if request is not None else wire.Peers()
         limit = request.limit or MAX_PEERS_PER_REPLY
         now = self.clock.seconds()
-        self.expire()
+        if not self.shared:
+            self.expire()  # a shared registry's call sweeps by itself
         if request.hint is not None:
             # Likely holders of one name: never paged, and the scan is
             # bounded (MAX_HINT_SCAN leases) however big the table.
@@ -363,10 +428,25 @@ class Relay:
                 now, request.hint, limit, MAX_HINT_SCAN
             )
             self.activity.hinted += 1
+            if isinstance(leases, Deferred):
+                return leases.addCallback(self._listing, now, None)
             return self._listing(leases, now, None)
         after = wire.parse_cursor(request.cursor) if request.cursor else 0
-        leases, more = self.registry.page(now, after, limit)
+        if self.shared:
+            # The store reads the filters only when asked (memory's leases
+            # always hold theirs).
+            page = self.registry.page(now, after, limit, files=bool(request.files))
+        else:
+            page = self.registry.page(now, after, limit)
         self.activity.lists += 1
+        if isinstance(page, Deferred):
+            return page.addCallback(self._page, now, request)
+        return self._page(page, now, request)
+
+    def _page(
+        self, page: tuple[list[Lease], bool], now: float, request: wire.Peers
+    ) -> list[bytes]:
+        leases, more = page
         next_cursor = None
         if more and leases and request.paged:
             next_cursor = wire.format_cursor(self.registry.position(leases[-1]))
@@ -383,7 +463,7 @@ class Relay:
         return lines
 
     def _listing(
-        self, leases: list, now: float, next_cursor: str | None
+        self, leases: Sequence[Lease], now: float, next_cursor: str | None
     ) -> list[bytes]:
         """The reply lines listing C{leases} (see L{peers})."""
         # The hot path of a listing: no PeerEntry objects and no
@@ -440,9 +520,23 @@ class Relay:
             **activity.as_dict(),
         )
 
-    def expire(self) -> None:
-        """End every lease whose time is up, logging each."""
-        for lease in self.registry.expire(self.clock.seconds()):
+    def expire(self) -> Deferred[None] | None:
+        """
+        End every lease whose time is up, logging each.  With a shared
+        registry, a Deferred that fires when the sweep is done (it never
+        fails: an unavailable store is logged by the registry).
+        """
+        expired = self.registry.expire(self.clock.seconds())
+        if isinstance(expired, Deferred):
+            # The leases were reported to _ended already.
+            expired.addCallbacks(lambda _: None, _unavailable_is_logged)
+            return expired.addErrback(self._bug)
+        self._ended(expired)
+        return None
+
+    def _ended(self, leases: Sequence[Lease]) -> None:
+        """Count and log leases that expired."""
+        for lease in leases:
             self.activity.expired += 1
             if self.dialback is not None:
                 self.dialback.forget(lease.host, lease.port)
@@ -452,6 +546,37 @@ class Relay:
                 peer_id=lease.peer_id,
                 address=wire.format_address(lease.host, lease.port),
             )
+
+    def _bug(self, failure: Failure) -> None:
+        self.log.failure("unexpected error from the registry", failure)
+
+
+def _register_reply(registered: wire.Registered) -> list[bytes]:
+    return [registered.to_line()]
+
+
+def _one_line(line: bytes) -> list[bytes]:
+    return [line]
+
+
+def _unavailable(failure: Failure) -> NoReturn:
+    """A store that did not answer is ERR 503 to the client."""
+    failure.trap(RegistryUnavailable)
+    raise WireError(Code.UNAVAILABLE, "registry unavailable")
+
+
+def _unavailable_is_logged(failure: Failure) -> None:
+    """Background calls (sweeps, dial-back results) may meet an unavailable
+    store: the registry logged it once already."""
+    failure.trap(RegistryUnavailable)
+
+
+def _timed(
+    result: object, observe: Callable[[float], object], started: float
+) -> object:
+    """Observe the time since C{started} (a Deferred callback)."""
+    observe(perf_counter() - started)
+    return result
 
 
 class RelayProtocol(ServerLineProtocol):
@@ -483,25 +608,84 @@ class RelayProtocol(ServerLineProtocol):
         cap_send_buffer(self.transport, SEND_BUFFER_BYTES)
         super().connectionMade()
 
+    # Whether a request waits for a shared registry's answer (reading is
+    # paused meanwhile), and whether the connection is gone.
+    _waiting = False
+    _lost = False
+
     def request_received(self, line: bytes) -> None:
         observe = self.relay.durations
         if observe is None:
-            self._answer(line)
+            self._request(line)
             return
+        # Timed until the reply is written: at once, or when a shared
+        # registry answers.
         started = perf_counter()
+        pending = None
         try:
-            self._answer(line)
+            pending = self._request(line)
         finally:
-            observe(perf_counter() - started)
+            if pending is None:
+                observe(perf_counter() - started)
+        if pending is not None:
+            pending.addBoth(_timed, observe, started)
 
-    def _answer(self, line: bytes) -> None:
+    def _request(self, line: bytes) -> Deferred[None] | None:
+        """Answer C{line}; the Deferred of an answer that waits for a
+        shared registry, else C{None} (answered)."""
         # The source address cannot change: work it out once per connection.
         source = self._source
         if source is None:
             source = self._source = observed_host(self.transport.getPeer())
         request = wire.parse_relay_request(line)
         reply = self.relay.handle(request, source)
-        self.send_lines(reply)
+        if type(reply) is list:
+            self.send_lines(reply)
+            return None
+        # A shared registry answers later: read no further request until
+        # then, so answers go out in the order the requests came (and the
+        # budgets were charged in that order too).
+        self._waiting = True
+        self.pauseProducing()
+        reply.addCallbacks(self._answer, self._refused)
+        reply.addErrback(self.relay._bug)
+        return reply.addBoth(self._read_next)
+
+    def _answer(self, lines: list[bytes]) -> None:
+        if not self._lost:
+            self.send_lines(lines)
+
+    def _refused(self, failure: Failure) -> None:
+        failure.trap(WireError)
+        if self._lost:
+            return
+        error = failure.value
+        if error.code == Code.UNAVAILABLE:
+            # The registry logged the outage once; a line per request
+            # refused meanwhile would say nothing more.
+            self.send_error(error.code, error.message)
+        else:
+            self.refuse(error)
+
+    def _read_next(self, _: object) -> None:
+        self._waiting = False
+        gate = self._gate
+        if (
+            not self._lost
+            and not self.transport.disconnecting
+            and not (gate is not None and gate.paused)
+        ):
+            self.resumeProducing()
+
+    def resumeProducing(self) -> None:
+        # The transport's buffer drained (see send_answer), but a request
+        # still waits for the registry: its answer resumes reading.
+        if not self._waiting:
+            super().resumeProducing()
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self._lost = True
+        super().connectionLost(reason)
 
 
 class RelayFactory(LimitedServerFactory):

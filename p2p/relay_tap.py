@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 from twisted.application.internet import TimerService
 from twisted.application.service import MultiService, Service
 from twisted.logger import Logger
@@ -36,6 +38,10 @@ from p2p.relay import (
 )
 from p2p.service import ListeningService, PortFileService
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
+
+# Not imported from p2p.redis_registry: the relay imports the Redis code only
+# when it is asked for.
+REDIS_URL_ENVIRONMENT_VARIABLE = "P2P_REDIS_URL"
 
 log = Logger()
 
@@ -97,6 +103,28 @@ class Options(DaemonOptions):
             "Shared secret peers must send (token=) to REGISTER and UNREGISTER "
             f"(default ${TOKEN_ENVIRONMENT_VARIABLE}; none: no check).  Prefer the "
             "environment variable: a command line is visible to other users.",
+        ],
+        [
+            "registry",
+            None,
+            None,
+            "Where leases live: 'memory' (this relay only), or a Redis shared "
+            "by several relays: redis://[:PASSWORD@]HOST[:PORT][/DB], rediss:// "
+            f"for TLS (default ${REDIS_URL_ENVIRONMENT_VARIABLE}, else memory).  "
+            "Prefer the environment variable for a password.",
+        ],
+        [
+            "registry-prefix",
+            None,
+            "p2p:",
+            "Prefix of the Redis keys; relays sharing a table use the same.",
+        ],
+        [
+            "registry-ca",
+            None,
+            None,
+            "For rediss://: trust this CA certificate (PEM) for Redis's "
+            "certificate instead of the system's CAs.",
         ],
         ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
         METRICS_OPTION,
@@ -178,10 +206,41 @@ class Options(DaemonOptions):
         if self["dial-back-timeout"] <= 0:
             raise usage.UsageError("--dial-back-timeout must be positive")
         self["token"] = token_option(self["token"])
+        self["redis"] = _registry_option(self["registry"])
+        if self["registry-ca"] is not None:
+            if self["redis"] is None or not self["redis"].tls:
+                raise usage.UsageError("--registry-ca needs a rediss:// --registry")
+            if not os.path.isfile(self["registry-ca"]):
+                raise usage.UsageError(
+                    f"--registry-ca: no such file: {self['registry-ca']}"
+                )
         if self["token-for-queries"] and self["token"] is None:
             raise usage.UsageError(
                 f"--token-for-queries needs --token (or ${TOKEN_ENVIRONMENT_VARIABLE})"
             )
+
+
+def _registry_option(given: str | None):
+    """
+    The Redis address that C{--registry} (or C{$P2P_REDIS_URL}) names, or
+    C{None} for the in-memory table; the Redis code is imported only then.
+    """
+    url = given if given is not None else os.environ.get(REDIS_URL_ENVIRONMENT_VARIABLE)
+    if not url or url == "memory":
+        return None
+    from p2p.redis_registry import RedisURLError, parse_redis_url
+
+    try:
+        address = parse_redis_url(url)
+    except RedisURLError as e:
+        raise usage.UsageError(str(e)) from None
+    try:
+        import txredisapi  # noqa: F401
+    except ImportError:
+        raise usage.UsageError(
+            "--registry redis:// needs txredisapi (pip install txredisapi)"
+        ) from None
+    return address
 
 
 def _listen_description(text: str) -> str:
@@ -204,12 +263,33 @@ LISTENER = "listener"
 def makeService(config: Options, reactor=None) -> MultiService:
     if reactor is None:
         from twisted.internet import reactor
-    registry = MemoryRegistry(
-        config["ttl"],
-        config["max-peers"],
-        config["max-per-host"],
-        config["max-per-network"],
-    )
+    parent = MultiService()
+    if config["redis"] is None:
+        registry = MemoryRegistry(
+            config["ttl"],
+            config["max-peers"],
+            config["max-per-host"],
+            config["max-per-network"],
+        )
+    else:
+        from p2p.redis_registry import (
+            RedisClientService,
+            RedisConnection,
+            RedisRegistry,
+        )
+
+        connection = RedisConnection(reactor, config["redis"], config["registry-ca"])
+        registry = RedisRegistry(
+            connection.handler,
+            reactor,
+            config["ttl"],
+            config["max-peers"],
+            config["max-per-host"],
+            config["max-per-network"],
+            prefix=config["registry-prefix"],
+            where=str(config["redis"]),
+        )
+        RedisClientService(connection, registry).setServiceParent(parent)
     policy = connection_policy(config, reactor)
     relay = Relay(
         registry,
@@ -229,7 +309,6 @@ def makeService(config: Options, reactor=None) -> MultiService:
         connection_limits(config, registry.holds),
         policy,
     )
-    parent = MultiService()
     if not config["no-dial-back"]:
         dialback = DialBack(
             reactor, relay.answered, timeout=config["dial-back-timeout"]

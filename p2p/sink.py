@@ -60,8 +60,10 @@ _STATE_MAGIC = b"p2p-relay partial v1\n"
 # the client's memory flat.  A piece holds the received chunks it came in,
 # up to twice its own size, so this bounds about twice as much memory:
 # measured on a 20 GiB fetch to stdout, a peak RSS of 59-61 MiB at 4 MiB
-# against 69-74 MiB at 8 MiB, for 5% more time.
-HIGH_WATER_BYTES = 4 * 1024 * 1024
+# against 69-74 MiB at 8 MiB, for 5% more time.  With the machine loaded
+# (the threads falling behind, the backlog full), 4 MiB peaked at 61.6,
+# 65.9 and 74.4 MiB and 2 MiB at 58.9 and 61.4 MiB (issue 8's bound: 64).
+HIGH_WATER_BYTES = 2 * 1024 * 1024
 LOW_WATER_BYTES = 1024 * 1024
 
 

@@ -7,6 +7,7 @@ kill every one of them at teardown, whatever the test's outcome.
 
 from __future__ import annotations
 
+import os
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
@@ -15,6 +16,7 @@ import pytest_twisted
 from twisted.trial.unittest import SynchronousTestCase
 
 from ._processes import Daemon, Launcher
+from ._redis import REDIS_SERVER, SKIP_REASON, RedisServer
 
 
 @pytest.fixture(autouse=True)
@@ -90,3 +92,29 @@ async def seed(tmp_path_factory) -> AsyncIterator[Seed]:
         yield Seed(processes, relay, peers)
     finally:
         await processes.stop_all()
+
+
+# -- Redis (the shared registry's tests) ---------------------------------------
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def redis_server(tmp_path_factory) -> AsyncIterator[RedisServer]:
+    """A redis-server for a whole module (tests keep apart by key prefix)."""
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    from twisted.internet import reactor
+
+    folder = str(tmp_path_factory.mktemp("redis"))
+    processes = Launcher(reactor, folder)
+    try:
+        yield await RedisServer(processes, os.path.join(folder, "data")).start()
+    finally:
+        await processes.stop_all()
+
+
+@pytest_twisted.async_yield_fixture
+async def redis(launcher, tmp_path) -> AsyncIterator[RedisServer]:
+    """A redis-server of the test's own, which it may kill and restart."""
+    if REDIS_SERVER is None:
+        pytest.skip(SKIP_REASON)
+    yield await RedisServer(launcher, str(tmp_path / "redis")).start()

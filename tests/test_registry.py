@@ -5,6 +5,7 @@ from __future__ import annotations
 import heapq
 import random
 
+from twisted.internet.defer import Deferred
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyClass, verifyObject
 
@@ -12,6 +13,8 @@ from p2p import registry as registry_module
 from p2p.interfaces import ILease, IRegistry
 from p2p.registry import Lease, MemoryRegistry, RegistryFull
 from p2p.wire import peer_id_for
+
+from ._registry_suite import SCENARIOS, Scenario
 
 TTL = 60.0
 HOST = "10.0.0.5"
@@ -603,3 +606,23 @@ class ModelTests(RegistryTestCase):
 def last_seq(leases: list[Lease]) -> int:
     """The largest sequence number among C{leases} (0 for none)."""
     return max((lease.seq for lease in leases), default=0)
+
+
+class SharedSuiteTests(SynchronousTestCase):
+    """
+    The behaviour suite every registry passes (L{tests._registry_suite}), on
+    a L{MemoryRegistry}: each scenario completes synchronously.
+    """
+
+
+def _memory_test(scenario: Scenario):
+    def test(self: SynchronousTestCase) -> None:
+        self.successResultOf(Deferred.fromCoroutine(scenario(MemoryRegistry)))
+
+    test.__name__ = f"test_{scenario.__name__}"
+    test.__doc__ = scenario.__doc__
+    return test
+
+
+for _scenario in SCENARIOS:
+    setattr(SharedSuiteTests, f"test_{_scenario.__name__}", _memory_test(_scenario))

@@ -9,16 +9,20 @@ network or the global reactor.
 from __future__ import annotations
 
 from twisted.internet.address import IPv4Address, IPv6Address, UNIXAddress
+from twisted.internet.defer import Deferred
 from twisted.internet.error import ConnectionDone
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
+from zope.interface import implementer
 
 from p2p import wire
+from p2p.interfaces import ISharedRegistry
 from p2p.limits import MAX_ERRORS_PER_CONNECTION, ConnectionPolicy
-from p2p.registry import MemoryRegistry
+from p2p.registry import MemoryRegistry, RegistryFull, RegistryUnavailable
 from p2p.relay import (
     MAX_PEERS_PER_REPLY,
     Activity,
@@ -1119,3 +1123,217 @@ class LoggingTests(RelayTestCase):
         ]
         self.assertEqual(event["log_level"], LogLevel.warn)
         self.assertIn("501", event["error"])
+
+
+@implementer(ISharedRegistry)
+class HeldRegistry:
+    """
+    A shared registry whose answers wait until the test releases them: each
+    call computes its result on a L{MemoryRegistry} at once and returns a
+    Deferred that fires (in call order) on L{release}, or fails with
+    L{RegistryUnavailable} on L{fail}.
+    """
+
+    def __init__(self, ttl: float, **limits: int) -> None:
+        self.memory = MemoryRegistry(ttl, **limits)
+        self.held: list[tuple[Deferred, object]] = []
+        self.on_expired = None
+
+    def _hold(self, compute) -> Deferred:
+        try:
+            result = compute()
+        except RegistryFull as e:
+            result = Failure(e)
+        d: Deferred = Deferred()
+        self.held.append((d, result))
+        return d
+
+    def release(self) -> None:
+        d, result = self.held.pop(0)
+        if isinstance(result, Failure):
+            d.errback(result)
+        else:
+            d.callback(result)
+
+    def fail(self) -> None:
+        d, _ = self.held.pop(0)
+        d.errback(RegistryUnavailable("Redis does not answer"))
+
+    def __len__(self) -> int:
+        return len(self.memory)
+
+    def report_expired_to(self, callback) -> None:
+        self.on_expired = callback
+
+    def find(self, host, port):
+        return self.memory.find(host, port)
+
+    def holds(self, host):
+        return self.memory.holds(host)
+
+    def position(self, lease):
+        return self.memory.position(lease)
+
+    def register(self, host, port, name, now, files=None):
+        def compute():
+            held = len(self.memory)
+            lease = self.memory.register(host, port, name, now, files)
+            return _Created(lease, len(self.memory) > held)
+
+        return self._hold(compute)
+
+    def unregister(self, host, port):
+        return self._hold(lambda: self.memory.unregister(host, port))
+
+    def mark_verified(self, host, port):
+        return self._hold(lambda: self.memory.mark_verified(host, port))
+
+    def expire(self, now):
+        def compute():
+            expired = self.memory.expire(now)
+            if expired and self.on_expired is not None:
+                self.on_expired(expired)
+            return expired
+
+        return self._hold(compute)
+
+    def page(self, now, after, limit, files=False):
+        return self._hold(lambda: self.memory.page(now, after, limit))
+
+    def active(self, now, limit):
+        return self._hold(lambda: self.memory.active(now, limit))
+
+    def likely_holders(self, now, hint, limit, scan):
+        return self._hold(lambda: self.memory.likely_holders(now, hint, limit, scan))
+
+
+class _Created:
+    """A lease plus whether the call created it (as the Redis registry's)."""
+
+    def __init__(self, lease, created: bool) -> None:
+        self._lease = lease
+        self.created = created
+
+    def __getattr__(self, name: str):
+        return getattr(self._lease, name)
+
+
+class SharedRegistryTests(RelayTestCase):
+    """A relay on a registry that answers later (Redis): replies in request
+    order, charged as before, ERR 503 when the store does not answer."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.registry = HeldRegistry(TTL)
+        self.relay = Relay(self.registry, self.clock, ttl=TTL)
+        self.factory = RelayFactory(
+            self.relay, IDLE, policy=ConnectionPolicy(self.clock, None)
+        )
+
+    def test_pipelined_replies_in_order(self) -> None:
+        """Two requests in one segment: the second is read only once the
+        first is answered, so the answers come in request order."""
+        connection = self.connect()
+        self.assertEqual(connection.send(b"REGISTER 9000 name=a\nPEERS\n"), [])
+        self.assertEqual(len(self.registry.held), 1)
+        self.registry.release()
+        registered = wire.Registered.from_line(connection.output()[0])
+        self.assertEqual(registered.peer_id, wire.peer_id_for("10.0.0.5", 9000))
+        self.assertEqual(len(self.registry.held), 1)  # now the PEERS
+        self.registry.release()
+        reply = connection.output()
+        self.assertEqual(reply[0], b"OK 1")
+        self.assertIn(b"name=a", reply[1])
+        self.assertEqual(self.relay.activity.registered, 1)
+        self.assertEqual(self.relay.activity.lists, 1)
+
+    def test_renewal_and_unregister(self) -> None:
+        connection = self.connect()
+        connection.send(b"REGISTER 9000\n")
+        self.registry.release()
+        connection.send(b"REGISTER 9000\n")
+        self.registry.release()
+        self.assertEqual(self.relay.activity.renewed, 1)
+        connection.send(b"UNREGISTER 9000\n")
+        self.registry.release()
+        self.assertEqual(
+            connection.output(), [f"OK {wire.peer_id_for('10.0.0.5', 9000)}".encode()]
+        )
+        connection.send(b"UNREGISTER 9000\n")
+        self.registry.release()
+        self.assertError(connection.output(), Code.NOT_FOUND)
+
+    def test_full(self) -> None:
+        """A cap refusal from the store is ERR 429 and logged, as in memory."""
+        self.registry.memory.max_peers = 1
+        connection = self.connect()
+        connection.send(b"REGISTER 9000\n")
+        self.registry.release()
+        connection.send(b"REGISTER 9001\n")
+        self.registry.release()
+        self.assertIn("maximum of 1 peers", self.assertError(connection.output(), 429))
+
+    def test_unavailable(self) -> None:
+        """A store that does not answer: ERR 503 registry unavailable, not
+        logged per request (the registry logs the outage), and the
+        connection goes on."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connection = self.connect()
+        connection.send(b"PEERS\nREGISTER 9000\n")
+        self.registry.fail()
+        self.assertEqual(connection.output(), [b"ERR 503 registry unavailable"])
+        self.registry.fail()
+        self.assertError(connection.output(), Code.UNAVAILABLE)
+        self.assertTrue(connection.open)
+        self.assertEqual([e for e in logged if "refused" in e["log_format"]], [])
+        connection.send(b"PEERS\n")
+        self.registry.release()
+        self.assertTrue(connection.output()[0].startswith(b"OK "))
+
+    def test_lost_while_waiting(self) -> None:
+        """The client went away before the answer: nothing is written, no
+        error."""
+        connection = self.connect()
+        connection.send(b"PEERS\nPEERS\n")
+        connection.lose()
+        self.registry.release()
+        self.assertEqual(connection.output(), [])
+        self.assertEqual(self.registry.held, [])
+
+    def test_half_close_waits_for_the_answer(self) -> None:
+        """A client that half-closes after its request still gets the
+        answer, then the connection closes."""
+        connection = self.connect()
+        connection.send(b"PEERS\n")
+        self.assertIsNotNone(IHalfCloseableProtocol(connection.protocol, None))
+        connection.protocol.readConnectionLost()
+        self.assertTrue(connection.open)
+        self.registry.release()
+        self.assertEqual(connection.output(), [b"OK 0"])
+        self.assertFalse(connection.open)
+
+    def test_expired_leases_are_logged(self) -> None:
+        """Leases the store's sweep ended are counted and logged by the
+        relay that swept them."""
+        logged = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        connection = self.connect()
+        connection.send(b"REGISTER 9000\n")
+        self.registry.release()
+        self.advance_to(TTL + 1)
+        self.relay.expire()
+        self.registry.release()
+        self.assertEqual(self.relay.activity.expired, 1)
+        self.assertEqual(
+            [formatEvent(e) for e in logged if "expired at" in e["log_format"]],
+            [f"peer {wire.peer_id_for('10.0.0.5', 9000)} expired at 10.0.0.5:9000"],
+        )
+
+    def test_background_calls_survive_an_outage(self) -> None:
+        """A sweep or a dial-back answer meeting an unavailable store ends
+        quietly (no unhandled error)."""
+        d = self.relay.expire()
+        self.registry.fail()
+        self.assertIsNone(self.successResultOf(d))
+        self.relay.answered("10.0.0.5", 9000)
+        self.registry.fail()
+        self.assertEqual(self.relay.activity.verified, 0)
