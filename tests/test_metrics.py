@@ -43,7 +43,7 @@ from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
 
 from ._support import set_environment
 from .test_peer import A_CONTENT, BIG_SIZE, PeerTestMixin
-from .test_relay import PEER_A, PEER_B, TTL, RelayTestCase
+from .test_relay import PEER_A, PEER_B, TTL, HeldRegistry, RelayTestCase
 
 METRICS_PORT = 9101
 
@@ -146,6 +146,22 @@ class RelayCollectorTests(RelayTestCase):
         self.relay.report_activity()
         self.assertEqual(self.value("p2p_relay_registrations_total"), 1)
         self.assertEqual(self.value("p2p_relay_expiries_total"), 1)
+
+    def test_shared_registry_answers_are_timed_when_written(self) -> None:
+        """With a registry that answers later (Redis), a request is timed
+        once its answer is written, not when it was read."""
+        self.registry = HeldRegistry(TTL)
+        self.relay = Relay(self.registry, self.clock, ttl=TTL)
+        self.factory = RelayFactory(self.relay)
+        observed: list[float] = []
+        self.relay.durations = observed.append
+        connection = self.connect(PEER_A)
+        self.assertEqual(connection.send(b"PEERS\n"), [])
+        self.assertEqual(observed, [])
+        self.registry.release()
+        self.assertEqual(connection.output(), [b"OK 0"])
+        self.assertEqual(len(observed), 1)
+        self.assertGreater(observed[0], 0)
 
     def test_registry_errors(self) -> None:
         """The registry's C{errors} count, when it keeps one, is exported."""
