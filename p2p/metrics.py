@@ -117,9 +117,9 @@ class RelayCollector(Collector):
     A relay's metrics, read from its state at each scrape.
 
     ``p2p_relay_registry_errors_total`` is the registry's C{errors}
-    attribute (an int counting its failed operations, never reset), read
-    with C{getattr}: 0 for a registry without one, such as the in-memory
-    registry, which cannot fail.
+    attribute (an int counting its failed calls, never reset: see
+    L{p2p.redis_registry.RedisRegistry}), read with C{getattr}: 0 for a
+    registry without one, such as the in-memory one, which cannot fail.
     """
 
     def __init__(self, factory: RelayFactory, durations: DurationHistogram) -> None:
@@ -177,7 +177,7 @@ class RelayCollector(Collector):
         )
         yield _counter(
             "p2p_relay_registry_errors_total",
-            "Operations the shared registry (Redis) failed.",
+            "Calls to the shared registry (Redis) that failed.",
             getattr(relay.registry, "errors", 0),
         )
 
