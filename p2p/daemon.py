@@ -8,6 +8,7 @@ options and turns them into the objects the servers use.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from collections.abc import Callable
 
@@ -16,6 +17,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from p2p import wire
+from p2p.endpoints import check_server
 from p2p.limits import (
     DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
@@ -125,6 +127,29 @@ REQUEST_OPTIONS = [
 
 
 REQUEST_LIMIT_OPTIONS = ["requests-per-second", "network-requests-per-second"]
+
+
+# Both servers' metrics listener (p2p.metrics), off unless given.
+METRICS_OPTION = [
+    "metrics",
+    None,
+    None,
+    "Serve Prometheus metrics at /metrics on this endpoint (e.g. "
+    "tcp:9101:interface=127.0.0.1).  Default: none.",
+]
+
+
+def check_metrics(config: usage.Options) -> None:
+    """C{--metrics}, when given, is a listening endpoint, and the metrics
+    library is there (checked without importing it)."""
+    if config["metrics"] is None:
+        return
+    try:
+        check_server(config["metrics"])
+    except ValueError as e:
+        raise usage.UsageError(f"--metrics: {e}") from None
+    if importlib.util.find_spec("prometheus_client") is None:
+        raise usage.UsageError("--metrics needs prometheus_client (pip install it)")
 
 
 # Descriptors kept beyond the connection limit: listeners, logs, dial-backs.

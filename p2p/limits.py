@@ -179,7 +179,7 @@ class ConnectionLimits:
             # (possibly spoofed-by-proxy) address; the reason says enough.
             format = "refused a {role} connection: {reason}"
             if refusals is not None:
-                refusals.refused(format, refusal, role=role)
+                refusals.refused(format, refusal, role=role, label="connections")
             else:
                 self.log.warn(format, role=role, reason=refusal)
             return RefusingProtocol(role, refusal)
@@ -234,13 +234,25 @@ class RefusalLog:
         self._left_out: dict[str, int] = {}
         self._summary: IDelayedCall | None = None
         self.total = 0
+        # Every refusal since the start, by label (the metrics' reasons):
+        # never reset, and at most MAX_REASONS labels plus "other".
+        self.counts: dict[str, int] = {}
 
-    def refused(self, format: str, reason: str, **fields: object) -> None:
+    def refused(
+        self, format: str, reason: str, label: str | None = None, **fields: object
+    ) -> None:
         """
         Log a refusal event (C{format} with C{fields}), unless this period's
         share is used up; C{reason} is the short reason it is counted under.
+        C{label} (default C{reason}) is what L{counts} keeps it under, for a
+        reason that names an address or a limit.
         """
         self.total += 1
+        label = label or reason
+        counts = self.counts
+        if label not in counts and len(counts) >= MAX_REASONS:
+            label = "other"
+        counts[label] = counts.get(label, 0) + 1
         now = self.clock.seconds()
         if now >= self._window_ends:
             self._window_ends = now + self.period

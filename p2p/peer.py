@@ -93,6 +93,7 @@ class FileRangeProducer:
     ) -> None:
         self.fd = fd
         self.position = offset
+        self.count = count
         self.remaining = count
         self.consumer = consumer
         self.on_progress = on_progress
@@ -102,6 +103,11 @@ class FileRangeProducer:
         self._drained = False
         self._wait: IDelayedCall | None = None
         self.done: Deferred[None] = Deferred()
+
+    @property
+    def sent(self) -> int:
+        """Bytes handed to the consumer so far."""
+        return self.count - self.remaining
 
     def start(self) -> Deferred[None]:
         if self.remaining == 0:
@@ -204,6 +210,35 @@ class FileRangeProducer:
             self.done.errback(result)
 
 
+class Transfers:
+    """
+    A peer's transfers since it started, for its metrics: how many ended
+    each way (C{outcomes}) and the bytes they sent, those in progress
+    included (L{sent_bytes}, worked out when read, so sending costs
+    nothing more).
+    """
+
+    def __init__(self) -> None:
+        self.outcomes = {"sent": 0, "client-left": 0, "failed": 0}
+        self._ended_bytes = 0
+        self._active: set[FileRangeProducer] = set()
+
+    @property
+    def sent_bytes(self) -> int:
+        """Bytes of file content handed to connections so far."""
+        return self._ended_bytes + sum(p.sent for p in self._active)
+
+    def started(self, producer: FileRangeProducer) -> None:
+        self._active.add(producer)
+
+    def ended(self, producer: FileRangeProducer | None, outcome: str) -> None:
+        """A transfer ended (C{producer}: C{None} if none started)."""
+        self.outcomes[outcome] += 1
+        if producer is not None:
+            self._active.discard(producer)
+            self._ended_bytes += producer.sent
+
+
 class PeerProtocol(ServerLineProtocol):
     """One client connection to a peer.
 
@@ -232,8 +267,11 @@ class PeerProtocol(ServerLineProtocol):
         throttle: TokenBucket | None = None,
         budget: RequestBudget | None = None,
         source: str = UNKNOWN_HOST,
+        transfers: Transfers | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, on_lost, idle_timeouts)
+        self.transfers = transfers if transfers is not None else Transfers()
+        self._producer: FileRangeProducer | None = None
         self.budget = budget
         self.source = source
         self.share = share
@@ -472,9 +510,16 @@ class PeerProtocol(ServerLineProtocol):
             socket_fd=zero_copy_socket(self.transport),
             throttle=self.throttle,
         )
+        self._producer = producer
+        self.transfers.started(producer)
         return producer.start()
 
+    def _ended(self, outcome: str) -> None:
+        producer, self._producer = self._producer, None
+        self.transfers.ended(producer, outcome)
+
     def _sent(self, _: None, opened: OpenedFile, count: int) -> None:
+        self._ended("sent")
         self.log.info(
             "sent {shown_name} ({count} bytes)",
             name=opened.name,
@@ -489,6 +534,7 @@ class PeerProtocol(ServerLineProtocol):
         # line would land where the client expects file bytes.
         header_sent = self._header_sent
         self._close_file()
+        self._ended("client-left" if failure.check(ConnectionLost) else "failed")
         if failure.check(ConnectionLost):
             self.log.info(
                 "client left during {shown_name}",
@@ -606,6 +652,7 @@ class PeerFactory(LimitedServerFactory):
         self.share = share
         self.index = index
         self.throttle = throttle
+        self.transfers = Transfers()
 
     def build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
         return PeerProtocol(
@@ -618,4 +665,5 @@ class PeerFactory(LimitedServerFactory):
             self.throttle,
             self.budget,
             host,
+            self.transfers,
         )

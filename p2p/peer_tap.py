@@ -18,11 +18,13 @@ from p2p.announce import Announcer
 from p2p.daemon import (
     CONNECTION_LIMIT_OPTIONS,
     CONNECTION_OPTIONS,
+    METRICS_OPTION,
     REQUEST_LIMIT_OPTIONS,
     REQUEST_OPTIONS,
     DaemonOptions,
     check_connection_options,
     check_limits,
+    check_metrics,
     connection_limits,
     connection_policy,
     request_budget,
@@ -108,6 +110,7 @@ class Options(DaemonOptions):
             "variable: a command line is visible to other users.",
         ],
         ["port-file", None, None, "Write 'HOST PORT' here once listening."],
+        METRICS_OPTION,
         [
             "state",
             None,
@@ -184,6 +187,7 @@ class Options(DaemonOptions):
             )
         check_limits(self, [*CONNECTION_LIMIT_OPTIONS, *REQUEST_LIMIT_OPTIONS])
         check_connection_options(self)
+        check_metrics(self)
         self["token"] = token_option(self["token"])
 
 
@@ -280,6 +284,10 @@ def makeService(config: Options, reactor=None) -> MultiService:
     listener = ListeningService(listen, factory, "peer")
     listener.setName(LISTENER)
     listener.setServiceParent(parent)
+    if config["metrics"]:
+        from p2p.metrics import peer_metrics
+
+        peer_metrics(config["metrics"], reactor, factory).setServiceParent(parent)
     IndexService(index, pool).setServiceParent(parent)
 
     def name_filter():

@@ -475,6 +475,9 @@ class RedisRegistry:
         self.where = where
         self.timeout = timeout
         self.available = True
+        # Calls Redis did not answer (timeouts, lost connections, Redis
+        # errors), since the start: p2p_relay_registry_errors_total.
+        self.errors = 0
         self._key_ttl = str(max(1, int(ttl * KEY_TTL_LEASES) + 1))
         self._count = 0
         self._on_expired: Callable[[list[Lease]], None] | None = None
@@ -714,6 +717,7 @@ class RedisRegistry:
             DeferredTimeoutError, CancelledError, ConnectError, *_redis_errors()
         ):
             return failure  # a bug: let it show
+        self.errors += 1
         if self.available:
             self.available = False
             self.log.error(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hmac
 from collections.abc import Callable, Sequence
+from time import perf_counter
 from typing import NoReturn
 
 from twisted.internet.defer import Deferred
@@ -102,6 +103,11 @@ class Activity:
     def as_dict(self) -> dict[str, int]:
         return {name: getattr(self, name) for name in self.__slots__}
 
+    def add(self, other: Activity) -> None:
+        """Add C{other}'s counts to these."""
+        for name in self.__slots__:
+            setattr(self, name, getattr(self, name) + getattr(other, name))
+
 
 class Relay:
     """
@@ -165,6 +171,11 @@ class Relay:
         # _listing); bounded.
         self._lines: dict[object, tuple[float, float, float, str | None, bytes]] = {}
         self.activity = Activity()
+        # The counts of every summary so far (the metrics add the current
+        # activity to them), and where request durations go (p2p.metrics
+        # sets it; None: nothing is timed).
+        self.totals = Activity()
+        self.durations: Callable[[float], object] | None = None
         self.budget = budget
         self.brake = brake
         self.dialback: DialBack | None = None
@@ -497,6 +508,7 @@ class Relay:
         """
         self.expire()
         activity, self.activity = self.activity, Activity()
+        self.totals.add(activity)
         if not activity:
             return
         self.log.info(
@@ -559,6 +571,14 @@ def _unavailable_is_logged(failure: Failure) -> None:
     failure.trap(RegistryUnavailable)
 
 
+def _timed(
+    result: object, observe: Callable[[float], object], started: float
+) -> object:
+    """Observe the time since C{started} (a Deferred callback)."""
+    observe(perf_counter() - started)
+    return result
+
+
 class RelayProtocol(ServerLineProtocol):
     """One connection to the relay: a banner, then request/reply lines.
 
@@ -594,6 +614,25 @@ class RelayProtocol(ServerLineProtocol):
     _lost = False
 
     def request_received(self, line: bytes) -> None:
+        observe = self.relay.durations
+        if observe is None:
+            self._request(line)
+            return
+        # Timed until the reply is written: at once, or when a shared
+        # registry answers.
+        started = perf_counter()
+        pending = None
+        try:
+            pending = self._request(line)
+        finally:
+            if pending is None:
+                observe(perf_counter() - started)
+        if pending is not None:
+            pending.addBoth(_timed, observe, started)
+
+    def _request(self, line: bytes) -> Deferred[None] | None:
+        """Answer C{line}; the Deferred of an answer that waits for a
+        shared registry, else C{None} (answered)."""
         # The source address cannot change: work it out once per connection.
         source = self._source
         if source is None:
@@ -602,7 +641,7 @@ class RelayProtocol(ServerLineProtocol):
         reply = self.relay.handle(request, source)
         if type(reply) is list:
             self.send_lines(reply)
-            return
+            return None
         # A shared registry answers later: read no further request until
         # then, so answers go out in the order the requests came (and the
         # budgets were charged in that order too).
@@ -610,7 +649,7 @@ class RelayProtocol(ServerLineProtocol):
         self.pauseProducing()
         reply.addCallbacks(self._answer, self._refused)
         reply.addErrback(self.relay._bug)
-        reply.addBoth(self._read_next)
+        return reply.addBoth(self._read_next)
 
     def _answer(self, lines: list[bytes]) -> None:
         if not self._lost:

@@ -12,11 +12,13 @@ from twisted.python import usage
 from p2p.daemon import (
     CONNECTION_LIMIT_OPTIONS,
     CONNECTION_OPTIONS,
+    METRICS_OPTION,
     REQUEST_LIMIT_OPTIONS,
     REQUEST_OPTIONS,
     DaemonOptions,
     check_connection_options,
     check_limits,
+    check_metrics,
     connection_limits,
     connection_policy,
     request_budget,
@@ -125,6 +127,7 @@ class Options(DaemonOptions):
             "certificate instead of the system's CAs.",
         ],
         ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
+        METRICS_OPTION,
         [
             "report-interval",
             None,
@@ -199,6 +202,7 @@ class Options(DaemonOptions):
             ],
         )
         check_connection_options(self)
+        check_metrics(self)
         if self["dial-back-timeout"] <= 0:
             raise usage.UsageError("--dial-back-timeout must be positive")
         self["token"] = token_option(self["token"])
@@ -321,6 +325,10 @@ def makeService(config: Options, reactor=None) -> MultiService:
         listener.setName(LISTENER if number == 1 else f"{LISTENER} {number}")
         listener.setServiceParent(parent)
         listeners.append(listener)
+    if config["metrics"]:
+        from p2p.metrics import relay_metrics
+
+        relay_metrics(config["metrics"], reactor, factory).setServiceParent(parent)
     sweeper = TimerService(expiry_period(config["ttl"]), relay.expire)
     sweeper.clock = reactor
     sweeper.setName("expiry")

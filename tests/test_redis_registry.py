@@ -201,6 +201,7 @@ async def test_unreachable_redis_is_unavailable_within_a_second(reactor) -> None
         assert reactor.seconds() - started < 2 * 1.0
         assert len(logged) == 1 and "unavailable" in logged[0]["log_format"]
         assert not registry.available
+        assert registry.errors == 2  # the relay's metrics count each
     finally:
         globalLogPublisher.removeObserver(observe)
         await connection.stop()
