@@ -1007,9 +1007,16 @@ class Runner:
                 state["running"] += 1
                 d = self.fetch_one(name, target, expect)
                 d.addCallback(finished, index)
-                d.addErrback(done.errback)
+                d.addErrback(crashed)
             if state["running"] == 0 and not done.called:
                 done.callback(state["worst"])
+
+        def crashed(failure: Failure) -> None:
+            # A bug: the run ends with it (the first one; later ones too
+            # would have nowhere to go).
+            state["stop"] = True
+            if not done.called:
+                done.errback(failure)
 
         def finished(result: GetResult, index: int) -> None:
             state["running"] -= 1

@@ -5,9 +5,11 @@ A L{ClientSession} asks the relays, in order until one answers
 (L{p2p.relay_list}), for the active peers once (phase 2) and keeps that
 list for the run, refreshing it only once it is older than a
 lease (L{LISTING_MAX_AGE_SECONDS}); for each name it asks the relay which
-peers may hold it (``PEERS hint=``), maybe asks those holders which
-content they hold (L{p2p.choice}), then fetches it (phase 3, L{p2p.fetch})
-into stdout or a file.  What happens meanwhile goes to an
+peers may hold it (``PEERS hint=``; with several names, it matches them
+itself against the filters a ``PEERS files=1`` listing carries), maybe
+asks those holders which content they hold (L{p2p.choice}), then fetches
+it (phase 3, L{p2p.fetch}) into stdout or a file, over connections kept
+between fetches (L{p2p.pool}).  What happens meanwhile goes to an
 L{IFetchObserver}; each fetch fires with a L{GetResult}.  L{p2p.cli} turns
 both into lines, progress bars or JSON.  The last list a relay gave is
 cached (L{p2p.relay_cache}); a fetch falls back on it when every relay
