@@ -47,13 +47,15 @@ class IRegistry(Interface):
         :return: at most C{limit} unexpired leases, oldest registration first.
         """
 
-    def page(now, after, limit):
+    def page(now, after, limit, files=False):
         """
         A page of the unexpired leases, oldest registration first, starting
         after the lease whose C{seq} is C{after} (0: from the start).  The
         registry keeps no state per caller: C{after} says where to resume.
         A lease registered after C{after} was taken appears on a later page;
-        an expired or unregistered one on no page.
+        an expired or unregistered one on no page.  With C{files}, each
+        lease carries its name filter (``PEERS files=1``); without, a store
+        may leave the filters out.
 
         Cost must not grow with the size of the table beyond O(log n).
 

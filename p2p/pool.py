@@ -134,15 +134,16 @@ class _PooledEndpoint:
                 return fail(ValueError("the factory built no protocol"))
             carrier.carry(protocol, reused=True)
             return succeed(protocol)
-        return self.connect_new(factory.buildProtocol, None)
+        return self.connect_new(factory.buildProtocol)
 
     def connect_new(
         self,
-        build: Callable[[object], Protocol | None],
-        replay: tuple[Protocol, _Borrowed] | None,
+        build: Callable[[object], Protocol | None] | None,
+        replay: tuple[Protocol, _Borrowed] | None = None,
     ) -> Deferred[Protocol | None]:
         """A new connection whose carrier builds the fetch's protocol once
-        connected, or takes over C{replay}'s (see L{_Carrier._retry})."""
+        connected (C{build}), or takes over C{replay}'s (see
+        L{_Carrier._retry})."""
         carrier_factory = Factory.forProtocol(
             lambda: _Carrier(self.pool, self, build, replay)
         )
@@ -200,7 +201,7 @@ class _Carrier(Protocol):
         self,
         pool: ConnectionPool,
         endpoint: _PooledEndpoint,
-        build: Callable[[object], Protocol | None],
+        build: Callable[[object], Protocol | None] | None,
         replay: tuple[Protocol, _Borrowed] | None,
     ) -> None:
         self.pool = pool
@@ -225,7 +226,7 @@ class _Carrier(Protocol):
     def connectionMade(self) -> None:
         no_delay(self.transport)
         read_in_large_chunks(self.transport)
-        if self._replay is None:
+        if self._build is not None:
             protocol = self._build(self.transport.getPeer())
             if protocol is None:
                 self.close()
@@ -348,7 +349,7 @@ class _Carrier(Protocol):
         def failed(failure: Failure) -> None:
             inner.connectionLost(failure)
 
-        d = self.endpoint.connect_new(lambda address: None, (inner, borrowed))
+        d = self.endpoint.connect_new(None, (inner, borrowed))
         d.addErrback(failed)
 
     def connectionLost(self, reason: Failure | None = None) -> None:

@@ -307,11 +307,14 @@ class MemoryRegistry:
         """
         return lease.seq if lease.verified else UNVERIFIED_TIER | lease.seq
 
-    def page(self, now: float, after: int, limit: int) -> tuple[list[Lease], bool]:
+    def page(
+        self, now: float, after: int, limit: int, files: bool = False
+    ) -> tuple[list[Lease], bool]:
         """
         IRegistry API: up to C{limit} leases listed after position C{after}
         (see L{position}; 0: from the start), verified leases first, and
-        whether more remain.
+        whether more remain.  The leases here always hold their filters,
+        whatever C{files} says.
         """
         self.expire(now)
         result: list[Lease] = []

@@ -432,12 +432,7 @@ class Relay:
                 return leases.addCallback(self._listing, now, None)
             return self._listing(leases, now, None)
         after = wire.parse_cursor(request.cursor) if request.cursor else 0
-        if self.shared:
-            # The store reads the filters only when asked (memory's leases
-            # always hold theirs).
-            page = self.registry.page(now, after, limit, files=bool(request.files))
-        else:
-            page = self.registry.page(now, after, limit)
+        page = self.registry.page(now, after, limit, files=request.files)
         self.activity.lists += 1
         if isinstance(page, Deferred):
             return page.addCallback(self._page, now, request)
