@@ -610,6 +610,7 @@ class ClientSession:
                     basis = Basis.HOLDERS
                     agreeing = len(choice.chosen.holders)
                     answered = choice.answered
+        worker = self._worker_for_fetch()
         locked: Deferred[None] | None = None
         if isinstance(output_to, FileOutput) and IReactorThreads.providedBy(
             self.reactor
@@ -617,13 +618,12 @@ class ClientSession:
             # The partial file is created while the first peer is asked
             # (creating a file took about a millisecond here, as long as
             # the request); the sink waits for it before storing anything.
-            locked = self._worker_for_fetch().submit(output_to.lock)
+            locked = worker.submit(output_to.lock)
         elif target is not None:
             try:
                 yield self._open(name, output_to)
             except OSError as e:
                 return self._output_failed(name, target.path, e.strerror or str(e))
-        worker = self._worker_for_fetch()
         sink: PieceSink
 
         def progressed() -> None:
