@@ -47,6 +47,7 @@ import relay_scale  # noqa: E402
 from _harness import Daemon, Report, Series  # noqa: E402
 
 from p2p.redis_registry import EXPIRE_BATCH, KEY_TTL_LEASES, SCRIPTS  # noqa: E402
+from tests._redis import free_port  # noqa: E402
 
 PREFIX = "p2p:"
 # The commands the scripts call (Redis's statistics count them too).
@@ -58,12 +59,6 @@ INSIDE = {
 }
 TTL = 600
 SEQUENTIAL_REQUESTS = 1000
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def start_redis(work: str) -> tuple[Daemon, int]:
