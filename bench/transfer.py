@@ -138,7 +138,8 @@ CPU: dict[str, list[tuple[float, float]]] = {}
 
 def ours(relay_port: int, name: str, *extra: str) -> tuple[float, float]:
     """One ``p2p get`` (stdout to /dev/null): whole-command seconds, and the
-    transfer's seconds as it reports them (first request to last piece)."""
+    transfer's seconds as it reports them (from the relay's list to the last
+    piece)."""
     server = SERVERS["peer"]
     before = cpu_seconds(server)
     run = run_timed(
@@ -262,7 +263,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                 baselines.append(Series("(c) twist web -> curl -o", curl_rates, "MB/s"))
             note = f"{which}: target >= 0.90 of (a)" + (
                 "; a transfer runs from the first request to the last byte "
-                "(ours: as the client reports it, verified)"
+                "(ours: as the client reports it, verified, from its relay list)"
                 if part
                 else "; process start to exit, as a user waits"
             )

@@ -712,15 +712,8 @@ class PieceSink:
         expected_root: str | None = None,
         max_size: int | None = None,
         on_progress: Callable[[], object] = lambda: None,
-        ready: Deferred[None] | None = None,
     ) -> None:
         self.output = output
-        # Fires once the output can be prepared (its partial file created,
-        # on the worker thread, while the first peer is asked); its failure
-        # is the output's.
-        self._ready = ready
-        if ready is not None:
-            ready.addErrback(self._not_ready)
         self.max_size = max_size
         # Told whenever C{received} changes (a progress bar's cue).
         self._on_progress = on_progress
@@ -777,15 +770,7 @@ class PieceSink:
         self._prepared = []
         # Never back from the threads: work queued there keeps its order.
         self._inline = not self._threaded and content.size <= self.output.inline_bytes
-        ready, self._ready = self._ready, None
-        if ready is None:
-            d = self._submit(lambda: self.output.prepare(content, pieces))
-        else:
-            ready.addCallback(self._check_ready)
-            ready.addCallback(
-                lambda _: self._submit(lambda: self.output.prepare(content, pieces))
-            )
-            d = ready
+        d = self._submit(lambda: self.output.prepare(content, pieces))
 
         def held(indexes: set[int]) -> None:
             self.done |= indexes
@@ -804,14 +789,6 @@ class PieceSink:
         d.addCallback(held)
         d.addBoth(tell_waiters)
         return d
-
-    def _not_ready(self, failure: Failure) -> None:
-        failure.trap(OSError)
-        self._error = failure.value
-
-    def _check_ready(self, _: object) -> None:
-        if self._error is not None:
-            raise self._error
 
     def _progressed(self) -> None:
         try:

@@ -395,52 +395,6 @@ class SmallFileTests(SynchronousTestCase):
         fired(d)
 
 
-class ReadyTests(SynchronousTestCase):
-    """A sink whose output is still being made ready (the partial file
-    created on the worker thread while the first peer is asked)."""
-
-    def setUp(self) -> None:
-        self.folder = tempfile.mkdtemp(prefix="p2p-test-")
-        self.addCleanup(shutil.rmtree, self.folder, True)
-        self.output = FileOutput(os.path.join(self.folder, "out.bin"))
-        self.data = os.urandom(1000)
-
-    def test_begin_waits_for_ready(self) -> None:
-        ready: Deferred[None] = Deferred()
-        sink = PieceSink(self.output, ready=ready)
-        d = sink.begin(*describe(self.data))
-        self.assertNoResult(d)
-        self.output.lock()
-        ready.callback(None)
-        fired(d)
-        sink.write(0, self.data)
-        fired(sink.finish())
-        with open(self.output.path, "rb") as stream:
-            self.assertEqual(stream.read(), self.data)
-
-    def test_output_that_cannot_be_made_ready(self) -> None:
-        """Its error is the output's: begin fails with it, as a store
-        would, and nothing is written."""
-        ready: Deferred[None] = Deferred()
-        sink = PieceSink(self.output, ready=ready)
-        ready.errback(OSError(errno.EBUSY, "another p2p is already writing it"))
-        failure = self.failureResultOf(sink.begin(*describe(self.data)), OSError)
-        self.assertEqual(failure.value.errno, errno.EBUSY)
-        self.assertIsNone(fired(sink.abandon(keep=True)))
-        self.assertEqual(os.listdir(self.folder), [])
-
-    def test_abandoned_before_any_content(self) -> None:
-        ready: Deferred[None] = Deferred()
-        worker = QueuedWorker()
-        sink = PieceSink(self.output, worker, ready=ready)
-        worker(self.output.lock)  # the lock, queued first, as the session does
-        ready.callback(None)
-        d = sink.abandon(keep=True)
-        worker.run_all()
-        self.assertIsNone(fired(d))
-        self.assertEqual(os.listdir(self.folder), [])
-
-
 class LockTests(SynchronousTestCase):
     """Two runs with one ``-o`` target never write into each other."""
 
