@@ -1241,11 +1241,17 @@ def main(argv: list[str] | None = None) -> NoReturn:
         if sys.stdout is not None:
             sys.stdout.flush()
     except OSError:
-        # The reader went away (``p2p get x | head``): say nothing more, and
-        # keep the interpreter's own final flush from printing a traceback.
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        # The reader went away (``p2p get x | head``): say nothing more.
         outcome[:] = outcome or [EXIT_OUTPUT]
-    sys.exit(outcome[0] if outcome else EXIT_INTERRUPTED)
+    try:
+        if sys.stderr is not None:
+            sys.stderr.flush()
+    except OSError:
+        pass
+    # Everything is written, flushed and closed: skip the interpreter's
+    # teardown of every module and object, which took 170-220 ms here after
+    # the last byte, a fifth of a small fetch's whole command.
+    os._exit(outcome[0] if outcome else EXIT_INTERRUPTED)
 
 
 def _errors_only(stream: IO[str]):

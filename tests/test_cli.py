@@ -1137,6 +1137,31 @@ class OneListingTests(CommandTestCase):
         serve(self.reactor, 2, GetTests.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
 
+    def test_one_name_asks_both_at_once(self) -> None:
+        """The list and the name's hint are asked at once, not one after
+        the other (a round trip sooner); the hint may answer first."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+        self.assertTrue(self.answer_peers(1).startswith(b"PEERS hint="))
+        self.assertNoResult(d)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        serve(self.reactor, 2, GetTests.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assert_no_timers()
+
+    def test_early_hint_stopped_when_the_list_fails(self) -> None:
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.refuse(0)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_RELAY)
+        self.assert_no_timers()
+        self.assertEqual(len(self.reactor.tcpClients), 2)
+
+    def test_early_hint_stopped_without_peers(self) -> None:
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.answer_peers(0)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assert_no_timers()
+
     def test_several_names(self) -> None:
         d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt", "b.txt")
         listing = self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))

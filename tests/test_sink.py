@@ -395,6 +395,39 @@ class SmallFileTests(SynchronousTestCase):
         fired(d)
 
 
+class _ThreadCalls:
+    """A reactor's C{callFromThread}, recording calls from another thread."""
+
+    def __init__(self) -> None:
+        self.called = threading.Event()
+
+    def callFromThread(self, f, *args) -> None:
+        f(*args)
+        self.called.set()
+
+
+class SerialWorkerTests(SynchronousTestCase):
+    """The checking and storing threads start with the first work only."""
+
+    def test_no_threads_until_work(self) -> None:
+        before = threading.active_count()
+        worker = sink_module.SerialWorker(_ThreadCalls())
+        self.assertFalse(worker.started)
+        self.assertEqual(threading.active_count(), before)
+        worker.stop()  # stopping a worker that never started is fine
+        self.assertEqual(threading.active_count(), before)
+
+    def test_first_work_starts_them(self) -> None:
+        reactor = _ThreadCalls()
+        worker = sink_module.SerialWorker(reactor)
+        self.addCleanup(worker.stop)
+        results: list[int] = []
+        worker.submit(lambda: 7).addCallback(results.append)
+        self.assertTrue(worker.started)
+        self.assertTrue(reactor.called.wait(10))
+        self.assertEqual(results, [7])
+
+
 class LockTests(SynchronousTestCase):
     """Two runs with one ``-o`` target never write into each other."""
 
