@@ -139,6 +139,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         read_in_large_chunks(self.transport)
         self.setTimeout(self.idle_timeout)
         self._arm_deadline()
+        # Asked at once, not after the banner: a round trip sooner on a new
+        # connection.  The banner is still checked before any reply is read.
+        self.sendLine(self.request.to_line())
 
     # -- time: idle, the header's deadline, the minimum rate -------------------
 
@@ -234,7 +237,6 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             if not self._greeted:
                 wire.check_banner(line, "peer")
                 self._greeted = True
-                self.sendLine(self.request.to_line())
                 return
             progress = wire.Indexing.from_line(line)
             if progress is not None:

@@ -1,4 +1,4 @@
-"""One-shot line requests: connect, read the banner, ask, read the reply, close.
+"""One-shot line requests: connect, ask, read the banner and the reply, close.
 
 Both the relay (REGISTER, UNREGISTER, PEERS) and a peer's LIST follow the
 seed's connect-ask-close shape, so one small protocol serves them all.
@@ -33,7 +33,8 @@ class IncompleteReply(Exception):
 
 class LineRequestProtocol(LineReceiver):
     """
-    Send C{request} once the banner of a C{role} server arrived; collect the
+    Send C{request} as soon as connected (a round trip sooner than after
+    the banner); check the banner of a C{role} server, then collect the
     reply.  With C{listing}, the reply is ``OK <n>`` plus n lines.
 
     C{result} fires with the reply lines, or fails with L{WireError} (a
@@ -57,6 +58,9 @@ class LineRequestProtocol(LineReceiver):
         if self.transport is not None:
             self.transport.abortConnection()
 
+    def connectionMade(self) -> None:
+        self.sendLine(self.request)
+
     def lineReceived(self, line: bytes) -> None:
         if self.result.called:
             return
@@ -69,7 +73,6 @@ class LineRequestProtocol(LineReceiver):
         if not self._greeted:
             wire.check_banner(line, self.role)
             self._greeted = True
-            self.sendLine(self.request)
             return
         self.lines.append(line)
         if self._expected is None:

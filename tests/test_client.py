@@ -146,19 +146,21 @@ class _OneFetch(SynchronousTestCase):
 class FileFetchProtocolTests(_OneFetch):
     """One fetch, on a StringTransport, fed by hand."""
 
-    def test_request_after_banner(self) -> None:
-        """The GET line goes out once the peer's banner arrived, not before."""
+    def test_request_at_once(self) -> None:
+        """The GET line goes out as soon as connected, without waiting for
+        the banner (a round trip sooner); nothing more once it arrives."""
         self.connect()
-        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.transport.value(), b"GET wanted.txt\n")
         self.greet()
         self.assertEqual(self.transport.value(), b"GET wanted.txt\n")
 
     def test_first_version_peer(self) -> None:
-        """A P2P/1 peer is skipped with a version error; nothing is sent."""
+        """A P2P/1 peer is skipped with a version error on its banner; what
+        follows the banner is never read as a reply."""
         self.connect()
-        self.protocol.dataReceived(b"P2P/1 peer\n")
+        self.protocol.dataReceived(b"P2P/1 peer\n" + reply_for(CONTENT))
         self.assertFailed("unsupported protocol version 'P2P/1'", "protocol")
-        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.transport.value(), b"GET wanted.txt\n")
 
     def test_success_one_segment(self) -> None:
         """
@@ -304,7 +306,7 @@ class FileFetchProtocolTests(_OneFetch):
         self.connect()
         self.protocol.dataReceived(b"P2P/1 relay\n")
         self.assertFailed("protocol error")
-        self.assertEqual(self.transport.value(), b"")
+        self.assertEqual(self.transport.value(), b"GET wanted.txt\n")
 
     def test_malformed_header(self) -> None:
         """A header that does not parse or does not answer the request is a
@@ -1850,11 +1852,11 @@ class ListingTests(SynchronousTestCase):
         self.assertEqual(len(peer.requests), 3)
 
     def test_list_files_from_an_older_peer(self) -> None:
-        """A P2P/1 peer is refused by its banner, before any request."""
-        peer = _Server(b"P2P/1 peer\n", lambda line: b"OK 0\n")
+        """A P2P/1 peer is refused by its banner; its reply is not read."""
+        peer = _Server(b"P2P/1 peer\n", lambda line: b"OK 1\nf.txt 3\n")
         failure = self.failureResultOf(list_files(peer, self.clock, 3), wire.WireError)
         self.assertIn("unsupported protocol version 'P2P/1'", failure.value.message)
-        self.assertEqual(peer.requests, [b""])
+        self.assertEqual(len(peer.requests), 1)
 
     def test_list_peers(self) -> None:
         """The relay's PEERS reply comes back as PeerEntry objects."""

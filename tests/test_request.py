@@ -81,13 +81,22 @@ class LineRequestProtocolTests(SynchronousTestCase):
         protocol.makeConnection(transport)
         return protocol, transport
 
-    def test_sends_after_banner(self) -> None:
-        """Nothing is sent before the banner; the request right after it."""
+    def test_sends_at_once(self) -> None:
+        """The request goes out as soon as connected, without waiting for
+        the banner (a round trip sooner); nothing more once it arrives."""
         protocol, transport = self.make(request=b"REGISTER 4000")
-        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.value(), b"REGISTER 4000\n")
         protocol.dataReceived(b"P2P/1 relay\n")
         self.assertEqual(transport.value(), b"REGISTER 4000\n")
         self.assertNoResult(protocol.result)
+
+    def test_reply_before_banner_checked(self) -> None:
+        """A reply is read only after a good banner: a server that greets
+        wrongly fails on its banner, whatever follows it."""
+        protocol, transport = self.make(role="relay")
+        protocol.dataReceived(b"P2P/1 peer\nOK 0\n")
+        error = self.failureResultOf(protocol.result, WireError).value
+        self.assertEqual(error.code, Code.BAD_REQUEST)
 
     def test_single_reply(self) -> None:
         """An ``OK`` reply fires the result and closes the connection."""
@@ -109,7 +118,7 @@ class LineRequestProtocolTests(SynchronousTestCase):
         protocol.dataReceived(b"P2P/1 peer\n")
         error = self.failureResultOf(protocol.result, WireError).value
         self.assertEqual(error.code, Code.BAD_REQUEST)
-        self.assertEqual(transport.value(), b"")
+        self.assertEqual(transport.value(), b"PEERS\n")  # nothing more
         self.assertTrue(transport.disconnecting)
 
     def test_banner_wrong_version(self) -> None:
@@ -119,20 +128,22 @@ class LineRequestProtocolTests(SynchronousTestCase):
             protocol.dataReceived(banner)
             error = self.failureResultOf(protocol.result, WireError).value
             self.assertEqual(error.code, Code.VERSION, banner)
-            self.assertEqual(transport.value(), b"")
+            self.assertEqual(transport.value(), b"PEERS\n")
+            self.assertTrue(transport.disconnecting)
 
     def test_peer_speaks_the_second_version(self) -> None:
         """
         Peers speak P2P/2 while the relay stays at P2P/1: a peer greeting
-        with the first version is refused (505) before the request goes
-        out, since its replies would be misread; P2P/2 is asked.
+        with the first version is refused (505) on its banner, before any
+        of its replies is read (they would be misread), and the connection
+        is closed.
         """
         protocol, transport = self.make(role="peer", request=b"LIST", listing=True)
-        protocol.dataReceived(b"P2P/1 peer\n")
+        protocol.dataReceived(b"P2P/1 peer\nOK 1\nf.txt 3\n")
         error = self.failureResultOf(protocol.result, WireError).value
         self.assertEqual(error.code, Code.VERSION)
         self.assertIn("'P2P/1'", error.message)
-        self.assertEqual(transport.value(), b"")
+        self.assertTrue(transport.disconnecting)
 
         protocol, transport = self.make(role="peer", request=b"LIST", listing=True)
         protocol.dataReceived(b"P2P/2 peer\n")
