@@ -108,6 +108,21 @@ def curl(web_port: int, names: list[str], out: str) -> float:
     return run.seconds
 
 
+def single_gets(relay_port: int, names: list[str], out: str) -> list[float]:
+    """One ``p2p get -o FILE NAME`` process per name: each name's seconds as
+    it reports them (its relay list and hint included, no kept connection)."""
+    seconds = []
+    for name in names:
+        run = run_timed(
+            [*P2P, "--relay", f"127.0.0.1:{relay_port}", "get", "--json"]
+            + ["-o", os.path.join(out, name), name]
+        )
+        if run.returncode != 0:
+            raise RuntimeError(f"p2p get failed: {run.stderr[-2000:]!r}")
+        seconds.append(json.loads(run.stdout)["seconds"])
+    return seconds
+
+
 def measure(report: Report, work: str, count: int, repeats: int) -> None:
     shares, names, everything = make_shares(work, count)
     relay, relay_port = start_relay(default_limits=True)
@@ -149,6 +164,16 @@ def measure(report: Report, work: str, count: int, repeats: int) -> None:
                 p99_ms=p99_ms,
                 files=len(latencies),
             )
+        alone = single_gets(relay_port, names[: 10 * repeats], fresh_folder(work))
+        median_ms = statistics.median(alone) * 1000
+        report.line(
+            "10.1c one name per p2p get (its own process), once started",
+            f"median {median_ms:.2f} ms over {len(alone)} commands: the "
+            "relay's list and the name's hint (asked at once), a new "
+            "connection to the peer, the file (no target: for reference)",
+            median_ms=median_ms,
+            commands=len(alone),
+        )
     finally:
         for daemon in reversed(daemons):
             daemon.stop()

@@ -256,7 +256,12 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             # content (or none) under the name: a second pass may want it.
             other = isinstance(self.request, wire.Blob) and e.code == 404
             kind = FailureKind.OTHER_CONTENT if other else FailureKind.REFUSED
-            self._fail(f"refused: ERR {e.code} {e.message}", kind, abort=False)
+            self._fail(
+                f"refused: ERR {e.code} {e.message}",
+                kind,
+                abort=False,
+                keep=e.code == wire.Code.NOT_FOUND,
+            )
             return
         except WireError as e:
             self._fail(f"protocol error: {e.message}", FailureKind.PROTOCOL)
@@ -525,17 +530,29 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self.transport.abortConnection()
 
     def _fail(
-        self, reason: str, kind: FailureKind = FailureKind.REFUSED, abort: bool = True
+        self,
+        reason: str,
+        kind: FailureKind = FailureKind.REFUSED,
+        abort: bool = True,
+        keep: bool = False,
     ) -> None:
         self._stop_timers()
+        if keep:
+            # A whole ERR 404 reply: the connection is kept (p2p.pool counts
+            # such replies against the peer's error budget), handed back
+            # before the result fires, as in _verified.
+            self._kept = True
+            release(self.transport, error=True)
         # As in _verified: the real reason first, then the close.
         if not self.result.called:
             self.result.errback(PeerFailed(reason, kind))
+        if keep:
+            return
         if abort:
             self.transport.abortConnection()
         else:
-            # Never kept after an ERR: a peer closes a connection that had
-            # too many (its error budget), and would refuse the next fetch.
+            # Kept only after an ERR 404: a peer closes a connection after
+            # an error it may not answer again (429, 503, ...).
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
@@ -545,10 +562,13 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def lineLengthExceeded(self, line: bytes) -> None:
         self._fail("protocol error: reply line too long", FailureKind.PROTOCOL)
 
+    # Set when an ERR 404's connection was handed back to the pool.
+    _kept = False
+
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
         self._stop_timers()
-        if self.result.called:
+        if self.result.called or self._kept:
             return
         if self.header is None:
             self.result.errback(

@@ -38,17 +38,22 @@ MAX_IDLE = 8
 # peer's defaults are 1000 requests and 300 s: see p2p/limits.py).
 MAX_USES = 200
 MAX_AGE_SECONDS = 60.0
+# Error replies a kept connection may have carried (``ERR 404`` only: any
+# other error closes it): a peer closes a connection after ten (its error
+# budget, p2p.limits.MAX_ERRORS_PER_CONNECTION), which would cost the next
+# fetch its holder.
+MAX_ERRORS_KEPT = 8
 
 
-def release(transport: object) -> None:
+def release(transport: object, error: bool = False) -> None:
     """
-    The fetch on C{transport} ended cleanly, every byte of its reply read:
-    keep the connection for the next fetch if it came from a pool, close
-    it otherwise.
+    The fetch on C{transport} ended cleanly, every byte of its reply read
+    (with C{error}: the reply was ``ERR 404``): keep the connection for the
+    next fetch if it came from a pool, close it otherwise.
     """
     keep = getattr(transport, "release_to_pool", None)
     if keep is not None:
-        keep()
+        keep(error)
     else:
         transport.loseConnection()  # type: ignore[attr-defined]
 
@@ -187,8 +192,8 @@ class _Borrowed:
         self.closed = True
         self._carrier.abort()
 
-    def release_to_pool(self) -> None:
-        self._carrier.release(self)
+    def release_to_pool(self, error: bool = False) -> None:
+        self._carrier.release(self, error)
 
 
 class _Carrier(Protocol):
@@ -216,6 +221,7 @@ class _Carrier(Protocol):
         self.greeting: bytes | None = None
         self._heard = bytearray()  # the greeting, or a kept one's first line
         self.uses = 0
+        self.errors = 0  # ERR 404 replies carried (see MAX_ERRORS_KEPT)
         self.born = pool.clock.seconds()
         self.idle_since = self.born
         self._ending = False
@@ -248,13 +254,16 @@ class _Carrier(Protocol):
             not self._lost
             and not self._ending
             and self.uses < MAX_USES
+            and self.errors < MAX_ERRORS_KEPT
             and self.pool.clock.seconds() - self.born < MAX_AGE_SECONDS
         )
 
-    def release(self, borrowed: _Borrowed) -> None:
-        """The fetch ended cleanly: keep the connection, idle."""
+    def release(self, borrowed: _Borrowed, error: bool = False) -> None:
+        """The fetch ended cleanly (with C{error}: on an ``ERR 404``): keep
+        the connection, idle."""
         if borrowed is not self.borrowed or self.inner is None:
             return
+        self.errors += error
         inner, self.inner, self.borrowed = self.inner, None, None
         inner.connectionLost(Failure(ConnectionDone("kept for the next fetch")))
         if not self.fresh_enough():

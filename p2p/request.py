@@ -86,9 +86,17 @@ class LineRequestProtocol(LineReceiver):
 
     def _finish(self, result: list[bytes] | Failure) -> None:
         if isinstance(result, Failure):
+            error = result.value
+            not_found = wire.Code.NOT_FOUND
+            if isinstance(error, wire.RemoteError) and error.code == not_found:
+                # A whole ERR 404 reply: kept, as FileFetchProtocol._fail.
+                self._replied = True
+                release(self.transport, error=True)
+                self.result.errback(result)
+                return
             # Fire first: a transport may report connectionLost from inside
             # loseConnection, which would otherwise fire an IncompleteReply
-            # first.  Never kept after an error (see FileFetchProtocol._fail).
+            # first.
             self.result.errback(result)
             self.transport.loseConnection()
             return

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import functools
 import io
 import os
 import queue
@@ -353,6 +354,12 @@ class FileOutput(Output):
     def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
         self.lock()
         assert self._fd is not None
+        if self._created and content.pieces == 1:
+            # Made empty by this run, for one piece: nothing to resume or cut
+            # (an earlier run's state file, if any, is replaced or removed
+            # by a content of several pieces; one piece keeps none).
+            self.content = content
+            return set()
         held = self._resumable(content, pieces)
         length = os.fstat(self._fd).st_size
         if not held and length:
@@ -430,10 +437,14 @@ class FileOutput(Output):
 
     def finish(self, durable: bool) -> None:
         assert self._fd is not None and self.content is not None
-        os.ftruncate(self._fd, self.content.size)
+        if not self._created or self.content.pieces > 1:
+            # Pieces may have come out of order, or an earlier run's file
+            # may be longer; one written from empty, in one piece, is whole.
+            os.ftruncate(self._fd, self.content.size)
         if durable:
             os.fsync(self._fd)
-        os.fchmod(self._fd, self._mode)
+        if not self._created:
+            os.fchmod(self._fd, self._mode)  # created: its mode is this already
         # Renamed while still locked: no other run can slip in between.
         os.replace(self.partial, self.path)
         if self._stated:
@@ -693,7 +704,10 @@ def _unlink(path: str) -> None:
         pass
 
 
+@functools.cache
 def _umask() -> int:
+    """The process's umask, read once (reading it means setting it: first
+    called on the reactor thread, before any worker creates a file)."""
     mask = os.umask(0)
     os.umask(mask)
     return mask

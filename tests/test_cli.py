@@ -1283,18 +1283,22 @@ class JobsTests(CommandTestCase):
         self.assertEqual(os.listdir(self.folder), [])
 
     def test_connections_kept_but_not_after_an_error(self) -> None:
-        """A connection that carried a file is kept for the next name; one
-        that carried an ERR is closed (a peer counts errors per connection,
-        and closes one after ten)."""
-        d = self.run_jobs("-j", "1", names=("a", "b", "c"))
+        """A connection that carried a file, or an ERR 404, is kept for the
+        next name (p2p.pool counts the 404s against the peer's error
+        budget); one that carried another ERR is closed."""
+        d = self.run_jobs("-j", "1", names=("a", "b", "c", "d"))
         protocol, transport = self.connect(1, b"P2P/2 peer")
         protocol.dataReceived(peer_reply(self.CONTENT))
         self.assertFalse(transport.disconnecting)
         self.assertEqual(len(self.reactor.tcpClients), 2, "b asked on it")
         self.assertEqual(transport.value(), b"GET a\nGET b\n")
         protocol.dataReceived(b"ERR 404 no such file\n")
+        self.assertFalse(transport.disconnecting)
+        self.assertEqual(len(self.reactor.tcpClients), 2, "c asked on it")
+        self.assertEqual(transport.value(), b"GET a\nGET b\nGET c\n")
+        protocol.dataReceived(b"ERR 503 busy\n")
         self.assertTrue(transport.disconnecting)
-        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET c\n")
+        self.assertEqual(serve(self.reactor, 2, self.CONTENT), b"GET d\n")
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
 
     def test_relay_line_once(self) -> None:

@@ -10,7 +10,7 @@ from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import pool, wire
+from p2p import limits, pool, wire
 from p2p.endpoints import peer_endpoint
 
 PEER = wire.PeerEntry("aaaaaaaaaaaaaaaa", "127.0.0.1", 4001)
@@ -24,9 +24,10 @@ class Asker(LineReceiver):
 
     delimiter = b"\n"
 
-    def __init__(self, request: bytes, keep: bool = True) -> None:
+    def __init__(self, request: bytes, keep: bool = True, error: bool = False) -> None:
         self.request = request
         self.keep = keep
+        self.error = error  # the reply is an ERR 404 (released as such)
         self.lines: list[bytes] = []
         self.lost: Failure | None = None
 
@@ -35,7 +36,7 @@ class Asker(LineReceiver):
         if len(self.lines) == 1:
             self.sendLine(self.request)
         elif self.keep:
-            pool.release(self.transport)
+            pool.release(self.transport, error=self.error)
         else:
             self.transport.loseConnection()
 
@@ -51,8 +52,14 @@ class PoolTestCase(SynchronousTestCase):
             lambda peer: peer_endpoint(self.reactor, peer, 5)
         )
 
-    def ask(self, request: bytes, peer: wire.PeerEntry = PEER, keep: bool = True):
-        asker = Asker(request, keep)
+    def ask(
+        self,
+        request: bytes,
+        peer: wire.PeerEntry = PEER,
+        keep: bool = True,
+        error: bool = False,
+    ):
+        asker = Asker(request, keep, error)
         d = self.endpoint_for(peer).connect(Factory.forProtocol(lambda: asker))
         return asker, d
 
@@ -126,6 +133,20 @@ class ReuseTests(PoolTestCase):
 
 
 class LimitTests(PoolTestCase):
+    def test_retired_after_max_errors(self) -> None:
+        """A connection carries at most MAX_ERRORS_KEPT ERR 404 replies,
+        below a peer's error budget (which would close it unasked)."""
+        self.ask(b"GET 0", error=True)
+        carrier, transport = self.connect(0)
+        carrier.dataReceived(b"ERR 404 no such file\n")
+        for number in range(1, pool.MAX_ERRORS_KEPT):
+            self.assertFalse(transport.disconnecting, number)
+            self.ask(b"GET %d" % number, error=True)
+            carrier.dataReceived(b"ERR 404 no such file\n")
+        self.assertEqual(len(self.reactor.tcpClients), 1)
+        self.assertTrue(transport.disconnecting)
+        self.assertLess(pool.MAX_ERRORS_KEPT, limits.MAX_ERRORS_PER_CONNECTION)
+
     def test_retired_after_max_uses(self) -> None:
         self.ask(b"GET 0")
         carrier, transport = self.connect(0)
