@@ -309,6 +309,10 @@ class FileOutput(Output):
         # Whether this run created the partial file (rather than finding an
         # earlier run's to resume).
         self._created = False
+        # Whether anything was written into it, and whether the content
+        # being assembled is one piece going into it while it was empty.
+        self._written = False
+        self._from_empty = False
         # Whether a state file (what makes the partial file resumable) is
         # there: none for a content of one piece, which has nothing to
         # resume (it saves three file-system operations per small file).
@@ -354,12 +358,14 @@ class FileOutput(Output):
     def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
         self.lock()
         assert self._fd is not None
-        if self._created and content.pieces == 1:
-            # Made empty by this run, for one piece: nothing to resume or cut
-            # (an earlier run's state file, if any, is replaced or removed
-            # by a content of several pieces; one piece keeps none).
+        # Made empty by this run, nothing written into it yet, for one
+        # piece: nothing to resume or cut (an earlier run's state file, if
+        # any, is replaced or removed by a content of several pieces).
+        self._from_empty = self._created and not self._written
+        if self._from_empty and content.pieces == 1:
             self.content = content
             return set()
+        self._from_empty = False
         held = self._resumable(content, pieces)
         length = os.fstat(self._fd).st_size
         if not held and length:
@@ -423,6 +429,7 @@ class FileOutput(Output):
 
     def write_piece(self, offset: int, data: PieceData) -> None:
         assert self._fd is not None
+        self._written = True
         buffers = list(parts_of(data))
         while buffers:
             written = os.pwritev(self._fd, buffers, offset)
@@ -437,9 +444,9 @@ class FileOutput(Output):
 
     def finish(self, durable: bool) -> None:
         assert self._fd is not None and self.content is not None
-        if not self._created or self.content.pieces > 1:
-            # Pieces may have come out of order, or an earlier run's file
-            # may be longer; one written from empty, in one piece, is whole.
+        if not self._from_empty:
+            # An earlier content's or run's bytes may lie past the end; one
+            # piece written into an empty file is whole.
             os.ftruncate(self._fd, self.content.size)
         if durable:
             os.fsync(self._fd)

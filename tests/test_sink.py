@@ -341,6 +341,20 @@ class SmallFileTests(SynchronousTestCase):
         sink.worker.run_all()
         self.assertEqual(os.listdir(self.folder), ["out.bin"])
 
+    def test_second_content_into_a_written_file(self) -> None:
+        """A second content prepared into the partial file after a first
+        one's bytes went in is cut to its own length."""
+        first, second = os.urandom(3000), os.urandom(1000)
+        output = FileOutput(self.path)
+        output.lock()
+        output.prepare(*describe(first))
+        output.write_piece(0, first)
+        output.prepare(*describe(second))
+        output.write_piece(0, second)
+        output.finish(durable=False)
+        with open(self.path, "rb") as stream:
+            self.assertEqual(stream.read(), second)
+
     def test_single_piece_interrupted_leaves_nothing(self) -> None:
         """Nothing to resume: even a kept partial file is removed."""
         content, listing = describe(os.urandom(1000))
