@@ -346,9 +346,25 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             return
         # Header and piece list are in: the deadline has been kept.
         self._disarm_deadline()
-        # Preparing the output may take long (hashing a partial file again).
-        self._pause()
+        # Preparing the output may take long (hashing a partial file again):
+        # reading stops meanwhile, unless it is done already (a small
+        # file's, on the reactor thread: no pause and resume to pay).
+        self._preparing = not d.called
+        if self._preparing:
+            self._pause()
         d.addCallbacks(self._ready, self._store_failed)
+
+    # Whether reading is paused while the sink prepares the output.
+    _preparing = False
+
+    def _prepared(self, content: bool = True) -> None:
+        """The output is ready: read again (if paused), and with C{content}
+        watch the rate from now."""
+        if self._preparing:
+            self._preparing = False
+            self._resume(content)
+        elif content and self._rate is not None:
+            self._rate.start()
 
     def _ready(self, _: None) -> None:
         if self.result.called:
@@ -369,7 +385,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             return
         self._accepting = True
         held, self._held = bytes(self._held), bytearray()
-        self._resume()
+        self._prepared()
         if held:
             self._content_received(held)
         elif self.remaining == 0 or self.sink.complete:
@@ -383,7 +399,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 "protocol error: bytes after the piece list", FailureKind.PROTOCOL
             )
             return
-        self._resume(content=False)
+        self._prepared(content=False)
         if self.sink.complete:
             self._complete()
             return
@@ -500,9 +516,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         # Whatever the peer sends after them is left unread (and not
         # counted against it): the pieces decide.
         self._all_in = True
-        self.transport.pauseProducing()
         self._stop_timers()
         d = self.sink.settled()
+        if not d.called:
+            self.transport.pauseProducing()  # settled at once: nothing to stop
         d.addCallbacks(self._verified, self._store_failed)
 
     def _verified(self, failed: list[int]) -> None:

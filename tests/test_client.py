@@ -104,6 +104,16 @@ def blob_for(data: bytes, offset: int = 0) -> wire.Blob:
     return wire.Blob(content.root_hex, offset, len(data) - offset)
 
 
+class _CountingTransport(StringTransport):
+    """Counts the times its reading was paused."""
+
+    pauses = 0
+
+    def pauseProducing(self) -> None:
+        self.pauses += 1
+        super().pauseProducing()
+
+
 class _OneFetch(SynchronousTestCase):
     """One fetch, on a StringTransport, fed by hand."""
 
@@ -175,6 +185,17 @@ class FileFetchProtocolTests(_OneFetch):
         self.assertTrue(self.transport.disconnecting)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         self.assertEqual(self.sink.received, len(CONTENT))
+        self.assertEqual(self.content(), CONTENT)
+
+    def test_small_content_never_pauses(self) -> None:
+        """A content the sink takes at once (stored on the reactor thread)
+        is read without pausing the transport: no pause and resume to pay
+        per small file."""
+        transport = _CountingTransport()
+        self.connect(transport)
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply_for(CONTENT))
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(transport.pauses, 0)
         self.assertEqual(self.content(), CONTENT)
 
     def test_several_pieces(self) -> None:
