@@ -175,6 +175,12 @@ class _Borrowed:
     def __getattr__(self, name: str):
         return getattr(self._carrier.transport, name)
 
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        """The carrier turned Nagle's algorithm off when it connected: only
+        turning it back on costs a system call."""
+        if not enabled:
+            self._carrier.transport.setTcpNoDelay(False)
+
     def write(self, data: bytes) -> None:
         if self.unanswered is not None:
             self.unanswered.append(data)

@@ -341,10 +341,12 @@ class FileOutput(Output):
                 fd = os.open(self.partial, flags)  # an earlier run's: resumable
                 created = False
             try:
-                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                held = os.fstat(fd)
+                if not stat.S_ISREG(held.st_mode):
                     raise OSError(errno.EINVAL, f"{self.partial} is not a file")
                 _lock(fd, self.partial)
-                if _same_file(fd, self.partial):
+                # (Locking changes neither the device nor the inode.)
+                if _same_file(fd, self.partial, held):
                     self._fd, self._created = fd, created
                     return
             except BaseException:
@@ -410,10 +412,13 @@ class FileOutput(Output):
             stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         except OSError:
             return None
-        try:
-            held = os.stat(self.partial).st_size
-        except OSError:
-            held = 0
+        if self._created and not self._written:
+            held = 0  # made empty by this run
+        else:
+            try:
+                held = os.stat(self.partial).st_size
+            except OSError:
+                held = 0
         return stats.f_bavail * stats.f_frsize + held
 
     def _write_state(self, content: Content) -> None:
@@ -507,13 +512,14 @@ def _lock(fd: int, path: str) -> None:
         ) from None
 
 
-def _same_file(fd: int, path: str) -> bool:
-    """Whether C{path} still names the file open at C{fd}."""
+def _same_file(fd: int, path: str, held: os.stat_result | None = None) -> bool:
+    """Whether C{path} still names the file open at C{fd} (C{held}: its
+    C{fstat}, if taken already)."""
     try:
         named = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    held = os.fstat(fd)
+    held = held or os.fstat(fd)
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 

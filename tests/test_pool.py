@@ -12,6 +12,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import limits, pool, wire
 from p2p.endpoints import peer_endpoint
+from p2p.transports import no_delay
 
 PEER = wire.PeerEntry("aaaaaaaaaaaaaaaa", "127.0.0.1", 4001)
 OTHER = wire.PeerEntry("bbbbbbbbbbbbbbbb", "127.0.0.1", 4002)
@@ -42,6 +43,17 @@ class Asker(LineReceiver):
 
     def connectionLost(self, reason: Failure | None = None) -> None:
         self.lost = reason
+
+
+class _NoDelayTransport(StringTransport):
+    """Records each setTcpNoDelay call."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.no_delay: list[bool] = []
+
+    def setTcpNoDelay(self, enabled: bool) -> None:
+        self.no_delay.append(enabled)
 
 
 class PoolTestCase(SynchronousTestCase):
@@ -125,6 +137,20 @@ class ReuseTests(PoolTestCase):
         carrier.dataReceived(b"OK\n")
         carrier.dataReceived(b"junk\n")
         self.assertTrue(transport.disconnecting)
+
+    def test_no_delay_set_once_per_connection(self) -> None:
+        """The carrier turns Nagle's algorithm off when it connects; a
+        fetch that asks again on the kept connection costs no system call."""
+        asker, _ = self.ask(b"GET a")
+        host, port, factory = self.reactor.tcpClients[0][:3]
+        carrier = factory.buildProtocol(IPv4Address("TCP", host, port))
+        transport = _NoDelayTransport()
+        carrier.makeConnection(transport)
+        self.assertEqual(transport.no_delay, [True])
+        no_delay(asker.transport)
+        self.assertEqual(transport.no_delay, [True])
+        asker.transport.setTcpNoDelay(False)
+        self.assertEqual(transport.no_delay, [True, False])
 
     def test_release_without_a_pool_closes(self) -> None:
         transport = StringTransport()
