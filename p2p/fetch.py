@@ -336,12 +336,14 @@ class _FetchRun:
             d.errback(Failure())
         # The endpoint's own timeout may be coarse (whole seconds); this one
         # bounds the connection attempt exactly.  After that, the protocol's
-        # idle timeout takes over.
-        d.addTimeout(
-            fetcher.connect_timeout,
-            fetcher.reactor,
-            onTimeoutCancel=cancelled_to_timeout,
-        )
+        # idle timeout takes over.  A kept connection is there at once: no
+        # timer to make and cancel.
+        if not d.called:
+            d.addTimeout(
+                fetcher.connect_timeout,
+                fetcher.reactor,
+                onTimeoutCancel=cancelled_to_timeout,
+            )
         d.addCallback(lambda _: protocol.result)
         attempt.deferred = d
         d.addCallbacks(self._succeeded, self._failed, (attempt,), None, (attempt,))

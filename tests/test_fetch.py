@@ -123,3 +123,46 @@ class UnexpectedFailureTests(SynchronousTestCase):
         self.failureResultOf(d)
         self.assertEqual([r.kind for r in reports], [FailureKind.REFUSED])
         self.assertIs(type(reports[0].kind), FailureKind)
+
+
+class _CountingClock(Clock):
+    """Remembers the delay of every call it was asked to schedule."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.delays: list[float] = []
+
+    def callLater(self, delay, f, *args, **kwargs):
+        self.delays.append(delay)
+        return super().callLater(delay, f, *args, **kwargs)
+
+
+class ConnectTimerTests(SynchronousTestCase):
+    """The connection attempt's own timer is made only while it connects."""
+
+    def fetch(self, peer: wire.PeerEntry):
+        self.clock = _CountingClock()
+        self.endpoints = _Endpoints()
+        fetcher = Fetcher(
+            self.clock,
+            connect_timeout=5,
+            endpoint_for=self.endpoints.endpoint_for,
+            now=self.clock.seconds,
+            stagger=0,
+        )
+        return fetcher.fetch(NAME, [peer], PieceSink(StreamOutput(io.BytesIO())))
+
+    def timers(self) -> list[float]:
+        return sorted(call.getTime() for call in self.clock.getDelayedCalls())
+
+    def test_connected_at_once_makes_no_connect_timer(self) -> None:
+        """A connection there at once (a kept one, p2p.pool) schedules only
+        the protocol's own timers (idle, header deadline), none of 5 s."""
+        self.fetch(PEER_B)
+        self.assertNotIn(5, self.clock.delays)
+
+    def test_connecting_is_bounded(self) -> None:
+        d = self.fetch(PEER_A)
+        self.assertEqual(self.timers(), [5.0])
+        self.clock.advance(5)
+        self.failureResultOf(d)
