@@ -380,7 +380,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         resumable = isinstance(self.request, wire.Get) and not self.sink.complete
         if resumable and self.sink.done:
             # An earlier run left verified pieces: ask for the rest instead.
-            offset = self.content.span(self.sink.missing()[0])[0]
+            offset = self.content.span(self.sink.first_missing())[0]
             self._fail(f"resuming at byte {offset}", FailureKind.RESUME)
             return
         self._accepting = True
@@ -403,7 +403,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         if self.sink.complete:
             self._complete()
             return
-        offset = self.content.span(self.sink.missing()[0])[0]
+        offset = self.content.span(self.sink.first_missing())[0]
         self.request = wire.Blob(
             self.content.root_hex, offset, self.content.size - offset
         )

@@ -308,7 +308,7 @@ class _FetchRun:
             if self.by_root:
                 return wire.Pieces(self.name)
             return wire.Get(self.name)
-        offset = content.span(self.sink.missing()[0])[0]
+        offset = content.span(self.sink.first_missing())[0]
         return wire.Blob(content.root_hex, offset, content.size - offset)
 
     def _start(self, index: int) -> None:

@@ -25,7 +25,7 @@ from __future__ import annotations
 import errno
 import os
 import struct
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 
 from blake3 import blake3
@@ -213,3 +213,82 @@ def hash_descriptor(
         progress(min(size, (index + 1) * piece_size))
     content = Content(root_of(size, piece_size, bytes(digests)), size, piece_size)
     return content, bytes(digests)
+
+
+class PieceSet:
+    """
+    The pieces of a content held so far: one bit per piece.  A set of ints
+    cost about 100 bytes a piece (2.6 MiB for 20 GiB in 1 MiB pieces), so a
+    client streaming a large file held memory that grew with its size.
+    Supports what a set of piece indexes was used for: C{in}, C{add},
+    C{|=}, C{clear}, C{len}, iteration in order, and equality with a set.
+    """
+
+    __slots__ = ("_bits", "_count")
+
+    def __init__(self, indexes: Iterable[int] = ()) -> None:
+        self._bits = bytearray()
+        self._count = 0
+        for index in indexes:
+            self.add(index)
+
+    def __contains__(self, index: object) -> bool:
+        if not isinstance(index, int) or index < 0:
+            return False
+        byte = index >> 3
+        return byte < len(self._bits) and bool(self._bits[byte] >> (index & 7) & 1)
+
+    def add(self, index: int) -> None:
+        if index < 0:
+            raise ValueError(f"no piece {index}")
+        byte = index >> 3
+        if byte >= len(self._bits):
+            self._bits.extend(bytes(byte + 1 - len(self._bits)))
+        mask = 1 << (index & 7)
+        if not self._bits[byte] & mask:
+            self._bits[byte] |= mask
+            self._count += 1
+
+    def __ior__(self, indexes: Iterable[int]) -> PieceSet:
+        for index in indexes:
+            self.add(index)
+        return self
+
+    def clear(self) -> None:
+        self._bits = bytearray()
+        self._count = 0
+
+    def first_missing(self, pieces: int) -> int | None:
+        """The lowest index below C{pieces} not held, if any."""
+        for byte_index, byte in enumerate(self._bits):
+            if byte != 0xFF:
+                index = byte_index * 8 + (~byte & (byte + 1)).bit_length() - 1
+                return index if index < pieces else None
+        index = len(self._bits) * 8
+        return index if index < pieces else None
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __iter__(self) -> Iterator[int]:
+        for byte_index, byte in enumerate(self._bits):
+            if byte:
+                base = byte_index * 8
+                for bit in range(8):
+                    if byte >> bit & 1:
+                        yield base + bit
+
+    def __eq__(self, other: object) -> bool:
+        if isinstance(other, PieceSet):
+            return self._bits.rstrip(b"\0") == other._bits.rstrip(b"\0")
+        if isinstance(other, (set, frozenset)):
+            return len(other) == self._count and all(i in self for i in other)
+        return NotImplemented
+
+    __hash__ = None  # type: ignore[assignment]
+
+    def __repr__(self) -> str:
+        return f"PieceSet({sorted(self)!r})"

@@ -41,6 +41,7 @@ from p2p.pieces import (
     Content,
     PieceData,
     PieceList,
+    PieceSet,
     hash_piece,
     length_of,
     parts_of,
@@ -763,7 +764,7 @@ class PieceSink:
         self.durable = durable
         self.content: Content | None = None
         self.pieces: PieceList | None = None
-        self.done: set[int] = set()
+        self.done = PieceSet()
         self.received = 0  # verified bytes stored
         self._failed: list[int] = []
         self._backlog = 0
@@ -869,6 +870,13 @@ class PieceSink:
         """The pieces still to fetch, in order."""
         assert self.content is not None
         return [i for i in range(self.content.pieces) if i not in self.done]
+
+    def first_missing(self) -> int:
+        """The first piece still to fetch (the content is not complete)."""
+        assert self.content is not None
+        index = self.done.first_missing(self.content.pieces)
+        assert index is not None, "the content is complete"
+        return index
 
     # -- pieces --------------------------------------------------------------
 

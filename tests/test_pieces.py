@@ -10,7 +10,7 @@ from blake3 import blake3
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import pieces
-from p2p.pieces import Content, PieceList, PieceListMismatch
+from p2p.pieces import Content, PieceList, PieceListMismatch, PieceSet
 
 MIB = 1024 * 1024
 
@@ -109,3 +109,48 @@ class PieceListTests(SynchronousTestCase):
         )
         swapped = self.digests[32:64] + self.digests[:32] + self.digests[64:]
         self.assertRaises(PieceListMismatch, PieceList.check, self.content, swapped)
+
+
+class PieceSetTests(SynchronousTestCase):
+    """The pieces held, one bit each: memory that does not grow with a
+    file's size as a set of ints did (about 100 bytes a piece)."""
+
+    def test_as_a_set(self) -> None:
+        held = PieceSet([3, 0])
+        held.add(9)
+        held.add(3)
+        held |= {1, 9}
+        self.assertEqual(len(held), 4)
+        self.assertEqual(list(held), [0, 1, 3, 9])
+        self.assertEqual(held, {0, 1, 3, 9})
+        self.assertNotEqual(held, {0, 1, 3})
+        self.assertIn(9, held)
+        for absent in (2, 10, 1000, -1, "3"):
+            self.assertNotIn(absent, held)
+        self.assertTrue(held)
+        held.clear()
+        self.assertFalse(held)
+        self.assertEqual(held, set())
+        self.assertEqual(held, PieceSet())
+
+    def test_first_missing(self) -> None:
+        held = PieceSet()
+        self.assertEqual(held.first_missing(5), 0)
+        held |= range(8)
+        self.assertEqual(held.first_missing(20), 8)
+        self.assertIsNone(held.first_missing(8))
+        held |= {9, 10}
+        self.assertEqual(held.first_missing(20), 8)
+        held.add(8)
+        self.assertEqual(held.first_missing(20), 11)
+        self.assertIsNone(held.first_missing(11))
+
+    def test_small_for_many_pieces(self) -> None:
+        """20 GiB in 1 MiB pieces: 20,480 bits, 2,560 bytes."""
+        held = PieceSet(range(20480))
+        self.assertEqual(len(held), 20480)
+        self.assertEqual(len(held._bits), 2560)
+        self.assertEqual(held.first_missing(20481), 20480)
+
+    def test_negative_index_refused(self) -> None:
+        self.assertRaises(ValueError, PieceSet().add, -1)
