@@ -509,11 +509,9 @@ class ClientSession:
         (L{_early_hint}).
         """
         if self._listed_with_files and self._listing is not None:
-            _drop(early)
             return hints.suggest(self._listing, name, wire.MAX_PEERS_PER_PAGE)
         relay = self.relays.endpoint
         if relay is None:
-            _drop(early)
             return []  # the cached list: no relay to ask
         try:
             if early is None:
@@ -608,27 +606,31 @@ class ClientSession:
         listing = self.peers(cached=True)
         early = self._early_hint(name) if early_wanted else None
         try:
-            peers = yield listing
-        except RELAY_FAILURES:
-            _drop(early)
-            return GetResult(
-                name,
-                Status.RELAY_FAILED,
-                output_label,
-                problem=describe(Failure()),
-            )
-        if not peers:
-            _drop(early)
-            observer.listed(name, self.relay_text, 0, None)
-            return GetResult(name, Status.NO_PEERS, output_label)
-        if by_root:
-            # The relay's hints are by name: every peer may hold a content.
-            suggested: list[wire.PeerEntry] = []
-            observer.listed(name, self.relay_text, len(peers), None)
-        else:
-            suggested = yield self.suggested(name, early)
-            count = None if self._listing_cached else len(suggested)
-            observer.listed(name, self.relay_text, len(peers), count)
+            try:
+                peers = yield listing
+            except RELAY_FAILURES:
+                return GetResult(
+                    name,
+                    Status.RELAY_FAILED,
+                    output_label,
+                    problem=describe(Failure()),
+                )
+            if not peers:
+                observer.listed(name, self.relay_text, 0, None)
+                return GetResult(name, Status.NO_PEERS, output_label)
+            if by_root:
+                # The relay's hints are by name: every peer may hold a content.
+                suggested: list[wire.PeerEntry] = []
+                observer.listed(name, self.relay_text, len(peers), None)
+            else:
+                suggested = yield self.suggested(name, early)
+                count = None if self._listing_cached else len(suggested)
+                observer.listed(name, self.relay_text, len(peers), count)
+        finally:
+            # The early question, if its answer was not wanted after all
+            # (the relay failed, no peers, the cached list): stopped.
+            if early is not None and not early.called:
+                early.cancel()
         peers = hinted_order(suggested, peers)
         # Likely holders, for several sources at once: the relay's
         # suggestions by name; any peer for a content root.
@@ -808,12 +810,6 @@ class ClientSession:
         """
         running, self._running = self._running, []
         return [_left_by(name, sink) for name, sink in running]
-
-
-def _drop(early: Deferred | None) -> None:
-    """An early question to the relay no longer wanted: stop it."""
-    if early is not None and not early.called:
-        early.cancel()
 
 
 def _left_by(name: str, sink: PieceSink) -> Interruption:

@@ -187,6 +187,11 @@ class Output:
         """Get ready for C{content}; return the pieces already held."""
         return set()
 
+    @property
+    def _empty(self) -> bool:
+        """Whether the partial file is as this run made it: empty."""
+        return self._created and not self._written
+
     def write_piece(self, offset: int, data: PieceData) -> None:
         raise NotImplementedError
 
@@ -347,7 +352,7 @@ class FileOutput(Output):
                     raise OSError(errno.EINVAL, f"{self.partial} is not a file")
                 _lock(fd, self.partial)
                 # (Locking changes neither the device nor the inode.)
-                if _same_file(fd, self.partial, held):
+                if _same_file(self.partial, held):
                     self._fd, self._created = fd, created
                     return
             except BaseException:
@@ -364,7 +369,7 @@ class FileOutput(Output):
         # Made empty by this run, nothing written into it yet, for one
         # piece: nothing to resume or cut (an earlier run's state file, if
         # any, is replaced or removed by a content of several pieces).
-        self._from_empty = self._created and not self._written
+        self._from_empty = self._empty
         if self._from_empty and content.pieces == 1:
             self.content = content
             return set()
@@ -413,8 +418,8 @@ class FileOutput(Output):
             stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
         except OSError:
             return None
-        if self._created and not self._written:
-            held = 0  # made empty by this run
+        if self._empty:
+            held = 0
         else:
             try:
                 held = os.stat(self.partial).st_size
@@ -513,14 +518,12 @@ def _lock(fd: int, path: str) -> None:
         ) from None
 
 
-def _same_file(fd: int, path: str, held: os.stat_result | None = None) -> bool:
-    """Whether C{path} still names the file open at C{fd} (C{held}: its
-    C{fstat}, if taken already)."""
+def _same_file(path: str, held: os.stat_result) -> bool:
+    """Whether C{path} still names the file whose C{fstat} is C{held}."""
     try:
         named = os.stat(path, follow_symlinks=False)
     except FileNotFoundError:
         return False
-    held = held or os.fstat(fd)
     return (named.st_dev, named.st_ino) == (held.st_dev, held.st_ino)
 
 
