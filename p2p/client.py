@@ -40,7 +40,7 @@ from p2p.pieces import (
 from p2p.pool import release
 from p2p.request import request_lines
 from p2p.sink import ContentMismatch, PieceSink
-from p2p.transports import no_delay, read_in_large_chunks
+from p2p.transports import no_delay, read_in_large_chunks, read_into_buffers
 from p2p.units import format_bytes
 from p2p.wire import WireError
 
@@ -137,6 +137,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def connectionMade(self) -> None:
         no_delay(self.transport)
         read_in_large_chunks(self.transport)
+        read_into_buffers(self.transport, self)
         self.setTimeout(self.idle_timeout)
         self._arm_deadline()
         # Asked at once, not after the banner: a round trip sooner on a new
@@ -438,14 +439,23 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._content_received(data)
 
     def _content_received(self, data: bytes) -> None:
-        self.remaining -= len(data)
-        if self._rate is not None:
-            self._rate.count(len(data))
+        self._counted(len(data))
+        if self._into is not None:
+            self._unlend()
         try:
             keep_going = self._receive_content(data)
         except OSError as e:
             self._output_failed(e)
             return
+        self._go_on(keep_going)
+
+    def _counted(self, count: int) -> None:
+        self.remaining -= count
+        if self._rate is not None:
+            self._rate.count(count)
+
+    def _go_on(self, keep_going: bool) -> None:
+        """After content bytes: complete, or pause while the sink is behind."""
         if self.result.called:
             return
         if self.remaining == 0:
@@ -454,6 +464,77 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             # The sink's worker is behind: stop reading until it catches up.
             self._pause()
             self.sink.when_drained().addCallback(self._drained)
+
+    # -- content received in place (p2p.transports.read_into_buffers) ---------
+
+    # The piece being received into a buffer the sink lent, and how many of
+    # its bytes are in.
+    _into: bytearray | None = None
+    _into_bytes = 0
+
+    def receive_buffer(self) -> memoryview | None:
+        """
+        Where the transport may put the next content bytes: the rest of
+        the current piece's lent buffer (never past the announced count).
+        C{None} outside the content (lines, the piece digests), where
+        bytes come to L{dataReceived}.
+        """
+        if (
+            not self._accepting
+            or self.line_mode
+            or self._digests is not None
+            or self.remaining <= 0
+            or self._all_in
+            or self.result.called
+        ):
+            return None
+        into = self._into
+        if into is None:
+            into = self._into = self.sink.lend(self._index)
+            # The piece's first bytes may have come in a read of their own
+            # (with the header, say): copied in once.
+            filled = 0
+            for part in self._piece:
+                into[filled : filled + len(part)] = part
+                filled += len(part)
+            self._into_bytes = filled
+            self._piece, self._piece_bytes = [], 0
+        start = self._into_bytes
+        return memoryview(into)[start : start + min(len(into) - start, self.remaining)]
+
+    def received_into(self, count: int) -> None:
+        """C{count} bytes arrived in the buffer L{receive_buffer} gave."""
+        if self.result.called:
+            return
+        self.resetTimeout()
+        self._counted(count)
+        into = self._into
+        assert into is not None
+        self._into_bytes += count
+        keep_going = True
+        if self._into_bytes == len(into):
+            index = self._index
+            self._index += 1
+            self._into = None
+            if index in self.sink.done:
+                self.sink.take_back(into)
+            else:
+                try:
+                    keep_going = self.sink.write(index, into, self._bad_piece)
+                except OSError as e:
+                    self._output_failed(e)
+                    return
+        self._go_on(keep_going)
+
+    def _unlend(self) -> None:
+        """Back to pieces kept as received chunks: the part of the current
+        piece already in a lent buffer becomes such a chunk."""
+        into, self._into = self._into, None
+        assert into is not None
+        if self._into_bytes:
+            self._piece = [memoryview(bytes(memoryview(into)[: self._into_bytes]))]
+            self._piece_bytes = self._into_bytes
+        self.sink.take_back(into)
 
     def _receive_digests(self, data: bytes) -> bytes:
         """Collect the piece digests; return what follows them."""
@@ -585,6 +666,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def connectionLost(self, reason: Failure | None = None) -> None:
         self._gone = True
         self._stop_timers()
+        if self._into is not None:
+            into, self._into = self._into, None
+            self.sink.take_back(into)
         if self.result.called or self._kept:
             return
         if self.header is None:

@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
-from p2p.transports import no_delay, read_in_large_chunks
+from p2p.transports import no_delay, read_in_large_chunks, read_into_buffers
 
 # Idle connections kept in all (the oldest idle one is closed past it).
 MAX_IDLE = 8
@@ -238,6 +238,7 @@ class _Carrier(Protocol):
     def connectionMade(self) -> None:
         no_delay(self.transport)
         read_in_large_chunks(self.transport)
+        read_into_buffers(self.transport, self)
         if self._build is not None:
             protocol = self._build(self.transport.getPeer())
             if protocol is None:
@@ -305,6 +306,24 @@ class _Carrier(Protocol):
             self.close()  # a peer talking out of turn: not ours to keep
             return
         self.inner.dataReceived(data)
+
+    def receive_buffer(self) -> memoryview | None:
+        """The carried fetch's buffer for its next bytes, if it offers one
+        (L{p2p.transports.read_into_buffers}); none while this connection
+        still listens for its greeting or a kept one's first reply line."""
+        inner = self.inner
+        if (
+            inner is None
+            or self.greeting is None
+            or (self.borrowed is not None and self.borrowed.unanswered is not None)
+        ):
+            return None
+        offer = getattr(inner, "receive_buffer", None)
+        return offer() if offer is not None else None
+
+    def received_into(self, count: int) -> None:
+        assert self.inner is not None
+        self.inner.received_into(count)  # type: ignore[attr-defined]
 
     def _listen(self, data: bytes) -> bytes:
         """

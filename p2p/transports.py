@@ -20,13 +20,21 @@ L{read_in_large_chunks} makes a plain TCP transport read up to 1 MiB per
 ``recv`` instead of Twisted's 64 KiB: a client receiving a large file then
 runs its Python receive path a sixteenth as often (bench/transfer.py's
 CPU-per-GiB table shows what the receiving side costs).
+
+L{read_into_buffers} lets a protocol that offers buffers
+(L{BufferedReceiver}) have a plain TCP transport ``recv_into`` them, so a
+client assembles a large file's pieces in a few reused buffers instead of
+a fresh bytes object per read: no allocation, no page faults, no heap
+fragmentation while gigabytes pass (see L{p2p.sink.PieceSink.lend}).
 """
 
 from __future__ import annotations
 
 import socket
+from errno import EWOULDBLOCK
+from typing import Protocol as TypingProtocol
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.interfaces import ISSLTransport
 
 
@@ -182,3 +190,58 @@ def no_delay(transport: object) -> None:
         set_no_delay(True)
     except OSError:
         pass  # the connection is already gone
+
+
+class BufferedReceiver(TypingProtocol):
+    """
+    A protocol that may offer the transport a buffer to receive into.
+
+    While C{receive_buffer} returns a writable memoryview, a transport set
+    up by L{read_into_buffers} receives into it and calls
+    C{received_into} with the count instead of C{dataReceived}; while it
+    returns C{None}, bytes come to C{dataReceived} as usual.
+    """
+
+    def receive_buffer(self) -> memoryview | None: ...
+
+    def received_into(self, count: int) -> None: ...
+
+
+def read_into_buffers(transport: object, receiver: BufferedReceiver) -> bool:
+    """
+    Make a plain TCP C{transport} ``recv_into`` the buffers C{receiver}
+    offers, whenever it offers one; other transports (TLS, test
+    transports) are left alone.  C{receiver} is the protocol the
+    connection's bytes reach, maybe through a wrapper (an endpoint's
+    connection runs Twisted's wrapping protocol, which only passes them
+    on).
+
+    This replaces the connection's C{doRead} with the same steps Twisted's
+    L{tcp.Connection.doRead} takes (errors, end of input), on the socket
+    Twisted exposes as C{socket}: tests/test_transports.py checks both
+    against the installed Twisted.
+
+    :return: whether the transport was set up.
+    """
+    if not is_plain_tcp(transport):
+        return False
+    connection: tcp.Connection = transport  # type: ignore[assignment]
+    read_bytes = connection.doRead
+
+    def doRead() -> object:
+        view = receiver.receive_buffer()
+        if view is None:
+            return read_bytes()
+        try:
+            count = connection.socket.recv_into(view)
+        except OSError as e:
+            if e.args[0] == EWOULDBLOCK:
+                return None
+            return main.CONNECTION_LOST
+        if not count:
+            return main.CONNECTION_DONE
+        receiver.received_into(count)
+        return None
+
+    connection.doRead = doRead  # type: ignore[method-assign]
+    return True

@@ -497,6 +497,100 @@ class FileFetchProtocolTests(_OneFetch):
         self.assertFailed("corrupted")
 
 
+class ReceivedInPlaceTests(_OneFetch):
+    """
+    Content received in place (L{FileFetchProtocol.receive_buffer}, as a
+    plain TCP transport does through L{p2p.transports.read_into_buffers}):
+    the same pieces, checked the same way, in buffers the sink lends.
+    """
+
+    def start(self, data: bytes = BIG, first: int = 1000, request=None) -> bytes:
+        """Greet, and send the reply up to C{first} content bytes as one
+        read (as the read carrying the header would); return the rest."""
+        self.connect(request=request)
+        self.assertIsNone(self.protocol.receive_buffer(), "no content yet")
+        offset = request.offset if request is not None else 0
+        reply = reply_for(data, offset)
+        body = len(reply) - (len(data) - offset)
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply[: body + first])
+        return reply[body + first :]
+
+    def feed_in_place(self, rest: bytes, step: int = 300 * 1024) -> list[int]:
+        """Put C{rest} into the offered buffers, C{step} bytes at most per
+        read; return the lengths offered."""
+        offered = []
+        while rest and not self.protocol.result.called:
+            view = self.protocol.receive_buffer()
+            self.assertIsNotNone(view)
+            offered.append(len(view))
+            count = min(len(view), step, len(rest))
+            view[:count] = rest[:count]
+            self.protocol.received_into(count)
+            rest = rest[count:]
+        return offered
+
+    def test_whole_transfer_in_place(self) -> None:
+        """Every piece arrives in place (the first piece's first bytes
+        came with the header): verified, in order, complete."""
+        self.feed_in_place(self.start())
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), BIG)
+        self.assertIsNone(self.protocol.receive_buffer(), "nothing more to take")
+
+    def test_offers_never_cross_a_piece_or_the_announced_count(self) -> None:
+        offered = self.feed_in_place(self.start(), step=MIB)
+        self.assertEqual(offered, [MIB - 1000, MIB, MIB, 1792])
+        self.successResultOf(self.protocol.result)
+
+    def test_range_ending_inside_a_piece(self) -> None:
+        """A BLOB of the last piece: the buffer offered is that piece's
+        length, the announced count."""
+        content, digests = describe(BIG)
+        self.successResultOf(
+            self.sink.begin(content, PieceList.check(content, digests))
+        )
+        rest = self.start(first=0, request=blob_for(BIG, 3 * MIB))
+        self.assertEqual(self.feed_in_place(rest), [1792])
+        self.successResultOf(self.protocol.result)
+
+    def test_no_buffer_while_the_piece_list_comes(self) -> None:
+        self.connect()
+        reply = reply_for(BIG)
+        self.protocol.dataReceived(b"P2P/2 peer\n" + reply[: reply.index(b"\n") + 40])
+        self.assertIsNone(self.protocol.receive_buffer())
+
+    def test_corrupted_piece_in_place(self) -> None:
+        """A piece that fails its digest fails the peer; only the pieces
+        before it reach the output."""
+        rest = bytearray(self.start())
+        rest[MIB + 5] ^= 1
+        self.feed_in_place(bytes(rest))
+        self.assertFailed("piece 1 does not match", "corrupted")
+        self.assertEqual(self.content(), BIG[:MIB])
+
+    def test_buffer_taken_back_when_the_connection_ends(self) -> None:
+        """A piece cut short by the connection's end gives its buffer back
+        to the sink, to be lent again."""
+        rest = self.start()
+        view = self.protocol.receive_buffer()
+        view[:500] = rest[:500]
+        self.protocol.received_into(500)
+        self.protocol.connectionLost(Failure(ConnectionDone()))
+        self.assertFailed("broken transfer", "broken")
+        self.assertIs(self.sink.lend(0), view.obj)
+
+    def test_back_to_chunks_mid_piece(self) -> None:
+        """Bytes that come as chunks after some came in place (a transport
+        that stopped offering) still make the same pieces."""
+        rest = self.start()
+        view = self.protocol.receive_buffer()
+        view[:5000] = rest[:5000]
+        self.protocol.received_into(5000)
+        self.protocol.dataReceived(rest[5000:])
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), BIG)
+
+
 class PaceTests(_OneFetch):
     """
     What a peer must keep up to (L{p2p.pace}): the minimum rate of a

@@ -86,6 +86,58 @@ class PoolTestCase(SynchronousTestCase):
         return carrier, transport
 
 
+class BufferedAsker(Asker):
+    """An Asker that, once answered, offers a buffer to receive into (a
+    fetch receiving content in place)."""
+
+    def __init__(self, request: bytes) -> None:
+        super().__init__(request, keep=False)
+        self.buffer = bytearray(16)
+        self.counts: list[int] = []
+
+    def lineReceived(self, line: bytes) -> None:
+        self.lines.append(line)
+        if len(self.lines) == 1:
+            self.sendLine(self.request)
+
+    def receive_buffer(self) -> memoryview | None:
+        return memoryview(self.buffer) if len(self.lines) > 1 else None
+
+    def received_into(self, count: int) -> None:
+        self.counts.append(count)
+
+
+class ReceivedInPlaceTests(PoolTestCase):
+    """The carrier passes the transport's in-place reads on to the fetch it
+    carries, but never while it still reads lines for itself."""
+
+    def test_offered_once_greeted(self) -> None:
+        asker = BufferedAsker(b"GET a")
+        self.endpoint_for(PEER).connect(Factory.forProtocol(lambda: asker))
+        wrapped, _ = self.connect(0, greet=False)
+        carrier = asker.transport._carrier
+        self.assertIsNone(carrier.receive_buffer(), "the greeting is the carrier's")
+        wrapped.dataReceived(GREETING + b"OK a\n")
+        self.assertIs(carrier.receive_buffer().obj, asker.buffer)
+        carrier.received_into(7)
+        self.assertEqual(asker.counts, [7])
+
+    def test_not_before_a_kept_connections_first_reply(self) -> None:
+        """On a kept connection the first reply line is the carrier's to
+        read (a peer may say ``ERR 429 ...; reconnect``)."""
+        first, _ = self.ask(b"GET a")
+        wrapped, _ = self.connect(0)
+        carrier = first.transport._carrier
+        wrapped.dataReceived(b"OK a\n")
+        self.assertIsNone(carrier.receive_buffer(), "idle: nothing carried")
+        asker = BufferedAsker(b"GET b")
+        self.endpoint_for(PEER).connect(Factory.forProtocol(lambda: asker))
+        self.assertIs(asker.transport._carrier, carrier)
+        self.assertIsNone(carrier.receive_buffer())
+        wrapped.dataReceived(b"OK b\n")
+        self.assertIs(carrier.receive_buffer().obj, asker.buffer)
+
+
 class ReuseTests(PoolTestCase):
     def test_second_fetch_takes_the_connection(self) -> None:
         first, d = self.ask(b"GET a")

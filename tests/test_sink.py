@@ -22,6 +22,7 @@ from p2p.pieces import Content, PieceList
 from p2p.sink import (
     HIGH_WATER_BYTES,
     PARTIAL_SUFFIX,
+    SPARE_BYTES,
     STATE_SUFFIX,
     ContentMismatch,
     FileOutput,
@@ -216,6 +217,90 @@ class BackpressureTests(SynchronousTestCase):
         worker.run_all()
         self.assertIsNone(fired(drained))
         self.assertTrue(sink.complete)
+
+
+class LentBufferTests(SynchronousTestCase):
+    """
+    L{PieceSink.lend}: receivers fill buffers the sink lends and takes
+    back once their piece is stored, so a large download runs in the
+    same few buffers.
+    """
+
+    def setUp(self) -> None:
+        self.data = os.urandom(3 * MIB + 10)
+        self.content, self.list = describe(self.data)
+        self.stream = io.BytesIO()
+        self.worker = QueuedWorker()
+        self.sink = PieceSink(StreamOutput(self.stream), self.worker)
+        self.sink.begin(self.content, self.list)
+        self.worker.run_all()
+
+    def filled(self, index: int) -> bytearray:
+        buffer = self.sink.lend(index)
+        offset, length = self.content.span(index)
+        self.assertEqual(len(buffer), length)
+        buffer[:] = self.data[offset : offset + length]
+        return buffer
+
+    def test_whole_piece_buffers_lent_again(self) -> None:
+        """A stored piece's buffer is the next one lent, not a new one;
+        the short last piece gets its own length."""
+        first = self.filled(0)
+        self.sink.write(0, first)
+        self.assertIsNot(self.sink.lend(1), first, "not stored yet")
+        self.worker.run_all()
+        second = self.filled(1)
+        self.assertIs(second, first)
+        self.sink.write(1, second)
+        self.worker.run_all()
+        last = self.filled(3)
+        self.assertEqual(len(last), 10)
+        self.sink.write(3, last)
+        self.sink.write(2, self.filled(2))
+        self.worker.run_all()
+        self.assertEqual(self.stream.getvalue(), self.data)
+
+    def test_bad_piece_buffer_taken_back(self) -> None:
+        """A buffer whose piece failed verification is lent again too."""
+        buffer = self.filled(0)
+        buffer[0] ^= 1
+        self.sink.write(0, buffer)
+        settled = self.sink.settled()
+        self.worker.run_all()
+        self.assertEqual(fired(settled), [0])
+        self.assertIs(self.sink.lend(0), buffer)
+
+    def test_spares_are_bounded(self) -> None:
+        """No more spare buffers are kept than the backlog and the piece
+        being received need, however many were lent at once."""
+        many = SPARE_BYTES // MIB + 5
+        lent = [self.sink.lend(0) for _ in range(many)]
+        for buffer in lent:
+            self.sink.take_back(buffer)
+        again = {id(self.sink.lend(0)) for _ in range(many)}
+        self.assertEqual(len(again & {id(b) for b in lent}), SPARE_BYTES // MIB)
+
+    def test_only_lent_buffers_are_taken_back(self) -> None:
+        """A caller's own buffer is never lent out (it may still use it)."""
+        own = bytearray(MIB)
+        self.sink.take_back(own)
+        self.assertIsNot(self.sink.lend(0), own)
+
+    def test_held_piece_copied_before_its_buffer_is_reused(self) -> None:
+        """
+        A piece ahead of the stream (several sources) waits in the output
+        after its buffer went back: what waits is a copy, so the buffer
+        lent again and overwritten changes nothing.
+        """
+        ahead = self.filled(1)
+        self.sink.write(1, ahead)
+        self.worker.run_all()
+        reused = self.sink.lend(2)
+        self.assertIs(reused, ahead)
+        reused[:] = b"x" * MIB
+        self.sink.write(0, self.filled(0))
+        self.worker.run_all()
+        self.assertEqual(self.stream.getvalue(), self.data[: 2 * MIB])
 
 
 class FileTests(SynchronousTestCase):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import socket
 
-from twisted.internet import tcp
+from twisted.internet import main, tcp
 from twisted.internet.abstract import FileDescriptor
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
 from twisted.trial.unittest import SynchronousTestCase
@@ -20,6 +20,7 @@ from p2p.transports import (
     cap_send_buffer,
     plain_socket,
     read_in_large_chunks,
+    read_into_buffers,
     unsent_output,
     write_now,
 )
@@ -109,6 +110,90 @@ class LargeReadsTests(SynchronousTestCase):
         transport = StringTransport()
         self.assertFalse(read_in_large_chunks(transport))
         self.assertFalse(hasattr(transport, "bufferSize"))
+
+
+class _Offering:
+    """A receiver that offers C{size} bytes of its buffer per read (none
+    while C{size} is 0) and records what reaches it either way."""
+
+    def __init__(self, size: int) -> None:
+        self.buffer = bytearray(1 << 20)
+        self.size = size
+        self.filled = 0
+        self.counts: list[int] = []
+        self.chunks: list[bytes] = []
+
+    def receive_buffer(self) -> memoryview | None:
+        if not self.size:
+            return None
+        return memoryview(self.buffer)[self.filled : self.filled + self.size]
+
+    def received_into(self, count: int) -> None:
+        self.filled += count
+        self.counts.append(count)
+
+    def dataReceived(self, data: bytes) -> None:
+        self.chunks.append(data)
+
+
+class ReadIntoBuffersTests(SynchronousTestCase):
+    """
+    L{read_into_buffers} on a real tcp.Connection: it takes over Twisted's
+    C{doRead}, so these fail loudly if Twisted's transport stops keeping
+    its socket in C{socket}, or its C{doRead} changes what it returns.
+    """
+
+    def setUp(self) -> None:
+        self.connection, self.theirs = connection_pair(self)
+        self.receiver = _Offering(4096)
+        self.connection.protocol = self.receiver
+        self.assertTrue(read_into_buffers(self.connection, self.receiver))
+
+    def test_received_into_the_offered_buffer(self) -> None:
+        """Bytes go into the buffer offered, never past it, and only its
+        count is reported: C{dataReceived} sees nothing."""
+        self.theirs.send(b"a" * 5000)
+        self.assertIsNone(self.connection.doRead())
+        self.assertEqual(self.receiver.counts, [4096])
+        self.assertIsNone(self.connection.doRead())
+        self.assertEqual(self.receiver.counts, [4096, 904])
+        self.assertEqual(bytes(self.receiver.buffer[:5000]), b"a" * 5000)
+        self.assertEqual(self.receiver.chunks, [])
+
+    def test_no_buffer_offered(self) -> None:
+        """Without a buffer on offer, Twisted's own read runs."""
+        self.receiver.size = 0
+        self.theirs.send(b"line\n")
+        self.assertIsNone(self.connection.doRead())
+        self.assertEqual(self.receiver.chunks, [b"line\n"])
+        self.assertEqual(self.receiver.counts, [])
+
+    def test_nothing_to_read(self) -> None:
+        """A spurious wake-up (EWOULDBLOCK) is nothing, as in Twisted."""
+        self.assertIsNone(self.connection.doRead())
+        self.assertEqual(self.receiver.counts, [])
+
+    def test_end_of_input_as_twisted_says_it(self) -> None:
+        """The other end closing is the same to the reactor as with
+        Twisted's own C{doRead}, which is checked on a second pair."""
+        self.theirs.close()
+        ours = self.connection.doRead()
+        plain, theirs = connection_pair(self)
+        plain.protocol = _Offering(0)
+        theirs.close()
+        self.assertIs(ours, main.CONNECTION_DONE)
+        self.assertIs(tcp.Connection.doRead(plain), main.CONNECTION_DONE)
+
+    def test_reset_is_connection_lost(self) -> None:
+        """A broken connection (here: a closed socket) is lost, as Twisted
+        reports a failed recv."""
+        self.connection.socket.close()
+        self.assertIs(self.connection.doRead(), main.CONNECTION_LOST)
+
+    def test_other_transports_untouched(self) -> None:
+        transport = StringTransport()
+        self.assertFalse(read_into_buffers(transport, self.receiver))
+        self.assertFalse(hasattr(transport, "doRead"))
 
 
 class WriteNowTests(SynchronousTestCase):
