@@ -40,7 +40,12 @@ from p2p.pieces import (
 from p2p.pool import release
 from p2p.request import request_lines
 from p2p.sink import ContentMismatch, PieceSink
-from p2p.transports import no_delay, read_in_large_chunks, read_into_buffers
+from p2p.transports import (
+    no_delay,
+    read_in_large_chunks,
+    read_into_buffers,
+    write_now,
+)
 from p2p.units import format_bytes
 from p2p.wire import WireError
 
@@ -142,7 +147,13 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._arm_deadline()
         # Asked at once, not after the banner: a round trip sooner on a new
         # connection.  The banner is still checked before any reply is read.
-        self.sendLine(self.request.to_line())
+        self._send_request()
+
+    def _send_request(self) -> None:
+        # Sent at once, not queued for the reactor's next turn (see
+        # p2p.transports.write_now): two epoll_ctl calls and a turn fewer
+        # per file on a kept connection.
+        write_now(self.transport, self.request.to_line() + self.delimiter)
 
     # -- time: idle, the header's deadline, the minimum rate -------------------
 
@@ -411,7 +422,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self.header = None
         self._arm_deadline()  # for the BLOB's header
         self.setLineMode()
-        self.sendLine(self.request.to_line())
+        self._send_request()
 
     # -- raw bytes: piece digests, then the content --------------------------
 

@@ -30,7 +30,12 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
-from p2p.transports import no_delay, read_in_large_chunks, read_into_buffers
+from p2p.transports import (
+    no_delay,
+    read_in_large_chunks,
+    read_into_buffers,
+    write_now,
+)
 
 # Idle connections kept in all (the oldest idle one is closed past it).
 MAX_IDLE = 8
@@ -184,7 +189,7 @@ class _Borrowed:
     def write(self, data: bytes) -> None:
         if self.unanswered is not None:
             self.unanswered.append(data)
-        self._carrier.transport.write(data)
+        write_now(self._carrier.transport, data)
 
     def writeSequence(self, data: list[bytes]) -> None:
         for part in data:

@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 
 from p2p import wire
 from p2p.pool import release
+from p2p.transports import write_now
 from p2p.wire import WireError
 
 DEFAULT_REQUEST_TIMEOUT_SECONDS = 10
@@ -59,7 +60,8 @@ class LineRequestProtocol(LineReceiver):
             self.transport.abortConnection()
 
     def connectionMade(self) -> None:
-        self.sendLine(self.request)
+        # At once, not at the reactor's next turn (p2p.transports.write_now).
+        write_now(self.transport, self.request + self.delimiter)
 
     def lineReceived(self, line: bytes) -> None:
         if self.result.called:

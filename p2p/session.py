@@ -324,6 +324,8 @@ class ClientSession:
         self._listed_with_files = False
         # While the relay is being asked: those waiting for the same answer.
         self._asking: list[Deferred[None]] | None = None
+        # Folders found writable this run (L{_writable_folder}).
+        self._writable: set[str] = set()
         # The names being fetched and their sinks (for an interruption):
         # several at once with p2p get --jobs.
         self._running: list[tuple[str, PieceSink]] = []
@@ -565,6 +567,20 @@ class ClientSession:
             remove_made(made)
         return result
 
+    def _writable_folder(self, folder: str) -> bool:
+        """
+        Whether C{folder} is one a partial file can be made in.  Asked
+        once per folder and run (1,000 names into one folder asked the
+        file system 2,000 times); a folder that stops being writable later
+        fails the file's creation instead, as clearly.
+        """
+        if folder in self._writable:
+            return True
+        if os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK):
+            self._writable.add(folder)
+            return True
+        return False
+
     @inlineCallbacks
     def _get(
         self,
@@ -594,11 +610,10 @@ class ClientSession:
             except (OSError, OutputRefused) as e:
                 reason = e.strerror if isinstance(e, OSError) else None
                 return self._output_failed(name, path, reason or str(e))
-            folder = os.path.dirname(os.path.abspath(path))
             # The partial file is created next to the target (for an atomic
             # rename); find out now, not mid-transfer, that it cannot be.
-            if isinstance(output_to, FileOutput) and not (
-                os.path.isdir(folder) and os.access(folder, os.W_OK | os.X_OK)
+            if isinstance(output_to, FileOutput) and not self._writable_folder(
+                os.path.dirname(path) or os.curdir
             ):
                 return self._output_failed(name, path, "no writable folder")
         output_label = output_to.label if target is not None else "stdout"

@@ -425,7 +425,7 @@ class FileOutput(Output):
         """Free space of the target's file system, plus what an earlier
         partial file already holds (it is reused or replaced)."""
         try:
-            stats = os.statvfs(os.path.dirname(os.path.abspath(self.path)))
+            stats = os.statvfs(os.path.dirname(self.path) or os.curdir)
         except OSError:
             return None
         if self._empty:

@@ -166,6 +166,8 @@ def make_parents(target: Target) -> list[str]:
     if target.folder is None:
         return made
     parent = os.path.dirname(target.path)
+    if parent == target.folder:
+        return made  # most names: no folder to make, nothing to resolve
     relative = os.path.relpath(parent, target.folder)
     if relative == os.curdir:
         return made

@@ -1100,6 +1100,31 @@ class KeepPathsTests(CommandTestCase):
             self.assertEqual(stream.read(), self.B)
         self.assertEqual(sorted(os.listdir(folder)), ["a", "b"])
 
+    def test_each_folder_checked_once(self) -> None:
+        """Whether a partial file can be made in a folder is asked of the
+        file system once per folder and run, not once per name."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        asked: list[str] = []
+        access = os.access
+
+        def counted(path, mode, **kwargs):
+            asked.append(path)
+            return access(path, mode, **kwargs)
+
+        self.patch(os, "access", counted)
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "-j", "1", "-o", folder,
+            "x", "y", "a/z",
+        )  # fmt: skip
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        for index, data in enumerate((self.A, self.B, self.A), start=1):
+            serve(self.reactor, index, data)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(asked, [folder, os.path.join(folder, "a")])
+        with open(os.path.join(folder, "y"), "rb") as stream:
+            self.assertEqual(stream.read(), self.B)
+
     def test_folder_made_for_a_name_not_found_is_removed(self) -> None:
         folder = self.mktemp()
         os.mkdir(folder)
