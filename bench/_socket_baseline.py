@@ -5,13 +5,19 @@ each connection with ``socket.sendfile`` (zero copy).  ``recv PORT SIZE
 [OUT]`` receives SIZE bytes with ``recv_into`` into one reused buffer and
 nothing else (baseline (a): no hashing, no disk), or also writes them to
 OUT (baseline (b)); it prints the seconds from connect to the last byte.
+``recv-hash PORT SIZE`` receives 1 MiB pieces with ``recv_into`` into a
+ring of 8 buffers and hashes each with BLAKE3 on a second thread, as the
+client's pieces are checked, writing nothing (baseline (d): the least a
+verifying Python receiver does, without any protocol).
 """
 
 from __future__ import annotations
 
 import os
+import queue
 import socket
 import sys
+import threading
 import time
 
 
@@ -46,8 +52,46 @@ def receive(port: int, size: int, out: str | None = None) -> None:
     print(f"{time.perf_counter() - started:.6f}")
 
 
+def receive_and_hash(port: int, size: int) -> None:
+    from blake3 import blake3
+
+    piece = 1024 * 1024
+    free: queue.SimpleQueue = queue.SimpleQueue()
+    full: queue.SimpleQueue = queue.SimpleQueue()
+    for _ in range(8):
+        free.put(bytearray(piece))
+
+    def hash_pieces() -> None:
+        while (buffer := full.get()) is not None:
+            blake3(buffer).digest()
+            free.put(buffer)
+
+    hasher = threading.Thread(target=hash_pieces)
+    hasher.start()
+    started = time.perf_counter()
+    connection = socket.create_connection(("127.0.0.1", port))
+    left = size
+    while left:
+        buffer = free.get()
+        view = memoryview(buffer)[: min(left, piece)]
+        got = 0
+        while got < len(view):
+            count = connection.recv_into(view[got:])
+            if not count:
+                raise SystemExit("connection closed early")
+            got += count
+        left -= got
+        full.put(buffer if got == piece else buffer[:got])
+    full.put(None)
+    hasher.join()
+    connection.close()
+    print(f"{time.perf_counter() - started:.6f}")
+
+
 if __name__ == "__main__":
     if sys.argv[1] == "send":
         send(sys.argv[2])
+    elif sys.argv[1] == "recv-hash":
+        receive_and_hash(int(sys.argv[2]), int(sys.argv[3]))
     else:
         receive(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])

@@ -17,7 +17,10 @@ the share" line), and nothing else is warmed up.
    ``socket.sendfile()`` into a receiver doing ``recv_into`` one reused
    buffer, no hashing, no disk; (b) the same receiver also writing to a
    file (what ``-o`` must do); (c) ``twist web`` serving the file to
-   ``curl -o`` (no verification).  Target: >= 0.9x (a).
+   ``curl -o`` (no verification); (d) the receiver of (a) hashing each
+   1 MiB piece with BLAKE3 on a second thread (a ring of 8 buffers), as
+   the client checks its pieces, with no protocol and no output: the least
+   a verifying Python receiver does.  Target: >= 0.9x (a).
 3. **Peak RSS** of the client and the peer while a 1 GiB and a 20 GiB
    (sparse) file go to stdout (``--quick``: 64 and 256 MiB).  Target:
    under 64 MiB for both sizes.
@@ -156,14 +159,17 @@ def ours(relay_port: int, name: str, *extra: str) -> tuple[float, float]:
     return run.seconds, float(match.group(2))
 
 
-def raw(sender_port: int, size: int, *out: str) -> tuple[float, float]:
+def raw(
+    sender_port: int, size: int, *out: str, hashed: bool = False
+) -> tuple[float, float]:
     """One baseline receiver: whole-process seconds, and its transfer's."""
     server = SERVERS["sender"]
     before = cpu_seconds(server)
-    run = run_timed(RAW + ["recv", str(sender_port), str(size), *out])
+    mode = "recv-hash" if hashed else "recv"
+    run = run_timed(RAW + [mode, str(sender_port), str(size), *out])
     if run.returncode != 0:
         raise RuntimeError(f"baseline failed: {run.stderr!r}")
-    key = "raw file" if out else "raw"
+    key = "raw hash" if hashed else "raw file" if out else "raw"
     CPU.setdefault(key, []).append((run.cpu_seconds, cpu_seconds(server) - before))
     return run.seconds, float(run.stdout)
 
@@ -187,6 +193,7 @@ def cpu_report(report: Report, size: int, raw_rate: float) -> None:
         ("file", "p2p get -o"),
         ("raw", "(a) raw"),
         ("raw file", "(b) raw -> file"),
+        ("raw hash", "(d) raw -> BLAKE3"),
     ]:
         runs = CPU.get(key)
         if not runs:
@@ -234,7 +241,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
         SERVERS["sender"] = sender.process.pid
         sender_port = int(sender.wait_for("", 30).strip())
         runs: dict[str, list[tuple[float, float]]] = {
-            "stdout": [], "file": [], "raw": [], "raw file": []
+            "stdout": [], "file": [], "raw": [], "raw file": [], "raw hash": []
         }  # fmt: skip
         for _ in range(repeats):
             runs["stdout"].append(ours(port, "big.bin", "--sources", "1"))
@@ -243,6 +250,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
             runs["raw"].append(raw(sender_port, size))
             fresh(received)
             runs["raw file"].append(raw(sender_port, size, received))
+            runs["raw hash"].append(raw(sender_port, size, hashed=True))
         if os.path.getsize(out) != size:
             raise RuntimeError("p2p get -o saved a file of another size")
         curl_rates = None
@@ -256,8 +264,12 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                 return [mb / run[part] for run in runs[key]]
 
             baselines = [
-                Series("(a) sendfile -> recv_into (raw)", rates("raw"), "MB/s"),
-                Series("(b) sendfile -> recv_into -> file", rates("raw file"), "MB/s"),
+                Series(label, rates(key), "MB/s")
+                for label, key in (
+                    ("(a) sendfile -> recv_into (raw)", "raw"),
+                    ("(b) sendfile -> recv_into -> file", "raw file"),
+                    ("(d) sendfile -> recv_into -> BLAKE3", "raw hash"),
+                )
             ]
             if curl_rates is not None and part == 0:
                 baselines.append(Series("(c) twist web -> curl -o", curl_rates, "MB/s"))
