@@ -55,7 +55,7 @@ from p2p.session import (
 from p2p.sink import write_all
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
 from p2p.targets import TargetError, Targets
-from p2p.text import shown
+from p2p.text import quoted, shown
 from p2p.units import format_bytes, parse_bytes
 
 TOKEN_ENVIRONMENT_VARIABLE = "P2P_TOKEN"
@@ -188,7 +188,7 @@ class GetOptions(_Command):
         for name in self["names"]:
             problem = name_problem(name)
             if problem is not None:
-                raise usage.UsageError(f"{shown(name[:60])!r}: {problem}")
+                raise usage.UsageError(f"{quoted(name[:60])}: {problem}")
         if self["fsync"] and self["output"] is None:
             raise usage.UsageError("--fsync goes with -o PATH")
         if self["progress"] and self["no-progress"]:
@@ -282,11 +282,13 @@ class DemoOptions(_Command):
         for name in self["names"]:
             problem = name_problem(name)
             if problem is not None:
-                raise usage.UsageError(f"{shown(name[:60])!r}: {problem}")
+                raise usage.UsageError(f"{quoted(name[:60])}: {problem}")
         if not 1 <= self["peers"] <= 100:
             raise usage.UsageError("--peers must be between 1 and 100")
         if self["files"] is not None and not os.path.isdir(self["files"]):
-            raise usage.UsageError(f"--files {self['files']!r} is not a directory")
+            raise usage.UsageError(
+                f"--files {quoted(self['files'])} is not a directory"
+            )
 
 
 class Options(usage.Options):

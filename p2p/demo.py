@@ -21,6 +21,7 @@ from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
 from p2p import peer_tap, relay_tap
+from p2p.fetch import DEFAULT_STAGGER_SECONDS
 
 REGISTRATION_TIMEOUT_SECONDS = 10
 
@@ -183,7 +184,9 @@ def start_demo(reactor, peers: int, files: str | None, say: Callable[[str], None
             ) from None
         say(
             "phase 2: the client asks the relay for the active peers; "
-            "phase 3: it tries them one at a time"
+            "phase 3: it tries them in turn (the next one joins a peer "
+            f"silent for {DEFAULT_STAGGER_SECONDS:g} s; a large file comes "
+            "from several at once)"
         )
     except usage.UsageError as e:
         yield system.stop()

@@ -21,6 +21,8 @@ import os
 import stat
 from dataclasses import dataclass
 
+from p2p.text import quoted
+
 # Most bytes in one path component (NAME_MAX on Linux and the BSDs).
 MAX_COMPONENT_BYTES = 255
 
@@ -43,7 +45,7 @@ def component_problem(part: str) -> str | None:
     if part == "":
         return "an empty path component"
     if part in (".", ".."):
-        return f"a {part!r} component"
+        return f"a {quoted(part)} component"
     try:
         encoded = os.fsencode(part)
     except UnicodeEncodeError:
@@ -60,12 +62,12 @@ def relative_parts(name: str) -> list[str]:
     :raise TargetError: for a name that is not one.
     """
     if name.startswith("/"):
-        raise TargetError(f"{name!r} is an absolute path")
+        raise TargetError(f"{quoted(name)} is an absolute path")
     parts = name.split("/")
     for part in parts:
         problem = component_problem(part)
         if problem is not None:
-            raise TargetError(f"{name!r} cannot be written as a path: {problem}")
+            raise TargetError(f"{quoted(name)} cannot be written as a path: {problem}")
     return parts
 
 
@@ -117,35 +119,37 @@ class Targets:
                 problem = component_problem(base)
                 if problem is not None:
                     raise TargetError(
-                        f"{name!r} cannot be written into {output}: {problem}"
+                        f"{quoted(name)} cannot be written into {output}: {problem}"
                     )
                 return Target(os.path.join(output, base))
             return Target(output)
         parts = tuple(relative_parts(name))
         earlier = self._claimed.get(parts)
         if earlier == name and not again:
-            raise TargetError(f"{name!r} is given twice")
+            raise TargetError(f"{quoted(name)} is given twice")
         if earlier is not None and earlier != name:
             raise TargetError(
-                f"{earlier!r} and {name!r} would both be written to "
+                f"{quoted(earlier)} and {quoted(name)} would both be written to "
                 f"{os.path.join(output, *parts)}"
             )
         needing = self._folders.get(parts)
         if needing is not None:
             raise TargetError(
-                f"{name!r} would be written where {needing!r} needs a folder"
+                f"{quoted(name)} would be written where {quoted(needing)} "
+                "needs a folder"
             )
         for end in range(1, len(parts)):
             folder = parts[:end]
             holder = self._claimed.get(folder)
             if holder is not None:
                 raise TargetError(
-                    f"{name!r} needs a folder where {holder!r} would be written"
+                    f"{quoted(name)} needs a folder where {quoted(holder)} "
+                    "would be written"
                 )
             path = os.path.join(output, *folder)
             if os.path.lexists(path) and not _is_dir(path):
                 raise TargetError(
-                    f"{name!r} cannot be written: {path} is not a folder "
+                    f"{quoted(name)} cannot be written: {path} is not a folder "
                     "(a file or a symbolic link)"
                 )
         self._claimed[parts] = name

@@ -49,3 +49,12 @@ def shown(text: str, backslash: bool = True) -> str:
         else:
             parts.append(char)
     return "".join(parts)
+
+
+def quoted(text: str) -> str:
+    """
+    C{text} as L{shown} shows it, between single quotes: for messages where
+    a name's edges matter (spaces, an empty name).  Not C{repr}, which
+    would escape L{shown}'s escapes again and write controls its own way.
+    """
+    return f"'{shown(text)}'"

@@ -1062,6 +1062,18 @@ class EverydayUsageTests(CommandTestCase):
             self.assertEqual(self.reactor.tcpClients, [], argv)
         self.assertEqual(os.listdir(folder), [])
 
+    def test_names_escaped_once(self) -> None:
+        """A name with a control is shown as shown() writes it, between
+        quotes, not escaped again by repr (``'q\\\\u001bq'``)."""
+        self.successResultOf(self.run_cli("get", "q\x1bq"))
+        self.assert_one_error_line("'q\\u001bq': ")
+        self.assertNotIn("\\\\", self.console.err_lines[0])
+        folder = self.mktemp()
+        os.mkdir(folder)
+        self.console = FakeConsole()
+        self.successResultOf(self.run_cli("get", "-o", folder, "a", "a\u202e/.."))
+        self.assert_one_error_line("'a\\u202e/..'", "cannot be written")
+
     def test_collision_names_both(self) -> None:
         folder = self.mktemp()
         os.mkdir(folder)

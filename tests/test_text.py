@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p.text import shown
+from p2p.text import quoted, shown
 
 # (name as received, as shown)
 TABLE = [
@@ -64,3 +64,17 @@ class ShownTests(SynchronousTestCase):
             "relay tcp6:8000:interface=\\:\\:1: ERR 404 \\u202eevil",
         )
         self.assertEqual(shown(shown("a\u202eb"), backslash=False), "a\\u202eb")
+
+
+class QuotedTests(SynchronousTestCase):
+    """L{quoted}: a name between quotes, escaped once."""
+
+    def test_escaped_once(self) -> None:
+        """A control shows as one escape, not repr's escape of it."""
+        self.assertEqual(quoted("q\x1bq"), "'q\\u001bq'")
+        self.assertEqual(quoted("a\\b"), "'a\\\\b'")
+
+    def test_edges_visible(self) -> None:
+        """An empty name and edge spaces can be seen."""
+        self.assertEqual(quoted(""), "''")
+        self.assertEqual(quoted(" a "), "' a '")
