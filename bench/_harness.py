@@ -8,16 +8,19 @@ with the median quoted; ``Report.write_json`` keeps them for tracking.
 
 from __future__ import annotations
 
+import atexit
 import compileall
 import contextlib
 import fcntl
 import json
 import os
 import re
+import shutil
 import signal
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from dataclasses import dataclass, field
@@ -31,6 +34,14 @@ compileall.compile_dir(
     os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "p2p"),
     quiet=1,
 )
+
+# The clients and peers a benchmark starts keep their peer-list cache and
+# state in a folder of this run's (inherited through the environment), never
+# in the user's ~/.cache or ~/.local/state.
+_PRIVATE_HOME = tempfile.mkdtemp(prefix="p2p-bench-")
+os.environ["XDG_CACHE_HOME"] = os.path.join(_PRIVATE_HOME, "cache")
+os.environ["XDG_STATE_HOME"] = os.path.join(_PRIVATE_HOME, "state")
+atexit.register(shutil.rmtree, _PRIVATE_HOME, ignore_errors=True)
 
 # twist (python -m twisted) writes no pid file; text logs carry our events.
 TWISTD = [sys.executable, "-m", "twisted", "--log-format=text"]
