@@ -669,10 +669,15 @@ class HumanReport:
         )
 
     def found(self, name, attempt: Attempt) -> None:
-        """A peer's header arrived: say where from and how long it took."""
+        """A peer's header arrived: say where from and how long it took (a
+        resumed transfer says so rather than "found" a second time)."""
+        if attempt.offset:
+            where = f"resuming at byte {attempt.offset} from {attempt.peer.address}"
+        else:
+            where = f"found at {attempt.peer.address}"
         self.console.say(
-            f"{shown(name)}: found at {_where(attempt)} "
-            f"({attempt.seconds * 1000:.0f} ms to the first byte)"
+            f"{shown(name)}: {where} ({attempt.seconds * 1000:.0f} ms to the "
+            "first byte)"
         )
 
     def serving(self, name, peers) -> None:
@@ -731,7 +736,16 @@ def summary(result: GetResult) -> str:
     content = result.content
     assert content is not None and result.peer is not None
     seconds = result.seconds
-    rate = content.size / seconds / 1e6 if seconds > 0 else 0.0
+    # The rate of what this run fetched, not of what an earlier run kept.
+    fetched = content.size - result.resumed
+    rate = fetched / seconds / 1e6 if seconds > 0 else 0.0
+    if result.resumed:
+        rate_text = (
+            f"{rate:.1f} MB/s; {fetched} fetched, {result.resumed} kept from "
+            "an earlier run"
+        )
+    else:
+        rate_text = f"{rate:.1f} MB/s"
     if result.sources:
         origin = (
             f"{len(result.sources)} peers ("
@@ -749,7 +763,7 @@ def summary(result: GetResult) -> str:
         basis = _BASIS[result.basis]
     return (
         f"{shown(result.name)}: {content.size} bytes in {seconds:.2f} s "
-        f"({rate:.1f} MB/s) from {origin} (root {content.root_hex[:12]}... "
+        f"({rate_text}) from {origin} (root {content.root_hex[:12]}... "
         f"{basis}, every piece verified) -> {shown(result.output)}"
     )
 
@@ -788,6 +802,7 @@ def get_json(result: GetResult) -> dict:
         "verified_against": result.basis.value if verified else None,
         "output": result.output,
         "seconds": round(result.seconds, 6),
+        "resumed": result.resumed,
         "peers": [_attempt_json(a, "question") for a in result.questions]
         + [_attempt_json(a, "fetch") for a in result.attempts],
         "sources": [

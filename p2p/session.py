@@ -158,6 +158,8 @@ class GetResult:
     # A partial file kept for a later run to resume, and its verified bytes.
     kept: str | None = None
     received: int = 0
+    # Verified bytes an earlier run had stored and this one resumed from.
+    resumed: int = 0
     # The holders that could not say which content they hold (p2p.choice),
     # before the fetch itself.
     questions: list[Attempt] = field(default_factory=list)
@@ -740,7 +742,7 @@ class ClientSession:
             sink.abandon(keep=False)
             raise
         yield sink.abandon(keep=False)  # stops the worker; the file is in place
-        return GetResult(
+        result = GetResult(
             name,
             Status.OK,
             output_label,
@@ -753,6 +755,8 @@ class ClientSession:
             agreeing,
             answered,
         )
+        result.resumed = sink.resumed
+        return result
 
     def _finished(self, name: str, attempt: Attempt) -> None:
         if not attempt.ok:

@@ -779,6 +779,8 @@ class PieceSink:
         self.pieces: PieceList | None = None
         self.done = PieceSet()
         self.received = 0  # verified bytes stored
+        # Of those, the ones an earlier run had stored (resumed, not fetched).
+        self.resumed = 0
         self._failed: list[int] = []
         self._backlog = 0
         self._drained: Deferred[None] | None = None
@@ -831,7 +833,8 @@ class PieceSink:
 
         def held(indexes: set[int]) -> None:
             self.done |= indexes
-            self.received += sum(content.span(index)[1] for index in indexes)
+            self.resumed = sum(content.span(index)[1] for index in indexes)
+            self.received += self.resumed
             self._progressed()
 
         def tell_waiters(result: object) -> object:
@@ -874,6 +877,7 @@ class PieceSink:
         self._spare.clear()
         self.done.clear()
         self.received = 0
+        self.resumed = 0
         self._progressed()
 
     @property

@@ -803,9 +803,19 @@ class PieceTests(CommandTestCase):
         with open(target, "rb") as stream:
             self.assertEqual(stream.read(), self.CONTENT)
         self.assertEqual(os.listdir(folder), ["a.txt"])
+        errors = self.console.stderr.getvalue()
+        # Found once; the second request is a resumption, said as one.
+        self.assertEqual(errors.count("found at"), 1, errors)
+        self.assertIn(f"resuming at byte {self.MIB} from 127.0.0.1:4001", errors)
+        # The rate is of what this run fetched, the kept bytes said apart.
         self.assertIn(
-            f"found at 127.0.0.1:4001 (resuming at byte {self.MIB})",
-            self.console.stderr.getvalue(),
+            f"{len(self.CONTENT)} bytes in ",
+            errors,
+        )
+        self.assertIn(
+            f"MB/s; {len(self.CONTENT) - self.MIB} fetched, {self.MIB} kept from "
+            "an earlier run) from 127.0.0.1:4001",
+            errors,
         )
         self.assert_no_timers()
 
@@ -1546,6 +1556,7 @@ class JsonTests(CommandTestCase):
                 "sources": [],
                 "error": None,
                 "kept": None,
+                "resumed": 0,
             },
         )
         self.assertEqual(

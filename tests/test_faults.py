@@ -220,8 +220,8 @@ def assert_resumed(result: ClientResult, big: BigFile, broken: Daemon, to: Daemo
     assert result.code == EXIT_OK, result.stderr
     assert f"{big.name}: skipped {broken.address}: broken transfer" in result.stderr
     found = re.search(
-        rf"{re.escape(big.name)}: found at {re.escape(to.address)} "
-        r"\(resuming at byte (\d+)\)",
+        rf"{re.escape(big.name)}: resuming at byte (\d+) from "
+        rf"{re.escape(to.address)} ",
         result.stderr,
     )
     assert found, result.stderr
