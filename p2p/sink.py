@@ -1044,7 +1044,11 @@ class PieceSink:
         return result
 
     def _worker(self) -> SerialWorker | InlineWorker:
-        if self._inline:
+        # Inline too while no content has come and nothing went to the
+        # threads (a peer that refused at once, a name found nowhere): there
+        # is nothing queued to wait for and at most an empty file to remove,
+        # and asking the threads would start them for nothing.
+        if self._inline or (self.content is None and not self._threaded):
             return _INLINE
         self._threaded = True
         return self.worker

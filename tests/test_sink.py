@@ -483,6 +483,33 @@ class SmallFileTests(SynchronousTestCase):
         worker.run_all()
         fired(d)
 
+    def test_refused_before_content_never_threaded(self) -> None:
+        """A peer that refused before describing any content (settled), and
+        a name found nowhere (abandon), leave the threads unstarted: a run
+        of small files with a few refusals never starts them."""
+        worker = QueuedWorker()
+        sink = PieceSink(FileOutput(self.path), worker)
+        sink.output.lock()
+        self.assertEqual(fired(sink.settled()), [])
+        self.assertIsNone(fired(sink.abandon(keep=True)))
+        self.assertEqual(worker.pending, [])
+        self.assertEqual(os.listdir(self.folder), [])
+
+    def test_threads_once_used_stay_in_order(self) -> None:
+        """Once anything went to the threads, a reset sink (no content
+        again) still waits for them: what they hold is not done."""
+        bigger = os.urandom(FileOutput.inline_bytes + 1)
+        worker = QueuedWorker()
+        sink = PieceSink(FileOutput(self.path), worker)
+        begun = sink.begin(*describe(bigger))
+        worker.run_all()
+        fired(begun)
+        sink.reset()
+        settled = sink.settled()
+        self.assertNoResult(settled)
+        worker.run_all()
+        self.assertEqual(fired(settled), [])
+
     def test_stream_never_inline(self) -> None:
         """A stream may block (a pipe to a slow reader): never written on
         the reactor thread, however small the content."""
