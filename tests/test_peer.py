@@ -523,6 +523,19 @@ class RangeTests(PeerTestMixin, SynchronousTestCase):
         self.assertEqual(reply.header, file_header(data, PIECE_SIZE))
         self.assertEqual(reply.data, data[PIECE_SIZE:])
 
+    def test_header_only_is_described_not_sent(self) -> None:
+        """A question (``RANGE 0 0``, a client choosing among holders) is
+        logged as a description, not as a transfer of 0 bytes; a transfer
+        is logged as sent."""
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        for line, expected in (
+            (b"RANGE 0 0 a.txt\n", "described a.txt (header only)"),
+            (b"RANGE 0 4 a.txt\n", "sent a.txt (4 bytes)"),
+        ):
+            self.get(line)
+            texts = [formatEvent(e) for e in events if "shown_name" in e]
+            self.assertEqual(texts[-1], expected)
+
     def test_at_end(self) -> None:
         """A range at the file's size is a header with count 0, no bytes."""
         reply = self.get(b"RANGE %d 10 a.txt\n" % len(A_CONTENT))
