@@ -70,6 +70,52 @@ def client_description(text: str) -> str:
     return text
 
 
+def _fields(text: str, separator: str) -> list[str]:
+    """C{text} split at each C{separator} no backslash escapes, the
+    escapes kept (endpoint descriptions escape with backslashes)."""
+    fields, start, index = [], 0, 0
+    while index < len(text):
+        if text[index] == "\\":
+            index += 2
+            continue
+        if text[index] == separator:
+            fields.append(text[start:index])
+            start = index + 1
+        index += 1
+    fields.append(text[start:])
+    return fields
+
+
+def _unescaped(text: str) -> str:
+    return re.sub(r"\\(.)", r"\1", text)
+
+
+def relay_identity(text: str) -> str:
+    """
+    One spelling of a relay address, for keys such as its cached peer list:
+    ``127.0.0.1:8000``, ``tcp:127.0.0.1:8000`` and
+    ``tcp:host=127.0.0.1:port=8000`` name the same relay.  Plain TCP only;
+    any other description (TLS, UNIX sockets) is its own identity.
+    """
+    description = client_description(text)
+    kind, _, rest = description.partition(":")
+    if kind.lower() != "tcp":
+        return description
+    positional: list[str] = []
+    keywords: dict[str, str] = {}
+    for field in _fields(rest, ":"):
+        key = _fields(field, "=")
+        if len(key) > 1:
+            keywords[_unescaped(key[0])] = _unescaped(field[len(key[0]) + 1 :])
+        else:
+            positional.append(_unescaped(field))
+    host = keywords.get("host", positional[0] if positional else None)
+    port = keywords.get("port", positional[1] if len(positional) > 1 else None)
+    if host is None or port is None or not _PORT.fullmatch(port):
+        return description
+    return f"tcp:host={escape(host.lower())}:port={int(port)}"
+
+
 def server_description(text: str) -> str:
     """
     A bare port number means ``tcp:PORT``, as the seed's relay takes it.

@@ -23,6 +23,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from p2p import wire
+from p2p.endpoints import relay_identity
 
 CACHE_FOLDER_NAME = "p2p-relay"
 # The most peers kept: as many as the client takes from a relay at all
@@ -74,14 +75,17 @@ class PeerCache:
 
     :param folder: where cache files live (made, mode 0700, on first save).
     :param relays: the relay descriptions, in the order they are asked:
-        they name the file.
+        they name the file (each as L{relay_identity} spells it).
     :param now: the wall clock (the reactor's C{seconds}), for the age.
     """
 
     def __init__(
         self, folder: str, relays: Sequence[str], now: Callable[[], float]
     ) -> None:
-        key = hashlib.sha256("\n".join(relays).encode("utf-8", "surrogateescape"))
+        # The same relay however it was typed (127.0.0.1:8000, the seed's
+        # form, or tcp:127.0.0.1:8000, the default): one list, not two.
+        identities = "\n".join(relay_identity(relay) for relay in relays)
+        key = hashlib.sha256(identities.encode("utf-8", "surrogateescape"))
         self.path = os.path.join(folder, f"peers-{key.hexdigest()[:32]}.txt")
         self.now = now
 

@@ -71,6 +71,38 @@ class ClientDescriptionTests(SynchronousTestCase):
         self.assertRaises(ValueError, check_client, "\u0663")
 
 
+class RelayIdentityTests(SynchronousTestCase):
+    """One spelling per relay, however it was typed."""
+
+    def test_tcp_spellings_agree(self) -> None:
+        spellings = [
+            "127.0.0.1:8000",
+            "tcp:127.0.0.1:8000",
+            "tcp:host=127.0.0.1:port=8000",
+            "TCP:127.0.0.1:08000:timeout=3",
+            "tcp:port=8000:host=127.0.0.1",
+        ]
+        self.assertEqual(
+            {endpoints.relay_identity(text) for text in spellings},
+            {"tcp:host=127.0.0.1:port=8000"},
+        )
+
+    def test_ipv6(self) -> None:
+        self.assertEqual(
+            endpoints.relay_identity("[::1]:8000"),
+            endpoints.relay_identity("tcp:host=\\:\\:1:port=8000"),
+        )
+
+    def test_others_are_their_own(self) -> None:
+        """Different relays stay different; other kinds are left as typed."""
+        self.assertNotEqual(
+            endpoints.relay_identity("127.0.0.1:8000"),
+            endpoints.relay_identity("127.0.0.1:8001"),
+        )
+        for text in ("tls:host=a:port=1", "unix:/tmp/relay.sock", "tcp:nohost"):
+            self.assertEqual(endpoints.relay_identity(text), text)
+
+
 class ServerDescriptionTests(SynchronousTestCase):
     def test_bare_port(self) -> None:
         self.assertEqual(server_description("8000"), "tcp:8000")

@@ -57,6 +57,15 @@ class PeerCacheTests(SynchronousTestCase):
         self.assertEqual(cached.peers, PEERS)
         self.assertEqual(self.clock.seconds() - cached.saved, 600)
 
+    def test_one_list_per_relay_however_typed(self) -> None:
+        """The seed's ``p2p 127.0.0.1 8000`` and the default
+        ``tcp:127.0.0.1:8000`` share one list; another relay has its own."""
+        seed = PeerCache(self.folder, ["127.0.0.1:8000"], self.clock.seconds)
+        default = PeerCache(self.folder, ["tcp:127.0.0.1:8000"], self.clock.seconds)
+        other = PeerCache(self.folder, ["127.0.0.1:8001"], self.clock.seconds)
+        self.assertEqual(seed.path, default.path)
+        self.assertNotEqual(seed.path, other.path)
+
     def test_private_and_atomic(self) -> None:
         """The folder is 0700, the file 0600, replaced by a rename (no
         temporary file stays), in the cache folder only."""
