@@ -527,6 +527,8 @@ class Console:
         self.quiet = quiet
         # A progress bar, when one may be shown (see show_progress).
         self.bar: ProgressBar | None = None
+        # Whether the prompt is on screen, waiting for a line.
+        self.at_prompt = False
 
     def say(self, text: str) -> None:
         """Progress: suppressed by -q."""
@@ -560,6 +562,19 @@ class Console:
         if isatty is not None and isatty():
             self.stderr.write(PROMPT)
             self.stderr.flush()
+            self.at_prompt = True
+
+    def leave_prompt(self, answered: bool = False) -> None:
+        """
+        The prompt got its answer (C{answered}: the terminal echoed the
+        newline), or input stopped there (Ctrl-D, Ctrl-C): then end its
+        line, so that what follows, the shell's prompt included, starts on
+        a line of its own.
+        """
+        if self.at_prompt and not answered:
+            self.stderr.write("\n")
+            self.stderr.flush()
+        self.at_prompt = False
 
     def write(self, data: bytes) -> bool:
         """Write results to stdout; False (after one error line) if it fails."""
@@ -708,8 +723,9 @@ class RelayReport(RelayObserver):
 
     def using_cache(self, age: float, failures: list[RelayFailure]) -> None:
         # Shown even with -q: the peers may be long gone.
+        which = "relays" if len(failures) > 1 else "relay"
         self.console.error(
-            f"relays unreachable; using the peer list cached {format_age(age)} "
+            f"{which} unreachable; using the peer list cached {format_age(age)} "
             f"ago ({reasons(failures)})"
         )
 
@@ -984,6 +1000,7 @@ class Runner:
         while True:
             self.console.prompt()
             line = yield in_daemon_thread(self.reactor, self.console.stdin.readline)
+            self.console.leave_prompt(answered=line.endswith("\n"))
             name = line.strip()
             if not line or name in ("", "quit", "exit"):
                 return worst
@@ -1104,8 +1121,9 @@ class Runner:
     def interrupted(self) -> None:
         """
         The process is stopping (Ctrl-C) in the middle of fetches: one line
-        for each on what it leaves.
+        for each on what it leaves.  At the prompt, its line is ended.
         """
+        self.console.leave_prompt()
         left = self.session.interrupted()
         if not left:
             return

@@ -13,7 +13,7 @@ import stat
 import sys
 
 from twisted.internet.address import IPv4Address
-from twisted.internet.defer import succeed
+from twisted.internet.defer import Deferred, succeed
 from twisted.internet.error import (
     ConnectionDone,
     ConnectionLost,
@@ -1412,6 +1412,45 @@ class InteractiveTests(CommandTestCase):
         serve(self.reactor, 2, GetTests.CONTENT)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(self.console.out, GetTests.CONTENT)
+
+    def test_end_of_input_ends_the_prompt_line(self) -> None:
+        """Ctrl-D at the prompt (a terminal echoes no newline): the prompt's
+        line is ended, so the shell's prompt starts on a line of its own;
+        an answered prompt gets no extra newline."""
+        self.console = FakeConsole("")
+        self.console.stdin = TtyStringIO("")
+        d = self.run_cli("127.0.0.1", "9")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertTrue(
+            self.console.stderr.getvalue().endswith(cli.PROMPT + "\n"),
+            self.console.stderr.getvalue(),
+        )
+
+    def test_interrupted_at_the_prompt(self) -> None:
+        """Ctrl-C while the prompt waits (the runner hears of the shutdown):
+        the prompt's line is ended once."""
+        self.patch(cli, "in_daemon_thread", lambda reactor, work: Deferred())
+        self.console = FakeConsole()
+        self.console.stdin = TtyStringIO()
+        runners: list = []
+        cli.run(self.reactor, ["127.0.0.1", "9"], self.console, runners.append)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.assertTrue(self.console.stderr.getvalue().endswith(cli.PROMPT))
+        [runner] = runners
+        runner.interrupted()
+        runner.interrupted()
+        self.assertTrue(self.console.stderr.getvalue().endswith(cli.PROMPT + "\n"))
+
+    def test_answered_prompt_not_ended_again(self) -> None:
+        """A prompt whose line was typed (the terminal echoed the newline)
+        gets no newline of ours."""
+        console = FakeConsole()
+        console.stdin = TtyStringIO()
+        console.prompt()
+        console.leave_prompt(answered=True)
+        console.leave_prompt()
+        self.assertEqual(console.stderr.getvalue(), cli.PROMPT)
 
 
 class ProgressTests(CommandTestCase):

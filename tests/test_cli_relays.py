@@ -320,7 +320,7 @@ class CacheTests(CommandTestCase):
         self.assertEqual(
             self.console.err_lines[:2],
             [
-                "p2p: relays unreachable; using the peer list cached 3 min ago "
+                "p2p: relay unreachable; using the peer list cached 3 min ago "
                 f"({A}: {REFUSED})",
                 "p2p: relay (cached list): 1 active peer(s)",
             ],
