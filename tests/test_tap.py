@@ -359,6 +359,15 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual(len(children(service, TimerService)), 1)
         self.assertRaises(KeyError, service.getServiceNamed, "activity report")
 
+    def test_demo_relay_has_no_activity_line(self) -> None:
+        """The demo's relay reports no activity once a minute: the line
+        would land on the client's prompt (the narrator shows the events)."""
+        from p2p.demo import DEMO_RELAY_OPTIONS
+
+        service, _ = self.make(*DEMO_RELAY_OPTIONS)
+        self.assertRaises(KeyError, service.getServiceNamed, "activity report")
+        self.assertEqual(len(children(service, TimerService)), 1)  # expiry
+
     def test_port_file(self) -> None:
         path = self.mktemp()
         service, reactor = self.make(
