@@ -71,7 +71,7 @@ def client_description(text: str) -> str:
 
 
 def _fields(text: str, separator: str) -> list[str]:
-    """C{text} split at each C{separator} no backslash escapes, the
+    """C{text} split at each C{separator} that no backslash escapes, the
     escapes kept (endpoint descriptions escape with backslashes)."""
     fields, start, index = [], 0, 0
     while index < len(text):
