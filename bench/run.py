@@ -69,6 +69,7 @@ def main() -> int:
             print(f"\n## {name}: not written yet", flush=True)
             continue
         started = time.perf_counter()
+        ticks = cpu_ticks()
         # Each in its own process: a reactor runs once per process.
         with tempfile.NamedTemporaryFile(suffix=".json") as results:
             argv = [sys.executable, script, "--json", results.name]
@@ -85,9 +86,10 @@ def main() -> int:
             failed.append(name)
         tables.extend(found)
         elapsed = time.perf_counter() - started
-        print(f"({name}: {elapsed:.1f} s)", flush=True)
+        stolen = stolen_share(ticks, cpu_ticks())
+        print(f"({name}: {elapsed:.1f} s{stolen})", flush=True)
         if found and code == 0 and not args.quick and not args.no_docs:
-            write_docs_tables(name, printed, elapsed)
+            write_docs_tables(name, printed, f"{elapsed:.0f} s{stolen}")
     if args.json:
         with open(args.json, "w") as stream:
             json.dump({"quick": args.quick, "tables": tables}, stream, indent=2)
@@ -107,14 +109,36 @@ def run_echoing(argv: list[str]) -> tuple[str, int]:
     return "".join(lines), process.wait()
 
 
-def write_docs_tables(name: str, printed: str, seconds: float) -> None:
+def cpu_ticks() -> tuple[int, int] | None:
+    """
+    The CPU time the host stole from this machine since it booted, and all
+    CPU time, in ticks (Linux's /proc/stat; None elsewhere).  A virtual
+    machine's steal is time its host ran something else: a benchmark taken
+    while much is stolen measures the host as much as the code.
+    """
+    try:
+        with open("/proc/stat") as stream:
+            values = [int(value) for value in stream.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    return (values[7] if len(values) > 7 else 0), sum(values)
+
+
+def stolen_share(before: tuple[int, int] | None, after: tuple[int, int] | None) -> str:
+    """The host's share of CPU time between two L{cpu_ticks} readings, as
+    text for a table's first line; empty without /proc/stat."""
+    if before is None or after is None or after[1] <= before[1]:
+        return ""
+    return f", host steal {100 * (after[0] - before[0]) / (after[1] - before[1]):.1f}%"
+
+
+def write_docs_tables(name: str, printed: str, took: str) -> None:
     """Keep C{name}'s tables, as printed, for docs/performance.rst."""
     os.makedirs(DOCS_TABLES, exist_ok=True)
     tables = printed[printed.find("\n## ") + 1 :] if "\n## " in printed else printed
     header = (
         f"# python bench/run.py: {name}, {time.strftime('%Y-%m-%d')}, "
-        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, "
-        f"{seconds:.0f} s\n"
+        f"{os.cpu_count()} cores, Python {sys.version.split()[0]}, {took}\n"
     )
     with open(os.path.join(DOCS_TABLES, f"{name}.txt"), "w") as stream:
         stream.write(header + tables.rstrip() + "\n")
