@@ -104,9 +104,9 @@ def relay_identity(text: str) -> str:
     positional: list[str] = []
     keywords: dict[str, str] = {}
     for field in _fields(rest, ":"):
-        key = _fields(field, "=")
-        if len(key) > 1:
-            keywords[_unescaped(key[0])] = _unescaped(field[len(key[0]) + 1 :])
+        name, *value = _fields(field, "=")
+        if value:
+            keywords[_unescaped(name)] = _unescaped(field[len(name) + 1 :])
         else:
             positional.append(_unescaped(field))
     host = keywords.get("host", positional[0] if positional else None)

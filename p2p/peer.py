@@ -520,21 +520,16 @@ class PeerProtocol(ServerLineProtocol):
 
     def _sent(self, _: None, opened: OpenedFile, count: int) -> None:
         self._ended("sent")
-        if count == 0:
-            # A header alone (``RANGE 0 0``: a client asking which content
-            # the name holds, before choosing among holders), not a transfer.
-            self.log.info(
-                "described {shown_name} (header only)",
-                name=opened.name,
-                shown_name=shown(opened.name),
-            )
-        else:
-            self.log.info(
-                "sent {shown_name} ({count} bytes)",
-                name=opened.name,
-                shown_name=shown(opened.name),
-                count=count,
-            )
+        # A header alone (``RANGE 0 0``: a client asking which content the
+        # name holds, before choosing among holders) is not a transfer.
+        self.log.info(
+            "sent {shown_name} ({count} bytes)"
+            if count
+            else "described {shown_name} (header only)",
+            name=opened.name,
+            shown_name=shown(opened.name),
+            count=count,
+        )
         self._close_file()
         self._read_next()
 

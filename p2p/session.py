@@ -742,7 +742,7 @@ class ClientSession:
             sink.abandon(keep=False)
             raise
         yield sink.abandon(keep=False)  # stops the worker; the file is in place
-        result = GetResult(
+        return GetResult(
             name,
             Status.OK,
             output_label,
@@ -754,9 +754,8 @@ class ClientSession:
             basis,
             agreeing,
             answered,
+            resumed=sink.resumed,
         )
-        result.resumed = sink.resumed
-        return result
 
     def _finished(self, name: str, attempt: Attempt) -> None:
         if not attempt.ok:
