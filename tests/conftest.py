@@ -97,11 +97,21 @@ async def seed(tmp_path_factory) -> AsyncIterator[Seed]:
 # -- Redis (the shared registry's tests) ---------------------------------------
 
 
-@pytest_twisted.async_yield_fixture(scope="module")
-async def redis_server(tmp_path_factory) -> AsyncIterator[RedisServer]:
-    """A redis-server for a whole module (tests keep apart by key prefix)."""
+@pytest.fixture(scope="module")
+def redis_installed() -> None:
+    """Skip without a redis-server.  A plain fixture, since a skip raised
+    inside a module-scoped pytest-twisted fixture left its finalizers
+    behind, and every later test of the module then failed in pytest's
+    own fixture code instead of being skipped."""
     if REDIS_SERVER is None:
         pytest.skip(SKIP_REASON)
+
+
+@pytest_twisted.async_yield_fixture(scope="module")
+async def redis_server(
+    redis_installed: None, tmp_path_factory
+) -> AsyncIterator[RedisServer]:
+    """A redis-server for a whole module (tests keep apart by key prefix)."""
     from twisted.internet import reactor
 
     folder = str(tmp_path_factory.mktemp("redis"))
@@ -113,8 +123,8 @@ async def redis_server(tmp_path_factory) -> AsyncIterator[RedisServer]:
 
 
 @pytest_twisted.async_yield_fixture
-async def redis(launcher, tmp_path) -> AsyncIterator[RedisServer]:
+async def redis(
+    redis_installed: None, launcher, tmp_path
+) -> AsyncIterator[RedisServer]:
     """A redis-server of the test's own, which it may kill and restart."""
-    if REDIS_SERVER is None:
-        pytest.skip(SKIP_REASON)
     yield await RedisServer(launcher, str(tmp_path / "redis")).start()
