@@ -20,6 +20,7 @@ from twisted.protocols.policies import TimeoutMixin
 from twisted.python.failure import Failure
 
 from p2p import hints, wire
+from p2p.batching import ReceiveBatching
 
 # Their earlier home: p2p.client.PeerFailed and the rest still work (the
 # "as" marks them as re-exported).
@@ -44,6 +45,7 @@ from p2p.transports import (
     no_delay,
     read_in_large_chunks,
     read_into_buffers,
+    set_receive_low_water,
     write_now,
 )
 from p2p.units import format_bytes
@@ -129,6 +131,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._piece: list[memoryview] = []
         self._piece_bytes = 0
         self._index = 0
+        # Fewer, larger reads while the content comes in fast.
+        self._batching = ReceiveBatching(
+            lambda size: set_receive_low_water(self.transport, size), clock
+        )
         self.result: Deferred[wire.FileHeader] = Deferred(self._cancel)
 
     def callLater(self, period, func):  # TimeoutMixin hook: use our clock
@@ -185,6 +191,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self._disarm_deadline()
         if self._rate is not None:
             self._rate.stop()
+        self._batching.stop()
 
     def _pause(self) -> None:
         """
@@ -464,6 +471,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self.remaining -= count
         if self._rate is not None:
             self._rate.count(count)
+        self._batching.received(count, self.remaining)
 
     def _go_on(self, keep_going: bool) -> None:
         """After content bytes: complete, or pause while the sink is behind."""

@@ -34,6 +34,7 @@ from p2p.transports import (
     no_delay,
     read_in_large_chunks,
     read_into_buffers,
+    set_receive_low_water,
     write_now,
 )
 
@@ -185,6 +186,10 @@ class _Borrowed:
         turning it back on costs a system call."""
         if not enabled:
             self._carrier.transport.setTcpNoDelay(False)
+
+    def set_receive_low_water(self, size: int) -> bool:
+        """The connection's (L{p2p.transports.set_receive_low_water})."""
+        return set_receive_low_water(self._carrier.transport, size)
 
     def write(self, data: bytes) -> None:
         if self.unanswered is not None:

@@ -21,6 +21,10 @@ L{read_in_large_chunks} makes a plain TCP transport read up to 1 MiB per
 runs its Python receive path a sixteenth as often (bench/transfer.py's
 CPU-per-GiB table shows what the receiving side costs).
 
+L{set_receive_low_water} sets how many bytes a plain TCP socket must hold
+before the reactor is told it is readable (``SO_RCVLOWAT``): see
+L{p2p.batching} for when a client asks for more than one.
+
 L{read_into_buffers} lets a protocol that offers buffers
 (L{BufferedReceiver}) have a plain TCP transport ``recv_into`` them, so a
 client assembles a large file's pieces in a few reused buffers instead of
@@ -190,6 +194,29 @@ def no_delay(transport: object) -> None:
         set_no_delay(True)
     except OSError:
         pass  # the connection is already gone
+
+
+def set_receive_low_water(transport: object, size: int) -> bool:
+    """
+    Have the reactor wake for C{transport}'s socket only once it holds
+    C{size} bytes (or the connection ended, or the kernel's receive memory
+    runs short: Linux wakes the reader then whatever the mark), by setting
+    ``SO_RCVLOWAT``; 1 is the default, every byte.  Plain TCP only (a TLS
+    layer reads records, not the bytes its protocol counts); a wrapper
+    that lends a plain connection (L{p2p.pool}) may offer a method of the
+    same name.
+
+    :return: whether the mark was set.
+    """
+    sock = plain_socket(transport)
+    if sock is None:
+        lent = getattr(type(transport), "set_receive_low_water", None)
+        return bool(lent(transport, size)) if lent is not None else False
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, size)
+    except OSError:
+        return False  # closed meanwhile, or a system without it
+    return True
 
 
 class BufferedReceiver(TypingProtocol):

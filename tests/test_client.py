@@ -40,6 +40,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import pieces, wire
+from p2p.batching import BATCH_BYTES, CHECK_SECONDS, FAST_READ_BYTES
 from p2p.client import (
     FileFetchProtocol,
     ListingTooLong,
@@ -151,6 +152,66 @@ class _OneFetch(SynchronousTestCase):
             self.assertEqual(failure.value.kind, kind)
         self.assertEqual(self.clock.getDelayedCalls(), [])
         return failure.value
+
+
+class _MarkedTransport(StringTransport):
+    """Takes receive low-water marks, as a plain TCP connection does, and
+    records them (L{p2p.transports.set_receive_low_water})."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.marks: list[int] = []
+
+    def set_receive_low_water(self, size: int) -> bool:
+        self.marks.append(size)
+        return True
+
+
+class ReceiveBatchingInFetchTests(_OneFetch):
+    """The fetch raises its socket's low-water mark while content comes
+    fast, and lowers it before bytes could wait unread (L{p2p.batching})."""
+
+    def test_raised_then_lowered_before_the_last_bytes(self) -> None:
+        transport = _MarkedTransport()
+        self.connect(transport)
+        stream = b"P2P/2 peer\n" + reply_for(BIG)
+        body = len(stream) - len(BIG)
+        self.protocol.dataReceived(stream[:body])
+        self.assertEqual(transport.marks, [])
+        segment = FAST_READ_BYTES
+        for start in range(body, len(stream), segment):
+            self.protocol.dataReceived(stream[start : start + segment])
+            if transport.marks[-1:] == [BATCH_BYTES]:
+                # Never more wanted than is still to come.
+                self.assertGreaterEqual(self.protocol.remaining, BATCH_BYTES)
+        self.assertEqual(transport.marks, [BATCH_BYTES, 1])
+        self.successResultOf(self.protocol.result)
+        self.assertEqual(self.content(), BIG)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_silent_peer_still_times_out(self) -> None:
+        """A peer that stops sending has the mark lowered within a check,
+        then fails on the idle timeout as before."""
+        transport = _MarkedTransport()
+        self.connect(transport)
+        stream = b"P2P/2 peer\n" + reply_for(BIG)
+        self.protocol.dataReceived(stream[: len(stream) - len(BIG) + FAST_READ_BYTES])
+        self.assertEqual(transport.marks, [BATCH_BYTES])
+        self.clock.advance(CHECK_SECONDS)
+        self.assertEqual(transport.marks, [BATCH_BYTES, 1])
+        self.clock.advance(IDLE)
+        self.assertFailed("timed out: silent for 10s", "broken")
+
+    def test_failure_lowers_the_mark(self) -> None:
+        """A fetch cancelled mid-content leaves no mark and no timer."""
+        transport = _MarkedTransport()
+        self.connect(transport)
+        stream = b"P2P/2 peer\n" + reply_for(BIG)
+        self.protocol.dataReceived(stream[: len(stream) - len(BIG) + FAST_READ_BYTES])
+        self.protocol.result.cancel()
+        self.failureResultOf(self.protocol.result)
+        self.assertEqual(transport.marks, [BATCH_BYTES, 1])
+        self.assertEqual(self.clock.getDelayedCalls(), [])
 
 
 class FileFetchProtocolTests(_OneFetch):

@@ -8,8 +8,12 @@ until C{doWrite}, which the test calls by hand.
 
 from __future__ import annotations
 
+import fcntl
 import io
+import select
 import socket
+import struct
+import termios
 
 from twisted.internet import main, tcp
 from twisted.internet.abstract import FileDescriptor
@@ -27,6 +31,7 @@ from p2p.transports import (
     plain_socket,
     read_in_large_chunks,
     read_into_buffers,
+    set_receive_low_water,
     unsent_output,
     write_now,
 )
@@ -63,6 +68,11 @@ def tcp_connection_pair(
     connection = tcp.Connection(ours, None, MemoryReactorClock())
     connection.connected = True
     return connection, theirs
+
+
+def queued(sock: socket.socket) -> int:
+    """How many bytes wait unread in C{sock} (FIONREAD)."""
+    return struct.unpack("i", fcntl.ioctl(sock, termios.FIONREAD, b"\0" * 4))[0]
 
 
 def drain(sock: socket.socket) -> bytes:
@@ -134,6 +144,59 @@ class LargeReadsTests(SynchronousTestCase):
         transport = StringTransport()
         self.assertFalse(read_in_large_chunks(transport))
         self.assertFalse(hasattr(transport, "bufferSize"))
+
+
+class ReceiveLowWaterTests(SynchronousTestCase):
+    def test_tcp_socket_wakes_at_the_mark(self) -> None:
+        """
+        The kernel tells a poller that a socket is readable only once it
+        holds the mark's bytes, and at once again when the mark is 1:
+        what L{p2p.batching} relies on (should Linux stop honouring
+        SO_RCVLOWAT for poll, this fails).
+        """
+        connection, theirs = tcp_connection_pair(self)
+        self.assertTrue(set_receive_low_water(connection, 4096))
+        sock = connection.getHandle()
+        self.assertEqual(sock.getsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT), 4096)
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        theirs.sendall(b"x" * 1000)
+        # Queued (loopback delivers within the sender's call), not signalled.
+        self.assertEqual(queued(sock), 1000)
+        self.assertEqual(poller.poll(0), [])
+        self.assertTrue(set_receive_low_water(connection, 1))
+        self.assertEqual(poller.poll(1000), [(sock.fileno(), select.POLLIN)])
+
+    def test_end_of_input_wakes_below_the_mark(self) -> None:
+        """A peer that closes with fewer bytes than the mark is noticed."""
+        connection, theirs = tcp_connection_pair(self)
+        set_receive_low_water(connection, 1 << 20)
+        sock = connection.getHandle()
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        theirs.sendall(b"x" * 1000)
+        theirs.close()
+        self.assertEqual(poller.poll(1000), [(sock.fileno(), select.POLLIN)])
+
+    def test_lending_wrapper(self) -> None:
+        """A wrapper's own method is used (p2p.pool's lent connections)."""
+        asked: list[int] = []
+
+        class Lent(StringTransport):
+            def set_receive_low_water(self, size: int) -> bool:
+                asked.append(size)
+                return True
+
+        self.assertTrue(set_receive_low_water(Lent(), 4096))
+        self.assertEqual(asked, [4096])
+
+    def test_other_transports_untouched(self) -> None:
+        self.assertFalse(set_receive_low_water(StringTransport(), 4096))
+
+    def test_closed_connection(self) -> None:
+        connection, _ = tcp_connection_pair(self)
+        connection.connected = False
+        self.assertFalse(set_receive_low_water(connection, 4096))
 
 
 class _Offering:
