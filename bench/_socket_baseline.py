@@ -9,6 +9,12 @@ OUT (baseline (b)); it prints the seconds from connect to the last byte.
 ring of 8 buffers and hashes each with BLAKE3 on a second thread, as the
 client's pieces are checked, writing nothing (baseline (d): the least a
 verifying Python receiver does, without any protocol).
+
+``--mark BYTES`` after either receiver's arguments sets the socket's
+receive low-water mark (``SO_RCVLOWAT``), as the client does while a
+content comes in fast (p2p.batching): each ``recv_into`` then waits for
+that many bytes (or the rest of its buffer) instead of returning with
+whatever arrived, so the receiver wakes a fraction as often.
 """
 
 from __future__ import annotations
@@ -32,9 +38,18 @@ def send(path: str) -> None:
             connection.sendfile(stream)
 
 
-def receive(port: int, size: int, out: str | None = None) -> None:
-    started = time.perf_counter()
+def connect(port: int, mark: int) -> socket.socket:
     connection = socket.create_connection(("127.0.0.1", port))
+    if mark > 1:
+        # A blocking recv waits for min(mark, its buffer's room): the last
+        # bytes never wait for a mark they cannot reach.
+        connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVLOWAT, mark)
+    return connection
+
+
+def receive(port: int, size: int, out: str | None = None, mark: int = 1) -> None:
+    started = time.perf_counter()
+    connection = connect(port, mark)
     buffer = bytearray(1024 * 1024)
     view = memoryview(buffer)
     fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
@@ -52,7 +67,7 @@ def receive(port: int, size: int, out: str | None = None) -> None:
     print(f"{time.perf_counter() - started:.6f}")
 
 
-def receive_and_hash(port: int, size: int) -> None:
+def receive_and_hash(port: int, size: int, mark: int = 1) -> None:
     from blake3 import blake3
 
     piece = 1024 * 1024
@@ -69,7 +84,7 @@ def receive_and_hash(port: int, size: int) -> None:
     hasher = threading.Thread(target=hash_pieces)
     hasher.start()
     started = time.perf_counter()
-    connection = socket.create_connection(("127.0.0.1", port))
+    connection = connect(port, mark)
     left = size
     while left:
         buffer = free.get()
@@ -89,9 +104,15 @@ def receive_and_hash(port: int, size: int) -> None:
 
 
 if __name__ == "__main__":
-    if sys.argv[1] == "send":
-        send(sys.argv[2])
-    elif sys.argv[1] == "recv-hash":
-        receive_and_hash(int(sys.argv[2]), int(sys.argv[3]))
+    arguments = sys.argv[1:]
+    mark = 1
+    if "--mark" in arguments:
+        at = arguments.index("--mark")
+        mark = int(arguments[at + 1])
+        del arguments[at : at + 2]
+    if arguments[0] == "send":
+        send(arguments[1])
+    elif arguments[0] == "recv-hash":
+        receive_and_hash(int(arguments[1]), int(arguments[2]), mark)
     else:
-        receive(int(sys.argv[2]), int(sys.argv[3]), *sys.argv[4:5])
+        receive(int(arguments[1]), int(arguments[2]), *arguments[3:4], mark=mark)

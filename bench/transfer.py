@@ -20,7 +20,11 @@ the share" line), and nothing else is warmed up.
    ``curl -o`` (no verification); (d) the receiver of (a) hashing each
    1 MiB piece with BLAKE3 on a second thread (a ring of 8 buffers), as
    the client checks its pieces, with no protocol and no output: the least
-   a verifying Python receiver does.  Target: >= 0.9x (a).
+   a verifying Python receiver does.  (a'), (b') and (d') are (a), (b)
+   and (d) reading as the client does while a content comes in fast: with
+   the socket's low-water mark at ``p2p.batching.BATCH_BYTES``, so each
+   ``recv_into`` waits for that many bytes; (a') is the loopback's real
+   limit for a Python receiver.  Target: >= 0.9x (a).
 3. **Peak RSS** of the client and the peer while a 1 GiB and a 20 GiB
    (sparse) file go to stdout (``--quick``: 64 and 256 MiB).  Target:
    under 64 MiB for both sizes.
@@ -58,8 +62,12 @@ from _harness import (  # noqa: E402
     start_web,
 )
 
+from p2p.batching import BATCH_BYTES  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 RAW = [sys.executable, os.path.join(HERE, "_socket_baseline.py")]
+# The receive low-water mark of the batched baselines: the client's.
+MARK = ["--mark", str(BATCH_BYTES)]
 KiB = 1024
 
 
@@ -160,16 +168,20 @@ def ours(relay_port: int, name: str, *extra: str) -> tuple[float, float]:
 
 
 def raw(
-    sender_port: int, size: int, *out: str, hashed: bool = False
+    sender_port: int, size: int, *out: str, hashed: bool = False, batched: bool = False
 ) -> tuple[float, float]:
     """One baseline receiver: whole-process seconds, and its transfer's."""
     server = SERVERS["sender"]
     before = cpu_seconds(server)
     mode = "recv-hash" if hashed else "recv"
-    run = run_timed(RAW + [mode, str(sender_port), str(size), *out])
+    run = run_timed(
+        RAW + [mode, str(sender_port), str(size), *out, *(MARK if batched else [])]
+    )
     if run.returncode != 0:
         raise RuntimeError(f"baseline failed: {run.stderr!r}")
-    key = "raw hash" if hashed else "raw file" if out else "raw"
+    key = ("raw hash" if hashed else "raw file" if out else "raw") + (
+        " batched" if batched else ""
+    )
     CPU.setdefault(key, []).append((run.cpu_seconds, cpu_seconds(server) - before))
     return run.seconds, float(run.stdout)
 
@@ -194,6 +206,9 @@ def cpu_report(report: Report, size: int, raw_rate: float) -> None:
         ("raw", "(a) raw"),
         ("raw file", "(b) raw -> file"),
         ("raw hash", "(d) raw -> BLAKE3"),
+        ("raw batched", "(a') raw, batched"),
+        ("raw file batched", "(b') raw -> file, batched"),
+        ("raw hash batched", "(d') raw -> BLAKE3, batched"),
     ]:
         runs = CPU.get(key)
         if not runs:
@@ -241,16 +256,23 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
         SERVERS["sender"] = sender.process.pid
         sender_port = int(sender.wait_for("", 30).strip())
         runs: dict[str, list[tuple[float, float]]] = {
-            "stdout": [], "file": [], "raw": [], "raw file": [], "raw hash": []
+            "stdout": [], "file": [], "raw": [], "raw file": [], "raw hash": [],
+            "raw batched": [], "raw file batched": [], "raw hash batched": [],
         }  # fmt: skip
         for _ in range(repeats):
             runs["stdout"].append(ours(port, "big.bin", "--sources", "1"))
             fresh(out)
             runs["file"].append(ours(port, "big.bin", "--sources", "1", "-o", out))
-            runs["raw"].append(raw(sender_port, size))
-            fresh(received)
-            runs["raw file"].append(raw(sender_port, size, received))
-            runs["raw hash"].append(raw(sender_port, size, hashed=True))
+            for batched in (False, True):
+                tail = " batched" if batched else ""
+                runs["raw" + tail].append(raw(sender_port, size, batched=batched))
+                fresh(received)
+                runs["raw file" + tail].append(
+                    raw(sender_port, size, received, batched=batched)
+                )
+                runs["raw hash" + tail].append(
+                    raw(sender_port, size, hashed=True, batched=batched)
+                )
         if os.path.getsize(out) != size:
             raise RuntimeError("p2p get -o saved a file of another size")
         curl_rates = None
@@ -269,11 +291,18 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                     ("(a) sendfile -> recv_into (raw)", "raw"),
                     ("(b) sendfile -> recv_into -> file", "raw file"),
                     ("(d) sendfile -> recv_into -> BLAKE3", "raw hash"),
+                    ("(a') (a), SO_RCVLOWAT as ours", "raw batched"),
+                    ("(b') (b), SO_RCVLOWAT as ours", "raw file batched"),
+                    ("(d') (d), SO_RCVLOWAT as ours", "raw hash batched"),
                 )
             ]
             if curl_rates is not None and part == 0:
                 baselines.append(Series("(c) twist web -> curl -o", curl_rates, "MB/s"))
-            note = f"{which}: target >= 0.90 of (a)" + (
+            note = (
+                f"{which}: target >= 0.90 of (a); (a'), (b') and (d') read as "
+                "ours does (p2p.batching): (a') is the loopback's limit for a "
+                "Python receiver, (d') the least a verifying one does"
+            ) + (
                 "; a transfer runs from the first request to the last byte "
                 "(ours: as the client reports it, verified, from its relay list)"
                 if part
