@@ -333,9 +333,9 @@ class ClientSession:
         self._running: list[tuple[str, PieceSink]] = []
         # Whether the list in use is the cached one (every relay failed).
         self._listing_cached = False
-        # The checking and storing threads, started at the first fetch and
-        # lent to every fetch after it (two threads per file were a tenth
-        # of a small file's cost); stopped by close().
+        # The storing thread, started at the first fetch that needs it and
+        # lent to every fetch after it (threads started per file were a
+        # tenth of a small file's cost); stopped by close().
         self._worker: SerialWorker | None = None
 
     def _worker_for_fetch(self) -> _LentWorker | InlineWorker:

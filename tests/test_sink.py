@@ -535,7 +535,8 @@ class _ThreadCalls:
 
 
 class SerialWorkerTests(SynchronousTestCase):
-    """The checking and storing threads start with the first work only."""
+    """The storing thread starts with the first work only; checks run on
+    the caller's thread."""
 
     def test_no_threads_until_work(self) -> None:
         before = threading.active_count()
@@ -554,6 +555,49 @@ class SerialWorkerTests(SynchronousTestCase):
         self.assertTrue(worker.started)
         self.assertTrue(reactor.called.wait(10))
         self.assertEqual(results, [7])
+
+    def test_check_runs_on_the_callers_thread(self) -> None:
+        """
+        A piece is checked at once, where it was received; a piece that
+        fails is never stored, and says so at once, without starting the
+        storing thread; one that passes is stored on that thread.
+        """
+        reactor = _ThreadCalls()
+        worker = sink_module.SerialWorker(reactor)
+        self.addCleanup(worker.stop)
+        checked: list[threading.Thread] = []
+        stored: list[threading.Thread] = []
+
+        def check(passes: bool):
+            def checking() -> bool:
+                checked.append(threading.current_thread())
+                return passes
+
+            return checking
+
+        def store() -> None:
+            stored.append(threading.current_thread())
+
+        self.assertFalse(fired(worker.submit_checked(check(False), store)))
+        self.assertFalse(worker.started)
+        d = worker.submit_checked(check(True), store)
+        self.assertEqual(checked, [threading.current_thread()] * 2)
+        self.assertTrue(reactor.called.wait(10))
+        self.assertTrue(fired(d))
+        self.assertEqual(len(stored), 1)
+        self.assertIsNot(stored[0], threading.current_thread())
+
+    def test_check_that_raises(self) -> None:
+        worker = sink_module.SerialWorker(_ThreadCalls())
+
+        def broken() -> bool:
+            raise ValueError("no")
+
+        failure = self.failureResultOf(
+            worker.submit_checked(broken, lambda: None), ValueError
+        )
+        self.assertEqual(str(failure.value), "no")
+        self.assertFalse(worker.started)
 
 
 class LockTests(SynchronousTestCase):
