@@ -5,10 +5,10 @@ each connection with ``socket.sendfile`` (zero copy).  ``recv PORT SIZE
 [OUT]`` receives SIZE bytes with ``recv_into`` into one reused buffer and
 nothing else (baseline (a): no hashing, no disk), or also writes them to
 OUT (baseline (b)); it prints the seconds from connect to the last byte.
-``recv-hash PORT SIZE`` receives 1 MiB pieces with ``recv_into`` into a
-ring of 8 buffers and hashes each with BLAKE3 on a second thread, as the
-client's pieces are checked, writing nothing (baseline (d): the least a
-verifying Python receiver does, without any protocol).
+``recv-hash PORT SIZE`` receives 1 MiB pieces with ``recv_into`` into one
+buffer and hashes each with BLAKE3 as soon as it is whole, on the same
+thread, as the client's pieces are checked, writing nothing (baseline (d):
+the least a verifying Python receiver does, without any protocol).
 
 ``--mark BYTES`` after either receiver's arguments sets the socket's
 receive low-water mark (``SO_RCVLOWAT``), as the client does while a
@@ -20,10 +20,8 @@ whatever arrived, so the receiver wakes a fraction as often.
 from __future__ import annotations
 
 import os
-import queue
 import socket
 import sys
-import threading
 import time
 
 
@@ -71,23 +69,11 @@ def receive_and_hash(port: int, size: int, mark: int = 1) -> None:
     from blake3 import blake3
 
     piece = 1024 * 1024
-    free: queue.SimpleQueue = queue.SimpleQueue()
-    full: queue.SimpleQueue = queue.SimpleQueue()
-    for _ in range(8):
-        free.put(bytearray(piece))
-
-    def hash_pieces() -> None:
-        while (buffer := full.get()) is not None:
-            blake3(buffer).digest()
-            free.put(buffer)
-
-    hasher = threading.Thread(target=hash_pieces)
-    hasher.start()
+    buffer = bytearray(piece)
     started = time.perf_counter()
     connection = connect(port, mark)
     left = size
     while left:
-        buffer = free.get()
         view = memoryview(buffer)[: min(left, piece)]
         got = 0
         while got < len(view):
@@ -95,10 +81,8 @@ def receive_and_hash(port: int, size: int, mark: int = 1) -> None:
             if not count:
                 raise SystemExit("connection closed early")
             got += count
+        blake3(view).digest()
         left -= got
-        full.put(buffer if got == piece else buffer[:got])
-    full.put(None)
-    hasher.join()
     connection.close()
     print(f"{time.perf_counter() - started:.6f}")
 

@@ -18,9 +18,9 @@ the share" line), and nothing else is warmed up.
    buffer, no hashing, no disk; (b) the same receiver also writing to a
    file (what ``-o`` must do); (c) ``twist web`` serving the file to
    ``curl -o`` (no verification); (d) the receiver of (a) hashing each
-   1 MiB piece with BLAKE3 on a second thread (a ring of 8 buffers), as
-   the client checks its pieces, with no protocol and no output: the least
-   a verifying Python receiver does.  (a'), (b') and (d') are (a), (b)
+   1 MiB piece with BLAKE3 as soon as it is whole, on the receiving
+   thread, as the client checks its pieces, with no protocol and no
+   output: the least a verifying Python receiver does.  (a'), (b') and (d') are (a), (b)
    and (d) reading as the client does while a content comes in fast: with
    the socket's low-water mark at ``p2p.batching.BATCH_BYTES``, so each
    ``recv_into`` waits for that many bytes; (a') is the loopback's real
