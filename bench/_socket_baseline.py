@@ -8,7 +8,9 @@ OUT (baseline (b)); it prints the seconds from connect to the last byte.
 ``recv-hash PORT SIZE`` receives 1 MiB pieces with ``recv_into`` into one
 buffer and hashes each with BLAKE3 as soon as it is whole, on the same
 thread, as the client's pieces are checked, writing nothing (baseline (d):
-the least a verifying Python receiver does, without any protocol).
+the least a verifying Python receiver does, without any protocol); with
+OUT, it also writes each piece to that file once hashed (baseline (e):
+the least ``p2p get -o`` does).
 
 ``--mark BYTES`` after either receiver's arguments sets the socket's
 receive low-water mark (``SO_RCVLOWAT``), as the client does while a
@@ -65,13 +67,16 @@ def receive(port: int, size: int, out: str | None = None, mark: int = 1) -> None
     print(f"{time.perf_counter() - started:.6f}")
 
 
-def receive_and_hash(port: int, size: int, mark: int = 1) -> None:
+def receive_and_hash(
+    port: int, size: int, out: str | None = None, mark: int = 1
+) -> None:
     from blake3 import blake3
 
     piece = 1024 * 1024
     buffer = bytearray(piece)
     started = time.perf_counter()
     connection = connect(port, mark)
+    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
     left = size
     while left:
         view = memoryview(buffer)[: min(left, piece)]
@@ -82,8 +87,12 @@ def receive_and_hash(port: int, size: int, mark: int = 1) -> None:
                 raise SystemExit("connection closed early")
             got += count
         blake3(view).digest()
+        if fd is not None:
+            os.write(fd, view)
         left -= got
     connection.close()
+    if fd is not None:
+        os.close(fd)
     print(f"{time.perf_counter() - started:.6f}")
 
 
@@ -97,6 +106,8 @@ if __name__ == "__main__":
     if arguments[0] == "send":
         send(arguments[1])
     elif arguments[0] == "recv-hash":
-        receive_and_hash(int(arguments[1]), int(arguments[2]), mark)
+        receive_and_hash(
+            int(arguments[1]), int(arguments[2]), *arguments[3:4], mark=mark
+        )
     else:
         receive(int(arguments[1]), int(arguments[2]), *arguments[3:4], mark=mark)
