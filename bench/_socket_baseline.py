@@ -9,8 +9,8 @@ OUT (baseline (b)); it prints the seconds from connect to the last byte.
 buffer and hashes each with BLAKE3 as soon as it is whole, on the same
 thread, as the client's pieces are checked, writing nothing (baseline (d):
 the least a verifying Python receiver does, without any protocol); with
-OUT, it also writes each piece to that file once hashed (baseline (e):
-the least ``p2p get -o`` does).
+OUT, it also writes each piece to that file once hashed (baseline (e'),
+with the mark below: the least ``p2p get -o`` does).
 
 ``--mark BYTES`` after either receiver's arguments sets the socket's
 receive low-water mark (``SO_RCVLOWAT``), as the client does while a

@@ -2,11 +2,11 @@
 Fewer, larger reads while a peer sends fast.
 
 A client's reactor wakes for its socket as soon as any byte arrives.  On
-loopback a fast peer's 1 GiB came in about 8,000 reads of 130 KB, each a
-turn of the reactor (``epoll_wait``, ``doRead``, the receiver's
-bookkeeping): on 2 cores, where the peer, the hashing thread and the
-receiving thread share the CPU, those turns were what kept the transfer
-below the raw loopback limit (bench/transfer.py, docs/performance.rst).
+loopback a fast peer's 1 GiB came in 8,000 to 10,000 reads of about 130 KB,
+each a turn of the reactor (``epoll_wait``, ``doRead``, the receiver's
+bookkeeping): on 2 cores, which the peer and the client's threads share,
+those turns kept the transfer below the raw loopback limit
+(bench/transfer.py, docs/performance.rst).
 
 While a content comes in fast, L{ReceiveBatching} raises the socket's
 low-water mark (``SO_RCVLOWAT``, L{p2p.transports.set_receive_low_water})
@@ -33,8 +33,9 @@ from collections.abc import Callable
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
-# Reads per GiB: about 4,000 instead of 8,000 to 10,000 (bench/transfer.py;
-# 512 KiB gained nothing more), and at most a quarter of a piece waiting.
+# Reads per GiB on loopback: about 2,000 instead of 8,000 to 10,000 (perf
+# stat; a read takes what came meanwhile, often more than the mark; 512 KiB
+# gained nothing more), and at most a quarter of a piece waiting.
 BATCH_BYTES = 256 * 1024
 # A read this large says the peer is sending fast (one byte at a time,
 # loopback reads were 130 KB on average; a peer capped at 20 MB/s sends
