@@ -6,6 +6,8 @@ Issue 9, points 7-10, on real processes: what a hostile peer can do to
   byte at a time; another trickles its piece list.  Both are listed before
   an honest holder; the client skips them (``--min-rate``,
   ``--header-timeout``) and its output is byte-identical, in bounded time.
+  One that sends fast, then slows down, is read as it sends: the client's
+  read batching never leaves its bytes waiting into a timeout.
 * **An oversized liar** claims 64 TiB under the name and streams for ever
   when asked.  Listed first, it is refused before anything is written (it
   would not fit the ``-o`` target; to stdout, ``--max-size``), and the
@@ -79,8 +81,8 @@ class Script:
     """
     What a fake peer answers: to ``RANGE 0 0 <name>`` the header of a
     content of C{size} bytes with C{root}; to ``GET``, C{now} at once,
-    then C{trickle} a byte every L{TRICKLE_SECONDS}, then (C{endless})
-    zero bytes for as long as the client reads.
+    then C{trickle}, C{drip} bytes every L{TRICKLE_SECONDS}, then
+    (C{endless}) zero bytes for as long as the client reads.
     """
 
     root: str
@@ -88,6 +90,7 @@ class Script:
     piece: int = pieces.PIECE_SIZE
     now: bytes = b""
     trickle: bytes = b""
+    drip: int = 1
     endless: bool = False
     # What the fake sent, in all, over every connection.
     sent: list[int] = field(default_factory=lambda: [0])
@@ -136,8 +139,11 @@ class FakePeer(LineReceiver):
     def drip(self, position: int) -> None:
         self.timer = None
         if position < len(self.script.trickle):
-            self.send(self.script.trickle[position : position + 1])
-            self.timer = self.clock.callLater(TRICKLE_SECONDS, self.drip, position + 1)
+            step = self.script.drip
+            self.send(self.script.trickle[position : position + step])
+            self.timer = self.clock.callLater(
+                TRICKLE_SECONDS, self.drip, position + step
+            )
         elif self.script.endless:
             self.transport.registerProducer(_Zeros(self), False)
 
@@ -280,6 +286,46 @@ async def test_slow_peers_are_skipped(launcher: Launcher, fakes: Fakes, file_of)
     assert f"from {honest.address} (root {root[:12]}..." in result.stderr
     assert "disagree" not in result.stderr  # all three offered the same root
     assert result.seconds < FETCH_SECONDS
+    no_traceback(result.stderr)
+
+
+@pytest_twisted.ensureDeferred
+async def test_peer_that_slows_down_is_read_as_it_sends(
+    launcher: Launcher, fakes: Fakes, file_of
+):
+    """
+    The only holder sends most of the file at once, then the last 300 KiB
+    at 80 KiB/s.  The client read the fast part in batches (its socket's
+    low-water mark at 256 KiB, p2p.batching); once the peer slows down it
+    must read every byte again as it comes, or with --idle-timeout 1 it
+    would see a second of silence while bytes waited in its socket below
+    the mark.  The file arrives whole, from that peer.
+    """
+    path, data = file_of(3 * MiB + 1000)
+    root, digests = describe(data)
+    whole = header(root, len(data), len(data), pieces.PIECE_SIZE, len(digests))
+    slow_part = 300 * 1024
+    relay = await launcher.relay()
+    slowing = await fakes.start(
+        relay,
+        "127.0.0.2",
+        Script(
+            root,
+            len(data),
+            now=whole + digests + data[:-slow_part],
+            trickle=data[-slow_part:],
+            drip=16 * 1024,  # every 0.2 s: 80 KiB/s, 64 KiB/s above --min-rate
+        ),
+    )
+
+    result = await launcher.client(
+        "--relay", relay.address, "get", "--idle-timeout", "1", NAME
+    )
+
+    assert result.code == EXIT_OK, result.stderr
+    assert result.stdout == data
+    assert f"from {slowing.address} (root {root[:12]}..." in result.stderr
+    assert "skipped" not in result.stderr
     no_traceback(result.stderr)
 
 
