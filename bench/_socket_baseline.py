@@ -47,12 +47,17 @@ def connect(port: int, mark: int) -> socket.socket:
     return connection
 
 
+def output(out: str | None) -> int | None:
+    """The file a receiver writes to, made empty (None: no file)."""
+    return os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
+
+
 def receive(port: int, size: int, out: str | None = None, mark: int = 1) -> None:
     started = time.perf_counter()
     connection = connect(port, mark)
     buffer = bytearray(1024 * 1024)
     view = memoryview(buffer)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
+    fd = output(out)
     left = size
     while left:
         count = connection.recv_into(view, min(left, len(buffer)))
@@ -76,7 +81,7 @@ def receive_and_hash(
     buffer = bytearray(piece)
     started = time.perf_counter()
     connection = connect(port, mark)
-    fd = os.open(out, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644) if out else None
+    fd = output(out)
     left = size
     while left:
         view = memoryview(buffer)[: min(left, piece)]

@@ -24,13 +24,13 @@ the share" line), and nothing else is warmed up.
    ``curl -o`` (no verification); (d) the receiver of (a) hashing each
    1 MiB piece with BLAKE3 as soon as it is whole, on the receiving
    thread, as the client checks its pieces, with no protocol and no
-   output: the least a verifying Python receiver does.  (a'), (b') and (d') are (a), (b)
-   and (d) reading as the client does while a content comes in fast: with
-   the socket's low-water mark at ``p2p.batching.BATCH_BYTES``, so each
-   ``recv_into`` waits for that many bytes; (a') is the loopback's real
-   limit for a Python receiver; (e') is (d') also writing each hashed
-   piece to a file: the least a verifying ``-o`` does.  Target: >= 0.9x
-   (a).
+   output: the least a verifying Python receiver does.  (a'), (b') and
+   (d') are (a), (b) and (d) reading as the client does while a content
+   comes in fast: with the socket's low-water mark at
+   ``p2p.batching.BATCH_BYTES``, so each ``recv_into`` waits for that many
+   bytes; (a') is the loopback's real limit for a Python receiver; (e') is
+   (d') also writing each hashed piece to a file: the least a verifying
+   ``-o`` does.  Target: >= 0.9x (a).
 3. **Peak RSS** of the client and the peer while a 1 GiB and a 20 GiB
    (sparse) file go to stdout (``--quick``: 64 and 256 MiB).  Target:
    under 64 MiB for both sizes.
@@ -41,6 +41,7 @@ Loopback only; every process is stopped by its pid.
 from __future__ import annotations
 
 import argparse
+import collections
 import os
 import shutil
 import statistics
@@ -261,11 +262,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
         SERVERS["peer"] = daemons[1].process.pid
         SERVERS["sender"] = sender.process.pid
         sender_port = int(sender.wait_for("", 30).strip())
-        runs: dict[str, list[tuple[float, float]]] = {
-            "stdout": [], "file": [], "raw": [], "raw file": [], "raw hash": [],
-            "raw batched": [], "raw file batched": [], "raw hash batched": [],
-            "raw hash file batched": [],
-        }  # fmt: skip
+        runs: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         for _ in range(repeats):
             runs["stdout"].append(ours(port, "big.bin", "--sources", "1"))
             fresh(out)

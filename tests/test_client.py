@@ -171,11 +171,16 @@ class ReceiveBatchingInFetchTests(_OneFetch):
     """The fetch raises its socket's low-water mark while content comes
     fast, and lowers it before bytes could wait unread (L{p2p.batching})."""
 
-    def test_raised_then_lowered_before_the_last_bytes(self) -> None:
+    def start(self) -> tuple[_MarkedTransport, bytes, int]:
+        """Connected on a marked transport: the transport, the peer's whole
+        stream for L{BIG}, and where its content starts."""
         transport = _MarkedTransport()
         self.connect(transport)
         stream = b"P2P/2 peer\n" + reply_for(BIG)
-        body = len(stream) - len(BIG)
+        return transport, stream, len(stream) - len(BIG)
+
+    def test_raised_then_lowered_before_the_last_bytes(self) -> None:
+        transport, stream, body = self.start()
         self.protocol.dataReceived(stream[:body])
         self.assertEqual(transport.marks, [])
         segment = FAST_READ_BYTES
@@ -192,10 +197,8 @@ class ReceiveBatchingInFetchTests(_OneFetch):
     def test_silent_peer_still_times_out(self) -> None:
         """A peer that stops sending has the mark lowered within a check,
         then fails on the idle timeout as before."""
-        transport = _MarkedTransport()
-        self.connect(transport)
-        stream = b"P2P/2 peer\n" + reply_for(BIG)
-        self.protocol.dataReceived(stream[: len(stream) - len(BIG) + FAST_READ_BYTES])
+        transport, stream, body = self.start()
+        self.protocol.dataReceived(stream[: body + FAST_READ_BYTES])
         self.assertEqual(transport.marks, [BATCH_BYTES])
         self.clock.advance(CHECK_SECONDS)
         self.assertEqual(transport.marks, [BATCH_BYTES, 1])
@@ -204,10 +207,8 @@ class ReceiveBatchingInFetchTests(_OneFetch):
 
     def test_failure_lowers_the_mark(self) -> None:
         """A fetch cancelled mid-content leaves no mark and no timer."""
-        transport = _MarkedTransport()
-        self.connect(transport)
-        stream = b"P2P/2 peer\n" + reply_for(BIG)
-        self.protocol.dataReceived(stream[: len(stream) - len(BIG) + FAST_READ_BYTES])
+        transport, stream, body = self.start()
+        self.protocol.dataReceived(stream[: body + FAST_READ_BYTES])
         self.protocol.result.cancel()
         self.failureResultOf(self.protocol.result)
         self.assertEqual(transport.marks, [BATCH_BYTES, 1])
