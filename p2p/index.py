@@ -40,6 +40,7 @@ import bisect
 import contextlib
 import dataclasses
 import errno
+import math
 import os
 import re
 import sqlite3
@@ -72,12 +73,18 @@ RunInPool = Callable[[Callable[[], Any]], Deferred]
 
 MiB = 1024 * 1024
 SCHEMA_VERSION = 1
+# What a damaged database file is renamed to (beside it) before a new one.
+CORRUPT_SUFFIX = ".corrupt"
 # Events arrive in bursts (a copy: CREATE, then CLOSE_WRITE; an unpacked
 # archive: hundreds); gather them this long, then re-stat once.
 DEBOUNCE_SECONDS = 0.5
 # A file that changes under the hasher this many times is left unindexed
 # until its next change (a log being appended to would loop forever).
 MAX_RESTARTS = 3
+# After a file kept changing while hashed (a log being written), requests
+# for it are refused this long without hashing it again: each request
+# would otherwise cost up to MAX_RESTARTS + 1 hashes of the whole file.
+CHANGING_RETRY_SECONDS = 30.0
 # inotify's Linux ABI values (as in twisted.internet.inotify, which does not
 # import on other systems).
 IN_ATTRIB = 0x004
@@ -274,6 +281,8 @@ class _Database:
         self._held = threading.local()
         self._connection: sqlite3.Connection | None = None
         self._meta = {"schema": str(SCHEMA_VERSION), "piece_size": str(PIECE_SIZE)}
+        # Where open() moved a damaged database, if it did.
+        self.set_aside: str | None = None
 
     @contextlib.contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -289,23 +298,25 @@ class _Database:
         connection.execute("COMMIT")
 
     def open(self) -> list[IndexEntry]:
-        """Open (or create) the database and load every entry, by seq."""
+        """
+        Open (or create) the database and load every entry, by seq.  A
+        file that is not a sound SQLite database (damaged, or something
+        else written there) is set aside as C{PATH.corrupt} and the index
+        starts empty: it holds nothing the share cannot give again, by
+        hashing.  C{set_aside} then says where it went.
+        """
         with self._lock:
-            self._connection = sqlite3.connect(
-                self._path, check_same_thread=False, isolation_level=None
-            )
             try:
-                self._connection.execute("PRAGMA journal_mode=WAL")
-                self._connection.execute("PRAGMA synchronous=NORMAL")
-                self._migrate()
-                rows = self._connection.execute(
-                    "SELECT seq, name, size, device, inode, mtime_ns, root"
-                    " FROM files ORDER BY seq"
-                ).fetchall()
-            except BaseException:
-                self._connection.close()
-                self._connection = None
-                raise
+                rows = self._load()
+            except sqlite3.OperationalError:
+                raise  # locked, unreadable, no room: not the file's content
+            except sqlite3.DatabaseError:
+                self.set_aside = self._path + CORRUPT_SUFFIX
+                os.replace(self._path, self.set_aside)
+                for suffix in ("-wal", "-shm"):
+                    with contextlib.suppress(FileNotFoundError):
+                        os.unlink(self._path + suffix)
+                rows = self._load()
         return [
             IndexEntry(
                 name,
@@ -315,6 +326,23 @@ class _Database:
             )
             for seq, name, size, device, inode, mtime_ns, root in rows
         ]
+
+    def _load(self) -> list[tuple]:
+        self._connection = sqlite3.connect(
+            self._path, check_same_thread=False, isolation_level=None
+        )
+        try:
+            self._connection.execute("PRAGMA journal_mode=WAL")
+            self._connection.execute("PRAGMA synchronous=NORMAL")
+            self._migrate()
+            return self._connection.execute(
+                "SELECT seq, name, size, device, inode, mtime_ns, root"
+                " FROM files ORDER BY seq"
+            ).fetchall()
+        except BaseException:
+            self._connection.close()
+            self._connection = None
+            raise
 
     def _migrate(self) -> None:
         with self._transaction() as connection:
@@ -629,6 +657,7 @@ class ShareIndex:
         max_cached_piece_bytes: int = 16 * MiB,
     ) -> None:
         self._share = share
+        self.database_path = database
         self._database = _Database(database)
         self._reactor = reactor
         self._run = run_in_pool
@@ -655,6 +684,8 @@ class ShareIndex:
         self._queue: deque[str] = deque()
         self._queued: dict[str, Identity] = {}
         self._failed: dict[str, Identity] = {}  # logged once per identity
+        # Names whose hashing failed as FileChanging, and when (ensure()).
+        self._changing: dict[str, float] = {}
         self._kicking = False
         # Pool calls hashing now (one; two when both are batches of small
         # files), and how many of them are batches.
@@ -693,6 +724,12 @@ class ShareIndex:
     def _loaded(self, entries: list[IndexEntry]) -> None:
         if self._halted:
             return
+        if self._database.set_aside is not None:
+            self.log.warn(
+                "the index database was damaged: moved to {path}; "
+                "indexing the share again",
+                path=self._database.set_aside,
+            )
         for entry in entries:
             self._put(entry)
         self._ready = True
@@ -924,6 +961,11 @@ class ShareIndex:
             return fail(error), Progress(name, 0, 0)
         job = self._jobs.get(name)
         if job is None:
+            refusal = self.refusal(name)
+            if refusal is not None:
+                if refusal.code == Code.NOT_FOUND and name in self._entries:
+                    self._remove([name])  # gone, or no longer servable
+                return fail(refusal), Progress(name, 0, 0)
             self._queued.pop(name, None)
             job = self._new_job(name, None)
         if not job.priority:
@@ -935,6 +977,30 @@ class ShareIndex:
         job.waiters.append(d)
         self._kick()
         return d, job.progress
+
+    def refusal(self, name: str) -> WireError | None:
+        """
+        Why a request for C{name} must not start hashing it, if it must
+        not: a name the index would never hold (missing, or through a
+        symlinked folder, which the index never enters), found by a few
+        syscalls before any byte is hashed rather than by the job after it
+        hashed them all, as a client could ask for any number of such
+        aliases of one big file; or a file that kept changing while hashed
+        a moment ago.
+        """
+        changed_at = self._changing.get(name)
+        if changed_at is not None:
+            wait = changed_at + CHANGING_RETRY_SECONDS - self._reactor.seconds()
+            if wait > 0:
+                return WireError(
+                    Code.UNAVAILABLE,
+                    "the file keeps changing while it is indexed; "
+                    f"retry-after={math.ceil(wait)}",
+                )
+            del self._changing[name]
+        if _stat_name(self._share, name) is None:
+            return WireError(Code.NOT_FOUND, "no such file")
+        return None
 
     def _queue_hash(self, name: str, identity: Identity) -> None:
         if identity in (self._identities.get(name), self._failed.get(name)):
@@ -1087,6 +1153,7 @@ class ShareIndex:
             return
         waiters = self._finish(job)
         self._failed.pop(job.name, None)
+        self._changing.pop(job.name, None)
         if entry is not job.known:
             self._cache.put(entry.content.root, job.digests)
             self._put(entry)
@@ -1106,6 +1173,8 @@ class ShareIndex:
         elif not (isinstance(error, WireError) and error.code == Code.NOT_FOUND):
             # Unreadable: log it once, and leave it out of the background
             # queue until its identity changes (ensure() still retries).
+            if isinstance(error, FileChanging):
+                self._changing[job.name] = self._reactor.seconds()
             identity = job.identity or job.expected
             if identity is not None and self._failed.get(job.name) != identity:
                 if not waiters:

@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from p2p import wire
-from p2p.index import IndexEntry, ShareIndex
+from p2p.index import CHANGING_RETRY_SECONDS, FileChanging, IndexEntry, ShareIndex
 from p2p.limits import (
     UNKNOWN_HOST,
     ConnectionLimits,
@@ -360,6 +360,9 @@ class PeerProtocol(ServerLineProtocol):
                 raise WireError(
                     Code.UNAVAILABLE, "the file changed while it was indexed; retry"
                 )
+            refusal = self.index.refusal(request.name)
+            if refusal is not None:
+                raise refusal  # before any progress line, or any hashing
             self._wait_for_index(request, opened.size)
             return
         if isinstance(request, wire.Get):
@@ -402,10 +405,6 @@ class PeerProtocol(ServerLineProtocol):
             line = wire.Indexing(min(progress.done, total), total).to_line()
             self.send_answer(line + self.delimiter)
 
-        self._progress = LoopingCall(report)
-        self._progress.clock = self.clock
-        self._progress.start(PROGRESS_INTERVAL_SECONDS, now=True)
-
         def indexed(_: object) -> None:
             self._stop_progress()
             if self._lost:
@@ -422,6 +421,12 @@ class PeerProtocol(ServerLineProtocol):
                 return
             if failure.check(WireError):
                 self.refuse(failure.value)
+            elif failure.check(FileChanging):
+                self.send_error(
+                    Code.UNAVAILABLE,
+                    "the file keeps changing while it is indexed; "
+                    f"retry-after={CHANGING_RETRY_SECONDS:g}",
+                )
             elif failure.check(CancelledError):
                 # The index stopped (the peer is shutting down).
                 self.send_error(Code.UNAVAILABLE, "the peer is stopping")
@@ -443,6 +448,9 @@ class PeerProtocol(ServerLineProtocol):
                 self.send_error(Code.INTERNAL, "cannot read the file")
             self._read_next()
 
+        self._progress = LoopingCall(report)
+        self._progress.clock = self.clock
+        self._progress.start(PROGRESS_INTERVAL_SECONDS, now=True)
         d.addCallbacks(indexed, failed)
 
     def _stop_progress(self) -> None:

@@ -10,7 +10,9 @@ from twisted.application.service import MultiService, Service
 from twisted.internet.defer import Deferred, maybeDeferred
 from twisted.internet.interfaces import IReactorThreads
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from p2p import wire
@@ -73,6 +75,38 @@ def default_state_folder(share: str) -> str:
 def _inside(path: str, folder: str) -> bool:
     real, top = os.path.realpath(path), os.path.realpath(folder)
     return real == top or real.startswith(top.rstrip(os.sep) + os.sep)
+
+
+def _state_problem(path: str) -> str | None:
+    """
+    Why C{path} cannot be (or become) the index's folder, if it cannot:
+    checked when the options are parsed, which creates nothing, so that
+    twistd says so in one line.
+    """
+    if not path:
+        return "an empty path"
+    probe = os.path.abspath(path)
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f"{probe!r} is not a directory"
+    if not os.access(probe, os.W_OK | os.X_OK):
+        return f"{probe!r} is not writable"
+    return None
+
+
+def _served(path: str, share: str, include_hidden: bool) -> bool:
+    """
+    Whether the files of folder C{path} would be served from C{share}: it
+    is inside, and not under a hidden folder of it (one whose name starts
+    with a dot) unless hidden files are shared.
+    """
+    if not _inside(path, share):
+        return False
+    inner = os.path.relpath(os.path.realpath(path), os.path.realpath(share))
+    return include_hidden or not any(
+        part.startswith(".") and part not in (".", "..") for part in inner.split(os.sep)
+    )
 
 
 class Options(DaemonOptions):
@@ -179,11 +213,20 @@ class Options(DaemonOptions):
                 raise usage.UsageError("--max-upload-rate must be positive")
         if self["rescan-interval"] <= 0:
             raise usage.UsageError("--rescan-interval must be positive")
-        if self["state"] is None:
+        given = self["state"] is not None
+        if not given:
             self["state"] = default_state_folder(self["share"])
-        elif _inside(self["state"], self["share"]):
+        problem = _state_problem(self["state"])
+        if problem is not None:
+            raise usage.UsageError(f"--state {self['state']!r}: {problem}")
+        if _served(self["state"], self["share"], self["include-hidden"]):
+            # Whatever the index holds (every name and root) would be served,
+            # and indexed in turn: a share of $HOME with --include-hidden
+            # holds the default, ~/.local/state.
+            which = "--state" if given else "the default --state folder"
             raise usage.UsageError(
-                f"--state {self['state']!r} is inside the share: it would be served"
+                f"{which} {self['state']!r} is inside the share, where it would "
+                "be served: give --state a folder outside --share"
             )
         check_limits(self, [*CONNECTION_LIMIT_OPTIONS, *REQUEST_LIMIT_OPTIONS])
         check_connection_options(self)
@@ -199,9 +242,12 @@ class IndexService(Service):
     database.
     """
 
-    def __init__(self, index: ShareIndex, pool: ThreadPool | None) -> None:
+    log = Logger()
+
+    def __init__(self, index: ShareIndex, pool: ThreadPool | None, reactor) -> None:
         self.index = index
         self.pool = pool
+        self.reactor = reactor
 
     def startService(self) -> None:
         super().startService()
@@ -213,7 +259,21 @@ class IndexService(Service):
         gc.freeze()
         if self.pool is not None:
             self.pool.start()
-        self.index.start()
+        self.index.start().addErrback(self._cannot_start)
+
+    def _cannot_start(self, failure: Failure) -> None:
+        """
+        Without its index a peer answers every request with an error: stop
+        (unregistering) instead of staying listed.  A damaged database does
+        not get here (the index sets it aside and starts empty); a database
+        that cannot be opened at all does (no permission, a full disk).
+        """
+        self.log.critical(
+            "cannot open the share index {path}: {error}; stopping",
+            path=self.index.database_path,
+            error=failure.getErrorMessage(),
+        )
+        self.reactor.stop()
 
     def stopService(self) -> Deferred[None]:
         super().stopService()
@@ -249,8 +309,11 @@ def makeService(config: Options, reactor=None) -> MultiService:
     try:
         os.makedirs(config["state"], mode=0o700, exist_ok=True)
     except OSError as e:
-        raise usage.UsageError(
-            f"--state {config['state']!r}: {e.strerror or e}"
+        # (Options checked it; something changed since.)  twistd prints a
+        # SystemExit's message as one line; a UsageError from here would be
+        # a traceback.
+        raise SystemExit(
+            f"twistd peer: --state {config['state']!r}: {e.strerror or e}"
         ) from None
     index = ShareIndex(
         share,
@@ -288,7 +351,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
         from p2p.metrics import peer_metrics
 
         peer_metrics(config["metrics"], reactor, factory).setServiceParent(parent)
-    IndexService(index, pool).setServiceParent(parent)
+    IndexService(index, pool, reactor).setServiceParent(parent)
 
     def name_filter():
         # The first registration waits (briefly) for the first scan, so that

@@ -26,6 +26,7 @@ from twisted.trial.unittest import SynchronousTestCase
 from p2p import index as index_module
 from p2p import pieces
 from p2p.index import (
+    CHANGING_RETRY_SECONDS,
     DEBOUNCE_SECONDS,
     IN_CLOSE_WRITE,
     IN_CREATE,
@@ -38,7 +39,7 @@ from p2p.index import (
 )
 from p2p.pieces import PIECE_SIZE, PieceList, root_of
 from p2p.share import ShareFolder
-from p2p.wire import Code, WireError
+from p2p.wire import Code, WireError, retry_after
 from tests._indexed import StepPool, run_inline
 from tests.test_share import temp_dir, write
 
@@ -248,6 +249,41 @@ class PersistenceTests(IndexCase):
         self.assertEqual(len(self.hashed), 1)
         self.assertGreater(second.lookup("a").seq, seq)
 
+    def test_damaged_database_is_set_aside(self) -> None:
+        """
+        A database file that is not one (damaged, or overwritten) is moved
+        aside, with a warning naming where, and the share indexed again
+        from scratch: the peer serves instead of refusing everything.
+        """
+        self.put("a", b"alpha")
+        self.successResultOf(self.started().stop())
+        garbage = pattern(8192, seed=3)
+        with open(self.database, "wb") as stream:
+            stream.write(garbage)
+        self.hashed.clear()
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+
+        index = self.started()
+
+        self.assertRoot(index.lookup("a"), b"alpha")
+        self.assertEqual(self.hashed, [(5, 0, 1)])
+        with open(self.database + ".corrupt", "rb") as stream:
+            self.assertEqual(stream.read(), garbage)
+        [warning] = [e for e in events if e["log_level"] == LogLevel.warn]
+        self.assertEqual(warning["path"], self.database + ".corrupt")
+        self.successResultOf(index.stop())
+        self.assertRoot(self.started().lookup("a"), b"alpha")  # a sound one now
+
+    def test_database_that_cannot_be_opened_fails_start(self) -> None:
+        """
+        A database that cannot be opened at all (here: a folder in its
+        place) fails start(): nothing to set aside, nothing to serve from.
+        """
+        os.mkdir(self.database)
+        index = self.make()
+        self.failureResultOf(index.start(), sqlite3.OperationalError)
+        self.assertTrue(os.path.isdir(self.database))
+
 
 class ChangeTests(IndexCase):
     def test_changed_file_keeps_seq(self) -> None:
@@ -377,6 +413,18 @@ class EnsureTests(IndexCase):
         pool.run_all()
         return index
 
+    def keep_changing(self, index: ShareIndex, pool: StepPool, name: str) -> None:
+        """Ask for a 3-step file C{name} and change it after every step
+        until its hashing gives up (FileChanging)."""
+        self.put(name, pattern(3 * MIB))
+        d, _ = index.ensure(name)
+        for mtime in range(1, 10):
+            if d.called:
+                break
+            pool.run_next()
+            touch(self.path(name), mtime * 1_000_000_000)
+        self.failureResultOf(d, FileChanging)
+
     def test_progress_per_step(self) -> None:
         pool = StepPool()
         index = self.idle(pool, step_bytes=MIB)
@@ -435,6 +483,52 @@ class EnsureTests(IndexCase):
         self.assertEqual(new.seq, old.seq)
         self.assertIs(index.lookup("a"), new)
 
+    def test_name_through_a_symlinked_folder_is_refused_before_hashing(
+        self,
+    ) -> None:
+        """
+        A name through a symlink to a folder (which the index never
+        enters) fails with 404 at once, before any byte is hashed: asked
+        again, or as another alias (``self/self/...``), it costs a few
+        syscalls, not a hash of the file.
+        """
+        self.put("d/big", pattern(3 * MIB))
+        os.symlink("d", self.path("link"))
+        os.symlink(".", self.path("self"))
+        index = self.started()
+        self.hashed.clear()
+        for name in ("link/big", "link/big", "self/d/big", "self/self/link/big"):
+            d, _ = index.ensure(name)
+            self.assertEqual(
+                self.failureResultOf(d, WireError).value.code, Code.NOT_FOUND, name
+            )
+        self.assertEqual(self.hashed, [])
+        self.assertEqual(sorted(e.name for e in index.page(10)[0]), ["d/big"])
+
+    def test_file_that_kept_changing_is_refused_for_a_while(self) -> None:
+        """
+        After a file kept changing while hashed (a log being written), a
+        request for it within CHANGING_RETRY_SECONDS gets 503 with a
+        retry-after at once, without hashing it again; after that, it is
+        hashed again (and indexed, once it holds still).
+        """
+        pool = StepPool()
+        index = self.idle(pool, step_bytes=MIB)
+        self.keep_changing(index, pool, "log")
+        self.hashed.clear()
+        self.clock.advance(CHANGING_RETRY_SECONDS - 10)
+
+        d, _ = index.ensure("log")
+
+        error = self.failureResultOf(d, WireError).value
+        self.assertEqual(error.code, Code.UNAVAILABLE)
+        self.assertEqual(retry_after(error.message), 10)
+        self.assertEqual((self.hashed, pool.pending), ([], []))
+        self.clock.advance(10)
+        d, _ = index.ensure("log")
+        pool.run_all()
+        self.assertRoot(self.successResultOf(d), pattern(3 * MIB))
+
     def test_missing_and_refused(self) -> None:
         self.put(".hidden", b"no")
         index = self.started()
@@ -468,14 +562,7 @@ class EnsureTests(IndexCase):
     def test_gives_up_on_a_file_that_keeps_changing(self) -> None:
         pool = StepPool()
         index = self.idle(pool, step_bytes=MIB)
-        self.put("big", pattern(3 * MIB))
-        d, _ = index.ensure("big")
-        for mtime in range(1, 10):
-            if d.called:
-                break
-            pool.run_next()
-            touch(self.path("big"), mtime * 1_000_000_000)
-        self.failureResultOf(d, FileChanging)
+        self.keep_changing(index, pool, "big")
         self.assertIsNone(index.lookup("big"))
 
 

@@ -1305,6 +1305,44 @@ class IndexingTests(PeerTestMixin, SynchronousTestCase):
         )
         self.assertClean()
 
+    def test_name_through_a_symlinked_folder_refused_at_once(self) -> None:
+        """
+        A name through a symlink to a folder of the share opens, but the
+        index never holds it: ``ERR 404`` at once, with no INDEXING line and
+        nothing hashed, however often it is asked; the connection serves
+        the next request.
+        """
+        os.symlink(".", self.path("here"))
+        self.patch(pieces, "hash_pieces", counting(self, pieces.hash_pieces))
+        self.send(b"GET here/four.bin\nRANGE 0 0 here/here/four.bin\n")
+        self.assertEqual(self.take(), b"ERR 404 no such file\n" * 2)
+        self.assertEqual((self.hashed, self.pool.pending), ([], []))
+        self.assertEqual(len(self.clock.getDelayedCalls()), 1, "the idle timer only")
+        self.lose()
+        self.assertClean()
+
+    def test_file_that_keeps_changing(self) -> None:
+        """
+        A file that kept changing while it was hashed gets ``ERR 503`` with
+        a retry-after (a log being written: the client may come back),
+        and so does a request for it soon after, at once.
+        """
+        self.send(b"GET four.bin\n")
+        self.take()
+        for mtime in range(1, 10):
+            if not self.pool.pending:
+                break
+            self.pool.run_next()
+            os.utime(self.path("four.bin"), ns=(mtime * 10**9, mtime * 10**9))
+        message = b"the file keeps changing while it is indexed; retry-after=30"
+        progress, rest = take_progress(self.take())
+        self.assertEqual(rest, b"ERR 503 " + message + b"\n")
+        self.send(b"GET four.bin\n")
+        self.assertEqual(self.take(), b"ERR 503 " + message + b"\n")
+        self.assertEqual(self.pool.pending, [])
+        self.lose()
+        self.assertClean()
+
     def test_requests_behind_wait_their_turn(self) -> None:
         """
         Requests pipelined behind a GET that waits for indexing are

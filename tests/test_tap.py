@@ -12,7 +12,7 @@ from twisted.internet.testing import (
     MemoryReactorClock,
     StringTransport,
 )
-from twisted.logger import globalLogPublisher
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python import usage
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -417,7 +417,17 @@ class PeerOptionsTests(SynchronousTestCase):
         config.parseOptions(["--share", self.share, *argv])
         return config
 
+    def share_file(self) -> str:
+        """A regular file outside the share."""
+        path = os.path.abspath(self.mktemp())
+        with open(path, "wb"):
+            pass
+        return path
+
     def test_defaults(self) -> None:
+        # From a folder that does not hold the test's $XDG_STATE_HOME.
+        self.addCleanup(os.chdir, os.getcwd())
+        os.chdir(self.share)
         config = peer_tap.Options()
         config.parseOptions([])
         self.assertEqual(
@@ -578,9 +588,34 @@ class PeerOptionsTests(SynchronousTestCase):
             # The index inside the share would be served (and re-indexed).
             ["--state", self.share],
             ["--state", os.path.join(self.share, "index")],
+            ["--state", os.path.join(self.share, ".index"), "--include-hidden"],
+            # Folders that cannot be: found when parsing, not as a traceback
+            # from makeService.
+            ["--state", ""],
+            ["--state", os.path.join(self.share_file(), "index")],
+            ["--state", self.share_file()],
         ):
             with self.assertRaises(usage.UsageError, msg=argv):
                 self.parse(*argv)
+
+    def test_default_state_inside_the_share(self) -> None:
+        """
+        The default --state is refused where it would be served (a share
+        holding $XDG_STATE_HOME, or ~ with --include-hidden), and allowed
+        under a hidden folder of the share, which is not served: a share
+        of ~ keeps its index in ~/.local/state.
+        """
+        set_environment(self, "XDG_STATE_HOME", os.path.join(self.share, "st"))
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse()
+        self.assertIn("the default --state folder", str(caught.exception))
+        self.assertIn("give --state a folder outside --share", str(caught.exception))
+        hidden = os.path.join(self.share, ".local", "state")
+        set_environment(self, "XDG_STATE_HOME", hidden)
+        self.assertTrue(self.parse()["state"].startswith(hidden + os.sep))
+        self.assertRaises(usage.UsageError, self.parse, "--include-hidden")
+        explicit = os.path.join(self.share, ".p2p")
+        self.assertEqual(self.parse("--state", explicit)["state"], explicit)
 
     def test_help(self) -> None:
         text = str(peer_tap.Options())
@@ -785,6 +820,21 @@ class PeerServiceTests(SynchronousTestCase):
         (indexing,) = children(self.started(), peer_tap.IndexService)
         self.assertEqual(indexing.index.names(), ["a.txt"])
         self.assertEqual(os.listdir(self.share), ["a.txt"])
+
+    def test_index_that_cannot_open_stops_the_peer(self) -> None:
+        """
+        A database that cannot be opened at all (a folder in its place)
+        stops the peer with a critical line naming it, instead of leaving
+        it registered and refusing every request.
+        """
+        os.makedirs(os.path.join(self.state, "index.sqlite3"))
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.reactor.running = True  # MemoryReactor.stop() asks
+        self.started()
+        self.assertTrue(self.reactor.hasStopped)
+        [critical] = [e for e in events if e["log_level"] == LogLevel.critical]
+        self.assertEqual(critical["path"], os.path.join(self.state, "index.sqlite3"))
+        self.assertIn("unable to open database file", critical["error"])
 
     def test_new_files_reach_the_relay_soon(self) -> None:
         """
