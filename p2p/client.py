@@ -285,6 +285,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         except WireError as e:
             self._fail(f"protocol error: {e.message}", FailureKind.PROTOCOL)
             return
+        except PeerFailed as e:
+            self._fail(e.reason, e.kind)
+            return
         if not self.sink.continues(header.root):
             self._fail(
                 f"has other content (root {header.root[:12]}...)",
@@ -711,12 +714,25 @@ def described(root: str, size: int, piece_size: int) -> Content:
     The content a peer's reply describes, if a client can take it: a piece
     size it accepts (a power of two, 16 KiB-16 MiB) and a piece list it
     can hold (at most L{MAX_PIECES} pieces).
+
+    An empty content has no piece to verify, so its root is checked here:
+    otherwise a peer could pass any content off as empty, under its root.
+
+    :raise PeerFailed: (corrupted) an empty content under another root.
     """
     if not valid_piece_size(piece_size):
         raise WireError(wire.Code.BAD_REQUEST, f"piece size {piece_size}")
     content = Content(bytes.fromhex(root), size, piece_size)
     if content.pieces > MAX_PIECES:
         raise WireError(wire.Code.BAD_REQUEST, f"{content.pieces} pieces is too many")
+    if content.pieces == 0:
+        try:
+            PieceList.check(content, b"")
+        except PieceListMismatch:
+            raise PeerFailed(
+                f"corrupted: root {root[:12]}... is not that of empty content",
+                FailureKind.CORRUPTED,
+            ) from None
     return content
 
 

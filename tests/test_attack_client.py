@@ -130,7 +130,12 @@ class FakePeer(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         request = wire.parse_peer_request(line)
         script = self.script
-        if isinstance(request, wire.Range):
+        if isinstance(request, wire.Pieces):
+            # No digests to send: only an empty content's list is whole.
+            listing = wire.PiecesHeader(0, script.root, script.size, script.piece)
+            self.transport.write(listing.to_line() + b"\n")
+            return
+        if isinstance(request, wire.Range) or not script.size:
             self.transport.write(header(script.root, script.size, 0, script.piece, 0))
             return
         self.send(script.now)
@@ -374,6 +379,42 @@ async def test_oversized_liar_is_refused(
     assert os.listdir(out) == [NAME]
     assert printed.stdout == data
     assert lie.sent[0] == 0  # asked for headers only: nothing streamed
+
+
+@pytest_twisted.ensureDeferred
+async def test_empty_content_liar(launcher: Launcher, fakes: Fakes, file_of, tmp_path):
+    """
+    A liar says a content is empty, under that content's root: there is
+    no piece to verify, so only the root can show the lie (the root of no
+    bytes is known).  Alone, asked for the root, it gets nothing taken:
+    nothing printed, a non-zero exit.  Listed first before an honest
+    holder, asked by root, by name and by ``--expect ROOT NAME`` over an
+    existing file, it is skipped as corrupted and the real content taken.
+    """
+    path, data = file_of(3 * MiB + 5)
+    root, _ = describe(data)
+    relay = await launcher.relay()
+    await fakes.start(relay, "127.0.0.2", Script(root, 0))
+
+    alone = await launcher.client("--relay", relay.address, "get", root)
+
+    assert alone.code != EXIT_OK and alone.stdout == b"", alone.stderr
+    assert "is not that of empty content" in alone.stderr, alone.stderr
+    no_traceback(alone.stderr)
+    await honest_peer(launcher, relay, path)
+    target = tmp_path / "kept.bin"
+    target.write_bytes(b"precious existing data\n")
+    runs = [
+        await launcher.client("--relay", relay.address, "get", root),
+        await launcher.client("--relay", relay.address, "get", NAME),
+        await launcher.client(
+            "--relay", relay.address, "get", "--expect", root, NAME, "-o", str(target)
+        ),
+    ]
+    for result in runs:
+        assert result.code == EXIT_OK, result.stderr
+        no_traceback(result.stderr)
+    assert [runs[0].stdout, runs[1].stdout, target.read_bytes()] == [data] * 3
 
 
 # -- 8. -o writes through; two runs never share a target ----------------------

@@ -290,6 +290,29 @@ class FileFetchProtocolTests(_OneFetch):
         self.assertEqual(self.successResultOf(self.protocol.result).size, 0)
         self.assertEqual(self.content(), b"")
 
+    def test_empty_content_under_another_root(self) -> None:
+        """
+        A peer calling a content empty under its real root is corrupted:
+        an empty content has no piece to check, so its root must be the
+        root of no bytes.  Nothing is completed or written.
+        """
+        content, _ = describe(BIG)
+        lie = wire.FileHeader(0, content.root_hex, 0, 0, content.piece_size, 0)
+        self.connect()
+        self.protocol.dataReceived(b"P2P/2 peer\n" + lie.to_line() + b"\n")
+        self.assertFailed("is not that of empty content", "corrupted")
+        self.assertIsNone(self.sink.content)
+        self.assertEqual(self.content(), b"")
+
+    def test_empty_piece_list_under_another_root(self) -> None:
+        """The same lie as an answer to PIECES: refused as corrupted."""
+        content, _ = describe(BIG)
+        self.connect(request=wire.Pieces(content.root_hex))
+        lie = wire.PiecesHeader(0, content.root_hex, 0, content.piece_size)
+        self.protocol.dataReceived(b"P2P/2 peer\n" + lie.to_line() + b"\n")
+        self.assertFailed("is not that of empty content", "corrupted")
+        self.assertIsNone(self.sink.content)
+
     def test_indexing_lines(self) -> None:
         """Progress lines before the header are reported and keep the
         connection alive past the idle timeout."""
