@@ -67,11 +67,14 @@ def measure(report: Report, work: str, size: int, alone: int, repeats: int) -> N
     try:
         relay, port = start_relay()
         daemons.append(relay)
-        for index in range(3):
-            share = os.path.join(work, f"share{index}")
+        shares = [os.path.join(work, f"share{index}") for index in range(3)]
+        # Every link first: a new link changes the file's change time, and a
+        # peer that indexed it already would hash it again.
+        for share in shares:
             os.makedirs(share)
             for path in (source, single):
                 os.link(path, os.path.join(share, os.path.basename(path)))
+        for index, share in enumerate(shares):
             daemons.append(
                 start_peer(port, share, f"peer{index}", "--max-upload-rate", CAP)
             )

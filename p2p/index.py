@@ -3,8 +3,12 @@
 Why: hashing a file on the request path made the first GET of a big file
 wait for a whole-file hash, and LIST walked the folder on the reactor.  So
 the peer indexes its share ahead of time and keeps the result in SQLite: a
-restart re-hashes only files whose identity (device, inode, size, mtime_ns)
-changed.
+restart re-hashes only files whose identity (device, inode, size, mtime_ns,
+ctime_ns) changed.  The change time is there because a program can put a
+file's modification time back after writing it (``touch -r``, ``rsync``,
+``cp -p``): with size and mtime alone such a file kept its old root, even
+across restarts, and no client could fetch it from that peer.  Nobody can
+set the change time.
 
 Threads.  All file I/O and every SQLite call go through ``run_in_pool`` (the
 daemon's own bounded thread pool).  The reactor thread only touches the
@@ -68,11 +72,11 @@ except Exception:  # not Linux, or no inotify in libc
     inotify = None  # type: ignore[assignment]
 
 T = TypeVar("T")
-Identity = tuple[int, int, int, int]
+Identity = tuple[int, int, int, int, int]
 RunInPool = Callable[[Callable[[], Any]], Deferred]
 
 MiB = 1024 * 1024
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: identities hold the change time
 # What a damaged database file is renamed to (beside it) before a new one.
 CORRUPT_SUFFIX = ".corrupt"
 # Events arrive in bursts (a copy: CREATE, then CLOSE_WRITE; an unpacked
@@ -111,14 +115,15 @@ _CONTROL = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 _SCHEMA = """CREATE TABLE files (
     seq INTEGER PRIMARY KEY AUTOINCREMENT, name TEXT UNIQUE NOT NULL,
     size INTEGER NOT NULL, device INTEGER NOT NULL, inode INTEGER NOT NULL,
-    mtime_ns INTEGER NOT NULL, piece_size INTEGER NOT NULL,
-    root BLOB NOT NULL, digests BLOB NOT NULL)"""
+    mtime_ns INTEGER NOT NULL, ctime_ns INTEGER NOT NULL,
+    piece_size INTEGER NOT NULL, root BLOB NOT NULL, digests BLOB NOT NULL)"""
 _UPSERT = """INSERT INTO files
-    (name, size, device, inode, mtime_ns, piece_size, root, digests)
-    VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+    (name, size, device, inode, mtime_ns, ctime_ns, piece_size, root, digests)
+    VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)
     ON CONFLICT(name) DO UPDATE SET size = excluded.size,
     device = excluded.device, inode = excluded.inode,
-    mtime_ns = excluded.mtime_ns, piece_size = excluded.piece_size,
+    mtime_ns = excluded.mtime_ns, ctime_ns = excluded.ctime_ns,
+    piece_size = excluded.piece_size,
     root = excluded.root, digests = excluded.digests"""
 
 
@@ -171,7 +176,7 @@ def _shareable(name: str, include_hidden: bool) -> bool:
 
 
 def _identity(info: os.stat_result) -> Identity:
-    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+    return (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns, info.st_ctime_ns)
 
 
 def _stat_name(
@@ -321,10 +326,10 @@ class _Database:
             IndexEntry(
                 name,
                 Content(root, size, PIECE_SIZE),
-                (_from_sql(device), _from_sql(inode), size, mtime_ns),
+                (_from_sql(device), _from_sql(inode), size, mtime_ns, ctime_ns),
                 seq,
             )
-            for seq, name, size, device, inode, mtime_ns, root in rows
+            for seq, name, size, device, inode, mtime_ns, ctime_ns, root in rows
         ]
 
     def _load(self) -> list[tuple]:
@@ -336,7 +341,7 @@ class _Database:
             self._connection.execute("PRAGMA synchronous=NORMAL")
             self._migrate()
             return self._connection.execute(
-                "SELECT seq, name, size, device, inode, mtime_ns, root"
+                "SELECT seq, name, size, device, inode, mtime_ns, ctime_ns, root"
                 " FROM files ORDER BY seq"
             ).fetchall()
         except BaseException:
@@ -415,7 +420,7 @@ class _Database:
         identity: Identity,
         digests: bytes,
     ) -> int:
-        device, inode, size, mtime_ns = identity
+        device, inode, size, mtime_ns, ctime_ns = identity
         connection.execute(
             _UPSERT,
             (
@@ -424,6 +429,7 @@ class _Database:
                 _to_sql(device),
                 _to_sql(inode),
                 mtime_ns,
+                ctime_ns,
                 content.piece_size,
                 content.root,
                 digests,

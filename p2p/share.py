@@ -131,7 +131,8 @@ class OpenedFile:
     name: str
     fd: int
     size: int
-    identity: tuple[int, int, int, int]
+    # (device, inode, size, mtime_ns, ctime_ns): what the index compares.
+    identity: tuple[int, int, int, int, int]
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -251,7 +252,14 @@ class ShareFolder:
         if not stat.S_ISREG(info.st_mode):
             os.close(fd)
             raise WireError(Code.FORBIDDEN, "not a regular file")
-        identity = (info.st_dev, info.st_ino, info.st_size, info.st_mtime_ns)
+        # As the index's (p2p.index._identity): change time included.
+        identity = (
+            info.st_dev,
+            info.st_ino,
+            info.st_size,
+            info.st_mtime_ns,
+            info.st_ctime_ns,
+        )
         return OpenedFile(name, fd, info.st_size, identity)
 
     # -- openat2 ---------------------------------------------------------------

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -239,8 +240,14 @@ def file_of(tmp_path) -> Callable[[int], tuple[str, bytes]]:
 
 
 async def honest_peer(launcher: Launcher, relay: Daemon, path: str) -> Daemon:
-    """A real peer holding C{path} as L{NAME}, its share indexed."""
-    peer = await launcher.peer(relay.address, links={NAME: path})
+    """
+    A real peer holding a copy of C{path} as L{NAME}, its share indexed.
+    A copy, not a hard link: linking a file again changes its change time,
+    so every peer that indexed it before would index it again.
+    """
+    copy = os.path.join(launcher.workdir, f"copy-{len(launcher.processes)}.bin")
+    shutil.copyfile(path, copy)
+    peer = await launcher.peer(relay.address, links={NAME: copy})
     await peer.process.wait_for(r"indexed the share")
     return peer
 

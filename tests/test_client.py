@@ -1071,26 +1071,9 @@ def breaks_after(count: int, data: bytes):
     return lambda: ScriptedServer(lambda line: answer(data, line, count), close=True)
 
 
-def corrupt_in_place(path: str, position: int) -> None:
-    """
-    Flip the byte at C{position} of C{path}, keeping its size, inode and
-    modification time: the peer's index, which trusts a file whose identity
-    did not change, keeps describing the old bytes (a disk error looks the
-    same).
-    """
-    before = os.stat(path)
-    with open(path, "r+b") as stream:
-        stream.seek(position)
-        byte = stream.read(1)
-        stream.seek(position)
-        stream.write(bytes([byte[0] ^ 0xFF]))
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))
-    after = os.stat(path)
-    assert (after.st_ino, after.st_size, after.st_mtime_ns) == (
-        before.st_ino,
-        before.st_size,
-        before.st_mtime_ns,
-    )
+def flipped(data: bytes, position: int) -> bytes:
+    """C{data} with the byte at C{position} flipped: a bad disk block."""
+    return data[:position] + bytes([data[position] ^ 0xFF]) + data[position + 1 :]
 
 
 class LyingIndex(ShareIndex):
@@ -1110,6 +1093,15 @@ class LyingIndex(ShareIndex):
         if entry is None or name not in self.lies:
             return entry
         return dataclasses.replace(entry, content=self.lies[name][0])
+
+    def holders(self, root: bytes) -> list[IndexEntry]:
+        """Asked by root (BLOB), the names it lies about hold their lie."""
+        found = [e for e in super().holders(root) if e.name not in self.lies]
+        for name, (content, _) in self.lies.items():
+            entry = self.lookup(name)
+            if entry is not None and content.root == root:
+                found.append(dataclasses.replace(entry, content=content))
+        return found
 
     def piece_digests(self, entry: IndexEntry) -> Deferred[bytes]:
         lie = self.lies.get(entry.name)
@@ -1150,6 +1142,20 @@ class Network:
         self.behaviours[port] = behaviour
         self.peers.append(peer)
         return peer
+
+    def rotten(self, share: ShareFolder, lies: dict[str, bytes]) -> PeerFactory:
+        """
+        A real peer serving C{share} whose index describes each file named
+        in C{lies} as those bytes: files that went bad on disk behind the
+        index's back (bit rot changes no size, modification or change
+        time, so the peer serves the bad bytes under the right root).
+        """
+        index = LyingIndex(
+            share, ":memory:", Clock(), run_inline, watch=False, lies=lies
+        )
+        index.start()
+        self.case.addCleanup(index.stop)
+        return PeerFactory(share, index, self.clock, PEER_IDLE)
 
     def serving(self, share: ShareFolder) -> PeerFactory:
         """
@@ -1590,9 +1596,8 @@ class FetcherTests(SynchronousTestCase):
         the pieces before it are kept, and the next holder is asked by root
         for the rest only.  The result is byte for byte the content.
         """
-        rotten = self.make_share("rotten", {NAME: BIG})
-        self.network.add(rotten)  # indexed now, before the rot
-        corrupt_in_place(os.path.join(rotten.root, NAME), 2 * MIB + 7)
+        rotten = self.make_share("rotten", {NAME: flipped(BIG, 2 * MIB + 7)})
+        self.network.add(self.network.rotten(rotten, {NAME: BIG}))
         self.network.add(self.has_big)
         result = self.successResultOf(self.fetch())
         self.assertReasons(
@@ -1688,13 +1693,12 @@ class FetcherTests(SynchronousTestCase):
         and duration; the good peer completes the content; no timer,
         descriptor or stray file remains.
         """
-        rotten = self.make_share("rotten", {NAME: BIG})
+        rotten = self.make_share("rotten", {NAME: flipped(BIG, MIB)})
         self.network.add("refuse")
         self.network.add("blackhole")
         self.network.add("silent")
         self.network.add(ScriptedServer)
-        self.network.add(rotten)
-        corrupt_in_place(os.path.join(rotten.root, NAME), MIB)
+        self.network.add(self.network.rotten(rotten, {NAME: BIG}))
         self.network.add(breaks_after(1, BIG))
         self.network.add(self.lacks_it)
         self.network.add(self.has_big)

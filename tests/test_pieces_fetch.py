@@ -65,10 +65,10 @@ def random_file(tmp_path_factory) -> Iterator[tuple[str, bytes]]:
 def corrupt_every_piece(path: str) -> None:
     """
     Flip one byte in every piece of C{path}, keeping its size and its
-    modification time: to a peer that indexed it, the file looks unchanged
-    (C{path} must be a hard link outside the peer's watched share, so no
-    inotify event tells it either), so it serves garbage under the right
-    root.
+    modification time.  The peer serving it finds the change (its change
+    time) at its next request, not in the transfer in progress: what is
+    left of that one goes out as garbage under the right root, as from a
+    disk going bad under a peer.
     """
     info = os.stat(path)
     with open(path, "r+b") as stream:
@@ -113,28 +113,37 @@ async def test_three_sources_survive_a_kill_and_garbage(
 ):
     """
     One holder is SIGKILLed mid-transfer and another serves garbage pieces
-    under the right root: both are dropped, their pieces come from the
-    third, and the output is byte-identical.
+    under the right root (its file is damaged as it sends its first
+    range): both are dropped, their pieces come from the third, and the
+    output is byte-identical.
     """
     path, data = random_file
     relay = await launcher.relay()
     slow = ("--max-upload-rate", "16M")
-    honest = await launcher.peer(relay.address, links={"big.bin": path}, args=slow)
-    doomed = await launcher.peer(relay.address, links={"big.bin": path}, args=slow)
-    # The liar's copy is its own file, linked into its share from outside.
-    outside = tmp_path / "liar"
-    outside.mkdir()
-    copy = str(outside / "big.bin")
-    shutil.copyfile(path, copy)
-    liar = await launcher.peer(relay.address, links={"big.bin": copy}, args=slow)
+    # Each holder's file is a copy of its own: linking one file into two
+    # shares changes its change time, and the first peer would index it
+    # again.  The liar's is the one it damages.
+    copies = []
+    for holder in ("honest", "doomed", "liar"):
+        copies.append(str(tmp_path / f"{holder}.bin"))
+        shutil.copyfile(path, copies[-1])
+    honest, doomed, liar = [
+        await launcher.peer(relay.address, links={"big.bin": copy}, args=slow)
+        for copy in copies
+    ]
+    copy = copies[-1]
     for peer in (honest, doomed, liar):
         await peer.process.wait_for(r"indexed the share")
-    corrupt_every_piece(copy)
 
     since = doomed.process.mark()
+    lying_since = liar.process.mark()
     client = launcher.start_client("--relay", relay.address, "get", "big.bin")
-    # The doomed holder dies as soon as it starts sending a unit.
-    await doomed.process.wait_for(r"sending big\.bin \(\d+ bytes from byte", since)
+    sending = r"sending big\.bin \(\d+ bytes from byte"
+    # The liar's disk goes bad as soon as it starts sending a unit (4 MiB,
+    # a quarter of a second at its rate); the doomed holder dies then.
+    await liar.process.wait_for(sending, lying_since)
+    corrupt_every_piece(copy)
+    await doomed.process.wait_for(sending, since)
     await doomed.process.kill("KILL")
     result = await launcher.client_result(client, timeout=TEST_TIMEOUT_SECONDS)
 

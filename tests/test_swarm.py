@@ -49,8 +49,8 @@ from tests.test_client import (
     Network,
     ScriptedServer,
     breaks_after,
-    corrupt_in_place,
     describe,
+    flipped,
     open_files,
     reply_for,
 )
@@ -543,9 +543,8 @@ class SwarmTests(SwarmTestsMixin, SynchronousTestCase):
         another holder, and the file is the content byte for byte.
         """
         honest = self.holders(2)
-        rotten_share = self.share()
-        rotten = self.network.add(rotten_share)  # indexed now, before the rot
-        corrupt_in_place(os.path.join(rotten_share.root, NAME), 5 * MIB + 7)
+        rotten_share = self.share(flipped(DATA, 5 * MIB + 7))
+        rotten = self.network.add(self.network.rotten(rotten_share, {NAME: DATA}))
         peers = [honest[0], rotten, honest[1]]
         sink = self.file_sink()
         d = self.swarm(sink, peers).run()
