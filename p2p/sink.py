@@ -389,10 +389,8 @@ class FileOutput(Output):
     def _resumable(self, content: Content, pieces: PieceList | None) -> set[int]:
         """The pieces of an earlier partial file of C{content} that verify."""
         assert self._fd is not None
-        try:
-            with open(self.state, "rb") as stream:
-                recorded = stream.read(256)
-        except OSError:
+        recorded = _read_small_file(self.state)
+        if recorded is None:
             return set()
         self._stated = True  # an earlier run's, removed when done
         if recorded != _state_record(content):
@@ -426,9 +424,13 @@ class FileOutput(Output):
 
     def _write_state(self, content: Content) -> None:
         temporary = self.state + ".new"
+        # Ours to replace, whatever is there: a FIFO left (or planted) there
+        # would block an open for writing for ever; created afresh, never
+        # opened through a link.
+        _unlink(temporary)
         fd = os.open(
             temporary,
-            os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC | os.O_NOFOLLOW,
+            os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC | os.O_NOFOLLOW,
             0o666,
         )
         with open(fd, "wb") as stream:
@@ -709,6 +711,26 @@ def _verifies(
         return False
     digests = hash_piece(data) if content.size else b""
     return root_of(content.size, content.piece_size, digests) == content.root
+
+
+def _read_small_file(path: str, limit: int = 256) -> bytes | None:
+    """
+    The first C{limit} bytes of the regular file at C{path}; C{None} if
+    there is none.  Never through a symbolic link, and never waiting: a
+    FIFO there would block a plain open until someone writes to it.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
+    except OSError:
+        return None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            return None
+        return os.read(fd, limit)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def _unlink(path: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -370,6 +371,27 @@ class FileTests(SynchronousTestCase):
 
     def test_state_file_names_the_content(self) -> None:
         self.sink()
+        with open(self.path + STATE_SUFFIX, "rb") as stream:
+            self.assertIn(self.content.root, stream.read())
+
+    def test_fifos_planted_beside_the_partial_file(self) -> None:
+        """
+        FIFOs at the state file's path and its temporary's (anyone who can
+        write in the folder can make them) neither block the run, as
+        plain opens would, for ever, nor are written through: they are
+        not state files, and are replaced by ours.
+        """
+        partial = self.sink()
+        partial.write(0, chunks(self.data)[0])
+        fired(partial.abandon(keep=True))
+        for path in (self.path + STATE_SUFFIX, self.path + STATE_SUFFIX + ".new"):
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.mkfifo(path)
+        sink = self.sink()  # would hang here before
+        self.assertEqual(sink.done, set())  # no state: nothing to resume
+        self.assertTrue(stat.S_ISREG(os.lstat(self.path + STATE_SUFFIX).st_mode))
+        self.assertNotIn("out.bin" + STATE_SUFFIX + ".new", os.listdir(self.folder))
         with open(self.path + STATE_SUFFIX, "rb") as stream:
             self.assertIn(self.content.root, stream.read())
 
