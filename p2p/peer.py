@@ -19,7 +19,6 @@ from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
-    IDelayedCall,
     IPullProducer,
     IReactorTime,
 )
@@ -41,7 +40,7 @@ from p2p.limits import (
 from p2p.ratelimit import RequestBudget
 from p2p.share import OpenedFile, ShareFolder
 from p2p.text import shown
-from p2p.throttle import TokenBucket
+from p2p.throttle import TokenBucket, Waiter
 from p2p.transports import no_delay, zero_copy_socket
 from p2p.wire import Code, WireError
 
@@ -101,7 +100,9 @@ class FileRangeProducer:
         self.socket_fd = socket_fd
         self.throttle = throttle
         self._drained = False
-        self._wait: IDelayedCall | None = None
+        # Our place in the upload budget's queue, and what it granted.
+        self._wait: Waiter | None = None
+        self._credit = 0
         self.done: Deferred[None] = Deferred()
 
     @property
@@ -141,20 +142,29 @@ class FileRangeProducer:
     def _allowed(self, wanted: int) -> int:
         """
         How many of C{wanted} bytes the upload budget lets out now; with
-        none, be called back (L{_budget_refilled}) once some accrued.
+        none, queue for it (L{_budget_refilled} is called in our turn).
         """
-        if self.throttle is None or not wanted:
+        throttle = self.throttle
+        if throttle is None or not wanted:
             return wanted
-        granted = self.throttle.take(wanted)
+        if self._credit:
+            # What our turn granted: use it, return what is not wanted.
+            granted = min(self._credit, wanted)
+            unused, self._credit = self._credit - granted, 0
+            if unused:
+                throttle.give_back(unused)
+            return granted
+        granted = throttle.take(wanted)
         if not granted:
-            clock = self.throttle.clock
-            self._wait = clock.callLater(
-                self.throttle.delay(wanted), self._budget_refilled
-            )
+            self._wait = throttle.wait(wanted, self._budget_refilled)
+            # Waiting for our own budget is not the client's idleness.
+            self.on_progress()
         return granted
 
-    def _budget_refilled(self) -> None:
+    def _budget_refilled(self, granted: int) -> None:
         self._wait = None
+        self._credit = granted
+        self.on_progress()
         if self.socket_fd is not None and self._drained:
             # Be called back through the transport once it can take bytes.
             self.consumer.startWriting()
@@ -196,9 +206,14 @@ class FileRangeProducer:
             self.consumer.startWriting()
 
     def stopProducing(self) -> None:
-        if self._wait is not None and self._wait.active():
-            self._wait.cancel()
+        if self._wait is not None:
+            assert self.throttle is not None
+            self.throttle.cancel(self._wait)
         self._wait = None
+        if self._credit:
+            assert self.throttle is not None
+            self.throttle.give_back(self._credit)
+            self._credit = 0
         if not self.done.called:
             self.done.errback(ConnectionLost("the consumer stopped the transfer"))
 
@@ -293,7 +308,50 @@ class PeerProtocol(ServerLineProtocol):
         self._lost = True
         self._stop_progress()
         self._close_file()
+        if self._paced is not None:
+            assert self.throttle is not None
+            self.throttle.cancel(self._paced)
+            self._paced = None
         super().connectionLost(reason)
+
+    # -- the upload budget, for answers ------------------------------------
+
+    # Our place in the upload budget's queue while a request waits for it.
+    _paced: Waiter | None = None
+
+    def send_answer(self, data: bytes) -> None:
+        """Send (part of) an answer, paid from the upload budget: headers,
+        piece lists and listings are bytes sent too."""
+        super().send_answer(data)
+        if self.throttle is not None:
+            self.throttle.charge(len(data))
+
+    def lineReceived(self, line: bytes) -> None:
+        """
+        With the upload budget in debt, answer a request only once it is
+        paid: a connection then gets one answer per turn, however fast it
+        asks, and a new connection waits like the others (one per request
+        sent headers and piece lists at 140 times the cap).
+        """
+        throttle = self.throttle
+        if throttle is None or not line.strip() or not throttle.in_debt:
+            super().lineReceived(line)
+            return
+        self.pauseProducing()
+        self.resetTimeout()  # waiting for our budget is not idleness
+        self._paced = throttle.wait(0, lambda _: self._answer_paced(line))
+
+    def _answer_paced(self, line: bytes) -> None:
+        self._paced = None
+        if self._lost or self.transport.disconnecting:
+            return
+        # Unpaused for this line alone: LineReceiver's resumeProducing would
+        # first hand over the lines buffered behind it.  An answer that
+        # takes time pauses reading again; one given at once resumes it.
+        self.paused = False
+        super().lineReceived(line)
+        if not self.paused:
+            self._read_next()
 
     def request_received(self, line: bytes) -> None:
         request = wire.parse_peer_request(line)

@@ -48,6 +48,7 @@ from p2p.peer import (
 )
 from p2p.pieces import PIECE_SIZE, Content, PieceList, root_of
 from p2p.share import OpenedFile, ShareFolder
+from p2p.throttle import TokenBucket
 from tests._indexed import StepPool, indexed
 from tests.test_share import (
     A_CONTENT,
@@ -1165,6 +1166,78 @@ class TimeoutTests(PeerTestMixin, SynchronousTestCase):
         self.assertEqual(body, self.big[: len(body)])
         self.file_producer().stopProducing()
         self.lose(ConnectionAborted())
+        self.assertClean()
+
+
+class UploadBudgetTests(PeerTestMixin, SynchronousTestCase):
+    """
+    ``--max-upload-rate`` pays for answers too: headers, piece lists and
+    listings are charged to the budget, and a connection reads its next
+    request only once the budget is out of debt (pipelined or looped
+    LISTs went out at 140 times the cap).
+    """
+
+    RATE = 64 * 1024
+
+    def connect(self, share: ShareFolder | None = None, index=None) -> None:
+        super().connect(share, index)
+        self.bucket = TokenBucket(self.clock, self.RATE)
+        self.protocol.throttle = self.bucket
+
+    def test_listings_paced(self) -> None:
+        """Pipelined LISTs: the first answered at once, each next one once
+        its predecessor's bytes are paid for."""
+        self.bucket.charge(self.bucket.tokens)  # spent: exactly zero left
+        self.send(b"LIST\nLIST\nLIST\n")
+        first = self.take()
+        entries, _, rest = read_listing(first)
+        self.assertTrue(entries)
+        self.assertEqual(rest, b"", "one answer only")
+        self.assertTrue(self.bucket.in_debt)
+        self.clock.advance(len(first) / self.RATE - 0.001)
+        self.assertEqual(self.take(), b"", "the debt is not paid yet")
+        self.clock.advance(0.002)
+        self.assertEqual(self.take(), first)
+        self.clock.advance(len(first) / self.RATE + 0.001)
+        self.assertEqual(self.take(), first)
+        self.lose()
+        self.assertClean()
+
+    def test_new_connection_waits_while_in_debt(self) -> None:
+        """
+        A connection's first request waits too: one connection per GET
+        (header and piece list, then hang up) is no way around the cap.
+        The wait is not idleness: the idle timer restarts when it ends.
+        """
+        debt = self.RATE // 10
+        self.bucket.charge(self.bucket.tokens + debt)
+        self.send(b"GET big.bin\n")
+        self.clock.advance(0.1 - 0.001)
+        self.assertEqual(self.take(), b"")
+        self.clock.advance(0.002)
+        self.assertTrue(self.take().startswith(b"OK "))
+        self.lose(ConnectionLost())
+
+    def test_header_charged_before_the_content(self) -> None:
+        """A GET's header and piece list are paid from the budget: the
+        content waits for them."""
+        self.send(b"GET big.bin\n")
+        header = self.take()
+        self.assertTrue(header.startswith(b"OK "))
+        charged = self.bucket.burst - self.bucket.tokens
+        self.assertEqual(charged, len(header))
+        self.lose(ConnectionLost())
+        self.assertEqual(self.bucket.waiting, 0)
+
+    def test_waiting_connection_leaves_the_queue(self) -> None:
+        """A connection lost while its next request waits for the budget
+        leaves the queue and its timer."""
+        self.bucket.charge(self.bucket.tokens + 1)
+        self.send(b"LIST\nLIST\n")
+        self.take()
+        self.assertEqual(self.bucket.waiting, 1)
+        self.lose()
+        self.assertEqual(self.bucket.waiting, 0)
         self.assertClean()
 
 

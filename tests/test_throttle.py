@@ -59,6 +59,83 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertEqual(TokenBucket(Clock(), 1000).burst, MIN_BURST_BYTES)
         self.assertRaises(ValueError, TokenBucket, Clock(), 0)
 
+    def test_waiters_served_in_order(self) -> None:
+        """
+        Whoever finds the budget short queues; later takers never overtake
+        the queue (take() grants nothing while anyone waits), and turns go
+        first come, first served.
+        """
+        clock = Clock()
+        bucket = TokenBucket(clock, MIB)
+        bucket.take(bucket.burst)
+        served: list[tuple[str, int]] = []
+        bucket.wait(MIB, lambda granted: served.append(("first", granted)))
+        bucket.wait(MIB, lambda granted: served.append(("second", granted)))
+        clock.advance(1)  # a whole burst accrued
+        self.assertEqual(bucket.take(1024), 0, "the queue goes first")
+        clock.advance(1)
+        self.assertEqual([name for name, _ in served], ["first", "second"])
+        self.assertTrue(all(granted > 0 for _, granted in served))
+        self.assertEqual((bucket.waiting, clock.getDelayedCalls()), (0, []))
+
+    def test_every_waiter_served_about_once_a_second(self) -> None:
+        """
+        200 connections at 1 MiB/s, each asking again as soon as it was
+        served: the grants shrink so that the queue goes round in about a
+        second, and nobody waits 2 s (a client's idle timeout is 10 s; half a
+        burst each, 32 KiB, took 6 s a round, and those served last were
+        overtaken by those just served).
+        """
+        clock = Clock()
+        bucket = TokenBucket(clock, MIB)
+        last = [0.0] * 200
+        longest = [0.0]
+        sent = [0]
+
+        def ask(number: int) -> None:
+            def served(granted: int) -> None:
+                longest[0] = max(longest[0], clock.seconds() - last[number])
+                last[number] = clock.seconds()
+                sent[0] += granted
+                ask(number)
+
+            bucket.wait(MIB, served)
+
+        for number in range(200):
+            ask(number)
+        while clock.seconds() < 20:
+            clock.advance(0.01)
+        self.assertLess(longest[0], 2.0)
+        self.assertLess(abs(sent[0] / 20 - MIB), 0.05 * MIB)  # the rate holds
+
+    def test_charged_answers_put_the_bucket_in_debt(self) -> None:
+        """Answers are paid after they go out: the bucket falls below zero,
+        and a wait for 0 bytes is served once the debt is paid."""
+        clock = Clock()
+        bucket = TokenBucket(clock, MIB)
+        bucket.charge(bucket.burst + MIB // 2)
+        self.assertTrue(bucket.in_debt)
+        self.assertEqual(bucket.take(1024), 0)
+        paid: list[float] = []
+        bucket.wait(0, lambda granted: paid.append(clock.seconds()))
+        clock.advance(0.49)
+        self.assertEqual(paid, [])
+        clock.advance(0.02)
+        self.assertEqual(len(paid), 1)
+        self.assertFalse(bucket.in_debt)
+
+    def test_cancelled_waiter_is_never_called(self) -> None:
+        clock = Clock()
+        bucket = TokenBucket(clock, MIB)
+        bucket.take(bucket.burst)
+        waiter = bucket.wait(MIB, lambda granted: self.fail("called"))
+        bucket.cancel(waiter)
+        bucket.cancel(waiter)  # twice: a no-op
+        self.assertEqual((bucket.waiting, clock.getDelayedCalls()), (0, []))
+        self.assertEqual(bucket.take(1024), 0)  # still empty, not blocked
+        clock.advance(0.1)
+        self.assertEqual(bucket.take(1024), 1024)
+
     def test_long_run_rate(self) -> None:
         """Over ten seconds, what is granted is the rate (plus one burst)."""
         clock = Clock()
@@ -116,9 +193,10 @@ class ThrottledProducerTests(SynchronousTestCase):
         transport.producer.resumeProducing()  # nothing left: wait
         self.assertEqual(len(transport.value()), bucket.burst)
         self.assertTrue(clock.getDelayedCalls())
+        self.assertEqual(bucket.waiting, 1)
         producer.stopProducing()
         self.failureResultOf(done)
-        self.assertEqual(clock.getDelayedCalls(), [])
+        self.assertEqual((bucket.waiting, clock.getDelayedCalls()), (0, []))
 
 
 class UnitsTests(SynchronousTestCase):
