@@ -189,6 +189,11 @@ class GetOptions(_Command):
             problem = name_problem(name)
             if problem is not None:
                 raise usage.UsageError(f"{quoted(name[:60])}: {problem}")
+        if self["output"] == "-":
+            # curl's and wget's way of saying stdout.
+            if self["json"]:
+                raise usage.UsageError("--json: -o - is stdout, which carries the JSON")
+            self["output"] = None
         if self["fsync"] and self["output"] is None:
             raise usage.UsageError("--fsync goes with -o PATH")
         if self["progress"] and self["no-progress"]:
@@ -581,6 +586,8 @@ class Console:
         try:
             write_all(self.stdout, data)
             self.stdout.flush()
+        except BrokenPipeError:
+            return False  # ``p2p ls | head -1``: the reader left; nothing to say
         except OSError as e:
             self.error(f"cannot write to stdout: {e.strerror or e}")
             return False
@@ -1106,6 +1113,8 @@ class Runner:
                 f"{label}: not found on any of {result.active} active peer(s)"
             )
         elif status is Status.OUTPUT_FAILED:
+            if result.reader_left:
+                return  # ``p2p get x | head``: the reader left, as GNU tools do
             self.console.error(
                 f"{label}: cannot write {shown(result.output)}: {result.problem}"
             )

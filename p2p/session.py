@@ -153,6 +153,8 @@ class GetResult:
     answered: int = 0
     # Why it failed, for OUTPUT_FAILED, RELAY_FAILED and INVALID_NAME.
     problem: str | None = None
+    # OUTPUT_FAILED because the output was a pipe nobody reads any more.
+    reader_left: bool = False
     # Active peers when it was not found.
     active: int = 0
     # A partial file kept for a later run to resume, and its verified bytes.
@@ -735,9 +737,12 @@ class ClientSession:
         except (OutputFailed, OSError) as e:
             yield sink.abandon(keep=False)
             error = e.error if isinstance(e, OutputFailed) else e
-            return self._output_failed(
+            result = self._output_failed(
                 name, output_label, error.strerror or str(error), sink.content
             )
+            # A pipe whose reader left (``p2p get x | head -c 100``).
+            result.reader_left = isinstance(error, BrokenPipeError)
+            return result
         except BaseException:
             sink.abandon(keep=False)
             raise

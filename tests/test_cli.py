@@ -21,6 +21,7 @@ from twisted.internet.error import (
     getConnectError,
 )
 from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python import usage
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -867,6 +868,23 @@ class LsTests(CommandTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 2)
         return requests
 
+    def test_reader_that_left(self) -> None:
+        """``p2p ls | head -1`` with a long listing: the pipe breaks, and
+        p2p ends with status 4 and nothing on stderr, as GNU tools do."""
+
+        class Gone(io.BytesIO):
+            def write(self, data) -> int:
+                raise BrokenPipeError(32, "Broken pipe")
+
+        self.console.stdout = Gone()
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_pages()
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
+        self.assertEqual(
+            self.console.err_lines, ["p2p: 1 active peer(s) at 127.0.0.1:9"]
+        )
+
     def test_ls(self) -> None:
         d = self.run_cli("--relay", "127.0.0.1:9", "ls")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
@@ -990,6 +1008,18 @@ class PermutationTests(CommandTestCase):
         self.assertEqual(sub["names"], ["a.txt", "b.txt"])
         self.assertEqual(sub["output"], "out")
         self.assertEqual(sub["sources"], 2)
+
+    def test_dash_output_is_stdout(self) -> None:
+        """``-o -`` is stdout, as for curl and wget (not a file named
+        ``-``); --json and --fsync cannot go with it."""
+        for argv in (["get", "-o", "-", "a.txt"], ["get", "a.txt", "-o-"]):
+            sub = cli.parse(argv).subOptions
+            self.assertIsNone(sub["output"])
+            self.assertEqual(sub["names"], ["a.txt"])
+        for extra in ("--json", "--fsync"):
+            self.assertRaises(
+                usage.UsageError, cli.parse, ["get", "-o", "-", extra, "a.txt"]
+            )
 
     def test_double_dash_ends_options(self) -> None:
         options = cli.parse(["get", "-o", "out", "--", "-weird-name", "--json"])

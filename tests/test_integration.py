@@ -19,7 +19,14 @@ import pytest
 import pytest_twisted
 from twisted.internet.defer import Deferred, gatherResults
 
-from ._processes import LOOPBACK, LOOPBACK6, Launcher, have_ipv6_loopback, sample
+from ._processes import (
+    LOOPBACK,
+    LOOPBACK6,
+    Launcher,
+    _bin,
+    have_ipv6_loopback,
+    sample,
+)
 
 # The whole test, startup and teardown of its own processes included.
 TEST_TIMEOUT_SECONDS = 60
@@ -298,6 +305,30 @@ async def test_everyday_get(seed, launcher, tmp_path):
     assert objects[0]["size"] == len(sample("sample3.txt"))
     assert objects[0]["output"] == str(out / "sample3.txt")
     no_traceback(result.stderr)
+
+
+@integration
+async def test_reader_that_leaves(launcher: Launcher, tmp_path):
+    """
+    ``p2p get BIG | head -c 10`` and ``p2p get -o - BIG | head -c 10``: the
+    reader leaves early, and p2p ends quietly (status 4), as GNU tools do,
+    instead of saying ``cannot write stdout: Broken pipe``.  ``-o -`` is
+    stdout, as for curl.
+    """
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(8 * 1024 * 1024))
+    relay = await launcher.relay()
+    peer = await launcher.peer(relay.address, links={"big.bin": str(big)})
+    await peer.process.wait_for(r"indexed the share")
+    p2p = f"{_bin('p2p')} -q --relay {relay.address} get"
+    for command in (f"{p2p} big.bin", f"{p2p} -o - big.bin"):
+        script = f"{command} | head -c 10 | wc -c; exit ${{PIPESTATUS[0]}}"
+        process = launcher.spawn("p2p", ["/bin/bash", "-c", script], stdout_lines=False)
+        code = await process.when_ended(TEST_TIMEOUT_SECONDS / 2)
+        assert process.stdout.split() == [b"10"], command
+        assert code == 4, (command, process.stderr)
+        assert process.stderr == b"", (command, process.stderr)
+    assert not os.path.lexists(tmp_path / "-")  # (the clients' folder)
 
 
 @integration
