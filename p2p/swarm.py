@@ -36,16 +36,25 @@ from p2p.client import FileFetchProtocol
 from p2p.endpoints import EndpointFor
 from p2p.errors import SKIPPABLE, FailureKind, OutputFailed, describe, kind_of
 from p2p.pace import DEFAULT_PACE, Pace
+from p2p.pieces import PIECE_SIZE
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink, StreamOutput
 
 DEFAULT_MAX_SOURCES = 4
-# Pieces per request: 4 MiB at 1 MiB pieces, so a request's set-up (a
-# connection, a header) is small beside its transfer even on loopback.
-UNIT_PIECES = 4
-# With stdout output, units are taken at most this many pieces ahead of
-# the first missing one (pieces that arrive early wait in memory).
-STREAM_WINDOW_PIECES = 16
+# Bytes per request (whole pieces, one at least): 4 MiB, so a request's
+# set-up (a connection, a header) is small beside its transfer even on
+# loopback.  Counted in bytes, not pieces: the holders choose the piece
+# size (16 KiB to 16 MiB), and a count of pieces multiplied what a hostile
+# one could make the client hold.
+UNIT_BYTES = 4 * 1024 * 1024
+UNIT_PIECES = UNIT_BYTES // PIECE_SIZE  # at the usual piece size
+# With stdout output, units are taken at most this far ahead of the first
+# missing piece (pieces that arrive early wait in memory): 16 MiB.
+STREAM_WINDOW_BYTES = 16 * 1024 * 1024
+STREAM_WINDOW_PIECES = STREAM_WINDOW_BYTES // PIECE_SIZE  # at the usual size
+# Sources at once hold a piece buffer each: at most this much in all (with
+# 16 MiB pieces, four sources; --sources 64 at 1 MiB pieces, all 64).
+IN_FLIGHT_BYTES = 64 * 1024 * 1024
 # At most this many sources work on one unit at once (the end game).
 MAX_RACERS = 2
 
@@ -116,7 +125,7 @@ class Swarm:
         connect_timeout: float,
         idle_timeout: float,
         max_sources: int = DEFAULT_MAX_SOURCES,
-        unit_pieces: int = UNIT_PIECES,
+        unit_pieces: int | None = None,
         report: Callable[[SourceReport], None] = lambda report: None,
         pace: Pace = DEFAULT_PACE,
     ) -> None:
@@ -129,11 +138,16 @@ class Swarm:
         self.endpoint_for = endpoint_for
         self.connect_timeout = connect_timeout
         self.idle_timeout = idle_timeout
-        self.max_sources = max(1, max_sources)
+        piece = self.content.piece_size
+        self.max_sources = max(1, min(max_sources, IN_FLIGHT_BYTES // piece))
+        if unit_pieces is None:
+            unit_pieces = UNIT_BYTES // piece
         self.unit_pieces = max(1, unit_pieces)
         self.report = report
         self.window = (
-            STREAM_WINDOW_PIECES if isinstance(sink.output, StreamOutput) else None
+            max(1, STREAM_WINDOW_BYTES // piece)
+            if isinstance(sink.output, StreamOutput)
+            else None
         )
         self.sources: list[_Source] = []
         self.reports: list[SourceReport] = []

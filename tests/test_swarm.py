@@ -26,7 +26,7 @@ from twisted.internet.testing import StringTransport
 from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p import wire
+from p2p import pieces, wire
 from p2p.client import FileFetchProtocol, OutputFailed, PeerFailed
 from p2p.fetch import SWARM_MIN_BYTES, Attempt, Fetcher, NotFoundAnywhere
 from p2p.pace import DEFAULT_PACE, Pace
@@ -664,6 +664,32 @@ class SwarmTests(SwarmTestsMixin, SynchronousTestCase):
         self.assertEqual(len(racers), 1)
         self.assertEqual(self.out.getvalue(), DATA)
         self.assertQuiet()
+
+    def test_bounds_in_bytes_whatever_the_piece_size(self) -> None:
+        """
+        The unit, the stdout window and the pieces in flight are bounded in
+        bytes: holders that choose 16 MiB pieces get units of one piece,
+        a window of one piece and four sources at most (counted in pieces,
+        they made a client hold 256 MiB of early pieces, 277 MB of RSS).
+        At the usual 1 MiB, the usual figures.
+        """
+        big = 16 * MIB
+        data = os.urandom(3 * big)
+        digests = b"".join(
+            pieces.hash_piece(data[i : i + big]) for i in range(0, len(data), big)
+        )
+        content = Content(pieces.root_of(len(data), big, digests), len(data), big)
+        sink = PieceSink(StreamOutput(io.BytesIO()))
+        self.successResultOf(sink.begin(content, PieceList.check(content, digests)))
+        swarm = Swarm(
+            self.clock, sink, [], self.network.endpoint_for, CONNECT, IDLE, 64
+        )
+        self.assertEqual(
+            (swarm.unit_pieces, swarm.window, swarm.max_sources), (1, 1, 4)
+        )
+        usual = self.swarm(self.stream_sink(), [], max_sources=64)
+        self.assertEqual((usual.unit_pieces, usual.window), (4, 16))
+        self.assertEqual(usual.max_sources, 64)
 
     def test_all_sources_fail(self) -> None:
         """
