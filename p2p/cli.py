@@ -1098,8 +1098,13 @@ class Runner:
             return EXIT_OUTPUT
         return EXIT_FOR[result.status]
 
+    # Whether Ctrl-C stopped fetches in progress (see interrupted).
+    stopped = False
+
     def report(self, result: GetResult) -> None:
         """The lines that end a fetch."""
+        if self.stopped:
+            return
         label = shown(result.name)
         status = result.status
         if status is Status.OK:
@@ -1136,6 +1141,10 @@ class Runner:
         left = self.session.interrupted()
         if not left:
             return
+        # Fetches stopped half-way end as they may (one waiting for a peer
+        # that indexes ends "not found"): the line above is all there is
+        # to say of them, and the status is Ctrl-C's.
+        self.stopped = True
         if self.console.bar is not None:
             self.console.bar.close()
         # What the stopping transfers report after these lines is noise.
@@ -1254,9 +1263,12 @@ def main(argv: list[str] | None = None) -> NoReturn:
             [_errors_only(sys.stderr)], redirectStandardIO=False
         )
     outcome: list[int] = []
+    runners: list[Runner] = []
 
     def finished(result: object) -> None:
-        if isinstance(result, Failure):
+        if any(runner.stopped for runner in runners):
+            outcome.append(EXIT_INTERRUPTED)
+        elif isinstance(result, Failure):
             if result.check(SystemExit):
                 outcome.append(result.value.code or 0)
             elif result.check(BrokenPipeError):
@@ -1274,6 +1286,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         # Ctrl-C (SIGINT) stops the reactor: say what an unfinished fetch
         # leaves behind.  After a normal end there is none, and it says
         # nothing.
+        runners.append(runner)
         reactor.addSystemEventTrigger("before", "shutdown", runner.interrupted)
 
     def start() -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import signal
 import stat
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -93,6 +94,8 @@ class Script:
     trickle: bytes = b""
     drip: int = 1
     endless: bool = False
+    # Answer every request with INDEXING lines, for ever.
+    indexing: bool = False
     # What the fake sent, in all, over every connection.
     sent: list[int] = field(default_factory=lambda: [0])
 
@@ -131,6 +134,9 @@ class FakePeer(LineReceiver):
     def lineReceived(self, line: bytes) -> None:
         request = wire.parse_peer_request(line)
         script = self.script
+        if script.indexing:
+            self.still_indexing()
+            return
         if isinstance(request, wire.Pieces):
             # No digests to send: only an empty content's list is whole.
             listing = wire.PiecesHeader(0, script.root, script.size, script.piece)
@@ -141,6 +147,10 @@ class FakePeer(LineReceiver):
             return
         self.send(script.now)
         self.drip(0)
+
+    def still_indexing(self) -> None:
+        self.transport.write(wire.Indexing(0, self.script.size).to_line() + b"\n")
+        self.timer = self.clock.callLater(TRICKLE_SECONDS, self.still_indexing)
 
     def drip(self, position: int) -> None:
         self.timer = None
@@ -422,6 +432,30 @@ async def test_empty_content_liar(launcher: Launcher, fakes: Fakes, file_of, tmp
         assert result.code == EXIT_OK, result.stderr
         no_traceback(result.stderr)
     assert [runs[0].stdout, runs[1].stdout, target.read_bytes()] == [data] * 3
+
+
+@pytest_twisted.ensureDeferred
+async def test_ctrl_c_while_a_peer_indexes(launcher: Launcher, fakes: Fakes, tmp_path):
+    """
+    Ctrl-C while the only holder is still indexing the file: one line
+    saying nothing was kept, status 130, as mid-transfer; not also "not
+    found" with status 1 (the fetch, stopped, ends as not found).
+    """
+    relay = await launcher.relay()
+    await fakes.start(relay, "127.0.0.2", Script("a" * 64, 6 * 2**30, indexing=True))
+    for extra in ((), ("-o", str(tmp_path / "out.bin"))):
+        client = launcher.start_client("--relay", relay.address, "get", *extra, NAME)
+        await client.wait_for(r"is indexing it", client.mark())
+        client.send_signal(signal.SIGINT)
+        result = await launcher.client_result(client, FETCH_SECONDS)
+
+        assert result.code == 130, result.stderr
+        assert result.stderr_lines[-1].startswith(f"p2p: {NAME}: interrupted"), (
+            result.stderr
+        )
+        assert "not found" not in result.stderr, result.stderr
+        no_traceback(result.stderr)
+    assert os.listdir(tmp_path) == []
 
 
 # -- 8. -o writes through; two runs never share a target ----------------------
