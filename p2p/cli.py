@@ -54,7 +54,7 @@ from p2p.session import (
 )
 from p2p.sink import write_all
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
-from p2p.targets import TargetError, Targets
+from p2p.targets import Target, TargetError, Targets
 from p2p.text import quoted, shown
 from p2p.units import format_bytes, parse_bytes
 
@@ -841,6 +841,25 @@ def get_json(result: GetResult) -> dict:
     }
 
 
+def interrupted_json(left: Interruption, target: Target | None) -> dict:
+    """The ``p2p get --json`` object of a name Ctrl-C stopped."""
+    return {
+        "name": left.name,
+        "status": "interrupted",
+        "size": left.size or None,
+        "root": None,
+        "verified_against": None,
+        "output": target.path if target is not None else "stdout",
+        "seconds": None,
+        "resumed": 0,
+        "peers": [],
+        "sources": [],
+        "error": "interrupted",
+        "kept": left.path if left.what == "kept" else None,
+        "received": left.received,
+    }
+
+
 def _left_line(left: Interruption) -> str:
     """The line saying what an interrupted fetch leaves."""
     label = shown(left.name)
@@ -1038,6 +1057,9 @@ class Runner:
         queue = iter(enumerate(work))
         results: dict[int, GetResult] = {}
         state = {"written": 0, "running": 0, "worst": EXIT_OK, "stop": False}
+        if as_json:
+            # What Ctrl-C must still write (see interrupted).
+            self._json_run = (work, results, state)
 
         def start_next() -> None:
             while not state["stop"] and state["running"] < jobs:
@@ -1061,6 +1083,11 @@ class Runner:
 
         def finished(result: GetResult, index: int) -> None:
             state["running"] -= 1
+            if self.stopped:
+                # Ctrl-C: interrupted() said (and wrote) it all; start nothing.
+                state["stop"] = True
+                start_next()
+                return
             code = EXIT_FOR[result.status]
             if not (code == EXIT_RELAY and state["stop"]):
                 self.report(result)  # a failed relay is said once
@@ -1093,6 +1120,8 @@ class Runner:
     def get_one(self, name, target, expect=None, as_json=False):
         """Fetch one name; print what came of it; fire with its status."""
         result = yield self.fetch_one(name, target, expect)
+        if self.stopped:
+            return EXIT_INTERRUPTED  # Ctrl-C said what it left
         self.report(result)
         if as_json and not self.console.write_json([get_json(result)]):
             return EXIT_OUTPUT
@@ -1151,6 +1180,34 @@ class Runner:
         self.console.quiet = True
         for one in left:
             self.console.error(_left_line(one))
+        if self._json_run is not None:
+            self._write_json_left(left)
+
+    # With --json: the names, the results not written yet and the progress
+    # of the run in progress (get_many).
+    _json_run: tuple[list, dict[int, GetResult], dict] | None = None
+
+    def _write_json_left(self, left: list[Interruption]) -> None:
+        """
+        Ctrl-C with --json: one object for every name started, in order,
+        the interrupted ones included (status ``interrupted``, with what
+        they kept), so that a script sees each name it was running.
+        """
+        assert self._json_run is not None
+        work, results, state = self._json_run
+        interrupted = {one.name: one for one in left}
+        objects = []
+        for index in range(state["written"], len(work)):
+            name, target = work[index]
+            if index in results:
+                objects.append(get_json(results.pop(index)))
+            elif name in interrupted:
+                objects.append(interrupted_json(interrupted[name], target))
+            else:
+                break  # not started: nothing to say
+        state["written"] = len(work)
+        if objects:
+            self.console.write_json(objects)
 
     @inlineCallbacks
     def demo(self, demo_options: DemoOptions):

@@ -1359,6 +1359,34 @@ class JobsTests(CommandTestCase):
         )
         self.assertEqual(os.listdir(self.folder), [])
 
+    def test_interrupted_with_json(self) -> None:
+        """
+        Ctrl-C with --json: every name started gets its object, in order,
+        the interrupted ones with status ``interrupted``; one that ends
+        afterwards (as a stopped fetch does) adds nothing, and the names
+        not started get none.
+        """
+        d = self.run_jobs("-j", "2", "--json", names=("a", "b", "c", "d"))
+        serve(self.reactor, 2, self.CONTENT)  # b, done, waits for a's object
+        self.assertEqual(self.console.out, b"")
+        self.runner.interrupted()
+        objects = [json.loads(line) for line in self.console.out.splitlines()]
+        self.assertEqual(
+            [(o["name"], o["status"]) for o in objects],
+            [("a", "interrupted"), ("b", "ok"), ("c", "interrupted")],
+        )
+        self.assertEqual(objects[0]["output"], os.path.join(self.folder, "a"))
+        self.assertEqual(
+            (objects[0]["kept"], objects[0]["error"]), (None, "interrupted")
+        )
+        refuse_file(self.reactor, 1)  # a ends, stopped: not found
+        refuse_file(self.reactor, 3)
+        self.assertEqual(len(self.console.out.splitlines()), 3)
+        self.assertEqual(
+            self.console.err_lines[-1], "p2p: c: interrupted; nothing was kept"
+        )
+        self.successResultOf(d)
+
     def test_connections_kept_but_not_after_an_error(self) -> None:
         """A connection that carried a file, or an ERR 404, is kept for the
         next name (p2p.pool counts the 404s against the peer's error
