@@ -505,10 +505,12 @@ class _FetchRun:
         self._record(attempt, True, "found")
         assert self.sink.content is not None
         served = [report for report in reports if report.units]
+        # The holder named as the one it came from: the one that sent it
+        # all, when one did; the one whose header began the fetch may have
+        # been dropped since (a bad piece) and sent nothing kept.
+        peer = served[0].peer if len(served) == 1 else attempt.peer
         self.done.callback(
-            FetchResult(
-                self.name, attempt.peer, self.sink.content, self.attempts, served
-            )
+            FetchResult(self.name, peer, self.sink.content, self.attempts, served)
         )
 
     def _swarm_failed(self, failure: Failure) -> None:

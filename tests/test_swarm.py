@@ -878,6 +878,21 @@ class FetcherSwarmTests(SwarmTestsMixin, SynchronousTestCase):
         self.assertEqual(self.network.contacted, [peers[0].port])
         self.assertEqual(len(self.network.pumps), 1)
 
+    def test_named_holder_is_the_one_that_sent_it(self) -> None:
+        """
+        The first holder describes the content, then sends a bad piece and
+        is dropped; the other sends every unit.  The result names that one
+        (the summary line said "from" the dropped liar).
+        """
+        rotten = self.network.add(
+            self.network.rotten(self.share(flipped(DATA, 7)), {NAME: DATA})
+        )
+        [honest] = self.holders(1)
+        result = self.successResultOf(self.fetch([rotten, honest], [rotten, honest]))
+        self.assertEqual([report.peer for report in result.sources], [honest])
+        self.assertEqual(result.peer, honest)
+        self.assertSaved()
+
     def test_large_file_from_several_holders(self) -> None:
         """
         A 20 MiB file whose likely holders are known: the first peer is
