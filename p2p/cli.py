@@ -30,7 +30,7 @@ from p2p import __version__, wire
 from p2p.choice import Choice
 from p2p.client import DEFAULT_CONNECT_TIMEOUT_SECONDS, DEFAULT_IDLE_TIMEOUT_SECONDS
 from p2p.endpoints import relay_option, relays_from_environment
-from p2p.errors import RELAY_FAILURES, describe
+from p2p.errors import RELAY_FAILURES, FailureKind, describe
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt
 from p2p.interfaces import IFetchObserver
 from p2p.pace import (
@@ -812,7 +812,7 @@ def get_json(result: GetResult) -> dict:
     if result.status is Status.OUTPUT_FAILED:
         error = f"cannot write {result.output}: {result.problem}"
     elif result.status is Status.NOT_FOUND:
-        error = f"not found on any of {result.active} active peer(s)"
+        error = not_found(result)
     elif result.status is Status.NO_PEERS:
         error = "no active peers"
     elif result.problem is not None:
@@ -858,6 +858,36 @@ def interrupted_json(left: Interruption, target: Target | None) -> dict:
         "kept": left.path if left.what == "kept" else None,
         "received": left.received,
     }
+
+
+# Why a holder's copy was not taken, as the end of a fetch says it, with
+# the option that would take it, if one would.  (A peer that could not be
+# reached, or said nothing in time, may not hold the file at all.)
+_REJECTIONS = {
+    FailureKind.TOO_LARGE: "too large (--max-size)",
+    FailureKind.SLOW: "too slow (--min-rate)",
+    FailureKind.CORRUPTED: "corrupted",
+    FailureKind.OTHER_CONTENT: "other content",
+    FailureKind.BROKEN: "broke off",
+}
+
+
+def not_found(result: GetResult) -> str:
+    """
+    What a fetch that got nothing says: "not found" when no peer had the
+    name, else how many holders' copies were turned down, and why (with
+    -q, the only line: "not found" alone hid a copy refused as too large).
+    """
+    peers: dict[FailureKind, set[str]] = {}
+    for attempt in (*result.questions, *result.attempts):
+        if not attempt.ok and attempt.kind in _REJECTIONS:
+            peers.setdefault(attempt.kind, set()).add(attempt.peer.address)
+    if not peers:
+        return f"not found on any of {result.active} active peer(s)"
+    why = ", ".join(
+        f"{len(addresses)} {_REJECTIONS[kind]}" for kind, addresses in peers.items()
+    )
+    return f"no usable copy on {result.active} active peer(s): {why}"
 
 
 def _left_line(left: Interruption) -> str:
@@ -1143,9 +1173,7 @@ class Runner:
         elif status is Status.NO_PEERS:
             self.console.error(f"{label}: no active peers")
         elif status is Status.NOT_FOUND:
-            self.console.error(
-                f"{label}: not found on any of {result.active} active peer(s)"
-            )
+            self.console.error(f"{label}: {not_found(result)}")
         elif status is Status.OUTPUT_FAILED:
             if result.reader_left:
                 return  # ``p2p get x | head``: the reader left, as GNU tools do

@@ -365,6 +365,30 @@ class GetTests(CommandTestCase):
         self.assertFalse(os.path.exists("x"))
         self.assert_no_timers()
 
+    def test_copies_turned_down_are_not_not_found(self) -> None:
+        """
+        A holder whose copy is too large for --max-size, and one whose
+        copy is corrupted: with -q the one line says so (and which option
+        takes the first), not "not found"; --json's error too.
+        """
+        d = self.run_cli(
+            "-q", "--relay", "127.0.0.1:9", "get", "--max-size", "100", "a.txt"
+        )
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        header = peer_reply(self.CONTENT).split(b"\n")[0] + b"\n"
+        protocol.dataReceived(header)
+        protocol, _ = self.connect(3, b"P2P/2 peer")
+        reply = peer_reply(self.CONTENT[:50])
+        protocol.dataReceived(reply[:-1] + b"!")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assert_one_error_line(
+            "a.txt: no usable copy on 2 active peer(s): "
+            "1 too large (--max-size), 1 corrupted"
+        )
+        self.assert_no_timers()
+
     def test_names_and_peer_messages_are_escaped(self) -> None:
         """
         Every line on stderr shows a name with visible escapes, and text a
