@@ -33,6 +33,7 @@ from p2p.endpoints import relay_option, relays_from_environment
 from p2p.errors import RELAY_FAILURES, FailureKind, describe
 from p2p.fetch import DEFAULT_STAGGER_SECONDS, Attempt
 from p2p.interfaces import IFetchObserver
+from p2p.options import named_types
 from p2p.pace import (
     DEFAULT_HEADER_TIMEOUT_SECONDS,
     DEFAULT_MIN_RATE,
@@ -105,70 +106,72 @@ class GetOptions(_Command):
         "interactively.  With -o DIR and several names, each keeps its "
         "relative path under DIR."
     )
-    optParameters = [
+    optParameters = named_types(
         [
-            "output",
-            "o",
-            None,
-            "Save to PATH instead of printing; with several names (or none), "
-            "PATH is a folder and each name keeps its relative path under it.",
-        ],
-        [
-            "expect",
-            None,
-            None,
-            "Accept only the content with this ROOT (for a single NAME).",
-        ],
-        [
-            "jobs",
-            "j",
-            DEFAULT_JOBS,
-            "With -o DIR and several names: fetch up to this many names at "
-            "once (1: one after the other, as to stdout).",
-            int,
-        ],
-        [
-            "sources",
-            None,
-            DEFAULT_MAX_SOURCES,
-            "Fetch a large file from up to this many holders at once, and ask "
-            "up to this many which content they hold under the name (1: one "
-            "peer at a time).",
-            int,
-        ],
-        [
-            "max-size",
-            None,
-            None,
-            "Refuse a file larger than SIZE (e.g. 10G; K, M, G are powers of "
-            "1024).  With -o, a file that would not fit on the target's file "
-            "system is always refused.",
-        ],
-        [
-            "min-rate",
-            None,
-            f"{DEFAULT_MIN_RATE // 1024}K",
-            "Skip a peer whose transfer averages less than RATE bytes a second "
-            "over --min-rate-time seconds (K, M, G as for --max-size; 0: any "
-            "rate).",
-        ],
-        [
-            "min-rate-time",
-            None,
-            DEFAULT_MIN_RATE_SECONDS,
-            "Seconds over which --min-rate is measured.",
-            float,
-        ],
-        [
-            "header-timeout",
-            None,
-            DEFAULT_HEADER_TIMEOUT_SECONDS,
-            "Skip a peer whose reply header and piece list take longer than "
-            "this many seconds, however its bytes trickle (time it shows "
-            "indexing progress does not count; 0: no limit).",
-            float,
-        ],
-    ]
+            [
+                "output",
+                "o",
+                None,
+                "Save to PATH instead of printing; with several names (or none), "
+                "PATH is a folder and each name keeps its relative path under it.",
+            ],
+            [
+                "expect",
+                None,
+                None,
+                "Accept only the content with this ROOT (for a single NAME).",
+            ],
+            [
+                "jobs",
+                "j",
+                DEFAULT_JOBS,
+                "With -o DIR and several names: fetch up to this many names at "
+                "once (1: one after the other, as to stdout).",
+                int,
+            ],
+            [
+                "sources",
+                None,
+                DEFAULT_MAX_SOURCES,
+                "Fetch a large file from up to this many holders at once, and ask "
+                "up to this many which content they hold under the name (1: one "
+                "peer at a time).",
+                int,
+            ],
+            [
+                "max-size",
+                None,
+                None,
+                "Refuse a file larger than SIZE (e.g. 10G; K, M, G are powers of "
+                "1024).  With -o, a file that would not fit on the target's file "
+                "system is always refused.",
+            ],
+            [
+                "min-rate",
+                None,
+                f"{DEFAULT_MIN_RATE // 1024}K",
+                "Skip a peer whose transfer averages less than RATE bytes a second "
+                "over --min-rate-time seconds (K, M, G as for --max-size; 0: any "
+                "rate).",
+            ],
+            [
+                "min-rate-time",
+                None,
+                DEFAULT_MIN_RATE_SECONDS,
+                "Seconds over which --min-rate is measured.",
+                float,
+            ],
+            [
+                "header-timeout",
+                None,
+                DEFAULT_HEADER_TIMEOUT_SECONDS,
+                "Skip a peer whose reply header and piece list take longer than "
+                "this many seconds, however its bytes trickle (time it shows "
+                "indexing progress does not count; 0: no limit).",
+                float,
+            ],
+        ]
+    )
     optFlags = [
         ["fsync", None, "With -o: flush each file to the disk before renaming it."],
         [
@@ -275,10 +278,17 @@ class DemoOptions(_Command):
         "sample files (or DIR's files) evenly among them, then fetch NAMEs "
         "(or ask for names)."
     )
-    optParameters = [
-        ["peers", "p", 3, "Number of peers.", int],
-        ["files", "f", None, "Distribute this folder's files instead of the samples."],
-    ]
+    optParameters = named_types(
+        [
+            ["peers", "p", 3, "Number of peers.", int],
+            [
+                "files",
+                "f",
+                None,
+                "Distribute this folder's files instead of the samples.",
+            ],
+        ]
+    )
 
     def parseArgs(self, *names: str) -> None:
         self["names"] = list(names)
@@ -306,44 +316,46 @@ class Options(usage.Options):
         "or failing (every --relay, with no cached peer list to use), 4 output "
         "cannot be written, 70 internal error, 130 interrupted."
     )
-    optParameters = [
+    optParameters = named_types(
         [
-            "connect-timeout",
-            None,
-            DEFAULT_CONNECT_TIMEOUT_SECONDS,
-            "Seconds to wait for each connection.",
-            float,
-        ],
-        [
-            "idle-timeout",
-            None,
-            DEFAULT_IDLE_TIMEOUT_SECONDS,
-            "Seconds of silence after which a peer is skipped.",
-            float,
-        ],
-        [
-            "peer-ca",
-            None,
-            None,
-            "Connect to peers with TLS, trusting this CA (a PEM file or a folder "
-            "of .pem files); peers without a valid certificate for their address "
-            "are skipped.",
-        ],
-        [
-            "token",
-            None,
-            None,
-            "Token for a relay that requires one for queries (default $P2P_TOKEN).",
-        ],
-        [
-            "stagger",
-            None,
-            DEFAULT_STAGGER_SECONDS,
-            "Seconds after which a silent peer is joined by the next attempt "
-            "(0: strictly one peer at a time).",
-            float,
-        ],
-    ]
+            [
+                "connect-timeout",
+                None,
+                DEFAULT_CONNECT_TIMEOUT_SECONDS,
+                "Seconds to wait for each connection.",
+                float,
+            ],
+            [
+                "idle-timeout",
+                None,
+                DEFAULT_IDLE_TIMEOUT_SECONDS,
+                "Seconds of silence after which a peer is skipped.",
+                float,
+            ],
+            [
+                "peer-ca",
+                None,
+                None,
+                "Connect to peers with TLS, trusting this CA (a PEM file or a folder "
+                "of .pem files); peers without a valid certificate for their address "
+                "are skipped.",
+            ],
+            [
+                "token",
+                None,
+                None,
+                "Token for a relay that requires one for queries (default $P2P_TOKEN).",
+            ],
+            [
+                "stagger",
+                None,
+                DEFAULT_STAGGER_SECONDS,
+                "Seconds after which a silent peer is joined by the next attempt "
+                "(0: strictly one peer at a time).",
+                float,
+            ],
+        ]
+    )
     optFlags = [
         ["quiet", "q", "No progress or diagnostics on stderr (errors still show)."],
         ["verbose", "v", "Also show Twisted's log on stderr."],

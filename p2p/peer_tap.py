@@ -42,6 +42,7 @@ from p2p.endpoints import (
 )
 from p2p.hints import build_filter
 from p2p.index import ShareIndex
+from p2p.options import named_types
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
@@ -117,58 +118,60 @@ class Options(DaemonOptions):
         "the relay (at each relay, with several --relay).  RELAY_HOST "
         "RELAY_PORT is the seed's short form of --relay."
     )
-    optParameters = [
-        ["share", "s", ".", "Folder whose files are served."],
+    optParameters = named_types(
         [
-            "listen",
-            "l",
-            DEFAULT_LISTEN,
-            "Endpoint to serve on (default: an ephemeral port).",
-        ],
-        ["name", "n", None, "Display name sent to the relay."],
-        [
-            "idle-timeout",
-            None,
-            DEFAULT_IDLE_TIMEOUT_SECONDS,
-            "Close connections silent for this many seconds.",
-            float,
-        ],
-        *CONNECTION_OPTIONS,
-        *REQUEST_OPTIONS,
-        [
-            "token",
-            None,
-            None,
-            "Shared secret sent to the relay with REGISTER and UNREGISTER "
-            f"(default ${TOKEN_ENVIRONMENT_VARIABLE}).  Prefer the environment "
-            "variable: a command line is visible to other users.",
-        ],
-        ["port-file", None, None, "Write 'HOST PORT' here once listening."],
-        METRICS_OPTION,
-        [
-            "state",
-            None,
-            None,
-            "Folder for the share's index (default: one per share under "
-            "$XDG_STATE_HOME/p2p-relay, i.e. ~/.local/state); never inside "
-            "the share.",
-        ],
-        [
-            "max-upload-rate",
-            None,
-            None,
-            "Most bytes per second sent to all clients together (e.g. 20M; "
-            "K, M, G are powers of 1024).  Default: no limit.",
-        ],
-        [
-            "rescan-interval",
-            None,
-            DEFAULT_RESCAN_SECONDS,
-            "Seconds between full rescans of the share (changes are also "
-            "picked up at once through inotify where available).",
-            float,
-        ],
-    ]
+            ["share", "s", ".", "Folder whose files are served."],
+            [
+                "listen",
+                "l",
+                DEFAULT_LISTEN,
+                "Endpoint to serve on (default: an ephemeral port).",
+            ],
+            ["name", "n", None, "Display name sent to the relay."],
+            [
+                "idle-timeout",
+                None,
+                DEFAULT_IDLE_TIMEOUT_SECONDS,
+                "Close connections silent for this many seconds.",
+                float,
+            ],
+            *CONNECTION_OPTIONS,
+            *REQUEST_OPTIONS,
+            [
+                "token",
+                None,
+                None,
+                "Shared secret sent to the relay with REGISTER and UNREGISTER "
+                f"(default ${TOKEN_ENVIRONMENT_VARIABLE}).  Prefer the environment "
+                "variable: a command line is visible to other users.",
+            ],
+            ["port-file", None, None, "Write 'HOST PORT' here once listening."],
+            METRICS_OPTION,
+            [
+                "state",
+                None,
+                None,
+                "Folder for the share's index (default: one per share under "
+                "$XDG_STATE_HOME/p2p-relay, i.e. ~/.local/state); never inside "
+                "the share.",
+            ],
+            [
+                "max-upload-rate",
+                None,
+                None,
+                "Most bytes per second sent to all clients together (e.g. 20M; "
+                "K, M, G are powers of 1024).  Default: no limit.",
+            ],
+            [
+                "rescan-interval",
+                None,
+                DEFAULT_RESCAN_SECONDS,
+                "Seconds between full rescans of the share (changes are also "
+                "picked up at once through inotify where available).",
+                float,
+            ],
+        ]
+    )
     optFlags = [["include-hidden", None, "Also serve dot files and dot folders."]]
 
     opt_relay = opt_r = relay_option(

@@ -27,6 +27,7 @@ from p2p.daemon import (
 from p2p.dialback import DEFAULT_TIMEOUT_SECONDS as DEFAULT_DIALBACK_TIMEOUT_SECONDS
 from p2p.dialback import DialBack
 from p2p.endpoints import check_server, server_description, server_endpoint
+from p2p.options import named_types
 from p2p.ratelimit import GuessBrake
 from p2p.registry import MemoryRegistry
 from p2p.relay import (
@@ -62,81 +63,95 @@ class Options(DaemonOptions):
         "periodically), clients ask for the active peers.  PORT is the seed's "
         "short form of --listen tcp:PORT."
     )
-    optParameters = [
-        ["ttl", None, DEFAULT_TTL_SECONDS, "Lease length in seconds.", int],
-        ["renew", None, None, "Renewal interval asked of peers (default ttl/3).", int],
+    optParameters = named_types(
         [
-            "idle-timeout",
-            None,
-            DEFAULT_IDLE_TIMEOUT_SECONDS,
-            "Close connections silent for this many seconds.",
-            float,
-        ],
-        ["max-peers", None, 100_000, "Most leases held at once (0: no limit).", int],
-        [
-            "max-per-host",
-            None,
-            DEFAULT_MAX_LEASES_PER_HOST,
-            "Most leases per address, an IPv6 /64 counting as one (0: no limit).",
-            int,
-        ],
-        [
-            "max-per-network",
-            None,
-            DEFAULT_MAX_LEASES_PER_NETWORK,
-            "Most leases per network: an IPv4 /24, an IPv6 /48 (0: no limit).",
-            int,
-        ],
-        *CONNECTION_OPTIONS,
-        *REQUEST_OPTIONS,
-        [
-            "dial-back-timeout",
-            None,
-            DEFAULT_DIALBACK_TIMEOUT_SECONDS,
-            "Seconds a new peer's port has to answer the relay's dial-back.",
-            float,
-        ],
-        [
-            "token",
-            None,
-            None,
-            "Shared secret peers must send (token=) to REGISTER and UNREGISTER "
-            f"(default ${TOKEN_ENVIRONMENT_VARIABLE}; none: no check).  Prefer the "
-            "environment variable: a command line is visible to other users.",
-        ],
-        [
-            "registry",
-            None,
-            None,
-            "Where leases live: 'memory' (this relay only), or a Redis shared "
-            "by several relays: redis://[:PASSWORD@]HOST[:PORT][/DB], rediss:// "
-            f"for TLS (default ${REDIS_URL_ENVIRONMENT_VARIABLE}, else memory).  "
-            "Prefer the environment variable for a password.",
-        ],
-        [
-            "registry-prefix",
-            None,
-            "p2p:",
-            "Prefix of the Redis keys; relays sharing a table use the same.",
-        ],
-        [
-            "registry-ca",
-            None,
-            None,
-            "For rediss://: trust this CA certificate (PEM) for Redis's "
-            "certificate instead of the system's CAs.",
-        ],
-        ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
-        METRICS_OPTION,
-        [
-            "report-interval",
-            None,
-            DEFAULT_REPORT_INTERVAL_SECONDS,
-            "Log an activity summary (renewals, peer lists, ...) this often, "
-            "in seconds (0: never).",
-            float,
-        ],
-    ]
+            ["ttl", None, DEFAULT_TTL_SECONDS, "Lease length in seconds.", int],
+            [
+                "renew",
+                None,
+                None,
+                "Renewal interval asked of peers (default ttl/3).",
+                int,
+            ],
+            [
+                "idle-timeout",
+                None,
+                DEFAULT_IDLE_TIMEOUT_SECONDS,
+                "Close connections silent for this many seconds.",
+                float,
+            ],
+            [
+                "max-peers",
+                None,
+                100_000,
+                "Most leases held at once (0: no limit).",
+                int,
+            ],
+            [
+                "max-per-host",
+                None,
+                DEFAULT_MAX_LEASES_PER_HOST,
+                "Most leases per address, an IPv6 /64 counting as one (0: no limit).",
+                int,
+            ],
+            [
+                "max-per-network",
+                None,
+                DEFAULT_MAX_LEASES_PER_NETWORK,
+                "Most leases per network: an IPv4 /24, an IPv6 /48 (0: no limit).",
+                int,
+            ],
+            *CONNECTION_OPTIONS,
+            *REQUEST_OPTIONS,
+            [
+                "dial-back-timeout",
+                None,
+                DEFAULT_DIALBACK_TIMEOUT_SECONDS,
+                "Seconds a new peer's port has to answer the relay's dial-back.",
+                float,
+            ],
+            [
+                "token",
+                None,
+                None,
+                "Shared secret peers must send (token=) to REGISTER and UNREGISTER "
+                f"(default ${TOKEN_ENVIRONMENT_VARIABLE}; none: no check).  Prefer the "
+                "environment variable: a command line is visible to other users.",
+            ],
+            [
+                "registry",
+                None,
+                None,
+                "Where leases live: 'memory' (this relay only), or a Redis shared "
+                "by several relays: redis://[:PASSWORD@]HOST[:PORT][/DB], rediss:// "
+                f"for TLS (default ${REDIS_URL_ENVIRONMENT_VARIABLE}, else memory).  "
+                "Prefer the environment variable for a password.",
+            ],
+            [
+                "registry-prefix",
+                None,
+                "p2p:",
+                "Prefix of the Redis keys; relays sharing a table use the same.",
+            ],
+            [
+                "registry-ca",
+                None,
+                None,
+                "For rediss://: trust this CA certificate (PEM) for Redis's "
+                "certificate instead of the system's CAs.",
+            ],
+            ["port-file", None, None, "Write 'HOST PORT' lines here once listening."],
+            METRICS_OPTION,
+            [
+                "report-interval",
+                None,
+                DEFAULT_REPORT_INTERVAL_SECONDS,
+                "Log an activity summary (renewals, peer lists, ...) this often, "
+                "in seconds (0: never).",
+                float,
+            ],
+        ]
+    )
     optFlags = [
         [
             "allow-claimed-host",

@@ -231,6 +231,15 @@ class UsageTests(CommandTestCase):
             self.assertEqual(self.reactor.tcpClients, [], argv)
             self.assert_no_timers()
 
+    def test_malformed_number_names_its_option(self) -> None:
+        """Not Twisted's "Parameter type enforcement failed: could not
+        convert string to float": the option, what it wants, what came."""
+        self.successResultOf(self.run_cli("get", "a", "--sources", "many"))
+        self.assert_one_error_line("--sources: not a whole number: 'many'")
+        self.console = FakeConsole()
+        self.successResultOf(self.run_cli("--connect-timeout", "soon", "peers"))
+        self.assert_one_error_line("--connect-timeout: not a number: 'soon'")
+
     def test_message_names_the_problem(self) -> None:
         self.successResultOf(self.run_cli("frob"))
         self.assert_one_error_line("frob", "p2p --help")

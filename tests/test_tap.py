@@ -598,6 +598,15 @@ class PeerOptionsTests(SynchronousTestCase):
             with self.assertRaises(usage.UsageError, msg=argv):
                 self.parse(*argv)
 
+    def test_malformed_number_names_its_option(self) -> None:
+        for argv, message in (
+            (["--rescan-interval", "x"], "--rescan-interval: not a number: 'x'"),
+            (["--max-connections", "1.5"], "--max-connections: not a whole number"),
+        ):
+            with self.assertRaises(usage.UsageError) as caught:
+                self.parse(*argv)
+            self.assertIn(message, str(caught.exception))
+
     def test_default_state_inside_the_share(self) -> None:
         """
         The default --state is refused where it would be served (a share
