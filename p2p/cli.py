@@ -393,7 +393,18 @@ class Options(usage.Options):
         """Parse C{options} (the seed's form, or permuted: L{permuted})."""
         if options is None:
             options = sys.argv[1:]
-        super().parseOptions(permuted(seed_form(options)))
+        try:
+            super().parseOptions(permuted(seed_form(options)))
+        except usage.UsageError as e:
+            _, unknown, word = str(e).partition("Unknown command: ")
+            if not unknown:
+                raise
+            # ``p2p 127.0.0.1 notaport`` is neither a command nor the seed's
+            # form: say what either would be.
+            raise usage.UsageError(
+                f"unknown command {quoted(word)} (get, peers, ls or demo; or "
+                "the seed's form, HOST PORT with PORT a number)"
+            ) from None
 
     def postOptions(self) -> None:
         if self.subCommand is None:

@@ -176,7 +176,7 @@ def client_endpoint(reactor, text: str) -> IStreamClientEndpoint:
         description = client_description(text)
         endpoint = clientFromString(reactor, description)
     except Exception as e:
-        raise ValueError(f"bad endpoint {text!r}: {e}") from None
+        raise ValueError(f"bad endpoint {text!r}: {_readable(e)}") from None
     if description.split(":", 1)[0].lower() == "tls":
         # Imported only here: TLS brings in pyOpenSSL and cryptography.
         from p2p.tls import checked_tls_endpoint
@@ -198,6 +198,20 @@ def peer_endpoint(
 EndpointFor = Callable[[wire.PeerEntry], IStreamClientEndpoint]
 
 
+# "TCP4ClientEndpoint.__init__() missing 1 required positional argument:
+# 'port'": a parameter the description left out.
+_MISSING = re.compile(r"missing \d+ required positional arguments?: (.*)")
+
+
+def _readable(error: Exception) -> str:
+    """An endpoint parser's error, in the words of the description."""
+    found = _MISSING.search(str(error))
+    if isinstance(error, TypeError) and found:
+        names = re.findall(r"'(\w+)'", found.group(1))
+        return "no " + " and no ".join(f"{name}=" for name in names) + " given"
+    return str(error)
+
+
 def server_endpoint(reactor, text: str) -> IStreamServerEndpoint:
     """
     :raise ValueError: with a readable message for an unusable description.
@@ -205,7 +219,7 @@ def server_endpoint(reactor, text: str) -> IStreamServerEndpoint:
     try:
         return serverFromString(reactor, with_default_backlog(server_description(text)))
     except Exception as e:
-        raise ValueError(f"bad listening endpoint {text!r}: {e}") from None
+        raise ValueError(f"bad listening endpoint {text!r}: {_readable(e)}") from None
 
 
 # Options must reject a bad endpoint while parsing: twistd and twist print a

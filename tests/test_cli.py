@@ -243,6 +243,11 @@ class UsageTests(CommandTestCase):
     def test_message_names_the_problem(self) -> None:
         self.successResultOf(self.run_cli("frob"))
         self.assert_one_error_line("frob", "p2p --help")
+        self.console = FakeConsole()
+        self.successResultOf(self.run_cli("127.0.0.1", "notaport"))
+        self.assert_one_error_line(
+            "unknown command '127.0.0.1'", "HOST PORT with PORT a number"
+        )
 
     def test_help(self) -> None:
         output = io.StringIO()

@@ -184,6 +184,17 @@ class EndpointTests(SynchronousTestCase):
                 server_endpoint(MemoryReactorClock(), text)
             self.assertIn(repr(text), str(caught.exception))
 
+    def test_missing_parameter_named(self) -> None:
+        """A description without a required parameter says which, not the
+        parser's TypeError ("__init__() missing 1 required positional
+        argument: 'port'")."""
+        for text, missing in (("tcp:host=127.0.0.1", "port"), ("tcp:port=1", "host")):
+            with self.assertRaises(ValueError) as caught:
+                client_endpoint(MemoryReactorClock(), text)
+            self.assertEqual(
+                str(caught.exception), f"bad endpoint {text!r}: no {missing}= given"
+            )
+
     def test_checks_need_no_reactor(self) -> None:
         check_client("127.0.0.1:8000")
         check_client("[::1]:8000")
