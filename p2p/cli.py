@@ -192,6 +192,8 @@ class GetOptions(_Command):
             problem = name_problem(name)
             if problem is not None:
                 raise usage.UsageError(f"{quoted(name[:60])}: {problem}")
+        if self["output"] == "":
+            raise usage.UsageError("-o: an empty path")
         if self["output"] == "-":
             # curl's and wget's way of saying stdout.
             if self["json"]:

@@ -19,6 +19,7 @@ fails.
 from __future__ import annotations
 
 import enum
+import errno
 import functools
 import os
 import threading
@@ -612,14 +613,14 @@ class ClientSession:
                 made.extend(make_parents(target))
                 output_to = output_for(path)
             except (OSError, OutputRefused) as e:
-                reason = e.strerror if isinstance(e, OSError) else None
-                return self._output_failed(name, path, reason or str(e))
+                reason = os_reason(e, path) if isinstance(e, OSError) else str(e)
+                return self._output_failed(name, path, reason)
             # The partial file is created next to the target (for an atomic
             # rename); find out now, not mid-transfer, that it cannot be.
-            if isinstance(output_to, FileOutput) and not self._writable_folder(
-                os.path.dirname(path) or os.curdir
-            ):
-                return self._output_failed(name, path, "no writable folder")
+            folder = os.path.dirname(path) or os.curdir
+            if isinstance(output_to, FileOutput) and not self._writable_folder(folder):
+                why = "not writable" if os.path.isdir(folder) else "not a folder"
+                return self._output_failed(name, path, f"{folder}: {why}")
         output_label = output_to.label if target is not None else "stdout"
         early_wanted = not by_root and self._early_hint_wanted()
         listing = self.peers(cached=True)
@@ -680,7 +681,7 @@ class ClientSession:
             try:
                 yield self._open(name, output_to)
             except OSError as e:
-                return self._output_failed(name, target.path, e.strerror or str(e))
+                return self._output_failed(name, target.path, os_reason(e, target.path))
         sink: PieceSink
 
         def progressed() -> None:
@@ -833,6 +834,23 @@ class ClientSession:
         """
         running, self._running = self._running, []
         return [_left_by(name, sink) for name, sink in running]
+
+
+def os_reason(error: OSError, path: str) -> str:
+    """
+    Why writing C{path} failed, naming the file that failed when it is
+    another (the partial file beside it): "No such file or directory" for
+    ``-o /proc/version``, an existing file, was no answer.
+    """
+    reason = error.strerror or str(error)
+    failed = error.filename
+    if not isinstance(failed, str) or failed == path:
+        return reason
+    if error.errno == errno.ELOOP:
+        return f"{failed} is a symbolic link (remove it: it is never followed)"
+    if error.errno == errno.EISDIR:
+        return f"{failed} is a folder (remove it or give another -o)"
+    return f"{failed}: {reason}"
 
 
 def _left_by(name: str, sink: PieceSink) -> Interruption:

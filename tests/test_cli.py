@@ -214,6 +214,7 @@ class UsageTests(CommandTestCase):
             ["demo", "--peers", "x"],
             ["demo", "--files", missing],
             ["get", "-o", missing, "a", "b"],
+            ["get", "-o", "", "a"],
             ["get", "--expect", "abc", "a"],
             ["get", "--expect", "A" * 64, "a"],
             ["get", "--expect", "a" * 63 + "g", "a"],
@@ -451,6 +452,25 @@ class GetTests(CommandTestCase):
         self.assertEqual(os.listdir(folder), ["pipe"])
         self.assertIn(f"every piece verified) -> {fifo}", self.console.err_lines[-1])
         self.assert_no_timers()
+
+    def test_partial_file_in_the_way_named(self) -> None:
+        """What is in the way is named: a symbolic link or a folder at
+        PATH.p2p-part (not "Too many levels of symbolic links" for PATH)."""
+        folder = self.mktemp()
+        os.mkdir(folder)
+        os.symlink("elsewhere", os.path.join(folder, "z.p2p-part"))
+        os.mkdir(os.path.join(folder, "y.p2p-part"))
+        for name, what in (("z", "is a symbolic link"), ("y", "is a folder")):
+            self.console = FakeConsole()
+            self.reactor = MemoryReactorClock()
+            target = os.path.join(folder, name)
+            d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", target, "a")
+            self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+            self.answer_peers(1)
+            self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
+            self.assert_one_error_line(
+                f"cannot write {target}: {target}.p2p-part {what}"
+            )
 
     def test_output_link_to_a_file_refused(self) -> None:
         """-o onto a symbolic link to a regular file is refused before the
