@@ -126,6 +126,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         self.remaining = 0
         self._greeted = False
         self._digests: bytearray | None = None
+        self._digests_in = 0  # bytes of it received
         self._held = bytearray()
         self._accepted = False
         self._piece: list[memoryview] = []
@@ -317,7 +318,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         # once, maybe in the same read.
         self.setRawMode()
         if header.hashes:
-            self._digests = bytearray()
+            # Its exact size at once (its pages are taken as they are
+            # filled): grown read by read, it held half as much again.
+            self._digests = bytearray(header.hashes)
+            self._digests_in = 0
         else:
             self._begin(None)
 
@@ -561,11 +565,16 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def _receive_digests(self, data: bytes) -> bytes:
         """Collect the piece digests; return what follows them."""
         assert self._digests is not None and self.header is not None
-        need = self.header.hashes - len(self._digests)
-        self._digests += data[:need]
-        if len(self._digests) < self.header.hashes:
+        start = self._digests_in
+        need = self.header.hashes - start
+        taken = min(need, len(data))
+        self._digests[start : start + taken] = memoryview(data)[:taken]
+        self._digests_in += taken
+        if taken < need:
             return b""
-        digests, self._digests = bytes(self._digests), None
+        # Kept as received, not copied to bytes: a piece list may be 128 MiB
+        # (MAX_PIECES), and each copy of it was that much more memory.
+        digests, self._digests = self._digests, None
         assert self.content is not None
         try:
             pieces = PieceList.check(self.content, digests)

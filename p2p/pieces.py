@@ -87,13 +87,14 @@ def length_of(data: PieceData) -> int:
     return sum(len(part) for part in parts_of(data))
 
 
-def root_of(size: int, piece_size: int, digests: bytes) -> bytes:
+def root_of(size: int, piece_size: int, digests: bytes | bytearray) -> bytes:
     """
     The root of content of C{size} bytes cut into C{piece_size} pieces whose
     digests, concatenated in order, are C{digests}.
     """
-    preamble = ROOT_TAG + struct.pack(">QI", size, piece_size)
-    return blake3(preamble + digests).digest()
+    hasher = blake3(ROOT_TAG + struct.pack(">QI", size, piece_size))
+    hasher.update(digests)  # not concatenated: a list may be 128 MiB
+    return hasher.digest()
 
 
 class PieceListMismatch(Exception):
@@ -131,12 +132,12 @@ class PieceList:
     holding one means it matches its root.
     """
 
-    def __init__(self, content: Content, digests: bytes) -> None:
+    def __init__(self, content: Content, digests: bytes | bytearray) -> None:
         self.content = content
         self.digests = digests
 
     @classmethod
-    def check(cls, content: Content, digests: bytes) -> PieceList:
+    def check(cls, content: Content, digests: bytes | bytearray) -> PieceList:
         """
         Accept C{digests} for C{content} only if they hash to its root.
 
