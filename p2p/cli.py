@@ -908,7 +908,11 @@ def not_found(result: GetResult) -> str:
         if not attempt.ok and attempt.kind in _REJECTIONS:
             peers.setdefault(attempt.kind, set()).add(attempt.peer.address)
     if not peers:
-        return f"not found on any of {result.active} active peer(s)"
+        missing = f"not found on any of {result.active} active peer(s)"
+        if wire.is_root(result.name.lower()) and not wire.is_root(result.name):
+            # Asked as a name: a ROOT is written in lower case (p2p ls --long).
+            missing += "; a content ROOT is 64 lower-case hex digits"
+        return missing
     why = ", ".join(
         f"{len(addresses)} {_REJECTIONS[kind]}" for kind, addresses in peers.items()
     )

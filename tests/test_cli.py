@@ -404,6 +404,18 @@ class GetTests(CommandTestCase):
         )
         self.assert_no_timers()
 
+    def test_upper_case_root_hint(self) -> None:
+        """A ROOT typed in upper case is a name; not found, it says how a
+        ROOT is written."""
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "AB" * 32)
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        self.refuse(2)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assert_one_error_line(
+            "not found on any of 1", "a content ROOT is 64 lower-case hex digits"
+        )
+
     def test_names_and_peer_messages_are_escaped(self) -> None:
         """
         Every line on stderr shows a name with visible escapes, and text a
