@@ -338,7 +338,12 @@ class PeerProtocol(ServerLineProtocol):
             super().lineReceived(line)
             return
         self.pauseProducing()
-        self.resetTimeout()  # waiting for our budget is not idleness
+        # Waiting for our budget is not idleness, and the first request came.
+        policy = self.policy
+        first = policy.first_request if policy is not None else None
+        if not self.requests and first is not None:
+            first.stop(self)
+        self.resetTimeout()
         self._paced = throttle.wait(0, lambda _: self._answer_paced(line))
 
     def _answer_paced(self, line: bytes) -> None:

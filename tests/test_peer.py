@@ -1218,6 +1218,30 @@ class UploadBudgetTests(PeerTestMixin, SynchronousTestCase):
         self.assertTrue(self.take().startswith(b"OK "))
         self.lose(ConnectionLost())
 
+    def test_first_request_deadline_met_by_a_waiting_request(self) -> None:
+        """A first request that waits for the budget came in time: the
+        first-request deadline (2 s here) does not cut it while it waits."""
+        self.factory = PeerFactory(
+            self.share,
+            self.index,
+            self.clock,
+            self.idle_timeout,
+            policy=ConnectionPolicy(self.clock, first_request_timeout=2),
+        )
+        self.protocol = self.factory.buildProtocol(CLIENT_ADDRESS)
+        self.protocol.throttle = self.bucket
+        self.transport = self.transport_class()
+        self.protocol.makeConnection(self.transport)
+        self.transport.clear()
+        self.bucket.charge(self.bucket.tokens + 4 * self.RATE)  # 4 s of debt
+        self.send(b"LIST\n")
+        self.clock.advance(3.9)
+        self.assertEqual(self.take(), b"")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.2)
+        self.assertTrue(self.take().startswith(b"OK "))
+        self.lose()
+
     def test_header_charged_before_the_content(self) -> None:
         """A GET's header and piece list are paid from the budget: the
         content waits for them."""
