@@ -248,7 +248,7 @@ async def index_tree(reactor, root: str, state: str):
             cpu = time.process_time()
             started = time.perf_counter()
             # Started as the daemon starts it (its pool, gc.freeze, a scan).
-            service = IndexService(index, pool)
+            service = IndexService(index, pool, reactor)
             service.startService()
             await index.when_idle()
             seconds = time.perf_counter() - started
