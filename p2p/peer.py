@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import functools
 import os
+from collections import deque
 from collections.abc import Callable
 
 from twisted.internet.defer import CancelledError, Deferred, succeed
 from twisted.internet.error import ConnectionLost
 from twisted.internet.interfaces import (
     IConsumer,
+    IHalfCloseableProtocol,
     IPullProducer,
     IReactorTime,
 )
@@ -296,6 +298,13 @@ class PeerProtocol(ServerLineProtocol):
         self._header_sent = False
         self._lost = False
         self._progress: LoopingCall | None = None
+        # Answers waiting for the upload budget, in order, and how much of
+        # the first is paid (see send_answer).
+        self._unpaid: deque[bytes] = deque()
+        self._paid = 0
+        self._paying: Waiter | None = None
+        self._after_paid: list[Callable[[], object]] = []
+        self._error_line = False
 
     def connectionMade(self) -> None:
         # A header and a small file's bytes leave in separate writes: with
@@ -308,46 +317,92 @@ class PeerProtocol(ServerLineProtocol):
         self._lost = True
         self._stop_progress()
         self._close_file()
-        if self._paced is not None:
+        if self._paying is not None:
             assert self.throttle is not None
-            self.throttle.cancel(self._paced)
-            self._paced = None
+            self.throttle.cancel(self._paying)
+            self._paying = None
+        self._unpaid.clear()
+        self._after_paid.clear()
         super().connectionLost(reason)
 
     # -- the upload budget, for answers ------------------------------------
 
-    # Our place in the upload budget's queue while a request waits for it.
-    _paced: Waiter | None = None
-
     def send_answer(self, data: bytes) -> None:
-        """Send (part of) an answer, paid from the upload budget: headers,
-        piece lists and listings are bytes sent too."""
-        super().send_answer(data)
-        if self.throttle is not None:
-            self.throttle.charge(len(data))
-
-    def lineReceived(self, line: bytes) -> None:
         """
-        With the upload budget in debt, answer a request only once it is
-        paid: a connection then gets one answer per turn, however fast it
-        asks, and a new connection waits like the others (one per request
-        sent headers and piece lists at 140 times the cap).
+        Send (part of) an answer, paid from the upload budget first when
+        there is one: headers, piece lists and listings are bytes sent too.
+        An answer waits its turns among everything else waiting for the
+        budget (L{TokenBucket.wait}: first come, first served, a turn of
+        the rate divided by the number waiting), so a small answer goes out
+        within about a second however many connections flood the peer with
+        large ones.  Reading waits while an answer does.  Error lines are
+        sent at once and charged after (a closing one must precede the
+        close).
         """
         throttle = self.throttle
-        if throttle is None or not line.strip() or not throttle.in_debt:
+        if throttle is None:
+            super().send_answer(data)
+        elif self._error_line and not self._unpaid:
+            throttle.charge(len(data))
+            super().send_answer(data)
+        else:
+            self._unpaid.append(data)
+            self._pay()
+
+    def send_error(self, code: Code, message: str) -> None:
+        self._error_line = True
+        try:
+            super().send_error(code, message)
+        finally:
+            self._error_line = False
+
+    def _pay(self) -> None:
+        """Send the answers whose bytes the budget granted; queue for the
+        rest of the first that is short."""
+        throttle = self.throttle
+        assert throttle is not None
+        while self._unpaid and self._paying is None:
+            data = self._unpaid[0]
+            if self._paid < len(data):
+                self._paid += throttle.take(len(data) - self._paid)
+            if self._paid < len(data):
+                self.resetTimeout()  # waiting for our budget is not idleness
+                self._paying = throttle.wait(len(data) - self._paid, self._granted)
+                return
+            self._unpaid.popleft()
+            self._paid = 0
+            super().send_answer(data)
+        if not self._unpaid and self._paying is None:
+            waiting, self._after_paid = self._after_paid, []
+            for callback in waiting:
+                callback()
+            self.close_if_done()
+
+    def _granted(self, granted: int) -> None:
+        self._paying = None
+        self._paid += granted
+        if not self._lost:
+            self._pay()
+
+    def _when_paid(self) -> Deferred[None]:
+        """Fires once every answer so far has gone out."""
+        d: Deferred[None] = Deferred()
+        if self._unpaid:
+            self._after_paid.append(lambda: d.callback(None))
+        else:
+            d.callback(None)
+        return d
+
+    def lineReceived(self, line: bytes) -> None:
+        """A request behind an answer that waits for the budget waits too:
+        a connection gets one answer per turn, however fast it asks."""
+        if not self._unpaid or not line.strip():
             super().lineReceived(line)
             return
         self.pauseProducing()
-        # Waiting for our budget is not idleness, and the first request came.
-        policy = self.policy
-        first = policy.first_request if policy is not None else None
-        if not self.requests and first is not None:
-            first.stop(self)
-        self.resetTimeout()
-        self._paced = throttle.wait(0, lambda _: self._answer_paced(line))
+        self._after_paid.append(lambda: self._answer_held(line))
 
-    def _answer_paced(self, line: bytes) -> None:
-        self._paced = None
+    def _answer_held(self, line: bytes) -> None:
         if self._lost or self.transport.disconnecting:
             return
         # Unpaused for this line alone: LineReceiver's resumeProducing would
@@ -357,6 +412,16 @@ class PeerProtocol(ServerLineProtocol):
         super().lineReceived(line)
         if not self.paused:
             self._read_next()
+
+    def close_if_done(self) -> None:
+        """A half-closed connection closes once its answers are out."""
+        if not self._unpaid:
+            super().close_if_done()
+
+    def __conform__(self, interface: object) -> object:
+        if interface is IHalfCloseableProtocol and self._unpaid:
+            return self  # an answer still waits to be sent
+        return super().__conform__(interface)
 
     def request_received(self, line: bytes) -> None:
         request = wire.parse_peer_request(line)
@@ -559,6 +624,14 @@ class PeerProtocol(ServerLineProtocol):
             len(digests),
         )
         self.send_answer(header.to_line() + self.delimiter + digests)
+        d = self._when_paid()
+        d.addCallback(lambda _: self._start_transfer(opened, offset, count))
+        return d
+
+    def _start_transfer(
+        self, opened: OpenedFile, offset: int, count: int
+    ) -> Deferred[None]:
+        """The header is out: stream the file."""
         self._header_sent = True
         if count >= LOG_START_BYTES:
             # A transfer long enough to watch: its start too, not only its

@@ -3,10 +3,10 @@
 A token bucket: C{rate} bytes per second accrue, up to C{burst} bytes (a
 tenth of a second's worth by default, so the rate holds over any window
 longer than that).  Everything the peer sends is paid from it: a
-transfer's content takes its budget before it goes out (L{take}); an
-answer's header, piece list or listing goes out at once and is charged
-after (L{charge}), so the bucket may fall into debt, which the next
-takers wait out.
+transfer's content, an answer's header, piece list or listing take their
+budget before they go out (L{take}, L{wait}); an error line goes out at
+once and is charged after (L{charge}), so the bucket may fall into a
+small debt, which the next takers wait out.
 
 Whoever finds the budget short waits its turn (L{wait}), first come first
 served: a transfer that was just served never overtakes one that waited,
@@ -98,8 +98,8 @@ class TokenBucket:
         return granted
 
     def charge(self, count: int) -> None:
-        """Pay for C{count} bytes sent without asking first (answers): the
-        bucket may fall below zero, and its next takers wait longer."""
+        """Pay for C{count} bytes sent without asking first (error lines):
+        the bucket may fall below zero, and its next takers wait longer."""
         self._refill()
         self.tokens -= count
 
@@ -107,12 +107,6 @@ class TokenBucket:
         """Return budget taken but not used (the socket took fewer bytes)."""
         self.tokens = min(float(self.burst), self.tokens + count)
         self._schedule(again=True)
-
-    @property
-    def in_debt(self) -> bool:
-        """Whether more was sent than the budget allowed so far."""
-        self._refill()
-        return self.tokens < 0
 
     def wait(self, wanted: int, callback: Callable[[int], None]) -> Waiter:
         """

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from blake3 import blake3
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionAborted, ConnectionDone, ConnectionLost
+from twisted.internet.interfaces import IHalfCloseableProtocol
 from twisted.internet.task import Clock
 from twisted.internet.testing import EventLoggingObserver, StringTransport
 from twisted.logger import formatEvent, globalLogPublisher
@@ -1172,9 +1173,10 @@ class TimeoutTests(PeerTestMixin, SynchronousTestCase):
 class UploadBudgetTests(PeerTestMixin, SynchronousTestCase):
     """
     ``--max-upload-rate`` pays for answers too: headers, piece lists and
-    listings are charged to the budget, and a connection reads its next
-    request only once the budget is out of debt (pipelined or looped
-    LISTs went out at 140 times the cap).
+    listings wait for their bytes of the budget, in turns shared with
+    every other connection (unpaid, looped LISTs and piece lists went out
+    at 140 times the cap), and a connection reads its next request once
+    its answer is out.
     """
 
     RATE = 64 * 1024
@@ -1185,37 +1187,58 @@ class UploadBudgetTests(PeerTestMixin, SynchronousTestCase):
         self.protocol.throttle = self.bucket
 
     def test_listings_paced(self) -> None:
-        """Pipelined LISTs: the first answered at once, each next one once
-        its predecessor's bytes are paid for."""
+        """Pipelined LISTs with the budget spent: each page goes out once
+        its bytes accrued, then the next request is read."""
         self.bucket.charge(self.bucket.tokens)  # spent: exactly zero left
-        self.send(b"LIST\nLIST\nLIST\n")
-        first = self.take()
-        entries, _, rest = read_listing(first)
+        self.send(b"LIST\n")
+        self.assertEqual(self.take(), b"", "waiting for its bytes")
+        self.clock.advance(1)
+        page = self.take()
+        entries, _, rest = read_listing(page)
         self.assertTrue(entries)
-        self.assertEqual(rest, b"", "one answer only")
-        self.assertTrue(self.bucket.in_debt)
-        self.clock.advance(len(first) / self.RATE - 0.001)
-        self.assertEqual(self.take(), b"", "the debt is not paid yet")
+        self.assertEqual(rest, b"")
+        self.bucket.charge(self.bucket.tokens)
+        self.send(b"LIST\nLIST\n")
+        self.clock.advance(len(page) / self.RATE - 0.001)
+        self.assertEqual(self.take(), b"")
         self.clock.advance(0.002)
-        self.assertEqual(self.take(), first)
-        self.clock.advance(len(first) / self.RATE + 0.001)
-        self.assertEqual(self.take(), first)
+        self.assertEqual(self.take(), page, "one page, the next one waits")
+        self.clock.advance(len(page) / self.RATE + 0.001)
+        self.assertEqual(self.take(), page)
+        self.assertEqual(self.bucket.waiting, 0)
         self.lose()
         self.assertClean()
 
-    def test_new_connection_waits_while_in_debt(self) -> None:
+    def test_half_closed_connection_gets_its_waiting_answer(self) -> None:
+        """``printf 'LIST\\n' | nc -N``: the client's end of input comes while
+        the page waits for the budget; the page still goes out, then the
+        connection closes."""
+        self.bucket.charge(self.bucket.tokens)
+        self.send(b"LIST\n")
+        half_close = IHalfCloseableProtocol(self.protocol, None)
+        self.assertIs(half_close, self.protocol)
+        half_close.readConnectionLost()
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(1)
+        entries, _, rest = read_listing(self.take())
+        self.assertTrue(entries)
+        self.assertTrue(self.transport.disconnecting)
+        self.lose()
+
+    def test_small_answer_not_held_up_by_a_large_one(self) -> None:
         """
-        A connection's first request waits too: one connection per GET
-        (header and piece list, then hang up) is no way around the cap.
-        The wait is not idleness: the idle timer restarts when it ends.
+        A connection's answer waits its turn with the others: a header
+        behind another connection's 1 MiB answer goes out after one turn
+        (the rate shared by the two waiting), not after the whole 1 MiB
+        (16 s at this rate).  A new connection waits like the others: one
+        connection per request is no way around the cap.
         """
-        debt = self.RATE // 10
-        self.bucket.charge(self.bucket.tokens + debt)
-        self.send(b"GET big.bin\n")
-        self.clock.advance(0.1 - 0.001)
+        self.bucket.charge(self.bucket.tokens)
+        self.bucket.wait(1024 * 1024, lambda granted: None)  # a flood's answer
+        self.send(b"RANGE 0 0 big.bin\n")
         self.assertEqual(self.take(), b"")
-        self.clock.advance(0.002)
-        self.assertTrue(self.take().startswith(b"OK "))
+        self.clock.advance(1.0)
+        self.assertTrue(self.take().startswith(b"OK 0 "))
         self.lose(ConnectionLost())
 
     def test_first_request_deadline_met_by_a_waiting_request(self) -> None:
