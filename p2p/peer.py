@@ -357,21 +357,30 @@ class PeerProtocol(ServerLineProtocol):
             self._error_line = False
 
     def _pay(self) -> None:
-        """Send the answers whose bytes the budget granted; queue for the
-        rest of the first that is short."""
+        """
+        Send the answers' bytes as the budget grants them, in order; queue
+        for the rest of the first that is short.  Each granted part goes
+        out at once: a client that reset or closed its connection is found
+        at the next write, and leaves the queue, instead of holding its
+        place (and its share) until a long answer was paid in full.
+        """
         throttle = self.throttle
         assert throttle is not None
-        while self._unpaid and self._paying is None:
+        while self._unpaid and self._paying is None and not self._lost:
             data = self._unpaid[0]
+            sent = self._paid
+            if sent < len(data):
+                self._paid += throttle.take(len(data) - sent)
+            if self._paid > sent:
+                super().send_answer(data[sent : self._paid])
             if self._paid < len(data):
-                self._paid += throttle.take(len(data) - self._paid)
-            if self._paid < len(data):
+                if self._lost:
+                    return
                 self.resetTimeout()  # waiting for our budget is not idleness
                 self._paying = throttle.wait(len(data) - self._paid, self._granted)
                 return
             self._unpaid.popleft()
             self._paid = 0
-            super().send_answer(data)
         if not self._unpaid and self._paying is None:
             waiting, self._after_paid = self._after_paid, []
             for callback in waiting:
@@ -380,9 +389,12 @@ class PeerProtocol(ServerLineProtocol):
 
     def _granted(self, granted: int) -> None:
         self._paying = None
-        self._paid += granted
-        if not self._lost:
-            self._pay()
+        if self._lost:
+            return
+        data = self._unpaid[0]
+        sent, self._paid = self._paid, self._paid + granted
+        super().send_answer(data[sent : self._paid])
+        self._pay()
 
     def _when_paid(self) -> Deferred[None]:
         """Fires once every answer so far has gone out."""
