@@ -356,21 +356,24 @@ class PeerProtocol(ServerLineProtocol):
         finally:
             self._error_line = False
 
-    def _pay(self) -> None:
+    def _pay(self, granted: int = 0) -> None:
         """
-        Send the answers' bytes as the budget grants them, in order; queue
-        for the rest of the first that is short.  Each granted part goes
-        out at once: a client that reset or closed its connection is found
-        at the next write, and leaves the queue, instead of holding its
-        place (and its share) until a long answer was paid in full.
+        Send the answers' bytes as the budget grants them (C{granted}: what
+        our turn in the queue brought for the first), in order; queue for
+        the rest of the first that is short.  Each granted part goes out at
+        once: a client that reset or closed its connection is found at the
+        next write, and leaves the queue, instead of holding its place (and
+        its share) until a long answer was paid in full.
         """
         throttle = self.throttle
         assert throttle is not None
         while self._unpaid and self._paying is None and not self._lost:
             data = self._unpaid[0]
             sent = self._paid
-            if sent < len(data):
-                self._paid += throttle.take(len(data) - sent)
+            self._paid += granted
+            granted = 0
+            if self._paid < len(data):
+                self._paid += throttle.take(len(data) - self._paid)
             if self._paid > sent:
                 super().send_answer(data[sent : self._paid])
             if self._paid < len(data):
@@ -389,12 +392,8 @@ class PeerProtocol(ServerLineProtocol):
 
     def _granted(self, granted: int) -> None:
         self._paying = None
-        if self._lost:
-            return
-        data = self._unpaid[0]
-        sent, self._paid = self._paid, self._paid + granted
-        super().send_answer(data[sent : self._paid])
-        self._pay()
+        if not self._lost:
+            self._pay(granted)
 
     def _when_paid(self) -> Deferred[None]:
         """Fires once every answer so far has gone out."""

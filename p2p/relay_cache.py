@@ -17,13 +17,13 @@ from __future__ import annotations
 import hashlib
 import math
 import os
-import stat
 import tempfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from p2p import wire
 from p2p.endpoints import relay_identity
+from p2p.regular import read_regular_file
 
 CACHE_FOLDER_NAME = "p2p-relay"
 # The most peers kept: as many as the client takes from a relay at all
@@ -127,24 +127,14 @@ class PeerCache:
         :raise CacheUnusable: for a file that is not a list this client
             wrote (corrupt, too large, not a regular file, unreadable).
         """
-        # Not through a symbolic link; O_NONBLOCK: a FIFO put in its place
-        # must not stall the client (it is refused below, unread).
-        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK
+        # Not through a symbolic link, never waiting on a FIFO put in its
+        # place (refused, unread).
         try:
-            descriptor = os.open(self.path, flags)
+            data = read_regular_file(self.path, MAX_CACHE_BYTES + 1)
         except FileNotFoundError:
             return None
         except OSError as e:
             raise CacheUnusable(e.strerror or str(e)) from None
-        try:
-            if not stat.S_ISREG(os.fstat(descriptor).st_mode):
-                raise CacheUnusable("not a regular file")
-            with os.fdopen(os.dup(descriptor), "rb") as stream:
-                data = stream.read(MAX_CACHE_BYTES + 1)
-        except OSError as e:
-            raise CacheUnusable(e.strerror or str(e)) from None
-        finally:
-            os.close(descriptor)
         if len(data) > MAX_CACHE_BYTES:
             raise CacheUnusable("larger than a peer list can be")
         return _parsed(data)

@@ -50,6 +50,7 @@ from p2p.pieces import (
     parts_of,
     root_of,
 )
+from p2p.regular import read_regular_file
 
 T = TypeVar("T")
 
@@ -389,9 +390,10 @@ class FileOutput(Output):
     def _resumable(self, content: Content, pieces: PieceList | None) -> set[int]:
         """The pieces of an earlier partial file of C{content} that verify."""
         assert self._fd is not None
-        recorded = _read_small_file(self.state)
-        if recorded is None:
-            return set()
+        try:
+            recorded = read_regular_file(self.state, 256)
+        except OSError:
+            return set()  # none, or not ours (a FIFO, a link): replaced
         self._stated = True  # an earlier run's, removed when done
         if recorded != _state_record(content):
             return set()
@@ -711,26 +713,6 @@ def _verifies(
         return False
     digests = hash_piece(data) if content.size else b""
     return root_of(content.size, content.piece_size, digests) == content.root
-
-
-def _read_small_file(path: str, limit: int = 256) -> bytes | None:
-    """
-    The first C{limit} bytes of the regular file at C{path}; C{None} if
-    there is none.  Never through a symbolic link, and never waiting: a
-    FIFO there would block a plain open until someone writes to it.
-    """
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW | os.O_NONBLOCK)
-    except OSError:
-        return None
-    try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            return None
-        return os.read(fd, limit)
-    except OSError:
-        return None
-    finally:
-        os.close(fd)
 
 
 def _unlink(path: str) -> None:
