@@ -407,13 +407,18 @@ class RefusingProtocol(Protocol):
         self.role = role
         self.reason = reason
 
-    def connectionMade(self) -> None:
-        self.transport.write(
+    @property
+    def greeting(self) -> bytes:
+        """Everything this connection sends."""
+        return (
             wire.banner(self.role)
             + wire.DELIMITER
             + wire.format_error(Code.UNAVAILABLE, self.reason)
             + wire.DELIMITER
         )
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.greeting)
         self.transport.loseConnection()
 
     def dataReceived(self, data: bytes) -> None:
@@ -672,7 +677,7 @@ class ServerLineProtocol(LineReceiver):
             used_up = policy.used_up(self._connected_at, self.requests)
             if used_up is not None:
                 self.refuse(WireError(Code.TOO_MANY, f"{used_up}; reconnect"))
-                self.transport.loseConnection()
+                self.close_after_answers()
                 return
         self.requests += 1
         self.resetTimeout()
@@ -734,7 +739,7 @@ class ServerLineProtocol(LineReceiver):
         """
         self.sendLine(wire.format_error(code, message))
         if code in _CLOSING_CODES:
-            self.transport.loseConnection()
+            self.close_after_answers()
             return
         self.errors += 1
         if self.errors >= MAX_ERRORS_PER_CONNECTION:
@@ -744,7 +749,13 @@ class ServerLineProtocol(LineReceiver):
                 count=self.errors,
             )
             self.sendLine(wire.format_error(Code.TOO_MANY, "too many errors"))
-            self.transport.loseConnection()
+            self.close_after_answers()
+
+    def close_after_answers(self) -> None:
+        """Close once the answers sent so far are out (here: at once, the
+        transport sends what it holds first); subclasses whose answers may
+        wait before they reach the transport close later."""
+        self.transport.loseConnection()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.log_refusal("refused a request: line too long", "413")

@@ -24,6 +24,7 @@ from twisted.internet.interfaces import (
     IPullProducer,
     IReactorTime,
 )
+from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -37,6 +38,7 @@ from p2p.limits import (
     ConnectionPolicy,
     IdleTimeouts,
     LimitedServerFactory,
+    RefusingProtocol,
     ServerLineProtocol,
 )
 from p2p.ratelimit import RequestBudget
@@ -304,7 +306,8 @@ class PeerProtocol(ServerLineProtocol):
         self._paid = 0
         self._paying: Waiter | None = None
         self._after_paid: list[Callable[[], object]] = []
-        self._error_line = False
+        # A close waits for the answers before it (close_after_answers).
+        self._closing = False
 
     def connectionMade(self) -> None:
         # A header and a small file's bytes leave in separate writes: with
@@ -312,6 +315,10 @@ class PeerProtocol(ServerLineProtocol):
         # (about 40 ms on Linux).
         no_delay(self.transport)
         super().connectionMade()
+        if self.throttle is not None:
+            # The banner went out at once (see ServerLineProtocol); its
+            # bytes count all the same.
+            self.throttle.charge(len(wire.banner(self.role)) + len(self.delimiter))
 
     def connectionLost(self, reason=None) -> None:
         self._lost = True
@@ -335,26 +342,27 @@ class PeerProtocol(ServerLineProtocol):
         budget (L{TokenBucket.wait}: first come, first served, a turn of
         the rate divided by the number waiting), so a small answer goes out
         within about a second however many connections flood the peer with
-        large ones.  Reading waits while an answer does.  Error lines are
-        sent at once and charged after (a closing one must precede the
-        close).
+        large ones.  Reading waits while an answer does.  Error lines wait
+        like any answer (sent at once and charged after, a flood of them
+        went out at 3.4 times the cap, and its debt then held every
+        transfer for 33 s); a close waits for them (L{close_after_answers}).
         """
-        throttle = self.throttle
-        if throttle is None:
-            super().send_answer(data)
-        elif self._error_line and not self._unpaid:
-            throttle.charge(len(data))
+        if self.throttle is None:
             super().send_answer(data)
         else:
             self._unpaid.append(data)
             self._pay()
 
-    def send_error(self, code: Code, message: str) -> None:
-        self._error_line = True
-        try:
-            super().send_error(code, message)
-        finally:
-            self._error_line = False
+    def close_after_answers(self) -> None:
+        """Close once the answers before the close went out: until then
+        nothing more is read, and the close waits its turn for the budget."""
+        if not self._unpaid:
+            super().close_after_answers()
+            return
+        if not self._closing:
+            self._closing = True
+            self.pauseProducing()
+            self._after_paid.append(self.transport.loseConnection)
 
     def _pay(self, granted: int = 0) -> None:
         """
@@ -407,6 +415,8 @@ class PeerProtocol(ServerLineProtocol):
     def lineReceived(self, line: bytes) -> None:
         """A request behind an answer that waits for the budget waits too:
         a connection gets one answer per turn, however fast it asks."""
+        if self._closing:
+            return
         if not self._unpaid or not line.strip():
             super().lineReceived(line)
             return
@@ -812,6 +822,14 @@ class PeerFactory(LimitedServerFactory):
         self.index = index
         self.throttle = throttle
         self.transfers = Transfers()
+
+    def buildProtocol(self, addr: object) -> Protocol:
+        protocol = super().buildProtocol(addr)
+        if self.throttle is not None and isinstance(protocol, RefusingProtocol):
+            # Sent at once, without waiting its turn: a refused client
+            # must not hold a place; its bytes count all the same.
+            self.throttle.charge(len(protocol.greeting))
+        return protocol
 
     def build(self, host: str, on_lost: Callable[[], None]) -> PeerProtocol:
         return PeerProtocol(

@@ -4,8 +4,9 @@ A token bucket: C{rate} bytes per second accrue, up to C{burst} bytes (a
 tenth of a second's worth by default, so the rate holds over any window
 longer than that).  Everything the peer sends is paid from it: a
 transfer's content, an answer's header, piece list or listing take their
-budget before they go out (L{take}, L{wait}); an error line goes out at
-once and is charged after (L{charge}), so the bucket may fall into a
+budget before they go out (L{take}, L{wait}), error lines too.  Only what
+must go out at once, a connection's banner and a refused connection's
+``ERR 503``, is charged after (L{charge}): the bucket may fall into a
 small debt, which the next takers wait out.
 
 Whoever finds the budget short waits its turn (L{wait}), first come first
@@ -98,7 +99,7 @@ class TokenBucket:
         return granted
 
     def charge(self, count: int) -> None:
-        """Pay for C{count} bytes sent without asking first (error lines):
+        """Pay for C{count} bytes sent without asking first (banners):
         the bucket may fall below zero, and its next takers wait longer."""
         self._refill()
         self.tokens -= count

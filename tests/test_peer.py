@@ -36,7 +36,13 @@ from zope.interface.verify import verifyObject
 
 from p2p import pieces, wire
 from p2p.index import IndexEntry, ShareIndex
-from p2p.limits import MAX_ERRORS_PER_CONNECTION, ConnectionPolicy, ReadGate
+from p2p.limits import (
+    MAX_ERRORS_PER_CONNECTION,
+    ConnectionLimits,
+    ConnectionPolicy,
+    ReadGate,
+    RefusingProtocol,
+)
 from p2p.peer import (
     CHUNK_BYTES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
@@ -1275,6 +1281,100 @@ class UploadBudgetTests(PeerTestMixin, SynchronousTestCase):
         self.assertEqual(charged, len(header))
         self.lose(ConnectionLost())
         self.assertEqual(self.bucket.waiting, 0)
+
+    def test_error_lines_wait_their_turn(self) -> None:
+        """
+        Error lines are paid like any answer: pipelined bad requests get
+        their replies at the cap's pace, one per turn, and leave the
+        bucket out of debt (sent at once and charged after, a flood of
+        them went out at 3.4 times the cap and its debt held every
+        transfer for 33 s).
+        """
+        self.bucket.charge(self.bucket.tokens)
+        error = b"ERR 404 no such file\n"
+        count = MAX_ERRORS_PER_CONNECTION - 1
+        self.send(b"GET missing.txt\n" * count)
+        self.assertEqual(self.take(), b"", "waiting for its bytes")
+        received = b""
+        for step in range(1, 100):
+            self.clock.advance(0.001)
+            received += self.take()
+            self.assertLessEqual(len(received), self.RATE * step * 0.001)
+        self.assertEqual(received, error * count)
+        self.assertGreaterEqual(self.bucket.tokens, 0)
+        self.assertFalse(self.transport.disconnecting)
+        self.lose()
+        self.assertClean()
+
+    def test_closing_error_waits_for_its_turn_then_closes(self) -> None:
+        """
+        The tenth error reply and its ``ERR 429`` wait for the budget like
+        the rest; the close comes once they are out, and nothing sent
+        meanwhile is read.
+        """
+        self.bucket.charge(self.bucket.tokens)
+        self.send(b"PUT x\n" * MAX_ERRORS_PER_CONNECTION + b"GET a.txt\n")
+        received = b""
+        for _ in range(100):
+            if self.transport.disconnecting:
+                break
+            self.clock.advance(0.01)
+            received += self.take()
+            self.assertIsNone(self.file_producer())
+        lines = received.split(b"\n")[:-1]
+        self.assertEqual(len(lines), MAX_ERRORS_PER_CONNECTION + 1)
+        self.assertEqual(lines[-1], b"ERR 429 too many errors")
+        self.assertTrue(self.transport.disconnecting)
+        self.assertGreaterEqual(self.bucket.tokens, 0)
+        self.lose()
+        self.assertClean()
+
+    def test_line_too_long_while_an_answer_waits(self) -> None:
+        """An over-long line behind a waiting answer: the answer, then the
+        413, then the close; no request after it is read."""
+        self.bucket.charge(self.bucket.tokens)
+        self.send(b"LIST\n" + b"x" * (wire.MAX_RECEIVE_LENGTH + 10))
+        self.send(b"\nLIST\n")
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(2)
+        entries, _, rest = read_listing(self.take())
+        self.assertTrue(entries)
+        self.assertTrue(rest.startswith(b"ERR 413 "), rest)
+        self.assertEqual(rest.count(b"\n"), 1)
+        self.assertTrue(self.transport.disconnecting)
+        self.lose()
+        self.assertClean()
+
+    def test_banner_and_refusals_are_charged(self) -> None:
+        """The banner, and a refused connection's banner and ``ERR 503``,
+        go out at once (a refused client must not wait in the queue) and
+        count all the same."""
+        self.lose()
+        factory = PeerFactory(
+            self.share,
+            self.index,
+            self.clock,
+            self.idle_timeout,
+            limits=ConnectionLimits(max_per_host=1),
+            throttle=self.bucket,
+        )
+        full = self.bucket.tokens
+        admitted = factory.buildProtocol(CLIENT_ADDRESS)
+        transport = StringTransport()
+        admitted.makeConnection(transport)
+        self.assertEqual(full - self.bucket.tokens, len(transport.value()))
+        refused = factory.buildProtocol(CLIENT_ADDRESS)
+        self.assertIsInstance(refused, RefusingProtocol)
+        refused_transport = StringTransport()
+        refused.makeConnection(refused_transport)
+        self.assertIn(b"ERR 503 ", refused_transport.value())
+        self.assertEqual(
+            full - self.bucket.tokens,
+            len(transport.value()) + len(refused_transport.value()),
+        )
+        admitted.connectionLost(Failure(ConnectionDone()))
+        refused.connectionLost(Failure(ConnectionDone()))
+        self.assertClean()
 
     def test_waiting_connection_leaves_the_queue(self) -> None:
         """A connection lost while its next request waits for the budget

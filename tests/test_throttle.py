@@ -109,7 +109,7 @@ class TokenBucketTests(SynchronousTestCase):
         self.assertLess(abs(sent[0] / 20 - MIB), 0.05 * MIB)  # the rate holds
 
     def test_charged_answers_put_the_bucket_in_debt(self) -> None:
-        """Bytes charged after they went out (error lines) may put the
+        """Bytes charged after they went out (banners) may put the
         bucket below zero; a wait for 0 bytes is served once that is paid."""
         clock = Clock()
         bucket = TokenBucket(clock, MIB)
