@@ -45,7 +45,7 @@ from p2p.ratelimit import RequestBudget
 from p2p.share import OpenedFile, ShareFolder
 from p2p.text import shown
 from p2p.throttle import TokenBucket, Waiter
-from p2p.transports import no_delay, zero_copy_socket
+from p2p.transports import no_delay, unsent_bytes, zero_copy_socket
 from p2p.wire import Code, WireError
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30
@@ -57,6 +57,9 @@ LOG_START_BYTES = 1024 * 1024
 CHUNK_BYTES = 256 * 1024
 # Most bytes one sendfile burst moves before yielding to other connections.
 ZERO_COPY_BURST_BYTES = 8 * 1024 * 1024
+# An answer longer than this (a piece list) goes out a chunk at a time as
+# the client reads (BufferProducer), not into the transport's buffer whole.
+ANSWER_CHUNK_BYTES = 64 * 1024
 # How often a client waiting for a file being indexed hears how far it got:
 # well within the client's idle timeout (10 s by default).
 PROGRESS_INTERVAL_SECONDS = 1.0
@@ -79,8 +82,10 @@ class FileRangeProducer:
     L{zero_copy_socket}) the bytes go from the file to the socket with
     ``os.sendfile``, never entering Python.  That is safe only while the
     transport's own buffer is empty, which is exactly when a TCP transport
-    calls a pull producer back; the first call, made by C{registerProducer}
-    behind the header line, still writes through the transport.
+    calls a pull producer back; at the first call, made by
+    C{registerProducer}, it is empty once the header went out
+    (L{p2p.transports.unsent_bytes}).  Without a socket, or when the
+    transport cannot say, chunks are read and written through it.
     """
 
     def __init__(
@@ -124,15 +129,30 @@ class FileRangeProducer:
     def resumeProducing(self) -> None:
         if self.done.called or self._wait is not None:
             return
-        if self.socket_fd is not None and self._drained:
-            self._send_zero_copy(self.socket_fd)
-            return
-        # Every later call comes from a transport whose buffer just emptied.
+        if self.socket_fd is not None:
+            if self._drained:
+                self._send_zero_copy(self.socket_fd)
+                return
+            unsent = unsent_bytes(self.consumer)
+            if unsent is not None:
+                # The first call, from registerProducer.  With the header
+                # out, sendfile can write behind it now; with the header
+                # still in the transport, write nothing: the transport
+                # calls again once it is out.  (A first chunk written
+                # through the transport was 256 KB of the peer's memory per
+                # client that does not read; see BufferProducer.)  Every
+                # later call comes from a transport just emptied.
+                self._drained = True
+                if not unsent:
+                    self._send_zero_copy(self.socket_fd)
+                return
+        # No socket, or a transport that cannot say what it holds: write
+        # through it.
         self._drained = True
         size = self._allowed(min(self.chunk_bytes, self.remaining))
         if not size:
             return
-        chunk = os.pread(self.fd, size, self.position)
+        chunk = self._read(size)
         if not chunk:
             self._finish(Failure(FileShrank()))
             return
@@ -142,6 +162,15 @@ class FileRangeProducer:
         self.on_progress()
         if self.remaining == 0:
             self._finish(None)
+
+    def _read(self, size: int) -> bytes:
+        """Up to C{size} bytes from the current position (b"": the end)."""
+        return os.pread(self.fd, size, self.position)
+
+    def _send_direct(self, socket_fd: int, size: int) -> int:
+        """Send up to C{size} bytes from the current position straight to
+        the socket; how many it took (0: the end)."""
+        return os.sendfile(socket_fd, self.fd, self.position, size)
 
     def _allowed(self, wanted: int) -> int:
         """
@@ -182,12 +211,7 @@ class FileRangeProducer:
         sent = 0
         while self.remaining and sent < budget:
             try:
-                count = os.sendfile(
-                    socket_fd,
-                    self.fd,
-                    self.position,
-                    min(self.remaining, budget - sent),
-                )
+                count = self._send_direct(socket_fd, min(self.remaining, budget - sent))
             except BlockingIOError:
                 break  # the socket buffer is full: wait until it drains
             except OSError as e:
@@ -227,6 +251,42 @@ class FileRangeProducer:
             self.done.callback(None)
         else:
             self.done.errback(result)
+
+
+class BufferProducer(FileRangeProducer):
+    """
+    Writes a large answer held in memory (a piece list: 640 KB for a
+    20 GiB file, 32 MB for a 1 TiB one) as the client reads, paid from the
+    upload budget as content is.  Handed to the transport whole, it was
+    copied into the buffer of every connection that asked for it and did
+    not read, and the peer admits 10,000 connections: 3,000 that sent
+    ``GET`` for a 20 GiB file and read nothing took 1,876 MiB of the
+    peer's memory (76 MiB now, with the first-call change in
+    L{FileRangeProducer.resumeProducing}).  Here the list is the index's
+    cached copy, shared by every connection; on a plain TCP connection
+    (C{socket_fd}) it goes from there to the socket as the socket takes
+    it, so a connection holds no copy of it; elsewhere, at most a chunk.
+    """
+
+    def __init__(
+        self,
+        data: bytes,
+        consumer: IConsumer,
+        on_progress: Callable[[], object] = lambda: None,
+        socket_fd: int | None = None,
+        throttle: TokenBucket | None = None,
+    ) -> None:
+        super().__init__(
+            -1, 0, len(data), consumer, on_progress, ANSWER_CHUNK_BYTES,
+            socket_fd, throttle,
+        )  # fmt: skip
+        self._view = memoryview(data)
+
+    def _read(self, size: int) -> bytes:
+        return self._view[self.position : self.position + size].tobytes()
+
+    def _send_direct(self, socket_fd: int, size: int) -> int:
+        return os.write(socket_fd, self._view[self.position : self.position + size])
 
 
 class Transfers:
@@ -308,6 +368,8 @@ class PeerProtocol(ServerLineProtocol):
         self._after_paid: list[Callable[[], object]] = []
         # A close waits for the answers before it (close_after_answers).
         self._closing = False
+        # A long answer going out as the client reads (_stream).
+        self._streaming: BufferProducer | None = None
 
     def connectionMade(self) -> None:
         # A header and a small file's bytes leave in separate writes: with
@@ -480,13 +542,16 @@ class PeerProtocol(ServerLineProtocol):
         self.pauseProducing()
         d = self.index.piece_digests(entry)
 
-        def send(digests: bytes) -> None:
+        def send(digests: bytes) -> Deferred[None] | None:
             content = entry.content
             header = wire.PiecesHeader(
                 len(digests), content.root_hex, content.size, content.piece_size
             )
-            if not self._lost:
-                self.send_answer(header.to_line() + self.delimiter + digests)
+            if self._lost:
+                return None
+            sent = self._send_long(header.to_line() + self.delimiter, digests)
+            # Once the header is out, a failure can only end the connection.
+            return sent.addErrback(self._abort_answer)
 
         def failed(failure: Failure) -> None:
             if failure.check(KeyError):
@@ -497,6 +562,14 @@ class PeerProtocol(ServerLineProtocol):
 
         d.addCallbacks(send, failed)
         d.addBoth(lambda _: self._read_next())
+
+    def _abort_answer(self, failure: Failure) -> None:
+        """An answer broke off after its header: the client left (nothing
+        to do), or the rest cannot follow (end the connection)."""
+        if not failure.check(ConnectionLost):
+            self.log.failure("sending an answer failed", failure)
+        if not self._lost:
+            self.transport.abortConnection()
 
     # -- GET, RANGE and BLOB -----------------------------------------------
 
@@ -644,16 +717,50 @@ class PeerProtocol(ServerLineProtocol):
             content.piece_size,
             len(digests),
         )
-        self.send_answer(header.to_line() + self.delimiter + digests)
-        d = self._when_paid()
+        # From here on an error line would land where the client expects
+        # the piece list or the file's bytes.
+        self._header_sent = True
+        d = self._send_long(header.to_line() + self.delimiter, digests)
         d.addCallback(lambda _: self._start_transfer(opened, offset, count))
         return d
+
+    def _send_long(self, head: bytes, body: bytes) -> Deferred[None]:
+        """
+        Send C{head} then C{body}, which may be long (a piece list); fires
+        once both are handed to the transport.  A short body goes out with
+        its head in one write; a long one through a L{BufferProducer}, so
+        a client that does not read holds a chunk of it, not all of it.
+        """
+        if len(body) <= ANSWER_CHUNK_BYTES:
+            self.send_answer(head + body)
+            return self._when_paid()
+        self.send_answer(head)
+        return self._when_paid().addCallback(lambda _: self._stream(body))
+
+    def _stream(self, body: bytes) -> Deferred[None]:
+        if self._lost:
+            raise ConnectionLost("client left before the answer was sent")
+        # The producer takes the transport over (reading stays paused).
+        self.release_transport()
+        producer = BufferProducer(
+            body,
+            self.transport,
+            self.resetTimeout,
+            zero_copy_socket(self.transport),
+            self.throttle,
+        )
+        self._streaming = producer
+
+        def ended(result: object) -> object:
+            self._streaming = None
+            return result
+
+        return producer.start().addBoth(ended)
 
     def _start_transfer(
         self, opened: OpenedFile, offset: int, count: int
     ) -> Deferred[None]:
         """The header is out: stream the file."""
-        self._header_sent = True
         if count >= LOG_START_BYTES:
             # A transfer long enough to watch: its start too, not only its
             # end (a log line was a third of a small file's cost).
@@ -752,7 +859,7 @@ class PeerProtocol(ServerLineProtocol):
             self._opened = None
 
     def timeoutConnection(self) -> None:
-        if self._opened is None:
+        if self._opened is None and self._streaming is None:
             super().timeoutConnection()
         else:
             # Mid-transfer an error line would corrupt the byte stream.

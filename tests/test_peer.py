@@ -34,7 +34,7 @@ from twisted.test import iosim
 from twisted.trial.unittest import SynchronousTestCase
 from zope.interface.verify import verifyObject
 
-from p2p import pieces, wire
+from p2p import peer, pieces, wire
 from p2p.index import IndexEntry, ShareIndex
 from p2p.limits import (
     MAX_ERRORS_PER_CONNECTION,
@@ -751,6 +751,108 @@ class PiecesTests(PeerTestMixin, SynchronousTestCase):
         self.drain()
         reply, rest = read_file_reply(rest + self.take())
         self.assertEqual((reply.data, rest), (A_CONTENT, b""))
+
+
+class LongAnswerTests(PeerTestMixin, SynchronousTestCase):
+    """
+    A long piece list goes out a chunk at a time as the client reads, never
+    into the transport's buffer whole: a client that does not read holds
+    at most one chunk of the peer's memory (3,000 such connections held
+    1,876 MiB for a 20 GiB file's list).  The chunk is cut to one digest
+    here, so that a file of a few pieces has a "long" list.
+    """
+
+    def setUp(self) -> None:
+        self.patch(peer, "ANSWER_CHUNK_BYTES", pieces.DIGEST_BYTES)
+        super().setUp()
+        self.data = os.urandom(2 * PIECE_SIZE + 1000)  # three pieces
+        write(self.path("three.bin"), self.data)
+        self.send(b"RANGE 0 0 three.bin\n")  # indexed: a header alone
+        take_progress(self.take())
+
+    def pull(self) -> bytes:
+        """One call from a drained transport; what it wrote."""
+        producer = self.file_producer()
+        self.assertIsInstance(producer, peer.BufferProducer)
+        self.assertFalse(self.transport.streaming)
+        producer.resumeProducing()
+        return self.take()
+
+    def test_get(self) -> None:
+        """The header alone, then a digest per pull, then the file."""
+        self.send(b"GET three.bin\n")
+        line, rest = parse_reply(self.take())
+        self.assertEqual(rest, b"")
+        header = wire.FileHeader.from_line(line)
+        self.assertEqual(header.hashes, 3 * pieces.DIGEST_BYTES)
+        digests = b"".join(self.pull() for _ in range(3))
+        self.assertEqual(digests, digests_of(self.data))
+        self.assertIsInstance(self.file_producer(), peer.FileRangeProducer)
+        self.assertNotIsInstance(self.file_producer(), peer.BufferProducer)
+        self.drain()
+        self.assertEqual(self.take(), self.data)
+        self.assertIsNone(self.file_producer())
+        self.lose()
+        self.assertClean()
+
+    def test_pieces_then_the_next_request(self) -> None:
+        """A request behind a long PIECES is read once the list is out."""
+        root = root_hex(self.data).encode()
+        self.send(b"PIECES %s\nGET a.txt\n" % root)
+        line, rest = parse_reply(self.take())
+        self.assertEqual(rest, b"")
+        self.assertEqual(wire.PiecesHeader.from_line(line).count, 96)
+        self.assertEqual(self.pull(), digests_of(self.data)[:32])
+        self.assertEqual(self.pull(), digests_of(self.data)[32:64], "no GET yet")
+        # The last digest; the GET behind the list is read and answered.
+        last = self.pull()
+        self.assertEqual(last[:32], digests_of(self.data)[64:])
+        self.drain()
+        reply, rest = read_file_reply(last[32:] + self.take())
+        self.assertEqual((reply.data, rest), (A_CONTENT, b""))
+        self.lose()
+        self.assertClean()
+
+    def test_idle_client_is_cut_off_mid_list(self) -> None:
+        """A client that stops reading mid-list: at the idle timeout the
+        connection is aborted, with no ERR line inside the list."""
+        self.send(b"GET three.bin\n")
+        self.take()
+        self.pull()
+        self.clock.advance(IDLE + 1)
+        self.assertEqual(self.take(), b"")
+        self.assertTrue(self.transport.disconnecting)
+        self.lose(ConnectionAborted())
+        self.assertClean()
+
+    def test_client_leaves_mid_list(self) -> None:
+        """The transport stops the producer when the connection is lost:
+        counted as a client that left, the file closed, nothing logged."""
+        self.send(b"GET three.bin\n")
+        self.take()
+        producer = self.file_producer()
+        self.pull()
+        producer.stopProducing()
+        self.lose(ConnectionLost())
+        self.assertEqual(self.factory.transfers.outcomes["client-left"], 1)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        self.assertClean()
+
+    def test_paid_from_the_upload_budget(self) -> None:
+        """Under --max-upload-rate each chunk of the list is paid like
+        content: with the budget spent, none goes out until it accrued."""
+        bucket = TokenBucket(self.clock, 64 * 1024)
+        self.protocol.throttle = bucket
+        self.send(b"GET three.bin\n")
+        self.take()
+        bucket.charge(bucket.tokens)
+        self.file_producer().resumeProducing()
+        self.assertEqual(self.take(), b"", "waiting for the budget")
+        self.assertEqual(bucket.waiting, 1)
+        self.clock.advance(1)
+        self.assertEqual(self.take(), digests_of(self.data)[:32])
+        self.lose(ConnectionLost())
+        self.assertEqual(bucket.waiting, 0)
 
 
 class RequestErrorTests(PeerTestMixin, SynchronousTestCase):
@@ -1910,11 +2012,19 @@ class _SocketConsumer:
     """A consumer in front of a real socket, as a TCP transport would be:
     write() buffers (flushed by the test), startWriting() is recorded."""
 
-    def __init__(self, sock) -> None:
+    def __init__(self, sock, exposes_buffer: bool = True) -> None:
         self.sock = sock
         self.buffered = b""
         self.producer = None
         self.wants_writing = 0
+        if exposes_buffer:
+            # What p2p.transports.unsent_bytes reads of a Twisted transport.
+            self.offset = 0
+            self._tempDataLen = 0
+
+    @property
+    def dataBuffer(self) -> bytes:
+        return self.buffered
 
     def registerProducer(self, producer, streaming: bool) -> None:
         self.producer = producer
@@ -1937,9 +2047,10 @@ class _SocketConsumer:
 class ZeroCopyTests(SynchronousTestCase):
     """FileRangeProducer's sendfile path on a real (local) socket pair."""
 
-    def test_sendfile_after_the_first_chunk(self) -> None:
-        """The first chunk goes through the transport (behind the header in
-        its buffer); every later one is sent with sendfile, bytes exact."""
+    def transfer(self, header: bytes, exposes_buffer: bool = True):
+        """A producer of a 3 MiB file on a socket pair, C{header} still in
+        the consumer's buffer; the file's bytes, the consumer, the first
+        call's writes, the producer, its Deferred and the receiving end."""
         import socket
 
         base, root = build_tree(self)
@@ -1950,13 +2061,52 @@ class ZeroCopyTests(SynchronousTestCase):
         self.addCleanup(sender.close)
         self.addCleanup(receiver.close)
         sender.setblocking(False)
-        consumer = _SocketConsumer(sender)
+        consumer = _SocketConsumer(sender, exposes_buffer)
+        consumer.buffered = header
         producer = FileRangeProducer(
             fd, 0, len(data), consumer, chunk_bytes=4096, socket_fd=sender.fileno()
         )
         done = producer.start()
-        self.assertEqual(len(consumer.buffered), 4096)  # the first call
+        first = consumer.buffered[len(header) :]
+        return data, consumer, first, producer, done, receiver
+
+    def test_first_call_behind_a_waiting_header(self) -> None:
+        """The header still waits in the transport: the first call writes
+        nothing (no chunk held in memory for a client that does not read);
+        the call after the transport emptied starts sendfile."""
+        data, consumer, first, producer, done, receiver = self.transfer(b"OK 1\n")
+        self.assertEqual(first, b"")
+        self.assertEqual(consumer.wants_writing, 0, "the header's write calls back")
         consumer.flush()
+        self.assertEqual(
+            self.receive(consumer, producer, done, receiver), b"OK 1\n" + data
+        )
+
+    def test_first_call_with_the_header_out(self) -> None:
+        """The header went out at once: the first call sends with sendfile
+        straight away, and asks to be called back when it can send more."""
+        data, consumer, first, producer, done, receiver = self.transfer(b"")
+        self.assertEqual(first, b"")
+        self.assertEqual(consumer.wants_writing, 1)
+        self.assertEqual(self.receive(consumer, producer, done, receiver), data)
+
+    def test_sendfile_after_the_first_chunk(self) -> None:
+        """A transport that cannot say what it holds: the first chunk goes
+        through it (behind the header in its buffer); every later one is
+        sent with sendfile, bytes exact."""
+        data, consumer, first, producer, done, receiver = self.transfer(
+            b"", exposes_buffer=False
+        )
+        self.assertEqual(len(first), 4096)  # the first call
+        consumer.flush()
+        self.assertEqual(self.receive(consumer, producer, done, receiver), data)
+
+    def receive(self, consumer, producer, done, receiver) -> bytes:
+        """Call the producer as a drained transport would until it is
+        done; every byte the receiving end got."""
+        import socket
+
+        self.assertEqual(consumer.buffered, b"")
         received = bytearray()
         receiver.setblocking(False)
         while consumer.producer is not None:
@@ -1971,11 +2121,11 @@ class ZeroCopyTests(SynchronousTestCase):
                 pass
         self.successResultOf(done)
         receiver.setblocking(True)
-        sender.shutdown(socket.SHUT_WR)
+        consumer.sock.shutdown(socket.SHUT_WR)
         while chunk := receiver.recv(1 << 20):
             received += chunk
-        self.assertEqual(bytes(received), data)
         self.assertEqual(consumer.buffered, b"")
+        return bytes(received)
 
     def test_plain_tcp_only(self) -> None:
         """Only a plain TCP connection gets the zero-copy path."""
