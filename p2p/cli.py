@@ -936,6 +936,19 @@ def _left_line(left: Interruption) -> str:
     return f"{label}: interrupted; nothing was kept"
 
 
+def _still_indexing(address: str, status: wire.IndexStatus) -> str:
+    """The line saying a peer's listing is not all it will serve yet."""
+    details = []
+    if status.pending:
+        details.append(f"{status.pending} file(s) waiting to be hashed")
+    if status.scanning:
+        details.append("still looking for files")
+    return (
+        f"{address}: still indexing its share, not every file is listed yet "
+        f"({', '.join(details)}); run 'p2p ls' again later"
+    )
+
+
 class Runner:
     """Carries out one parsed ``p2p`` command, printing what it learns."""
 
@@ -1020,6 +1033,8 @@ class Runner:
                 self.console.error(
                     f"{peer.address}: cannot list files: {listing.error}"
                 )
+            elif listing.status is not None and not listing.status.complete:
+                self.console.error(_still_indexing(peer.address, listing.status))
             rows.extend((f.name, f.size, f.root, peer) for f in listing.files)
         # Sorted by the names themselves; shown escaped (see p2p.text).
         rows.sort(key=lambda row: (row[0], row[1], row[2], row[3].address))

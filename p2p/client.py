@@ -850,6 +850,28 @@ def likely_holders(
     return d
 
 
+def index_status(
+    endpoint: IStreamClientEndpoint, clock: IReactorTime, timeout: float
+) -> Deferred[wire.IndexStatus | None]:
+    """
+    How far a peer's index got (``STATUS``): whether its ``LIST`` lists
+    every file it will serve, or it is still indexing.  C{None} from a peer
+    that predates ``STATUS`` (``ERR 501``): it cannot say.
+    """
+    d = request_lines(endpoint, "peer", wire.Status().to_line(), clock, False, timeout)
+
+    def parsed(lines: list[bytes]) -> wire.IndexStatus:
+        return wire.IndexStatus.from_line(lines[0])
+
+    def older_peer(failure: Failure) -> Failure | None:
+        failure.trap(wire.RemoteError)
+        if failure.value.code != wire.Code.UNKNOWN_COMMAND:
+            return failure
+        return None
+
+    return d.addCallbacks(parsed, older_peer)
+
+
 # The most files taken from one peer's listing: a hostile peer could page
 # for ever.  Past it the listing stops with ListingTooLong, never silently.
 MAX_LISTED_FILES = 100_000

@@ -867,6 +867,21 @@ class ShareIndex:
             or self._queued
         )
 
+    @property
+    def pending(self) -> int:
+        """Files found on disk, new or changed, that wait to be hashed or
+        are being hashed: ``LIST`` does not list them yet, or lists what
+        they were."""
+        return len(self._queued.keys() | self._jobs.keys())
+
+    @property
+    def scanning(self) -> bool:
+        """Whether the first walk of the share is still running: files not
+        found yet may come.  (A later rescan, every C{rescan_interval},
+        finds changes, which then count as L{pending}: a peer that is
+        merely rescanning is not said to be incomplete.)"""
+        return not (self._scans or self._scan_failures)
+
     def subscribe(self, callback: Callable[[], None]) -> None:
         """Call C{callback} (reactor thread) after entries change."""
         self._subscribers.append(callback)

@@ -513,7 +513,11 @@ class PeerProtocol(ServerLineProtocol):
             wait = budget.charge(self.source, 1.0)
             if wait:
                 raise wire.retry_later("too many requests", wait)
-        if isinstance(request, wire.ListFiles):
+        if isinstance(request, wire.Status):
+            index = self.index
+            status = wire.IndexStatus(len(index), index.pending, index.scanning)
+            self.sendLine(status.to_line())
+        elif isinstance(request, wire.ListFiles):
             self._send_listing(request)
         elif isinstance(request, wire.Pieces):
             self._send_pieces(request)

@@ -39,6 +39,7 @@ from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     ListingTooLong,
+    index_status,
     likely_holders,
     list_files,
     list_peers,
@@ -171,12 +172,15 @@ class GetResult:
 @dataclass
 class Listing:
     """One peer's files (L{ClientSession.listings}): C{error} when it could
-    not be listed; C{truncated} when it lists more than the client takes."""
+    not be listed; C{truncated} when it lists more than the client takes;
+    C{status}, how far its index got once listed (C{None}: it cannot say),
+    so that a listing of a peer still indexing is never taken for all."""
 
     peer: wire.PeerEntry
     files: list[wire.FileEntry]
     error: str | None = None
     truncated: bool = False
+    status: wire.IndexStatus | None = None
 
 
 @dataclass
@@ -548,10 +552,20 @@ class ClientSession:
                 files = yield list_files(endpoint, self.reactor, self.request_timeout)
             except ListingTooLong as e:
                 listings.append(Listing(entry, e.files, str(e), truncated=True))
+                continue
             except SKIPPABLE:
                 listings.append(Listing(entry, [], describe(Failure())))
-            else:
-                listings.append(Listing(entry, files))
+                continue
+            # Asked after the last page: files indexed while the pages were
+            # read came last in the order (LIST), so were listed; what is
+            # pending now is what the listing lacks.
+            try:
+                status = yield index_status(
+                    endpoint, self.reactor, self.request_timeout
+                )
+            except SKIPPABLE:
+                status = None
+            listings.append(Listing(entry, files, status=status))
         return listings
 
     # -- phase 3 -------------------------------------------------------------

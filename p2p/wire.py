@@ -175,7 +175,17 @@ def retry_after(message: str) -> float | None:
 # keys, nothing else.  Any other word may be a secret (a token of letters
 # sent as the first word, or as a bare argument), and refusals are logged.
 KNOWN_VERBS = frozenset(
-    {"REGISTER", "UNREGISTER", "PEERS", "GET", "RANGE", "BLOB", "PIECES", "LIST"}
+    {
+        "REGISTER",
+        "UNREGISTER",
+        "PEERS",
+        "GET",
+        "RANGE",
+        "BLOB",
+        "PIECES",
+        "LIST",
+        "STATUS",
+    }
 )
 KNOWN_OPTION_KEYS = frozenset(
     {"name", "host", "token", "files", "limit", "cursor", "hint"}
@@ -730,7 +740,63 @@ class ListFiles:
         return encode_line(" ".join(words))
 
 
-PeerRequest = Get | Range | Blob | Pieces | ListFiles
+@dataclass(frozen=True)
+class Status:
+    """``STATUS``: how far the peer's index of its share got."""
+
+    def to_line(self) -> bytes:
+        return b"STATUS"
+
+
+@dataclass(frozen=True)
+class IndexStatus:
+    """
+    The reply to ``STATUS``: ``OK indexed=<n> pending=<n> scanning=<0|1>``.
+
+    @ivar indexed: files in the index (what ``LIST`` lists).
+    @ivar pending: files found on disk and waiting to be hashed (or being
+        hashed): not listed yet.
+    @ivar scanning: whether the peer is still walking its share (more
+        files may be found).
+    """
+
+    indexed: int
+    pending: int
+    scanning: bool
+
+    @property
+    def complete(self) -> bool:
+        """Whether ``LIST`` lists every file the peer will serve."""
+        return not self.pending and not self.scanning
+
+    def to_line(self) -> bytes:
+        return encode_line(
+            f"OK indexed={self.indexed} pending={self.pending} "
+            f"scanning={int(self.scanning)}"
+        )
+
+    @classmethod
+    def from_line(cls, line: bytes) -> IndexStatus:
+        """Parse the reply; keys this client does not know are ignored (a
+        later peer may say more), missing ones are a protocol error."""
+        fields: dict[str, str] = {}
+        for token in parse_ok(decode_line(line)):
+            key, sep, value = token.partition("=")
+            if sep:
+                fields.setdefault(key, value)
+        try:
+            return cls(
+                parse_int(fields["indexed"], "indexed"),
+                parse_int(fields["pending"], "pending"),
+                parse_int(fields["scanning"], "scanning", 0, 1) == 1,
+            )
+        except KeyError as e:
+            raise WireError(
+                Code.BAD_REQUEST, f"STATUS reply without {e.args[0]}="
+            ) from None
+
+
+PeerRequest = Get | Range | Blob | Pieces | ListFiles | Status
 
 # LIST pages hold 1..MAX_FILES_PER_PAGE entries (that many without limit=).
 MAX_FILES_PER_PAGE = 1000
@@ -795,6 +861,10 @@ def parse_peer_request(line: bytes) -> PeerRequest:
             ),
             cursor=cursor,
         )
+    if verb == "STATUS":
+        if rest:
+            raise WireError(Code.BAD_REQUEST, "usage: STATUS")
+        return Status()
     raise unknown_command(verb)
 
 

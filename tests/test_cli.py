@@ -36,6 +36,8 @@ from .test_sink import _Reader
 REFUSED = (errno.ECONNREFUSED, "ECONNREFUSED")
 PEER_A = "aaaaaaaaaaaaaaaa"
 PEER_B = "bbbbbbbbbbbbbbbb"
+# A peer's answer to STATUS once its whole share is indexed.
+COMPLETE_STATUS = b"OK indexed=3 pending=0 scanning=0\n"
 MIB = pieces.PIECE_SIZE
 
 
@@ -922,9 +924,10 @@ class LsTests(CommandTestCase):
     ROOT_A = "a" * 64
     ROOT_B = "b" * 64
 
-    def answer_pages(self) -> list[bytes]:
-        """The peer's listing comes in two pages, asked on one connection
-        (it is kept between requests); return the requests."""
+    def answer_pages(self, status: bytes = COMPLETE_STATUS.rstrip()) -> list[bytes]:
+        """The peer's listing comes in two pages, then its answer to
+        ``STATUS`` (C{status}), asked on one connection (it is kept between
+        requests); return the LIST requests."""
         requests = []
         pages = [
             (b"OK 1 next=7", wire.FileEntry(10, self.ROOT_B, "b.txt")),
@@ -935,6 +938,9 @@ class LsTests(CommandTestCase):
             requests.append(transport.value())
             transport.clear()
             protocol.dataReceived(header + b"\n" + entry.to_line() + b"\n")
+        self.assertEqual(transport.value(), b"STATUS\n")
+        transport.clear()
+        protocol.dataReceived(status + b"\n")
         self.assertEqual(len(self.reactor.tcpClients), 2)
         return requests
 
@@ -971,6 +977,36 @@ class LsTests(CommandTestCase):
         )
         self.assert_no_timers()
 
+    def test_peer_still_indexing(self) -> None:
+        """A peer still indexing lists what it indexed so far; p2p says, in
+        one line, that the listing is not all it will serve, and still
+        exits 0 (the files listed are real)."""
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_pages(b"OK indexed=2 pending=3 scanning=1 later=x")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(len(self.console.out.decode().splitlines()), 2)
+        self.assertEqual(
+            self.console.err_lines[1:],
+            [
+                "p2p: 127.0.0.1:4001: still indexing its share, not every file "
+                "is listed yet (3 file(s) waiting to be hashed, still looking "
+                "for files); run 'p2p ls' again later"
+            ],
+        )
+
+    def test_peer_without_status(self) -> None:
+        """A peer that predates STATUS (``ERR 501``) cannot say: its
+        listing is shown as it is, with no line about it."""
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_pages(b"ERR 501 unknown command")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(len(self.console.out.decode().splitlines()), 2)
+        self.assertEqual(
+            self.console.err_lines, ["p2p: 1 active peer(s) at 127.0.0.1:9"]
+        )
+
     def test_long_prints_roots(self) -> None:
         d = self.run_cli("--relay", "127.0.0.1:9", "ls", "--long")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
@@ -1001,6 +1037,7 @@ class LsTests(CommandTestCase):
             protocol.dataReceived(
                 b"OK 3\n" + b"".join(entry.to_line() + b"\n" for entry in entries)
             )
+            protocol.dataReceived(COMPLETE_STATUS)
             self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
             address = f"{'127.0.0.1:4001':<22}"
             self.assertEqual(
@@ -1022,6 +1059,7 @@ class LsTests(CommandTestCase):
         protocol.dataReceived(
             b"OK 1\n" + wire.FileEntry(3, self.ROOT_A, "c.txt").to_line() + b"\n"
         )
+        protocol.dataReceived(COMPLETE_STATUS)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertEqual(
             self.console.out.decode(), f"{3:>12} {'127.0.0.1:4002':<22} c.txt\n"
@@ -1676,6 +1714,7 @@ class JsonTests(CommandTestCase):
         protocol, _ = self.connect(1, b"P2P/2 peer")
         entry = wire.FileEntry(5, "a" * 64, self.NAME)
         protocol.dataReceived(b"OK 1\n" + entry.to_line() + b"\n")
+        protocol.dataReceived(COMPLETE_STATUS)
         self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
         self.assertTrue(self.console.out.isascii())
         self.assertEqual(

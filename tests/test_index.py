@@ -173,6 +173,35 @@ class ScanTests(IndexCase):
         self.assertEqual(index.names(), ["a"])
         self.assertFalse(index.indexing)
 
+    def test_pending_and_scanning(self) -> None:
+        """What STATUS reports: while the first scan runs, the share is
+        being scanned; files found and not hashed yet are pending (and not
+        listed); once all are hashed, neither."""
+        self.put("a", b"alpha")
+        self.put("b", pattern(2 * MIB))
+        pool = StepPool()
+        index = self.make(runner=pool)
+        index.start()
+        pool.run_next()  # open the database
+        self.assertTrue(index.scanning)
+        self.assertEqual(index.pending, 0)
+        pool.run_next()  # the walk
+        self.assertFalse(index.scanning)
+        self.assertEqual((index.pending, len(index)), (2, 0))
+        pool.run_all()
+        self.assertEqual((index.pending, len(index)), (0, 2))
+        self.assertFalse(index.scanning)
+        # A file changed on disk is pending again until it is hashed; a
+        # rescan is not the first walk.
+        self.put("a", b"changed")
+        touch(self.path("a"), 3_000_000_000)
+        self.clock.advance(RESCAN_SECONDS)
+        self.assertFalse(index.scanning)
+        pool.run_next()  # the rescan's walk
+        self.assertEqual(index.pending, 1)
+        pool.run_all()
+        self.assertEqual(index.pending, 0)
+
     def test_logs_the_initial_scan(self) -> None:
         events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
         self.put("a", b"alpha")

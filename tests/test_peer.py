@@ -1057,6 +1057,16 @@ class ListTests(PeerTestMixin, SynchronousTestCase):
             },
         )
 
+    def test_status(self) -> None:
+        """STATUS of a peer whose share is indexed: every file, none
+        pending, the walk done."""
+        self.send(b"STATUS\n")
+        self.assertEqual(
+            self.take(),
+            wire.IndexStatus(len(self.index), 0, False).to_line() + b"\n",
+        )
+        self.assertFalse(self.transport.disconnecting)
+
     def test_empty_list(self) -> None:
         """An empty share lists ``OK 0``."""
         self.lose()
@@ -1521,6 +1531,38 @@ class IndexingTests(PeerTestMixin, SynchronousTestCase):
         self.pool.run_all()  # opens the database; nothing is indexed
         self.assertEqual(len(index), 0)
         return index
+
+    def test_status_while_indexing(self) -> None:
+        """STATUS says how far the index got, so that a client can tell a
+        listing of a peer still indexing from all it serves: a file being
+        hashed is pending, then indexed."""
+        self.send(b"STATUS\n")
+        before = wire.IndexStatus.from_line(self.take().rstrip(b"\n"))
+        self.send(b"GET four.bin\n")
+        take_progress(self.take())
+        self.send(b"STATUS\n")  # behind the GET: answered after it
+        self.pool.run_next()
+        self.assertEqual(self.take(), b"")
+        self.pool.run_all()
+        self.drain()
+        reply, rest = read_file_reply(self.take())
+        self.assertEqual(reply.data, self.data)
+        after = wire.IndexStatus.from_line(rest.rstrip(b"\n"))
+        self.assertEqual(after.indexed, before.indexed + 1)
+        self.assertEqual(after.pending, 0)
+
+    def test_status_counts_a_file_being_hashed(self) -> None:
+        self.send(b"GET four.bin\n")
+        take_progress(self.take())
+        other = PeerFactory(
+            self.share, self.index, self.clock, self.idle_timeout
+        ).buildProtocol(CLIENT_ADDRESS)
+        transport = StringTransport()
+        other.makeConnection(transport)
+        other.dataReceived(b"STATUS\n")
+        banner, line = transport.value().splitlines()
+        self.assertEqual(wire.IndexStatus.from_line(line).pending, 1)
+        other.connectionLost(Failure(ConnectionDone()))
 
     def tick(self) -> list[wire.Indexing]:
         """Let one progress interval pass; the INDEXING lines it brought."""

@@ -85,7 +85,8 @@ async def test_huge_sparse_file_right_after_the_peer_starts(launcher: Launcher):
     """
     The first ``p2p get`` of a huge file, asked the moment its peer is
     listening: the peer indexes it first (the client says so on stderr),
-    then every byte arrives, verified.
+    then every byte arrives, verified.  A ``p2p ls`` before it lists
+    what the peer indexed so far and says the listing is not all yet.
     """
     size = HUGE_GIB * 1024 * MiB
     relay = await launcher.relay()
@@ -93,6 +94,10 @@ async def test_huge_sparse_file_right_after_the_peer_starts(launcher: Launcher):
     with open(sparse, "wb") as stream:
         stream.truncate(size)
     await launcher.peer(relay.address, links={"huge.img": sparse})
+    listing = await launcher.client("--relay", relay.address, "ls")
+    assert listing.code == EXIT_OK, listing.stderr
+    assert "still indexing its share, not every file is listed yet" in (listing.stderr)
+    assert "Traceback" not in listing.stderr
     script = (
         f"set -o pipefail; {_bin('p2p')} --relay {relay.address} get huge.img"
         f" | {sys.executable} -c '{ZERO_CHECK}'"

@@ -870,7 +870,8 @@ class ListingHeaderTests(WireAssertions, SynchronousTestCase):
 
 
 class PeerRequestTests(WireAssertions, SynchronousTestCase):
-    """``wire.parse_peer_request``: GET, RANGE, BLOB, PIECES and LIST."""
+    """``wire.parse_peer_request``: GET, RANGE, BLOB, PIECES, LIST and
+    STATUS."""
 
     parse = staticmethod(wire.parse_peer_request)
 
@@ -892,6 +893,39 @@ class PeerRequestTests(WireAssertions, SynchronousTestCase):
             wire.Blob(SHA, 1048576, 20),
         )
         self.assertEqual(self.parse(f"PIECES {SHA}".encode()), wire.Pieces(SHA))
+
+    def test_status(self) -> None:
+        """STATUS takes nothing."""
+        self.assertEqual(self.parse(b"STATUS"), wire.Status())
+        self.assertEqual(wire.Status().to_line(), b"STATUS")
+        with self.assertRaises(wire.WireError) as caught:
+            self.parse(b"STATUS now")
+        self.assertEqual(caught.exception.code, wire.Code.BAD_REQUEST)
+
+    def test_index_status(self) -> None:
+        """The reply's keys round-trip; keys a later peer may add are
+        ignored, a missing or malformed one is a protocol error, and an
+        ERR reply raises it."""
+        status = wire.IndexStatus(12, 3, True)
+        self.assertEqual(status.to_line(), b"OK indexed=12 pending=3 scanning=1")
+        self.assertEqual(wire.IndexStatus.from_line(status.to_line()), status)
+        self.assertFalse(status.complete)
+        self.assertTrue(wire.IndexStatus(12, 0, False).complete)
+        self.assertFalse(wire.IndexStatus(12, 0, True).complete)
+        self.assertEqual(
+            wire.IndexStatus.from_line(b"OK hashing=5 indexed=1 pending=0 scanning=0"),
+            wire.IndexStatus(1, 0, False),
+        )
+        for bad in (
+            b"OK indexed=1 pending=0",
+            b"OK indexed=x pending=0 scanning=0",
+            b"OK indexed=1 pending=0 scanning=2",
+            b"indexed=1 pending=0 scanning=0",
+        ):
+            with self.assertRaises(wire.WireError, msg=bad):
+                wire.IndexStatus.from_line(bad)
+        with self.assertRaises(wire.RemoteError):
+            wire.IndexStatus.from_line(b"ERR 501 unknown command")
 
     def test_list(self) -> None:
         """LIST takes an optional limit and cursor."""
