@@ -977,17 +977,22 @@ class LsTests(CommandTestCase):
         )
         self.assert_no_timers()
 
+    def ls_with_status(self, status: bytes) -> list[str]:
+        """``p2p ls`` of one peer answering STATUS with C{status}: it
+        exits 0 with both files listed; its stderr lines."""
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_pages(status)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(len(self.console.out.decode().splitlines()), 2)
+        return self.console.err_lines
+
     def test_peer_still_indexing(self) -> None:
         """A peer still indexing lists what it indexed so far; p2p says, in
         one line, that the listing is not all it will serve, and still
         exits 0 (the files listed are real)."""
-        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
-        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_pages(b"OK indexed=2 pending=3 scanning=1 later=x")
-        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
-        self.assertEqual(len(self.console.out.decode().splitlines()), 2)
         self.assertEqual(
-            self.console.err_lines[1:],
+            self.ls_with_status(b"OK indexed=2 pending=3 scanning=1 later=x")[1:],
             [
                 "p2p: 127.0.0.1:4001: still indexing its share, not every file "
                 "is listed yet (3 file(s) waiting to be hashed, still looking "
@@ -998,13 +1003,9 @@ class LsTests(CommandTestCase):
     def test_peer_without_status(self) -> None:
         """A peer that predates STATUS (``ERR 501``) cannot say: its
         listing is shown as it is, with no line about it."""
-        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
-        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
-        self.answer_pages(b"ERR 501 unknown command")
-        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
-        self.assertEqual(len(self.console.out.decode().splitlines()), 2)
         self.assertEqual(
-            self.console.err_lines, ["p2p: 1 active peer(s) at 127.0.0.1:9"]
+            self.ls_with_status(b"ERR 501 unknown command"),
+            ["p2p: 1 active peer(s) at 127.0.0.1:9"],
         )
 
     def test_long_prints_roots(self) -> None:
