@@ -10,7 +10,10 @@ buffer and hashes each with BLAKE3 as soon as it is whole, on the same
 thread, as the client's pieces are checked, writing nothing (baseline (d):
 the least a verifying Python receiver does, without any protocol); with
 OUT, it also writes each piece to that file once hashed (baseline (e'),
-with the mark below: the least ``p2p get -o`` does).
+with the mark below: the least ``p2p get -o`` does).  ``write OUT SIZE``
+writes SIZE bytes of one reused 1 MiB buffer into OUT, a new file, with no
+network and no hashing (baseline (f): what the file system takes, as
+``dd if=/dev/zero bs=1M`` measures it); it prints its seconds.
 
 ``--mark BYTES`` after either receiver's arguments sets the socket's
 receive low-water mark (``SO_RCVLOWAT``), as the client does while a
@@ -101,6 +104,18 @@ def receive_and_hash(
     print(f"{time.perf_counter() - started:.6f}")
 
 
+def write(out: str, size: int) -> None:
+    buffer = bytes(1024 * 1024)
+    started = time.perf_counter()
+    fd = output(out)
+    assert fd is not None
+    left = size
+    while left:
+        left -= os.write(fd, memoryview(buffer)[: min(left, len(buffer))])
+    os.close(fd)
+    print(f"{time.perf_counter() - started:.6f}")
+
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
     mark = 1
@@ -110,6 +125,8 @@ if __name__ == "__main__":
         del arguments[at : at + 2]
     if arguments[0] == "send":
         send(arguments[1])
+    elif arguments[0] == "write":
+        write(arguments[1], int(arguments[2]))
     elif arguments[0] == "recv-hash":
         receive_and_hash(
             int(arguments[1]), int(arguments[2]), *arguments[3:4], mark=mark

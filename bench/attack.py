@@ -28,6 +28,10 @@ figure is set against a baseline taken in the same run:
 7. Idle connections: the relay's RSS with none and with N idle connections
    (N = 10,000 from 40 /24s; ``--quick``: 2,000), bytes per connection;
    the same over TLS.
+8. Stalled downloads, against a peer: N connections (3,000 from 15 /24s;
+   ``--quick``: 1,000) each send ``GET`` for a 20 GiB file (sparse;
+   ``--quick``: 4 GiB) and read nothing: the peer's RSS growth, against N
+   connections that ask for its header alone.
 
 Every flood is bounded in time and count; every process is stopped by its
 pid.  ``--quick`` shrinks the counts (about 50 s on our 2-core machine);
@@ -43,6 +47,7 @@ import os
 import re
 import resource
 import shutil
+import socket
 import statistics
 import sys
 import tempfile
@@ -725,6 +730,109 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
     )
 
 
+# -- 8. Stalled downloads (the peer) --------------------------------------------
+
+
+def stalled_downloads(
+    port: int, sources: list[str], request: bytes
+) -> list[socket.socket]:
+    """
+    (A thread: blocking sockets.)  One connection from each of C{sources}
+    to the peer on 127.0.0.1:C{port}: it reads the banner, sends
+    C{request} and never reads again, with a small receive buffer, so that
+    what the peer holds for it is measured, not what the kernels hold.
+    """
+    connections: list[socket.socket] = []
+    try:
+        for source in sources:
+            connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            connections.append(connection)
+            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            connection.settimeout(30)
+            connection.bind((source, 0))
+            connection.connect(("127.0.0.1", port))
+            banner = connection.recv(64)
+            if banner != b"P2P/2 peer\n":
+                raise RuntimeError(f"unexpected greeting {banner!r}")
+            connection.sendall(request)
+    except BaseException:
+        for connection in connections:
+            connection.close()
+        raise
+    return connections
+
+
+def header_round_trip(port: int) -> None:
+    """(A thread.)  One well-behaved ``RANGE 0 0`` on a new connection:
+    its answer comes after the peer has read every request sent before."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        connection.sendall(b"RANGE 0 0 huge.img\n")
+        reply = b""
+        while reply.count(b"\n") < 2:
+            data = connection.recv(4096)
+            if not data:
+                raise RuntimeError(f"the peer closed: {reply!r}")
+            reply += data
+        if b"\nOK 0 " not in reply:
+            raise RuntimeError(f"unexpected reply {reply!r}")
+
+
+async def stalled_downloads_step(reactor, args, report: Report, work: str) -> None:
+    share = os.path.join(work, "huge-share")
+    os.mkdir(share)
+    size = args.huge_gib * 1024 * MiB
+    with open(os.path.join(share, "huge.img"), "wb") as stream:
+        stream.truncate(size)
+    relay, (address,) = await deferToThread(start_relay, "--no-dial-back")
+    peer = Daemon(
+        "peer",
+        TWISTD
+        + ["peer", "--relay", address, "--share", share, "--listen", LOOPBACK]
+        + ["--state", share + ".state", "--idle-timeout", "600"],
+    ).start()
+    # 200 sources in each /24, one connection each: under every per-source
+    # and per-network cap, as an attacker with 15 networks would do.
+    sources = [f"127.{120 + n // 200}.0.{n % 200 + 1}" for n in range(args.stalled)]
+    figures = {}
+    try:
+        await deferToThread(peer.wait_for, "indexed the share", 600)
+        port = int(peer.wait_for("listening on", 30).rsplit(":", 1)[1])
+        for label, request in (
+            ("header only", b"RANGE 0 0 huge.img\n"),
+            ("GET", b"GET huge.img\n"),
+        ):
+            await deferToThread(header_round_trip, port)
+            before = rss_bytes(peer.pid)
+            connections = await deferToThread(stalled_downloads, port, sources, request)
+            try:
+                await deferToThread(header_round_trip, port)
+                figures[label] = (before, rss_bytes(peer.pid))
+            finally:
+                for connection in connections:
+                    connection.close()
+    finally:
+        peer.stop()
+        relay.stop()
+    count = len(sources)
+    growth = {
+        label: (after - before) / MiB for label, (before, after) in figures.items()
+    }
+    report.table(
+        f"8. {count:,} connections from {count // 200} /24s asking a peer for a "
+        f"{args.huge_gib} GiB file ({size // MiB * 32:,} B of piece list) "
+        "and reading nothing: the peer's RSS growth, MiB (lower is better)",
+        Series("GET (header, piece list, file)", [growth["GET"]], "MiB"),
+        [Series("a header alone (RANGE 0 0)", [growth["header only"]], "MiB")],
+        higher_is_better=False,
+        note="RSS before/after: "
+        + ", ".join(
+            f"{label} {before / MiB:.1f}/{after / MiB:.1f} MiB"
+            for label, (before, after) in figures.items()
+        )
+        + "; what the sockets hold in the kernel is not in the RSS",
+    )
+
+
 # -- main ------------------------------------------------------------------------
 
 
@@ -740,6 +848,7 @@ async def measure(reactor, args) -> Report:
             lambda: log_amplification(reactor, args, report),
             lambda: stalled(reactor, args, report, work),
             lambda: idle_connections(reactor, args, report, work),
+            lambda: stalled_downloads_step(reactor, args, report, work),
         ):
             await step()
     finally:
@@ -764,6 +873,8 @@ def main(argv: list[str] | None = None) -> Report:
     args.pipelined = 100 if quick else 300
     args.idle = 2000 if quick else 10_000
     args.idle_tls = 250 if quick else 1000
+    args.stalled = 1000 if quick else 3000
+    args.huge_gib = 4 if quick else 20
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if soft < args.idle + 1000 <= hard:
         resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))

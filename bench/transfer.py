@@ -30,7 +30,10 @@ the share" line), and nothing else is warmed up.
    ``p2p.batching.BATCH_BYTES``, so each ``recv_into`` waits for that many
    bytes; (a') is the loopback's real limit for a Python receiver; (e') is
    (d') also writing each hashed piece to a file: the least a verifying
-   ``-o`` does.  Target: >= 0.9x (a).
+   ``-o`` does; (f) writes the file's size from one reused buffer into a
+   new file, with no network and no hashing (``dd if=/dev/zero bs=1M``):
+   what the file system takes, so ``-o`` can go no faster than the
+   slower of (a) and (f).  Target: >= 0.9x (a).
 3. **Peak RSS** of the client and the peer while a 1 GiB and a 20 GiB
    (sparse) file go to stdout (``--quick``: 64 and 256 MiB).  Target:
    under 64 MiB for both sizes.
@@ -49,6 +52,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
@@ -192,6 +196,15 @@ def raw(
     return run.seconds, float(run.stdout)
 
 
+def write_only(out: str, size: int) -> tuple[float, float]:
+    """Baseline (f): SIZE bytes written into a new file, no network."""
+    run = run_timed(RAW + ["write", out, str(size)])
+    if run.returncode != 0:
+        raise RuntimeError(f"baseline failed: {run.stderr!r}")
+    CPU.setdefault("write", []).append((run.cpu_seconds, 0.0))
+    return run.seconds, float(run.stdout)
+
+
 # The serving processes' pids, for their CPU per run.
 SERVERS: dict[str, int] = {}
 
@@ -216,6 +229,7 @@ def cpu_report(report: Report, size: int, raw_rate: float) -> None:
         ("raw file batched", "(b') raw -> file, batched"),
         ("raw hash batched", "(d') raw -> BLAKE3, batched"),
         ("raw hash file batched", "(e') (d') -> file"),
+        ("write", "(f) file only"),
     ]:
         runs = CPU.get(key)
         if not runs:
@@ -281,6 +295,8 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
             runs["raw hash file batched"].append(
                 raw(sender_port, size, received, hashed=True, batched=True)
             )
+            fresh(received)
+            runs["write"].append(write_only(received, size))
         if os.path.getsize(out) != size:
             raise RuntimeError("p2p get -o saved a file of another size")
         curl_rates = None
@@ -303,6 +319,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                     ("(b') (b), SO_RCVLOWAT as ours", "raw file batched"),
                     ("(d') (d), SO_RCVLOWAT as ours", "raw hash batched"),
                     ("(e') (d') -> file", "raw hash file batched"),
+                    ("(f) file only, no network", "write"),
                 )
             ]
             if curl_rates is not None and part == 0:
@@ -311,7 +328,9 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                 f"{which}: target >= 0.90 of (a); (a') to (e') read as ours "
                 "does (p2p.batching): (a') is the loopback's limit for a "
                 "Python receiver, (d') the least a verifying one does, (e') "
-                "the least a verifying -o does"
+                "the least a verifying -o does; (f) what the file system "
+                "takes from one writer, with no network: a bound on any -o; "
+                + ceiling(rates)
             ) + (
                 "; a transfer runs from the first request to the last byte "
                 "(ours: as the client reports it, verified, from its relay list)"
@@ -331,6 +350,21 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
         for path in (source, out, received):
             if os.path.exists(path):
                 os.unlink(path)
+
+
+def ceiling(rates: Callable[[str], list[float]]) -> str:
+    """
+    What bounds ``-o``: the loopback (a) or the file system (f), whichever
+    is slower in this run, and ours over it.
+    """
+    loopback = statistics.median(rates("raw"))
+    disk = statistics.median(rates("write"))
+    bound, label = min((loopback, "(a)"), (disk, "(f)"))
+    ours = statistics.median(rates("file"))
+    return (
+        f"-o's bound here is {label}, {bound:.0f} MB/s: p2p get -o does "
+        f"{ours / bound:.2f} of it"
+    )
 
 
 def curl(share: str, out: str, mb: float, repeats: int) -> list[float]:
