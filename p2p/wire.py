@@ -754,10 +754,10 @@ class IndexStatus:
     The reply to ``STATUS``: ``OK indexed=<n> pending=<n> scanning=<0|1>``.
 
     @ivar indexed: files in the index (what ``LIST`` lists).
-    @ivar pending: files found on disk and waiting to be hashed (or being
-        hashed): not listed yet.
-    @ivar scanning: whether the peer is still walking its share (more
-        files may be found).
+    @ivar pending: files found on disk, new or changed, waiting to be
+        hashed or being hashed: not listed yet, or listed as they were.
+    @ivar scanning: whether the peer's first walk of its share is still
+        running (more files may be found).
     """
 
     indexed: int
