@@ -600,7 +600,12 @@ class ServerLineProtocol(LineReceiver):
         # Not through send_answer: reading must not be paused before a TLS
         # handshake (the banner waits in the TLS layer until then, and a
         # paused read would never receive the client's hello).
-        write_now(self.transport, wire.banner(self.role) + self.delimiter)
+        write_now(self.transport, self.greeting)
+
+    @property
+    def greeting(self) -> bytes:
+        """The banner line every connection gets first."""
+        return wire.banner(self.role) + self.delimiter
 
     def sendLine(self, line: bytes) -> None:
         """Send one line (see L{send_answer})."""

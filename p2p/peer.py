@@ -380,7 +380,7 @@ class PeerProtocol(ServerLineProtocol):
         if self.throttle is not None:
             # The banner went out at once (see ServerLineProtocol); its
             # bytes count all the same.
-            self.throttle.charge(len(wire.banner(self.role)) + len(self.delimiter))
+            self.throttle.charge(len(self.greeting))
 
     def connectionLost(self, reason=None) -> None:
         self._lost = True
