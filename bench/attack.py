@@ -733,35 +733,6 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
 # -- 8. Stalled downloads (the peer) --------------------------------------------
 
 
-def stalled_downloads(
-    port: int, sources: list[str], request: bytes
-) -> list[socket.socket]:
-    """
-    (A thread: blocking sockets.)  One connection from each of C{sources}
-    to the peer on 127.0.0.1:C{port}: it reads the banner, sends
-    C{request} and never reads again, with a small receive buffer, so that
-    what the peer holds for it is measured, not what the kernels hold.
-    """
-    connections: list[socket.socket] = []
-    try:
-        for source in sources:
-            connection = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            connections.append(connection)
-            connection.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-            connection.settimeout(30)
-            connection.bind((source, 0))
-            connection.connect(("127.0.0.1", port))
-            banner = connection.recv(64)
-            if banner != b"P2P/2 peer\n":
-                raise RuntimeError(f"unexpected greeting {banner!r}")
-            connection.sendall(request)
-    except BaseException:
-        for connection in connections:
-            connection.close()
-        raise
-    return connections
-
-
 def header_round_trip(port: int) -> None:
     """(A thread.)  One well-behaved ``RANGE 0 0`` on a new connection:
     its answer comes after the peer has read every request sent before."""
@@ -803,7 +774,19 @@ async def stalled_downloads_step(reactor, args, report: Report, work: str) -> No
         ):
             await deferToThread(header_round_trip, port)
             before = rss_bytes(peer.pid)
-            connections = await deferToThread(stalled_downloads, port, sources, request)
+            # One connection from each source, reading nothing after the
+            # banner: what the peer holds for them is measured.
+            connections = await deferToThread(
+                stalled_readers,
+                "127.0.0.1",
+                port,
+                sources,
+                1,
+                1,
+                False,
+                request,
+                b"P2P/2 peer\n",
+            )
             try:
                 await deferToThread(header_round_trip, port)
                 figures[label] = (before, rss_bytes(peer.pid))

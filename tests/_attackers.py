@@ -492,13 +492,16 @@ def stalled_readers(
     pipelined: int,
     per_source: int = CONNECTIONS_PER_SOURCE,
     tls: bool = True,
+    request: bytes = b"PEERS\n",
+    banner: bytes = b"P2P/1 relay\n",
 ) -> list[socket.socket]:
     """
     (A thread: blocking sockets.)  C{per_source} connections (TLS, or plain
-    TCP) from each of C{sources}; each reads the banner, then sends
-    C{pipelined} ``PEERS`` and never reads again.  A small receive buffer
-    keeps what the kernels hold small: the relay's own buffering is what is
-    measured.  No certificate is checked (an attacker does not care).
+    TCP) from each of C{sources}; each reads the C{banner}, then sends
+    C{pipelined} C{request}s (``PEERS`` to a relay by default) and never
+    reads again.  A small receive buffer keeps what the kernels hold
+    small: the server's own buffering is what is measured.  No certificate
+    is checked (an attacker does not care).
     """
     context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     context.check_hostname = False
@@ -515,11 +518,11 @@ def stalled_readers(
                 raw.connect((host, port))
                 connection = context.wrap_socket(raw) if tls else raw
                 connections[-1] = connection
-                banner = connection.recv(64)
-                if banner != b"P2P/1 relay\n":
-                    raise ConnectionClosed(f"unexpected greeting {banner!r}")
+                greeting = connection.recv(64)
+                if greeting != banner:
+                    raise ConnectionClosed(f"unexpected greeting {greeting!r}")
                 if pipelined:
-                    connection.sendall(b"PEERS\n" * pipelined)
+                    connection.sendall(request * pipelined)
     except BaseException:
         for connection in connections:
             connection.close()
