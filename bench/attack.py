@@ -31,7 +31,8 @@ figure is set against a baseline taken in the same run:
 8. Stalled downloads, against a peer: N connections (3,000 from 15 /24s;
    ``--quick``: 1,000) each send ``GET`` for a 20 GiB file (sparse;
    ``--quick``: 4 GiB) and read nothing: the peer's RSS growth, against N
-   connections that ask for its header alone.
+   connections that ask for its header alone; over plain TCP, then over
+   TLS (``ssl:``), where every byte is encrypted in the peer's memory.
 
 Every flood is bounded in time and count; every process is stopped by its
 pid.  ``--quick`` shrinks the counts (about 50 s on our 2-core machine);
@@ -48,6 +49,7 @@ import re
 import resource
 import shutil
 import socket
+import ssl
 import statistics
 import sys
 import tempfile
@@ -733,10 +735,15 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
 # -- 8. Stalled downloads (the peer) --------------------------------------------
 
 
-def header_round_trip(port: int) -> None:
+def header_round_trip(port: int, tls: bool) -> None:
     """(A thread.)  One well-behaved ``RANGE 0 0`` on a new connection:
     its answer comes after the peer has read every request sent before."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
+        if tls:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            connection = context.wrap_socket(connection)
         connection.sendall(b"RANGE 0 0 huge.img\n")
         reply = b""
         while reply.count(b"\n") < 2:
@@ -751,69 +758,88 @@ def header_round_trip(port: int) -> None:
 async def stalled_downloads_step(reactor, args, report: Report, work: str) -> None:
     share = os.path.join(work, "huge-share")
     os.mkdir(share)
-    size = args.huge_gib * 1024 * MiB
+    size = int(args.huge_gib * 1024 * MiB)
     with open(os.path.join(share, "huge.img"), "wb") as stream:
         stream.truncate(size)
+    credentials = Authority(os.path.join(work, "peer-pki")).issue(
+        "peer", ips=["127.0.0.1"]
+    )
     relay, (address,) = await deferToThread(start_relay, "--no-dial-back")
-    peer = Daemon(
-        "peer",
-        TWISTD
-        + ["peer", "--relay", address, "--share", share, "--listen", LOOPBACK]
-        + ["--state", share + ".state", "--idle-timeout", "600"],
-    ).start()
     # 200 sources in each /24, one connection each: under every per-source
     # and per-network cap, as an attacker with 15 networks would do.
     sources = [f"127.{120 + n // 200}.0.{n % 200 + 1}" for n in range(args.stalled)]
     figures = {}
     try:
-        await deferToThread(peer.wait_for, "indexed the share", 600)
-        port = int(peer.wait_for("listening on", 30).rsplit(":", 1)[1])
-        for label, request in (
-            ("header only", b"RANGE 0 0 huge.img\n"),
-            ("GET", b"GET huge.img\n"),
-        ):
-            await deferToThread(header_round_trip, port)
-            before = rss_bytes(peer.pid)
-            # One connection from each source, reading nothing after the
-            # banner: what the peer holds for them is measured.
-            connections = await deferToThread(
-                stalled_readers,
-                "127.0.0.1",
-                port,
-                sources,
-                1,
-                1,
-                False,
-                request,
-                b"P2P/2 peer\n",
-            )
+        for tls in (False, True):
+            # The second peer finds the share indexed by the first.
+            listen = credentials.listen() if tls else LOOPBACK
+            peer = Daemon(
+                "peer",
+                TWISTD
+                + ["peer", "--relay", address, "--share", share, "--listen", listen]
+                + ["--state", share + ".state", "--idle-timeout", "600"],
+            ).start()
             try:
-                await deferToThread(header_round_trip, port)
-                figures[label] = (before, rss_bytes(peer.pid))
+                await deferToThread(peer.wait_for, "indexed the share", 600)
+                port = int(peer.wait_for("listening on", 30).rsplit(":", 1)[1])
+                for label, request in (
+                    ("header only", b"RANGE 0 0 huge.img\n"),
+                    ("GET", b"GET huge.img\n"),
+                ):
+                    await deferToThread(header_round_trip, port, tls)
+                    before = rss_bytes(peer.pid)
+                    # One connection from each source, reading nothing after
+                    # the banner: what the peer holds for them is measured.
+                    connections = await deferToThread(
+                        stalled_readers,
+                        "127.0.0.1",
+                        port,
+                        sources,
+                        1,
+                        1,
+                        tls,
+                        request,
+                        b"P2P/2 peer\n",
+                    )
+                    try:
+                        await deferToThread(header_round_trip, port, tls)
+                        figures[tls, label] = (before, rss_bytes(peer.pid))
+                    finally:
+                        for connection in connections:
+                            connection.close()
             finally:
-                for connection in connections:
-                    connection.close()
+                peer.stop()
     finally:
-        peer.stop()
         relay.stop()
     count = len(sources)
-    growth = {
-        label: (after - before) / MiB for label, (before, after) in figures.items()
-    }
-    report.table(
-        f"8. {count:,} connections from {count // 200} /24s asking a peer for a "
-        f"{args.huge_gib} GiB file ({size // MiB * 32:,} B of piece list) "
-        "and reading nothing: the peer's RSS growth, MiB (lower is better)",
-        Series("GET (header, piece list, file)", [growth["GET"]], "MiB"),
-        [Series("a header alone (RANGE 0 0)", [growth["header only"]], "MiB")],
-        higher_is_better=False,
-        note="RSS before/after: "
-        + ", ".join(
-            f"{label} {before / MiB:.1f}/{after / MiB:.1f} MiB"
-            for label, (before, after) in figures.items()
+    for tls in (False, True):
+        (get_before, get_after), (head_before, head_after) = (
+            figures[tls, "GET"],
+            figures[tls, "header only"],
         )
-        + "; what the sockets hold in the kernel is not in the RSS",
-    )
+        report.table(
+            f"8{'b' if tls else 'a'}. {count:,} {'TLS' if tls else 'TCP'} "
+            f"connections from {count // 200} /24s asking a peer for a "
+            f"{args.huge_gib} GiB file ({size // MiB * 32:,} B of piece list) "
+            "and reading nothing: the peer's RSS growth, MiB (lower is better)",
+            Series(
+                "GET (header, piece list, file)",
+                [(get_after - get_before) / MiB],
+                "MiB",
+            ),
+            [
+                Series(
+                    "a header alone (RANGE 0 0)",
+                    [(head_after - head_before) / MiB],
+                    "MiB",
+                )
+            ],
+            higher_is_better=False,
+            note=f"RSS before/after: GET {get_before / MiB:.1f}/"
+            f"{get_after / MiB:.1f} MiB, header alone {head_before / MiB:.1f}/"
+            f"{head_after / MiB:.1f} MiB; what the sockets hold in the kernel "
+            "is not in the RSS",
+        )
 
 
 # -- main ------------------------------------------------------------------------
@@ -823,7 +849,7 @@ async def measure(reactor, args) -> Report:
     report = Report()
     work = tempfile.mkdtemp(prefix="p2p-attack-")
     try:
-        for step in (
+        steps = (
             lambda: sybil(reactor, args, report, work),
             lambda: connection_flood(reactor, args, report),
             lambda: request_flood(reactor, args, report),
@@ -832,8 +858,10 @@ async def measure(reactor, args) -> Report:
             lambda: stalled(reactor, args, report, work),
             lambda: idle_connections(reactor, args, report, work),
             lambda: stalled_downloads_step(reactor, args, report, work),
-        ):
-            await step()
+        )
+        for number, step in enumerate(steps, start=1):
+            if not args.step or number in args.step:
+                await step()
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return report
@@ -843,6 +871,14 @@ def main(argv: list[str] | None = None) -> Report:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smaller, about a minute")
     parser.add_argument("--json", help="also write the results here")
+    parser.add_argument(
+        "--step",
+        type=int,
+        action="append",
+        choices=range(1, 9),
+        metavar="N",
+        help="run only step N (1-8; repeat it for several; default: all)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.repeats = 1 if quick else 3

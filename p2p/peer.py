@@ -41,11 +41,18 @@ from p2p.limits import (
     RefusingProtocol,
     ServerLineProtocol,
 )
+from p2p.pulls import TLS_RECORD_BYTES, BufferedPulls
 from p2p.ratelimit import RequestBudget
 from p2p.share import OpenedFile, ShareFolder
 from p2p.text import shown
 from p2p.throttle import TokenBucket, Waiter
-from p2p.transports import no_delay, unsent_bytes, zero_copy_socket
+from p2p.transports import (
+    limit_unsent,
+    no_delay,
+    unbuffered_write,
+    unsent_bytes,
+    zero_copy_socket,
+)
 from p2p.wire import Code, WireError
 
 DEFAULT_IDLE_TIMEOUT_SECONDS = 30
@@ -57,8 +64,15 @@ LOG_START_BYTES = 1024 * 1024
 CHUNK_BYTES = 256 * 1024
 # Most bytes one sendfile burst moves before yielding to other connections.
 ZERO_COPY_BURST_BYTES = 8 * 1024 * 1024
-# An answer longer than this (a piece list) goes out a chunk at a time as
-# the client reads (BufferProducer), not into the transport's buffer whole.
+# A piece list longer than this goes out as the client reads
+# (BufferProducer), not into the transport's buffer with its header: about
+# what the socket of a client that reads nothing still takes.  (At 64 KiB,
+# 3,000 connections that sent GET for a 2 GiB file, a 64 KiB list, and read
+# nothing took 140 MiB of the peer's memory, against 13 MiB for as many
+# asking for a header alone: bench/attack.py step 8 at that size.)
+INLINE_ANSWER_BYTES = 4 * 1024
+# What such an answer's producer writes per pull where it cannot write
+# into the socket itself (TLS; see p2p.pulls).
 ANSWER_CHUNK_BYTES = 64 * 1024
 # How often a client waiting for a file being indexed hears how far it got:
 # well within the client's idle timeout (10 s by default).
@@ -85,7 +99,9 @@ class FileRangeProducer:
     calls a pull producer back; at the first call, made by
     C{registerProducer}, it is empty once the header went out
     (L{p2p.transports.unsent_bytes}).  Without a socket, or when the
-    transport cannot say, chunks are read and written through it.
+    transport cannot say, chunks are read and written through it, sized by
+    C{pulls} when given (the transport holds what the client does not
+    read: see L{p2p.pulls}).
     """
 
     def __init__(
@@ -98,6 +114,7 @@ class FileRangeProducer:
         chunk_bytes: int = CHUNK_BYTES,
         socket_fd: int | None = None,
         throttle: TokenBucket | None = None,
+        pulls: BufferedPulls | None = None,
     ) -> None:
         self.fd = fd
         self.position = offset
@@ -108,6 +125,9 @@ class FileRangeProducer:
         self.chunk_bytes = chunk_bytes
         self.socket_fd = socket_fd
         self.throttle = throttle
+        # Sizes our pulls when the transport buffers what it is given.
+        self.pulls = pulls
+        self._write = unbuffered_write(consumer)
         self._drained = False
         # Our place in the upload budget's queue, and what it granted.
         self._wait: Waiter | None = None
@@ -122,8 +142,17 @@ class FileRangeProducer:
     def start(self) -> Deferred[None]:
         if self.remaining == 0:
             self.done.callback(None)
-        else:
-            self.consumer.registerProducer(self, False)
+            return self.done
+        pulls = self.pulls
+        if pulls is not None and self.socket_fd is None:
+            pulls.opened()
+
+            def closed(result: object) -> object:
+                pulls.closed()
+                return result
+
+            self.done.addBoth(closed)
+        self.consumer.registerProducer(self, False)
         return self.done
 
     def resumeProducing(self) -> None:
@@ -149,7 +178,10 @@ class FileRangeProducer:
         # No socket, or a transport that cannot say what it holds: write
         # through it.
         self._drained = True
-        size = self._allowed(min(self.chunk_bytes, self.remaining))
+        chunk_bytes = self.chunk_bytes
+        if self.pulls is not None:
+            chunk_bytes = self.pulls.size(chunk_bytes)
+        size = self._allowed(min(chunk_bytes, self.remaining))
         if not size:
             return
         chunk = self._read(size)
@@ -158,7 +190,7 @@ class FileRangeProducer:
             return
         self.position += len(chunk)
         self.remaining -= len(chunk)
-        self.consumer.write(chunk)
+        self._write(chunk)
         self.on_progress()
         if self.remaining == 0:
             self._finish(None)
@@ -275,10 +307,11 @@ class BufferProducer(FileRangeProducer):
         on_progress: Callable[[], object] = lambda: None,
         socket_fd: int | None = None,
         throttle: TokenBucket | None = None,
+        pulls: BufferedPulls | None = None,
     ) -> None:
         super().__init__(
             -1, 0, len(data), consumer, on_progress, ANSWER_CHUNK_BYTES,
-            socket_fd, throttle,
+            socket_fd, throttle, pulls,
         )  # fmt: skip
         self._view = memoryview(data)
 
@@ -347,9 +380,13 @@ class PeerProtocol(ServerLineProtocol):
         budget: RequestBudget | None = None,
         source: str = UNKNOWN_HOST,
         transfers: Transfers | None = None,
+        pulls: BufferedPulls | None = None,
     ) -> None:
         super().__init__(clock, idle_timeout, on_lost, idle_timeouts)
         self.transfers = transfers if transfers is not None else Transfers()
+        # Shared by the peer's connections: sizes what producers hand a
+        # TLS connection (see p2p.pulls).
+        self.pulls = pulls if pulls is not None else BufferedPulls()
         self._producer: FileRangeProducer | None = None
         self.budget = budget
         self.source = source
@@ -376,6 +413,9 @@ class PeerProtocol(ServerLineProtocol):
         # Nagle's algorithm the second waits for the client's delayed ACK
         # (about 40 ms on Linux).
         no_delay(self.transport)
+        # Over TLS, what the client does not read waits in the peer's
+        # memory: a producer is paused once a TLS record of it waits.
+        limit_unsent(self.transport, TLS_RECORD_BYTES)
         super().connectionMade()
         if self.throttle is not None:
             # The banner went out at once (see ServerLineProtocol); its
@@ -735,7 +775,7 @@ class PeerProtocol(ServerLineProtocol):
         its head in one write; a long one through a L{BufferProducer}, so
         a client that does not read holds a chunk of it, not all of it.
         """
-        if len(body) <= ANSWER_CHUNK_BYTES:
+        if len(body) <= INLINE_ANSWER_BYTES:
             self.send_answer(head + body)
             return self._when_paid()
         self.send_answer(head)
@@ -752,6 +792,7 @@ class PeerProtocol(ServerLineProtocol):
             self.resetTimeout,
             zero_copy_socket(self.transport),
             self.throttle,
+            self.pulls,
         )
         self._streaming = producer
 
@@ -785,6 +826,7 @@ class PeerProtocol(ServerLineProtocol):
             self.resetTimeout,
             socket_fd=zero_copy_socket(self.transport),
             throttle=self.throttle,
+            pulls=self.pulls,
         )
         self._producer = producer
         self.transfers.started(producer)
@@ -933,6 +975,7 @@ class PeerFactory(LimitedServerFactory):
         self.index = index
         self.throttle = throttle
         self.transfers = Transfers()
+        self.pulls = BufferedPulls()
 
     def buildProtocol(self, addr: object) -> Protocol:
         protocol = super().buildProtocol(addr)
@@ -954,4 +997,5 @@ class PeerFactory(LimitedServerFactory):
             self.budget,
             host,
             self.transfers,
+            self.pulls,
         )

@@ -35,11 +35,13 @@ fragmentation while gigabytes pass (see L{p2p.sink.PieceSink.lend}).
 from __future__ import annotations
 
 import socket
+from collections.abc import Callable
 from errno import EWOULDBLOCK
 from typing import Protocol as TypingProtocol
 
 from twisted.internet import main, tcp
 from twisted.internet.interfaces import ISSLTransport
+from twisted.protocols.tls import BufferingTLSTransport, TLSMemoryBIOProtocol
 
 
 def is_plain_tcp(transport: object) -> bool:
@@ -179,6 +181,56 @@ def cap_send_buffer(transport: object, size: int) -> bool:
     except OSError:
         return False  # already closed
     return True
+
+
+def limit_unsent(transport: object, size: int) -> bool:
+    """
+    Have the TCP connection under a TLS C{transport} pause its producer once
+    it holds more than C{size} unsent bytes, instead of Twisted's 64 KiB
+    (``bufferSize``, which is also what each ``recv`` asks for: a server
+    reads short requests).  Every byte a TLS layer is given is encrypted
+    into that buffer at once, and waits there while the client does not
+    read (see L{p2p.pulls}).  Plain TCP and other transports are left
+    alone.
+
+    :return: whether the threshold was set.
+    """
+    if not ISSLTransport.providedBy(transport):
+        return False
+    connection = tcp_transport(transport)
+    if connection is None:
+        return False
+    connection.bufferSize = size  # type: ignore[attr-defined]
+    return True
+
+
+def unbuffered_write(transport: object) -> Callable[[bytes], object]:
+    """
+    A function writing to C{transport} at once, for a producer that sizes
+    its own writes.
+
+    Twisted's TLS transport (L{BufferingTLSTransport}) gathers writes of
+    under 64,000 bytes until the reactor's next turn, to make fewer TLS
+    records of many small writes.  A producer handing over one record per
+    pull then fills 64 KB before the connection sees any of it and can
+    pause it: that much of the peer's memory for every client that reads
+    nothing (see L{p2p.pulls}).  Here what the transport has gathered goes
+    first, so bytes keep their order, then the bytes go straight to the TLS
+    layer.  Any other transport, or a Twisted without the gathering this
+    knows (tests/test_transports.py checks it), gets C{transport.write}.
+    """
+    write = transport.write  # type: ignore[attr-defined]
+    aggregator = getattr(transport, "_aggregator", None)
+    flush = getattr(aggregator, "flush", None)
+    if not isinstance(transport, BufferingTLSTransport) or flush is None:
+        return write
+    write_record = TLSMemoryBIOProtocol.write
+
+    def write_now(data: bytes) -> None:
+        flush()
+        write_record(transport, data)
+
+    return write_now
 
 
 def no_delay(transport: object) -> None:

@@ -48,12 +48,14 @@ from p2p.peer import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     LOG_START_BYTES,
     PROGRESS_INTERVAL_SECONDS,
+    BufferProducer,
     FileRangeProducer,
     FileShrank,
     PeerFactory,
     PeerProtocol,
 )
 from p2p.pieces import PIECE_SIZE, Content, PieceList, root_of
+from p2p.pulls import BufferedPulls
 from p2p.share import OpenedFile, ShareFolder
 from p2p.throttle import TokenBucket
 from tests._indexed import StepPool, indexed
@@ -758,11 +760,13 @@ class LongAnswerTests(PeerTestMixin, SynchronousTestCase):
     A long piece list goes out a chunk at a time as the client reads, never
     into the transport's buffer whole: a client that does not read holds
     at most one chunk of the peer's memory (3,000 such connections held
-    1,876 MiB for a 20 GiB file's list).  The chunk is cut to one digest
-    here, so that a file of a few pieces has a "long" list.
+    1,876 MiB for a 20 GiB file's list).  What goes with the header, and
+    the chunk, are cut to one digest here, so that a file of a few pieces
+    has a "long" list.
     """
 
     def setUp(self) -> None:
+        self.patch(peer, "INLINE_ANSWER_BYTES", pieces.DIGEST_BYTES)
         self.patch(peer, "ANSWER_CHUNK_BYTES", pieces.DIGEST_BYTES)
         super().setUp()
         self.data = os.urandom(2 * PIECE_SIZE + 1000)  # three pieces
@@ -792,6 +796,19 @@ class LongAnswerTests(PeerTestMixin, SynchronousTestCase):
         self.drain()
         self.assertEqual(self.take(), self.data)
         self.assertIsNone(self.file_producer())
+        self.lose()
+        self.assertClean()
+
+    def test_list_longer_than_inline_in_chunks_of_its_own(self) -> None:
+        """A list too long to go with its header is streamed, in chunks of
+        ANSWER_CHUNK_BYTES: here, all of it in one pull."""
+        self.patch(peer, "ANSWER_CHUNK_BYTES", 64 * 1024)
+        self.send(b"GET three.bin\n")
+        line, rest = parse_reply(self.take())
+        self.assertEqual(rest, b"")
+        self.assertEqual(self.pull(), digests_of(self.data))
+        self.drain()
+        self.assertEqual(self.take(), self.data)
         self.lose()
         self.assertClean()
 
@@ -2048,6 +2065,106 @@ class FileRangeProducerTests(SynchronousTestCase):
         self.failureResultOf(d, FileShrank)
         self.assertEqual(self.consumer.value(), self.data[-5:])
         self.assertIsNone(self.consumer.producer)
+
+
+class BufferedPullsProducerTests(SynchronousTestCase):
+    """FileRangeProducer and BufferProducer writing through a transport
+    that buffers (TLS in practice; a StringTransport here): their pulls are
+    sized by, and counted in, a shared L{BufferedPulls}."""
+
+    def setUp(self) -> None:
+        self.base, self.root = build_tree(self)
+        self.data = os.urandom(100 * 1024)
+        self.fd = os.open(write(os.path.join(self.root, "f"), self.data), os.O_RDONLY)
+        self.addCleanup(os.close, self.fd)
+        self.consumer = StringTransport()
+
+    def pull_sizes(self, producer: FileRangeProducer) -> list[int]:
+        sizes = []
+        while self.consumer.producer is not None:
+            before = len(self.consumer.value())
+            producer.resumeProducing()
+            sizes.append(len(self.consumer.value()) - before)
+        return sizes
+
+    def test_crowded_pulls_are_one_record(self) -> None:
+        """Past the roomy streams, each pull hands over 16 KiB; the stream
+        counts while it produces, and no longer once done."""
+        pulls = BufferedPulls(roomy_streams=0)
+        producer = FileRangeProducer(
+            self.fd, 0, len(self.data), self.consumer, pulls=pulls
+        )
+        d = producer.start()
+        self.assertEqual(pulls.streams, 1)
+        self.assertEqual(self.pull_sizes(producer), [16384] * 6 + [4096])
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.consumer.value(), self.data)
+        self.assertEqual(pulls.streams, 0)
+
+    def test_roomy_pulls_are_full_chunks(self) -> None:
+        pulls = BufferedPulls(roomy_streams=1)
+        producer = FileRangeProducer(
+            self.fd, 0, len(self.data), self.consumer, chunk_bytes=60 * 1024,
+            pulls=pulls,
+        )  # fmt: skip
+        producer.start()
+        self.assertEqual(self.pull_sizes(producer), [60 * 1024, 40 * 1024])
+        self.assertEqual(pulls.streams, 0)
+
+    def test_uncounted_when_stopped_or_failed(self) -> None:
+        """A stream that was stopped (the client left) or failed (the file
+        shrank) no longer counts."""
+        pulls = BufferedPulls()
+        stopped = FileRangeProducer(self.fd, 0, 10, self.consumer, pulls=pulls)
+        d = stopped.start()
+        stopped.stopProducing()
+        self.failureResultOf(d, ConnectionLost)
+        self.assertEqual(pulls.streams, 0)
+        shrank = FileRangeProducer(
+            self.fd, len(self.data) - 5, 10, StringTransport(), pulls=pulls
+        )
+        d = shrank.start()
+        shrank.resumeProducing()
+        self.assertEqual(pulls.streams, 1)
+        shrank.resumeProducing()
+        self.failureResultOf(d, FileShrank)
+        self.assertEqual(pulls.streams, 0)
+
+    def test_empty_range_never_counts(self) -> None:
+        pulls = BufferedPulls()
+        FileRangeProducer(self.fd, 0, 0, self.consumer, pulls=pulls).start()
+        self.assertEqual(pulls.streams, 0)
+
+    def test_zero_copy_streams_are_not_counted(self) -> None:
+        """A producer that sends into the socket itself holds nothing in a
+        transport's buffer: it does not count, nor shrink others' pulls."""
+        import socket
+
+        ours, theirs = socket.socketpair()
+        self.addCleanup(ours.close)
+        self.addCleanup(theirs.close)
+        pulls = BufferedPulls(roomy_streams=0)
+        producer = FileRangeProducer(
+            self.fd, 0, 10, _SocketConsumer(ours), socket_fd=ours.fileno(),
+            pulls=pulls,
+        )  # fmt: skip
+        d = producer.start()
+        self.assertEqual(pulls.streams, 0)
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(theirs.recv(100), self.data[:10])
+
+    def test_piece_list_pulls(self) -> None:
+        """A long answer (BufferProducer) is sized the same way, from its own
+        64 KiB chunks."""
+        pulls = BufferedPulls(roomy_streams=0)
+        body = os.urandom(70 * 1024)
+        producer = BufferProducer(body, self.consumer, pulls=pulls)
+        d = producer.start()
+        self.assertEqual(pulls.streams, 1)
+        self.assertEqual(self.pull_sizes(producer), [16384] * 4 + [6 * 1024])
+        self.assertIsNone(self.successResultOf(d))
+        self.assertEqual(self.consumer.value(), body)
+        self.assertEqual(pulls.streams, 0)
 
 
 class _SocketConsumer:

@@ -40,7 +40,7 @@ from twisted.internet.endpoints import clientFromString, serverFromString
 from twisted.internet.error import ConnectionDone, ConnectionRefusedError
 from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.internet.protocol import Factory, Protocol
-from twisted.internet.task import Clock
+from twisted.internet.task import Clock, LoopingCall
 from twisted.internet.testing import StringTransport
 from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python.failure import Failure
@@ -53,8 +53,9 @@ from p2p.client import list_files, list_peers
 from p2p.endpoints import escape
 from p2p.fetch import Fetcher
 from p2p.index import ShareIndex
-from p2p.peer import PeerFactory
+from p2p.peer import PeerFactory, PeerProtocol
 from p2p.pieces import PIECE_SIZE
+from p2p.pulls import TLS_RECORD_BYTES, BufferedPulls
 from p2p.registry import MemoryRegistry
 from p2p.relay import Relay, RelayFactory
 from p2p.request import IncompleteReply, request_lines
@@ -68,6 +69,7 @@ from p2p.tls import (
     load_trust_root,
     peer_endpoint_for,
 )
+from p2p.transports import tcp_transport, unsent_bytes
 
 from ._certs import Authority, Credentials, self_signed
 from ._indexed import run_inline
@@ -498,7 +500,14 @@ class Servers:
         return await self.listen(description, RelayFactory(relay, IDLE_SECONDS))
 
     async def peer(self, description: str, files: dict[str, bytes]) -> int:
-        share = os.path.join(self.root, f"share{len(self.ports)}")
+        factory = await self.peer_factory(files)
+        return await self.listen(description, factory)
+
+    async def peer_factory(
+        self, files: dict[str, bytes], factory_class: type[PeerFactory] = PeerFactory
+    ) -> PeerFactory:
+        """A peer's factory serving C{files}, indexed, not listening."""
+        share = os.path.join(self.root, f"share{len(self.indexes)}")
         os.mkdir(share)
         for name, content in files.items():
             with open(os.path.join(share, name), "wb") as stream:
@@ -509,8 +518,7 @@ class Servers:
         index = ShareIndex(folder, ":memory:", self.reactor, run_inline, watch=False)
         self.indexes.append(index)
         await index.start()
-        factory = PeerFactory(folder, index, self.reactor, IDLE_SECONDS)
-        return await self.listen(description, factory)
+        return factory_class(folder, index, self.reactor, IDLE_SECONDS)
 
     async def close(self) -> None:
         await gatherResults([port.stopListening() for port in self.ports])
@@ -683,6 +691,121 @@ async def test_fetch_over_tls_skips_peers_that_fail_verification(
     for port, reason in refused.items():
         assert failed[port].startswith("cannot connect: TLS"), failed[port]
         assert reason in failed[port], failed[port]
+
+
+class _RecordingPeerFactory(PeerFactory):
+    """A PeerFactory that keeps its connections' protocols, and fires
+    C{closed} when the last one is gone."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.connections: list[PeerProtocol] = []
+        self.lost = 0
+        self.closed: Deferred = Deferred()
+
+    def build(self, host, on_lost):
+        def lost() -> None:
+            on_lost()
+            self.lost += 1
+            if self.lost == len(self.connections):
+                self.closed.callback(None)
+
+        protocol = super().build(host, lost)
+        self.connections.append(protocol)
+        return protocol
+
+
+class _StallingReader(Protocol):
+    """Sends one request, then reads nothing past the banner until told to
+    (L{read}); fires C{done} with the banner, the header line and the
+    C{count} bytes after it."""
+
+    def __init__(self, request: bytes) -> None:
+        self.request = request
+        self.received = bytearray()
+        self.banner = b""
+        self.header: wire.FileHeader | None = None
+        self.done: Deferred = Deferred()
+
+    def connectionMade(self) -> None:
+        self.transport.write(self.request)
+        self.reading = False
+
+    def read(self) -> Deferred:
+        self.reading = True
+        self.transport.resumeProducing()
+        return self.done
+
+    def dataReceived(self, data: bytes) -> None:
+        self.received += data
+        if not self.reading:
+            # Not before the banner: the handshake needs reading.
+            self.transport.pauseProducing()
+        if self.header is None and self.received.count(b"\n") >= 2:
+            self.banner, line, rest = bytes(self.received).split(b"\n", 2)
+            self.header = wire.FileHeader.from_line(line)
+            self.received = bytearray(rest)
+        header = self.header
+        if header is not None and len(self.received) >= header.count:
+            if not self.done.called:
+                self.done.callback((self.banner, header, bytes(self.received)))
+
+
+@loopback
+async def test_client_that_reads_nothing_holds_one_tls_record(reactor, servers, pki):
+    """
+    Over TLS, what a client does not read waits in the peer's memory (see
+    p2p.pulls).  With more TLS transfers than get full chunks, a transfer
+    to a client that stopped reading leaves at most one TLS record in the
+    peer's buffer (Twisted would gather four, then hold 64 KB), and the
+    file still arrives whole once the client reads again.
+    """
+    content = os.urandom(8 * 1024 * 1024)
+    factory = await servers.peer_factory({"big.bin": content}, _RecordingPeerFactory)
+    factory.pulls = BufferedPulls(roomy_streams=0)
+    listening = await serverFromString(reactor, pki.good.listen()).listen(factory)
+    servers.ports.append(listening)
+    port = listening.getHost().port
+    endpoint = clientFromString(
+        reactor, tls_client("127.0.0.1", port, pki.ca.trust_dir)
+    )
+    request = b"RANGE 0 %d big.bin\n" % len(content)
+    client = await endpoint.connect(
+        Factory.forProtocol(lambda: _StallingReader(request))
+    )
+
+    # Watch the peer's buffer every millisecond, until its producer is
+    # paused with bytes still held: the client's kernel buffers are full.
+    (server,) = factory.connections
+    connection = tcp_transport(server.transport)
+    assert connection is not None, server.transport
+    most_held = 0
+    stalled: Deferred = Deferred()
+
+    def watch() -> None:
+        nonlocal most_held
+        held = unsent_bytes(connection)
+        most_held = max(most_held, held)
+        if connection.producerPaused and held and not stalled.called:
+            stalled.callback(held)
+
+    watcher = LoopingCall(watch)
+    watcher.clock = reactor
+    watcher.start(0.001)
+    try:
+        await stalled
+        assert factory.pulls.streams == 1
+        # One record: 16 KiB and TLS 1.3's 22 bytes (header, type, tag).
+        assert most_held <= TLS_RECORD_BYTES + 22, most_held
+        banner, header, rest = await client.read()
+        assert (banner, header.count) == (b"P2P/2 peer", len(content))
+        assert rest == content
+        assert most_held <= TLS_RECORD_BYTES + 22, most_held
+        assert factory.pulls.streams == 0
+    finally:
+        watcher.stop()
+        client.transport.loseConnection()
+        await factory.closed
 
 
 @loopback

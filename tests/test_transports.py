@@ -14,8 +14,11 @@ import socket
 
 from twisted.internet import main, tcp
 from twisted.internet.abstract import FileDescriptor
+from twisted.internet.protocol import Factory, Protocol
+from twisted.internet.ssl import CertificateOptions, DefaultOpenSSLContextFactory
 from twisted.internet.task import Clock
 from twisted.internet.testing import MemoryReactor, MemoryReactorClock, StringTransport
+from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
@@ -25,13 +28,16 @@ from p2p.sink import PieceSink, StreamOutput
 from p2p.transports import (
     LARGE_READ_BYTES,
     cap_send_buffer,
+    limit_unsent,
     plain_socket,
     read_in_large_chunks,
     read_into_buffers,
     set_receive_low_water,
+    unbuffered_write,
     unsent_output,
     write_now,
 )
+from tests._certs import Authority
 
 
 class Queued(StringTransport):
@@ -493,3 +499,104 @@ class NonReadingClientTests(SynchronousTestCase):
         received += drain(client)
         self.assertTrue(received.endswith(content), len(received))
         self.assertEqual(received.count(b"\nOK 301\n"), 100)
+
+
+class _Received(Protocol):
+    def __init__(self) -> None:
+        self.data = b""
+
+    def dataReceived(self, data: bytes) -> None:
+        self.data += data
+
+
+def tls_pair(test: SynchronousTestCase):
+    """
+    A TLS server and client in memory, handshake done: the server's TLS
+    transport (what a peer's protocol writes to), the StringTransport under
+    it, the client's protocol, a function moving what is on the wire, and
+    the server side's clock.
+    """
+    pki = Authority(test.mktemp())
+    credentials = pki.issue("peer", ips=["127.0.0.1"])
+    # What an ssl: endpoint string builds.
+    server_options = DefaultOpenSSLContextFactory(
+        credentials.key, credentials.certificate
+    )
+    clock = Clock()
+    server_factory = TLSMemoryBIOFactory(
+        server_options, False, Factory.forProtocol(_Received), clock
+    )
+    client_factory = TLSMemoryBIOFactory(
+        CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
+    )
+    server = server_factory.buildProtocol(None)
+    client = client_factory.buildProtocol(None)
+    server_wire, client_wire = StringTransport(), StringTransport()
+    server.makeConnection(server_wire)
+    client.makeConnection(client_wire)
+
+    def pump() -> None:
+        while server_wire.value() or client_wire.value():
+            to_client, to_server = server_wire.value(), client_wire.value()
+            server_wire.clear()
+            client_wire.clear()
+            if to_server:
+                server.dataReceived(to_server)
+            if to_client:
+                client.dataReceived(to_client)
+
+    pump()
+    test.assertIsNotNone(client.getPeerCertificate())
+    return server, server_wire, client.wrappedProtocol, pump, clock
+
+
+class UnbufferedWriteTests(SynchronousTestCase):
+    def test_tls_writes_gathered_by_twisted(self) -> None:
+        """
+        Twisted's TLS transport holds a small write until the reactor's
+        next turn.  Should it stop doing so (this fails), unbuffered_write
+        has no more reason to exist.
+        """
+        server, server_wire, received, pump, clock = tls_pair(self)
+        server.write(b"x" * 16384)
+        self.assertEqual(server_wire.value(), b"")
+        clock.advance(0)
+        pump()
+        self.assertEqual(received.data, b"x" * 16384)
+
+    def test_tls_write_goes_out_at_once_in_order(self) -> None:
+        """What Twisted gathered goes first, then the bytes, with no turn of
+        the reactor."""
+        server, server_wire, received, pump, clock = tls_pair(self)
+        server.write(b"header\n")
+        unbuffered_write(server)(b"y" * 16384)
+        pump()
+        self.assertEqual(received.data, b"header\n" + b"y" * 16384)
+        self.assertEqual(clock.getDelayedCalls()[0].active(), True)
+        clock.advance(0)  # the gathering's own flush finds nothing left
+        pump()
+        self.assertEqual(received.data, b"header\n" + b"y" * 16384)
+
+    def test_other_transports_use_write(self) -> None:
+        transport = StringTransport()
+        self.assertEqual(unbuffered_write(transport), transport.write)
+
+
+class LimitUnsentTests(SynchronousTestCase):
+    def test_tcp_connection_under_tls(self) -> None:
+        """The TCP connection under a TLS transport pauses its producer
+        past the new threshold (Twisted's C{bufferSize})."""
+        connection, _ = connection_pair(self)
+        factory = TLSMemoryBIOFactory(
+            CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
+        )
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(connection)
+        self.assertTrue(limit_unsent(tls, 16384))
+        self.assertEqual(connection.bufferSize, 16384)
+
+    def test_other_transports_untouched(self) -> None:
+        connection, _ = connection_pair(self)
+        self.assertFalse(limit_unsent(connection, 16384))
+        self.assertEqual(connection.bufferSize, FileDescriptor.bufferSize)
+        self.assertFalse(limit_unsent(StringTransport(), 16384))
