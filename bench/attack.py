@@ -30,9 +30,10 @@ figure is set against a baseline taken in the same run:
    the same over TLS.
 8. Stalled downloads, against a peer: N connections (3,000 from 15 /24s;
    ``--quick``: 1,000) each send ``GET`` for a 20 GiB file (sparse;
-   ``--quick``: 4 GiB) and read nothing: the peer's RSS growth, against N
-   connections that ask for its header alone; over plain TCP, then over
-   TLS (``ssl:``), where every byte is encrypted in the peer's memory.
+   ``--quick``: 4 GiB), or ``LIST``, and read nothing: the peer's RSS
+   growth, against N connections that ask for the file's header alone;
+   over plain TCP, then over TLS (``ssl:``), where every byte is encrypted
+   in the peer's memory; and what the peer's kernel send queues hold.
 
 Every flood is bounded in time and count; every process is stopped by its
 pid.  ``--quick`` shrinks the counts (about 50 s on our 2-core machine);
@@ -43,6 +44,7 @@ the default takes about 100 s.  The attack clients are those of the tests
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -734,6 +736,9 @@ async def idle_connections(reactor, args, report: Report, work: str) -> None:
 
 # -- 8. Stalled downloads (the peer) --------------------------------------------
 
+# Files in step 8's share besides the huge one, listed by LIST.
+LISTED_FILES = 1000
+
 
 def header_round_trip(port: int, tls: bool) -> None:
     """(A thread.)  One well-behaved ``RANGE 0 0`` on a new connection:
@@ -761,6 +766,11 @@ async def stalled_downloads_step(reactor, args, report: Report, work: str) -> No
     size = int(args.huge_gib * 1024 * MiB)
     with open(os.path.join(share, "huge.img"), "wb") as stream:
         stream.truncate(size)
+    # A LIST page's worth of files with 60-byte names (a full page of 1,000
+    # of them is 141 KB).
+    for number in range(LISTED_FILES):
+        with open(os.path.join(share, f"{'n' * 54}-{number:05d}"), "wb"):
+            pass
     credentials = Authority(os.path.join(work, "peer-pki")).issue(
         "peer", ips=["127.0.0.1"]
     )
@@ -768,10 +778,18 @@ async def stalled_downloads_step(reactor, args, report: Report, work: str) -> No
     # 200 sources in each /24, one connection each: under every per-source
     # and per-network cap, as an attacker with 15 networks would do.
     sources = [f"127.{120 + n // 200}.0.{n % 200 + 1}" for n in range(args.stalled)]
+    requests = {
+        "header alone": b"RANGE 0 0 huge.img\n",
+        "GET": b"GET huge.img\n",
+        "LIST": b"LIST\n",
+    }
+    # (tls, request) -> RSS before, RSS after, bytes in the kernel's send
+    # queues after
     figures = {}
     try:
-        for tls in (False, True):
-            # The second peer finds the share indexed by the first.
+        for tls, (label, request) in itertools.product((False, True), requests.items()):
+            # A peer of its own for each (what one attack freed, the next
+            # would reuse unseen); all but the first find the share indexed.
             listen = credentials.listen() if tls else LOOPBACK
             peer = Daemon(
                 "peer",
@@ -782,64 +800,78 @@ async def stalled_downloads_step(reactor, args, report: Report, work: str) -> No
             try:
                 await deferToThread(peer.wait_for, "indexed the share", 600)
                 port = int(peer.wait_for("listening on", 30).rsplit(":", 1)[1])
-                for label, request in (
-                    ("header only", b"RANGE 0 0 huge.img\n"),
-                    ("GET", b"GET huge.img\n"),
-                ):
+                await deferToThread(header_round_trip, port, tls)
+                before = rss_bytes(peer.pid)
+                # One connection from each source, reading nothing after the
+                # banner: what the peer holds for them is measured.
+                connections = await deferToThread(
+                    stalled_readers,
+                    "127.0.0.1",
+                    port,
+                    sources,
+                    1,
+                    1,
+                    tls,
+                    request,
+                    b"P2P/2 peer\n",
+                )
+                try:
                     await deferToThread(header_round_trip, port, tls)
-                    before = rss_bytes(peer.pid)
-                    # One connection from each source, reading nothing after
-                    # the banner: what the peer holds for them is measured.
-                    connections = await deferToThread(
-                        stalled_readers,
-                        "127.0.0.1",
-                        port,
-                        sources,
-                        1,
-                        1,
-                        tls,
-                        request,
-                        b"P2P/2 peer\n",
+                    figures[tls, label] = (
+                        before,
+                        rss_bytes(peer.pid),
+                        send_queue_bytes(port),
                     )
-                    try:
-                        await deferToThread(header_round_trip, port, tls)
-                        figures[tls, label] = (before, rss_bytes(peer.pid))
-                    finally:
-                        for connection in connections:
-                            connection.close()
+                finally:
+                    for connection in connections:
+                        connection.close()
             finally:
                 peer.stop()
     finally:
         relay.stop()
     count = len(sources)
+
+    def growth(tls: bool, label: str) -> float:
+        before, after, _ = figures[tls, label]
+        return (after - before) / MiB
+
+    def queued(tls: bool, label: str) -> float:
+        return figures[tls, label][2] / MiB
+
     for tls in (False, True):
-        (get_before, get_after), (head_before, head_after) = (
-            figures[tls, "GET"],
-            figures[tls, "header only"],
-        )
+        over = "TLS" if tls else "TCP"
         report.table(
-            f"8{'b' if tls else 'a'}. {count:,} {'TLS' if tls else 'TCP'} "
-            f"connections from {count // 200} /24s asking a peer for a "
-            f"{args.huge_gib} GiB file ({size // MiB * 32:,} B of piece list) "
-            "and reading nothing: the peer's RSS growth, MiB (lower is better)",
-            Series(
-                "GET (header, piece list, file)",
-                [(get_after - get_before) / MiB],
-                "MiB",
-            ),
+            f"8{'b' if tls else 'a'}. {count:,} {over} connections from "
+            f"{count // 200} /24s asking a peer for a {args.huge_gib:g} GiB file "
+            f"({size // MiB * 32:,} B of piece list) and reading nothing: the "
+            "peer's RSS growth, MiB (lower is better)",
+            Series("GET (header, piece list, file)", [growth(tls, "GET")], "MiB"),
             [
                 Series(
-                    "a header alone (RANGE 0 0)",
-                    [(head_after - head_before) / MiB],
-                    "MiB",
+                    "a header alone (RANGE 0 0)", [growth(tls, "header alone")], "MiB"
                 )
             ],
             higher_is_better=False,
-            note=f"RSS before/after: GET {get_before / MiB:.1f}/"
-            f"{get_after / MiB:.1f} MiB, header alone {head_before / MiB:.1f}/"
-            f"{head_after / MiB:.1f} MiB; what the sockets hold in the kernel "
-            "is not in the RSS",
+            note=f"{count:,} LIST of {LISTED_FILES:,} files (60-byte names), "
+            f"read by nobody: {growth(tls, 'LIST'):.1f} MiB; RSS before/after: "
+            + ", ".join(
+                f"{label} {figures[tls, label][0] / MiB:.1f}/"
+                f"{figures[tls, label][1] / MiB:.1f} MiB"
+                for label in requests
+            ),
         )
+    report.table(
+        f"8c. The same {count:,} connections: what the peer's kernel send "
+        "queues hold for them, outside its RSS, MiB (lower is better)",
+        Series("GET over TCP", [queued(False, "GET")], "MiB"),
+        [Series("a header alone over TCP", [queued(False, "header alone")], "MiB")],
+        higher_is_better=False,
+        note="LIST over TCP "
+        f"{queued(False, 'LIST'):.1f} MiB; over TLS: GET {queued(True, 'GET'):.1f}, "
+        f"LIST {queued(True, 'LIST'):.1f}, a header alone "
+        f"{queued(True, 'header alone'):.1f} MiB (/proc/net/tcp's tx_queue: bytes "
+        "sent and not acknowledged, or not sent yet)",
+    )
 
 
 # -- main ------------------------------------------------------------------------

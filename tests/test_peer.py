@@ -1108,6 +1108,29 @@ class ListTests(PeerTestMixin, SynchronousTestCase):
         self.assertEqual(len(pages), len(everything))
         self.assertEqual([entry for page in pages for entry in page], everything)
 
+    def test_page_ends_at_its_byte_size(self) -> None:
+        """
+        A page also ends once its lines reach LIST_PAGE_BYTES (here, two
+        lines' worth), whatever its limit, with ``next=`` to the rest: the
+        pages together are still the whole listing, each file once.
+        """
+        everything, _ = self.listing()
+        line = len(
+            b"FILE %d %s a.txt\n" % (len(A_CONTENT), root_hex(A_CONTENT).encode())
+        )
+        self.patch(peer, "LIST_PAGE_BYTES", 2 * line)
+        pages = self.list_all(limit=1000)
+        self.assertEqual([len(page) for page in pages], [2, 2, 2])
+        self.assertEqual([entry for page in pages for entry in page], everything)
+
+    def test_page_holds_a_file_larger_than_its_byte_size(self) -> None:
+        """A page holds at least one file, so paging always moves on."""
+        everything, _ = self.listing()
+        self.patch(peer, "LIST_PAGE_BYTES", 1)
+        pages = self.list_all(limit=1000)
+        self.assertEqual([len(page) for page in pages], [1] * len(everything))
+        self.assertEqual([entry for page in pages for entry in page], everything)
+
     def test_cursor_past_the_end(self) -> None:
         """A cursor beyond the last file is an empty last page."""
         self.assertEqual(self.listing(b"LIST cursor=ffff\n"), ([], None))

@@ -21,6 +21,7 @@ import functools
 import hashlib
 import io
 import os
+import socket
 from dataclasses import dataclass
 
 import pytest
@@ -53,7 +54,7 @@ from p2p.client import list_files, list_peers
 from p2p.endpoints import escape
 from p2p.fetch import Fetcher
 from p2p.index import ShareIndex
-from p2p.peer import PeerFactory, PeerProtocol
+from p2p.peer import KERNEL_UNSENT_BYTES, PeerFactory, PeerProtocol
 from p2p.pieces import PIECE_SIZE
 from p2p.pulls import TLS_RECORD_BYTES, BufferedPulls
 from p2p.registry import MemoryRegistry
@@ -779,6 +780,10 @@ async def test_client_that_reads_nothing_holds_one_tls_record(reactor, servers, 
     (server,) = factory.connections
     connection = tcp_transport(server.transport)
     assert connection is not None, server.transport
+    # The kernel too holds little for it (TCP_NOTSENT_LOWAT).
+    handle = connection.getHandle()
+    lowat = handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT)
+    assert lowat == KERNEL_UNSENT_BYTES
     most_held = 0
     stalled: Deferred = Deferred()
 

@@ -9,6 +9,7 @@ until C{doWrite}, which the test calls by hand.
 from __future__ import annotations
 
 import io
+import re
 import select
 import socket
 
@@ -29,6 +30,7 @@ from p2p.transports import (
     LARGE_READ_BYTES,
     cap_send_buffer,
     limit_unsent,
+    limit_unsent_in_kernel,
     plain_socket,
     read_in_large_chunks,
     read_into_buffers,
@@ -498,7 +500,11 @@ class NonReadingClientTests(SynchronousTestCase):
             connection.doWrite()
         received += drain(client)
         self.assertTrue(received.endswith(content), len(received))
-        self.assertEqual(received.count(b"\nOK 301\n"), 100)
+        # Each LIST answered with one page: 64 KiB of its 301 files, then
+        # next= (see LIST_PAGE_BYTES).
+        self.assertEqual(
+            len(re.findall(rb"\nOK \d+ next=[0-9a-f]+\n", received)), 100
+        )
 
 
 class _Received(Protocol):
@@ -600,3 +606,36 @@ class LimitUnsentTests(SynchronousTestCase):
         self.assertFalse(limit_unsent(connection, 16384))
         self.assertEqual(connection.bufferSize, FileDescriptor.bufferSize)
         self.assertFalse(limit_unsent(StringTransport(), 16384))
+
+
+class KernelUnsentTests(SynchronousTestCase):
+    def test_tcp_socket(self) -> None:
+        """The kernel's own threshold (TCP_NOTSENT_LOWAT) is set on a TCP
+        connection's socket."""
+        connection, _ = tcp_connection_pair(self)
+        self.assertTrue(limit_unsent_in_kernel(connection, 65536))
+        handle = connection.getHandle()
+        self.assertEqual(
+            handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT), 65536
+        )
+
+    def test_tcp_socket_under_tls(self) -> None:
+        connection, _ = tcp_connection_pair(self)
+        factory = TLSMemoryBIOFactory(
+            CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
+        )
+        tls = factory.buildProtocol(None)
+        tls.makeConnection(connection)
+        self.assertTrue(limit_unsent_in_kernel(tls, 16384))
+        handle = connection.getHandle()
+        self.assertEqual(
+            handle.getsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT), 16384
+        )
+
+    def test_other_transports_untouched(self) -> None:
+        self.assertFalse(limit_unsent_in_kernel(StringTransport(), 65536))
+
+    def test_closed_socket(self) -> None:
+        connection, _ = tcp_connection_pair(self)
+        connection.getHandle().close()
+        self.assertFalse(limit_unsent_in_kernel(connection, 65536))
