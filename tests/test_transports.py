@@ -502,9 +502,7 @@ class NonReadingClientTests(SynchronousTestCase):
         self.assertTrue(received.endswith(content), len(received))
         # Each LIST answered with one page: 64 KiB of its 301 files, then
         # next= (see LIST_PAGE_BYTES).
-        self.assertEqual(
-            len(re.findall(rb"\nOK \d+ next=[0-9a-f]+\n", received)), 100
-        )
+        self.assertEqual(len(re.findall(rb"\nOK \d+ next=[0-9a-f]+\n", received)), 100)
 
 
 class _Received(Protocol):
@@ -588,16 +586,22 @@ class UnbufferedWriteTests(SynchronousTestCase):
         self.assertEqual(unbuffered_write(transport), transport.write)
 
 
+def tls_over(connection: tcp.Connection):
+    """A TLS client transport on C{connection} (no handshake made)."""
+    factory = TLSMemoryBIOFactory(
+        CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
+    )
+    tls = factory.buildProtocol(None)
+    tls.makeConnection(connection)
+    return tls
+
+
 class LimitUnsentTests(SynchronousTestCase):
     def test_tcp_connection_under_tls(self) -> None:
         """The TCP connection under a TLS transport pauses its producer
         past the new threshold (Twisted's C{bufferSize})."""
         connection, _ = connection_pair(self)
-        factory = TLSMemoryBIOFactory(
-            CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
-        )
-        tls = factory.buildProtocol(None)
-        tls.makeConnection(connection)
+        tls = tls_over(connection)
         self.assertTrue(limit_unsent(tls, 16384))
         self.assertEqual(connection.bufferSize, 16384)
 
@@ -621,11 +625,7 @@ class KernelUnsentTests(SynchronousTestCase):
 
     def test_tcp_socket_under_tls(self) -> None:
         connection, _ = tcp_connection_pair(self)
-        factory = TLSMemoryBIOFactory(
-            CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
-        )
-        tls = factory.buildProtocol(None)
-        tls.makeConnection(connection)
+        tls = tls_over(connection)
         self.assertTrue(limit_unsent_in_kernel(tls, 16384))
         handle = connection.getHandle()
         self.assertEqual(
