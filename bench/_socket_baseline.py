@@ -1,7 +1,9 @@
 """Baselines for the transfer benchmark: the limit of a Python transfer.
 
 ``send FILE`` listens on 127.0.0.1, prints its port, and serves the file to
-each connection with ``socket.sendfile`` (zero copy).  ``recv PORT SIZE
+each connection with ``socket.sendfile`` (zero copy); ``send FILE
+--unsent BYTES`` sets ``TCP_NOTSENT_LOWAT`` on each connection first, as
+the peer does (baseline (a*)).  ``recv PORT SIZE
 [OUT]`` receives SIZE bytes with ``recv_into`` into one reused buffer and
 nothing else (baseline (a): no hashing, no disk), or also writes them to
 OUT (baseline (b)); it prints the seconds from connect to the last byte.
@@ -30,13 +32,15 @@ import sys
 import time
 
 
-def send(path: str) -> None:
+def send(path: str, unsent: int = 0) -> None:
     server = socket.socket()
     server.bind(("127.0.0.1", 0))
     server.listen(16)
     print(server.getsockname()[1], flush=True)
     while True:
         connection, _ = server.accept()
+        if unsent:
+            connection.setsockopt(socket.IPPROTO_TCP, socket.TCP_NOTSENT_LOWAT, unsent)
         with connection, open(path, "rb") as stream:
             connection.sendfile(stream)
 
@@ -123,8 +127,13 @@ if __name__ == "__main__":
         at = arguments.index("--mark")
         mark = int(arguments[at + 1])
         del arguments[at : at + 2]
+    unsent = 0
+    if "--unsent" in arguments:
+        at = arguments.index("--unsent")
+        unsent = int(arguments[at + 1])
+        del arguments[at : at + 2]
     if arguments[0] == "send":
-        send(arguments[1])
+        send(arguments[1], unsent)
     elif arguments[0] == "write":
         write(arguments[1], int(arguments[2]))
     elif arguments[0] == "recv-hash":
