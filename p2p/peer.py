@@ -84,11 +84,11 @@ ANSWER_CHUNK_BYTES = 64 * 1024
 LIST_PAGE_BYTES = 64 * 1024
 # What the kernel may hold unsent for a connection (TCP_NOTSENT_LOWAT):
 # bytes in flight are not counted, so a reading client loses no speed (1 GiB
-# on loopback: the same 1.9-2.3 GB/s with it as without); a client that
-# reads nothing holds this much of the kernel's memory, not the 750 KB
-# Linux's autotuning gave it on loopback.  Each wakeup refills this much,
-# so a sender limited by its congestion window makes a turn of the
-# reactor per 64 KiB acknowledged.
+# on loopback went faster with it, with less CPU on both ends: baseline
+# (a*) of bench/transfer.py); a client that reads nothing holds about this
+# much of the kernel's memory, not the 550 KB Linux's autotuning gave it on
+# loopback.  Each wakeup refills this much, so a sender limited by its
+# congestion window makes a turn of the reactor per 64 KiB acknowledged.
 KERNEL_UNSENT_BYTES = 64 * 1024
 # How often a client waiting for a file being indexed hears how far it got:
 # well within the client's idle timeout (10 s by default).

@@ -7,13 +7,12 @@ what the socket does not take waits in the connection's buffer until the
 client reads, or its idle timeout ends it.  Each pull of a producer there
 hands over a chunk that a client may make the peer hold for that long:
 3,000 TLS connections that sent ``GET`` for a 20 GiB file and read nothing
-took 445 MiB of a peer's memory, 152 KB each, against 29 KB each for as
-many asking for a header alone (``bench/attack.py --step 8``); 131 MiB
-with what follows, 45 KB each.
+grew a peer by 525.8 MiB, against 84.7 MiB for as many asking for a header
+alone (``bench/attack.py --step 8``); with what follows, by 212.9 MiB.
 
 Large pulls are cheaper while clients do read: a 1 GiB fetch over TLS cost
-the peer 1.6-1.8 s of CPU with 256 KiB pulls against 2.5 s with 16 KiB ones
-(by hand, on loopback).  So while at most L{ROOMY_STREAMS} connections
+the peer 1.5-1.9 s of CPU with 256 KiB pulls against 3.6-4.3 s with
+one-record ones (by hand, on loopback).  So while at most L{ROOMY_STREAMS} connections
 produce this way, each pull hands over a full chunk; past that, every pull
 hands over one TLS record.  At most L{ROOMY_STREAMS} connections can then
 hold a large chunk (one gets it only while fewer are producing), and every

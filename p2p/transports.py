@@ -212,8 +212,9 @@ def limit_unsent_in_kernel(transport: object, size: int) -> bool:
     window lets them go.  Bytes in flight are not counted, so a client that
     reads keeps its full speed; one that stops reading no longer makes the
     kernel queue what Linux's autotuned send buffer allows (on loopback,
-    750 KB a connection: 3,000 such clients of a peer filled 2.2 GB, past
-    the machine's ``tcp_mem`` limit, which every TCP socket then pays).
+    about 550 KB of bytes a connection: 3,000 such clients of a peer took
+    2.2 GB of the kernel's TCP memory, past the machine's ``tcp_mem``
+    limit, which every TCP socket then pays).
     Anything that is not TCP, or a system without the option, is left
     alone.
 
