@@ -69,8 +69,8 @@ ZERO_COPY_BURST_BYTES = 8 * 1024 * 1024
 # (BufferProducer), not into the transport's buffer with its header: about
 # what the socket of a client that reads nothing still takes.  (At 64 KiB,
 # 3,000 connections that sent GET for a 2 GiB file, a 64 KiB list, and read
-# nothing took 140 MiB of the peer's memory, against 13 MiB for as many
-# asking for a header alone: bench/attack.py step 8 at that size.)
+# nothing grew the peer by 152 MiB, against 12.6 MiB for as many asking for
+# a header alone: bench/attack.py step 8 at that size; 20.1 MiB now.)
 INLINE_ANSWER_BYTES = 4 * 1024
 # What such an answer's producer writes per pull where it cannot write
 # into the socket itself (TLS; see p2p.pulls).
