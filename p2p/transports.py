@@ -173,11 +173,17 @@ def cap_send_buffer(transport: object, size: int) -> bool:
 
     :return: whether a socket was found and capped.
     """
+    return _set_socket_option(transport, socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+
+
+def _set_socket_option(transport: object, level: int, option: int, value: int) -> bool:
+    """Set an option of C{transport}'s TCP socket (TLS included); whether
+    there was one to set it on."""
     connection = tcp_transport(transport)
     if connection is None:
         return False
     try:
-        connection.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        connection.getHandle().setsockopt(level, option, value)
     except OSError:
         return False  # already closed
     return True
@@ -221,14 +227,9 @@ def limit_unsent_in_kernel(transport: object, size: int) -> bool:
     :return: whether the option was set.
     """
     option = getattr(socket, "TCP_NOTSENT_LOWAT", None)
-    connection = tcp_transport(transport)
-    if option is None or connection is None:
+    if option is None:
         return False
-    try:
-        connection.getHandle().setsockopt(socket.IPPROTO_TCP, option, size)
-    except OSError:
-        return False  # already closed
-    return True
+    return _set_socket_option(transport, socket.IPPROTO_TCP, option, size)
 
 
 def unbuffered_write(transport: object) -> Callable[[bytes], object]:
