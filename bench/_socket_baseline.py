@@ -120,18 +120,21 @@ def write(out: str, size: int) -> None:
     print(f"{time.perf_counter() - started:.6f}")
 
 
+def take_option(arguments: list[str], name: str, default: int) -> int:
+    """The integer after C{name} in C{arguments} (both removed), or
+    C{default}."""
+    if name not in arguments:
+        return default
+    at = arguments.index(name)
+    value = int(arguments[at + 1])
+    del arguments[at : at + 2]
+    return value
+
+
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    mark = 1
-    if "--mark" in arguments:
-        at = arguments.index("--mark")
-        mark = int(arguments[at + 1])
-        del arguments[at : at + 2]
-    unsent = 0
-    if "--unsent" in arguments:
-        at = arguments.index("--unsent")
-        unsent = int(arguments[at + 1])
-        del arguments[at : at + 2]
+    mark = take_option(arguments, "--mark", 1)
+    unsent = take_option(arguments, "--unsent", 0)
     if arguments[0] == "send":
         send(arguments[1], unsent)
     elif arguments[0] == "write":

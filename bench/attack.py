@@ -51,7 +51,6 @@ import re
 import resource
 import shutil
 import socket
-import ssl
 import statistics
 import sys
 import tempfile
@@ -91,6 +90,7 @@ from tests._attackers import (  # noqa: E402
     replies,
     send_queue_bytes,
     stalled_readers,
+    unverified_tls_context,
 )
 from tests._certs import Authority  # noqa: E402
 
@@ -745,10 +745,7 @@ def header_round_trip(port: int, tls: bool) -> None:
     its answer comes after the peer has read every request sent before."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as connection:
         if tls:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            connection = context.wrap_socket(connection)
+            connection = unverified_tls_context().wrap_socket(connection)
         connection.sendall(b"RANGE 0 0 huge.img\n")
         reply = b""
         while reply.count(b"\n") < 2:

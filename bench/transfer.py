@@ -188,10 +188,11 @@ def raw(
     *out: str,
     hashed: bool = False,
     batched: bool = False,
-    sender: str = "sender",
+    unsent: bool = False,
 ) -> tuple[float, float]:
-    """One baseline receiver: whole-process seconds, and its transfer's."""
-    server = SERVERS[sender]
+    """One baseline receiver (from the sender that bounds unsent bytes with
+    C{unsent}): whole-process seconds, and its transfer's."""
+    server = SERVERS["bounded sender" if unsent else "sender"]
     before = cpu_seconds(server)
     mode = "recv-hash" if hashed else "recv"
     run = run_timed(
@@ -201,7 +202,7 @@ def raw(
         raise RuntimeError(f"baseline failed: {run.stderr!r}")
     key = ("raw hash" if hashed else "raw") + (" file" if out else "")
     key += " batched" if batched else ""
-    key += " unsent" if sender == "bounded sender" else ""
+    key += " unsent" if unsent else ""
     CPU.setdefault(key, []).append((run.cpu_seconds, cpu_seconds(server) - before))
     return run.seconds, float(run.stdout)
 
@@ -308,7 +309,7 @@ def throughput(report: Report, work: str, size: int, repeats: int) -> None:
                 runs["raw hash" + tail].append(
                     raw(sender_port, size, hashed=True, batched=batched)
                 )
-            runs["raw unsent"].append(raw(bounded_port, size, sender="bounded sender"))
+            runs["raw unsent"].append(raw(bounded_port, size, unsent=True))
             fresh(received)
             runs["raw hash file batched"].append(
                 raw(sender_port, size, received, hashed=True, batched=True)

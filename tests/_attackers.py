@@ -485,6 +485,15 @@ async def keep_alive(clients: Sequence[Client]) -> Counter[str]:
     )
 
 
+def unverified_tls_context() -> ssl.SSLContext:
+    """A TLS client context that checks no certificate (an attacker does
+    not care)."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
 def stalled_readers(
     host: str,
     port: int,
@@ -503,9 +512,7 @@ def stalled_readers(
     small: the server's own buffering is what is measured.  No certificate
     is checked (an attacker does not care).
     """
-    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    context.check_hostname = False
-    context.verify_mode = ssl.CERT_NONE
+    context = unverified_tls_context()
     connections: list[socket.socket] = []
     try:
         for source in sources:
