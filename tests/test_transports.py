@@ -513,6 +513,17 @@ class _Received(Protocol):
         self.data += data
 
 
+def tls_over(connection: object):
+    """A TLS client transport on C{connection}, a TCP connection or a
+    test transport (no handshake made)."""
+    factory = TLSMemoryBIOFactory(
+        CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
+    )
+    tls = factory.buildProtocol(None)
+    tls.makeConnection(connection)
+    return tls
+
+
 def tls_pair(test: SynchronousTestCase):
     """
     A TLS server and client in memory, handshake done: the server's TLS
@@ -530,14 +541,10 @@ def tls_pair(test: SynchronousTestCase):
     server_factory = TLSMemoryBIOFactory(
         server_options, False, Factory.forProtocol(_Received), clock
     )
-    client_factory = TLSMemoryBIOFactory(
-        CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
-    )
     server = server_factory.buildProtocol(None)
-    client = client_factory.buildProtocol(None)
     server_wire, client_wire = StringTransport(), StringTransport()
     server.makeConnection(server_wire)
-    client.makeConnection(client_wire)
+    client = tls_over(client_wire)
 
     def pump() -> None:
         while server_wire.value() or client_wire.value():
@@ -584,16 +591,6 @@ class UnbufferedWriteTests(SynchronousTestCase):
     def test_other_transports_use_write(self) -> None:
         transport = StringTransport()
         self.assertEqual(unbuffered_write(transport), transport.write)
-
-
-def tls_over(connection: tcp.Connection):
-    """A TLS client transport on C{connection} (no handshake made)."""
-    factory = TLSMemoryBIOFactory(
-        CertificateOptions(), True, Factory.forProtocol(_Received), Clock()
-    )
-    tls = factory.buildProtocol(None)
-    tls.makeConnection(connection)
-    return tls
 
 
 class LimitUnsentTests(SynchronousTestCase):
