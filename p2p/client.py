@@ -96,6 +96,7 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         on_indexing: Callable[[wire.Indexing], None] = lambda progress: None,
         on_content: Callable[[Content], bool] = lambda content: False,
         pace: Pace = DEFAULT_PACE,
+        on_stored: Callable[[int], object] | None = None,
     ) -> None:
         self.request = request
         self.sink = sink
@@ -121,6 +122,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         # request (GET, PIECES): True hands the fetch over to several
         # sources (p2p.swarm), ending this one as "handover".
         self.on_content = on_content
+        # Called with the size of each piece this peer sent that verified and
+        # was the first copy stored (its share of a download from several).
+        self.on_stored = on_stored
         self.header: wire.FileHeader | None = None
         self.content: Content | None = None
         self.remaining = 0
@@ -546,7 +550,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 self.sink.take_back(into)
             else:
                 try:
-                    keep_going = self.sink.write(index, into, self._bad_piece)
+                    keep_going = self.sink.write(
+                        index, into, self._bad_piece, self.on_stored
+                    )
                 except OSError as e:
                     self._output_failed(e)
                     return
@@ -604,7 +610,8 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 self._index += 1
                 if index not in self.sink.done:
                     keep_going = (
-                        self.sink.write(index, piece, self._bad_piece) and keep_going
+                        self.sink.write(index, piece, self._bad_piece, self.on_stored)
+                        and keep_going
                     )
         return keep_going
 

@@ -504,7 +504,7 @@ class _FetchRun:
     def _swarmed(self, reports: list[SourceReport], attempt: _Try) -> None:
         self._record(attempt, True, "found")
         assert self.sink.content is not None
-        served = [report for report in reports if report.units]
+        served = [report for report in reports if report.bytes]
         # The holder named as the one it came from: the one that sent it
         # all, when one did; the one whose header began the fetch may have
         # been dropped since (a bad piece) and sent nothing kept.

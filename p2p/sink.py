@@ -929,12 +929,15 @@ class PieceSink:
         index: int,
         data: PieceData,
         on_bad: Callable[[int], object] | None = None,
+        on_good: Callable[[int], object] | None = None,
     ) -> bool:
         """
         Queue piece C{index} for verification and storage; False when the
         caller should pause its input until L{when_drained} fires.  A piece
         that fails verification is dropped and reported to C{on_bad} (or,
-        without one, by L{settled}).
+        without one, by L{settled}).  One that is stored, and is the first
+        copy of its piece to be, is reported to C{on_good} with its size:
+        what its sender contributed, even if it breaks afterwards.
 
         :raise OSError: an earlier store failed (the output is unusable).
         """
@@ -954,7 +957,7 @@ class PieceSink:
         d.addCallbacks(
             self._stored,
             self._store_failed,
-            (index, data, on_bad),
+            (index, data, on_bad, on_good),
             None,
             (data,),
         )
@@ -966,6 +969,7 @@ class PieceSink:
         index: int,
         data: PieceData,
         on_bad: Callable[[int], object] | None,
+        on_good: Callable[[int], object] | None,
     ) -> None:
         size = length_of(data)
         self._released(size)
@@ -975,6 +979,8 @@ class PieceSink:
                 self.done.add(index)
                 self.received += size
                 self._progressed()
+                if on_good is not None:
+                    on_good(size)
         elif on_bad is not None:
             on_bad(index)
         else:

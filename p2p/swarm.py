@@ -64,10 +64,13 @@ class SourceReport:
     """What one source did: for progress output and the final summary."""
 
     peer: wire.PeerEntry
-    units: int = 0
-    bytes: int = 0
+    units: int = 0  # units it finished
+    bytes: int = 0  # verified bytes of it stored, broken units' included
     reason: str | None = None  # why it was dropped, if it was
     kind: FailureKind | None = None  # and the kind of that
+
+    def count_stored(self, size: int) -> None:
+        self.bytes += size
 
 
 class SwarmFailed(Exception):
@@ -273,8 +276,14 @@ class Swarm:
         request = wire.Blob(
             self.content.root_hex, offset, last_offset + last_length - offset
         )
+        report = unit.source.report
         protocol = FileFetchProtocol(
-            request, self.sink, self.reactor, self.idle_timeout, pace=self.pace
+            request,
+            self.sink,
+            self.reactor,
+            self.idle_timeout,
+            pace=self.pace,
+            on_stored=report.count_stored,
         )
         factory = Factory.forProtocol(lambda: protocol)
         factory.noisy = False
@@ -295,7 +304,6 @@ class Swarm:
         source = unit.source
         self._release(unit)
         source.report.units += 1
-        source.report.bytes += header.count
         # Whoever raced this unit lost: stop them, they take other work.
         for index in unit.pieces:
             for other in list(self.assigned.get(index, [])):

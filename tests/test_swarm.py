@@ -566,7 +566,8 @@ class SwarmTests(SwarmTestsMixin, SynchronousTestCase):
         """
         A holder that hangs up in the middle of its unit is dropped; the
         piece it completed is kept, and only the pieces after it are asked
-        again, from another holder.
+        again, from another holder.  Its report counts that piece: the
+        sources' bytes add up to the content.
         """
         honest = self.holders(2)
         breaks = self.network.add(breaks_after(MIB + 1000, DATA))
@@ -574,7 +575,10 @@ class SwarmTests(SwarmTestsMixin, SynchronousTestCase):
         sink = self.stream_sink()
         d = self.swarm(sink, peers).run()
         self.network.run(d)
-        self.successResultOf(d)
+        reports = self.successResultOf(d)
+        broken = self.report_of(reports, breaks)
+        self.assertEqual((broken.units, broken.bytes), (0, MIB))
+        self.assertEqual(sum(r.bytes for r in reports), len(DATA))
         [dropped] = self.dropped
         self.assertEqual(dropped.peer, breaks)
         self.assertEqual(
