@@ -44,12 +44,14 @@ import bisect
 import contextlib
 import dataclasses
 import errno
+import itertools
 import math
 import os
 import re
 import sqlite3
 import stat
 import threading
+import weakref
 from collections import OrderedDict, deque
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -472,26 +474,48 @@ class _Database:
 
 
 class _DigestCache:
-    """Piece digests by root, least recently used first, bounded in bytes."""
+    """
+    Piece digests by root: the most recently used, bounded in bytes, and
+    besides them every list a connection still holds (weakly), so that
+    one content's list is never in memory twice, however many connections
+    stream it and however large it is.  Lists are handed out as read-only
+    memoryviews, which (unlike bytes) can be referred to weakly: a list
+    stays known here exactly as long as somebody holds its view.
+    """
 
     def __init__(self, limit: int) -> None:
         self._limit = limit
         self._bytes = 0
-        self._items: OrderedDict[bytes, bytes] = OrderedDict()
+        self._items: OrderedDict[bytes, memoryview] = OrderedDict()
+        self._held: weakref.WeakValueDictionary[bytes, memoryview] = (
+            weakref.WeakValueDictionary()
+        )
 
-    def get(self, root: bytes) -> bytes | None:
+    def get(self, root: bytes) -> memoryview | None:
         digests = self._items.get(root)
         if digests is not None:
             self._items.move_to_end(root)
-        return digests
+            return digests
+        return self._held.get(root)
 
-    def put(self, root: bytes, digests: bytes) -> None:
-        if len(digests) > self._limit or root in self._items:
-            return
-        self._items[root] = digests
-        self._bytes += len(digests)
-        while self._bytes > self._limit:
-            self._bytes -= len(self._items.popitem(last=False)[1])
+    def put(self, root: bytes, digests: bytes | memoryview) -> memoryview:
+        """The one view of C{root}'s list: the one known, else C{digests}."""
+        known = self.get(root)
+        if known is not None:
+            return known
+        view = memoryview(digests).toreadonly()
+        self._held[root] = view
+        if len(view) <= self._limit:
+            self._items[root] = view
+            self._bytes += len(view)
+            while self._bytes > self._limit:
+                self._bytes -= len(self._items.popitem(last=False)[1])
+        return view
+
+
+def _left_to_hash(job: _HashJob) -> int:
+    """Bytes of C{job}'s file still to hash, as far as it is known."""
+    return max(0, (job.size or job.progress.total) - job.hashed)
 
 
 class _HashJob:
@@ -676,11 +700,15 @@ class ShareIndex:
         # Files that take one step: a batch of them shares a pool call.
         self._small_bytes = self._step_bytes // 4
         self._cache = _DigestCache(max_cached_piece_bytes)
+        # Roots whose piece list is being read, and who waits for it.
+        self._loading: dict[bytes, list[Deferred[memoryview]]] = {}
         # The mirror.  _identities duplicates the entries' identities so that
         # a scan's snapshot is one C-level dict copy.
         self._entries: dict[str, IndexEntry] = {}
         self._identities: dict[str, Identity] = {}
-        self._roots: dict[bytes, list[str]] = {}
+        # Names by root, each an insertion-ordered set (a dict): removing
+        # one of many names of one content is O(1), not a search.
+        self._roots: dict[bytes, dict[str, None]] = {}
         self._seqs: list[int] = []
         self._by_seq: dict[int, IndexEntry] = {}
         # The scheduler.  _queue may hold stale names; _queued is the truth.
@@ -800,11 +828,26 @@ class ShareIndex:
     def by_root(self, root: bytes) -> IndexEntry | None:
         """Any entry with content C{root}."""
         names = self._roots.get(root)
-        return self._entries[names[0]] if names else None
+        return self._entries[next(iter(names))] if names else None
 
-    def holders(self, root: bytes) -> list[IndexEntry]:
-        """Every entry with content C{root} (several names may hold it)."""
-        return [self._entries[name] for name in self._roots.get(root, ())]
+    def holders(self, root: bytes, limit: int) -> list[IndexEntry]:
+        """
+        At most C{limit} entries with content C{root}, in their order (see
+        L{set_back}): a content held under 80,000 names costs a request
+        what one held under C{limit} does.
+        """
+        names = self._roots.get(root)
+        if not names:
+            return []
+        return [self._entries[name] for name in itertools.islice(names, limit)]
+
+    def set_back(self, entry: IndexEntry) -> None:
+        """Put C{entry} last among the holders of its content (it turned
+        out stale): the next request tries the others first."""
+        names = self._roots.get(entry.content.root)
+        if names is not None and entry.name in names:
+            del names[entry.name]
+            names[entry.name] = None
 
     def current(self, name: str, identity: Identity) -> IndexEntry | None:
         """C{name}'s entry if it was hashed from the file with C{identity}."""
@@ -872,7 +915,10 @@ class ShareIndex:
         """Files found on disk, new or changed, that wait to be hashed or
         are being hashed: ``LIST`` does not list them yet, or lists what
         they were."""
-        return len(self._queued.keys() | self._jobs.keys())
+        # Disjoint: a name leaves _queued when its job is made, and
+        # _queue_hash never queues a name that has a job.  O(1): STATUS
+        # asks for it, and 200,000 files may wait.
+        return len(self._queued) + len(self._jobs)
 
     @property
     def scanning(self) -> bool:
@@ -886,13 +932,24 @@ class ShareIndex:
         """Call C{callback} (reactor thread) after entries change."""
         self._subscribers.append(callback)
 
-    def piece_digests(self, entry: IndexEntry) -> Deferred[bytes]:
-        """C{entry}'s concatenated piece digests; KeyError if it is gone."""
-        cached = self._cache.get(entry.content.root)
+    def piece_digests(self, entry: IndexEntry) -> Deferred[memoryview]:
+        """
+        C{entry}'s concatenated piece digests (KeyError if it is gone), as
+        a read-only view shared by every caller: one read of the database
+        per content, however many connections ask for it at once.
+        """
+        root = entry.content.root
+        cached = self._cache.get(root)
         if cached is not None:
             return succeed(cached)
         if not self._ready:
             return fail(KeyError(entry.name))
+        waiter: Deferred[memoryview] = Deferred()
+        waiters = self._loading.get(root)
+        if waiters is not None:
+            waiters.append(waiter)
+            return waiter
+        self._loading[root] = [waiter]
         d = self._in_pool(lambda: self._database.digests(entry))
         d.addCallbacks(
             self._got_digests,
@@ -900,11 +957,18 @@ class ShareIndex:
             callbackArgs=(entry,),
             errbackArgs=(entry,),
         )
-        return d
+        d.addBoth(self._digests_loaded, root)
+        return waiter
 
-    def _got_digests(self, digests: bytes, entry: IndexEntry) -> bytes:
-        self._cache.put(entry.content.root, digests)
-        return digests
+    def _digests_loaded(self, result: object, root: bytes) -> None:
+        for waiter in self._loading.pop(root, []):
+            if isinstance(result, Failure):
+                waiter.errback(result)
+            else:
+                waiter.callback(result)
+
+    def _got_digests(self, digests: bytes, entry: IndexEntry) -> memoryview:
+        return self._cache.put(entry.content.root, digests)
 
     def _bad_digests(self, failure: Failure, entry: IndexEntry) -> None:
         failure.trap(PieceListMismatch)
@@ -921,7 +985,7 @@ class ShareIndex:
             self._unlink(old, keep_seq=old.seq == entry.seq)
         self._entries[entry.name] = entry
         self._identities[entry.name] = entry.identity
-        self._roots.setdefault(entry.content.root, []).append(entry.name)
+        self._roots.setdefault(entry.content.root, {})[entry.name] = None
         if entry.seq not in self._by_seq:
             if not self._seqs or entry.seq > self._seqs[-1]:
                 self._seqs.append(entry.seq)
@@ -931,7 +995,7 @@ class ShareIndex:
 
     def _unlink(self, entry: IndexEntry, keep_seq: bool = False) -> None:
         names = self._roots[entry.content.root]
-        names.remove(entry.name)
+        del names[entry.name]
         if not names:
             del self._roots[entry.content.root]
         if not keep_seq:
@@ -969,13 +1033,15 @@ class ShareIndex:
 
     # -- hashing -------------------------------------------------------------
 
-    def ensure(self, name: str) -> tuple[Deferred[IndexEntry], Progress]:
+    def ensure(self, name: str, size: int = 0) -> tuple[Deferred[IndexEntry], Progress]:
         """
         Index C{name} ahead of the background queue.  Fires with the fresh
         entry (at once if the entry matches a fresh fstat), or fails with the
         WireError (403/404) of L{ShareFolder.open}, an OSError, or
         WireError 503 before start() or after stop().  Callers for the
-        same name share one job and its live L{Progress}.
+        same name share one job and its live L{Progress}.  C{size}, the
+        file's size if the caller knows it, orders the requested files
+        until the job knows it itself.
         """
         if not self._ready:
             error = WireError(Code.UNAVAILABLE, "the share index is not ready")
@@ -989,6 +1055,7 @@ class ShareIndex:
                 return fail(refusal), Progress(name, 0, 0)
             self._queued.pop(name, None)
             job = self._new_job(name, None)
+            job.progress.total = size
         if not job.priority:
             job.priority = True
             if self._background is job:
@@ -1046,7 +1113,12 @@ class ShareIndex:
 
     def _next_job(self) -> _HashJob | None:
         if self._priority:
-            return self._priority[0]
+            # The requested file with the least left to hash goes first (the
+            # oldest among equals): a request for a small file waits for
+            # one step at most, never for a big file requested before it
+            # (whose client may have left).  Ties and unknown sizes keep
+            # the order of the requests.
+            return min(self._priority, key=_left_to_hash)
         while self._background is None and self._queue:
             name = self._queue.popleft()
             expected = self._queued.pop(name, None)
@@ -1064,9 +1136,12 @@ class ShareIndex:
             while not self._halted:
                 if not self._steps:
                     job = self._next_job()
-                elif self._steps == 1 and self._batching and not self._priority:
-                    # A batch of small files runs: a second one may run beside
-                    # it on the pool's other thread (each hashes off the GIL).
+                elif self._steps == 1 and not self._priority:
+                    # A batch of small files or a step of a big background
+                    # file runs: a batch of small files may run beside it on
+                    # the pool's other thread (each hashes off the GIL), so
+                    # a share's small files are not all listed only once its
+                    # big file is hashed.
                     job = self._next_small()
                 else:
                     job = None

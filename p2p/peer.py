@@ -93,6 +93,10 @@ KERNEL_UNSENT_BYTES = 64 * 1024
 # How often a client waiting for a file being indexed hears how far it got:
 # well within the client's idle timeout (10 s by default).
 PROGRESS_INTERVAL_SECONDS = 1.0
+# Names of one content tried per BLOB request, and the retry-after given
+# when all of them turned out stale (changed on disk, being re-indexed).
+HOLDERS_TRIED = 8
+STALE_RETRY_SECONDS = 1
 
 
 class FileShrank(Exception):
@@ -318,7 +322,7 @@ class BufferProducer(FileRangeProducer):
 
     def __init__(
         self,
-        data: bytes,
+        data: bytes | memoryview,
         consumer: IConsumer,
         on_progress: Callable[[], object] = lambda: None,
         socket_fd: int | None = None,
@@ -329,6 +333,10 @@ class BufferProducer(FileRangeProducer):
             -1, 0, len(data), consumer, on_progress, ANSWER_CHUNK_BYTES,
             socket_fd, throttle, pulls,
         )  # fmt: skip
+        # Held as given: the index knows a piece list (a memoryview) only
+        # while somebody holds that very object, and hands it to every
+        # other connection meanwhile instead of reading a copy.
+        self._data = data
         self._view = memoryview(data)
 
     def _read(self, size: int) -> bytes:
@@ -609,7 +617,7 @@ class PeerProtocol(ServerLineProtocol):
         self.pauseProducing()
         d = self.index.piece_digests(entry)
 
-        def send(digests: bytes) -> Deferred[None] | None:
+        def send(digests: memoryview) -> Deferred[None] | None:
             content = entry.content
             header = wire.PiecesHeader(
                 len(digests), content.root_hex, content.size, content.piece_size
@@ -661,8 +669,16 @@ class PeerProtocol(ServerLineProtocol):
             self._serve(opened, entry, offset, count, with_digests=False)
 
     def _serve_content(self, request: wire.Blob) -> None:
-        """Serve a range of a content from any name that still holds it."""
-        for entry in self.index.holders(bytes.fromhex(request.root)):
+        """
+        Serve a range of a content from a name that still holds it.  At
+        most L{HOLDERS_TRIED} names are tried per request (a content may be
+        held under 80,000 names: every empty file has one root); one found
+        stale goes last, to be indexed again, and the client is told to
+        retry if every name tried was stale and more names were left.
+        """
+        stale = []
+        holders = self.index.holders(bytes.fromhex(request.root), HOLDERS_TRIED)
+        for entry in holders:
             try:
                 opened = self.share.open(entry.name)
             except WireError:
@@ -675,18 +691,31 @@ class PeerProtocol(ServerLineProtocol):
                 # new bytes under the old root.  Have the index look again.
                 if opened is not None:
                     opened.close()
-                self.index.ensure(entry.name)[0].addErrback(lambda _: None)
+                stale.append(entry)
                 continue
+            self._look_again(stale)
             offset, count = _span(entry, request.offset, request.length, opened)
             self._serve(opened, entry, offset, count, with_digests=False)
             return
+        self._look_again(stale)
+        if len(holders) == HOLDERS_TRIED:
+            # Others may hold it: they come first next time.
+            raise WireError(
+                Code.UNAVAILABLE,
+                f"the content's files changed; retry-after={STALE_RETRY_SECONDS}",
+            )
         raise WireError(Code.NOT_FOUND, "no such content")
+
+    def _look_again(self, stale: list[IndexEntry]) -> None:
+        for entry in stale:
+            self.index.set_back(entry)
+            self.index.ensure(entry.name)[0].addErrback(lambda _: None)
 
     def _wait_for_index(self, request: wire.Get | wire.Range, size: int) -> None:
         """Index the file now; tell the client how far it got each second
         (C{size}: the file's size when opened, until the job knows it)."""
         self.pauseProducing()
-        d, progress = self.index.ensure(request.name)
+        d, progress = self.index.ensure(request.name, size)
 
         def report() -> None:
             self.resetTimeout()  # waiting on us is not the client's idleness
@@ -767,7 +796,7 @@ class PeerProtocol(ServerLineProtocol):
 
     def _send_file(
         self,
-        digests: bytes,
+        digests: memoryview,
         opened: OpenedFile,
         entry: IndexEntry,
         offset: int,
@@ -791,7 +820,7 @@ class PeerProtocol(ServerLineProtocol):
         d.addCallback(lambda _: self._start_transfer(opened, offset, count))
         return d
 
-    def _send_long(self, head: bytes, body: bytes) -> Deferred[None]:
+    def _send_long(self, head: bytes, body: bytes | memoryview) -> Deferred[None]:
         """
         Send C{head} then C{body}, which may be long (a piece list); fires
         once both are handed to the transport.  A short body goes out with
@@ -804,7 +833,7 @@ class PeerProtocol(ServerLineProtocol):
         self.send_answer(head)
         return self._when_paid().addCallback(lambda _: self._stream(body))
 
-    def _stream(self, body: bytes) -> Deferred[None]:
+    def _stream(self, body: bytes | memoryview) -> Deferred[None]:
         if self._lost:
             raise ConnectionLost("client left before the answer was sent")
         # The producer takes the transport over (reading stays paused).

@@ -1094,9 +1094,9 @@ class LyingIndex(ShareIndex):
             return entry
         return dataclasses.replace(entry, content=self.lies[name][0])
 
-    def holders(self, root: bytes) -> list[IndexEntry]:
+    def holders(self, root: bytes, limit: int) -> list[IndexEntry]:
         """Asked by root (BLOB), the names it lies about hold their lie."""
-        found = [e for e in super().holders(root) if e.name not in self.lies]
+        found = [e for e in super().holders(root, limit) if e.name not in self.lies]
         for name, (content, _) in self.lies.items():
             entry = self.lookup(name)
             if entry is not None and content.root == root:

@@ -460,6 +460,31 @@ class EnsureTests(IndexCase):
         )
         self.assertRoot(index.lookup("big"), pattern(3 * MIB))
 
+    def test_smaller_request_first(self) -> None:
+        """
+        Of the files clients asked for, the one with least left to hash goes
+        first: a small file asked for while a big one is being hashed waits
+        for one step, not for the whole big file (whose client may be gone).
+        """
+        pool = StepPool()
+        index = self.idle(pool, step_bytes=MIB)
+        self.put("big", pattern(3 * MIB))
+        self.put("small", b"small")
+        big, _ = index.ensure("big", 3 * MIB)
+        pool.run_next()  # big's first step
+        small, _ = index.ensure("small", 5)
+        pool.run_next()  # big's second step, already in the pool
+        self.assertNoResult(small)
+        pool.run_next()  # small, ahead of big's last step
+        self.assertRoot(self.successResultOf(small), b"small")
+        self.assertNoResult(big)
+        pool.run_all()
+        self.assertRoot(self.successResultOf(big), pattern(3 * MIB))
+        self.assertEqual(
+            self.hashed,
+            [(3 * MIB, 0, 1), (3 * MIB, 1, 2), (5, 0, 1), (3 * MIB, 2, 3)],
+        )
+
     def idle(self, pool: StepPool, **options: Any) -> ShareIndex:
         """A started index, with its scan of the (empty) folder done."""
         index = self.make(runner=pool, **options)
@@ -661,6 +686,65 @@ class DigestTests(IndexCase):
             pool.run_all()
             self.assertEqual(len(self.successResultOf(d)), 96)
 
+    def indexed_on_pool(
+        self, size: int, cache_bytes: int
+    ) -> tuple[ShareIndex, StepPool, IndexEntry]:
+        """An index of one file of C{size} bytes, on a pool the test runs."""
+        self.put("big", pattern(size))
+        pool = StepPool()
+        index = self.make(runner=pool, max_cached_piece_bytes=cache_bytes)
+        index.start()
+        pool.run_all()
+        return index, pool, index.lookup("big")
+
+    def test_one_read_for_callers_at_once(self) -> None:
+        """
+        Connections asking at once for a list not in the cache (a cold
+        start, or one over the cache's bound) share one read of the
+        database and one copy of the list.
+        """
+        index, pool, entry = self.indexed_on_pool(3 * MIB, cache_bytes=0)
+        calls = [index.piece_digests(entry) for _ in range(3)]
+        self.assertEqual(len(pool.pending), 1)
+        pool.run_all()
+        first, *others = [self.successResultOf(d) for d in calls]
+        for other in others:
+            self.assertIs(other, first)
+
+    def test_held_list_is_never_copied(self) -> None:
+        """
+        A list over the cache's bound (a 512 GiB file's is 16 MiB) is not
+        cached, but while a connection holds it, others get that same copy
+        without reading it again: memory grows with the contents being
+        served, never with the connections.  Once nobody holds it, it is
+        read again.
+        """
+        index, pool, entry = self.indexed_on_pool(3 * MIB, cache_bytes=64)
+        d = index.piece_digests(entry)  # 96 bytes
+        pool.run_all()
+        held = self.successResultOf(d)
+        again = self.successResultOf(index.piece_digests(entry))
+        self.assertIs(again, held)
+        self.assertEqual(pool.pending, [])
+        del held, again
+        d = index.piece_digests(entry)
+        self.assertEqual(len(pool.pending), 1)
+        pool.run_all()
+        self.assertEqual(len(self.successResultOf(d)), 96)
+
+    def test_failed_read_fails_every_caller(self) -> None:
+        """A list that cannot be read fails every caller that waited for it."""
+        index, pool, entry = self.indexed_on_pool(2 * MIB, cache_bytes=0)
+        calls = [index.piece_digests(entry) for _ in range(2)]
+
+        def unreadable(entry: IndexEntry) -> bytes:
+            raise KeyError(entry.name)
+
+        index._database.digests = unreadable
+        pool.run_all()
+        for d in calls:
+            self.failureResultOf(d, KeyError)
+
     def test_gone(self) -> None:
         self.put("a", b"alpha")
         index = self.started(max_cached_piece_bytes=0)
@@ -851,6 +935,27 @@ class ServableNamesTests(IndexCase):
         for number in range(10):
             self.assertRoot(index.lookup(f"f{number}"), pattern(1000, seed=number))
         self.successResultOf(index.when_idle())
+
+    def test_batch_beside_a_big_file(self) -> None:
+        """
+        While a big file is hashed in the background, small files are
+        hashed beside it, on the pool's other thread: a new peer lists its
+        small files before its big one is done.
+        """
+        self.put("a-big", pattern(3 * MIB))
+        for number in range(3):
+            self.put(f"b{number}", pattern(1000, seed=number))
+        runner = StepPool()
+        index = self.make(runner, step_bytes=MIB)
+        index.start()
+        runner.run_next()  # the database is loaded
+        runner.run_next()  # the scan: the big file's step starts
+        self.assertEqual(len(runner.pending), 2)  # and a batch beside it
+        runner.run_next()  # the big file's first step
+        runner.run_next()  # the batch
+        self.assertEqual(sorted(index.names()), ["b0", "b1", "b2"])
+        runner.run_all()
+        self.assertRoot(index.lookup("a-big"), pattern(3 * MIB))
 
     def test_two_batches_at_once(self) -> None:
         """

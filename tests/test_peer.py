@@ -20,6 +20,7 @@ import gc
 import os
 import shutil
 import tempfile
+import weakref
 from dataclasses import dataclass
 
 from blake3 import blake3
@@ -46,8 +47,10 @@ from p2p.limits import (
 from p2p.peer import (
     CHUNK_BYTES,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
+    HOLDERS_TRIED,
     LOG_START_BYTES,
     PROGRESS_INTERVAL_SECONDS,
+    STALE_RETRY_SECONDS,
     BufferProducer,
     FileRangeProducer,
     FileShrank,
@@ -669,6 +672,31 @@ class BlobTests(PeerTestMixin, SynchronousTestCase):
         reply = self.get(self.blob(root_hex(new), 0, 100))
         self.assertEqual(reply.header, file_header(new))
         self.assertEqual(reply.data, new)
+
+    def test_names_tried_are_bounded(self) -> None:
+        """
+        A content held under many names (every empty file has one root)
+        costs a request HOLDERS_TRIED opens at most.  When every name
+        tried is stale, the client is told to retry, and those names go
+        last (indexed again): the next request finds one that holds it.
+        """
+        data = b"many copies\n"
+        names = [f"copy{number:02}.txt" for number in range(HOLDERS_TRIED + 2)]
+        for name in names:
+            write(self.path(name), data)
+            self.get(b"GET %s\n" % name.encode())  # indexes it
+        for name in names[:-1]:
+            write(self.path(name), b"changed since it was indexed\n")
+        opened = len(self.share.descriptors)
+        self.send(self.blob(root_hex(data), 0, 100))
+        self.assertEqual(
+            self.take(),
+            b"ERR 503 the content's files changed; retry-after=%d\n"
+            % STALE_RETRY_SECONDS,
+        )
+        self.assertEqual(len(self.share.descriptors) - opened, HOLDERS_TRIED)
+        reply = self.get(self.blob(root_hex(data), 0, 100))
+        self.assertEqual(reply.data, data)
 
     def test_another_name_still_holds_it(self) -> None:
         """
@@ -2188,6 +2216,20 @@ class BufferedPullsProducerTests(SynchronousTestCase):
         self.assertIsNone(self.successResultOf(d))
         self.assertEqual(self.consumer.value(), body)
         self.assertEqual(pulls.streams, 0)
+
+    def test_holds_the_view_it_was_given(self) -> None:
+        """
+        A piece list is shared (not read again) only while somebody holds
+        the index's view of it: a producer streaming it holds that very
+        object, not merely a view of the same bytes.
+        """
+        view = memoryview(os.urandom(70 * 1024))
+        alive = weakref.ref(view)
+        producer = BufferProducer(view, self.consumer)
+        del view
+        self.assertIsNotNone(alive())
+        del producer
+        self.assertIsNone(alive())
 
 
 class _SocketConsumer:
