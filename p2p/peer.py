@@ -26,7 +26,7 @@ from twisted.internet.interfaces import (
 )
 from twisted.internet.protocol import Protocol
 from twisted.internet.task import LoopingCall
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -38,6 +38,7 @@ from p2p.limits import (
     ConnectionPolicy,
     IdleTimeouts,
     LimitedServerFactory,
+    RefusalLog,
     RefusingProtocol,
     ServerLineProtocol,
 )
@@ -93,6 +94,9 @@ KERNEL_UNSENT_BYTES = 64 * 1024
 # How often a client waiting for a file being indexed hears how far it got:
 # well within the client's idle timeout (10 s by default).
 PROGRESS_INTERVAL_SECONDS = 1.0
+# Transfer events (sent, described, client left) logged one by one per
+# minute; the rest are counted, as the relay's table changes are.
+TRANSFER_EVENTS_LOGGED_PER_MINUTE = 600
 # Names of one content tried per BLOB request, and the retry-after given
 # when all of them turned out stale (changed on disk, being re-indexed).
 HOLDERS_TRIED = 8
@@ -354,7 +358,24 @@ class Transfers:
     nothing more).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, clock: IReactorTime | None = None) -> None:
+        # Each transfer's lines ("sent", "described", "client left"), one
+        # event each up to a share per minute, the rest counted by kind in
+        # one line: a client pipelining header requests wrote 612 KB of
+        # log a second, one line per answer.  Without a clock (tests that
+        # build a protocol alone), every line is logged.
+        self.events = (
+            RefusalLog(
+                clock,
+                TRANSFER_EVENTS_LOGGED_PER_MINUTE,
+                60.0,
+                "transfer events",
+                LogLevel.info,
+                PeerProtocol.log,
+            )
+            if clock is not None
+            else None
+        )
         self.outcomes = {"sent": 0, "client-left": 0, "failed": 0}
         self._ended_bytes = 0
         self._active: set[FileRangeProducer] = set()
@@ -366,6 +387,13 @@ class Transfers:
 
     def started(self, producer: FileRangeProducer) -> None:
         self._active.add(producer)
+
+    def log(self, format: str, kind: str, **fields: object) -> None:
+        """Log a transfer's event (C{kind}: what a summary counts it as)."""
+        if self.events is not None:
+            self.events.refused(format, kind, **fields)
+        else:
+            PeerProtocol.log.info(format, **fields)
 
     def ended(self, producer: FileRangeProducer | None, outcome: str) -> None:
         """A transfer ended (C{producer}: C{None} if none started)."""
@@ -861,8 +889,9 @@ class PeerProtocol(ServerLineProtocol):
         if count >= LOG_START_BYTES:
             # A transfer long enough to watch: its start too, not only its
             # end (a log line was a third of a small file's cost).
-            self.log.info(
+            self.transfers.log(
                 "sending {shown_name} ({count} bytes from byte {offset})",
+                "sending",
                 name=opened.name,
                 shown_name=shown(opened.name),
                 count=count,
@@ -892,10 +921,11 @@ class PeerProtocol(ServerLineProtocol):
         self._ended("sent")
         # A header alone (``RANGE 0 0``: a client asking which content the
         # name holds, before choosing among holders) is not a transfer.
-        self.log.info(
+        self.transfers.log(
             "sent {shown_name} ({count} bytes)"
             if count
             else "described {shown_name} (header only)",
+            "sent" if count else "described",
             name=opened.name,
             shown_name=shown(opened.name),
             count=count,
@@ -910,8 +940,9 @@ class PeerProtocol(ServerLineProtocol):
         self._close_file()
         self._ended("client-left" if failure.check(ConnectionLost) else "failed")
         if failure.check(ConnectionLost):
-            self.log.info(
+            self.transfers.log(
                 "client left during {shown_name}",
+                "client left",
                 name=opened.name,
                 shown_name=shown(opened.name),
             )
@@ -1026,8 +1057,13 @@ class PeerFactory(LimitedServerFactory):
         self.share = share
         self.index = index
         self.throttle = throttle
-        self.transfers = Transfers()
+        self.transfers = Transfers(clock)
         self.pulls = BufferedPulls()
+
+    def doStop(self) -> None:
+        if self.transfers.events is not None:
+            self.transfers.events.stop()
+        super().doStop()
 
     def buildProtocol(self, addr: object) -> Protocol:
         protocol = super().buildProtocol(addr)

@@ -51,6 +51,7 @@ from p2p.peer import (
     LOG_START_BYTES,
     PROGRESS_INTERVAL_SECONDS,
     STALE_RETRY_SECONDS,
+    TRANSFER_EVENTS_LOGGED_PER_MINUTE,
     BufferProducer,
     FileRangeProducer,
     FileShrank,
@@ -548,6 +549,25 @@ class RangeTests(PeerTestMixin, SynchronousTestCase):
             self.get(line)
             texts = [formatEvent(e) for e in events if "shown_name" in e]
             self.assertEqual(texts[-1], expected)
+
+    def test_transfer_lines_are_bounded(self) -> None:
+        """
+        A client pipelining header requests wrote one log line per answer
+        (612 KB a second).  Past TRANSFER_EVENTS_LOGGED_PER_MINUTE, lines
+        are counted by kind, and one line a minute says how many.
+        """
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        answers = TRANSFER_EVENTS_LOGGED_PER_MINUTE + 50
+        for _ in range(answers):
+            self.get(b"RANGE 0 0 a.txt\n")
+        self.get(b"RANGE 0 4 a.txt\n")
+        described = [e for e in events if "shown_name" in e]
+        self.assertEqual(len(described), TRANSFER_EVENTS_LOGGED_PER_MINUTE)
+        self.clock.advance(60)
+        self.assertEqual(
+            formatEvent(events[-1]),
+            "51 more transfer events not logged one by one: 50 x described, 1 x sent",
+        )
 
     def test_at_end(self) -> None:
         """A range at the file's size is a header with count 0, no bytes."""
