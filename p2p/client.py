@@ -276,13 +276,12 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
                 header = wire.FileHeader.from_line(line)
                 content = self._check_header(header)
         except wire.RemoteError as e:
-            # Asked by root, "no such content" means the peer holds other
-            # content (or none) under the name: a second pass may want it.
-            other = isinstance(self.request, wire.Blob) and e.code == 404
-            kind = FailureKind.OTHER_CONTENT if other else FailureKind.REFUSED
+            # Asked by root, "no such content" only says the peer does not
+            # hold that content, not that it holds another under the name:
+            # a refusal like any other, never a second pass's candidate.
             self._fail(
                 f"refused: ERR {e.code} {e.message}",
-                kind,
+                FailureKind.REFUSED,
                 abort=False,
                 keep=e.code == wire.Code.NOT_FOUND,
             )

@@ -43,8 +43,8 @@ class FailureKind(enum.StrEnum):
     BROKEN = "broken"
     #: a piece or the piece list did not verify: nothing of it was used
     CORRUPTED = "corrupted"
-    #: the peer's file differs from the content being assembled (or, asked
-    #: for it by root, the peer has none of it)
+    #: the peer's file differs from the content being assembled (a peer
+    #: asked by root that has none of it refuses: ``ERR 404``)
     OTHER_CONTENT = "other-content"
     #: a malformed reply
     PROTOCOL = "protocol"

@@ -19,8 +19,9 @@ one-at-a-time loop:
   peer holding the same content may continue, under whatever name.  A
   peer that sends a piece that does not verify is dropped; nothing of that
   piece is used.  If no peer can continue and the output can still start
-  over (nothing printed yet, or a file), a second pass fetches the file
-  whole from the peers that had other content under the name.
+  over without losing work (nothing printed yet, or a file holding no
+  verified piece), a second pass fetches the file whole from the peers
+  that had other content under the name.
 """
 
 from __future__ import annotations
@@ -554,9 +555,12 @@ class _FetchRun:
             and self.holders
             and self.sink.content is not None
             and self.sink.restartable
+            and not self.sink.keeps_work
         ):
             # No peer could finish the content begun: start over, whole,
             # with the peers that offered other content under the name.
+            # Never over verified pieces of a partial file: those stay for
+            # the next run to resume, which is what the fetch then says.
             self.second_pass = True
             self.sink.reset()
             self.queue = deque(sorted(self.holders))

@@ -209,6 +209,11 @@ class Output:
         """Whether the output may still start over with other content."""
         return True
 
+    @property
+    def resumable(self) -> bool:
+        """Whether what is stored would be kept for a later run to resume."""
+        return False
+
 
 class StreamOutput(Output):
     """Verified pieces, in order, to a stream (stdout)."""
@@ -874,6 +879,12 @@ class PieceSink:
     @property
     def restartable(self) -> bool:
         return self.output.restartable
+
+    @property
+    def keeps_work(self) -> bool:
+        """Whether starting over would throw away verified pieces that a
+        later run could resume (a partial file's): never worth it."""
+        return bool(self.done) and self.output.resumable
 
     @property
     def complete(self) -> bool:

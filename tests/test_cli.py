@@ -833,6 +833,47 @@ class PieceTests(CommandTestCase):
         )
         self.assert_no_timers()
 
+    def test_failed_fetch_keeps_its_partial_file_and_says_so(self) -> None:
+        """
+        The holder breaks off and the only other peer holds nothing under
+        that content (``ERR 404 no such content``): the fetch fails, keeps
+        its verified pieces for the next run and says so, and counts that
+        peer as not holding it (not as "other content").
+        """
+        folder = self.mktemp()
+        os.mkdir(folder)
+        target = os.path.join(folder, "a.txt")
+        d = self.run_cli(
+            "--relay", "127.0.0.1:9", "get", "--json", "-o", target, "a.txt"
+        )  # fmt: skip
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        self.answer_peers(1)  # no suggestion
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        reply = peer_reply(self.CONTENT)
+        protocol.dataReceived(reply[: len(reply) - len(self.CONTENT) + self.MIB + 9])
+        protocol.connectionLost(Failure(ConnectionLost()))
+        protocol, transport = self.connect(3, b"P2P/2 peer")
+        self.assertTrue(transport.value().startswith(b"BLOB "))
+        protocol.dataReceived(b"ERR 404 no such content\n")
+        hang_up(protocol, transport)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertEqual(
+            self.console.err_lines[-2:],
+            [
+                "p2p: a.txt: no usable copy on 2 active peer(s): 1 broke off",
+                f"p2p: a.txt: kept {self.MIB} of {len(self.CONTENT)} verified "
+                f"bytes in {target}.p2p-part; run the same command again to "
+                "resume",
+            ],
+        )
+        (result,) = [json.loads(line) for line in self.console.out.splitlines()]
+        self.assertEqual(result["kept"], target + ".p2p-part")
+        self.assertEqual([p["kind"] for p in result["peers"]], ["broken", "refused"])
+        self.assertEqual(
+            sorted(os.listdir(folder)), ["a.txt.p2p-part", "a.txt.p2p-part.state"]
+        )
+        self.assert_no_timers()
+
     def test_interrupted_run_resumes(self) -> None:
         """
         A transfer that breaks keeps its verified pieces in PATH.p2p-part

@@ -49,13 +49,20 @@ from p2p.client import (
     list_peers,
     peer_endpoint,
 )
+from p2p.errors import FailureKind
 from p2p.fetch import Attempt, Fetcher, NotFoundAnywhere
 from p2p.index import IndexEntry, ShareIndex
 from p2p.pace import DEFAULT_PACE, UNBOUNDED, Pace
 from p2p.peer import PeerFactory
 from p2p.pieces import Content, PieceList
 from p2p.share import ShareFolder
-from p2p.sink import HIGH_WATER_BYTES, FileOutput, PieceSink, StreamOutput
+from p2p.sink import (
+    HIGH_WATER_BYTES,
+    PARTIAL_SUFFIX,
+    FileOutput,
+    PieceSink,
+    StreamOutput,
+)
 from tests._indexed import StepPool, indexed, run_inline
 from tests._support import descriptors
 from tests.test_peer import connect_in_memory
@@ -2270,25 +2277,30 @@ class StaggerAndResumeTests(SynchronousTestCase):
         )
         self.assertContent(OTHER)
 
-    def test_second_pass_into_a_file(self) -> None:
+    def test_no_second_pass_over_a_resumable_file(self) -> None:
         """
-        A file output can always start over, even with pieces of the first
-        content in it: when nobody can continue, the second pass replaces
-        them with the other version, whole.
+        A peer asked by root that answers ``ERR 404 no such content`` does
+        not hold it (whatever it holds under the name): a refusal, not a
+        second pass's candidate.  The fetch fails and the partial file keeps
+        its verified pieces for the next run.
         """
         folder = temp_dir(self)
         target = os.path.join(folder, "saved.bin")
         self.sink = PieceSink(FileOutput(target))
         self.network.add(breaks_after(MIB + 1000, BIG))
         self.network.add(self.share({NAME: OTHER}))
-        result = self.successResultOf(self.fetch())
-        self.assertEqual(result.peer, self.network.peers[1])
-        self.assertEqual(result.content, describe(OTHER)[0])
-        self.successResultOf(self.sink.finish())
-        with open(target, "rb") as stream:
-            self.assertEqual(stream.read(), OTHER)
-        self.assertEqual(os.listdir(folder), ["saved.bin"])
-        self.successResultOf(self.sink.abandon())
+        failure = self.failureResultOf(self.fetch(), NotFoundAnywhere)
+        self.assertEqual(
+            [a.kind for a in failure.value.attempts],
+            [FailureKind.BROKEN, FailureKind.REFUSED],
+        )
+        self.assertEqual(
+            self.network.requests(self.network.peers[1]), [blob_line(BIG, MIB)]
+        )
+        self.assertEqual(self.sink.content, describe(BIG)[0])
+        self.assertEqual(
+            self.successResultOf(self.sink.abandon(keep=True)), target + PARTIAL_SUFFIX
+        )
 
     def test_no_second_pass_once_output_began(self) -> None:
         """
