@@ -9,6 +9,7 @@ It reaches the relay's and the peers' services by their names
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import tempfile
@@ -65,9 +66,60 @@ def deal(workdir: str, peers: int, folder: str | None) -> list[tuple[str, list[s
     else:
         for index, source in enumerate(user_files(folder)):
             path, names = shares[index % peers]
-            shutil.copyfile(source, os.path.join(path, os.path.basename(source)))
+            place(source, os.path.join(path, os.path.basename(source)))
             names.append(os.path.basename(source))
     return shares
+
+
+# Why a hard link may not be made where a copy can: another file system
+# (/tmp is often a tmpfs), a file system without links, a file the user
+# may read but not link (fs.protected_hardlinks), too many links already.
+_NO_LINK = {errno.EXDEV, errno.EPERM, errno.EACCES, errno.EMLINK, errno.EOPNOTSUPP}
+# What a sparse copy reads and writes at once.
+_COPY_CHUNK_BYTES = 1024 * 1024
+
+
+def place(source: str, target: str) -> None:
+    """
+    Put the user's file C{source} at C{target} in a peer's share without
+    duplicating its data: a hard link (the peers only read it; removing the
+    demo's folder removes the link, never the file), else a copy that keeps
+    its holes (a sparse file stays sparse).
+    """
+    try:
+        os.link(source, target)
+        return
+    except OSError as e:
+        if e.errno not in _NO_LINK:
+            raise
+    copy_sparse(source, target)
+
+
+def copy_sparse(source: str, target: str) -> None:
+    """Copy C{source} to the new file C{target}, only its data: the holes
+    of a sparse file stay holes (SEEK_DATA/SEEK_HOLE, where the file
+    system tells them; else every byte is copied)."""
+    with open(source, "rb") as reader, open(target, "xb") as writer:
+        fd = reader.fileno()
+        size = os.fstat(fd).st_size
+        offset = 0
+        while offset < size:
+            try:
+                start = os.lseek(fd, offset, os.SEEK_DATA)
+                end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+            except OSError as e:
+                if e.errno == errno.ENXIO:
+                    break  # nothing but a hole up to the end
+                start, end = offset, size  # holes unknown here: copy it all
+            writer.seek(start)
+            while start < end:
+                data = os.pread(fd, min(_COPY_CHUNK_BYTES, end - start), start)
+                if not data:
+                    break  # shrunk meanwhile
+                writer.write(data)
+                start += len(data)
+            offset = end
+        writer.truncate(size)
 
 
 class Narrator:
