@@ -17,6 +17,7 @@ import errno
 import getopt
 import json
 import os
+import signal
 import sys
 from collections.abc import Callable
 from typing import IO, NoReturn
@@ -67,7 +68,10 @@ EXIT_USAGE = 2
 EXIT_RELAY = 3
 EXIT_OUTPUT = 4
 EXIT_INTERNAL = 70
-EXIT_INTERRUPTED = 130
+# Stopped by a signal: 128 + its number, as a shell reports a process the
+# signal killed: SIGINT (Ctrl-C) 130, SIGTERM 143.
+EXIT_SIGNAL_BASE = 128
+EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
 
 EXIT_FOR = {
     Status.OK: EXIT_OK,
@@ -316,7 +320,8 @@ class Options(usage.Options):
         "the command and its arguments; '--' ends them.  Exit status: 0 "
         "success, 1 not found on any peer, 2 usage error, 3 relay unreachable "
         "or failing (every --relay, with no cached peer list to use), 4 output "
-        "cannot be written, 70 internal error, 130 interrupted."
+        "cannot be written, 70 internal error, 130 interrupted (Ctrl-C), 143 "
+        "terminated (SIGTERM)."
     )
     optParameters = named_types(
         [
@@ -1365,6 +1370,18 @@ def _run_command(runner: Runner, options: Options, console: Console):
     return (yield runner.demo(sub))
 
 
+def interrupted_status(reactor: object) -> int:
+    """
+    The exit status of a run a signal stopped: 128 + the signal's number
+    (130 for Ctrl-C, 143 for SIGTERM), read where Twisted's handlers note
+    it (twistd reads it there too, to end with the same signal).
+    """
+    number = getattr(reactor, "_exitSignal", None)
+    if isinstance(number, int) and number > 0:
+        return EXIT_SIGNAL_BASE + number
+    return EXIT_INTERRUPTED
+
+
 def argv_command(argv: list[str]) -> str | None:
     """The command named in C{argv}, if one is (for the usage line's hint)."""
     for word in seed_form(argv):
@@ -1396,7 +1413,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
 
     def finished(result: object) -> None:
         if any(runner.stopped for runner in runners):
-            outcome.append(EXIT_INTERRUPTED)
+            outcome.append(interrupted_status(reactor))
         elif isinstance(result, Failure):
             if result.check(SystemExit):
                 outcome.append(result.value.code or 0)
@@ -1434,7 +1451,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             sys.stderr.flush()
     except OSError:
         pass
-    code = outcome[0] if outcome else EXIT_INTERRUPTED
+    code = outcome[0] if outcome else interrupted_status(reactor)
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)  # a profiler or coverage writes its report at exit
     # Everything is written, flushed and closed: skip the interpreter's

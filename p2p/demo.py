@@ -17,7 +17,12 @@ from collections.abc import Callable
 from importlib import resources
 
 from twisted.application.service import MultiService
-from twisted.internet.defer import FirstError, gatherResults, inlineCallbacks
+from twisted.internet.defer import (
+    Deferred,
+    FirstError,
+    gatherResults,
+    inlineCallbacks,
+)
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
 from twisted.python import usage
 
@@ -168,10 +173,32 @@ class DemoSystem:
         self._services = services
         self._narrator = narrator
         self._workdir = workdir
+        self._stopped: Deferred[None] | None = None
+
+    def stop(self) -> Deferred[None]:
+        """
+        Stop the peers (they unregister) and the relay; remove the
+        temporary folder.  Called when the demo ends and again, as a
+        shutdown trigger, when Ctrl-C or SIGTERM stops the reactor first:
+        the work is done once, and both wait for it.
+        """
+        if self._stopped is None:
+            # Set before the work starts: stopping a peer may fail its
+            # registration, and so call back in here at once.
+            self._stopped = Deferred()
+            self._stop().chainDeferred(self._stopped)
+        result: Deferred[None] = Deferred()
+
+        def fire(outcome: object) -> None:
+            # An error goes to the first caller only: no later one re-raises
+            # it, and none is left unhandled here.
+            result.callback(outcome)
+
+        self._stopped.addBoth(fire)
+        return result
 
     @inlineCallbacks
-    def stop(self):
-        """Stop the peers (they unregister) and the relay; clean up."""
+    def _stop(self):
         self._narrator.say("the demo stops: peers unregister, the relay closes")
         try:
             for service in reversed(self._services):
@@ -194,6 +221,10 @@ def start_demo(reactor, peers: int, files: str | None, say: Callable[[str], None
     narrator = Narrator(say)
     globalLogPublisher.addObserver(narrator)
     system = DemoSystem("", services, narrator, workdir)
+    # However the process ends (Ctrl-C at the prompt or during a fetch,
+    # SIGTERM), the reactor's shutdown waits for the peers to unregister
+    # and the folder, with everything dealt into it, to go.
+    reactor.addSystemEventTrigger("before", "shutdown", system.stop)
     try:
         shares = deal(workdir, peers, files)
         if not any(names for _, names in shares):

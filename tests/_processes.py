@@ -85,8 +85,12 @@ class LoggedProcess(ProcessProtocol):
     def stderr(self) -> bytes:
         return bytes(self._output[2])
 
+    # Whether the child's stdin stays open (a prompt that waits for input).
+    keep_stdin = False
+
     def connectionMade(self) -> None:
-        self.transport.closeStdin()
+        if not self.keep_stdin:
+            self.transport.closeStdin()
 
     def when_stdout(
         self, count: int, timeout: float = EVENT_TIMEOUT_SECONDS
@@ -278,8 +282,10 @@ class Launcher:
         argv: Sequence[str],
         env: Mapping[str, str] | None = None,
         stdout_lines: bool = True,
+        keep_stdin: bool = False,
     ) -> LoggedProcess:
         protocol = LoggedProcess(label, self.reactor, stdout_lines)
+        protocol.keep_stdin = keep_stdin
         self.reactor.spawnProcess(
             protocol,
             argv[0],
@@ -384,15 +390,25 @@ class Launcher:
         )
 
     def start_client(
-        self, *args: str, env: Mapping[str, str] | None = None
+        self,
+        *args: str,
+        env: Mapping[str, str] | None = None,
+        keep_stdin: bool = False,
     ) -> LoggedProcess:
         """
         Start the installed ``p2p`` console script and return at once.
 
         Its stdout (file content) is collected, not split into lines; its
-        stderr lines can be waited for.  See L{client_result}.
+        stderr lines can be waited for.  Its stdin is closed, unless
+        C{keep_stdin} (a prompt then waits).  See L{client_result}.
         """
-        return self.spawn("p2p", [_bin("p2p"), *args], env=env, stdout_lines=False)
+        return self.spawn(
+            "p2p",
+            [_bin("p2p"), *args],
+            env=env,
+            stdout_lines=False,
+            keep_stdin=keep_stdin,
+        )
 
     async def client_result(
         self, process: LoggedProcess, timeout: float = CLIENT_TIMEOUT_SECONDS

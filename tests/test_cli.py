@@ -9,6 +9,7 @@ import errno
 import io
 import json
 import os
+import signal
 import stat
 import sys
 
@@ -192,6 +193,22 @@ class CommandTestCase(SynchronousTestCase):
 
     def assert_no_timers(self) -> None:
         self.assertEqual(self.reactor.getDelayedCalls(), [])
+
+
+class InterruptedStatusTests(SynchronousTestCase):
+    """A run a signal stopped exits 128 + its number, as shells report."""
+
+    def test_status_of_the_signal(self) -> None:
+        class Stopped:
+            _exitSignal: int | None = None
+
+        reactor = Stopped()
+        self.assertEqual(cli.interrupted_status(reactor), 130)  # unknown: Ctrl-C
+        reactor._exitSignal = signal.SIGINT
+        self.assertEqual(cli.interrupted_status(reactor), 130)
+        reactor._exitSignal = signal.SIGTERM
+        self.assertEqual(cli.interrupted_status(reactor), 143)
+        self.assertEqual(cli.interrupted_status(object()), 130)
 
 
 class UsageTests(CommandTestCase):

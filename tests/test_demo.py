@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import errno
 import os
+import tempfile
 
+from twisted.internet.testing import MemoryReactorClock
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import demo
@@ -86,3 +88,56 @@ class DealTests(SynchronousTestCase):
         with open(path, "rb") as stream:
             self.assertEqual(stream.read(), b"keep me\n")
         self.assertEqual(os.stat(path).st_nlink, 1)
+
+
+class ShutdownTests(SynchronousTestCase):
+    """However the process ends, the demo's folder goes and it says so."""
+
+    def setUp(self) -> None:
+        self.tmp = self.mktemp()
+        os.mkdir(self.tmp)
+        self.patch(tempfile, "tempdir", self.tmp)
+        self.reactor = MemoryReactorClock()
+        self.said: list[str] = []
+
+    def shut_down(self) -> None:
+        """What the reactor does on Ctrl-C or SIGTERM: its "before
+        shutdown" triggers, waited for."""
+        for trigger, args, kwargs in self.reactor.triggers["before"]["shutdown"]:
+            self.successResultOf(trigger(*args, **kwargs))
+
+    def test_signal_while_starting(self) -> None:
+        """Stopped while the peers register: the services stop, the folder
+        with the dealt files is removed, the narration says so."""
+        d = demo.start_demo(self.reactor, 2, None, self.said.append)
+        (workdir,) = os.listdir(self.tmp)
+        self.assertIn(
+            "sample1.txt", os.listdir(os.path.join(self.tmp, workdir, "peer1"))
+        )
+        self.assertNoResult(d)
+        self.shut_down()
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertEqual(
+            self.said[-1], "the demo stops: peers unregister, the relay closes"
+        )
+        self.reactor.advance(demo.REGISTRATION_TIMEOUT_SECONDS)
+        self.failureResultOf(d, demo.DemoFailed)
+        self.assertEqual(self.reactor.getDelayedCalls(), [])
+        self.assertEqual(
+            self.said.count("the demo stops: peers unregister, the relay closes"), 1
+        )
+
+    def test_signal_after_the_demo_stopped(self) -> None:
+        """A demo stopped already (its end, then the reactor's): once."""
+        files = self.mktemp()
+        os.mkdir(files)
+        with open(os.path.join(files, "a.txt"), "wb") as stream:
+            stream.write(b"a\n")
+        d = demo.start_demo(self.reactor, 1, files, self.said.append)
+        self.reactor.advance(demo.REGISTRATION_TIMEOUT_SECONDS)
+        self.failureResultOf(d, demo.DemoFailed)
+        self.shut_down()
+        self.assertEqual(os.listdir(self.tmp), [])
+        self.assertEqual(
+            self.said.count("the demo stops: peers unregister, the relay closes"), 1
+        )

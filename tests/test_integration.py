@@ -341,6 +341,32 @@ async def test_demo(launcher: Launcher):
 
 
 @integration
+@pytest.mark.parametrize(
+    ("signal_number", "status"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)]
+)
+async def test_demo_stopped_by_a_signal(
+    launcher: Launcher, signal_number: int, status: int
+):
+    """
+    ``p2p demo`` waiting at its prompt, stopped by Ctrl-C or SIGTERM:
+    it narrates its end, removes its folder (the dealt copies with it) and
+    exits 128 + the signal's number.
+    """
+    tmp = os.path.join(launcher.workdir, f"tmp-{signal_number}")
+    os.mkdir(tmp)
+    process = launcher.start_client("demo", env={"TMPDIR": tmp}, keep_stdin=True)
+    await process.wait_for(r"phase 2")
+    assert len(os.listdir(tmp)) == 1
+    process.send_signal(signal_number)
+    code = await process.when_ended()
+    stderr = process.stderr.decode()
+    assert code == status, stderr
+    assert "the demo stops: peers unregister, the relay closes" in stderr
+    assert os.listdir(tmp) == []
+    no_traceback(stderr)
+
+
+@integration
 async def test_installed_twistd_entry_points(launcher: Launcher):
     """
     The installed ``twistd`` script, as a user runs it: ``twistd -n relay``,
