@@ -68,6 +68,10 @@ EXIT_USAGE = 2
 EXIT_RELAY = 3
 EXIT_OUTPUT = 4
 EXIT_INTERNAL = 70
+# The reader of stdout left (``p2p get x | head -c 10``): quietly, with the
+# status of a program SIGPIPE killed (128 + 13), as ``cat`` and GNU tools
+# end there.  (SIGPIPE itself stays ignored: Twisted's sockets need that.)
+EXIT_READER_LEFT = 141
 # Stopped by a signal: 128 + its number, as a shell reports a process the
 # signal killed: SIGINT (Ctrl-C) 130, SIGTERM 143.
 EXIT_SIGNAL_BASE = 128
@@ -320,8 +324,8 @@ class Options(usage.Options):
         "the command and its arguments; '--' ends them.  Exit status: 0 "
         "success, 1 not found on any peer, 2 usage error, 3 relay unreachable "
         "or failing (every --relay, with no cached peer list to use), 4 output "
-        "cannot be written, 70 internal error, 130 interrupted (Ctrl-C), 143 "
-        "terminated (SIGTERM)."
+        "cannot be written, 70 internal error, 130 interrupted (Ctrl-C), 141 "
+        "the reader of stdout left (a closed pipe), 143 terminated (SIGTERM)."
     )
     optParameters = named_types(
         [
@@ -564,6 +568,9 @@ class Console:
         self.bar: ProgressBar | None = None
         # Whether the prompt is on screen, waiting for a line.
         self.at_prompt = False
+        # Whether the reader of stdout left (a broken pipe): the run then
+        # ends with EXIT_READER_LEFT, and says nothing of it.
+        self.reader_left = False
 
     def say(self, text: str) -> None:
         """Progress: suppressed by -q."""
@@ -617,7 +624,9 @@ class Console:
             write_all(self.stdout, data)
             self.stdout.flush()
         except BrokenPipeError:
-            return False  # ``p2p ls | head -1``: the reader left; nothing to say
+            # ``p2p ls | head -1``: the reader left; nothing to say.
+            self.reader_left = True
+            return False
         except OSError as e:
             self.error(f"cannot write to stdout: {e.strerror or e}")
             return False
@@ -1225,7 +1234,9 @@ class Runner:
             self.console.error(f"{label}: {not_found(result)}")
         elif status is Status.OUTPUT_FAILED:
             if result.reader_left:
-                return  # ``p2p get x | head``: the reader left, as GNU tools do
+                # ``p2p get x | head``: the reader left, as GNU tools do.
+                self.console.reader_left = True
+                return
             self.console.error(
                 f"{label}: cannot write {shown(result.output)}: {result.problem}"
             )
@@ -1341,9 +1352,12 @@ def run(
         return EXIT_USAGE
     on_runner(runner)
     try:
-        return (yield _run_command(runner, options, console))
+        code = yield _run_command(runner, options, console)
     finally:
         runner.session.close()
+    if code == EXIT_OUTPUT and console.reader_left:
+        return EXIT_READER_LEFT
+    return code
 
 
 @inlineCallbacks
@@ -1419,7 +1433,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
                 outcome.append(result.value.code or 0)
             elif result.check(BrokenPipeError):
                 # e.g. ``p2p --help | head -1``: the reader left; nothing to say.
-                outcome.append(EXIT_OUTPUT)
+                outcome.append(EXIT_READER_LEFT)
             else:
                 sys.stderr.write(f"p2p: internal error: {describe(result)}\n")
                 outcome.append(EXIT_INTERNAL)
@@ -1443,8 +1457,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
     try:
         if sys.stdout is not None:
             sys.stdout.flush()
-    except OSError:
+    except BrokenPipeError:
         # The reader went away (``p2p get x | head``): say nothing more.
+        outcome[:] = [max([*outcome, EXIT_READER_LEFT])]
+    except OSError:
+        # Said already, where the write failed (>/dev/full, >&-).
         outcome[:] = outcome or [EXIT_OUTPUT]
     try:
         if sys.stderr is not None:

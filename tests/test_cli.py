@@ -831,6 +831,42 @@ class PieceTests(CommandTestCase):
         self.assertIn("every piece verified) -> stdout", errors)
         self.assert_no_timers()
 
+    def test_reader_left_stdout(self) -> None:
+        """
+        ``p2p get a.txt | head -c 10``: the reader leaves mid-transfer;
+        p2p stops quietly with SIGPIPE's status, 141 (nothing on stderr:
+        the reader chose to stop).
+        """
+
+        class Gone(io.BytesIO):
+            def write(self, data) -> int:
+                raise BrokenPipeError(errno.EPIPE, "Broken pipe")
+
+        self.console.stdout = Gone()
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_READER_LEFT)
+        self.assertEqual(self.console.err_lines, [])
+        self.assert_no_timers()
+
+    def test_full_stdout_still_says_so(self) -> None:
+        """Any other failure to write stdout (``>/dev/full``) keeps its
+        one line and status 4."""
+
+        class Full(io.BytesIO):
+            def write(self, data) -> int:
+                raise OSError(errno.ENOSPC, "No space left on device")
+
+        self.console.stdout = Full()
+        d = self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "a.txt")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        serve(self.reactor, 2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
+        self.assert_one_error_line("cannot write stdout: No space left on device")
+
     def test_corrupted_piece_to_stdout(self) -> None:
         """
         A peer whose second piece does not verify: stdout gets the first
@@ -1004,7 +1040,8 @@ class LsTests(CommandTestCase):
 
     def test_reader_that_left(self) -> None:
         """``p2p ls | head -1`` with a long listing: the pipe breaks, and
-        p2p ends with status 4 and nothing on stderr, as GNU tools do."""
+        p2p ends with nothing on stderr and status 141, SIGPIPE's (128 +
+        13), as GNU tools do."""
 
         class Gone(io.BytesIO):
             def write(self, data) -> int:
@@ -1014,7 +1051,8 @@ class LsTests(CommandTestCase):
         d = self.run_cli("--relay", "127.0.0.1:9", "ls")
         self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
         self.answer_pages()
-        self.assertEqual(self.successResultOf(d), cli.EXIT_OUTPUT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_READER_LEFT)
+        self.assertEqual(cli.EXIT_READER_LEFT, 128 + signal.SIGPIPE)
         self.assertEqual(
             self.console.err_lines, ["p2p: 1 active peer(s) at 127.0.0.1:9"]
         )
