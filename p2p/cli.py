@@ -96,12 +96,15 @@ MAX_JOBS = 32
 
 
 class _Command(usage.Options):
-    """What every sub-command takes: ``--version`` (ours, not Twisted's)."""
+    """What every sub-command takes: ``--version`` (ours, not Twisted's),
+    and ``-h`` for ``--help``, as GNU and argparse programs take it."""
 
     def opt_version(self) -> NoReturn:
         """Print the version and exit."""
         print(f"p2p {__version__}")
         sys.exit(0)
+
+    opt_h = usage.Options.opt_help
 
 
 class GetOptions(_Command):
@@ -393,6 +396,9 @@ class Options(usage.Options):
         """Print the version and exit."""
         print(f"p2p {__version__}")
         sys.exit(0)
+
+    # -h: --help, as GNU and argparse programs take it (no option has it).
+    opt_h = usage.Options.opt_help
 
     opt_relay = opt_r = relay_option(
         "Relay endpoint or HOST:PORT; repeat it to ask several, in order, "
@@ -908,6 +914,7 @@ _REJECTIONS = {
     FailureKind.CORRUPTED: "corrupted",
     FailureKind.OTHER_CONTENT: "other content",
     FailureKind.BROKEN: "broke off",
+    FailureKind.STALLED: "timed out (--idle-timeout)",
 }
 
 

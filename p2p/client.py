@@ -691,7 +691,9 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        kind = FailureKind.BROKEN if self.header is not None else FailureKind.TIMEOUT
+        # After a header the peer holds the file and stalled; before it, it
+        # may not hold it at all.
+        kind = FailureKind.STALLED if self.header is not None else FailureKind.TIMEOUT
         self._fail(f"timed out: silent for {self.idle_timeout:g}s", kind)
 
     def lineLengthExceeded(self, line: bytes) -> None:

@@ -199,7 +199,8 @@ class DemoSystem:
 
     @inlineCallbacks
     def _stop(self):
-        self._narrator.say("the demo stops: peers unregister, the relay closes")
+        if self._services:  # nothing to say when nothing had started
+            self._narrator.say("the demo stops: peers unregister, the relay closes")
         try:
             for service in reversed(self._services):
                 yield service.stopService()

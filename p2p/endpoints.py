@@ -206,6 +206,13 @@ _MISSING = re.compile(r"missing \d+ required positional arguments?: (.*)")
 def _readable(error: Exception) -> str:
     """An endpoint parser's error, in the words of the description."""
     found = _MISSING.search(str(error))
+    if str(error).startswith("Unknown endpoint type"):
+        # "127.0.0.1" parsed as an endpoint type: what was meant, likely, is
+        # one of the forms below.
+        return (
+            "expected HOST:PORT, [IPV6]:PORT, a port, or an endpoint string "
+            "(tcp:HOST:PORT, tls:HOST:PORT, unix:PATH)"
+        )
     if isinstance(error, TypeError) and found:
         names = re.findall(r"'(\w+)'", found.group(1))
         return "no " + " and no ".join(f"{name}=" for name in names) + " given"

@@ -39,7 +39,7 @@ class FailureKind(enum.StrEnum):
 
     #: an ``ERR`` reply (``ERR 404 no such file``, ``ERR 503 busy``...)
     REFUSED = "refused"
-    #: closed or stalled mid-transfer; the pieces that verified are kept
+    #: closed mid-transfer (silent: STALLED); the pieces that verified are kept
     BROKEN = "broken"
     #: a piece or the piece list did not verify: nothing of it was used
     CORRUPTED = "corrupted"
@@ -50,6 +50,9 @@ class FailureKind(enum.StrEnum):
     PROTOCOL = "protocol"
     #: silent, or no header in time
     TIMEOUT = "timeout"
+    #: silent mid-transfer for the idle timeout; the pieces that verified
+    #: are kept
+    STALLED = "stalled"
     #: below the minimum rate; the pieces that verified are kept
     SLOW = "slow"
     #: larger than ``--max-size`` or than the room on the target

@@ -46,6 +46,7 @@ from p2p.options import named_types
 from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
+from p2p.text import quoted
 from p2p.throttle import TokenBucket
 from p2p.units import parse_bytes
 from p2p.wire import TOKEN_ENVIRONMENT_VARIABLE
@@ -183,8 +184,13 @@ class Options(DaemonOptions):
     def parseArgs(self, *args: str) -> None:
         if not args:
             return
-        if len(args) != 2 or not (args[1].isascii() and args[1].isdigit()):
+        if len(args) != 2:
             raise usage.UsageError("expected RELAY_HOST RELAY_PORT (or use --relay)")
+        if not (args[1].isascii() and args[1].isdigit()):
+            raise usage.UsageError(
+                f"RELAY_PORT {quoted(args[1])} is not a number "
+                "(RELAY_HOST RELAY_PORT, or use --relay)"
+            )
         if self.get("relay"):
             raise usage.UsageError("give the relay either as --relay or as arguments")
         host, port = args

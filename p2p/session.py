@@ -55,6 +55,7 @@ from p2p.relay_cache import CacheUnusable, PeerCache
 from p2p.relay_list import RelayList, RelayObserver
 from p2p.request import DEFAULT_REQUEST_TIMEOUT_SECONDS
 from p2p.sink import (
+    PARTIAL_SUFFIX,
     FileOutput,
     InlineWorker,
     Output,
@@ -633,7 +634,12 @@ class ClientSession:
             # rename); find out now, not mid-transfer, that it cannot be.
             folder = os.path.dirname(path) or os.curdir
             if isinstance(output_to, FileOutput) and not self._writable_folder(folder):
-                why = "not writable" if os.path.isdir(folder) else "not a folder"
+                if os.path.isdir(folder):
+                    why = "not writable"
+                elif os.path.lexists(folder):
+                    why = "not a folder"
+                else:
+                    why = "no such folder"
                 return self._output_failed(name, path, f"{folder}: {why}")
         output_label = output_to.label if target is not None else "stdout"
         early_wanted = not by_root and self._early_hint_wanted()
@@ -850,6 +856,16 @@ class ClientSession:
         return [_left_by(name, sink) for name, sink in running]
 
 
+# Why a folder that exists may take no new file, by errno: procfs and sysfs
+# answer ENOENT to a create.
+_NO_NEW_FILES = {
+    errno.ENOENT: "",
+    errno.EROFS: "read-only file system",
+    errno.EACCES: "permission denied",
+    errno.EPERM: "not permitted",
+}
+
+
 def os_reason(error: OSError, path: str) -> str:
     """
     Why writing C{path} failed, naming the file that failed when it is
@@ -860,6 +876,15 @@ def os_reason(error: OSError, path: str) -> str:
     failed = error.filename
     if not isinstance(failed, str) or failed == path:
         return reason
+    if failed == path + PARTIAL_SUFFIX and error.errno in _NO_NEW_FILES:
+        # The folder is there (checked before): it takes no new file, where
+        # the download goes before it is renamed over the target.
+        folder = os.path.dirname(path) or os.curdir
+        why = _NO_NEW_FILES[error.errno]
+        return (
+            f"{folder} takes no new files{f' ({why})' if why else ''}: a "
+            "download is written beside its target, then renamed over it"
+        )
     if error.errno == errno.ELOOP:
         return f"{failed} is a symbolic link (remove it: it is never followed)"
     if error.errno == errno.EISDIR:

@@ -195,6 +195,30 @@ class CommandTestCase(SynchronousTestCase):
         self.assertEqual(self.reactor.getDelayedCalls(), [])
 
 
+class OutputReasonTests(SynchronousTestCase):
+    """Why ``-o PATH`` failed, said of PATH, not of the partial file."""
+
+    def test_folder_that_takes_no_file(self) -> None:
+        """``-o /proc/version``: procfs refuses the partial file beside it
+        with ENOENT; the reason names the folder and why, not a missing
+        "/proc/version.p2p-part"."""
+        error = OSError(errno.ENOENT, "No such file or directory")
+        error.filename = "/proc/version.p2p-part"
+        reason = session.os_reason(error, "/proc/version")
+        self.assertEqual(
+            reason,
+            "/proc takes no new files: a download is written beside its "
+            "target, then renamed over it",
+        )
+        self.assertNotIn("p2p-part", reason)
+        error = OSError(errno.EROFS, "Read-only file system")
+        error.filename = "ro/x.p2p-part"
+        self.assertIn(
+            "ro takes no new files (read-only file system)",
+            session.os_reason(error, "ro/x"),
+        )
+
+
 class InterruptedStatusTests(SynchronousTestCase):
     """A run a signal stopped exits 128 + its number, as shells report."""
 
@@ -213,6 +237,31 @@ class InterruptedStatusTests(SynchronousTestCase):
 
 class UsageTests(CommandTestCase):
     """Usage errors: status 2, one line on stderr, nothing else happens."""
+
+    def test_address_without_port(self) -> None:
+        """A relay given as a bare host says which forms are expected, not
+        Twisted's "Unknown endpoint type"."""
+        d = self.run_cli("-r", "127.0.0.1", "peers")
+        self.assertEqual(self.successResultOf(d), cli.EXIT_USAGE)
+        self.assert_one_error_line(
+            "bad endpoint '127.0.0.1': expected HOST:PORT", "endpoint string"
+        )
+        self.assertNotIn("Unknown endpoint type", self.console.stderr.getvalue())
+
+    def test_h_is_help(self) -> None:
+        """-h is --help, as GNU and argparse programs take it: for p2p and
+        for each command."""
+        for argv, words in (
+            (["-h"], "Usage: p2p [options]"),
+            (["get", "-h"], "get [-o PATH]"),
+            (["ls", "-h"], "ls "),
+        ):
+            stdout = io.StringIO()
+            self.patch(sys, "stdout", stdout)
+            with self.assertRaises(SystemExit) as raised:
+                cli.parse(argv)
+            self.assertEqual(raised.exception.code, 0)
+            self.assertIn(words, stdout.getvalue())
 
     def test_usage_errors(self) -> None:
         missing = self.mktemp()
@@ -831,6 +880,24 @@ class PieceTests(CommandTestCase):
         self.assertIn("every piece verified) -> stdout", errors)
         self.assert_no_timers()
 
+    def test_stalled_holder_said_timed_out(self) -> None:
+        """A holder silent mid-transfer for --idle-timeout: the last line
+        says it timed out, not that it broke off."""
+        d = self.run_cli(
+            "-q", "--idle-timeout", "0.5", "--relay", "127.0.0.1:9", "get", "a.txt"
+        )  # fmt: skip
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.answer_peers(1)
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        reply = peer_reply(self.CONTENT)
+        protocol.dataReceived(reply[: len(reply) - len(self.CONTENT) + 9])
+        self.reactor.advance(0.5)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assert_one_error_line(
+            "no usable copy on 1 active peer(s): 1 timed out (--idle-timeout)"
+        )
+        self.assert_no_timers()
+
     def test_reader_left_stdout(self) -> None:
         """
         ``p2p get a.txt | head -c 10``: the reader leaves mid-transfer;
@@ -1393,6 +1460,21 @@ class KeepPathsTests(CommandTestCase):
         serve(self.reactor, 2, self.B)
         self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
         self.assertEqual(os.listdir(folder), ["b"])
+
+    def test_missing_folder_named_as_missing(self) -> None:
+        """-o into a folder that does not exist says so (not "not a
+        folder"), with no request made."""
+        missing = os.path.join(self.mktemp(), "sub")
+        for target in (missing + os.sep, os.path.join(missing, "x")):
+            self.console = FakeConsole()
+            code = self.successResultOf(
+                self.run_cli("-q", "--relay", "127.0.0.1:9", "get", "-o", target, "t")
+            )
+            self.assertEqual(code, cli.EXIT_OUTPUT)
+            self.assert_one_error_line(
+                f"cannot write {target}: {missing}: no such folder"
+            )
+        self.assertEqual(self.reactor.tcpClients, [])
 
     def test_symbolic_link_on_the_way_refused(self) -> None:
         folder = self.mktemp()

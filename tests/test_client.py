@@ -210,7 +210,8 @@ class ReceiveBatchingInFetchTests(_OneFetch):
         self.clock.advance(CHECK_SECONDS)
         self.assertEqual(transport.marks, [BATCH_BYTES, 1])
         self.clock.advance(IDLE)
-        self.assertFailed("timed out: silent for 10s", "broken")
+        # Silent after its header: it holds the file and stalled.
+        self.assertFailed("timed out: silent for 10s", "stalled")
 
     def test_failure_lowers_the_mark(self) -> None:
         """A fetch cancelled mid-content leaves no mark and no timer."""

@@ -141,3 +141,20 @@ class ShutdownTests(SynchronousTestCase):
         self.assertEqual(
             self.said.count("the demo stops: peers unregister, the relay closes"), 1
         )
+
+
+class NoFilesTests(SynchronousTestCase):
+    """``p2p demo --files EMPTY``: a usage error, and no narration of a
+    shutdown of what never started."""
+
+    def test_empty_folder(self) -> None:
+        files = self.mktemp()
+        os.mkdir(files)
+        tmp = self.mktemp()
+        os.mkdir(tmp)
+        self.patch(tempfile, "tempdir", tmp)
+        said: list[str] = []
+        d = demo.start_demo(MemoryReactorClock(), 3, files, said.append)
+        self.assertTrue(self.failureResultOf(d, demo.DemoFailed).value.usage)
+        self.assertEqual(said, [])
+        self.assertEqual(os.listdir(tmp), [])

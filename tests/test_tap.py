@@ -607,6 +607,16 @@ class PeerOptionsTests(SynchronousTestCase):
                 self.parse(*argv)
             self.assertIn(message, str(caught.exception))
 
+    def test_seed_form_port_not_a_number(self) -> None:
+        """``peer 127.0.0.1 notaport`` says the port is not a number."""
+        with self.assertRaises(usage.UsageError) as caught:
+            self.parse("127.0.0.1", "notaport")
+        self.assertEqual(
+            str(caught.exception),
+            "RELAY_PORT 'notaport' is not a number (RELAY_HOST RELAY_PORT, or "
+            "use --relay)",
+        )
+
     def test_default_state_inside_the_share(self) -> None:
         """
         The default --state is refused where it would be served (a share
