@@ -1391,16 +1391,35 @@ def _run_command(runner: Runner, options: Options, console: Console):
     return (yield runner.demo(sub))
 
 
-def interrupted_status(reactor: object) -> int:
+class StopSignal:
     """
-    The exit status of a run a signal stopped: 128 + the signal's number
-    (130 for Ctrl-C, 143 for SIGTERM), read where Twisted's handlers note
-    it (twistd reads it there too, to end with the same signal).
+    The signal that stopped the run, if one did, for the exit status: 128
+    + its number (130 for Ctrl-C, 143 for SIGTERM), as a shell reports a
+    process the signal killed.  Noted by wrapping the handlers the reactor
+    installed (L{install}, once it runs), which still do their work.
     """
-    number = getattr(reactor, "_exitSignal", None)
-    if isinstance(number, int) and number > 0:
-        return EXIT_SIGNAL_BASE + number
-    return EXIT_INTERRUPTED
+
+    def __init__(self) -> None:
+        self.number: int | None = None
+
+    def install(self) -> None:
+        for number in (signal.SIGINT, signal.SIGTERM):
+            handler = signal.getsignal(number)
+            if callable(handler):
+                signal.signal(number, self._noting(handler))
+
+    def _noting(self, handler: Callable) -> Callable:
+        def noted(number: int, frame: object) -> object:
+            self.number = number
+            return handler(number, frame)
+
+        return noted
+
+    @property
+    def status(self) -> int:
+        if self.number is None:
+            return EXIT_INTERRUPTED
+        return EXIT_SIGNAL_BASE + self.number
 
 
 def argv_command(argv: list[str]) -> str | None:
@@ -1431,10 +1450,11 @@ def main(argv: list[str] | None = None) -> NoReturn:
         )
     outcome: list[int] = []
     runners: list[Runner] = []
+    stop_signal = StopSignal()
 
     def finished(result: object) -> None:
         if any(runner.stopped for runner in runners):
-            outcome.append(interrupted_status(reactor))
+            outcome.append(stop_signal.status)
         elif isinstance(result, Failure):
             if result.check(SystemExit):
                 outcome.append(result.value.code or 0)
@@ -1457,6 +1477,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
         reactor.addSystemEventTrigger("before", "shutdown", runner.interrupted)
 
     def start() -> None:
+        stop_signal.install()
         run(reactor, args, on_runner=watch).addBoth(finished)
 
     reactor.callWhenRunning(start)
@@ -1475,7 +1496,7 @@ def main(argv: list[str] | None = None) -> NoReturn:
             sys.stderr.flush()
     except OSError:
         pass
-    code = outcome[0] if outcome else interrupted_status(reactor)
+    code = outcome[0] if outcome else stop_signal.status
     if sys.getprofile() is not None or sys.gettrace() is not None:
         sys.exit(code)  # a profiler or coverage writes its report at exit
     # Everything is written, flushed and closed: skip the interpreter's

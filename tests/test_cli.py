@@ -223,16 +223,18 @@ class InterruptedStatusTests(SynchronousTestCase):
     """A run a signal stopped exits 128 + its number, as shells report."""
 
     def test_status_of_the_signal(self) -> None:
-        class Stopped:
-            _exitSignal: int | None = None
-
-        reactor = Stopped()
-        self.assertEqual(cli.interrupted_status(reactor), 130)  # unknown: Ctrl-C
-        reactor._exitSignal = signal.SIGINT
-        self.assertEqual(cli.interrupted_status(reactor), 130)
-        reactor._exitSignal = signal.SIGTERM
-        self.assertEqual(cli.interrupted_status(reactor), 143)
-        self.assertEqual(cli.interrupted_status(object()), 130)
+        """The handlers installed before still run; the status is noted."""
+        called = []
+        for number in (signal.SIGINT, signal.SIGTERM):
+            previous = signal.signal(number, lambda n, frame: called.append(n))
+            self.addCleanup(signal.signal, number, previous)
+        stop = cli.StopSignal()
+        self.assertEqual(stop.status, 130)  # none noted: as Ctrl-C
+        stop.install()
+        signal.getsignal(signal.SIGTERM)(signal.SIGTERM, None)
+        self.assertEqual((stop.status, called), (143, [signal.SIGTERM]))
+        signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        self.assertEqual((stop.status, called[-1]), (130, signal.SIGINT))
 
 
 class UsageTests(CommandTestCase):
