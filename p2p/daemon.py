@@ -152,7 +152,8 @@ def check_metrics(config: usage.Options) -> None:
         raise usage.UsageError("--metrics needs prometheus_client (pip install it)")
 
 
-# Descriptors kept beyond the connection limit: listeners, logs, dial-backs.
+# Descriptors kept beyond what the connections and the reserved ones hold:
+# listeners, logs, the index's database and its scans, the registry's link.
 SPARE_DESCRIPTORS = 256
 
 
@@ -214,14 +215,19 @@ def token_option(value: str | None) -> str | None:
 
 
 def connection_limits(
-    config: usage.Options, is_member: Callable[[str], bool] | None = None
+    config: usage.Options,
+    is_member: Callable[[str], bool] | None = None,
+    *,
+    per_connection: int,
+    reserved: int = 0,
 ) -> ConnectionLimits:
     """
     The L{ConnectionLimits} the options ask for (with a tenth of the total
     kept for sources C{is_member} vouches for, when given), within what the
-    process may open (L{fit_descriptors}).
+    process may open (L{fit_descriptors}) when each connection may hold
+    C{per_connection} descriptors and C{reserved} more are held besides.
     """
-    total = fit_descriptors(config["max-connections"])
+    total = fit_descriptors(config["max-connections"], per_connection, reserved)
     return ConnectionLimits(
         total,
         config["max-connections-per-host"],
@@ -240,13 +246,17 @@ def connection_policy(config: usage.Options, clock: IReactorTime) -> ConnectionP
     )
 
 
-def fit_descriptors(total: int) -> int:
+def fit_descriptors(total: int, per_connection: int = 1, reserved: int = 0) -> int:
     """
-    Make room for C{total} connections in the process's descriptor limit:
-    raise the soft limit (up to the hard one) when it is lower than
-    C{total} plus some spare.  If even the hard limit is too low, the
-    connection limit is lowered to fit, and a warning says so (past it,
-    accept() would fail with EMFILE, for everyone).
+    Make room for C{total} connections in the process's descriptor limit,
+    each holding up to C{per_connection} descriptors at once (a peer's
+    holds its socket and the file it serves), plus C{reserved} the daemon
+    holds whatever the connections do (a relay's dial-backs) and some
+    spare: raise the soft limit (up to the hard one) when it is lower.  If
+    even the hard limit is too low, the connection limit is lowered to fit,
+    and a warning says so.  Past the limit, accept() and open() fail with
+    EMFILE, for everyone: a budget of one per connection let stalled
+    downloads, within the connection limit, starve every other client.
 
     :return: the connection limit to use.
     """
@@ -254,8 +264,9 @@ def fit_descriptors(total: int) -> int:
         import resource
     except ImportError:  # not on POSIX
         return total
+    kept = reserved + SPARE_DESCRIPTORS
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    wanted = total + SPARE_DESCRIPTORS if total else hard
+    wanted = total * per_connection + kept if total else hard
     if soft != resource.RLIM_INFINITY and soft < wanted:
         raised = wanted if hard == resource.RLIM_INFINITY else min(wanted, hard)
         try:
@@ -264,11 +275,15 @@ def fit_descriptors(total: int) -> int:
         except (ValueError, OSError):
             pass
     if soft != resource.RLIM_INFINITY and total and soft < wanted:
-        fitted = max(1, soft - SPARE_DESCRIPTORS)
+        fitted = max(1, (soft - kept) // per_connection)
         log.warn(
-            "--max-connections {wanted} does not fit in the descriptor limit "
-            "({soft}); using {fitted}",
-            wanted=total,
+            "--max-connections {total} does not fit in the descriptor limit "
+            "({soft}): it needs {wanted} ({per_connection} a connection, {kept} "
+            "besides); using {fitted}",
+            total=total,
+            wanted=wanted,
+            per_connection=per_connection,
+            kept=kept,
             soft=soft,
             fitted=fitted,
         )

@@ -101,6 +101,11 @@ TRANSFER_EVENTS_LOGGED_PER_MINUTE = 600
 # when all of them turned out stale (changed on disk, being re-indexed).
 HOLDERS_TRIED = 8
 STALE_RETRY_SECONDS = 1
+# Descriptors one connection may hold at once: its socket, and the file it
+# is serving (PeerProtocol._opened; one at a time).  The daemon sizes its
+# descriptor limit by this (p2p.daemon.fit_descriptors): budgeting only the
+# socket let stalled GETs, within --max-connections, exhaust the limit.
+DESCRIPTORS_PER_CONNECTION = 2
 
 
 class FileShrank(Exception):

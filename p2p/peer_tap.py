@@ -43,7 +43,11 @@ from p2p.endpoints import (
 from p2p.hints import build_filter
 from p2p.index import ShareIndex
 from p2p.options import named_types
-from p2p.peer import DEFAULT_IDLE_TIMEOUT_SECONDS, PeerFactory
+from p2p.peer import (
+    DEFAULT_IDLE_TIMEOUT_SECONDS,
+    DESCRIPTORS_PER_CONNECTION,
+    PeerFactory,
+)
 from p2p.service import ListeningService, PortFileService
 from p2p.share import ShareFolder
 from p2p.text import quoted
@@ -338,7 +342,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
         index,
         reactor,
         config["idle-timeout"],
-        connection_limits(config),
+        connection_limits(config, per_connection=DESCRIPTORS_PER_CONNECTION),
         throttle=TokenBucket(reactor, rate) if rate else None,
         policy=connection_policy(config, reactor),
         budget=request_budget(config, reactor),

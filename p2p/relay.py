@@ -65,6 +65,11 @@ FILTER_LINES_PER_TOKEN = 250
 SEND_BUFFER_BYTES = 64 * 1024
 # Table changes logged one by one per minute; the rest are counted.
 TABLE_EVENTS_LOGGED_PER_MINUTE = 600
+# Descriptors one connection holds: its socket only (the relay opens no
+# file for a client, and its dial-backs are bounded apart from the
+# connections; see p2p.dialback).  The daemon sizes its descriptor limit by
+# this (p2p.daemon.fit_descriptors).
+DESCRIPTORS_PER_CONNECTION = 1
 
 
 def default_renew_interval(ttl: int) -> int:

@@ -33,6 +33,7 @@ from p2p.registry import MemoryRegistry
 from p2p.relay import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     DEFAULT_TTL_SECONDS,
+    DESCRIPTORS_PER_CONNECTION,
     Relay,
     RelayFactory,
     default_renew_interval,
@@ -318,18 +319,25 @@ def makeService(config: Options, reactor=None) -> MultiService:
         brake=GuessBrake(reactor) if config["token"] else None,
         refusals=policy.refusals,
     )
-    factory = RelayFactory(
-        relay,
-        config["idle-timeout"],
-        connection_limits(config, registry.holds),
-        policy,
-    )
+    probes = 0
     if not config["no-dial-back"]:
         dialback = DialBack(
             reactor, relay.answered, timeout=config["dial-back-timeout"]
         )
         relay.probe_with(dialback)
         DialBackService(dialback).setServiceParent(parent)
+        probes = dialback.concurrency  # a socket each, whatever the clients do
+    factory = RelayFactory(
+        relay,
+        config["idle-timeout"],
+        connection_limits(
+            config,
+            registry.holds,
+            per_connection=DESCRIPTORS_PER_CONNECTION,
+            reserved=probes,
+        ),
+        policy,
+    )
     listeners = []
     for number, description in enumerate(config["listen"], start=1):
         try:

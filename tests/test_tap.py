@@ -24,6 +24,7 @@ from p2p.announce import (
 )
 from p2p.endpoints import DEFAULT_RELAY
 from p2p.hints import build_filter
+from p2p.limits import ConnectionLimits
 from p2p.peer import PeerFactory
 from p2p.relay import RelayFactory
 from p2p.service import ListenFailed, ListeningService, PortFileService
@@ -48,6 +49,27 @@ def children(parent: MultiService, kind: type) -> list:
 def set_token_environment(case: SynchronousTestCase, value: str | None) -> None:
     """Set (or unset, for C{None}) $P2P_TOKEN for the duration of C{case}."""
     set_environment(case, TOKEN_ENVIRONMENT_VARIABLE, value)
+
+
+def fake_descriptor_limit(case: SynchronousTestCase, soft: int, hard: int) -> list[int]:
+    """
+    Stand in for the process's RLIMIT_NOFILE for the duration of C{case}
+    (the daemons raise it at start): the returned [soft, hard] follows
+    setrlimit, which refuses a soft limit above the hard one, as the
+    kernel does.
+    """
+    import resource
+
+    limits = [soft, hard]
+
+    def setrlimit(which: int, wanted: tuple[int, int]) -> None:
+        if wanted[0] > wanted[1]:
+            raise ValueError("not allowed")
+        limits[:] = wanted
+
+    case.patch(resource, "getrlimit", lambda which: tuple(limits))
+    case.patch(resource, "setrlimit", setrlimit)
+    return limits
 
 
 def activity_reports(events: list[dict]) -> list[dict]:
@@ -242,6 +264,23 @@ class RelayServiceTests(SynchronousTestCase):
         self.assertEqual(children(service, relay_tap.DialBackService), [])
         relay = children(service, ListeningService)[0].factory.relay
         self.assertIsNone(relay.dialback)
+
+    def test_descriptor_budget(self) -> None:
+        """A relay's connection holds its socket alone; the dial-backs
+        (a socket each, as many as run at once) are kept room for apart."""
+        limits = fake_descriptor_limit(self, 1024, 1024)
+        service, _ = self.make()
+        factory = children(service, ListeningService)[0].factory
+        probes = factory.relay.dialback.concurrency
+        self.assertEqual(
+            factory.limits.max_total, 1024 - daemon.SPARE_DESCRIPTORS - probes
+        )
+        service, _ = self.make("--no-dial-back")
+        factory = children(service, ListeningService)[0].factory
+        self.assertEqual(factory.limits.max_total, 1024 - daemon.SPARE_DESCRIPTORS)
+        limits[:] = [1024, 1_000_000]
+        service, _ = self.make()
+        self.assertEqual(limits[0], 10_000 + probes + daemon.SPARE_DESCRIPTORS)
 
     def test_hostile_network_defaults(self) -> None:
         """The request budget, the guess brake (with a token), the reserve
@@ -880,6 +919,23 @@ class PeerServiceTests(SynchronousTestCase):
         limits = children(service, ListeningService)[0].factory.limits
         self.assertEqual((limits.max_total, limits.max_per_host), (9, 2))
 
+    def test_descriptor_budget(self) -> None:
+        """
+        A peer's connection holds two descriptors (its socket, the file it
+        serves): the soft limit is raised to fit both for every connection
+        allowed, and under a low hard limit the connections are fitted to
+        half of what is left.
+        """
+        limits = fake_descriptor_limit(self, 1024, 1_000_000)
+
+        def limits_of() -> ConnectionLimits:
+            return children(self.make(), ListeningService)[0].factory.limits
+
+        self.assertEqual(limits_of().max_total, 10_000)
+        self.assertEqual(limits[0], 2 * 10_000 + daemon.SPARE_DESCRIPTORS)
+        limits[:] = [1024, 1024]
+        self.assertEqual(limits_of().max_total, (1024 - daemon.SPARE_DESCRIPTORS) // 2)
+
     def test_token_sent_by_the_announcer(self) -> None:
         """--token goes to the Announcer, which sends it with REGISTER."""
         service = self.make("--token", "s3cret", "10.0.0.1", "4001")
@@ -950,19 +1006,7 @@ class DescriptorLimitTests(SynchronousTestCase):
     """--max-connections is fitted to what the process may open."""
 
     def setUp(self) -> None:
-        import resource
-
-        self.resource = resource
-        self.limits = [1024, 4096]
-        self.patch(resource, "getrlimit", lambda which: tuple(self.limits))
-
-        def setrlimit(which, limits):
-            soft, hard = limits
-            if soft > hard:
-                raise ValueError("not allowed")
-            self.limits = [soft, hard]
-
-        self.patch(resource, "setrlimit", setrlimit)
+        self.limits = fake_descriptor_limit(self, 1024, 4096)
 
     def test_soft_limit_raised(self) -> None:
         self.assertEqual(daemon.fit_descriptors(2000), 2000)
@@ -975,8 +1019,46 @@ class DescriptorLimitTests(SynchronousTestCase):
         self.assertEqual(self.limits, [4096, 4096])
 
     def test_enough_already(self) -> None:
-        self.limits = [20_000, 20_000]
+        self.limits[:] = [20_000, 20_000]
         self.assertEqual(daemon.fit_descriptors(10_000), 10_000)
+
+    def test_soft_limit_raised_for_every_descriptor(self) -> None:
+        """Room is made for what each connection may hold, and for the
+        reserved descriptors, not just for one socket each."""
+        self.assertEqual(daemon.fit_descriptors(1000, 2, 32), 1000)
+        self.assertEqual(self.limits, [2000 + 32 + daemon.SPARE_DESCRIPTORS, 4096])
+
+    def test_lowered_for_every_descriptor(self) -> None:
+        """
+        Under a hard limit of 1,024 a peer's connections (two descriptors
+        each) are fitted to 384, not 768: 760 stalled GETs held 1,520
+        descriptors, and honest clients met EMFILE.  The warning gives the
+        arithmetic.
+        """
+        self.limits[:] = [1024, 1024]
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        self.assertEqual(daemon.fit_descriptors(10_000, 2), 384)
+        (event,) = [e for e in events if "does not fit" in e["log_format"]]
+        self.assertEqual(event["log_level"], LogLevel.warn)
+        self.assertEqual(
+            (event["total"], event["wanted"], event["per_connection"], event["soft"]),
+            (10_000, 20_000 + daemon.SPARE_DESCRIPTORS, 2, 1024),
+        )
+        self.assertEqual(event["fitted"], 384)
+
+    def test_fitted_limit_covers_the_worst_case(self) -> None:
+        """Whatever the hard limit, every connection holding all it may
+        hold, plus the reserved descriptors, leaves the spare free."""
+        for hard in (300, 1024, 4096, 10_256, 20_255, 20_256, 100_000):
+            for per_connection, reserved in ((1, 0), (1, 32), (2, 0)):
+                self.limits[:] = [1024, hard]
+                fitted = daemon.fit_descriptors(10_000, per_connection, reserved)
+                if fitted > 1:
+                    self.assertLessEqual(
+                        fitted * per_connection + reserved + daemon.SPARE_DESCRIPTORS,
+                        self.limits[0],
+                        (hard, per_connection, reserved),
+                    )
 
 
 class UsageErrorTests(SynchronousTestCase):
