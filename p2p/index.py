@@ -91,6 +91,9 @@ MAX_RESTARTS = 3
 # for it are refused this long without hashing it again: each request
 # would otherwise cost up to MAX_RESTARTS + 1 hashes of the whole file.
 CHANGING_RETRY_SECONDS = 30.0
+# How much of a name too long to share the warning shows: enough to find
+# it, not a 900-byte log line.
+LOGGED_NAME_CHARACTERS = 60
 # inotify's Linux ABI values (as in twisted.internet.inotify, which does not
 # import on other systems).
 IN_ATTRIB = 0x004
@@ -164,6 +167,11 @@ def _shareable(name: str, include_hidden: bool) -> bool:
     backslash, no hidden component, not twistd's files) and a name a listing
     line can carry (UTF-8, no control characters, not too long).
     """
+    return _allowed(name, include_hidden) and not _too_long(name)
+
+
+def _allowed(name: str, include_hidden: bool) -> bool:
+    """L{_shareable}, whatever C{name}'s length."""
     if "\\" in name or _CONTROL.search(name):
         return False
     parts = name.split("/")
@@ -172,9 +180,16 @@ def _shareable(name: str, include_hidden: bool) -> bool:
     if len(parts) == 1 and TWISTD_FILES.fullmatch(name):
         return False
     try:
-        return len(name.encode("utf-8")) <= MAX_NAME_LENGTH
+        name.encode("utf-8")
     except UnicodeEncodeError:  # undecodable bytes from the file system
         return False
+    return True
+
+
+def _too_long(name: str) -> bool:
+    """Whether C{name} is longer than a request or listing line may carry
+    (counted in bytes as the file system has them)."""
+    return len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_LENGTH
 
 
 def _identity(info: os.stat_result) -> Identity:
@@ -225,6 +240,21 @@ class _ScanResult:
     directories: list[str]  # absolute paths, to watch
     files: int = 0
     bytes: int = 0
+    # Names longer than the protocol carries (MAX_NAME_LENGTH): the files
+    # skipped, the folders not entered (nothing below one could be named),
+    # and the first such name met.
+    too_long_files: int = 0
+    too_long_folders: int = 0
+    too_long_first: str = ""
+
+    def skip_too_long(self, name: str, folder: bool) -> None:
+        """Count C{name} as too long to share."""
+        if folder:
+            self.too_long_folders += 1
+        else:
+            self.too_long_files += 1
+        if not self.too_long_first:
+            self.too_long_first = name
 
 
 def _scan(
@@ -233,7 +263,9 @@ def _scan(
     """
     (Pool.) Walk the share and compare it with C{snapshot} (ours to consume).
     Directory symlinks are not followed, not even one swapped in for a folder
-    while the walk runs (L{ShareFolder.walk}); hidden folders are skipped.
+    while the walk runs (L{ShareFolder.walk}); hidden folders are skipped,
+    and so are names too long for the protocol (counted, for a warning): a
+    folder is not entered when no name below it could be short enough.
     """
     if not os.path.isdir(share.root):
         # A share folder that went away must not look like one whose files
@@ -245,14 +277,24 @@ def _scan(
             raise _Halted()
         if not share.include_hidden:
             dirnames[:] = [d for d in dirnames if not d.startswith(".")]
-        dirnames.sort()
+        prefix = folder + "/" if folder else ""
+        entered = []
+        for dirname in dirnames:
+            # The shortest name below: "<folder>/<dirname>/x".
+            if _too_long(prefix + dirname + "/x"):
+                result.skip_too_long(prefix + dirname, folder=True)
+            else:
+                entered.append(dirname)
+        dirnames[:] = sorted(entered)
         result.directories.append(
             os.path.join(share.root, *folder.split("/")) if folder else share.root
         )
-        prefix = folder + "/" if folder else ""
         for filename in sorted(filenames):
             name = prefix + filename
-            if not _shareable(name, share.include_hidden):
+            if not _allowed(name, share.include_hidden):
+                continue
+            if _too_long(name):
+                result.skip_too_long(name, folder=False)
                 continue
             identity = _stat_name(share, name, folder_fd)
             if identity is None:
@@ -727,6 +769,9 @@ class ShareIndex:
         # Scans and change detection.
         self._scanning = self._rescan_again = False
         self._scans = self._scan_failures = 0
+        # What the last warning about names too long said (files, folders):
+        # a rescan that finds the same says nothing.
+        self._too_long_warned = (0, 0)
         self._scan_waiters: list[Deferred[None]] = []
         self._idle_waiters: list[Deferred[None]] = []
         self._scan_call: IDelayedCall | None = None
@@ -1359,11 +1404,31 @@ class ShareIndex:
                 "reused": result.files - len(result.changed),
             }
         self._scans += 1
+        self._warn_too_long(result)
         if result.changed or result.removed:
             self._notify()
         self._scan_done()
         self._watch_directories(result.directories)
         self._kick()
+
+    def _warn_too_long(self, result: _ScanResult) -> None:
+        """Say which names a scan skipped for their length (once, until
+        that changes): no client could ask for them."""
+        counts = (result.too_long_files, result.too_long_folders)
+        if counts == self._too_long_warned:
+            return
+        self._too_long_warned = counts
+        if counts == (0, 0):
+            return
+        self.log.warn(
+            "names too long for the protocol ({limit} bytes) are not shared:"
+            " {files} files skipped, {folders} folders not entered (the first"
+            " begins {start!r})",
+            files=result.too_long_files,
+            folders=result.too_long_folders,
+            limit=MAX_NAME_LENGTH,
+            start=result.too_long_first[:LOGGED_NAME_CHARACTERS],
+        )
 
     def _scan_failed(self, failure: Failure) -> None:
         self._scan_failures += 1

@@ -421,6 +421,12 @@ class ShareFolder:
         C{dirnames} to skip those folders.  C{dir_fd} holds the folder
         listed until the next step; look its names up relative to it.
 
+        Any depth works: the walk keeps its own stack (a recursion, one
+        Python frame per folder, failed at about a thousand levels and took
+        the whole scan with it), and holds at most L{WALK_DESCRIPTORS}
+        folder descriptors besides the share folder's (one per level ran
+        into the descriptor limit).
+
         :raise OSError: if the share folder itself was removed.
         """
         top = self.open_folder("")
@@ -428,14 +434,32 @@ class ShareFolder:
             if os.fstat(top).st_nlink == 0:
                 # Listing a removed folder would say every file went.
                 raise OSError(errno.ENOENT, "the share folder was removed", self.root)
-            yield from _walk_below(top, "")
+            yield from _walk_below(top)
         finally:
             os.close(top)
 
 
-def _walk_below(
-    fd: int, folder: str
-) -> Iterator[tuple[str, list[str], list[str], int]]:
+# Folder descriptors a walk holds at once below the share folder, at most:
+# the deepest folders on its way down.  Coming back up to a folder whose
+# descriptor went, for its next subfolder, the walk opens it again from the
+# deepest one it still holds, one component at a time without following
+# symlinks (as open_folder does).
+WALK_DESCRIPTORS = 32
+
+
+@dataclass
+class _Level:
+    """One folder on a walk's way down, and how far through it the walk is."""
+
+    folder: str  # share-relative; "" for the share folder
+    name: str  # its last component (its name in the folder above)
+    fd: int | None  # None once closed to keep within WALK_DESCRIPTORS
+    dirnames: list[str]  # the list yielded: the caller may prune it
+    next: int = 0  # the index in dirnames of the next subfolder to enter
+
+
+def _list(fd: int) -> tuple[list[str], list[str]]:
+    """The names of the subfolders and of the other entries in C{fd}."""
     dirnames: list[str] = []
     filenames: list[str] = []
     with os.scandir(fd) as entries:
@@ -445,13 +469,83 @@ def _walk_below(
             except OSError:
                 is_dir = False
             (dirnames if is_dir else filenames).append(entry.name)
-    yield folder, dirnames, filenames, fd
-    for dirname in dirnames:
-        try:
-            child = os.open(dirname, _FOLDER_FLAGS, dir_fd=fd)
-        except OSError:
-            continue  # a symlink, or gone or unreadable since it was listed
-        try:
-            yield from _walk_below(child, f"{folder}/{dirname}" if folder else dirname)
-        finally:
-            os.close(child)
+    return dirnames, filenames
+
+
+def _walk_below(top: int) -> Iterator[tuple[str, list[str], list[str], int]]:
+    """
+    The walk of L{ShareFolder.walk} from C{top} (the caller's descriptor of
+    the share folder, which is never closed here), depth first, a folder
+    before what it holds and its subfolders in the order of its
+    C{dirnames} as the caller left them.
+    """
+    dirnames, filenames = _list(top)
+    way = [_Level("", "", top, dirnames)]
+    held = 0  # descriptors held below the share folder, on the way
+    try:
+        yield "", dirnames, filenames, top
+        while way:
+            level = way[-1]
+            if level.next >= len(level.dirnames):
+                way.pop()
+                if level.fd is not None and way:
+                    os.close(level.fd)  # (not the share folder's: way[0])
+                    held -= 1
+                continue
+            dirname = level.dirnames[level.next]
+            level.next += 1
+            if level.fd is None:
+                reopened = _reopen(way)
+                if reopened is None:
+                    # Moved or removed since it was listed: what it held
+                    # now is for the next scan to find.
+                    level.next = len(level.dirnames)
+                    continue
+                level.fd = reopened
+                held += 1
+            try:
+                child = os.open(dirname, _FOLDER_FLAGS, dir_fd=level.fd)
+            except OSError:
+                continue  # a symlink, or gone or unreadable since it was listed
+            held += 1
+            folder = f"{level.folder}/{dirname}" if level.folder else dirname
+            way.append(_Level(folder, dirname, child, []))
+            while held > WALK_DESCRIPTORS:
+                # Let go of the shallowest: the walk needs it again only
+                # once everything below it is done, if it has more
+                # subfolders.
+                shallowest = next(lv for lv in way[1:] if lv.fd is not None)
+                fd, shallowest.fd = shallowest.fd, None
+                os.close(fd)
+                held -= 1
+            way[-1].dirnames, filenames = _list(child)
+            yield folder, way[-1].dirnames, filenames, child
+    finally:
+        for level in way[1:]:
+            if level.fd is not None:
+                os.close(level.fd)
+
+
+def _reopen(way: list[_Level]) -> int | None:
+    """
+    A new descriptor of the last folder on C{way}, opened from the deepest
+    folder above it whose descriptor is still held (the share folder's, at
+    worst), one component at a time with ``O_NOFOLLOW | O_DIRECTORY``: a
+    folder swapped for a symlink meanwhile is never followed.  C{None} if a
+    component is no longer a folder there.
+    """
+    start = max(i for i, level in enumerate(way) if level.fd is not None)
+    fd = way[start].fd
+    assert fd is not None
+    opened: int | None = None  # ours to close, unlike way[start].fd
+    try:
+        for level in way[start + 1 :]:
+            child = os.open(level.name, _FOLDER_FLAGS, dir_fd=fd)
+            if opened is not None:
+                os.close(opened)
+            opened = fd = child
+    except OSError:
+        if opened is not None:
+            os.close(opened)
+        return None
+    return opened

@@ -21,13 +21,14 @@ import shutil
 import signal
 import stat
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from blake3 import blake3
 from twisted.internet.address import IPv4Address
 from twisted.internet.error import ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import StringTransport
+from twisted.internet.testing import EventLoggingObserver, StringTransport
+from twisted.logger import LogLevel, globalLogPublisher
 from twisted.python.failure import Failure
 from twisted.python.monkey import MonkeyPatcher
 from twisted.trial.unittest import SynchronousTestCase
@@ -40,7 +41,7 @@ from p2p.peer import PeerFactory
 from p2p.pieces import PIECE_SIZE, root_of
 from p2p.share import MAX_SYMLINKS, OPENAT2_ATTEMPTS, OpenedFile, ShareFolder
 from p2p.wire import Code, WireError
-from tests._indexed import peer_factory, run_inline
+from tests._indexed import indexed, peer_factory, run_inline
 from tests._support import descriptors
 
 SECRET = b"TOP SECRET: outside the share folder\n"
@@ -1143,3 +1144,234 @@ class TwistdFilesTests(SynchronousTestCase):
         self.assertEqual(
             read_listing(factory), [wire.FileEntry(1, root_hex(b"x"), "ok.txt")]
         )
+
+
+# Deep enough that a walk recursing once per folder failed (RecursionError),
+# and that one descriptor per level would pass a soft limit of 1024.
+DEEP_LEVELS = 2000
+
+
+def nest(case: SynchronousTestCase, parent: str, levels: int) -> list[str]:
+    """
+    Make C{levels} folders named C{d}, each inside the one before, in
+    C{parent}; return their paths relative to C{parent} (C{"d"},
+    C{"d/d"}, ...).  Made through descriptors (the paths pass PATH_MAX),
+    and removed when C{case} ends by L{unnest}: C{shutil.rmtree} and
+    trial's own clean-up recurse once per level.
+    """
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for _ in range(levels):
+            os.mkdir("d", dir_fd=fd)
+            child = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+    finally:
+        os.close(fd)
+    case.addCleanup(unnest, parent)
+    return ["/".join(["d"] * level) for level in range(1, levels + 1)]
+
+
+def write_at(parent: str, folder: str, name: str, data: bytes) -> None:
+    """Write C{data} to C{folder/name} below C{parent}, however deep."""
+    fd = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        for part in folder.split("/"):
+            child = os.open(part, os.O_RDONLY | os.O_DIRECTORY, dir_fd=fd)
+            os.close(fd)
+            fd = child
+        out = os.open(name, os.O_WRONLY | os.O_CREAT | os.O_EXCL, dir_fd=fd)
+        try:
+            os.write(out, data)
+        finally:
+            os.close(out)
+    finally:
+        os.close(fd)
+
+
+def unnest(parent: str) -> None:
+    """Remove what L{nest} made in C{parent} a level at a time, without
+    recursing: each level's C{d} is moved up before the level goes."""
+    top = os.open(parent, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        while True:
+            try:
+                fd = os.open("d", os.O_RDONLY | os.O_DIRECTORY, dir_fd=top)
+            except FileNotFoundError:
+                return
+            moved = False
+            try:
+                for name in os.listdir(fd):
+                    if name == "d":
+                        os.rename("d", "d.next", src_dir_fd=fd, dst_dir_fd=top)
+                        moved = True
+                    else:
+                        os.unlink(name, dir_fd=fd)
+            finally:
+                os.close(fd)
+            os.rmdir("d", dir_fd=top)
+            if not moved:
+                return
+            os.rename("d.next", "d", src_dir_fd=top, dst_dir_fd=top)
+    finally:
+        os.close(top)
+
+
+def sorted_walk(
+    share: ShareFolder, check: Callable[[str], None] = lambda folder: None
+) -> list[tuple[str, list[str], list[str]]]:
+    """C{share}'s walk, its subfolders entered in name order (as the index
+    walks it), calling C{check} at each folder."""
+    seen = []
+    for folder, dirnames, filenames, _ in share.walk():
+        dirnames.sort()
+        seen.append((folder, list(dirnames), sorted(filenames)))
+        check(folder)
+    return seen
+
+
+def too_long_warnings(events: list[dict]) -> list[dict]:
+    """The index's warnings, among C{events}, about names too long to share."""
+    return [e for e in events if "too long for the protocol" in e["log_format"]]
+
+
+class DeepTreeTests(SynchronousTestCase):
+    """
+    A share however deep: the walk keeps its own stack and a bounded
+    number of folder descriptors, and the index shares what the protocol
+    can name, warning about the rest, instead of failing every scan (and
+    then listing nothing, as if the share were empty and indexed).
+    """
+
+    def setUp(self) -> None:
+        self.root = temp_dir(self)
+        write(os.path.join(self.root, "top.txt"), b"at the top")
+        write(os.path.join(self.root, "sibling", "s.txt"), b"beside the deep one")
+        os.mkdir(os.path.join(self.root, "deep"))
+        self.levels = nest(self, os.path.join(self.root, "deep"), DEEP_LEVELS)
+        write_at(self.root, "deep/" + self.levels[-1], "bottom.txt", b"deepest")
+
+    def test_walk_any_depth(self) -> None:
+        """Every folder is walked, top-down, the deepest included, and no
+        more than WALK_DESCRIPTORS folders below the share's are open."""
+        before = descriptors()
+        most = len(before) + p2p.share.WALK_DESCRIPTORS + 1  # + the share's
+        share = ShareFolder(self.root)
+
+        def check(folder: str) -> None:
+            if folder.count("/") % 97 == 0:  # /proc is slow to read 2,000 times
+                self.assertLessEqual(len(descriptors()), most, folder)
+
+        seen = sorted_walk(share, check)
+        deep = ["deep/" + level for level in self.levels]
+        self.assertEqual(
+            [folder for folder, _, _ in seen], ["", "deep", *deep, "sibling"]
+        )
+        self.assertEqual(seen[0], ("", ["deep", "sibling"], ["top.txt"]))
+        self.assertEqual(seen[-2], (deep[-1], [], ["bottom.txt"]))
+        self.assertEqual(seen[-1], ("sibling", [], ["s.txt"]))
+        self.assertEqual(descriptors(), before)
+
+    def test_walk_left_midway(self) -> None:
+        """A walk left deep down (a scan halted) closes what it held."""
+        before = descriptors()
+        walk = ShareFolder(self.root).walk()
+        for folder, _, _, _ in walk:
+            if folder.count("/") == DEEP_LEVELS // 2:
+                break
+        walk.close()
+        self.assertEqual(descriptors(), before)
+
+    def test_scan_of_a_deep_tree(self) -> None:
+        """
+        The index lists the files at the top, under the sibling folder and
+        as deep as a name can be; names past the protocol's 900 bytes are
+        skipped, a folder whose every name would be is not entered, and a
+        warning says so, once.
+        """
+        # "deep/" + "d/" * 420 is 844 bytes: a 65-byte file name there is
+        # too long; at 440 levels, "ok.txt" makes 891.
+        long_name = "long-" + "x" * 60
+        write_at(self.root, "deep/" + self.levels[419], long_name, b"too long")
+        write_at(self.root, "deep/" + self.levels[439], "ok.txt", b"just fits")
+        write_at(self.root, "deep/" + self.levels[9], "mid.txt", b"ten down")
+        events = EventLoggingObserver.createWithCleanup(self, globalLogPublisher)
+        clock = Clock()
+        share = ShareFolder(self.root)
+        index = indexed(self, share, clock)
+        factory = PeerFactory(share, index, Clock(), 30.0)
+        ok = f"deep/{self.levels[439]}/ok.txt"
+        self.assertEqual(len(ok.encode()), 891)
+        self.assertEqual(
+            {(entry.name, entry.root) for entry in read_listing(factory)},
+            {
+                ("top.txt", root_hex(b"at the top")),
+                ("sibling/s.txt", root_hex(b"beside the deep one")),
+                (f"deep/{self.levels[9]}/mid.txt", root_hex(b"ten down")),
+                (ok, root_hex(b"just fits")),
+            },
+        )
+        self.assertEqual((index.pending, index.scanning), (0, False))
+        (warning,) = [
+            e for e in events if "too long for the protocol" in e.get("log_format", "")
+        ]
+        self.assertEqual(warning["log_level"], LogLevel.warn)
+        self.assertEqual((warning["files"], warning["folders"]), (1, 1))
+        self.assertTrue(warning["start"].startswith("deep/d/d/"))
+        self.assertEqual(len(warning["start"]), p2p.index.LOGGED_NAME_CHARACTERS)
+        self.assertFalse(self.flushLoggedErrors())
+        # A rescan finds the same: no second warning.
+        clock.advance(3600)
+        warnings = [
+            e for e in events if "too long for the protocol" in e.get("log_format", "")
+        ]
+        self.assertEqual(len(warnings), 1)
+
+
+class WalkReopenTests(SynchronousTestCase):
+    """With fewer descriptors than levels the walk opens folders again on
+    its way back up: in the same order, and never through a symlink."""
+
+    def setUp(self) -> None:
+        self.patch(p2p.share, "WALK_DESCRIPTORS", 1)
+        self.base = temp_dir(self)
+        self.root = os.path.join(self.base, "share")
+        for name in ("a/x/x1/f", "a/x/x2/f", "a/y/f", "a/z/z1/z2/f", "b/f", "c/skip/f"):
+            write(os.path.join(self.root, *name.split("/")), name.encode())
+        write(os.path.join(self.base, "outside", "y", "SECRET"), SECRET)
+
+    def test_same_order_as_os_walk(self) -> None:
+        """Folder after folder as os.walk goes, pruned subfolders skipped."""
+        expected = []
+        for path, dirnames, filenames in os.walk(self.root):
+            dirnames[:] = sorted(d for d in dirnames if d != "skip")
+            folder = os.path.relpath(path, self.root)
+            expected.append(("" if folder == "." else folder, dirnames, filenames))
+        seen = []
+        before = descriptors()
+        for folder, dirnames, filenames, _ in ShareFolder(self.root).walk():
+            dirnames[:] = sorted(d for d in dirnames if d != "skip")
+            seen.append((folder, list(dirnames), filenames))
+        self.assertEqual(seen, expected)
+        self.assertEqual(descriptors(), before)
+
+    def test_folder_swapped_for_a_symlink(self) -> None:
+        """
+        A folder the walk let go of, swapped for a symlink to outside
+        before the walk comes back for its next subfolder, is not
+        followed: what it had left is skipped.
+        """
+        before = descriptors()
+
+        def swap(folder: str) -> None:
+            if folder == "a/x/x2":
+                os.rename(os.path.join(self.root, "a"), os.path.join(self.base, "a"))
+                os.symlink("../outside", os.path.join(self.root, "a"))
+
+        seen = sorted_walk(ShareFolder(self.root), swap)
+        self.assertEqual(
+            [folder for folder, _, _ in seen],
+            ["", "a", "a/x", "a/x/x1", "a/x/x2", "b", "c", "c/skip"],
+        )
+        self.assertNotIn("SECRET", [name for _, _, names in seen for name in names])
+        self.assertEqual(descriptors(), before)
