@@ -19,6 +19,12 @@ every connection lives under (see ``docs/security.rst``):
 * the error budget: after ``MAX_ERRORS_PER_CONNECTION`` error replies the
   connection gets ``ERR 429 too many errors`` and is closed, so one
   connection cannot be used as an error-reply pump.
+
+Every close a server decides (a timeout, a limit, a refusal) is final
+within ``CLOSE_GRACE_SECONDS`` (L{ServerLineProtocol.hang_up}): a polite
+close waits for the client (to read, to finish a TLS handshake, to answer
+TLS's close), and a client that does none of these would otherwise hold
+its socket and its place in the limits for ever.
 """
 
 from __future__ import annotations
@@ -30,12 +36,15 @@ from typing import Protocol as Interface
 from twisted.internet.interfaces import (
     IDelayedCall,
     IHalfCloseableProtocol,
+    IHandshakeListener,
     IReactorTime,
+    ISSLTransport,
 )
 from twisted.internet.protocol import Protocol, ServerFactory
 from twisted.logger import Logger, LogLevel
 from twisted.protocols.basic import LineReceiver
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p import netgroup, wire
 from p2p.transports import unsent_output, write_now
@@ -61,6 +70,13 @@ REFUSALS_LOGGED_PER_PERIOD = 20
 REFUSAL_LOG_PERIOD_SECONDS = 60.0
 # Distinct reasons counted per period (the rest count as "other").
 MAX_REASONS = 32
+
+# What a client told why it is cut off (ERR 408, 413, 429, 503) has to read
+# it and close, or to finish its TLS handshake and read it: then the server
+# aborts.  Twisted's polite close waits for the client, and over TLS for
+# ever while the handshake is unfinished or a producer is registered (150
+# silent TLS connections were all still open after 100 s).
+CLOSE_GRACE_SECONDS = 5.0
 
 # What source_host says of a connection without an IP source.
 UNKNOWN_HOST = "?"
@@ -162,6 +178,7 @@ class ConnectionLimits:
         role: str,
         build: Callable[[str, Callable[[], None]], Protocol],
         refusals: RefusalLog | None = None,
+        clock: IReactorTime | None = None,
     ) -> Protocol:
         """
         The protocol for a new connection from C{address}: C{build(host,
@@ -170,7 +187,9 @@ class ConnectionLimits:
         C{host} is the source address as L{source_host} gives it.
         C{release} must be called exactly once, when the connection is lost
         (L{ServerLineProtocol} does that).  Refusals go to C{refusals} when
-        given (rate-limited), else straight to the log.
+        given (rate-limited), else straight to the log.  With C{clock}, a
+        refused connection is aborted if still open after
+        L{CLOSE_GRACE_SECONDS}.
         """
         host = source_host(address)
         refusal = self.admit(host)
@@ -182,7 +201,7 @@ class ConnectionLimits:
                 refusals.refused(format, refusal, role=role, label="connections")
             else:
                 self.log.warn(format, role=role, reason=refusal)
-            return RefusingProtocol(role, refusal)
+            return RefusingProtocol(role, refusal, clock)
         try:
             return build(host, lambda: self.release(host))
         except BaseException:
@@ -381,7 +400,7 @@ class LimitedServerFactory(ServerFactory):
 
     def buildProtocol(self, addr: object) -> Protocol:
         return self.limits.protocol_for(
-            addr, self.role, self._build, self.policy.refusals
+            addr, self.role, self._build, self.policy.refusals, self.clock
         )
 
     def _build(self, host: str, on_lost: Callable[[], None]) -> Protocol:
@@ -401,11 +420,20 @@ class LimitedServerFactory(ServerFactory):
 
 
 class RefusingProtocol(Protocol):
-    """Greets, explains the refusal in one ``ERR 503`` line, and hangs up."""
+    """
+    Greets, explains the refusal in one ``ERR 503`` line, and hangs up;
+    with a clock, for good within L{CLOSE_GRACE_SECONDS} (over TLS the
+    lines wait for a handshake the client may never make).
+    """
 
-    def __init__(self, role: str, reason: str) -> None:
+    _abort_call: IDelayedCall | None = None
+
+    def __init__(
+        self, role: str, reason: str, clock: IReactorTime | None = None
+    ) -> None:
         self.role = role
         self.reason = reason
+        self.clock = clock
 
     @property
     def greeting(self) -> bytes:
@@ -420,9 +448,18 @@ class RefusingProtocol(Protocol):
     def connectionMade(self) -> None:
         self.transport.write(self.greeting)
         self.transport.loseConnection()
+        if self.clock is not None:
+            self._abort_call = self.clock.callLater(
+                CLOSE_GRACE_SECONDS, self.transport.abortConnection
+            )
 
     def dataReceived(self, data: bytes) -> None:
         """Whatever the client sends is ignored: we are hanging up."""
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        call, self._abort_call = self._abort_call, None
+        if call is not None and call.active():
+            call.cancel()
 
 
 class ReadGate:
@@ -534,6 +571,7 @@ class IdleTimeouts:
                 self.log.failure("timing out an idle connection failed")
 
 
+@implementer(IHandshakeListener)
 class ServerLineProtocol(LineReceiver):
     """
     The relay's and the peer's connection: a banner, then request lines.
@@ -558,6 +596,9 @@ class ServerLineProtocol(LineReceiver):
     :param idle_timeouts: the deadline list this connection joins; a
         factory shares one among its connections.  Default: a list of its
         own, on C{clock} with C{idle_timeout}.
+
+    Every close the server decides goes through L{hang_up}, final within
+    L{CLOSE_GRACE_SECONDS}.
     """
 
     delimiter = wire.DELIMITER
@@ -571,6 +612,10 @@ class ServerLineProtocol(LineReceiver):
     policy: ConnectionPolicy | None = None
     # Complete requests received so far.
     requests = 0
+    # Whether the TLS handshake is over (IHandshakeListener; never set on
+    # a connection without TLS), and the abort a hang_up set up.
+    _handshake_done = False
+    _abort_call: IDelayedCall | None = None
 
     def __init__(
         self,
@@ -656,7 +701,30 @@ class ServerLineProtocol(LineReceiver):
         if self._idle is not None:
             self._idle.restart(self)
 
+    def handshakeCompleted(self) -> None:
+        """IHandshakeListener: TLS is up, what we send can now be read."""
+        self._handshake_done = True
+
+    @property
+    def before_handshake(self) -> bool:
+        """Whether this is a TLS connection whose handshake is unfinished:
+        its client can read nothing we send yet."""
+        return not self._handshake_done and ISSLTransport.providedBy(self.transport)
+
+    def dataReceived(self, data: bytes) -> None:
+        """
+        Bytes arriving after we asked for a close are dropped: a TLS
+        connection keeps reading while it closes (for the client's close),
+        and LineReceiver would keep them, without bound, in its buffer.
+        """
+        if self.transport.disconnecting:
+            return
+        super().dataReceived(data)
+
     def connectionLost(self, reason: Failure | None = None) -> None:
+        call, self._abort_call = self._abort_call, None
+        if call is not None and call.active():
+            call.cancel()
         if self._idle is not None:
             self._idle.stop(self)
         if not self.requests and self.policy is not None:
@@ -715,7 +783,7 @@ class ServerLineProtocol(LineReceiver):
 
     def writeConnectionLost(self) -> None:
         """IHalfCloseableProtocol: the client reads nothing more."""
-        self.transport.loseConnection()
+        self.hang_up()
 
     def close_if_done(self) -> None:
         """Close a half-closed connection once no request is in progress."""
@@ -760,7 +828,32 @@ class ServerLineProtocol(LineReceiver):
         """Close once the answers sent so far are out (here: at once, the
         transport sends what it holds first); subclasses whose answers may
         wait before they reach the transport close later."""
-        self.transport.loseConnection()
+        self.hang_up()
+
+    def hang_up(self) -> None:
+        """
+        Close the connection, for good within L{CLOSE_GRACE_SECONDS}.
+
+        A polite close sends what the transport holds first, and over TLS
+        waits for the client's close in return.  A TLS client that has not
+        finished its handshake can read nothing we send: it is aborted at
+        once (Twisted would otherwise wait for the handshake, with our
+        banner queued, and with reading paused never notice the client
+        leave: its socket stayed in CLOSE-WAIT for good).  Any other client
+        has the grace time to read the last answer and close; then the
+        connection is aborted.
+        """
+        transport = self.transport
+        # A registered producer holds back TLS's close until it leaves.
+        self.release_transport()
+        if self.before_handshake:
+            transport.abortConnection()
+            return
+        transport.loseConnection()
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(
+                CLOSE_GRACE_SECONDS, transport.abortConnection
+            )
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.log_refusal("refused a request: line too long", "413")
@@ -789,6 +882,10 @@ class ServerLineProtocol(LineReceiver):
                 "closing a connection whose client stopped reading", "not reading"
             )
             self.transport.abortConnection()
+            return
+        if self.before_handshake:
+            # No ERR line: it could not be read, and it would wait in TLS.
+            self.hang_up()
             return
         if not self.requests and self.policy is not None:
             timeout = self.policy.first_request

@@ -522,7 +522,7 @@ class PeerProtocol(ServerLineProtocol):
         if not self._closing:
             self._closing = True
             self.pauseProducing()
-            self._after_paid.append(self.transport.loseConnection)
+            self._after_paid.append(self.hang_up)
 
     def _pay(self, granted: int = 0) -> None:
         """

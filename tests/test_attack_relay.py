@@ -605,6 +605,41 @@ async def test_tls_pipelining_memory_is_bounded(
     assert read == [10] * 4, read
 
 
+@attack_test
+async def test_silent_tls_connections_are_cut_and_free_their_places(
+    launcher: Launcher, crowd: Crowd, tmp_path
+):
+    """
+    32 TCP connections from one source to a TLS relay that never start a
+    handshake (first-request deadline 1 s here): the relay ends every one
+    at the deadline, and the source's places are free again.  Before, the
+    TLS layer waited for a handshake that never came, with reading paused:
+    all stayed open (and in CLOSE-WAIT for good once their client closed),
+    so the source was refused for as long as the relay ran.
+    """
+    authority = Authority(str(tmp_path / "pki"))
+    credentials = authority.issue("relay", ips=["127.0.0.1"])
+    relay = await launcher.relay(
+        LOOPBACK, credentials.listen(), args=["--first-request-timeout", "1"]
+    )
+    plain, secure = relay.addresses
+    source = "127.136.0.1"
+    silent = [
+        await crowd.connect(secure, source) for _ in range(CONNECTIONS_PER_SOURCE)
+    ]
+    started = time.perf_counter()
+    await gatherResults([client.when_closed(timeout=5) for client in silent])
+    closed_in = max(client.lost_at for client in silent) - started
+    answer = replies((await crowd.exchange(plain, source, [b"PEERS"])).lines)
+    print(
+        f"{len(silent)} silent TLS connections ended by the relay within "
+        f"{closed_in:.2f} s; the source then got {answer}"
+    )
+    assert all(client.lines == [] for client in silent)
+    assert closed_in < 3.0, closed_in
+    assert answer == [b"OK 0"], answer
+
+
 KERNEL_QUEUE_BOUND = 64 * MiB
 
 

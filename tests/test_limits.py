@@ -21,6 +21,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
 from p2p.limits import (
+    CLOSE_GRACE_SECONDS,
     DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS,
     DEFAULT_MAX_CONNECTIONS,
     DEFAULT_MAX_CONNECTIONS_PER_HOST,
@@ -690,3 +691,133 @@ class HalfCloseTests(SynchronousTestCase):
         listing = f"OK 1\nFILE 300000 {root_hex(content)} a.txt\n".encode()
         self.assertTrue(transport.value().endswith(listing))
         self.assertTrue(transport.disconnecting)
+
+
+class TLSHangUpTests(SynchronousTestCase):
+    """
+    A close the server decides is final within CLOSE_GRACE_SECONDS over
+    Twisted's real TLS layer (in memory), whatever the client does: its
+    polite close waits for the handshake, for a registered producer to
+    leave, then for the client's close.  150 silent TLS connections, 150
+    that sent part of a ClientHello and 150 that made a handshake and no
+    request were all still open after 100 s; closed by their client, the
+    first kind stayed in CLOSE-WAIT for good.
+    """
+
+    def setUp(self) -> None:
+        from twisted.internet.ssl import DefaultOpenSSLContextFactory
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        from ._certs import Authority
+
+        credentials = Authority(self.mktemp()).issue("relay", ips=["127.0.0.1"])
+        self.clock = Clock()
+        relay = Relay(MemoryRegistry(60), self.clock)
+        self.factory = TLSMemoryBIOFactory(
+            DefaultOpenSSLContextFactory(credentials.key, credentials.certificate),
+            False,
+            RelayFactory(relay),
+            self.clock,
+        )
+
+    def connect(self):
+        """A TLS connection to the relay: its TLS protocol and the TCP
+        transport under it."""
+        peer = address(HOST_A)
+        server = self.factory.buildProtocol(peer)
+        tcp = StringTransport(peerAddress=peer)
+        server.makeConnection(tcp)
+        return server, tcp
+
+    def assertGone(self, server, tcp) -> None:
+        """Aborted; once lost, no timer is left."""
+        self.assertTrue(tcp.disconnected)
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_silent_client_aborted_at_the_deadline(self) -> None:
+        """No ClientHello by the first-request deadline: aborted (nothing we
+        send can be read before a handshake)."""
+        server, tcp = self.connect()
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS - 0.1)
+        self.assertFalse(tcp.disconnecting)
+        self.clock.advance(0.1)
+        self.assertGone(server, tcp)
+
+    def test_partial_hello_aborted_at_the_deadline(self) -> None:
+        from .test_transports import tls_over
+
+        server, tcp = self.connect()
+        client_wire = StringTransport()
+        tls_over(client_wire)
+        server.dataReceived(client_wire.value()[:20])
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS)
+        self.assertGone(server, tcp)
+
+    def handshake(self):
+        """A connection whose client made the handshake; the client's
+        received bytes, and a function moving bytes from server to client
+        only (this client never answers TLS's close)."""
+        from .test_transports import tls_over
+
+        server, tcp = self.connect()
+        client_wire = StringTransport()
+        client = tls_over(client_wire)
+        while tcp.value() or client_wire.value():
+            to_client, to_server = tcp.value(), client_wire.value()
+            tcp.clear()
+            client_wire.clear()
+            if to_server:
+                server.dataReceived(to_server)
+            if to_client:
+                client.dataReceived(to_client)
+            self.clock.advance(0)  # TLS gathers small writes for a turn
+
+        def deliver() -> None:
+            self.clock.advance(0)
+            if tcp.value():
+                client.dataReceived(tcp.value())
+                tcp.clear()
+
+        deliver()
+        return server, tcp, client, client_wire, deliver
+
+    def test_handshaken_client_told_then_aborted(self) -> None:
+        """After a handshake and no request: ERR 408, then an abort once the
+        grace time is over, though the client never closes."""
+        server, tcp, client, _, deliver = self.handshake()
+        received = client.wrappedProtocol
+        self.assertEqual(received.data, b"P2P/1 relay\n")
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS)
+        deliver()
+        self.assertEqual(received.data, b"P2P/1 relay\nERR 408 no request within 5 s\n")
+        self.clock.advance(CLOSE_GRACE_SECONDS - 0.1)
+        self.assertFalse(tcp.disconnected)
+        self.clock.advance(0.1)
+        self.assertGone(server, tcp)
+
+    def test_polite_client_closes_politely(self) -> None:
+        """A client that answers TLS's close is closed without an abort."""
+        server, tcp, client, client_wire, deliver = self.handshake()
+        self.clock.advance(DEFAULT_FIRST_REQUEST_TIMEOUT_SECONDS)
+        deliver()
+        server.dataReceived(client_wire.value())  # its close_notify
+        self.assertTrue(tcp.disconnecting)
+        self.assertFalse(tcp.disconnected)
+        server.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_refused_connection_aborted_after_the_grace(self) -> None:
+        """A refused TLS client has the grace time to make its handshake and
+        read the ERR 503; a silent one is then aborted."""
+        self.factory.wrappedFactory.limits = ConnectionLimits(max_total=1)
+        held, _ = self.connect()
+        server, tcp = self.connect()
+        self.assertIsInstance(server.wrappedProtocol, RefusingProtocol)
+        self.clock.advance(CLOSE_GRACE_SECONDS - 0.1)
+        self.assertFalse(tcp.disconnected)
+        self.clock.advance(0.1)
+        self.assertTrue(tcp.disconnected)
+        server.connectionLost(Failure(ConnectionDone()))
+        held.connectionLost(Failure(ConnectionDone()))
+        self.assertFalse(self.clock.getDelayedCalls())
