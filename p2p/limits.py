@@ -680,8 +680,13 @@ class ServerLineProtocol(LineReceiver):
         read) while more than the transport's buffer size is queued, and
         resumes it when the client has read.
         """
-        if write_now(self.transport, data) or self._gate is not None:
-            return
+        # Registered before the bytes are queued: Twisted pauses a producer
+        # when a write fills its buffer, not when it registers (a 564 KB
+        # reply written first left the gate unpaused, its client never cut).
+        gate = None if self._gate is not None else self._gate_reading
+        write_now(self.transport, data, gate)
+
+    def _gate_reading(self) -> None:
         self._gate = ReadGate(self)
         self.transport.registerProducer(self._gate, True)
 

@@ -21,9 +21,10 @@ from time import perf_counter
 from typing import NoReturn
 
 from twisted.internet.defer import Deferred
-from twisted.internet.interfaces import IAddress, IReactorTime
+from twisted.internet.interfaces import IAddress, IPullProducer, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from p2p import wire
 from p2p.dialback import DialBack
@@ -39,7 +40,13 @@ from p2p.limits import (
 )
 from p2p.ratelimit import GuessBrake, RequestBudget
 from p2p.registry import MAX_HINT_SCAN, Lease, RegistryFull, RegistryUnavailable
-from p2p.transports import cap_send_buffer
+from p2p.transports import (
+    cap_send_buffer,
+    limit_unsent,
+    plain_socket,
+    unbuffered_write,
+    write_now,
+)
 from p2p.wire import Code, WireError
 
 DEFAULT_TTL_SECONDS = 60
@@ -63,6 +70,12 @@ PAGE_LINES_PER_TOKEN = 1000
 FILTER_LINES_PER_TOKEN = 250
 # The kernel send buffer of a relay connection (see cap_send_buffer).
 SEND_BUFFER_BYTES = 64 * 1024
+# A reply longer than this goes out as the client reads it (LinesProducer),
+# a chunk at a time: a PEERS files=1 page is 564 KB, and handed to the
+# transport whole it was copied into every connection that asked and never
+# read (2,000 of them took the relay from 48 to 939 MiB).
+STREAM_REPLY_BYTES = SEND_BUFFER_BYTES
+REPLY_CHUNK_BYTES = 16 * 1024
 # Table changes logged one by one per minute; the rest are counted.
 TABLE_EVENTS_LOGGED_PER_MINUTE = 600
 # Descriptors one connection holds: its socket only (the relay opens no
@@ -175,6 +188,9 @@ class Relay:
         # Lease -> (renewed, age, age + 1, name, its PEER line) (see
         # _listing); bounded.
         self._lines: dict[object, tuple[float, float, float, str | None, bytes]] = {}
+        # Lease -> (its PEER line, its filter, the line with files=) (see
+        # _page); bounded like _lines.
+        self._filter_lines: dict[object, tuple[bytes, bytes, bytes]] = {}
         self.activity = Activity()
         # The counts of every summary so far (the metrics add the current
         # activity to them), and where request durations go (p2p.metrics
@@ -453,13 +469,25 @@ class Relay:
         lines = self._listing(leases, now, next_cursor)
         if request.files:
             # Each peer's name filter, for a client matching many names
-            # itself: appended to the (cached) line, as on the wire.
-            lines[1:] = [
-                line + b" files=" + lease.files.hex().encode()
-                if lease.files is not None
-                else line
-                for line, lease in zip(lines[1:], leases, strict=True)
-            ]
+            # itself: appended to the (cached) line, as on the wire.  Those
+            # lines are cached too, so that a long reply going out slowly
+            # (LinesProducer) holds lines every such reply shares, not a
+            # copy of its own.
+            cache = self._filter_lines
+            if len(cache) > LINE_CACHE_ENTRIES:
+                cache.clear()
+            for i, lease in enumerate(leases, 1):
+                files = lease.files
+                if files is None:
+                    continue
+                line = lines[i]
+                cached = cache.get(lease)
+                if cached is not None and cached[0] is line and cached[1] is files:
+                    lines[i] = cached[2]
+                    continue
+                full = line + b" files=" + files.hex().encode()
+                cache[lease] = (line, files, full)
+                lines[i] = full
         return lines
 
     def _listing(
@@ -579,6 +607,55 @@ def _timed(
     return result
 
 
+@implementer(IPullProducer)
+class LinesProducer:
+    """
+    A long reply, written as the client reads it: the transport asks for
+    more (a pull producer) when it has sent what it held, so a client that
+    stops reading holds one chunk in the relay, not the whole reply.  The
+    lines are the relay's cached ones, shared with every other reply.  Each
+    pull is progress (it restarts the idle timeout); a reply the client
+    stops reading is cut off at the idle timeout (L{RelayProtocol}).
+    """
+
+    def __init__(self, protocol: RelayProtocol, lines: list[bytes]) -> None:
+        self.protocol = protocol
+        self._lines = lines
+        self._next = 0
+
+    def resumeProducing(self) -> None:
+        lines = self._lines
+        if self._next >= len(lines):
+            return  # sent, or stopped
+        protocol = self.protocol
+        protocol.resetTimeout()
+        transport = protocol.transport
+        delimiter = protocol.delimiter
+        while True:
+            start = end = self._next
+            size = 0
+            while end < len(lines) and size < REPLY_CHUNK_BYTES:
+                size += len(lines[end]) + 1
+                end += 1
+            self._next = end
+            chunk = delimiter.join(lines[start:end]) + delimiter
+            if end == len(lines):
+                protocol.reply_streamed(chunk)
+                return
+            if plain_socket(transport) is None:
+                # TLS: straight to the TLS layer, so that the transport sees
+                # (and pauses us at) what it holds; one chunk per pull.
+                unbuffered_write(transport)(chunk)
+                return
+            if not write_now(transport, chunk):
+                return  # the rest waits in the transport: it asks again
+
+    def stopProducing(self) -> None:
+        """The connection is gone: drop the reply."""
+        self._lines = []
+        self._next = 0
+
+
 class RelayProtocol(ServerLineProtocol):
     """One connection to the relay: a banner, then request/reply lines.
 
@@ -606,12 +683,50 @@ class RelayProtocol(ServerLineProtocol):
         # A relay's answers are at most about 80 KB: a bigger kernel buffer
         # would only let clients that stop reading park memory in it.
         cap_send_buffer(self.transport, SEND_BUFFER_BYTES)
+        # Over TLS, what the client has not read waits encrypted in the TCP
+        # connection under it: pause (a long reply, pipelined requests) at
+        # a chunk, not Twisted's 64 KiB (800 TLS clients not reading a long
+        # reply held 135 KiB each with 64 KiB).
+        limit_unsent(self.transport, REPLY_CHUNK_BYTES)
         super().connectionMade()
 
     # Whether a request waits for a shared registry's answer (reading is
     # paused meanwhile), and whether the connection is gone.
     _waiting = False
     _lost = False
+    # A long reply going out as the client reads (reading is paused).
+    _streaming: LinesProducer | None = None
+
+    def send_lines(self, lines: list[bytes]) -> None:
+        """Send a reply; one longer than L{STREAM_REPLY_BYTES} as the client
+        reads it (L{LinesProducer})."""
+        if len(lines) < 2 or sum(map(len, lines)) < STREAM_REPLY_BYTES:
+            super().send_lines(lines)
+            return
+        # The producer takes the transport over; no request is read until
+        # the reply is out (answers stay in order).
+        self.release_transport()
+        self.pauseProducing()
+        self._streaming = LinesProducer(self, lines)
+        self.transport.registerProducer(self._streaming, False)
+
+    def reply_streamed(self, last: bytes) -> None:
+        """The long reply's last chunk: send it, and read requests again."""
+        self._streaming = None
+        self.transport.unregisterProducer()
+        self.send_answer(last)
+        self._read_next(None)
+
+    def timeoutConnection(self) -> None:
+        """A long reply the client stopped reading (no pull for the idle
+        period) is cut off: an error line would land inside it."""
+        if self._streaming is None:
+            super().timeoutConnection()
+            return
+        self.log_refusal(
+            "closing a connection whose client stopped reading", "not reading"
+        )
+        self.transport.abortConnection()
 
     def request_received(self, line: bytes) -> None:
         observe = self.relay.durations
@@ -679,8 +794,9 @@ class RelayProtocol(ServerLineProtocol):
 
     def resumeProducing(self) -> None:
         # The transport's buffer drained (see send_answer), but a request
-        # still waits for the registry: its answer resumes reading.
-        if not self._waiting:
+        # still waits for the registry, or a long reply is going out: its
+        # end resumes reading.
+        if not self._waiting and self._streaming is None:
             super().resumeProducing()
 
     def connectionLost(self, reason: Failure | None = None) -> None:

@@ -100,7 +100,9 @@ def unsent_output(transport: object) -> bool:
     return unsent_bytes(transport) != 0
 
 
-def write_now(transport: object, data: bytes) -> bool:
+def write_now(
+    transport: object, data: bytes, before_queue: Callable[[], object] | None = None
+) -> bool:
     """
     C{transport.write(data)}, sending what the socket takes at once when
     C{transport} is a plain TCP connection with nothing queued.
@@ -110,6 +112,10 @@ def write_now(transport: object, data: bytes) -> bool:
     never changes; a broken connection is then noticed and closed by the
     transport, as it would have been anyway.
 
+    :param before_queue: called just before bytes are handed to
+        C{transport.write}: a producer registered there is one the
+        transport pauses if those bytes fill its buffer (Twisted checks at
+        C{write}, never at C{registerProducer}).
     :return: whether every byte went out at once (C{False}: some wait in
         the transport, or it cannot tell).
     """
@@ -123,6 +129,8 @@ def write_now(transport: object, data: bytes) -> bool:
         if sent == len(data):
             return True
         data = data[sent:]
+    if before_queue is not None:
+        before_queue()
     transport.write(data)  # type: ignore[attr-defined]
     return False
 

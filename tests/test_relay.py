@@ -25,7 +25,9 @@ from p2p.limits import MAX_ERRORS_PER_CONNECTION, ConnectionPolicy
 from p2p.registry import MemoryRegistry, RegistryFull, RegistryUnavailable
 from p2p.relay import (
     MAX_PEERS_PER_REPLY,
+    REPLY_CHUNK_BYTES,
     Activity,
+    LinesProducer,
     Relay,
     RelayFactory,
     RelayProtocol,
@@ -1337,3 +1339,70 @@ class SharedRegistryTests(RelayTestCase):
         self.relay.answered("10.0.0.5", 9000)
         self.registry.fail()
         self.assertEqual(self.relay.activity.verified, 0)
+
+
+class LongReplyTests(RelayTestCase):
+    """
+    A reply longer than the socket buffers (``PEERS files=1``: 1,008 peers
+    with their name filters, 564 KB) goes out as the client reads it, and a
+    client that stops reading is cut off at the idle timeout.  Handed to
+    the transport whole, it was copied into every connection that asked
+    and never read (2,000 took the relay from 48 to 939 MiB), for ever.
+    """
+
+    def setUp(self) -> None:
+        super().setUp()
+        for n in range(1008):
+            host = f"10.1.{n // 63}.{n % 63 + 1}"
+            files = bytes((n * 7 + i) % 256 for i in range(256))
+            self.registry.register(host, 20000 + n, None, self.clock.seconds(), files)
+        self.expected = b"".join(
+            line + b"\n" for line in self.relay.peers(wire.Peers(files=True))
+        )
+        self.assertGreater(len(self.expected), 500_000)
+
+    def test_reply_nobody_reads(self) -> None:
+        """The transport holds one chunk, not the reply; a client that takes
+        nothing more is aborted at the idle timeout, without an ERR line
+        inside the reply."""
+        connection = self.connect()
+        transport = connection.transport
+        connection.protocol.dataReceived(b"PEERS files=1\n")
+        producer = transport.producer
+        self.assertIsInstance(producer, LinesProducer)
+        self.assertFalse(transport.streaming)
+        producer.resumeProducing()  # what TCP does when it registers one
+        held = transport.value()
+        self.assertLess(len(held), REPLY_CHUNK_BYTES + 1024)
+        self.assertTrue(self.expected.startswith(held))
+        self.clock.advance(IDLE - 0.1)
+        self.assertFalse(transport.disconnecting)
+        self.clock.advance(0.1)
+        self.assertTrue(transport.disconnected)  # aborted
+        self.assertEqual(transport.value(), held)
+        connection.lose()
+        self.assertFalse(self.clock.getDelayedCalls())
+
+    def test_reader_gets_every_line_then_the_next_answer(self) -> None:
+        """Each chunk the client takes is progress; the reply is the same
+        bytes as ever, and the request pipelined behind it is answered after
+        it."""
+        connection = self.connect()
+        transport = connection.transport
+        connection.protocol.dataReceived(b"PEERS files=1\nPEERS limit=1\n")
+        for _ in range(2):  # longer apart than the idle timeout
+            self.clock.advance(IDLE - 1)
+            transport.producer.resumeProducing()
+        while isinstance(transport.producer, LinesProducer):
+            transport.producer.resumeProducing()
+        self.assertFalse(transport.disconnecting)
+        data = transport.value()
+        self.assertTrue(data.startswith(self.expected))
+        self.assertTrue(data[len(self.expected) :].startswith(b"OK 1 next="))
+
+    def test_filter_lines_are_shared(self) -> None:
+        """Two replies in the same second hold the same line objects, so a
+        slow reader keeps no copy of its own."""
+        first = self.relay.peers(wire.Peers(files=True))
+        second = self.relay.peers(wire.Peers(files=True))
+        self.assertTrue(all(a is b for a, b in zip(first[1:], second[1:], strict=True)))

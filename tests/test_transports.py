@@ -332,6 +332,38 @@ class WriteNowTests(SynchronousTestCase):
         received += drain(other_end)
         self.assertEqual(bytes(received), big + b"after\n")
 
+    def test_producer_registered_before_queueing_is_paused(self) -> None:
+        """
+        A producer C{before_queue} registers is paused when the bytes the
+        socket did not take fill the transport's buffer: Twisted checks at
+        C{write}, not at C{registerProducer}, so one registered after the
+        write (as the servers' read gate was) is never paused.
+        """
+        connection, _ = connection_pair(self)
+        big = bytes(range(256)) * 40_000  # more than a socket buffer holds
+        pauses: list[bool] = []
+
+        class Producer:
+            def pauseProducing(self) -> None:
+                pauses.append(True)
+
+            def resumeProducing(self) -> None:
+                pass
+
+            def stopProducing(self) -> None:
+                pass
+
+        write_now(
+            connection, big, lambda: connection.registerProducer(Producer(), True)
+        )
+        self.assertEqual(pauses, [True])
+        connection.unregisterProducer()
+        other, _ = connection_pair(self)
+        write_now(other, big)
+        other.registerProducer(Producer(), True)
+        self.assertEqual(pauses, [True])  # registered after: never paused
+        other.unregisterProducer()
+
     def test_queued_behind_earlier_writes(self) -> None:
         """Bytes already queued by transport.write go first."""
         connection, other_end = connection_pair(self)
