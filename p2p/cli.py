@@ -76,6 +76,8 @@ EXIT_READER_LEFT = 141
 # signal killed: SIGINT (Ctrl-C) 130, SIGTERM 143.
 EXIT_SIGNAL_BASE = 128
 EXIT_INTERRUPTED = EXIT_SIGNAL_BASE + signal.SIGINT
+# ``p2p ls`` writes its lines this many at a time.
+LS_LINES_PER_WRITE = 1000
 
 EXIT_FOR = {
     Status.OK: EXIT_OK,
@@ -1060,30 +1062,34 @@ class Runner:
         # Sorted by the names themselves; shown escaped (see p2p.text).
         rows.sort(key=lambda row: (row[0], row[1], row[2], row[3].address))
         if as_json:
-            written = self.console.write_json(
-                [
-                    {
-                        "peer": peer.address,
-                        "peer_id": peer.peer_id,
-                        "name": name,
-                        "size": size,
-                        "root": root,
-                    }
-                    for name, size, root, peer in rows
-                ]
-            )
-            return EXIT_OK if written else EXIT_OUTPUT
-        if long:
-            text = "".join(
-                f"{size:>12} {root} {peer.address:<22} {shown(name)}\n"
-                for name, size, root, peer in rows
-            )
+
+            def render(name, size, root, peer) -> bytes:
+                obj = {
+                    "peer": peer.address,
+                    "peer_id": peer.peer_id,
+                    "name": name,
+                    "size": size,
+                    "root": root,
+                }
+                return json.dumps(obj).encode("ascii") + b"\n"
+
+        elif long:
+
+            def render(name, size, root, peer) -> bytes:
+                return f"{size:>12} {root} {peer.address:<22} {shown(name)}\n".encode()
+
         else:
-            text = "".join(
-                f"{size:>12} {peer.address:<22} {shown(name)}\n"
-                for name, size, _, peer in rows
-            )
-        return EXIT_OK if self.console.write(text.encode()) else EXIT_OUTPUT
+
+            def render(name, size, root, peer) -> bytes:
+                return f"{size:>12} {peer.address:<22} {shown(name)}\n".encode()
+
+        # Written a batch of lines at a time: the whole text at once was as
+        # large again as the rows (see p2p.client.MAX_LISTED_BYTES_IN_ALL).
+        for start in range(0, len(rows), LS_LINES_PER_WRITE):
+            batch = rows[start : start + LS_LINES_PER_WRITE]
+            if not self.console.write(b"".join(render(*row) for row in batch)):
+                return EXIT_OUTPUT
+        return EXIT_OK
 
     @inlineCallbacks
     def get(

@@ -38,11 +38,15 @@ from p2p.choice import Choice, ask_roots, choose
 from p2p.client import (
     DEFAULT_CONNECT_TIMEOUT_SECONDS,
     DEFAULT_IDLE_TIMEOUT_SECONDS,
+    MAX_LISTED_BYTES_IN_ALL,
+    MAX_LISTED_FILES,
+    MAX_LISTED_FILES_IN_ALL,
     ListingTooLong,
     index_status,
     likely_holders,
     list_files,
     list_peers,
+    listed_bytes,
 )
 from p2p.endpoints import DEFAULT_RELAY, peer_endpoint
 from p2p.errors import RELAY_FAILURES, SKIPPABLE, OutputFailed, describe, kind_of
@@ -68,6 +72,7 @@ from p2p.sink import (
 )
 from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport
 from p2p.targets import Target, make_parents, remove_made
+from p2p.units import format_bytes
 
 T = TypeVar("T")
 
@@ -539,34 +544,65 @@ class ClientSession:
         return entries
 
     @inlineCallbacks
-    def listings(self):
+    def listings(self, max_files: int | None = None, max_bytes: int | None = None):
         """
         Every active peer's files, one L{Listing} per peer in the relay's
         order (every page of each; a peer that cannot be listed has its
         C{error}).  Fails like L{peers} when the relay cannot answer.
+
+        At most C{max_files} files and C{max_bytes} of ``FILE`` lines
+        (default: L{MAX_LISTED_FILES_IN_ALL}, L{MAX_LISTED_BYTES_IN_ALL}) are
+        taken from all peers together, so memory is bounded however many
+        peers list.  They are shared: each peer may take what is left
+        divided by the peers left (what a short listing leaves goes to the
+        next ones), so peers early in the relay's order cannot crowd out
+        the rest.  A listing cut by its share is C{truncated} and says so.
         """
+        if max_files is None:
+            max_files = MAX_LISTED_FILES_IN_ALL
+        if max_bytes is None:
+            max_bytes = MAX_LISTED_BYTES_IN_ALL
         entries = yield self.peers()
         listings = []
-        for entry in entries:
+        files_left, bytes_left = max_files, max_bytes
+        for position, entry in enumerate(entries):
             endpoint = self.endpoint_for(entry)
+            sharing = len(entries) - position
+            share = files_left // sharing
             try:
-                files = yield list_files(endpoint, self.reactor, self.request_timeout)
+                files = yield list_files(
+                    endpoint,
+                    self.reactor,
+                    self.request_timeout,
+                    maximum=min(MAX_LISTED_FILES, share),
+                    max_bytes=bytes_left // sharing,
+                )
             except ListingTooLong as e:
-                listings.append(Listing(entry, e.files, str(e), truncated=True))
-                continue
+                files = e.files
+                reason = str(e)
+                if e.by_bytes or share < MAX_LISTED_FILES:
+                    reason += (
+                        f" (its share of the {max_files} files and "
+                        f"{format_bytes(max_bytes)} of FILE lines p2p ls takes "
+                        f"from all {len(entries)} peers)"
+                    )
+                listings.append(Listing(entry, files, reason, truncated=True))
             except SKIPPABLE:
                 listings.append(Listing(entry, [], describe(Failure())))
                 continue
-            # Asked after the last page: files indexed while the pages were
-            # read came last in the order (LIST), so were listed; what is
-            # pending now is what the listing lacks.
-            try:
-                status = yield index_status(
-                    endpoint, self.reactor, self.request_timeout
-                )
-            except SKIPPABLE:
-                status = None
-            listings.append(Listing(entry, files, status=status))
+            else:
+                # Asked after the last page: files indexed while the pages
+                # were read came last in the order (LIST), so were listed;
+                # what is pending now is what the listing lacks.
+                try:
+                    status = yield index_status(
+                        endpoint, self.reactor, self.request_timeout
+                    )
+                except SKIPPABLE:
+                    status = None
+                listings.append(Listing(entry, files, status=status))
+            files_left -= len(files)
+            bytes_left -= sum(listed_bytes(file) for file in files)
         return listings
 
     # -- phase 3 -------------------------------------------------------------

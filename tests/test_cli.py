@@ -1142,6 +1142,78 @@ class LsTests(CommandTestCase):
         )
         self.assert_no_timers()
 
+    def list_one_page(self, index: int, names: list[str]) -> list[bytes]:
+        """Play the peer on connection C{index}: one page of C{names}, then
+        (if asked) a complete STATUS; return the requests it got."""
+        protocol, transport = self.connect(index, b"P2P/2 peer")
+        requests = [transport.value()]
+        transport.clear()
+        page = [b"OK %d" % len(names)]
+        page += [wire.FileEntry(1, self.ROOT_A, name).to_line() for name in names]
+        protocol.dataReceived(b"".join(line + b"\n" for line in page))
+        if transport.value():
+            requests.append(transport.value())
+            protocol.dataReceived(COMPLETE_STATUS)
+        return requests
+
+    def test_ls_shares_a_total_budget(self) -> None:
+        """
+        However many peers list, ``p2p ls`` takes a bounded number of files
+        from all of them together, shared: a peer early in the relay's order
+        listing many is cut at its share (saying so, as the per-peer cap
+        does), and what a short listing leaves goes to the peers after it.
+        """
+        self.patch(session, "MAX_LISTED_FILES_IN_ALL", 6)
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(
+            0,
+            (PEER_A, "127.0.0.1", 4001),
+            (PEER_B, "127.0.0.1", 4002),
+            ("c" * 16, "127.0.0.1", 4003),
+        )
+        # A's share is 6 // 3: the rest of its page is not taken, nor STATUS
+        # asked; B takes 1 of its 2, leaving C 3 of which it needs 2.
+        hostile = self.list_one_page(1, [f"h{i}" for i in range(5)])
+        self.assertEqual(hostile, [b"LIST limit=1000\n"])
+        self.assertEqual(len(self.list_one_page(2, ["b.txt"])), 2)
+        self.assertEqual(len(self.list_one_page(3, ["c.txt", "d.txt"])), 2)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(
+            [line.split()[-1] for line in self.console.out.decode().splitlines()],
+            ["b.txt", "c.txt", "d.txt", "h0", "h1"],
+        )
+        self.assertEqual(
+            self.console.err_lines[1:],
+            [
+                "p2p: 127.0.0.1:4001: lists more than 2 files (its share of the "
+                "6 files and 64.0 MiB of FILE lines p2p ls takes from all 3 "
+                "peers); showing the first 2"
+            ],
+        )
+
+    def test_ls_output_is_written_in_batches(self) -> None:
+        """The lines go out a batch at a time, never as one whole text: its
+        memory is bounded by the batch, not by the listing."""
+        self.patch(cli, "LS_LINES_PER_WRITE", 2)
+        writes = []
+        stdout = self.console.stdout
+        original = stdout.write
+
+        def write(data: bytes) -> int:
+            writes.append(bytes(data).count(b"\n"))
+            return original(data)
+
+        stdout.write = write
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls", "--json")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001))
+        self.list_one_page(1, ["a", "b", "c", "d", "e"])
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(writes, [2, 2, 1])
+        self.assertEqual(
+            [json.loads(line)["name"] for line in self.console.out.splitlines()],
+            ["a", "b", "c", "d", "e"],
+        )
+
     def ls_with_status(self, status: bytes) -> list[str]:
         """``p2p ls`` of one peer answering STATUS with C{status}: it
         exits 0 with both files listed; its stderr lines."""

@@ -47,6 +47,7 @@ from p2p.client import (
     PeerFailed,
     list_files,
     list_peers,
+    listed_bytes,
     peer_endpoint,
 )
 from p2p.errors import FailureKind
@@ -2062,6 +2063,34 @@ class ListingTests(SynchronousTestCase):
         error = self.failureResultOf(d, ListingTooLong).value
         self.assertEqual([f.name for f in error.files], ["f0", "f1", "f2", "f3", "f4"])
         self.assertEqual(len(peer.requests), 3)
+
+    def test_list_files_byte_bound(self) -> None:
+        """
+        Past C{max_bytes} of FILE lines the listing stops loudly too, even
+        within its last page: long names cannot make a few files cost what
+        many would.
+        """
+        lines = [file_line(1, name) for name in ("a" * 100, "b", "c")]
+        reply = b"OK 3\n" + b"\n".join(lines) + b"\n"
+        peer = _Server(b"P2P/2 peer\n", lambda line: reply)
+        budget = len(lines[0]) + len(lines[1])
+        d = list_files(peer, self.clock, 3, max_bytes=budget)
+        error = self.failureResultOf(d, ListingTooLong).value
+        self.assertEqual([f.name for f in error.files], ["a" * 100, "b"])
+        self.assertTrue(error.by_bytes)
+        self.assertEqual(sum(listed_bytes(f) for f in error.files), budget)
+        d = list_files(peer, self.clock, 3, max_bytes=budget + len(lines[2]))
+        self.assertEqual(len(self.successResultOf(d)), 3)
+
+    def test_list_files_last_page_over_the_bound(self) -> None:
+        """A last page (no ``next=``) beyond C{maximum} is not cut silently."""
+        reply = b"OK 3\n" + b"".join(file_line(1, n) + b"\n" for n in "abc")
+        peer = _Server(b"P2P/2 peer\n", lambda line: reply)
+        error = self.failureResultOf(
+            list_files(peer, self.clock, 3, maximum=2), ListingTooLong
+        ).value
+        self.assertEqual([f.name for f in error.files], ["a", "b"])
+        self.assertFalse(error.by_bytes)
 
     def test_list_files_from_an_older_peer(self) -> None:
         """A P2P/1 peer is refused by its banner; its reply is not read."""
