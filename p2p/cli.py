@@ -180,7 +180,8 @@ class GetOptions(_Command):
                 DEFAULT_HEADER_TIMEOUT_SECONDS,
                 "Skip a peer whose reply header and piece list take longer than "
                 "this many seconds, however its bytes trickle (time it shows "
-                "indexing progress does not count; 0: no limit).",
+                "indexing progress does not count, up to 20 times this; "
+                "0: no limit).",
                 float,
             ],
         ]

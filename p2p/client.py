@@ -29,7 +29,7 @@ from p2p.endpoints import peer_endpoint as peer_endpoint
 from p2p.errors import SKIPPABLE as SKIPPABLE
 from p2p.errors import FailureKind, OutputFailed, PeerFailed
 from p2p.errors import describe as describe
-from p2p.pace import DEFAULT_PACE, Pace, RateWatch
+from p2p.pace import DEFAULT_PACE, IndexingTooSlow, IndexingWatch, Pace, RateWatch
 from p2p.pieces import (
     DIGEST_BYTES,
     MAX_PIECES,
@@ -48,7 +48,6 @@ from p2p.transports import (
     set_receive_low_water,
     write_now,
 )
-from p2p.units import format_bytes
 from p2p.wire import WireError
 
 DEFAULT_CONNECT_TIMEOUT_SECONDS = 5.0
@@ -110,10 +109,8 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             )
         # The header deadline (pace.header_timeout), while it runs.
         self._deadline: IDelayedCall | None = None
-        # The last indexing progress seen (bytes hashed), if any, and when
-        # the first came.
-        self._indexed: int | None = None
-        self._indexing_since = 0.0
+        # How the peer's INDEXING lines, if any, keep up.
+        self._indexing_watch = IndexingWatch(clock, pace)
         # Called with a well-formed header before any byte is stored; raising
         # PeerFailed turns the peer down (e.g. another peer already won).
         self.accept_header = accept_header
@@ -219,12 +216,10 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
     def _indexing(self, progress: wire.Indexing) -> None:
         """
         The peer is still indexing the file.  A line that shows progress
-        (more bytes hashed) gives it its header deadline afresh; past that
-        deadline's length, the bytes hashed must keep up the minimum rate
-        since the first line, as a transfer would (so a peer busy with
-        other work at first is not blamed, and one that fakes slow progress
-        is bounded by the size it claims).  A size beyond what the client
-        would take fails it at once.
+        gives it its header deadline afresh, within the bounds of
+        L{IndexingWatch} (a peer faking progress on a huge size would
+        otherwise be waited for as long as that size at the minimum rate:
+        years).  A size beyond what the client would take fails it at once.
         """
         if progress.done > progress.total:
             raise WireError(wire.Code.BAD_REQUEST, "INDEXING past the file's size")
@@ -233,22 +228,13 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
             if refusal is not None:
                 self._fail(f"too large: {refusal}", FailureKind.TOO_LARGE)
                 return
-        now = self.clock.seconds()
-        if self._indexed is None:
-            self._indexing_since = now
-        if self._indexed is None or progress.done > self._indexed:
+        try:
+            progressed = self._indexing_watch.seen(progress.done, progress.total)
+        except IndexingTooSlow as e:
+            self._fail(str(e), FailureKind.SLOW)
+            return
+        if progressed:
             self._arm_deadline()
-            self._indexed = progress.done
-        grace, rate = self.pace.header_timeout, self.pace.min_rate
-        if grace is not None and rate > 0:
-            waited = now - self._indexing_since
-            if waited > grace + progress.done / rate:
-                self._fail(
-                    f"too slow: indexing, {format_bytes(progress.done)} hashed in "
-                    f"{waited:g} s",
-                    FailureKind.SLOW,
-                )
-                return
         self.on_indexing(progress)
 
     # -- lines: banner, progress, header ------------------------------------

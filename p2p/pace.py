@@ -7,7 +7,8 @@ at least C{min_rate} bytes a second over every stretch of C{min_rate_time}
 seconds (L{RateWatch}), and a reply's header, piece list included, must
 arrive within C{header_timeout} seconds of the connection, however its bytes
 trickle (time the peer spends indexing the file, showing progress, does not
-count).  A peer that fails either is skipped like one that broke.
+count, within bounds: L{IndexingWatch}).  A peer that fails either is
+skipped like one that broke.
 
 Only the peer is judged: while the client itself pauses the connection (its
 verify-and-write queue is full: a slow disk, a slow reader of stdout) the
@@ -18,6 +19,7 @@ blaming the peer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -35,6 +37,12 @@ DEFAULT_MIN_RATE_SECONDS = 10.0
 DEFAULT_HEADER_TIMEOUT_SECONDS = 30.0
 # A check this much later than due says nothing about the peer.
 LATE_FACTOR = 1.5
+# A peer still indexing the file has this many --header-timeouts from its
+# first INDEXING line to send its header: 10 min by default.  A real peer
+# hashes hundreds of MB/s (a 20 GiB file took 56 s on 2 cores); this allows
+# 20 GiB at 36 MB/s, while a peer faking progress on a huge size (4 TiB at
+# 41 KB/s: 3.4 years by the minimum rate alone) is bounded by it too.
+INDEXING_PATIENCE = 20
 
 
 @dataclass(frozen=True)
@@ -117,3 +125,83 @@ class RateWatch:
             f"too slow: {format_bytes(self._bytes)} in {self.period:g} s, less than "
             f"--min-rate {format_bytes(self.rate)}/s"
         )
+
+
+class IndexingTooSlow(Exception):
+    """A peer's indexing will not end within the wait allowed (the reason)."""
+
+
+class IndexingWatch:
+    """
+    Judges a peer's ``INDEXING`` lines (``done`` of ``total`` bytes
+    hashed), for a ``GET`` or a ``RANGE 0 0`` alike.
+
+    A line that shows progress renews the header deadline (L{seen} says
+    so).  Past the deadline's length (C{header_timeout}, from the first
+    line: a peer busy with other work at first is not blamed), the
+    progress must predict the end within L{INDEXING_PATIENCE} header
+    timeouts of the first line, at the faster of its rate since the first
+    line and its latest; and no line is waited for past that.  So a peer
+    that fakes progress on a huge size is skipped once the grace is over,
+    and one that fakes it fast enough is still bounded by the patience.
+    No bound without a header timeout (C{None}).
+    """
+
+    def __init__(self, clock: IReactorTime, pace: Pace) -> None:
+        self.clock = clock
+        self.pace = pace
+        # The first line's time and count, and the last line's.
+        self._first: tuple[float, int] | None = None
+        self._last: tuple[float, int] = (0.0, 0)
+
+    @property
+    def patience(self) -> float | None:
+        """Seconds from the first line to the header, at most."""
+        grace = self.pace.header_timeout
+        return None if grace is None else INDEXING_PATIENCE * grace
+
+    def seen(self, done: int, total: int) -> bool:
+        """
+        Note a line; True when it shows progress (more hashed than before,
+        or the first line).
+
+        :raise IndexingTooSlow: the peer should be given up.
+        """
+        now = self.clock.seconds()
+        if self._first is None:
+            self._first = self._last = (now, done)
+            return True
+        (since, first_done), (last_time, last_done) = self._first, self._last
+        progressed = done > last_done
+        self._last = (now, max(done, last_done))
+        patience, grace = self.patience, self.pace.header_timeout
+        if patience is None or grace is None:
+            return progressed
+        waited = now - since
+        limit = f"{patience:g} s ({INDEXING_PATIENCE} x --header-timeout)"
+        if waited > patience:
+            raise IndexingTooSlow(
+                f"too slow: still indexing after {waited:g} s, more than {limit}"
+            )
+        if waited > grace:
+            overall = (done - first_done) / waited
+            latest = (done - last_done) / (now - last_time) if now > last_time else 0
+            rate = max(overall, latest)
+            left = (total - done) / rate if rate > 0 else math.inf
+            if waited + left > patience:
+                raise IndexingTooSlow(
+                    f"too slow: indexing {format_bytes(total)} at "
+                    f"{format_bytes(rate)}/s would take {_seconds(waited + left)}, "
+                    f"more than {limit}"
+                )
+        return progressed
+
+
+def _seconds(seconds: float) -> str:
+    """A long wait in its largest unit (``3.4 years``)."""
+    if math.isinf(seconds):
+        return "never"
+    for unit, size in (("years", 365.25 * 86400), ("days", 86400), ("h", 3600)):
+        if seconds >= size:
+            return f"{seconds / size:.1f} {unit}"
+    return f"{seconds:.0f} s"

@@ -1080,6 +1080,31 @@ class PieceTests(CommandTestCase):
         self.assertNotIn("skipped", errors)
         self.assert_no_timers()
 
+    def test_gives_up_on_fake_indexing(self) -> None:
+        """
+        The only holder fakes progress on a 4 TiB size (41,000 bytes a
+        second, above --min-rate): once the header timeout's length is
+        over, it is skipped with one line saying why, and p2p exits 1.
+        """
+        d = self.start_get()
+        protocol, _ = self.connect(2, b"P2P/2 peer")
+        for second in range(32):
+            line = wire.Indexing(second * 41_000, 4398046511103).to_line()
+            protocol.dataReceived(line + b"\n")
+            self.reactor.advance(1)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_NOT_FOUND)
+        self.assertEqual(self.console.out, b"")
+        skipped = [line for line in self.console.err_lines if "skipped" in line]
+        self.assertEqual(len(skipped), 1, self.console.err_lines)
+        self.assertIn(
+            "a.txt: skipped 127.0.0.1:4001: too slow: indexing 4096.0 GiB at "
+            "40.0 KiB/s would take 3.4 years, more than 600 s (20 x "
+            "--header-timeout)",
+            skipped[0],
+        )
+        self.assertNotIn("Traceback", self.console.stderr.getvalue())
+        self.assert_no_timers()
+
 
 class LsTests(CommandTestCase):
     """``p2p ls``: every page of every peer's listing, sorted by name."""

@@ -810,22 +810,93 @@ class PaceTests(_OneFetch):
         self.protocol.dataReceived(reply_for(CONTENT))
         self.successResultOf(self.protocol.result)
 
+    def indexing(self, done: int, total: int) -> None:
+        self.protocol.dataReceived(wire.Indexing(done, total).to_line() + b"\n")
+
     def test_indexing_too_slow(self) -> None:
         """
         A peer faking slow progress (1 KiB a second of a huge file) is
-        bounded like a slow transfer: past the header deadline's length,
-        what it hashed must keep up the minimum rate since its first line.
+        skipped as soon as the header deadline's length is over: at that
+        rate its indexing would not end within the patience.
         """
         self.connect(pace=self.PACE)
         self.greet()
         total = 10**15
-        for second in range(41):
-            line = wire.Indexing(second * 1024, total).to_line() + b"\n"
-            self.protocol.dataReceived(line)
+        for second in range(31):
+            self.indexing(second * 1024, total)
             self.tick(1)
         self.assertNoResult(self.protocol.result)
-        self.protocol.dataReceived(wire.Indexing(41 * 1024, total).to_line() + b"\n")
-        self.assertFailed("too slow: indexing, 41.0 KiB hashed in 41 s", "slow")
+        self.indexing(31 * 1024, total)
+        self.assertFailed(
+            "too slow: indexing 931322.6 GiB at 1.0 KiB/s would take 30945.4 "
+            "years, more than 600 s (20 x --header-timeout)",
+            "slow",
+        )
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_fake_indexing_above_the_minimum_rate(self) -> None:
+        """
+        The attack: a line a second, ``done`` rising 41,000 a second (ten
+        times the minimum rate) of a 4 TiB size.  The minimum rate alone
+        bounded this by size / rate, 3.4 years; the peer is now skipped
+        once the header deadline's length is over, 31 s in.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        total = 4398046511103
+        for second in range(31):
+            self.indexing(second * 41_000, total)
+            self.tick(1)
+        self.assertNoResult(self.protocol.result)
+        self.indexing(31 * 41_000, total)
+        failure = self.assertFailed("too slow: indexing 4096.0 GiB at 40.0 KiB/s")
+        self.assertEqual(failure.kind, "slow")
+        self.assertIn("3.4 years, more than 600 s", failure.reason)
+
+    def test_fast_fake_indexing_is_bounded_by_the_patience(self) -> None:
+        """
+        A peer whose progress always predicts an end in time, then creeps
+        by a byte a second short of the end (its rate overall still says it
+        is nearly done), is waited for no longer than the patience: 20
+        header timeouts from its first line.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        total = 500 * MIB
+        for second in range(500):
+            self.indexing(second * MIB, total)
+            self.tick(1)
+        for byte in range(100):
+            self.indexing(total - 1000 + byte, total)
+            self.tick(1)
+        self.assertNoResult(self.protocol.result)
+        self.tick(0.5, 0.5)
+        self.indexing(total - 900, total)
+        self.assertFailed(
+            "too slow: still indexing after 600.5 s, more than 600 s "
+            "(20 x --header-timeout)",
+            "slow",
+        )
+
+    def test_honest_indexing_after_a_busy_start(self) -> None:
+        """
+        A 20 GiB file a peer starts hashing only 25 s after its first line
+        (busy with another file), then at 100 MB/s, is waited for: its
+        latest rate, not its rate overall, predicts the end.
+        """
+        self.connect(pace=self.PACE)
+        self.greet()
+        total = 20 * 1024 * MIB
+        done = 0
+        while done < total:
+            self.indexing(done, total)
+            self.tick(1)
+            if self.clock.seconds() >= 25:
+                done = min(total, done + 100_000_000)
+        self.assertGreater(self.clock.seconds(), 200)
+        self.assertNoResult(self.protocol.result)
+        self.protocol.dataReceived(reply_for(CONTENT))
+        self.successResultOf(self.protocol.result)
 
     def test_indexing_size_refused_at_once(self) -> None:
         """The size in an INDEXING line already counts against --max-size."""

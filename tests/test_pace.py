@@ -1,4 +1,4 @@
-"""Tests for L{p2p.pace.RateWatch}: the minimum rate, on a Clock.
+"""Tests for L{p2p.pace}: the minimum rate and indexing's bounds, on a Clock.
 
 How a fetch uses it (a trickling peer skipped, paused time not counted, the
 header's deadline) is tested with the protocol in L{tests.test_client}.
@@ -9,7 +9,7 @@ from __future__ import annotations
 from twisted.internet.task import Clock
 from twisted.trial.unittest import SynchronousTestCase
 
-from p2p.pace import RateWatch
+from p2p.pace import UNBOUNDED, IndexingTooSlow, IndexingWatch, Pace, RateWatch
 
 RATE = 4096
 PERIOD = 10.0
@@ -90,3 +90,37 @@ class RateWatchTests(SynchronousTestCase):
         self.assertTrue(self.watch.running)
         self.feed(int(PERIOD), 0)
         self.assertEqual(len(self.verdicts), 1)
+
+
+class IndexingWatchTests(SynchronousTestCase):
+    def setUp(self) -> None:
+        self.clock = Clock()
+
+    def test_progress_is_told(self) -> None:
+        """Only a line with more hashed (or the first) renews the deadline."""
+        watch = IndexingWatch(self.clock, Pace())
+        self.assertTrue(watch.seen(0, 100))
+        self.clock.advance(1)
+        self.assertFalse(watch.seen(0, 100))
+        self.assertTrue(watch.seen(10, 100))
+        self.assertFalse(watch.seen(5, 100))
+
+    def test_no_header_timeout_no_bound(self) -> None:
+        """--header-timeout 0: progress, however slow, is waited for."""
+        watch = IndexingWatch(self.clock, UNBOUNDED)
+        self.assertIsNone(watch.patience)
+        for second in range(1, 5000):
+            self.clock.advance(1)
+            self.assertTrue(watch.seen(second, 10**15))
+
+    def test_patience_scales_with_the_header_timeout(self) -> None:
+        """A longer --header-timeout waits longer for a huge honest file."""
+        watch = IndexingWatch(self.clock, Pace(header_timeout=60.0))
+        self.assertEqual(watch.patience, 1200.0)
+        total = 1100 * 2**20
+        for second in range(1101):
+            watch.seen(second * 2**20, total)
+            self.clock.advance(1)
+        self.clock.advance(100)
+        with self.assertRaises(IndexingTooSlow):
+            watch.seen(total - 1, total)
