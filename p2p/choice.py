@@ -34,8 +34,9 @@ from twisted.python.failure import Failure
 from p2p import wire
 from p2p.client import described
 from p2p.endpoints import EndpointFor
-from p2p.errors import SKIPPABLE
-from p2p.request import request_lines
+from p2p.errors import SKIPPABLE, FailureKind, PeerFailed
+from p2p.pace import DEFAULT_PACE, IndexingTooSlow, IndexingWatch, Pace
+from p2p.request import Interim, request_lines
 from p2p.wire import WireError
 
 # Once a holder answered, the others have this long to answer too: RFC
@@ -132,17 +133,27 @@ def ask_roots(
     on_failure: Callable[[wire.PeerEntry, Failure, float], object] = (
         lambda peer, failure, seconds: None
     ),
+    pace: Pace = DEFAULT_PACE,
+    refusal: Callable[[int], str | None] = lambda size: None,
+    on_indexing: Callable[[wire.PeerEntry, wire.Indexing], object] = (
+        lambda peer, progress: None
+    ),
 ) -> Deferred[list[Offer]]:
     """
     Ask every one of C{holders} at once for C{name}'s header only
     (``RANGE 0 0 <name>``).  Fires with the offers, in C{holders}' order,
     once every holder answered or failed, or C{grace} seconds after the
     first answer (the stragglers are dropped), each request being bounded
-    by C{timeout} seconds.  A holder that refuses, is still indexing the
-    file, fails or answers something other than an empty range of a
-    well-formed content offers nothing, and is told to C{on_failure} with
-    the failure and the seconds it took (not one still waited for when
-    the question ends).  Cancelling stops every request.
+    by C{timeout} seconds.  A holder still indexing the file answers
+    ``INDEXING`` lines first, as to a ``GET``: each goes to C{on_indexing},
+    one that shows progress gives its request C{timeout} seconds afresh,
+    and they are held to C{pace} as a fetch's are (L{IndexingWatch}), a
+    size C{refusal} names failing the holder at once.  A holder that
+    refuses, fails, answers something other than an empty range of a
+    well-formed content, or is still indexing when the question ends,
+    offers nothing, and is told to C{on_failure} with the failure and the
+    seconds it took (not one still waited for otherwise, a straggler that
+    said nothing yet).  Cancelling stops every request.
     """
     line = wire.Range(0, 0, name).to_line()
     offers: list[Offer | None] = [None] * len(holders)
@@ -164,10 +175,52 @@ def ask_roots(
 
     def finish() -> None:
         if not over:
+            # Taken before the requests are stopped (that settles them).
+            left = dict(indexing)
             stop()
+            still_indexing(left)
             done.callback([offer for offer in offers if offer is not None])
 
+    # The last progress of each holder still indexing the file.
+    indexing: dict[int, wire.Indexing] = {}
+    started = clock.seconds()
+
+    def watch(index: int) -> Interim:
+        """Take holder C{index}'s INDEXING lines as a fetch does."""
+        watcher = IndexingWatch(clock, pace)
+
+        def interim(line: bytes) -> bool | None:
+            progress = wire.Indexing.from_line(line)
+            if progress is None:
+                return None
+            if progress.done > progress.total:
+                raise WireError(wire.Code.BAD_REQUEST, "INDEXING past the file's size")
+            refused = refusal(progress.total)
+            if refused is not None:
+                raise PeerFailed(f"too large: {refused}", FailureKind.TOO_LARGE)
+            try:
+                renews = watcher.seen(progress.done, progress.total)
+            except IndexingTooSlow as e:
+                raise PeerFailed(str(e), FailureKind.SLOW) from None
+            indexing[index] = progress
+            on_indexing(holders[index], progress)
+            return renews
+
+        return interim
+
+    def still_indexing(left: dict[int, wire.Indexing]) -> None:
+        """The question ended: say which holders were still indexing."""
+        for index, progress in sorted(left.items()):
+            share = progress.done / progress.total if progress.total else 1.0
+            reason = PeerFailed(
+                f"still indexing the file ({share:.0%} of {progress.total} bytes) "
+                "when the others had answered",
+                FailureKind.TIMEOUT,
+            )
+            on_failure(holders[index], Failure(reason), clock.seconds() - started)
+
     def answered(lines: list[bytes], index: int) -> None:
+        indexing.pop(index, None)
         header = wire.FileHeader.from_line(lines[0])
         if (header.offset, header.count, header.hashes) != (0, 0, 0):
             raise WireError(wire.Code.BAD_REQUEST, "the reply is for another range")
@@ -177,6 +230,7 @@ def ask_roots(
             timer.append(clock.callLater(grace, finish))
 
     def failed(failure: Failure, index: int, started: float) -> None:
+        indexing.pop(index, None)
         failure.trap(*SKIPPABLE)
         if not over:
             on_failure(holders[index], failure, clock.seconds() - started)
@@ -200,7 +254,9 @@ def ask_roots(
             endpoint = endpoint_for(holder)
         except Exception:
             continue  # an address this client cannot reach (TLS setup)
-        d = request_lines(endpoint, "peer", line, clock, False, timeout)
+        d = request_lines(
+            endpoint, "peer", line, clock, False, timeout, interim=watch(index)
+        )
         d.addCallback(answered, index)
         d.addErrback(failed, index, clock.seconds())
         requests.append(d)

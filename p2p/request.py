@@ -6,9 +6,15 @@ seed's connect-ask-close shape, so one small protocol serves them all.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from twisted.internet.defer import CancelledError, Deferred, TimeoutError
 from twisted.internet.error import ConnectingCancelledError, ConnectionDone
-from twisted.internet.interfaces import IReactorTime, IStreamClientEndpoint
+from twisted.internet.interfaces import (
+    IDelayedCall,
+    IReactorTime,
+    IStreamClientEndpoint,
+)
 from twisted.internet.protocol import Factory
 from twisted.internet.task import deferLater
 from twisted.protocols.basic import LineReceiver
@@ -32,24 +38,42 @@ class IncompleteReply(Exception):
     """The connection closed before the whole reply arrived."""
 
 
+# Looks at a line before the reply: None, it is the reply; else it is an
+# interim line (a peer's INDEXING progress), True when it renews the
+# exchange's time.  It may raise to fail the request.
+Interim = Callable[[bytes], "bool | None"]
+
+
 class LineRequestProtocol(LineReceiver):
     """
     Send C{request} as soon as connected (a round trip sooner than after
     the banner); check the banner of a C{role} server, then collect the
-    reply.  With C{listing}, the reply is ``OK <n>`` plus n lines.
+    reply.  With C{listing}, the reply is ``OK <n>`` plus n lines.  With
+    C{interim}, lines before the reply go to it first (L{Interim}); one
+    that renews calls C{renew}.
 
     C{result} fires with the reply lines, or fails with L{WireError} (a
-    malformed reply), L{wire.RemoteError} (an ``ERR`` reply) or
-    L{IncompleteReply}.  Cancelling it aborts the connection.
+    malformed reply), L{wire.RemoteError} (an ``ERR`` reply),
+    L{IncompleteReply} or what C{interim} raised.  Cancelling it aborts
+    the connection.
     """
 
     delimiter = wire.DELIMITER
     MAX_LENGTH = wire.MAX_RECEIVE_LENGTH
 
-    def __init__(self, role: str, request: bytes, listing: bool) -> None:
+    def __init__(
+        self,
+        role: str,
+        request: bytes,
+        listing: bool,
+        interim: Interim | None = None,
+        renew: Callable[[], object] = lambda: None,
+    ) -> None:
         self.role = role
         self.request = request
         self.listing = listing
+        self.interim = interim
+        self.renew = renew
         self.lines: list[bytes] = []
         self._greeted = False
         self._expected: int | None = None
@@ -76,6 +100,18 @@ class LineRequestProtocol(LineReceiver):
             wire.check_banner(line, self.role)
             self._greeted = True
             return
+        if not self.lines and self.interim is not None:
+            try:
+                renews = self.interim(line)
+            except (WireError, wire.RemoteError):
+                raise
+            except Exception:
+                self._finish(Failure())
+                return
+            if renews is not None:
+                if renews:
+                    self.renew()
+                return
         self.lines.append(line)
         if self._expected is None:
             if not self.listing:
@@ -144,12 +180,15 @@ def request_lines(
     listing: bool = False,
     timeout: float = DEFAULT_REQUEST_TIMEOUT_SECONDS,
     retries: int = RETRIES_AFTER_429,
+    interim: Interim | None = None,
 ) -> Deferred[list[bytes]]:
     """
     Connect to C{endpoint}, send C{request}, and return the reply lines.
 
     Each exchange (connect included) is bounded by C{timeout} seconds,
-    after which it fails with L{twisted.internet.defer.TimeoutError}.  A
+    after which it fails with L{twisted.internet.defer.TimeoutError}; an
+    C{interim} line that renews (L{LineRequestProtocol}) gives it C{timeout}
+    seconds afresh.  A
     server that answers ``ERR 429 ...; retry-after=S`` (a request budget)
     is asked again after S seconds, up to C{retries} times, when S is at
     most L{MAX_RETRY_AFTER_SECONDS}; a longer wait fails at once with the
@@ -157,7 +196,7 @@ def request_lines(
     """
 
     def attempt(left: int) -> Deferred[list[bytes]]:
-        d = _request_once(endpoint, role, request, clock, listing, timeout)
+        d = _request_once(endpoint, role, request, clock, listing, timeout, interim)
         if left > 0:
             d.addErrback(retry, left)
         return d
@@ -181,11 +220,36 @@ def _request_once(
     clock: IReactorTime,
     listing: bool,
     timeout: float,
+    interim: Interim | None = None,
 ) -> Deferred[list[bytes]]:
     """One exchange of L{request_lines}."""
-    factory = Factory.forProtocol(lambda: LineRequestProtocol(role, request, listing))
+    # Deferred.addTimeout, with a deadline an interim line may renew.
+    timer: list[IDelayedCall] = []
+    expired: list[bool] = []
+
+    def renew() -> None:
+        if timer and timer[0].active():
+            timer[0].reset(timeout)
+
+    def make() -> LineRequestProtocol:
+        return LineRequestProtocol(role, request, listing, interim, renew)
+
+    factory = Factory.forProtocol(make)
     factory.noisy = False
     d = endpoint.connect(factory)
     d.addCallback(lambda protocol: protocol.result)
-    d.addTimeout(timeout, clock, onTimeoutCancel=cancelled_to_timeout)
+
+    def expire() -> None:
+        expired.append(True)
+        d.cancel()
+
+    def settle(result: object) -> object:
+        if timer[0].active():
+            timer[0].cancel()
+        if expired:
+            return cancelled_to_timeout(result, timeout)
+        return result
+
+    timer.append(clock.callLater(timeout, expire))
+    d.addBoth(settle)
     return d

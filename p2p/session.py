@@ -851,6 +851,7 @@ class ClientSession:
             )
             self.observer.question_failed(name, peer, reason, seconds)
 
+        sizes = PieceSink(output, InlineWorker(), max_size=self.settings.max_size)
         offers = yield ask_roots(
             name,
             holders,
@@ -858,8 +859,10 @@ class ClientSession:
             self.reactor,
             self.settings.connect_timeout,
             on_failure=failed,
+            pace=self.settings.pace,
+            refusal=sizes.refusal,
+            on_indexing=functools.partial(self.observer.indexing, name),
         )
-        sizes = PieceSink(output, InlineWorker(), max_size=self.settings.max_size)
         choice = choose(offers, len(holders), lambda size: sizes.refusal(size) is None)
         if choice is not None and choice.disagree:
             self.observer.disagreement(name, choice)

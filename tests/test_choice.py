@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 
 from twisted.internet.defer import Deferred
+from twisted.internet.interfaces import IDelayedCall
 from twisted.internet.task import Clock
+from twisted.protocols.basic import LineReceiver
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import wire
@@ -101,6 +103,7 @@ class AskRootsTests(SynchronousTestCase):
 
     def ask(self) -> list[Offer]:
         self.failed: list[tuple[wire.PeerEntry, str, float]] = []
+        self.progress: list[tuple[wire.PeerEntry, wire.Indexing]] = []
         d = ask_roots(
             NAME,
             self.network.peers,
@@ -110,8 +113,9 @@ class AskRootsTests(SynchronousTestCase):
             on_failure=lambda peer, failure, seconds: self.failed.append(
                 (peer, describe_failure(failure), seconds)
             ),
+            on_indexing=lambda peer, progress: self.progress.append((peer, progress)),
         )
-        self.network.run(d)
+        self.network.run(d, limit=100)
         offered = self.successResultOf(d)
         self.network.flush()
         self.assertEqual(self.clock.getDelayedCalls(), [])
@@ -152,6 +156,73 @@ class AskRootsTests(SynchronousTestCase):
                 (peers[2], "refused: ERR 404 no such file", 0),
                 (peers[3], "protocol error: unexpected argument", 0),
             ],
+        )
+
+    def indexer(self, seconds: int, per_second: int, total: int) -> wire.PeerEntry:
+        """A holder that answers with C{seconds} INDEXING lines, one a
+        second, then the honest content's header."""
+        honest = describe(b"the real report\n" * 100)[0]
+        header = wire.FileHeader(
+            0, honest.root_hex, 0, honest.size, honest.piece_size, 0
+        ).to_line()
+        return self.network.add(
+            lambda: Indexer(self.clock, seconds, per_second, total, header + b"\n")
+        )
+
+    def test_a_holder_still_indexing_is_waited_for(self) -> None:
+        """
+        ``RANGE 0 0`` waits, with INDEXING lines, for a file not indexed
+        yet: a holder still indexing is not a protocol error.  Its progress
+        is told and renews its request's time (8 s here, past the 5 s
+        timeout), and then it offers its content.
+        """
+        indexing = self.indexer(8, 2**20, 8 * 2**20)
+        refusing = self.network.add("refuse")
+        offered = self.ask()
+        honest = describe(b"the real report\n" * 100)[0]
+        self.assertEqual(offered, [Offer(indexing, honest.root_hex, honest.size)])
+        self.assertEqual(self.clock.seconds(), 8)
+        self.assertEqual(len(self.progress), 8)
+        self.assertEqual(
+            self.progress[-1], (indexing, wire.Indexing(7 * 2**20, 8 * 2**20))
+        )
+        self.assertEqual([peer for peer, _, _ in self.failed], [refusing])
+
+    def test_a_holder_still_indexing_when_the_others_answered(self) -> None:
+        """Once another holder answered, one still indexing is not waited
+        for past the grace period; it is told as skipped, saying why."""
+        honest = self.network.add(self.honest)
+        indexing = self.indexer(60, 2**20, 60 * 2**20)
+        offered = self.ask()
+        self.assertEqual([offer.peer for offer in offered], [honest])
+        self.assertEqual(
+            self.failed,
+            [
+                (
+                    indexing,
+                    "still indexing the file (0% of 62914560 bytes) when the "
+                    "others had answered",
+                    DISCOVERY_GRACE_SECONDS,
+                )
+            ],
+        )
+
+    def test_fake_indexing_is_bounded_as_a_fetch_is(self) -> None:
+        """
+        A holder faking progress on a huge size (41,000 bytes a second of 4
+        TiB) is held to the fetch's bounds (L{p2p.pace.IndexingWatch}):
+        given up once the header timeout's length is over.
+        """
+        liar = self.indexer(3600, 41_000, 4398046511103)
+        self.network.add("refuse")
+        self.assertEqual(self.ask(), [])
+        self.assertEqual(self.clock.seconds(), 31)
+        peer, reason, _ = self.failed[-1]
+        self.assertEqual(peer, liar)
+        self.assertEqual(
+            reason,
+            "too slow: indexing 4096.0 GiB at 40.0 KiB/s would take 3.4 years, "
+            "more than 600 s (20 x --header-timeout)",
         )
 
     def test_stragglers_get_the_grace_period(self) -> None:
@@ -214,3 +285,42 @@ class AskRootsTests(SynchronousTestCase):
         self.network.run(d)
         self.assertEqual([offer.peer for offer in self.successResultOf(d)], [honest])
         self.assertEqual(len(self.flushLoggedErrors(BuggyCancel)), 1)
+
+
+class Indexer(LineReceiver):
+    """
+    A holder still indexing the file: to a request, C{seconds} INDEXING
+    lines, one a second (C{per_second} more bytes hashed each, of
+    C{total}), then C{reply}.
+    """
+
+    delimiter = b"\n"
+
+    def __init__(
+        self, clock: Clock, seconds: int, per_second: int, total: int, reply: bytes
+    ) -> None:
+        self.clock = clock
+        self.seconds = seconds
+        self.per_second = per_second
+        self.total = total
+        self.reply = reply
+        self.timer: IDelayedCall | None = None
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"P2P/2 peer\n")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.tick(0)
+
+    def tick(self, second: int) -> None:
+        self.timer = None
+        if second < self.seconds:
+            done = min(self.total, second * self.per_second)
+            self.transport.write(wire.Indexing(done, self.total).to_line() + b"\n")
+            self.timer = self.clock.callLater(1, self.tick, second + 1)
+        else:
+            self.transport.write(self.reply)
+
+    def connectionLost(self, reason=None) -> None:
+        if self.timer is not None and self.timer.active():
+            self.timer.cancel()

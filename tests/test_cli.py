@@ -705,6 +705,34 @@ class ChoiceTests(CommandTestCase):
         self.assertEqual(len(self.reactor.tcpClients), 6)
         self.assert_no_timers()
 
+    def test_holders_still_indexing_are_waited_for(self) -> None:
+        """
+        Both holders are still indexing the file when asked which content
+        they hold: their INDEXING lines are progress, not a protocol error
+        (protocol.rst: ``RANGE 0 0`` waits with them), so both answer
+        once indexed and the content is taken as both describe it.
+        """
+        d = self.start(holders=self.HOLDERS[:2])
+        size = len(self.REAL)
+        holders = [self.connect(index, b"P2P/2 peer") for index in (2, 3)]
+        for done in (0, size // 2):
+            for protocol, _ in holders:
+                protocol.dataReceived(wire.Indexing(done, size).to_line() + b"\n")
+            self.reactor.advance(1)
+        header = wire.FileHeader(0, root_of(self.REAL), 0, size, pieces.PIECE_SIZE, 0)
+        for protocol, transport in holders:
+            self.assertEqual(transport.value(), b"RANGE 0 0 r.pdf\n")
+            protocol.dataReceived(header.to_line() + b"\n")
+            hang_up(protocol, transport)
+        serve(self.reactor, 4, self.REAL)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(self.console.out, self.REAL)
+        errors = self.console.stderr.getvalue()
+        self.assertNotIn("skipped", errors)
+        self.assertIn("r.pdf: 127.0.0.1:4001 is indexing it (50% of", errors)
+        self.assertIn("as 2 of 2 holders described it, every piece verified", errors)
+        self.assert_no_timers()
+
     def test_tie_goes_to_the_relays_order(self) -> None:
         d = self.start(holders=self.HOLDERS[:2])
         answer_range(self.reactor, 2, self.FAKE)

@@ -386,6 +386,65 @@ class RequestLinesTests(SynchronousTestCase):
         # The connection's eventual loss changes nothing.
         endpoint.protocols[0].connectionLost(Failure(ConnectionDone()))
 
+    def test_interim_lines_renew(self) -> None:
+        """
+        An interim line (a peer's INDEXING progress) before the reply is
+        not the reply; one that renews gives the exchange its time afresh,
+        one that does not leaves the deadline where it was.
+        """
+        seen: list[bytes] = []
+
+        def interim(line: bytes) -> bool | None:
+            if not line.startswith(b"WAIT"):
+                return None
+            seen.append(line)
+            return line == b"WAIT more"
+
+        endpoint = FakeEndpoint()
+        d = request_lines(
+            endpoint, "peer", b"X", self.clock, timeout=3, interim=interim
+        )
+        protocol = endpoint.protocols[0]
+        protocol.dataReceived(b"P2P/2 peer\n")
+        for _ in range(5):
+            self.clock.advance(2)
+            protocol.dataReceived(b"WAIT more\n")
+        self.clock.advance(2)
+        protocol.dataReceived(b"WAIT same\n")
+        self.clock.advance(0.9)
+        self.assertNoResult(d)
+        protocol.dataReceived(b"OK 0\n")
+        self.assertEqual(self.successResultOf(d), [b"OK 0"])
+        self.assertEqual(len(seen), 6)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_interim_line_without_renewal_times_out(self) -> None:
+        endpoint = FakeEndpoint()
+        d = request_lines(
+            endpoint, "peer", b"X", self.clock, timeout=3, interim=lambda line: False
+        )
+        endpoint.protocols[0].dataReceived(b"P2P/2 peer\nWAIT\n")
+        self.clock.advance(3.1)
+        self.failureResultOf(d, TimeoutError)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_interim_failure_fails_the_request(self) -> None:
+        """What the interim hook raises is the request's failure; the
+        connection is closed."""
+
+        class GiveUp(Exception):
+            pass
+
+        def interim(line: bytes) -> bool | None:
+            raise GiveUp("too slow")
+
+        endpoint = FakeEndpoint()
+        d = request_lines(endpoint, "peer", b"X", self.clock, interim=interim)
+        endpoint.protocols[0].dataReceived(b"P2P/2 peer\nWAIT\n")
+        self.failureResultOf(d, GiveUp)
+        self.assertTrue(endpoint.transports[0].disconnecting)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
     def test_incomplete(self) -> None:
         """A connection closing early fails the request with IncompleteReply."""
         endpoint = FakeEndpoint()
