@@ -107,6 +107,13 @@ class ISharedRegistry(IRegistry):
     def holds(host):
         """Whether C{host} holds a lease this relay granted or renewed."""
 
+    def holds_verified(host):
+        """
+        Whether C{host} holds a lease this relay granted or renewed whose
+        peer answered a dial-back: what earns a place in the connection
+        reserve (an unverified lease costs one line to get).
+        """
+
     def position(lease):
         """The cursor of C{lease} in a listing (see L{IRegistry.page})."""
 

@@ -68,6 +68,12 @@ DEFAULT_MAX_REQUESTS_PER_CONNECTION = 1000
 # Refusals logged one by one per period; the rest are summarised.
 REFUSALS_LOGGED_PER_PERIOD = 20
 REFUSAL_LOG_PERIOD_SECONDS = 60.0
+# What one member may hold once the server is into its reserve: a peer's
+# renewal needs one connection, so two each (and a sixteenth of the reserve
+# per network) make it take a hundred verified addresses in seventeen
+# networks to fill a reserve of 200, where seven addresses once did.
+RESERVE_PER_HOST = 2
+RESERVE_NETWORK_SHARE = 16
 # Distinct reasons counted per period (the rest count as "other").
 MAX_REASONS = 32
 
@@ -92,8 +98,12 @@ class ConnectionLimits:
     Sources and networks are those of L{p2p.netgroup}: an IPv4 address or
     an IPv6 /64; an IPv4 /24 or an IPv6 /48.  The last C{reserve} places
     of the total are kept for sources that C{is_member} vouches for (the
-    relay: addresses holding a lease), so a flood that fills the server
-    still leaves room for its peers' renewals.
+    relay: addresses holding a verified lease), so a flood that fills the
+    server still leaves room for its peers' renewals.  Once into the
+    reserve, a member is admitted only while its source holds fewer than
+    C{reserve_per_host} connections and its network fewer than
+    C{reserve_per_network}: a few members cannot take the whole reserve
+    with their usual per-source share.
 
     :param max_total: connections allowed at once (0: no limit).
     :param max_per_host: connections allowed at once from one source (0:
@@ -103,6 +113,11 @@ class ConnectionLimits:
         (0: no limit).
     :param reserve: places of C{max_total} only members may take.
     :param is_member: whether a source address may use the reserve.
+    :param reserve_per_host: connections a member's source may hold, at
+        most, to be admitted into the reserve.
+    :param reserve_per_network: the same for its network (default: a
+        L{RESERVE_NETWORK_SHARE}th of the reserve, and at least
+        C{reserve_per_host}).
     """
 
     log = Logger()
@@ -114,6 +129,8 @@ class ConnectionLimits:
         max_per_network: int = DEFAULT_MAX_CONNECTIONS_PER_NETWORK,
         reserve: int | None = None,
         is_member: Callable[[str], bool] | None = None,
+        reserve_per_host: int = RESERVE_PER_HOST,
+        reserve_per_network: int | None = None,
     ) -> None:
         if max_total < 0 or max_per_host < 0 or max_per_network < 0:
             raise ValueError("connection limits must be 0 (no limit) or more")
@@ -126,6 +143,12 @@ class ConnectionLimits:
             raise ValueError("the reserve must be between 0 and the total limit")
         self.reserve = reserve
         self.is_member = is_member
+        self.reserve_per_host = reserve_per_host
+        if reserve_per_network is None:
+            reserve_per_network = max(
+                reserve_per_host, reserve // RESERVE_NETWORK_SHARE
+            )
+        self.reserve_per_network = reserve_per_network
         self.total = 0
         self._per_host: dict[str, int] = {}
         self._per_network: dict[str, int] = {}
@@ -133,20 +156,24 @@ class ConnectionLimits:
     def admit(self, host: str) -> str | None:
         """Count a new connection from C{host}, or say why it is refused."""
         source, network = netgroup.groups(host)
+        held = self._per_host.get(source, 0)
+        in_network = self._per_network.get(network, 0)
         if self.max_total:
             if self.total >= self.max_total:
                 return f"too many connections (limit {self.max_total})"
             if self.total >= self.max_total - self.reserve and not (
-                self.is_member is not None and self.is_member(host)
+                self.is_member is not None
+                and held < self.reserve_per_host
+                and in_network < self.reserve_per_network
+                and self.is_member(host)
             ):
                 return (
                     f"too many connections (limit {self.max_total}, the last "
-                    f"{self.reserve} kept for registered peers)"
+                    f"{self.reserve} kept for verified peers, "
+                    f"{self.reserve_per_host} each)"
                 )
-        held = self._per_host.get(source, 0)
         if self.max_per_host and held >= self.max_per_host:
             return f"too many connections from your address (limit {self.max_per_host})"
-        in_network = self._per_network.get(network, 0)
         if self.max_per_network and in_network >= self.max_per_network:
             return (
                 f"too many connections from your network {network} "

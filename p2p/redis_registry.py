@@ -489,6 +489,10 @@ class RedisRegistry:
         # of them each host holds.
         self._granted: dict[str, float] = {}
         self._hosts: dict[str, int] = {}
+        # The granted members known verified, and how many each host holds:
+        # the connection reserve's members.
+        self._verified: set[str] = set()
+        self._verified_hosts: dict[str, int] = {}
 
     # -- ISharedRegistry -----------------------------------------------------
 
@@ -513,6 +517,11 @@ class RedisRegistry:
     def holds(self, host: str) -> bool:
         """ISharedRegistry API: whether C{host} renewed a lease here."""
         return host in self._hosts
+
+    def holds_verified(self, host: str) -> bool:
+        """ISharedRegistry API: whether C{host} renewed a lease here that
+        a relay (this one or another) verified."""
+        return host in self._verified_hosts
 
     def register(
         self,
@@ -549,6 +558,8 @@ class RedisRegistry:
             lease = _lease(row, created=status == 1)
             lease.files = files
             self._grant(member, host, lease.expires, now)
+            if lease.verified:
+                self._note_verified(member, host)
             return lease
 
         return d.addCallback(registered)
@@ -575,11 +586,18 @@ class RedisRegistry:
     def mark_verified(self, host: str, port: int) -> Deferred[SharedLease | None]:
         """ISharedRegistry API: list the lease with the verified ones."""
 
+        member = _member(host, port)
+
         def verified(reply: list) -> SharedLease | None:
             self._count, row = reply
-            return _lease(row) if row else None
+            if not row:
+                return None
+            lease = _lease(row)
+            if lease.verified and member in self._granted:
+                self._note_verified(member, host)
+            return lease
 
-        return self._call("verify", _member(host, port)).addCallback(verified)
+        return self._call("verify", member).addCallback(verified)
 
     def expire(self, now: float) -> Deferred[list[SharedLease]]:
         """
@@ -655,10 +673,18 @@ class RedisRegistry:
         if granted[oldest] <= now:
             self._forget(oldest)
 
+    def _note_verified(self, member: str, host: str) -> None:
+        if member not in self._verified:
+            self._verified.add(member)
+            netgroup.tally(self._verified_hosts, host, 1)
+
     def _forget(self, member: str) -> None:
         if self._granted.pop(member, None) is not None:
             host = member.rsplit(" ", 1)[0]
             netgroup.tally(self._hosts, host, -1)
+            if member in self._verified:
+                self._verified.discard(member)
+                netgroup.tally(self._verified_hosts, host, -1)
 
     def _expired(self, rows: bytes) -> list[SharedLease]:
         leases = _leases(rows)

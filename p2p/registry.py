@@ -203,6 +203,8 @@ class MemoryRegistry:
         # table without limits pays nothing for them.
         self._per_network: dict[str, int] = {}
         self._per_source_v6: dict[str, int] = {}
+        # Verified leases per host: the connection reserve's members.
+        self._verified_hosts: dict[str, int] = {}
         self._count = 0
         self._seq = 0
         self._verified = _Order()
@@ -234,6 +236,11 @@ class MemoryRegistry:
     def holds(self, host: str) -> bool:
         """IRegistry API: whether C{host} holds a lease (expired or not)."""
         return host in self._by_host
+
+    def holds_verified(self, host: str) -> bool:
+        """IRegistry API: whether C{host} holds a lease whose peer answered
+        the dial-back."""
+        return host in self._verified_hosts
 
     def find(self, host: str, port: int) -> Lease | None:
         """IRegistry API: the lease of C{host}:C{port}, if any (maybe
@@ -290,6 +297,8 @@ class MemoryRegistry:
                 (self._by_host[lease.host],) = held.values()
         self._count -= 1
         self._count_groups(lease.host, -1)
+        if lease.verified:
+            netgroup.tally(self._verified_hosts, lease.host, -1)
         self._unlist(lease)
 
     # -- by registration order -----------------------------------------------
@@ -426,6 +435,7 @@ class MemoryRegistry:
             self._unverified.remove(lease)
             lease.verified = True
             self._verified.add(lease)
+            netgroup.tally(self._verified_hosts, lease.host, 1)
         return lease
 
     def unregister(self, host: str, port: int) -> Lease | None:

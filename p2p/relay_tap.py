@@ -169,7 +169,8 @@ class Options(DaemonOptions):
             "no-dial-back",
             None,
             "Do not dial new peers back: list leases in registration order, "
-            "verified or not.",
+            "verified or not, and keep the connection reserve for any lease "
+            "holder (see docs/security.rst).",
         ],
     ]
 
@@ -320,6 +321,11 @@ def makeService(config: Options, reactor=None) -> MultiService:
         refusals=policy.refusals,
     )
     probes = 0
+    # The connection reserve is for addresses whose lease a dial-back
+    # verified: an unverified lease is one line away for anyone.  Without
+    # dial-backs nothing is ever verified, so any lease counts (the reserve
+    # is then as weak as registering is open; see docs/security.rst).
+    is_member = registry.holds
     if not config["no-dial-back"]:
         dialback = DialBack(
             reactor, relay.answered, timeout=config["dial-back-timeout"]
@@ -327,12 +333,13 @@ def makeService(config: Options, reactor=None) -> MultiService:
         relay.probe_with(dialback)
         DialBackService(dialback).setServiceParent(parent)
         probes = dialback.concurrency  # a socket each, whatever the clients do
+        is_member = registry.holds_verified
     factory = RelayFactory(
         relay,
         config["idle-timeout"],
         connection_limits(
             config,
-            registry.holds,
+            is_member,
             per_connection=DESCRIPTORS_PER_CONNECTION,
             reserved=probes,
         ),

@@ -98,6 +98,28 @@ async def unregister(make: Make) -> None:
     assert await listed(registry, 3.0) == [(HOST, PORT + 1), (HOST, PORT)]
 
 
+@scenario
+async def holds_verified(make: Make) -> None:
+    """Only a host holding a lease its peer verified is a member of the
+    connection reserve; it stops being one when that lease ends."""
+    registry = make(TTL)
+    await call(registry.register(HOST, PORT, None, 0.0))
+    await call(registry.register("10.0.0.6", PORT, None, 0.0))
+    assert registry.holds(HOST) and registry.holds("10.0.0.6")
+    assert not registry.holds_verified(HOST)
+    await call(registry.mark_verified(HOST, PORT))
+    assert registry.holds_verified(HOST)
+    assert not registry.holds_verified("10.0.0.6")
+    await call(registry.register(HOST, PORT, None, 10.0))  # a renewal
+    assert registry.holds_verified(HOST)
+    await call(registry.unregister(HOST, PORT))
+    assert not registry.holds_verified(HOST)
+    await call(registry.register(HOST, PORT + 1, None, 20.0))
+    await call(registry.mark_verified(HOST, PORT + 1))
+    await call(registry.expire(20.0 + TTL))
+    assert not registry.holds_verified(HOST)
+
+
 # -- expiry ------------------------------------------------------------------
 
 

@@ -353,13 +353,22 @@ async def test_connection_flood_leaves_the_reserve_to_lease_holders(
 ):
     """
     With ``--max-connections 100`` (the last 10 kept for addresses holding a
-    lease), five sources fill the 90 places anyone may take; a newcomer is
-    refused, naming the reserve, while a lease holder still renews.
+    verified lease), five sources fill the 90 places anyone may take; a
+    newcomer is refused, naming the reserve, and so is an address whose
+    lease no peer answers for (e2: one such lease per attacking address
+    took the whole reserve), while a verified lease holder still renews.
     """
-    relay = await launcher.relay(args=["--max-connections", "100"])
+    relay = await launcher.relay(
+        args=["--max-connections", "100", "--report-interval", "0.5"]
+    )
+    mark = relay.process.mark()
+    peer = await launcher.peer(relay.address, ["sample1.txt"])
+    await relay.process.wait_for(r"\b1 answered the dial-back", mark)
     holder = "127.0.0.1"
-    renewal = [b"REGISTER 9999"]
-    first = replies((await crowd.exchange(relay.address, holder, renewal)).lines)
+    renewal = [f"REGISTER {peer.port}".encode()]
+    unverified = "127.67.0.1"
+    closed = [b"REGISTER 30000"]
+    first = replies((await crowd.exchange(relay.address, unverified, closed)).lines)
     assert first[0].startswith(b"OK "), first
     sources = [f"127.{n}.0.1" for n in range(61, 66)]
     held = await gatherResults(
@@ -371,12 +380,15 @@ async def test_connection_flood_leaves_the_reserve_to_lease_holders(
     reserve = "ERR 503 too many connections (...)"
     assert admitted == 90 and refused == {reserve: 5 * 32 - 90}, (admitted, refused)
 
-    newcomer = await crowd.exchange(relay.address, "127.66.0.1", [b"PEERS"])
-    assert newcomer.lines == [
+    full = [
         b"P2P/1 relay",
         b"ERR 503 too many connections (limit 100, the last 10 kept for "
-        b"registered peers)",
+        b"verified peers, 2 each)",
     ]
+    newcomer = await crowd.exchange(relay.address, "127.66.0.1", [b"PEERS"])
+    assert newcomer.lines == full
+    unverified_holder = await crowd.exchange(relay.address, unverified, closed)
+    assert unverified_holder.lines == full
     for _ in range(3):
         answer = replies((await crowd.exchange(relay.address, holder, renewal)).lines)
         assert answer[0].startswith(b"OK "), answer

@@ -137,10 +137,35 @@ class ConnectionLimitsTests(SynchronousTestCase):
         for n in range(8):
             self.assertIsNone(limits.admit(f"10.0.{n}.1"))
         refusal = limits.admit("10.0.99.1")
-        self.assertIn("kept for registered peers", refusal)
+        self.assertIn("kept for verified peers", refusal)
         self.assertIsNone(limits.admit("10.9.9.9"))
         self.assertIsNone(limits.admit("10.9.9.9"))
         self.assertEqual(limits.admit("10.9.9.9"), "too many connections (limit 10)")
+
+    def test_reserve_shared_among_members(self) -> None:
+        """
+        Into the reserve, a member's source may hold two connections and
+        its network a sixteenth of the reserve: ten verified addresses with
+        32 connections each once took a reserve of 200 whole (e2).
+        """
+        members = {f"10.{n // 8}.0.{n % 8}" for n in range(64)}
+        limits = ConnectionLimits(
+            max_total=1000,
+            max_per_host=32,
+            max_per_network=256,
+            reserve=200,
+            is_member=members.__contains__,
+        )
+        for n in range(800):
+            self.assertIsNone(limits.admit(f"10.{100 + n // 200}.{n % 200}.1"))
+        tries = [member for member in sorted(members) for _ in range(32)]
+        admitted = sum(limits.admit(member) is None for member in tries)
+        # 8 networks of 8 members: 12 places per network, 2 per member.
+        self.assertEqual(admitted, 8 * 12)
+        self.assertEqual(limits.open_from("10.0.0.0"), 2)
+        self.assertIn("2 each", limits.admit("10.0.0.0"))
+        members.add("10.60.0.1")
+        self.assertIsNone(limits.admit("10.60.0.1"))
 
     def test_default_reserve(self) -> None:
         """A tenth of the total is reserved when there are members."""

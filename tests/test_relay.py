@@ -1173,6 +1173,9 @@ class HeldRegistry:
     def holds(self, host):
         return self.memory.holds(host)
 
+    def holds_verified(self, host):
+        return self.memory.holds_verified(host)
+
     def position(self, lease):
         return self.memory.position(lease)
 

@@ -265,6 +265,25 @@ class RelayServiceTests(SynchronousTestCase):
         relay = children(service, ListeningService)[0].factory.relay
         self.assertIsNone(relay.dialback)
 
+    def test_reserve_is_for_verified_leases(self) -> None:
+        """
+        The connection reserve is for addresses whose lease a dial-back
+        verified: one unverified lease per attacking address took all of
+        it (e2).  Without dial-backs any lease counts.
+        """
+        service, _ = self.make()
+        factory = children(service, ListeningService)[0].factory
+        registry = factory.relay.registry
+        registry.register("10.1.0.1", 30000, None, 0.0)
+        registry.register("10.2.0.1", 9999, None, 0.0)
+        registry.mark_verified("10.2.0.1", 9999)
+        self.assertFalse(factory.limits.is_member("10.1.0.1"))
+        self.assertTrue(factory.limits.is_member("10.2.0.1"))
+        service, _ = self.make("--no-dial-back")
+        factory = children(service, ListeningService)[0].factory
+        factory.relay.registry.register("10.1.0.1", 30000, None, 0.0)
+        self.assertTrue(factory.limits.is_member("10.1.0.1"))
+
     def test_descriptor_budget(self) -> None:
         """A relay's connection holds its socket alone; the dial-backs
         (a socket each, as many as run at once) are kept room for apart."""
