@@ -139,6 +139,20 @@ METRICS_OPTION = [
 ]
 
 
+# The metrics listener's bounds: a scraper or two keep a connection each;
+# these leave room for a few more, and a connection idle this long is
+# closed, so idle connections cannot use up the daemon's descriptors.
+METRICS_MAX_CONNECTIONS = 16
+METRICS_MAX_CONNECTIONS_PER_HOST = 4
+METRICS_IDLE_TIMEOUT_SECONDS = 10
+
+
+def metrics_descriptors(config: usage.Options) -> int:
+    """Descriptors the C{--metrics} listener's connections may hold, kept
+    apart from the servers' connections (0 without C{--metrics})."""
+    return METRICS_MAX_CONNECTIONS if config["metrics"] else 0
+
+
 def check_metrics(config: usage.Options) -> None:
     """C{--metrics}, when given, is a listening endpoint, and the metrics
     library is there (checked without importing it)."""

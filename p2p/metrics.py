@@ -31,12 +31,19 @@ from prometheus_client.core import (
 )
 from prometheus_client.exposition import choose_encoder
 from prometheus_client.registry import Collector
+from twisted.internet.interfaces import IAddress
+from twisted.protocols.policies import ProtocolWrapper, WrappingFactory
 from twisted.python import usage
 from twisted.web.resource import Resource
 from twisted.web.server import Request, Site
 
+from p2p.daemon import (
+    METRICS_IDLE_TIMEOUT_SECONDS,
+    METRICS_MAX_CONNECTIONS,
+    METRICS_MAX_CONNECTIONS_PER_HOST,
+)
 from p2p.endpoints import server_endpoint
-from p2p.limits import RefusalLog
+from p2p.limits import ConnectionLimits, RefusalLog, source_host
 from p2p.peer import PeerFactory
 from p2p.relay import Activity, RelayFactory
 from p2p.service import ListeningService
@@ -250,10 +257,56 @@ class MetricsSite(Site):
 
 
 def metrics_site(registry: CollectorRegistry, reactor) -> Site:
-    """A site serving C{registry} at ``/metrics`` (other paths: 404)."""
+    """
+    A site serving C{registry} at ``/metrics`` (other paths: 404); a
+    connection idle for L{METRICS_IDLE_TIMEOUT_SECONDS} is closed (Twisted's
+    default is a minute, long enough to pile idle connections up).
+    """
     root = Resource()
     root.putChild(METRICS_PATH, MetricsPage(registry))
-    return MetricsSite(root, reactor=reactor)
+    return MetricsSite(root, reactor=reactor, timeout=METRICS_IDLE_TIMEOUT_SECONDS)
+
+
+class LimitedMetricsFactory(WrappingFactory):
+    """
+    The metrics site behind connection limits: at most
+    L{METRICS_MAX_CONNECTIONS} open, L{METRICS_MAX_CONNECTIONS_PER_HOST}
+    from one source; past them a connection is closed at once.  Without
+    them, idle connections to the metrics port (1,100 of them) used up
+    the daemon's descriptors and its own listener failed.  The daemon
+    keeps descriptors for these apart (L{p2p.daemon.metrics_descriptors}).
+    """
+
+    noisy = False
+
+    def __init__(
+        self,
+        site: Site,
+        max_total: int = METRICS_MAX_CONNECTIONS,
+        max_per_host: int = METRICS_MAX_CONNECTIONS_PER_HOST,
+    ) -> None:
+        super().__init__(site)
+        self.limits = ConnectionLimits(max_total, max_per_host, 0)
+        self._hosts: dict[ProtocolWrapper, str] = {}
+
+    def buildProtocol(self, addr: IAddress) -> ProtocolWrapper | None:
+        host = source_host(addr)
+        if self.limits.admit(host) is not None:
+            return None  # Twisted closes the connection
+        try:
+            wrapper = super().buildProtocol(addr)
+        except BaseException:
+            self.limits.release(host)
+            raise
+        self._hosts[wrapper] = host
+        return wrapper
+
+    def unregisterProtocol(self, p: ProtocolWrapper) -> None:
+        """Called by the wrapper when its connection is lost."""
+        super().unregisterProtocol(p)
+        host = self._hosts.pop(p, None)
+        if host is not None:
+            self.limits.release(host)
 
 
 def metrics_service(
@@ -274,7 +327,9 @@ def metrics_service(
     except ValueError as e:
         raise usage.UsageError(f"--metrics: {e}") from None
     service = ListeningService(
-        endpoint, metrics_site(registry, reactor), f"{role} {METRICS}"
+        endpoint,
+        LimitedMetricsFactory(metrics_site(registry, reactor)),
+        f"{role} {METRICS}",
     )
     service.setName(METRICS)
     return service

@@ -29,6 +29,7 @@ from p2p.daemon import (
     check_metrics,
     connection_limits,
     connection_policy,
+    metrics_descriptors,
     request_budget,
     token_option,
 )
@@ -342,7 +343,11 @@ def makeService(config: Options, reactor=None) -> MultiService:
         index,
         reactor,
         config["idle-timeout"],
-        connection_limits(config, per_connection=DESCRIPTORS_PER_CONNECTION),
+        connection_limits(
+            config,
+            per_connection=DESCRIPTORS_PER_CONNECTION,
+            reserved=metrics_descriptors(config),
+        ),
         throttle=TokenBucket(reactor, rate) if rate else None,
         policy=connection_policy(config, reactor),
         budget=request_budget(config, reactor),

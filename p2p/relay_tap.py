@@ -21,6 +21,7 @@ from p2p.daemon import (
     check_metrics,
     connection_limits,
     connection_policy,
+    metrics_descriptors,
     request_budget,
     token_option,
 )
@@ -341,7 +342,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
             config,
             is_member,
             per_connection=DESCRIPTORS_PER_CONNECTION,
-            reserved=probes,
+            reserved=probes + metrics_descriptors(config),
         ),
         policy,
     )

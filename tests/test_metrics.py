@@ -17,20 +17,27 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.openmetrics.exposition import (
     CONTENT_TYPE_LATEST as OPENMETRICS,
 )
-from twisted.internet.error import CannotListenError
+from twisted.internet.address import IPv4Address
+from twisted.internet.error import CannotListenError, ConnectionDone
 from twisted.internet.task import Clock
-from twisted.internet.testing import EventLoggingObserver, MemoryReactorClock
+from twisted.internet.testing import (
+    EventLoggingObserver,
+    MemoryReactorClock,
+    StringTransport,
+)
 from twisted.logger import globalLogPublisher
 from twisted.python import usage
+from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 from twisted.web.server import Site
 from twisted.web.test.requesthelper import DummyRequest
 
-from p2p import peer_tap, relay_tap
+from p2p import daemon, peer_tap, relay_tap
 from p2p.limits import MAX_REASONS, RefusalLog
 from p2p.metrics import (
     METRICS,
     DurationHistogram,
+    LimitedMetricsFactory,
     MetricsPage,
     PeerCollector,
     RelayCollector,
@@ -305,7 +312,8 @@ class MetricsOptionTests(SynchronousTestCase):
         [(port, factory, _, interface)] = [
             server for server in reactor.tcpServers if server[0] == METRICS_PORT
         ]
-        self.assertIsInstance(factory, Site)
+        self.assertIsInstance(factory, LimitedMetricsFactory)
+        self.assertIsInstance(factory.wrappedFactory, Site)
         self.assertEqual(interface, "127.0.0.1")
         self.assertIn(
             "relay metrics",
@@ -348,6 +356,76 @@ class MetricsOptionTests(SynchronousTestCase):
             str(error),
             f"twistd relay metrics: cannot listen on *:{METRICS_PORT}: in use",
         )
+
+    def metrics_factory(self, reactor: MemoryReactorClock) -> LimitedMetricsFactory:
+        """The relay's metrics listener's factory, listening on C{reactor}."""
+        service = relay_tap.makeService(
+            self.relay("--metrics", f"tcp:{METRICS_PORT}"), reactor
+        )
+        listener = service.getServiceNamed(METRICS)
+        listener.startService()
+        self.addCleanup(listener.stopService)
+        [factory] = [f for port, f, *_ in reactor.tcpServers if port == METRICS_PORT]
+        return factory
+
+    def test_connections_bounded(self) -> None:
+        """
+        The metrics listener takes 16 connections at once, 4 from one
+        address, and closes the rest at once: 1,100 idle connections to it
+        once used up the relay's descriptors (e8).  A closed one frees its
+        place.
+        """
+        factory = self.metrics_factory(MemoryReactorClock())
+        opened = []
+        for n in range(1100):
+            address = IPv4Address("TCP", f"10.0.{n // 200}.{1 + n % 200}", 5000)
+            protocol = factory.buildProtocol(address)
+            if protocol is not None:
+                protocol.makeConnection(StringTransport(peerAddress=address))
+                opened.append(protocol)
+        self.assertEqual(len(opened), daemon.METRICS_MAX_CONNECTIONS)
+        same = IPv4Address("TCP", "10.9.0.1", 5000)
+        for protocol in opened[:5]:
+            protocol.connectionLost(Failure(ConnectionDone()))
+        held = [factory.buildProtocol(same) for _ in range(5)]
+        self.assertEqual([p is not None for p in held], [True, True, True, True, False])
+
+    def test_idle_connection_closed(self) -> None:
+        """A metrics connection idle for 10 s is closed (Twisted's default:
+        a minute)."""
+        reactor = MemoryReactorClock()
+        factory = self.metrics_factory(reactor)
+        address = IPv4Address("TCP", "10.0.0.1", 5000)
+        transport = StringTransport(peerAddress=address)
+        factory.buildProtocol(address).makeConnection(transport)
+        reactor.advance(daemon.METRICS_IDLE_TIMEOUT_SECONDS - 0.1)
+        self.assertFalse(transport.disconnecting)
+        reactor.advance(0.2)
+        self.assertTrue(transport.disconnecting)
+
+    def test_descriptor_budget(self) -> None:
+        """The metrics listener's connections are budgeted apart from the
+        servers' (the relay's and the peer's)."""
+        from .test_tap import fake_descriptor_limit
+
+        fake_descriptor_limit(self, 1024, 1024)
+        for config, make, per_connection in (
+            (self.relay("--no-dial-back"), relay_tap.makeService, 1),
+            (self.peer(), peer_tap.makeService, 2),
+        ):
+            plain = make(config, MemoryReactorClock())
+            config["metrics"] = f"tcp:{METRICS_PORT}"
+            metered = make(config, MemoryReactorClock())
+            limits = [
+                service.getServiceNamed("listener").factory.limits.max_total
+                for service in (plain, metered)
+            ]
+            self.assertEqual(
+                limits[1],
+                (1024 - daemon.SPARE_DESCRIPTORS - daemon.METRICS_MAX_CONNECTIONS)
+                // per_connection,
+            )
+            self.assertLess(limits[1], limits[0])
 
     def test_plugins_do_not_import_prometheus_client(self) -> None:
         """The daemons' options and the client load without the metrics
