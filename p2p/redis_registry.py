@@ -12,8 +12,15 @@ string ``"HOST PORT"``:
 * ``<prefix>l:<member>``: a hash per lease: name ``n``, sequence number
   ``s``, registered ``r``, renewed ``w``, expires ``e``, verified ``v``,
   and the source ``S`` and network ``N`` it counts against
-  (L{p2p.netgroup}).  Its key TTL is a safety net only (three lease
-  lengths, renewed with the lease): expiry is the relays' job, below.
+  (L{p2p.netgroup}).  It has no key TTL: it lives exactly as long as the
+  member's entries in the sets below, since ending a lease (below) needs
+  its source and network.  (A TTL, once kept as a safety net, removed the
+  hash of every lease when all relays were down longer than three lease
+  lengths, and left its counts and index entries behind for good.)  A
+  member whose hash is gone all the same (evicted, deleted by hand, or
+  expired under an earlier version) is a *ghost*: it is never listed,
+  ending it removes its entries, and the relay that ends it takes it off
+  the counts (L{RedisRegistry}, ``uncount``).
 * ``<prefix>due``: a sorted set of members by expiry time.  Every script
   first ends the leases due by the caller's "now" (``ZRANGEBYSCORE -inf
   now``, at most L{EXPIRE_BATCH} of them): O(expired), never a scan.  The
@@ -88,9 +95,6 @@ MAX_RECONNECT_DELAY_SECONDS = 2.0
 # in one call (about 5 us each) when many leases come due at once; the
 # relay's periodic sweep calls again until a batch comes back short.
 EXPIRE_BATCH = 1000
-# A lease's key outlives its last renewal by this many lease lengths: only a
-# safety net, for leases no relay trimmed (every relay stopped).
-KEY_TTL_LEASES = 3
 
 
 class RedisURLError(ValueError):
@@ -171,11 +175,14 @@ end
 local function uncount(h, field)
   if redis.call('HINCRBY', h, field, -1) <= 0 then redis.call('HDEL', h, field) end
 end
+-- Ends a lease, a ghost too (its hash gone: then the row has an empty
+-- seq, and the caller uncounts its source and network).
 local function drop(m)
   local k = key(m)
   local f = redis.call('HMGET', k, 'n', 's', 'r', 'w', 'e', 'v', 'S', 'N')
   redis.call('ZREM', DUE, m)
-  redis.call('ZREM', f[6] == '1' and VER or UNV, m)
+  redis.call('ZREM', VER, m)
+  redis.call('ZREM', UNV, m)
   if f[7] then uncount(SRC, f[7]) end
   if f[8] then uncount(NET, f[8]) end
   redis.call('HDEL', FILES, m)
@@ -198,7 +205,7 @@ return {redis.call('ZCARD', DUE), pack(expired)}
 """
 
 # ARGV: prefix, now, batch, member, expires, name, files, source, network,
-# max peers, max per source, max per network, key ttl.
+# max peers, max per source, max per network.
 # -> {status (1 new, 0 renewed, -1/-2/-3 refused by a cap), count, lease, expired}
 _REGISTER = """
 local now, m, expires = ARGV[2], ARGV[4], ARGV[5]
@@ -208,7 +215,9 @@ local max_source, max_network = tonumber(ARGV[11]), tonumber(ARGV[12])
 local expired = trim(now, tonumber(ARGV[3]))
 local k = key(m)
 local e = redis.call('HGET', k, 'e')
-if e and tonumber(e) <= tonumber(now) then
+if (e and tonumber(e) <= tonumber(now))
+    or (not e and redis.call('ZSCORE', DUE, m)) then
+  -- Run out but not trimmed yet, or a ghost: a new registration.
   table.insert(expired, drop(m))
   e = false
 end
@@ -241,7 +250,8 @@ else redis.call('HDEL', k, 'n') end
 if files ~= '' then redis.call('HSET', FILES, m, files)
 else redis.call('HDEL', FILES, m) end
 redis.call('ZADD', DUE, expires, m)
-redis.call('EXPIRE', k, ARGV[13])
+-- No TTL (see the module docstring); clears one an earlier version set.
+redis.call('PERSIST', k)
 return {status, redis.call('ZCARD', DUE), fields(m), pack(expired)}
 """
 
@@ -254,18 +264,33 @@ local expired = trim(ARGV[2], tonumber(ARGV[3]))
 local tier, after, limit = ARGV[4], ARGV[5], tonumber(ARGV[6])
 local want_files = ARGV[7] == '1'
 local out, more, flags, filters = {}, 0, {}, {}
+-- Up to wanted members of set after the cursor into out; whether more
+-- follow.  A ghost met on the way is ended, not listed.
 local function take(set, wanted)
-  local ms = redis.call('ZRANGEBYSCORE', set, '(' .. after, '+inf',
-    'LIMIT', 0, wanted + 1)
-  for i = 1, math.min(#ms, wanted) do
-    out[#out + 1] = fields(ms[i])
-    if want_files then
-      local f = redis.call('HGET', FILES, ms[i])
-      flags[#flags + 1] = f and '1' or '0'
-      if f then filters[#filters + 1] = f end
+  local got, from = 0, '(' .. after
+  while true do
+    local asked = wanted - got + 1
+    local ms = redis.call('ZRANGEBYSCORE', set, from, '+inf', 'WITHSCORES',
+      'LIMIT', 0, asked)
+    for i = 1, #ms, 2 do
+      local m = ms[i]
+      if got >= wanted then return true end
+      from = '(' .. ms[i + 1]
+      local f = redis.call('HMGET', key(m), 'n', 's', 'r', 'w', 'e', 'v')
+      if f[2] then
+        got = got + 1
+        out[#out + 1] = row(m, f)
+        if want_files then
+          local f = redis.call('HGET', FILES, m)
+          flags[#flags + 1] = f and '1' or '0'
+          if f then filters[#filters + 1] = f end
+        end
+      else
+        expired[#expired + 1] = drop(m)
+      end
     end
+    if #ms < 2 * asked then return false end
   end
-  return #ms > wanted
 end
 local done = false
 if tier == '0' then
@@ -313,10 +338,12 @@ for _, set in ipairs({VER, UNV}) do
     local filters = redis.call('HMGET', FILES, unpack(ms))
     for i, m in ipairs(ms) do
       local files = filters[i]
-      if files and bit.band(string.byte(files, ai), am) ~= 0
+      local network = files and bit.band(string.byte(files, ai), am) ~= 0
           and bit.band(string.byte(files, bi), bm) ~= 0
-          and bit.band(string.byte(files, ci), cm) ~= 0 then
-        local network = redis.call('HGET', key(m), 'N') or ''
+          and bit.band(string.byte(files, ci), cm) ~= 0
+          and redis.call('HGET', key(m), 'N')
+      -- (no network: a ghost, never suggested; the next trim or page ends it)
+      if network then
         local n = taken[network] or 0
         if n >= per_network then
           overflow[#overflow + 1] = m
@@ -339,8 +366,20 @@ return finish()
 _UNREGISTER = """
 local m = ARGV[2]
 local lease = ''
-if redis.call('EXISTS', key(m)) == 1 then lease = drop(m) end
+if redis.call('EXISTS', key(m)) == 1 or redis.call('ZSCORE', DUE, m) then
+  lease = drop(m)
+end
 return {redis.call('ZCARD', DUE), lease}
+"""
+
+# ARGV: prefix, then a source and a network per ghost ended (their counts
+# were left for the relay to take off).  -> the table size
+_UNCOUNT = """
+for i = 2, #ARGV, 2 do
+  uncount(SRC, ARGV[i])
+  uncount(NET, ARGV[i + 1])
+end
+return redis.call('ZCARD', DUE)
 """
 
 # ARGV: prefix, member.  -> {count, lease or false}
@@ -376,6 +415,7 @@ SCRIPTS = {
         ("hinted", _HINTED),
         ("unregister", _UNREGISTER),
         ("verify", _VERIFY),
+        ("uncount", _UNCOUNT),
     ]
 }
 
@@ -404,7 +444,7 @@ def _lease(row: bytes, created: bool = False) -> SharedLease:
     """
     A L{SharedLease} from a script's row: member, name, seq, registered,
     renewed, expires and verified, tab-separated (empty when missing: a
-    lease whose key the safety TTL removed).  Scripts answer with rows in
+    ghost: a lease whose hash is gone).  Scripts answer with rows in
     one string, not a nested array: C{txredisapi} parses each array element
     in a turn of the reactor of its own, about 25 us each.
     """
@@ -478,7 +518,6 @@ class RedisRegistry:
         # Calls Redis did not answer (timeouts, lost connections, Redis
         # errors), since the start: p2p_relay_registry_errors_total.
         self.errors = 0
-        self._key_ttl = str(max(1, int(ttl * KEY_TTL_LEASES) + 1))
         self._count = 0
         self._on_expired: Callable[[list[Lease]], None] | None = None
         # What this relay knows without asking Redis, for the decisions it
@@ -547,7 +586,6 @@ class RedisRegistry:
             self.max_peers,
             self.max_per_host,
             self.max_per_network,
-            self._key_ttl,
         )
 
         def registered(reply: list) -> SharedLease:
@@ -579,7 +617,11 @@ class RedisRegistry:
 
         def unregistered(reply: list) -> SharedLease | None:
             self._count, row = reply
-            return _lease(row) if row else None
+            if not row:
+                return None
+            lease = _lease(row)
+            self._uncount_ghosts([lease])
+            return lease
 
         return self._call("unregister", member).addCallback(unregistered)
 
@@ -686,8 +728,30 @@ class RedisRegistry:
                 self._verified.discard(member)
                 netgroup.tally(self._verified_hosts, host, -1)
 
+    def _uncount_ghosts(self, leases: list[SharedLease]) -> None:
+        """
+        Take the ghosts among C{leases} (ended with their hash gone: no
+        sequence number) off the source and network counts, which the
+        script could not read from the hash.  One more round trip, only
+        when there are ghosts; a failure leaves the counts high (logged
+        as any unanswered call).
+        """
+        groups = [
+            group
+            for lease in leases
+            if not lease.seq
+            for group in netgroup.groups(lease.host)
+        ]
+        if groups:
+            d = self._call("uncount", *groups)
+            d.addCallbacks(self._counted, lambda f: f.trap(RegistryUnavailable))
+
+    def _counted(self, count: bytes | int) -> None:
+        self._count = int(count)
+
     def _expired(self, rows: bytes) -> list[SharedLease]:
         leases = _leases(rows)
+        self._uncount_ghosts(leases)
         for lease in leases:
             self._forget(_member(lease.host, lease.port))
         if leases and self._on_expired is not None:
@@ -702,7 +766,7 @@ class RedisRegistry:
         by-address ones) the time and the expiry batch, then C{args}.
         """
         script = SCRIPTS[name]
-        if name in ("unregister", "verify"):
+        if name in ("unregister", "verify", "uncount"):
             argv = [self.prefix, *args]
         else:
             now, *rest = args

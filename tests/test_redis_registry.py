@@ -158,6 +158,109 @@ async def test_scripts_reloaded_after_flush(make, connection) -> None:
     assert "SCRIPT LOAD" in registry.client.calls
 
 
+GHOST_HOST = "127.80.0.1"
+GHOST_TTL = 5.0
+
+
+async def table(registry: RedisRegistry, redis) -> dict[str, object]:
+    """What a registry's keys hold besides the lease hashes (sent after
+    any call in flight on the one connection, so it sees their effect)."""
+    prefix = registry.prefix
+    return {
+        "src": await redis.hgetall(prefix + "src"),
+        "net": await redis.hgetall(prefix + "net"),
+        "due": await redis.zcard(prefix + "due"),
+        "ver": await redis.zcard(prefix + "ver"),
+        "unv": await redis.zcard(prefix + "unv"),
+    }
+
+
+@pytest_twisted.ensureDeferred
+async def test_every_relay_down_longer_than_a_lease_leaves_no_ghost(
+    make, connection
+) -> None:
+    """
+    ``--ttl 5 --max-per-host 8``: 8 leases from one address, 4 verified,
+    then every relay down for 20 s (e6).  Lease keys used to expire after
+    3 x ttl + 1 = 16 s, leaving the counts and index entries behind for
+    good: that address got ``ERR 429`` for ever and the verified ghosts
+    were listed first, never to be unregistered.  Now a lease key has no
+    TTL, and the first relay back ends the eight, counts and all.
+    """
+    redis = connection.handler
+    registry = make(GHOST_TTL, max_per_host=8)
+    await registry.load_scripts()
+    for port in range(8):
+        await registry.register(GHOST_HOST, 9000 + port, None, 0.0)
+    for port in range(4):
+        await registry.mark_verified(GHOST_HOST, 9000 + port)
+    keys = await redis.keys(registry.prefix + "l:*")
+    assert len(keys) == 8
+    assert [await redis.ttl(key) for key in keys] == [-1] * 8
+    back = RedisRegistry(redis, registry.clock, GHOST_TTL, 0, 8, prefix=registry.prefix)
+    assert await back.page(20.0, 0, 100) == ([], False)
+    assert await table(back, redis) == {
+        "src": {},
+        "net": {},
+        "due": 0,
+        "ver": 0,
+        "unv": 0,
+    }
+    assert await redis.keys(registry.prefix + "l:*") == []
+    for port in range(8):
+        assert (await back.register(GHOST_HOST, 9100 + port, None, 21.0)).created
+
+
+@pytest_twisted.ensureDeferred
+async def test_ghosts_are_never_listed_and_their_counts_go(make, connection) -> None:
+    """
+    A lease whose hash is gone all the same (expired under an earlier
+    version, evicted, deleted by hand) is a ghost: a listing skips it and
+    ends it, a sweep or UNREGISTER ends it, a registration of it starts
+    afresh; its source and network counts go with it, and no cursor is
+    made of it.
+    """
+    redis = connection.handler
+    registry = make(GHOST_TTL, max_per_host=8)
+    # Loaded first (as a relay does at start), so that no call waits for a
+    # reload and every one runs in order on the connection.
+    await registry.load_scripts()
+    prefix = registry.prefix
+    for port in range(8):
+        await registry.register(GHOST_HOST, 9000 + port, None, 0.0)
+    for port in range(4):
+        await registry.mark_verified(GHOST_HOST, 9000 + port)
+    # Ports 9000 (verified) and 9004: ghosts that are not due yet.
+    await redis.delete([f"{prefix}l:{GHOST_HOST} {port}" for port in (9000, 9004)])
+    page, more = await registry.page(1.0, 0, 3)
+    assert [lease.port for lease in page] == [9001, 9002, 9003] and more
+    page, more = await registry.page(1.0, registry.position(page[-1]), 10)
+    assert [lease.port for lease in page] == [9005, 9006, 9007] and not more
+    assert all(lease.seq for lease in page)
+    counts = await table(registry, redis)
+    assert counts["src"] == {GHOST_HOST.encode(): b"6"}, counts
+    assert (counts["due"], counts["ver"], counts["unv"]) == (6, 3, 3)
+
+    # UNREGISTER ends a ghost; a registration of one starts afresh.
+    await redis.delete([f"{prefix}l:{GHOST_HOST} {port}" for port in (9001, 9005)])
+    ended = await registry.unregister(GHOST_HOST, 9001)
+    assert (ended.host, ended.port) == (GHOST_HOST, 9001)
+    again = await registry.register(GHOST_HOST, 9005, None, 2.0)
+    assert again.created and not again.verified
+    counts = await table(registry, redis)
+    assert counts["src"] == {GHOST_HOST.encode(): b"5"}, counts
+    assert (counts["due"], counts["ver"], counts["unv"]) == (5, 2, 3)
+
+    # A sweep ends ghosts that came due, and a hinted query never names one.
+    await redis.delete([f"{prefix}l:{GHOST_HOST} 9002"])
+    await registry.likely_holders(3.0, "0123456789abcdef", 10, 100)
+    ended = await registry.expire(6.0)
+    assert sorted(lease.port for lease in ended) == [9002, 9003, 9006, 9007]
+    counts = await table(registry, redis)
+    assert counts["src"] == {GHOST_HOST.encode(): b"1"}, counts
+    assert (counts["due"], counts["ver"], counts["unv"]) == (1, 0, 1)
+
+
 @pytest_twisted.ensureDeferred
 async def test_two_registries_share_the_table(make) -> None:
     """Two relays' registries on one prefix see each other's leases at
@@ -361,7 +464,15 @@ class ScriptTests(SynchronousTestCase):
         """Each operation has its script, named by the SHA-1 EVALSHA uses."""
         self.assertEqual(
             sorted(SCRIPTS),
-            ["expire", "hinted", "page", "register", "unregister", "verify"],
+            [
+                "expire",
+                "hinted",
+                "page",
+                "register",
+                "uncount",
+                "unregister",
+                "verify",
+            ],
         )
         self.assertEqual(len({s.sha for s in SCRIPTS.values()}), len(SCRIPTS))
 
