@@ -46,7 +46,7 @@ import relay_rate  # noqa: E402
 import relay_scale  # noqa: E402
 from _harness import Daemon, Report, Series  # noqa: E402
 
-from p2p.redis_registry import EXPIRE_BATCH, KEY_TTL_LEASES, SCRIPTS  # noqa: E402
+from p2p.redis_registry import EXPIRE_BATCH, SCRIPTS  # noqa: E402
 from tests._redis import free_port  # noqa: E402
 
 PREFIX = "p2p:"
@@ -199,7 +199,6 @@ def register_args(host: str, port: int, now: float) -> list[str]:
         "0",
         "0",
         "0",
-        str(TTL * KEY_TTL_LEASES + 1),
     ]
 
 
