@@ -204,6 +204,10 @@ class Output:
         """
         return None
 
+    # Whether a piece stored can later be replaced (a file's bytes can be
+    # written over; a stream's are gone out).
+    overwrites = True
+
     @property
     def restartable(self) -> bool:
         """Whether the output may still start over with other content."""
@@ -219,6 +223,7 @@ class StreamOutput(Output):
     """Verified pieces, in order, to a stream (stdout)."""
 
     label = "stdout"
+    overwrites = False
 
     def __init__(self, stream: BinaryIO) -> None:
         self.stream = stream
@@ -228,9 +233,22 @@ class StreamOutput(Output):
         _widen_pipe(stream)
 
     def prepare(self, content: Content, pieces: PieceList | None) -> set[int]:
+        if self.written:
+            # Never again from byte 0 over bytes gone out: the pieces after
+            # them would wait for ever, and the run claim a whole file.
+            raise OSError(
+                errno.EIO, f"{self.written} bytes of another content went out"
+            )
         self.position = 0
         self._waiting.clear()
         return set()
+
+    def finish(self, durable: bool) -> None:
+        if self._waiting:
+            raise OSError(
+                errno.EIO,
+                f"{len(self._waiting)} verified piece(s) never went out in order",
+            )
 
     def write_piece(self, offset: int, data: PieceData) -> None:
         # Pieces may complete out of order (several sources): hold the ones
@@ -607,6 +625,7 @@ class ThroughOutput(StreamOutput):
 
     def finish(self, durable: bool) -> None:
         assert self._fd is not None
+        super().finish(durable)
         if durable:
             try:
                 os.fsync(self._fd)
@@ -790,6 +809,10 @@ class PieceSink:
         # thread (L{Output.inline_bytes}); decided once, at L{begin}.
         self._inline = False
         self._threaded = False
+        # Whether a verified piece was handed to the output, known here on
+        # the reactor thread (the storing thread may not have written it
+        # yet): a stream handed one can no longer start over.
+        self._handed = False
 
     # -- the content -------------------------------------------------------
 
@@ -870,6 +893,7 @@ class PieceSink:
         """Forget the content (only while the output is restartable)."""
         self.content = None
         self.pieces = None
+        self._handed = False
         self._spare.clear()
         self.done.clear()
         self.received = 0
@@ -878,6 +902,16 @@ class PieceSink:
 
     @property
     def restartable(self) -> bool:
+        """
+        Whether the output may start over with other content.  Judged by
+        what was handed to it, not by what its thread wrote so far: a
+        stream's first piece, verified and queued but not yet written when
+        the peer broke, let a run start over and then wait for ever for
+        bytes before the ones that went out (it claimed the whole file with
+        1 MiB of 64 on stdout).
+        """
+        if self._handed and not self.output.overwrites:
+            return False
         return self.output.restartable
 
     @property
@@ -961,14 +995,19 @@ class PieceSink:
         self._backlog += size
         pieces = self.pieces
 
+        def check() -> bool:
+            good = _verifies(content, pieces, index, data)
+            if good:
+                self._handed = True
+            return good
+
         d = self._worker().submit_checked(
-            lambda: _verifies(content, pieces, index, data),
-            lambda: self.output.write_piece(offset, data),
+            check, lambda: self.output.write_piece(offset, data)
         )
         d.addCallbacks(
             self._stored,
             self._store_failed,
-            (index, data, on_bad, on_good),
+            (index, data, on_bad, on_good, content),
             None,
             (data,),
         )
@@ -981,10 +1020,15 @@ class PieceSink:
         data: PieceData,
         on_bad: Callable[[int], object] | None,
         on_good: Callable[[int], object] | None,
+        content: Content,
     ) -> None:
         size = length_of(data)
         self._released(size)
         self.take_back(data)
+        if content is not self.content:
+            # A piece of the content the sink had before it started over
+            # (reset): never a piece of the one it assembles now.
+            return
         if good:
             if index not in self.done:
                 self.done.add(index)

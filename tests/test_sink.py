@@ -13,7 +13,7 @@ import tempfile
 import threading
 from unittest import SkipTest
 
-from twisted.internet.defer import Deferred
+from twisted.internet.defer import Deferred, succeed
 from twisted.python.failure import Failure
 from twisted.trial.unittest import SynchronousTestCase
 
@@ -62,6 +62,16 @@ class QueuedWorker(StepPool):
 
     def stop(self) -> None:
         pass
+
+
+class CheckingWorker(QueuedWorker):
+    """As L{SerialWorker}: checks a piece at once, on the calling thread,
+    and stores it only when the test says so (a slow storing thread)."""
+
+    def submit_checked(self, check, work) -> Deferred:
+        if not check():
+            return succeed(False)
+        return self(work).addCallback(lambda _: True)
 
 
 def fired(d: Deferred):
@@ -143,6 +153,32 @@ class StreamTests(SynchronousTestCase):
         self.assertTrue(self.sink.restartable)
         self.sink.write(0, chunks(self.data)[0])
         self.assertFalse(self.sink.restartable)
+
+    def test_not_restartable_once_a_piece_is_on_its_way(self) -> None:
+        """
+        A verified piece handed to the storing thread, not yet written: the
+        stream can no longer start over.  (Judged by what its thread had
+        written, a peer that broke then let the run start over from byte
+        0, and the pieces after the one that went out waited for ever: the
+        run claimed the whole file with 1 MiB of 64 on stdout.)
+        """
+        worker = CheckingWorker()
+        stream = io.BytesIO()
+        sink = PieceSink(StreamOutput(stream), worker)
+        sink.begin(self.content, self.list)
+        worker.run_all()
+        sink.write(0, chunks(self.data)[0])
+        self.assertEqual(stream.getvalue(), b"")
+        self.assertFalse(sink.restartable)
+
+    def test_never_again_from_byte_zero(self) -> None:
+        """Bytes gone out are never followed by a content from byte 0, and
+        a piece that never went out in order fails the end, loudly."""
+        output = StreamOutput(io.BytesIO())
+        output.write_piece(0, b"went out")
+        self.assertRaises(OSError, output.prepare, self.content, self.list)
+        output.write_piece(MIB, b"waits for the bytes before it")
+        self.assertRaises(OSError, output.finish, False)
 
     def test_single_piece_checked_by_root(self) -> None:
         """A one-piece file has no list: the root checks its only piece."""
@@ -316,6 +352,30 @@ class FileTests(SynchronousTestCase):
         sink = PieceSink(FileOutput(self.path))
         fired(sink.begin(self.content, self.list))
         return sink
+
+    def test_a_late_piece_of_the_content_before_is_ignored(self) -> None:
+        """
+        A piece verified for one content and stored only after the sink
+        started over with another is never counted for the new one.
+        """
+        worker = CheckingWorker()
+        sink = PieceSink(FileOutput(self.path), worker)
+        sink.begin(self.content, self.list)
+        worker.run_all()
+        sink.write(0, chunks(self.data)[0])
+        self.assertTrue(sink.restartable)
+        sink.reset()
+        other = os.urandom(len(self.data))
+        sink.begin(*describe(other))
+        worker.run_all()
+        self.assertEqual(sink.missing(), list(range(5)))
+        for index, piece in enumerate(chunks(other)):
+            sink.write(index, piece)
+        finished = sink.finish()
+        worker.run_all()
+        fired(finished)
+        with open(self.path, "rb") as stream:
+            self.assertEqual(stream.read(), other)
 
     def test_complete_file_renamed_into_place(self) -> None:
         sink = self.sink()
