@@ -718,6 +718,29 @@ class HalfCloseTests(SynchronousTestCase):
         self.assertTrue(transport.disconnecting)
 
 
+class PlainHangUpTests(SynchronousTestCase):
+    """A plain TCP transport that holds nothing unsent closes at once: a
+    close sets up no abort timer (one per request cost the relay CPU)."""
+
+    def test_no_timer_when_nothing_is_held(self) -> None:
+        clock = Clock()
+        protocol = RelayFactory(Relay(MemoryRegistry(60), clock)).buildProtocol(
+            address(HOST_A)
+        )
+        transport = StringTransport(peerAddress=address(HOST_A))
+        # What p2p.transports.unsent_bytes reads of a Twisted TCP transport.
+        transport.dataBuffer, transport.offset, transport._tempDataLen = b"", 0, 0
+        protocol.makeConnection(transport)
+        timers = len(clock.getDelayedCalls())
+        protocol.hang_up()
+        self.assertTrue(transport.disconnecting)
+        self.assertEqual(len(clock.getDelayedCalls()), timers)
+        transport.dataBuffer = b"unsent"
+        protocol._abort_call = None
+        protocol.hang_up()
+        self.assertEqual(len(clock.getDelayedCalls()), timers + 1)
+
+
 class TLSHangUpTests(SynchronousTestCase):
     """
     A close the server decides is final within CLOSE_GRACE_SECONDS over
