@@ -752,6 +752,14 @@ class _StallingReader(Protocol):
                 self.done.callback((self.banner, header, bytes(self.received)))
 
 
+# One record of content: 16 KiB and TLS 1.3's 22 bytes (header, type, tag);
+# and at most a few small records sent before it that the stalled client
+# left unread too, as timing has it (the answer's header line, session
+# tickets): once, in CI, 339 bytes of them (16,745 in all).  Without the
+# fix, 65,624.
+ONE_RECORD_AND_SMALL_ONES = TLS_RECORD_BYTES + 22 + 1024
+
+
 @loopback
 async def test_client_that_reads_nothing_holds_one_tls_record(reactor, servers, pki):
     """
@@ -800,12 +808,11 @@ async def test_client_that_reads_nothing_holds_one_tls_record(reactor, servers, 
     try:
         await stalled
         assert factory.pulls.streams == 1
-        # One record: 16 KiB and TLS 1.3's 22 bytes (header, type, tag).
-        assert most_held <= TLS_RECORD_BYTES + 22, most_held
+        assert most_held <= ONE_RECORD_AND_SMALL_ONES, most_held
         banner, header, rest = await client.read()
         assert (banner, header.count) == (b"P2P/2 peer", len(content))
         assert rest == content
-        assert most_held <= TLS_RECORD_BYTES + 22, most_held
+        assert most_held <= ONE_RECORD_AND_SMALL_ONES, most_held
         assert factory.pulls.streams == 0
     finally:
         watcher.stop()
