@@ -35,7 +35,7 @@ from p2p import wire
 from p2p.client import described
 from p2p.endpoints import EndpointFor
 from p2p.errors import SKIPPABLE, FailureKind, PeerFailed
-from p2p.pace import DEFAULT_PACE, IndexingTooSlow, IndexingWatch, Pace
+from p2p.pace import DEFAULT_PACE, IndexingWatch, Pace
 from p2p.request import Interim, request_lines
 from p2p.wire import WireError
 
@@ -193,15 +193,7 @@ def ask_roots(
             progress = wire.Indexing.from_line(line)
             if progress is None:
                 return None
-            if progress.done > progress.total:
-                raise WireError(wire.Code.BAD_REQUEST, "INDEXING past the file's size")
-            refused = refusal(progress.total)
-            if refused is not None:
-                raise PeerFailed(f"too large: {refused}", FailureKind.TOO_LARGE)
-            try:
-                renews = watcher.seen(progress.done, progress.total)
-            except IndexingTooSlow as e:
-                raise PeerFailed(str(e), FailureKind.SLOW) from None
+            renews = watcher.judge(progress, refusal)
             indexing[index] = progress
             on_indexing(holders[index], progress)
             return renews

@@ -29,7 +29,7 @@ from p2p.endpoints import peer_endpoint as peer_endpoint
 from p2p.errors import SKIPPABLE as SKIPPABLE
 from p2p.errors import FailureKind, OutputFailed, PeerFailed
 from p2p.errors import describe as describe
-from p2p.pace import DEFAULT_PACE, IndexingTooSlow, IndexingWatch, Pace, RateWatch
+from p2p.pace import DEFAULT_PACE, IndexingWatch, Pace, RateWatch
 from p2p.pieces import (
     DIGEST_BYTES,
     MAX_PIECES,
@@ -221,21 +221,14 @@ class FileFetchProtocol(LineReceiver, TimeoutMixin):
         otherwise be waited for as long as that size at the minimum rate:
         years).  A size beyond what the client would take fails it at once.
         """
-        if progress.done > progress.total:
-            raise WireError(wire.Code.BAD_REQUEST, "INDEXING past the file's size")
-        if self.sink.content is None:
-            refusal = self.sink.refusal(progress.total)
-            if refusal is not None:
-                self._fail(f"too large: {refusal}", FailureKind.TOO_LARGE)
-                return
-        try:
-            progressed = self._indexing_watch.seen(progress.done, progress.total)
-        except IndexingTooSlow as e:
-            self._fail(str(e), FailureKind.SLOW)
-            return
-        if progressed:
+        if self._indexing_watch.judge(progress, self._size_refusal):
             self._arm_deadline()
         self.on_indexing(progress)
+
+    def _size_refusal(self, size: int) -> str | None:
+        """Why a content of C{size} bytes would not be taken, before one is
+        being assembled (after, its size is known)."""
+        return self.sink.refusal(size) if self.sink.content is None else None
 
     # -- lines: banner, progress, header ------------------------------------
 

@@ -25,6 +25,8 @@ from dataclasses import dataclass
 
 from twisted.internet.interfaces import IDelayedCall, IReactorTime
 
+from p2p import wire
+from p2p.errors import FailureKind, PeerFailed
 from p2p.units import format_bytes
 
 # curl's --speed-limit defaults to 1 B/s when only --speed-time is given;
@@ -195,6 +197,27 @@ class IndexingWatch:
                     f"more than {limit}"
                 )
         return progressed
+
+    def judge(
+        self, progress: wire.Indexing, refusal: Callable[[int], str | None]
+    ) -> bool:
+        """
+        Judge one ``INDEXING`` line, for a ``GET`` or a ``RANGE 0 0``
+        alike: True when it renews the header deadline (L{seen}).
+
+        :raise wire.WireError: a line past its own size.
+        :raise PeerFailed: a size C{refusal} names (too large), or progress
+            too slow for the wait allowed.
+        """
+        if progress.done > progress.total:
+            raise wire.WireError(wire.Code.BAD_REQUEST, "INDEXING past the file's size")
+        refused = refusal(progress.total)
+        if refused is not None:
+            raise PeerFailed(f"too large: {refused}", FailureKind.TOO_LARGE)
+        try:
+            return self.seen(progress.done, progress.total)
+        except IndexingTooSlow as e:
+            raise PeerFailed(str(e), FailureKind.SLOW) from None
 
 
 def _seconds(seconds: float) -> str:
