@@ -642,11 +642,14 @@ class Console:
         return True
 
     def write_json(self, objects: list[dict]) -> bool:
-        """One JSON object per line on stdout (ASCII: names are exact,
-        escaped by JSON, never by L{shown})."""
-        return self.write(
-            b"".join(json.dumps(obj).encode("ascii") + b"\n" for obj in objects)
-        )
+        """One JSON object per line on stdout (L{json_line})."""
+        return self.write(b"".join(json_line(obj) for obj in objects))
+
+
+def json_line(obj: dict) -> bytes:
+    """C{obj} as one line of JSON (ASCII: names are exact, escaped by JSON,
+    never by L{shown})."""
+    return json.dumps(obj).encode("ascii") + b"\n"
 
 
 class ClosedOutput:
@@ -1065,14 +1068,15 @@ class Runner:
         if as_json:
 
             def render(name, size, root, peer) -> bytes:
-                obj = {
-                    "peer": peer.address,
-                    "peer_id": peer.peer_id,
-                    "name": name,
-                    "size": size,
-                    "root": root,
-                }
-                return json.dumps(obj).encode("ascii") + b"\n"
+                return json_line(
+                    {
+                        "peer": peer.address,
+                        "peer_id": peer.peer_id,
+                        "name": name,
+                        "size": size,
+                        "root": root,
+                    }
+                )
 
         elif long:
 
