@@ -806,20 +806,13 @@ class TLSHangUpTests(SynchronousTestCase):
         """A connection whose client made the handshake; the client's
         received bytes, and a function moving bytes from server to client
         only (this client never answers TLS's close)."""
-        from .test_transports import tls_over
+        from .test_transports import exchange, tls_over
 
         server, tcp = self.connect()
         client_wire = StringTransport()
         client = tls_over(client_wire)
-        while tcp.value() or client_wire.value():
-            to_client, to_server = tcp.value(), client_wire.value()
-            tcp.clear()
-            client_wire.clear()
-            if to_server:
-                server.dataReceived(to_server)
-            if to_client:
-                client.dataReceived(to_client)
-            self.clock.advance(0)  # TLS gathers small writes for a turn
+        # A turn after each round: TLS gathers small writes until then.
+        exchange(server, tcp, client, client_wire, lambda: self.clock.advance(0))
 
         def deliver() -> None:
             self.clock.advance(0)

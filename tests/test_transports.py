@@ -12,6 +12,7 @@ import io
 import re
 import select
 import socket
+from collections.abc import Callable
 
 from twisted.internet import main, tcp
 from twisted.internet.abstract import FileDescriptor
@@ -556,6 +557,27 @@ def tls_over(connection: object):
     return tls
 
 
+def exchange(
+    server: Protocol,
+    server_wire: StringTransport,
+    client: Protocol,
+    client_wire: StringTransport,
+    turn: Callable[[], object] = lambda: None,
+) -> None:
+    """Move what is on the two wires to the other side until both are
+    quiet, calling C{turn} after each round (a clock's turn: Twisted's TLS
+    gathers small writes until then)."""
+    while server_wire.value() or client_wire.value():
+        to_client, to_server = server_wire.value(), client_wire.value()
+        server_wire.clear()
+        client_wire.clear()
+        if to_server:
+            server.dataReceived(to_server)
+        if to_client:
+            client.dataReceived(to_client)
+        turn()
+
+
 def tls_pair(test: SynchronousTestCase):
     """
     A TLS server and client in memory, handshake done: the server's TLS
@@ -579,14 +601,7 @@ def tls_pair(test: SynchronousTestCase):
     client = tls_over(client_wire)
 
     def pump() -> None:
-        while server_wire.value() or client_wire.value():
-            to_client, to_server = server_wire.value(), client_wire.value()
-            server_wire.clear()
-            client_wire.clear()
-            if to_server:
-                server.dataReceived(to_server)
-            if to_client:
-                client.dataReceived(to_client)
+        exchange(server, server_wire, client, client_wire)
 
     pump()
     test.assertIsNotNone(client.getPeerCertificate())
