@@ -44,16 +44,20 @@ class IRegistry(Interface):
 
     def active(now, limit):
         """
-        :return: at most C{limit} unexpired leases, oldest registration first.
+        :return: at most C{limit} unexpired leases, in listing order (as
+            L{page}).
         """
 
     def page(now, after, limit, files=False):
         """
-        A page of the unexpired leases, oldest registration first, starting
-        after the lease whose C{seq} is C{after} (0: from the start).  The
-        registry keeps no state per caller: C{after} says where to resume.
-        A lease registered after C{after} was taken appears on a later page;
-        an expired or unregistered one on no page.  With C{files}, each
+        A page of the unexpired leases in listing order, starting after the
+        lease whose C{seq} is C{after} (0: from the start): verified leases
+        first, each tier by listing key (L{p2p.registry.listing_key}: every
+        network's first lease, then every network's second, and so on).
+        The registry keeps no state per caller: C{after} says where to
+        resume.  A lease registered after C{after} was taken appears on a
+        later page if its key is larger; an expired or unregistered one on
+        no page.  With C{files}, each
         lease carries its name filter (``PEERS files=1``); without, a store
         may leave the filters out.
 
@@ -67,10 +71,10 @@ class IRegistry(Interface):
         """
         The unexpired leases whose announced filter may hold the name whose
         hint is C{hint} (L{p2p.hints.name_hint}): at most C{limit} of them,
-        found among the first C{scan} leases in listing order (verified
-        first, then by registration; so the cost is O(scan) whatever the
-        size of the table), the first two of each network before any
-        network's third.  Leases without a filter never match.
+        found among the first C{scan} leases in listing order (as L{page};
+        so the cost is O(scan) whatever the size of the table), the first
+        two of each network before any network's third.  Leases without a
+        filter never match.
 
         :return: a list of leases.
         """
@@ -132,8 +136,9 @@ class ILease(Interface):
     port = Attribute("The port the peer serves on.")
     name = Attribute("Optional display name, or None.")
     seq = Attribute(
-        "Registration sequence number: a positive int, larger for later "
-        "registrations, never reused by the same registry (the paging position)."
+        "Listing key (p2p.registry.listing_key): a positive int, the lease's "
+        "round above its registration number, never reused by the same "
+        "registry (the paging position)."
     )
     registered = Attribute("When the lease was first granted.")
     renewed = Attribute("When the lease was last renewed.")

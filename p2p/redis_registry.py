@@ -9,7 +9,7 @@ this module imports C{txredisapi}, and only the Redis option imports it.
 Layout, under a key prefix (default ``p2p:``); a peer is its *member*
 string ``"HOST PORT"``:
 
-* ``<prefix>l:<member>``: a hash per lease: name ``n``, sequence number
+* ``<prefix>l:<member>``: a hash per lease: name ``n``, listing key
   ``s``, registered ``r``, renewed ``w``, expires ``e``, verified ``v``,
   and the source ``S`` and network ``N`` it counts against
   (L{p2p.netgroup}).  It has no key TTL: it lives exactly as long as the
@@ -25,9 +25,11 @@ string ``"HOST PORT"``:
   first ends the leases due by the caller's "now" (``ZRANGEBYSCORE -inf
   now``, at most L{EXPIRE_BATCH} of them): O(expired), never a scan.  The
   relay that trims a lease logs it.
-* ``<prefix>ver`` and ``<prefix>unv``: members by sequence number, the
-  verified tier and the other (the listing order, as in memory); a page is
-  ``ZRANGEBYSCORE (cursor +inf LIMIT``: O(log n + limit).
+* ``<prefix>ver`` and ``<prefix>unv``: members by listing key
+  (L{p2p.registry.listing_key}, stored as the hash's ``s``), the verified
+  tier and the other (the listing order, as in memory); a page is
+  ``ZRANGEBYSCORE (cursor +inf LIMIT``: O(log n + limit).  Keys stay
+  below 2**52, so the scores (doubles) hold them exactly.
 * ``<prefix>files``: member -> its name filter (256 bytes), for the leases
   that announced one: a hinted query reads the filters of hundreds of
   leases per command (``HMGET``).
@@ -70,6 +72,8 @@ from zope.interface import implementer
 from p2p import hints, netgroup
 from p2p.interfaces import ISharedRegistry
 from p2p.registry import (
+    MAX_ROUND,
+    ROUND_SHIFT,
     SUGGESTED_PER_NETWORK,
     UNVERIFIED_TIER,
     Lease,
@@ -158,7 +162,7 @@ def parse_redis_url(url: str) -> RedisAddress:
 # -- the scripts -------------------------------------------------------------
 
 # Shared by every script: ARGV[1] is the key prefix.  A lease as returned:
-# {member, name, seq, registered, renewed, expires, verified}.
+# {member, name, listing key, registered, renewed, expires, verified}.
 _PRELUDE = """
 local P = ARGV[1]
 local DUE, VER, UNV = P .. 'due', P .. 'ver', P .. 'unv'
@@ -197,6 +201,8 @@ local function trim(now, batch)
 end
 local function pack(rows) return table.concat(rows, '\\n') end
 """
+# The listing keys' layout (p2p.registry.listing_key), for _REGISTER.
+_ROUNDS = f"local ROUND_UNIT, MAX_ROUND = {1 << ROUND_SHIFT}, {MAX_ROUND}\n"
 
 # ARGV: prefix, now, batch.  -> {count, expired}
 _EXPIRE = """
@@ -237,7 +243,9 @@ else
   if max_network > 0 and held >= max_network then
     return {-3, count, '', pack(expired)}
   end
-  local seq = redis.call('INCR', SEQ)
+  -- The listing key (p2p.registry.listing_key): under 2^52, so exact as a
+  -- Lua number and as Redis passes it on (shortest exact digits).
+  local seq = math.min(held, MAX_ROUND) * ROUND_UNIT + redis.call('INCR', SEQ)
   redis.call('HSET', k, 's', seq, 'r', now, 'w', now, 'e', expires,
     'S', source, 'N', network)
   redis.call('ZADD', UNV, seq, m)
@@ -402,7 +410,7 @@ class _Script:
 
     def __init__(self, name: str, body: str) -> None:
         self.name = name
-        self.source = (_PRELUDE + body).encode()
+        self.source = (_ROUNDS + _PRELUDE + body).encode()
         self.sha = hashlib.sha1(self.source).hexdigest()
 
 

@@ -6,15 +6,18 @@ Three structures, each chosen for one job (see ``docs/performance.rst``):
   common case on the internet), ``host -> {port: Lease}`` once it holds
   more.  No ``(host, port)`` tuple per lease, no separate per-host counter,
   and every lease of a host shares one host string.
-* **by registration order, in two tiers**: verified leases (the relay
+* **by listing order, in two tiers**: verified leases (the relay
   dialled the peer back and it answered as a peer, see L{p2p.dialback})
   and the others, each a *chunked list* (L{_Order}): short lists of leases
-  in sequence-number order plus the first sequence number of each chunk.
-  A listing gives every verified lease before any unverified one, so
-  leases on ports where no peer answers (a Sybil flood) cannot push honest
-  peers off the first pages.  ``page`` finds a cursor by bisection
-  (O(log n)) and then reads forward, so a reply costs O(log n + limit)
-  however big the table is.  Removing a lease costs O(log n + chunk size).
+  in the order of their listing keys (L{listing_key}) plus the first key
+  of each chunk.  A listing gives every verified lease before any
+  unverified one, so leases on ports where no peer answers (a Sybil flood)
+  cannot push honest peers off the first pages; and inside a tier, every
+  network's first lease before any network's second, so leases that do
+  answer, from a few networks, cannot either.  ``page`` finds a cursor by
+  bisection (O(log n)) and then reads forward, so a reply costs O(log n +
+  limit) however big the table is.  Adding or removing a lease costs
+  O(log n + chunk size).
 * **by expiry time**: a min-heap of the leases themselves, ordered by the
   time they were last *due* to be checked.  A renewal only moves
   ``expires``; when the lease comes due the sweep sees it was renewed and
@@ -25,6 +28,7 @@ Three structures, each chosen for one job (see ``docs/performance.rst``):
 from __future__ import annotations
 
 import heapq
+import sys
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterator
 from operator import attrgetter
@@ -59,7 +63,28 @@ SUGGESTED_PER_NETWORK = hints.SUGGESTED_PER_NETWORK
 # Cursor positions in the unverified tier carry this bit (see position).
 UNVERIFIED_TIER = 1 << 62
 
+# A listing key is a lease's *round* above its registration number (see
+# listing_key).  Registration numbers stay below 2**ROUND_SHIFT (17.6
+# trillion); rounds past MAX_ROUND share the last one (a network holds at
+# most 256 leases by default).  Keys stay below 2**52: exact as Redis
+# scores, which are doubles, and clear of UNVERIFIED_TIER.
+ROUND_SHIFT = 44
+MAX_ROUND = 255
+
 _seq_of = attrgetter("seq")
+
+
+def listing_key(held_by_network: int, number: int) -> int:
+    """
+    Where a new lease goes in its tier's listing: its *round*, the leases
+    its network (L{p2p.netgroup}) held when it registered, above its
+    registration C{number}.  Listing by key gives every network's first
+    lease, then every network's second, and so on, each round oldest
+    first: a hundred addresses from a few networks take a few places per
+    round, and an honest peer alone in its network is in the first round
+    whenever it registered.  Taking the first rounds needs many networks.
+    """
+    return min(held_by_network, MAX_ROUND) << ROUND_SHIFT | number
 
 
 def saturated(files: bytes) -> bool:
@@ -105,6 +130,11 @@ class RegistryUnavailable(Exception):
 class Lease:
     """
     One peer's registration; mutable so that renewals cost no allocation.
+    C{seq} is its listing key (L{listing_key}): its place in its tier.
+    C{network} is its network's key (L{p2p.netgroup}), one shared string
+    per network, kept by L{MemoryRegistry} (parsing the address again costs
+    10 us, and a hinted query may ask for 10,000 leases' networks); the
+    Redis registry keeps it in Redis and leaves this empty.
 
     The peer id (16 hex digits of a SHA-256 of the address) is kept as a
     64-bit int, C{pid}: 40 bytes, where the string would take 72 and
@@ -115,6 +145,7 @@ class Lease:
     __slots__ = (
         "pid",
         "host",
+        "network",
         "port",
         "name",
         "seq",
@@ -135,9 +166,11 @@ class Lease:
         expires: float,
         seq: int = 0,
         files: bytes | None = None,
+        network: str = "",
     ) -> None:
         self.pid = int(peer_id_for(host, port), 16)
         self.host = host
+        self.network = network
         self.port = port
         self.name = name
         self.seq = seq
@@ -198,9 +231,9 @@ class MemoryRegistry:
         self.max_per_host = max_per_host
         self.max_per_network = max_per_network
         self._by_host: dict[str, Lease | dict[int, Lease]] = {}
-        # Leases per network, and per IPv6 /64 (an IPv4 source is one host,
-        # counted by _by_host): kept only while their limit is on, so a
-        # table without limits pays nothing for them.
+        # Leases per network (for the cap and for listing keys), and per
+        # IPv6 /64 (an IPv4 source is one host, counted by _by_host; kept
+        # only while its limit is on).
         self._per_network: dict[str, int] = {}
         self._per_source_v6: dict[str, int] = {}
         # Verified leases per host: the connection reserve's members.
@@ -266,13 +299,12 @@ class MemoryRegistry:
                 return too_many_per_network(self.max_per_network, network)
         return None
 
-    def _count_groups(self, host: str, step: int) -> None:
-        """Add C{step} to C{host}'s network and IPv6 source counts."""
-        if self.max_per_network:
-            netgroup.tally(self._per_network, netgroup.network_of(host), step)
-        if self.max_per_host:
-            source = netgroup.source_of(host)
-            if source != host:
+    def _count_groups(self, lease: Lease, step: int) -> None:
+        """Add C{step} to C{lease}'s network and IPv6 source counts."""
+        netgroup.tally(self._per_network, lease.network, step)
+        if self.max_per_host and ":" in lease.host:
+            source = netgroup.source_of(lease.host)
+            if source != lease.host:
                 netgroup.tally(self._per_source_v6, source, step)
 
     def _add(self, lease: Lease) -> None:
@@ -296,12 +328,12 @@ class MemoryRegistry:
             if len(held) == 1:
                 (self._by_host[lease.host],) = held.values()
         self._count -= 1
-        self._count_groups(lease.host, -1)
+        self._count_groups(lease, -1)
         if lease.verified:
             netgroup.tally(self._verified_hosts, lease.host, -1)
         self._unlist(lease)
 
-    # -- by registration order -----------------------------------------------
+    # -- by listing order ----------------------------------------------------
 
     def _order_of(self, lease: Lease) -> _Order:
         return self._verified if lease.verified else self._unverified
@@ -312,7 +344,7 @@ class MemoryRegistry:
     def position(self, lease: Lease) -> int:
         """
         IRegistry API: where C{lease} stands in a listing, as a cursor
-        (verified leases first, each tier by registration).
+        (verified leases first, each tier by listing key).
         """
         return lease.seq if lease.verified else UNVERIFIED_TIER | lease.seq
 
@@ -346,8 +378,8 @@ class MemoryRegistry:
     ) -> list[Lease]:
         """
         IRegistry API: up to C{limit} leases whose announced filter may hold
-        the name of C{hint}, oldest registration first, among the first
-        C{scan} unexpired leases.
+        the name of C{hint}, in listing order, among the first C{scan}
+        unexpired leases.
         """
         self.expire(now)
         match = hints.matcher(hint)
@@ -369,7 +401,7 @@ class MemoryRegistry:
         # cannot push an honest holder from another down the list.
         return netgroup.spread(
             matching(),
-            lambda lease: netgroup.network_of(lease.host),
+            attrgetter("network"),
             SUGGESTED_PER_NETWORK,
             limit,
         )
@@ -403,9 +435,11 @@ class MemoryRegistry:
             raise RegistryFull(refusal)
         self._seq += 1
         port = self._ports.setdefault(port, port)
-        lease = Lease(host, port, name, now, expires, self._seq, files)
+        network = sys.intern(netgroup.network_of(host))
+        key = listing_key(self._per_network.get(network, 0), self._seq)
+        lease = Lease(host, port, name, now, expires, key, files, network)
         self._add(lease)
-        self._count_groups(host, 1)
+        self._count_groups(lease, 1)
         self._unverified.add(lease)
         heapq.heappush(self._heap, lease)
         if len(self._heap) > 2 * self._count + 1024:
@@ -466,9 +500,9 @@ class MemoryRegistry:
 
 class _Order:
     """
-    Leases in sequence-number order, as a chunked list: short lists of
-    leases plus the first sequence number of each (see the module doc).
-    Adding the newest lease appends; adding an older one (a lease moving
+    Leases in listing-key order, as a chunked list: short lists of leases
+    plus the first key of each (see the module doc).  A lease with the
+    largest key appends; any other (a later round's, or a lease moving
     tiers) inserts into its chunk, which splits when it grows too long.
     """
 
@@ -525,8 +559,8 @@ class _Order:
                 del chunks[index + 1], firsts[index + 1]
 
     def page(self, after: int, limit: int) -> tuple[list[Lease], bool]:
-        """Up to C{limit} leases after sequence number C{after}, and
-        whether more follow."""
+        """Up to C{limit} leases after listing key C{after}, and whether
+        more follow."""
         chunks = self.chunks
         index = bisect_right(self.firsts, after) - 1
         if index < 0:

@@ -149,7 +149,7 @@ class Relay:
     :param brake: slows down token guessing (L{GuessBrake}); C{None}: none.
     :param dialback: probes new peers (L{DialBack}); leases whose peer
         answers are listed first.  C{None}: none is probed, and every lease
-        is listed in registration order.
+        is listed in one group.
     :param refusals: where refused registrations are logged (rate-limited);
         default: a L{RefusalLog} of its own.
     """

@@ -169,7 +169,7 @@ class Options(DaemonOptions):
         [
             "no-dial-back",
             None,
-            "Do not dial new peers back: list leases in registration order, "
+            "Do not dial new peers back: list leases in one group, "
             "verified or not, and keep the connection reserve for any lease "
             "holder (see docs/security.rst).",
         ],

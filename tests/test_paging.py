@@ -393,10 +393,12 @@ class ClientTests(PagingTestCase):
         )
         self.assertEqual(len(endpoint.requests), 4)
         self.assertEqual(endpoint.requests[1], b"PEERS limit=1000\n")
+        thousandth = self.registry.active(self.clock.seconds(), 1000)[-1]
+        self.assertEqual(thousandth.port, 1000)
         self.assertEqual(
             endpoint.requests[2],
             b"PEERS limit=1000 cursor=%s\n"
-            % wire.format_cursor(UNVERIFIED_TIER | 1000).encode(),
+            % wire.format_cursor(self.registry.position(thousandth)).encode(),
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
