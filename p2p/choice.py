@@ -35,7 +35,7 @@ from p2p import wire
 from p2p.client import described
 from p2p.endpoints import EndpointFor
 from p2p.errors import SKIPPABLE, FailureKind, PeerFailed
-from p2p.pace import DEFAULT_PACE, IndexingWatch, Pace
+from p2p.pace import DEFAULT_PACE, SILENT_PATIENCE_SECONDS, IndexingWatch, Pace
 from p2p.request import Interim, request_lines
 from p2p.wire import WireError
 
@@ -138,17 +138,21 @@ def ask_roots(
     on_indexing: Callable[[wire.PeerEntry, wire.Indexing], object] = (
         lambda peer, progress: None
     ),
+    patience: float = SILENT_PATIENCE_SECONDS,
 ) -> Deferred[list[Offer]]:
     """
     Ask every one of C{holders} at once for C{name}'s header only
     (``RANGE 0 0 <name>``).  Fires with the offers, in C{holders}' order,
     once every holder answered or failed, or C{grace} seconds after the
-    first answer (the stragglers are dropped), each request being bounded
-    by C{timeout} seconds.  A holder still indexing the file answers
-    ``INDEXING`` lines first, as to a ``GET``: each goes to C{on_indexing},
-    one that shows progress gives its request C{timeout} seconds afresh,
-    and they are held to C{pace} as a fetch's are (L{IndexingWatch}), a
-    size C{refusal} names failing the holder at once.  A holder that
+    first answer, or after C{patience} seconds if none offered anything nor
+    is indexing the file (the stragglers are dropped: silent fakes
+    suggested first must not hold the fetch up for the whole C{timeout}),
+    each request being bounded by C{timeout} seconds.  A holder still
+    indexing the file answers ``INDEXING`` lines first, as to a ``GET``:
+    each goes to C{on_indexing}, one that shows progress gives its request
+    C{timeout} seconds afresh, and they are held to C{pace} as a fetch's
+    are (L{IndexingWatch}), a size C{refusal} names failing the holder at
+    once.  A holder that
     refuses, fails, answers something other than an empty range of a
     well-formed content, or is still indexing when the question ends,
     offers nothing, and is told to C{on_failure} with the failure and the
@@ -165,7 +169,7 @@ def ask_roots(
 
     def stop() -> None:
         over.append(True)
-        for call in timer:
+        for call in [*timer, *silence]:
             if call.active():
                 call.cancel()
         for request in requests:
@@ -257,6 +261,15 @@ def ask_roots(
     for request in requests:
         request.addCallback(settled)
         request.addErrback(crashed)
+
+    def silent() -> None:
+        # No offer (its grace timer would be set) and nobody indexing.
+        if not timer and not indexing:
+            finish()
+
+    silence: list[IDelayedCall] = []
     if not requests:
         finish()
+    elif not over:
+        silence.append(clock.callLater(patience, silent))
     return done

@@ -7,12 +7,21 @@ one-at-a-time loop:
 
 * **Staggered attempts** (RFC 8305 "Happy Eyeballs").  When the current
   peer has not answered within ``stagger`` seconds (default 0.25 s), the
-  next attempt starts too, without abandoning the first; at most
-  ``max_parallel`` (16) attempts are in flight.  The first peer to answer
-  with a file header wins and the others are cancelled (and requeued in
-  list order, should the winner fail later).  Peers that answer quickly, as
-  healthy ones do, are still asked strictly one at a time; a blackholed
-  peer costs ``stagger`` seconds, not the connect timeout.
+  next attempt starts too, without abandoning the first.  Once
+  L{STAGGERED_ONE_BY_ONE} (4) attempts in flight are all silent, each
+  further stagger starts as many more as are silent, so their number
+  doubles, up to ``max_parallel`` (64) in flight.  With that many in
+  flight and peers never tried waiting, the oldest attempt silent for
+  L{SILENT_PATIENCE_SECONDS} (2 s) gives way to a new one and waits at the
+  end of the list for a second try, which runs to its timeout.  So a
+  hundred peers that accept and say nothing (fakes, say) cost about two
+  seconds, not a stagger or a timeout each, and a slow but honest first
+  peer still costs the others only a few requests.  The first peer to
+  answer with a file header wins and the others are cancelled (and
+  requeued in list order, should the winner fail later).  Peers that
+  answer quickly, as healthy ones do, are still asked strictly one at a
+  time; a blackholed peer costs ``stagger`` seconds, not the connect
+  timeout.
 * **Resume.**  Every piece is verified as it arrives (L{p2p.sink}), so
   when a transfer breaks the pieces so far are good, and the next peer is
   asked for the rest by content (``BLOB <root> <offset> <length>``): any
@@ -52,7 +61,7 @@ from p2p.errors import (
     describe,
     kind_of,
 )
-from p2p.pace import DEFAULT_PACE, Pace
+from p2p.pace import DEFAULT_PACE, SILENT_PATIENCE_SECONDS, Pace
 from p2p.pieces import Content
 from p2p.request import cancelled_to_timeout
 from p2p.sink import PieceSink
@@ -63,10 +72,15 @@ from p2p.swarm import DEFAULT_MAX_SOURCES, SourceReport, Swarm, SwarmFailed
 SWARM_MIN_BYTES = 16 * 1024 * 1024
 # RFC 8305's recommended Connection Attempt Delay.
 DEFAULT_STAGGER_SECONDS = 0.25
-# Generous: an attempt in flight costs one socket, and each blackholed peer
-# holds its slot until the connect timeout; a small cap would turn a few of
-# them back into a wait of the whole timeout.
-DEFAULT_MAX_PARALLEL = 16
+# Silent attempts started one stagger apart before their number doubles
+# at each stagger: up to here, a slow but honest first peer (a long round
+# trip, a TLS handshake) costs the others at most this many requests.
+STAGGERED_ONE_BY_ONE = 4
+# Generous: an attempt in flight costs one socket, and each silent or
+# blackholed peer holds its slot until a timeout (10 s idle, 5 s connect);
+# a small cap turns a few dozen of them back into waits of whole timeouts
+# (16 made 64 silent fakes ahead of an honest holder cost 40 s).
+DEFAULT_MAX_PARALLEL = 64
 
 
 @dataclass
@@ -197,12 +211,26 @@ class Fetcher:
 class _Try:
     """One attempt in flight."""
 
-    def __init__(self, index: int, peer: wire.PeerEntry, offset: int, now: float):
+    def __init__(
+        self,
+        index: int,
+        peer: wire.PeerEntry,
+        offset: int,
+        now: float,
+        second_try: bool = False,
+    ) -> None:
         self.index = index
         self.peer = peer
         self.offset = offset
         self.started = now
         self.abandoned = False
+        # Whether the peer said anything yet (an INDEXING line): one that
+        # did is slow, not silent, and does not make the fan-out grow.
+        self.heard = False
+        # Whether it gave way to a peer never tried (see the module doc),
+        # and whether it is the second try of one that did.
+        self.gave_way = False
+        self.second_try = second_try
         self.deferred: Deferred[wire.FileHeader] | None = None
 
 
@@ -233,6 +261,8 @@ class _FetchRun:
         self.peers = peers
         self.sink = sink
         self.queue: deque[int] = deque(range(len(peers)))
+        # Peers whose first attempt gave way: tried again after the queue.
+        self.gave_way: deque[int] = deque()
         self.pending: dict[int, _Try] = {}
         self.active: _Try | None = None
         self.attempts: list[Attempt] = []
@@ -251,9 +281,10 @@ class _FetchRun:
 
     # -- scheduling ------------------------------------------------------
 
-    def _launch(self) -> None:
+    def _launch(self, count: int = 1) -> None:
         """
-        Start the next attempt if allowed, then arm the stagger timer.
+        Start up to C{count} more attempts if allowed, then arm the
+        stagger timer.
 
         An attempt that fails at once calls back in here; a loop instead of
         recursion keeps a long list of such peers off the stack.
@@ -266,27 +297,35 @@ class _FetchRun:
             self._relaunch = True
             while self._relaunch:
                 self._relaunch = False
-                self._launch_once()
+                for _ in range(count):
+                    if not self._launch_once():
+                        break
+                count = 1
         finally:
             self._launching = False
 
-    def _launch_once(self) -> None:
+    def _launch_once(self) -> bool:
+        """Start the next attempt if allowed; whether one started."""
         if self.done.called or self.active is not None:
-            return
+            return False
         if self.swarm is not None and not self.swarm.done.called:
-            return  # several holders are at work
-        if not self.queue:
+            return False  # several holders are at work
+        if not self.queue and not self.gave_way:
             if not self.pending:
                 self._exhausted()
-            return
+            return False
         if len(self.pending) >= self.fetcher.max_parallel:
-            return
-        self._start(self.queue.popleft())
+            return False
+        if self.queue:
+            self._start(self.queue.popleft())
+        else:
+            self._start(self.gave_way.popleft(), second_try=True)
         self._arm()
+        return True
 
     def _arm(self) -> None:
         self._disarm()
-        if self.fetcher.stagger > 0 and self.queue:
+        if self.fetcher.stagger > 0 and (self.queue or self.gave_way):
             self.timer = self.fetcher.reactor.callLater(
                 self.fetcher.stagger, self._stagger_elapsed
             )
@@ -297,8 +336,38 @@ class _FetchRun:
         self.timer = None
 
     def _stagger_elapsed(self) -> None:
+        """No header came within a stagger: one more attempt, or, once
+        several are silent, as many more as are silent (see the module
+        doc)."""
         self.timer = None
-        self._launch()
+        silent = sum(1 for attempt in self.pending.values() if not attempt.heard)
+        count = silent if silent >= STAGGERED_ONE_BY_ONE else 1
+        self._make_way(len(self.pending) + count - self.fetcher.max_parallel)
+        self._launch(count)
+
+    def _make_way(self, wanted: int) -> None:
+        """
+        Up to C{wanted} of the oldest first attempts silent for
+        L{SILENT_PATIENCE_SECONDS} give their places to peers never tried
+        (they go to the end of the list, for a second try).
+        """
+        if wanted <= 0 or not self.queue:
+            return
+        wanted = min(wanted, len(self.queue))
+        since = self.fetcher.now() - SILENT_PATIENCE_SECONDS
+        for attempt in list(self.pending.values()):
+            if wanted <= 0 or attempt.started > since:
+                break  # pending is in starting order: the rest are younger
+            if attempt.heard or attempt.second_try:
+                continue
+            wanted -= 1
+            attempt.gave_way = True
+            assert attempt.deferred is not None
+            attempt.deferred.cancel()
+
+    def _heard(self, attempt: _Try, progress: wire.Indexing) -> None:
+        attempt.heard = True
+        self.fetcher.on_indexing(attempt.peer, progress)
 
     def _request(self) -> wire.Get | wire.Blob | wire.Pieces:
         """The whole file by name (or its piece list, when the user named a
@@ -312,11 +381,11 @@ class _FetchRun:
         offset = content.span(self.sink.first_missing())[0]
         return wire.Blob(content.root_hex, offset, content.size - offset)
 
-    def _start(self, index: int) -> None:
+    def _start(self, index: int, second_try: bool = False) -> None:
         fetcher = self.fetcher
         request = self._request()
         offset = request.offset if isinstance(request, wire.Blob) else 0
-        attempt = _Try(index, self.peers[index], offset, fetcher.now())
+        attempt = _Try(index, self.peers[index], offset, fetcher.now(), second_try)
         self.pending[index] = attempt
         protocol = FileFetchProtocol(
             request,
@@ -324,7 +393,7 @@ class _FetchRun:
             fetcher.reactor,
             fetcher.idle_timeout,
             accept_header=lambda header: self._accept(attempt, header),
-            on_indexing=lambda progress: fetcher.on_indexing(attempt.peer, progress),
+            on_indexing=lambda progress: self._heard(attempt, progress),
             on_content=lambda content: self._worth_a_swarm(attempt),
             pace=fetcher.pace,
         )
@@ -397,7 +466,7 @@ class _FetchRun:
         )
 
     def _failed(self, failure: Failure, attempt: _Try) -> None:
-        if attempt.abandoned or self.done.called:
+        if attempt.abandoned or attempt.gave_way or self.done.called:
             # Nothing to decide from it, but a bug is still a bug: logged,
             # never dropped (and never allowed to end a fetch going well).
             if not failure.check(*EXPECTED):
@@ -412,6 +481,10 @@ class _FetchRun:
             self.pending.pop(attempt.index, None)
             self.queue.append(attempt.index)
             self.queue = deque(sorted(self.queue))
+            return
+        if attempt.gave_way and not self.done.called:
+            self.pending.pop(attempt.index, None)
+            self.gave_way.append(attempt.index)
             return
         if self.done.called:
             return
@@ -536,11 +609,13 @@ class _FetchRun:
             )
             if report.kind is FailureKind.CORRUPTED:
                 liars.add((report.peer.host, report.peer.port))
-        self.queue = deque(
-            i
-            for i in self.queue
-            if (self.peers[i].host, self.peers[i].port) not in liars
-        )
+
+        def trusted(ids: deque[int]) -> deque[int]:
+            return deque(
+                i for i in ids if (self.peers[i].host, self.peers[i].port) not in liars
+            )
+
+        self.queue, self.gave_way = trusted(self.queue), trusted(self.gave_way)
         self._launch()
 
     def _output_failed(self, failure: Failure) -> None:
@@ -585,6 +660,7 @@ class _FetchRun:
         self.pending.clear()
         self.active = None
         self.queue.clear()
+        self.gave_way.clear()
         for attempt in running:
             attempt.abandoned = True
             if attempt.deferred is not None:

@@ -45,6 +45,11 @@ LATE_FACTOR = 1.5
 # 20 GiB at 36 MB/s, while a peer faking progress on a huge size (4 TiB at
 # 41 KB/s: 3.4 years by the minimum rate alone) is bounded by it too.
 INDEXING_PATIENCE = 20
+# How long a peer may say nothing at all while others wait to be asked in
+# its place (p2p.fetch, p2p.choice): far longer than an honest peer takes
+# to answer from its index, even over TLS across an ocean, and far shorter
+# than the idle timeout a hundred silent fakes would each cost.
+SILENT_PATIENCE_SECONDS = 2.0
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from twisted.internet.defer import Deferred, gatherResults, succeed
 from twisted.internet.endpoints import TCP4ClientEndpoint
-from twisted.internet.protocol import Factory
+from twisted.internet.protocol import Factory, Protocol
 from twisted.protocols.basic import LineOnlyReceiver
 from twisted.python.failure import Failure
 
@@ -181,6 +181,21 @@ class Samplers:
         return f"127.{240 + (n // 512) % 16}.{(n // 2) % 256}.{n % 2 + 1}"
 
 
+class BannerOnly(Protocol):
+    """A fake peer: greets as a peer (so the relay's dial-back verifies its
+    lease), then never says another word."""
+
+    def __init__(self, held: set) -> None:
+        self.held = held
+
+    def connectionMade(self) -> None:
+        self.held.add(self.transport)
+        self.transport.write(b"P2P/2 peer\n")
+
+    def connectionLost(self, reason: Failure | None = None) -> None:
+        self.held.discard(self.transport)
+
+
 class Crowd:
     """
     The attack clients of one test: connections bound to chosen loopback
@@ -192,6 +207,8 @@ class Crowd:
         self.reactor = reactor
         self.open: set[Client] = set()
         self.sockets: list[socket.socket] = []
+        self.listening: list = []
+        self.fakes_held: set = set()
         self.samplers = Samplers()
 
     async def connect(
@@ -265,9 +282,22 @@ class Crowd:
         listener.listen(64)
         return listener.getsockname()[1]
 
+    def banner_listener(self, source: str) -> int:
+        """A port on C{source} where a L{BannerOnly} fake peer answers."""
+        factory = Factory.forProtocol(lambda: BannerOnly(self.fakes_held))
+        factory.noisy = False
+        port = self.reactor.listenTCP(0, factory, interface=source)
+        self.listening.append(port)
+        return port.getHost().port
+
     async def close_all(self) -> None:
         for sock in self.sockets:
             sock.close()
+        for transport in list(self.fakes_held):
+            transport.abortConnection()
+        await gatherResults(
+            [port.stopListening() for port in self.listening], consumeErrors=True
+        )
         await gatherResults(
             [client.close() for client in list(self.open)], consumeErrors=True
         )

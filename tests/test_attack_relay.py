@@ -11,6 +11,10 @@ sockets to sources in other /24s than the honest parties (127.1.0.1,
   ports where nothing listens, where a socket accepts and never speaks, or
   with a filter that has every bit set; an honest peer registers after
   them and is still listed first, suggested alone, and served at once.
+* Fakes that answer: 32 /24s register two ports each that greet as a
+  peer and then say nothing, suggested for the wanted name before the
+  honest holder; networks take turns in the listing and the client's
+  silent attempts double and give way, so the fetch still takes seconds.
 * Connection exhaustion: twenty sources open all the connections they can
   and hold them; the per-source and per-network caps refuse the rest, the
   reserve keeps room for lease holders, a well-behaved ``PEERS`` from
@@ -56,7 +60,7 @@ import pytest_twisted
 from twisted.internet import threads
 from twisted.internet.defer import Deferred, gatherResults
 
-from p2p import hints
+from p2p import hints, wire
 
 from ._attackers import (
     CONNECTIONS_PER_SOURCE,
@@ -264,6 +268,63 @@ async def test_sybil_leases_do_not_hide_the_honest_peer(
     ]
     assert not per_probe, (len(per_probe), per_probe[:2])
     assert len(log) < 600 + REFUSALS_LOGGED_PER_PERIOD + 100, log[-20:]
+
+
+async def dial_backs_answered(relay, count: int) -> None:
+    """Wait until the relay's activity reports count C{count} leases
+    whose port answered the dial-back."""
+    total, since = 0, 0
+    lines = relay.process.lines
+    while total < count:
+        match = await relay.process.wait_for(
+            r"\b([1-9]\d*) answered the dial-back", since
+        )
+        total += int(match.group(1))
+        since = lines.index(match.string, since) + 1
+
+
+@attack_test
+async def test_fakes_that_answer_do_not_bury_the_holder(
+    launcher: Launcher, crowd: Crowd
+):
+    """
+    32 sources in 32 /24s each register two ports where a fake greets as a
+    peer and then says nothing, with a filter naming sample1.txt, before an
+    honest peer shares it: the dial-back verifies all 65 leases, and all
+    are suggested for the name.  Networks take turns in the listing, so the
+    holder is suggested 33rd, not 65th; and ``p2p get`` is served within 8
+    s: its question to the first holders ends after 2 s of silence, and
+    its silent attempts double at each stagger.  (Before: 16 attempts at a
+    time, each silent fake holding one for the 10 s idle timeout, and the
+    question for the 5 s request timeout: 40 s and more.)
+    """
+    relay = await launcher.relay(args=["--report-interval", "0.5"])
+    files = b" files=" + hints.build_filter(["sample1.txt"]).encode()
+    for n in range(32):
+        source = f"127.{n + 1}.0.1"
+        ports = [crowd.banner_listener(source) for _ in range(2)]
+        lines = [b"REGISTER %d%s" % (port, files) for port in ports]
+        answers = replies((await crowd.exchange(relay.address, source, lines)).lines)
+        assert [kind(answer) for answer in answers] == ["OK", "OK"], answers
+    peer = await launcher.peer(relay.address, ["sample1.txt"])
+    await dial_backs_answered(relay, 65)
+
+    hint = b"PEERS hint=" + hints.name_hint("sample1.txt").encode()
+    suggested = await crowd.exchange(relay.address, "127.0.0.2", [hint])
+    entries = [
+        wire.PeerEntry.from_line(line)
+        for line in suggested.lines
+        if line.startswith(b"PEER ")
+    ]
+    assert replies(suggested.lines) == [b"OK 65"], suggested.lines
+    assert entries[32].address == peer.address, [e.address for e in entries]
+
+    fetch = await launcher.client("--relay", relay.address, "get", "sample1.txt")
+    assert fetch.code == 0, fetch.stderr
+    assert fetch.stdout == sample("sample1.txt")
+    assert "65 suggested for sample1.txt" in fetch.stderr, fetch.stderr
+    print(f"fetch behind 64 fakes that answer: {fetch.seconds:.1f} s")
+    assert fetch.seconds < 8.0, (fetch.seconds, fetch.stderr)
 
 
 # -- 2. Connection exhaustion ----------------------------------------------------

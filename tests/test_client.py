@@ -14,6 +14,7 @@ import dataclasses
 import hashlib
 import io
 import os
+from collections import Counter
 from collections.abc import Callable
 
 from twisted.internet import error
@@ -1210,6 +1211,8 @@ class Network:
         self.contacted: list[int] = []
         self.peers: list[wire.PeerEntry] = []
         self.received: dict[int, list[bytes]] = {}
+        # The connections of "silent" peers, to count those still open.
+        self.silent: list[StringTransport] = []
         self._served: dict[str, PeerFactory] = {}
 
     def add(self, behaviour: object) -> wire.PeerEntry:
@@ -1314,7 +1317,9 @@ class _ScriptedEndpoint:
             IPv4Address("TCP", self.peer.host, self.peer.port)
         )
         if behaviour == "silent":
-            client.makeConnection(StringTransport())
+            transport = StringTransport()
+            network.silent.append(transport)
+            client.makeConnection(transport)
             return succeed(client)
         if isinstance(behaviour, PeerFactory):
             server = behaviour.buildProtocol(IPv4Address("TCP", "10.9.9.9", 5555))
@@ -2319,6 +2324,115 @@ class StaggerAndResumeTests(SynchronousTestCase):
         result = self.successResultOf(d)
         self.assertEqual(result.peer, self.network.peers[5])
         self.assertContent()
+
+    def behind_silent_peers(self, count: int) -> tuple[Deferred, list[int], list[int]]:
+        """
+        Fetch from C{count} silent peers and a holder after them, one
+        stagger at a time until the fetch ends: its Deferred, the peers
+        contacted and the silent peers' connections open after each step.
+        """
+        fetcher = scripted_fetcher(
+            self.clock, self.network, self.reports, self.STAGGER, max_parallel=64
+        )
+        for _ in range(count):
+            self.network.add("silent")
+        self.network.add(self.share({NAME: CONTENT}))
+        d = fetcher.fetch(NAME, self.network.peers, self.sink)
+        started: list[int] = []
+        in_flight: list[int] = []
+        while True:
+            started.append(len(self.network.contacted))
+            in_flight.append(sum(not t.disconnecting for t in self.network.silent))
+            if d.called:
+                return d, started, in_flight
+            self.clock.advance(self.STAGGER)
+            self.network.flush()
+
+    def test_silent_peers_double_the_fan_out(self) -> None:
+        """
+        Peers that accept and say nothing are joined one stagger apart
+        until four are silent, then their number doubles at each stagger
+        (up to max_parallel): the holder behind 40 of them is reached
+        within 8 staggers, not 40.
+        """
+        d, started, _ = self.behind_silent_peers(40)
+        self.assertEqual(started, [1, 2, 3, 4, 8, 16, 32, 41])
+        self.assertEqual(self.successResultOf(d).peer, self.network.peers[40])
+        self.assertContent()
+
+    def test_silent_peers_give_way_to_peers_never_tried(self) -> None:
+        """
+        With max_parallel silent attempts in flight, each stagger lets the
+        oldest silent for 2 s give way to peers never tried: the holder
+        behind 100 silent peers is asked 3.75 s in, with never more than
+        max_parallel attempts at once.
+        """
+        d, started, in_flight = self.behind_silent_peers(100)
+        # Doubling to 64; then as many as started 2 s earlier give way.
+        self.assertEqual(
+            started, [1, 2, 3, 4, 8, 16, 32, 64, 65, 66, 67, 68, 72, 80, 96, 101]
+        )
+        self.assertEqual(max(in_flight), 64)
+        self.assertEqual(self.clock.seconds(), 15 * self.STAGGER)
+        self.assertEqual(self.successResultOf(d).peer, self.network.peers[100])
+        self.assertContent()
+
+    def test_peers_that_gave_way_get_a_full_second_try(self) -> None:
+        """
+        When nobody has the file, a peer whose first attempt gave way is
+        asked once more, after every other, and that attempt runs to the
+        idle timeout: each peer is reported once, as timed out.
+        """
+        fetcher = scripted_fetcher(
+            self.clock, self.network, self.reports, self.STAGGER, max_parallel=64
+        )
+        for _ in range(70):
+            self.network.add("silent")
+        d = fetcher.fetch(NAME, self.network.peers, self.sink)
+        self.network.run(d, limit=200)
+        failure = self.failureResultOf(d, NotFoundAnywhere)
+        reported = [attempt.peer.port for attempt in failure.value.attempts]
+        self.assertEqual(sorted(reported), [peer.port for peer in self.network.peers])
+        self.assertEqual(
+            {attempt.kind for attempt in failure.value.attempts}, {FailureKind.TIMEOUT}
+        )
+        # The first six gave way (2.0-2.75 s), and were asked again last.
+        contacts = Counter(self.network.contacted)
+        self.assertEqual(
+            sorted(port for port, count in contacts.items() if count == 2),
+            [peer.port for peer in self.network.peers[:6]],
+        )
+        self.assertEqual(set(contacts.values()), {1, 2})
+        self.assertLess(self.clock.seconds(), 2 * IDLE + 3)
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_peers_heard_from_do_not_grow_the_fan_out(self) -> None:
+        """
+        A peer that says it is still indexing the file is slow, not silent:
+        however many of them are asked, the others are joined one stagger
+        apart, as before.
+        """
+
+        class StillIndexing(Protocol):
+            def connectionMade(self) -> None:
+                self.transport.write(wire.banner("peer") + b"\n")
+
+            def dataReceived(self, data: bytes) -> None:
+                line = wire.Indexing(0, 100 * MIB).to_line()
+                self.transport.write(line + b"\n")
+
+        fetcher = scripted_fetcher(
+            self.clock, self.network, self.reports, self.STAGGER, max_parallel=64
+        )
+        for _ in range(8):
+            self.network.add(StillIndexing)
+        fetcher.fetch(NAME, self.network.peers, self.sink)
+        started = [len(self.network.contacted)]
+        for _ in range(7):
+            self.network.flush()
+            self.clock.advance(self.STAGGER)
+            started.append(len(self.network.contacted))
+        self.assertEqual(started, [1, 2, 3, 4, 5, 6, 7, 8])
 
     def test_resume_from_next_holder(self) -> None:
         """
