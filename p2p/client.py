@@ -875,8 +875,8 @@ MAX_LISTED_BYTES_IN_ALL = 64 * 1024 * 1024
 class ListingTooLong(Exception):
     """
     A peer lists more than the client takes (L{MAX_LISTED_FILES}, or the
-    C{max_bytes} it was given); C{files} holds the first, C{by_bytes} says
-    which bound cut it.
+    L{ListingBudget} it was given); C{files} holds the first, C{by_bytes}
+    says which bound cut it.
     """
 
     def __init__(self, files: list[wire.FileEntry], by_bytes: bool = False) -> None:
@@ -890,12 +890,51 @@ def listed_bytes(entry: wire.FileEntry) -> int:
     return len(entry.to_line())
 
 
+class ListingBudget:
+    """
+    The files, and bytes of their ``FILE`` lines (L{listed_bytes}), that
+    listings may still take.  L{list_files} spends from it entry by entry,
+    so a caller sharing one budget among peers reads back what each walk
+    cost instead of formatting every line a second time (up to
+    L{MAX_LISTED_FILES_IN_ALL} of them).
+    """
+
+    def __init__(self, files: int, line_bytes: int) -> None:
+        self.files_left = files
+        self.bytes_left = line_bytes
+        self.files_spent = 0
+        self.bytes_spent = 0
+
+    def share(self, among: int) -> ListingBudget:
+        """One of C{among} equal shares of what is left, spent on its own:
+        L{charge} passes on what it spent, once its files are kept."""
+        return ListingBudget(self.files_left // among, self.bytes_left // among)
+
+    def spend(self, entry: wire.FileEntry) -> bool:
+        """Take C{entry} if it fits; if it does not, False, nothing spent."""
+        cost = listed_bytes(entry)
+        if self.files_left < 1 or cost > self.bytes_left:
+            return False
+        self._pay(1, cost)
+        return True
+
+    def charge(self, share: ListingBudget) -> None:
+        """Spend here what C{share} spent."""
+        self._pay(share.files_spent, share.bytes_spent)
+
+    def _pay(self, files: int, line_bytes: int) -> None:
+        self.files_left -= files
+        self.bytes_left -= line_bytes
+        self.files_spent += files
+        self.bytes_spent += line_bytes
+
+
 def list_files(
     endpoint: IStreamClientEndpoint,
     clock: IReactorTime,
     timeout: float,
     maximum: int = MAX_LISTED_FILES,
-    max_bytes: int | None = None,
+    budget: ListingBudget | None = None,
 ) -> Deferred[list[wire.FileEntry]]:
     """
     The files one peer shares: every page of its ``LIST``, following each
@@ -903,12 +942,15 @@ def list_files(
     C{timeout}) to the end, so nothing is cut off silently.  A cursor that
     does not move forward is a protocol error and an empty page the end, so
     a hostile peer cannot keep the client paging for ever; past C{maximum}
-    files, or C{max_bytes} of ``FILE`` lines (L{listed_bytes}), the result
-    fails with L{ListingTooLong}, which holds the first.
+    files, or what C{budget} has left (spent as each file is taken), the
+    result fails with L{ListingTooLong}, which holds the first.
     """
     result: Deferred[list[wire.FileEntry]] = Deferred()
     files: list[wire.FileEntry] = []
-    spent = [0]
+    if budget is not None:
+        # Its files bound the walk as maximum does, so that running out of
+        # the budget inside the walk means its bytes ran out (by_bytes).
+        maximum = min(maximum, budget.files_left)
 
     def ask(cursor: str | None) -> None:
         request = wire.ListFiles(limit=wire.MAX_FILES_PER_PAGE, cursor=cursor)
@@ -921,11 +963,8 @@ def list_files(
         for entry in page:
             if len(files) >= maximum:
                 return False
-            if max_bytes is not None:
-                cost = listed_bytes(entry)
-                if spent[0] + cost > max_bytes:
-                    return False
-                spent[0] += cost
+            if budget is not None and not budget.spend(entry):
+                return False
             files.append(entry)
         return True
 

@@ -41,12 +41,12 @@ from p2p.client import (
     MAX_LISTED_BYTES_IN_ALL,
     MAX_LISTED_FILES,
     MAX_LISTED_FILES_IN_ALL,
+    ListingBudget,
     ListingTooLong,
     index_status,
     likely_holders,
     list_files,
     list_peers,
-    listed_bytes,
 )
 from p2p.endpoints import DEFAULT_RELAY, peer_endpoint
 from p2p.errors import RELAY_FAILURES, SKIPPABLE, OutputFailed, describe, kind_of
@@ -564,23 +564,23 @@ class ClientSession:
             max_bytes = MAX_LISTED_BYTES_IN_ALL
         entries = yield self.peers()
         listings = []
-        files_left, bytes_left = max_files, max_bytes
+        budget = ListingBudget(max_files, max_bytes)
         for position, entry in enumerate(entries):
             endpoint = self.endpoint_for(entry)
-            sharing = len(entries) - position
-            share = files_left // sharing
+            share = budget.share(len(entries) - position)
+            maximum = min(MAX_LISTED_FILES, share.files_left)
             try:
                 files = yield list_files(
                     endpoint,
                     self.reactor,
                     self.request_timeout,
-                    maximum=min(MAX_LISTED_FILES, share),
-                    max_bytes=bytes_left // sharing,
+                    maximum=maximum,
+                    budget=share,
                 )
             except ListingTooLong as e:
                 files = e.files
                 reason = str(e)
-                if e.by_bytes or share < MAX_LISTED_FILES:
+                if e.by_bytes or maximum < MAX_LISTED_FILES:
                     reason += (
                         f" (its share of the {max_files} files and "
                         f"{format_bytes(max_bytes)} of FILE lines p2p ls takes "
@@ -601,8 +601,9 @@ class ClientSession:
                 except SKIPPABLE:
                     status = None
                 listings.append(Listing(entry, files, status=status))
-            files_left -= len(files)
-            bytes_left -= sum(listed_bytes(file) for file in files)
+            # Charged once its files are kept: what the pages of a peer
+            # that then failed (SKIPPABLE above) took is left to the rest.
+            budget.charge(share)
         return listings
 
     # -- phase 3 -------------------------------------------------------------

@@ -1198,12 +1198,21 @@ class LsTests(CommandTestCase):
     def list_one_page(self, index: int, names: list[str]) -> list[bytes]:
         """Play the peer on connection C{index}: one page of C{names}, then
         (if asked) a complete STATUS; return the requests it got."""
+        return self.answer_page(index, self.page_of(names))
+
+    def page_of(self, names: list[str]) -> bytes:
+        """A whole listing of C{names} in one page."""
+        page = [b"OK %d" % len(names)]
+        page += [wire.FileEntry(1, self.ROOT_A, name).to_line() for name in names]
+        return b"".join(line + b"\n" for line in page)
+
+    def answer_page(self, index: int, page: bytes) -> list[bytes]:
+        """Play the peer on connection C{index}: C{page}, then (if asked) a
+        complete STATUS; return the requests it got."""
         protocol, transport = self.connect(index, b"P2P/2 peer")
         requests = [transport.value()]
         transport.clear()
-        page = [b"OK %d" % len(names)]
-        page += [wire.FileEntry(1, self.ROOT_A, name).to_line() for name in names]
-        protocol.dataReceived(b"".join(line + b"\n" for line in page))
+        protocol.dataReceived(page)
         if transport.value():
             requests.append(transport.value())
             protocol.dataReceived(COMPLETE_STATUS)
@@ -1243,6 +1252,62 @@ class LsTests(CommandTestCase):
                 "peers); showing the first 2"
             ],
         )
+
+    def test_ls_formats_each_file_once(self) -> None:
+        """
+        The byte budget shared by all peers is spent as each file is taken,
+        its FILE line formatted once: what a listing cost is read back from
+        the budget, not counted over every file again, and what one peer
+        leaves is the next's.
+        """
+        line_bytes = len(wire.FileEntry(1, self.ROOT_A, "a0").to_line())
+        self.patch(session, "MAX_LISTED_BYTES_IN_ALL", 6 * line_bytes)
+        short = self.page_of(["a0", "a1"])
+        long = self.page_of([f"b{i}" for i in range(5)])
+        formatted = []
+        to_line = wire.FileEntry.to_line
+
+        def counted(entry: wire.FileEntry) -> bytes:
+            formatted.append(entry.name)
+            return to_line(entry)
+
+        self.patch(wire.FileEntry, "to_line", counted)
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls", "--json")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        # A's share is 3 lines, of which it takes 2; B's the 4 left.
+        self.assertEqual(len(self.answer_page(1, short)), 2)
+        self.assertEqual(self.answer_page(2, long), [b"LIST limit=1000\n"])
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(
+            [json.loads(line)["name"] for line in self.console.out.splitlines()],
+            ["a0", "a1", "b0", "b1", "b2", "b3"],
+        )
+        self.assertIn(
+            "127.0.0.1:4002: lists more than 4 files", self.console.err_lines[1]
+        )
+        # Each file once, taken or (b4) refused; none again afterwards.
+        self.assertEqual(formatted, ["a0", "a1", "b0", "b1", "b2", "b3", "b4"])
+
+    def test_ls_failed_peer_leaves_its_share(self) -> None:
+        """
+        A peer that fails after a page has its listing dropped, and what
+        that page took of the budget goes back to the peers after it.
+        """
+        line_bytes = len(wire.FileEntry(1, self.ROOT_A, "a0").to_line())
+        self.patch(session, "MAX_LISTED_BYTES_IN_ALL", 6 * line_bytes)
+        d = self.run_cli("--relay", "127.0.0.1:9", "ls")
+        self.answer_peers(0, (PEER_A, "127.0.0.1", 4001), (PEER_B, "127.0.0.1", 4002))
+        protocol, transport = self.connect(1, b"P2P/2 peer")
+        first = self.page_of(["a0", "a1"]).replace(b"OK 2", b"OK 2 next=2", 1)
+        protocol.dataReceived(first)
+        self.assertIn(b"cursor=2", transport.value())
+        protocol.dataReceived(b"ERR 503 going away\n")
+        # All 6 lines are B's: the 2 A's page took were not charged.
+        self.answer_page(2, self.page_of([f"b{i}" for i in range(6)]))
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertEqual(len(self.console.out.splitlines()), 6)
+        self.assertEqual(len(self.console.err_lines), 2, self.console.err_lines)
+        self.assertIn("127.0.0.1:4001: cannot list files", self.console.err_lines[1])
 
     def test_ls_output_is_written_in_batches(self) -> None:
         """The lines go out a batch at a time, never as one whole text: its

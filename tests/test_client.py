@@ -44,6 +44,7 @@ from p2p import pieces, wire
 from p2p.batching import BATCH_BYTES, CHECK_SECONDS, FAST_READ_BYTES
 from p2p.client import (
     FileFetchProtocol,
+    ListingBudget,
     ListingTooLong,
     PeerFailed,
     list_files,
@@ -2142,7 +2143,8 @@ class ListingTests(SynchronousTestCase):
 
     def test_list_files_byte_bound(self) -> None:
         """
-        Past C{max_bytes} of FILE lines the listing stops loudly too, even
+        Past the bytes of FILE lines its budget has left the listing stops
+        loudly too, even
         within its last page: long names cannot make a few files cost what
         many would.
         """
@@ -2150,12 +2152,14 @@ class ListingTests(SynchronousTestCase):
         reply = b"OK 3\n" + b"\n".join(lines) + b"\n"
         peer = _Server(b"P2P/2 peer\n", lambda line: reply)
         budget = len(lines[0]) + len(lines[1])
-        d = list_files(peer, self.clock, 3, max_bytes=budget)
+        d = list_files(peer, self.clock, 3, budget=ListingBudget(10, budget))
         error = self.failureResultOf(d, ListingTooLong).value
         self.assertEqual([f.name for f in error.files], ["a" * 100, "b"])
         self.assertTrue(error.by_bytes)
         self.assertEqual(sum(listed_bytes(f) for f in error.files), budget)
-        d = list_files(peer, self.clock, 3, max_bytes=budget + len(lines[2]))
+        d = list_files(
+            peer, self.clock, 3, budget=ListingBudget(10, budget + len(lines[2]))
+        )
         self.assertEqual(len(self.successResultOf(d)), 3)
 
     def test_list_files_last_page_over_the_bound(self) -> None:
