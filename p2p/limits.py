@@ -446,14 +446,36 @@ class LimitedServerFactory(ServerFactory):
         raise NotImplementedError
 
 
-class RefusingProtocol(Protocol):
+class _GraceAbort:
+    """
+    The abort that makes a polite close final within L{CLOSE_GRACE_SECONDS}
+    (see the module's docstring), for the protocols a server closes; they
+    have a C{clock} and a C{transport}.
+    """
+
+    _abort_call: IDelayedCall | None = None
+
+    def _abort_after_grace(self) -> None:
+        """Abort the connection once the grace is over, unless it is lost
+        first; a second call keeps the first deadline."""
+        if self._abort_call is None:
+            self._abort_call = self.clock.callLater(
+                CLOSE_GRACE_SECONDS, self.transport.abortConnection
+            )
+
+    def _cancel_abort(self) -> None:
+        """The connection is lost: nothing is left to abort."""
+        call, self._abort_call = self._abort_call, None
+        if call is not None and call.active():
+            call.cancel()
+
+
+class RefusingProtocol(_GraceAbort, Protocol):
     """
     Greets, explains the refusal in one ``ERR 503`` line, and hangs up;
     with a clock, for good within L{CLOSE_GRACE_SECONDS} (over TLS the
     lines wait for a handshake the client may never make).
     """
-
-    _abort_call: IDelayedCall | None = None
 
     def __init__(
         self, role: str, reason: str, clock: IReactorTime | None = None
@@ -476,17 +498,13 @@ class RefusingProtocol(Protocol):
         self.transport.write(self.greeting)
         self.transport.loseConnection()
         if self.clock is not None:
-            self._abort_call = self.clock.callLater(
-                CLOSE_GRACE_SECONDS, self.transport.abortConnection
-            )
+            self._abort_after_grace()
 
     def dataReceived(self, data: bytes) -> None:
         """Whatever the client sends is ignored: we are hanging up."""
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        call, self._abort_call = self._abort_call, None
-        if call is not None and call.active():
-            call.cancel()
+        self._cancel_abort()
 
 
 class ReadGate:
@@ -599,7 +617,7 @@ class IdleTimeouts:
 
 
 @implementer(IHandshakeListener)
-class ServerLineProtocol(LineReceiver):
+class ServerLineProtocol(_GraceAbort, LineReceiver):
     """
     The relay's and the peer's connection: a banner, then request lines.
 
@@ -640,9 +658,8 @@ class ServerLineProtocol(LineReceiver):
     # Complete requests received so far.
     requests = 0
     # Whether the TLS handshake is over (IHandshakeListener; never set on
-    # a connection without TLS), and the abort a hang_up set up.
+    # a connection without TLS).
     _handshake_done = False
-    _abort_call: IDelayedCall | None = None
 
     def __init__(
         self,
@@ -754,9 +771,7 @@ class ServerLineProtocol(LineReceiver):
         super().dataReceived(data)
 
     def connectionLost(self, reason: Failure | None = None) -> None:
-        call, self._abort_call = self._abort_call, None
-        if call is not None and call.active():
-            call.cancel()
+        self._cancel_abort()
         if self._idle is not None:
             self._idle.stop(self)
         if not self.requests and self.policy is not None:
@@ -882,13 +897,11 @@ class ServerLineProtocol(LineReceiver):
             transport.abortConnection()
             return
         transport.loseConnection()
-        if self._abort_call is None and unsent_output(transport):
+        if unsent_output(transport):
             # (A plain TCP transport holding nothing closes at its next turn:
             # no timer, which cost REGISTER about 8% of the relay's CPU per
             # request when every close set one up.)
-            self._abort_call = self.clock.callLater(
-                CLOSE_GRACE_SECONDS, transport.abortConnection
-            )
+            self._abort_after_grace()
 
     def lineLengthExceeded(self, line: bytes) -> None:
         self.log_refusal("refused a request: line too long", "413")
