@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import ipaddress
+import random
+
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import netgroup
@@ -13,6 +16,22 @@ class GroupsTests(SynchronousTestCase):
         self.assertEqual(netgroup.groups("127.1.0.7"), ("127.1.0.7", "127.1.0.0/24"))
         self.assertEqual(netgroup.network_of("10.2.3.4"), "10.2.3.0/24")
         self.assertEqual(netgroup.source_of("10.2.3.4"), "10.2.3.4")
+
+    def test_ipv4_without_parsing(self) -> None:
+        """
+        A canonical IPv4 address's groups, taken from its text, are those
+        its parsed form gives, at every octet's edges; a non-canonical one
+        (leading zeros) is parsed, and is no address.
+        """
+        rng = random.Random(5)
+        edges = [0, 1, 9, 10, 99, 100, 199, 200, 249, 250, 255]
+        hosts = [".".join(str(rng.choice(edges)) for _ in range(4)) for _ in range(300)]
+        hosts += [str(ipaddress.IPv4Address(rng.getrandbits(32))) for _ in range(300)]
+        for host in hosts:
+            network = ipaddress.ip_network(f"{host}/24", strict=False)
+            self.assertEqual(netgroup.groups(host), (host, str(network)))
+        self.assertEqual(netgroup.groups("010.1.2.3"), ("010.1.2.3", "010.1.2.3"))
+        self.assertEqual(netgroup.groups("1.2.3.256"), ("1.2.3.256", "1.2.3.256"))
 
     def test_ipv6(self) -> None:
         """An IPv6 address counts as its /64, in its /48: a host that picks
