@@ -152,12 +152,11 @@ def ask_roots(
     each goes to C{on_indexing}, one that shows progress gives its request
     C{timeout} seconds afresh, and they are held to C{pace} as a fetch's
     are (L{IndexingWatch}), a size C{refusal} names failing the holder at
-    once.  A holder that
-    refuses, fails, answers something other than an empty range of a
-    well-formed content, or is still indexing when the question ends,
-    offers nothing, and is told to C{on_failure} with the failure and the
-    seconds it took (not one still waited for otherwise, a straggler that
-    said nothing yet).  Cancelling stops every request.
+    once.  A holder that refuses, fails, answers something other than an
+    empty range of a well-formed content, or is still indexing when the
+    question ends, offers nothing, and is told to C{on_failure} with the
+    failure and the seconds it took (not one still waited for otherwise, a
+    straggler that said nothing yet).  Cancelling stops every request.
     """
     line = wire.Range(0, 0, name).to_line()
     offers: list[Offer | None] = [None] * len(holders)

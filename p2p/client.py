@@ -742,7 +742,7 @@ def list_peers(
 ) -> Deferred[list[wire.PeerEntry]]:
     """
     Phase 2: the relay's list of active peers, in its order (verified
-    first, networks taking turns);
+    first, wide networks taking turns);
     with C{files}, each with its name filter (``PEERS files=1``, which a
     relay from before filters answers with ``ERR 400``).
 

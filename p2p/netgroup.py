@@ -11,6 +11,11 @@ source is kept twice (see ``docs/security.rst``):
   site, as go-libp2p's resource manager and BitTorrent's BEP 42 group
   them).
 
+Listings take turns by a wider group still, the *wide network*
+(L{wide_network_of}): an IPv4 /16, an IPv6 /32, as Bitcoin Core's address
+manager groups addresses (an allocation a provider or a cloud region hands
+out), so that fakes from many /24s of one provider still take one turn.
+
 Keys are short strings (``"10.1.2.3"``, ``"2001:db8:1:2::/64"``,
 ``"10.1.2.0/24"``) so that logs and tests can show them.  Anything that is
 not an IP address (a UNIX socket's ``"?"``) is its own source and network.
@@ -30,6 +35,8 @@ T = TypeVar("T")
 SOURCE_PREFIX_V6 = 64
 NETWORK_PREFIX_V4 = 24
 NETWORK_PREFIX_V6 = 48
+WIDE_PREFIX_V4 = 16
+WIDE_PREFIX_V6 = 32
 
 
 # A canonical IPv4 address, as L{p2p.wire.normalise_host} writes one (no
@@ -66,6 +73,28 @@ def _parsed_groups(host: str) -> tuple[str, str]:
     source = ipaddress.ip_network(f"{address}/{SOURCE_PREFIX_V6}", strict=False)
     network = ipaddress.ip_network(f"{address}/{NETWORK_PREFIX_V6}", strict=False)
     return str(source), str(network)
+
+
+def wide_network_of(host: str) -> str:
+    """
+    The wide network of C{host} (see the module doc): its IPv4 /16 or its
+    IPv6 /32; anything that is not an IP address is its own.  Cheap for an
+    IPv4 address, as L{groups} is.
+    """
+    if _CANONICAL_IPV4.fullmatch(host):
+        return host[: host.find(".", host.find(".") + 1)] + ".0.0/16"
+    return _parsed_wide_network(host)
+
+
+@functools.lru_cache(maxsize=8192)
+def _parsed_wide_network(host: str) -> str:
+    """L{wide_network_of} of anything but a canonical IPv4 address."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    prefix = WIDE_PREFIX_V4 if address.version == 4 else WIDE_PREFIX_V6
+    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
 
 
 def source_of(host: str) -> str:

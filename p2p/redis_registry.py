@@ -11,8 +11,8 @@ string ``"HOST PORT"``:
 
 * ``<prefix>l:<member>``: a hash per lease: name ``n``, listing key
   ``s``, registered ``r``, renewed ``w``, expires ``e``, verified ``v``,
-  and the source ``S`` and network ``N`` it counts against
-  (L{p2p.netgroup}).  It has no key TTL: it lives exactly as long as the
+  and the source ``S``, network ``N`` and wide network ``G`` it counts
+  against (L{p2p.netgroup}).  It has no key TTL: it lives exactly as long as the
   member's entries in the sets below, since ending a lease (below) needs
   its source and network.  (A TTL, once kept as a safety net, removed the
   hash of every lease when all relays were down longer than three lease
@@ -33,9 +33,10 @@ string ``"HOST PORT"``:
 * ``<prefix>files``: member -> its name filter (256 bytes), for the leases
   that announced one: a hinted query reads the filters of hundreds of
   leases per command (``HMGET``).
-* ``<prefix>src`` and ``<prefix>net``: hashes counting leases per source
-  and per network, for the per-address and per-network caps; the table
-  size is ``ZCARD due``.
+* ``<prefix>src``, ``<prefix>net`` and ``<prefix>grp``: hashes counting
+  leases per source and per network, for the per-address and per-network
+  caps, and per wide network, for listing keys; the table size is
+  ``ZCARD due``.
 * ``<prefix>seq``: the registration counter (``INCR``).
 
 Each operation is one Lua script (loaded with ``SCRIPT LOAD``, called by
@@ -167,6 +168,7 @@ _PRELUDE = """
 local P = ARGV[1]
 local DUE, VER, UNV = P .. 'due', P .. 'ver', P .. 'unv'
 local SRC, NET, SEQ = P .. 'src', P .. 'net', P .. 'seq'
+local GRP = P .. 'grp'
 local FILES = P .. 'files'
 local function key(m) return P .. 'l:' .. m end
 local function row(m, f)
@@ -180,15 +182,16 @@ local function uncount(h, field)
   if redis.call('HINCRBY', h, field, -1) <= 0 then redis.call('HDEL', h, field) end
 end
 -- Ends a lease, a ghost too (its hash gone: then the row has an empty
--- seq, and the caller uncounts its source and network).
+-- seq, and the caller uncounts its source, network and wide network).
 local function drop(m)
   local k = key(m)
-  local f = redis.call('HMGET', k, 'n', 's', 'r', 'w', 'e', 'v', 'S', 'N')
+  local f = redis.call('HMGET', k, 'n', 's', 'r', 'w', 'e', 'v', 'S', 'N', 'G')
   redis.call('ZREM', DUE, m)
   redis.call('ZREM', VER, m)
   redis.call('ZREM', UNV, m)
   if f[7] then uncount(SRC, f[7]) end
   if f[8] then uncount(NET, f[8]) end
+  if f[9] then uncount(GRP, f[9]) end
   redis.call('HDEL', FILES, m)
   redis.call('DEL', k)
   return row(m, f)
@@ -211,13 +214,14 @@ return {redis.call('ZCARD', DUE), pack(expired)}
 """
 
 # ARGV: prefix, now, batch, member, expires, name, files, source, network,
-# max peers, max per source, max per network.
+# max peers, max per source, max per network, wide network.
 # -> {status (1 new, 0 renewed, -1/-2/-3 refused by a cap), count, lease, expired}
 _REGISTER = """
 local now, m, expires = ARGV[2], ARGV[4], ARGV[5]
 local name, files, source, network = ARGV[6], ARGV[7], ARGV[8], ARGV[9]
 local max_peers = tonumber(ARGV[10])
 local max_source, max_network = tonumber(ARGV[11]), tonumber(ARGV[12])
+local wide = ARGV[13]
 local expired = trim(now, tonumber(ARGV[3]))
 local k = key(m)
 local e = redis.call('HGET', k, 'e')
@@ -245,12 +249,14 @@ else
   end
   -- The listing key (p2p.registry.listing_key): under 2^52, so exact as a
   -- Lua number and as Redis passes it on (shortest exact digits).
-  local seq = math.min(held, MAX_ROUND) * ROUND_UNIT + redis.call('INCR', SEQ)
+  local round = tonumber(redis.call('HGET', GRP, wide) or 0)
+  local seq = math.min(round, MAX_ROUND) * ROUND_UNIT + redis.call('INCR', SEQ)
   redis.call('HSET', k, 's', seq, 'r', now, 'w', now, 'e', expires,
-    'S', source, 'N', network)
+    'S', source, 'N', network, 'G', wide)
   redis.call('ZADD', UNV, seq, m)
   redis.call('HINCRBY', SRC, source, 1)
   redis.call('HINCRBY', NET, network, 1)
+  redis.call('HINCRBY', GRP, wide, 1)
   status = 1
 end
 if name ~= '' then redis.call('HSET', k, 'n', name)
@@ -380,12 +386,13 @@ end
 return {redis.call('ZCARD', DUE), lease}
 """
 
-# ARGV: prefix, then a source and a network per ghost ended (their counts
-# were left for the relay to take off).  -> the table size
+# ARGV: prefix, then a source, a network and a wide network per ghost ended
+# (their counts were left for the relay to take off).  -> the table size
 _UNCOUNT = """
-for i = 2, #ARGV, 2 do
+for i = 2, #ARGV, 3 do
   uncount(SRC, ARGV[i])
   uncount(NET, ARGV[i + 1])
+  uncount(GRP, ARGV[i + 2])
 end
 return redis.call('ZCARD', DUE)
 """
@@ -594,6 +601,7 @@ class RedisRegistry:
             self.max_peers,
             self.max_per_host,
             self.max_per_network,
+            netgroup.wide_network_of(host),
         )
 
         def registered(reply: list) -> SharedLease:
@@ -739,8 +747,8 @@ class RedisRegistry:
     def _uncount_ghosts(self, leases: list[SharedLease]) -> None:
         """
         Take the ghosts among C{leases} (ended with their hash gone: no
-        sequence number) off the source and network counts, which the
-        script could not read from the hash.  One more round trip, only
+        sequence number) off the source, network and wide network counts,
+        which the script could not read from the hash.  One more round trip, only
         when there are ghosts; a failure leaves the counts high (logged
         as any unanswered call).
         """
@@ -748,7 +756,10 @@ class RedisRegistry:
             group
             for lease in leases
             if not lease.seq
-            for group in netgroup.groups(lease.host)
+            for group in (
+                *netgroup.groups(lease.host),
+                netgroup.wide_network_of(lease.host),
+            )
         ]
         if groups:
             d = self._call("uncount", *groups)

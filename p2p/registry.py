@@ -13,11 +13,11 @@ Three structures, each chosen for one job (see ``docs/performance.rst``):
   of each chunk.  A listing gives every verified lease before any
   unverified one, so leases on ports where no peer answers (a Sybil flood)
   cannot push honest peers off the first pages; and inside a tier, every
-  network's first lease before any network's second, so leases that do
-  answer, from a few networks, cannot either.  ``page`` finds a cursor by
-  bisection (O(log n)) and then reads forward, so a reply costs O(log n +
-  limit) however big the table is.  Adding or removing a lease costs
-  O(log n + chunk size).
+  wide network's first lease before any wide network's second, so leases
+  that do answer, from a few providers' networks, cannot either.
+  ``page`` finds a cursor by bisection (O(log n)) and then reads forward,
+  so a reply costs O(log n + limit) however big the table is.  Adding or
+  removing a lease costs O(log n + chunk size).
 * **by expiry time**: a min-heap of the leases themselves, ordered by the
   time they were last *due* to be checked.  A renewal only moves
   ``expires``; when the lease comes due the sweep sees it was renewed and
@@ -65,26 +65,27 @@ UNVERIFIED_TIER = 1 << 62
 
 # A listing key is a lease's *round* above its registration number (see
 # listing_key).  Registration numbers stay below 2**ROUND_SHIFT (17.6
-# trillion); rounds past MAX_ROUND share the last one (a network holds at
-# most 256 leases by default).  Keys stay below 2**52: exact as Redis
-# scores, which are doubles, and clear of UNVERIFIED_TIER.
+# trillion); a wide network's leases past its 256th share the last round,
+# by registration.  Keys stay below 2**52: exact as Redis scores, which
+# are doubles, and clear of UNVERIFIED_TIER.
 ROUND_SHIFT = 44
 MAX_ROUND = 255
 
 _seq_of = attrgetter("seq")
 
 
-def listing_key(held_by_network: int, number: int) -> int:
+def listing_key(held_by_wide_network: int, number: int) -> int:
     """
     Where a new lease goes in its tier's listing: its *round*, the leases
-    its network (L{p2p.netgroup}) held when it registered, above its
-    registration C{number}.  Listing by key gives every network's first
-    lease, then every network's second, and so on, each round oldest
-    first: a hundred addresses from a few networks take a few places per
-    round, and an honest peer alone in its network is in the first round
-    whenever it registered.  Taking the first rounds needs many networks.
+    its wide network (an IPv4 /16, an IPv6 /32: L{p2p.netgroup}) held when
+    it registered, above its registration C{number}.  Listing by key gives
+    every wide network's first lease, then every one's second, and so on,
+    each round oldest first: a hundred addresses from a few providers'
+    networks take a few places per round, and an honest peer alone in its
+    wide network is in the first round whenever it registered.  Taking
+    the first rounds needs addresses from many providers.
     """
-    return min(held_by_network, MAX_ROUND) << ROUND_SHIFT | number
+    return min(held_by_wide_network, MAX_ROUND) << ROUND_SHIFT | number
 
 
 def saturated(files: bytes) -> bool:
@@ -231,10 +232,11 @@ class MemoryRegistry:
         self.max_per_host = max_per_host
         self.max_per_network = max_per_network
         self._by_host: dict[str, Lease | dict[int, Lease]] = {}
-        # Leases per network (for the cap and for listing keys), and per
-        # IPv6 /64 (an IPv4 source is one host, counted by _by_host; kept
-        # only while its limit is on).
+        # Leases per network (for the cap), per wide network (for listing
+        # keys), and per IPv6 /64 (an IPv4 source is one host, counted by
+        # _by_host; kept only while its limit is on).
         self._per_network: dict[str, int] = {}
+        self._per_wide_network: dict[str, int] = {}
         self._per_source_v6: dict[str, int] = {}
         # Verified leases per host: the connection reserve's members.
         self._verified_hosts: dict[str, int] = {}
@@ -300,8 +302,11 @@ class MemoryRegistry:
         return None
 
     def _count_groups(self, lease: Lease, step: int) -> None:
-        """Add C{step} to C{lease}'s network and IPv6 source counts."""
+        """Add C{step} to C{lease}'s network, wide network and IPv6 source
+        counts."""
         netgroup.tally(self._per_network, lease.network, step)
+        wide = netgroup.wide_network_of(lease.host)
+        netgroup.tally(self._per_wide_network, wide, step)
         if self.max_per_host and ":" in lease.host:
             source = netgroup.source_of(lease.host)
             if source != lease.host:
@@ -436,7 +441,8 @@ class MemoryRegistry:
         self._seq += 1
         port = self._ports.setdefault(port, port)
         network = sys.intern(netgroup.network_of(host))
-        key = listing_key(self._per_network.get(network, 0), self._seq)
+        held = self._per_wide_network.get(netgroup.wide_network_of(host), 0)
+        key = listing_key(held, self._seq)
         lease = Lease(host, port, name, now, expires, key, files, network)
         self._add(lease)
         self._count_groups(lease, 1)

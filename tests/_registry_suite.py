@@ -240,7 +240,8 @@ async def name_hints(make: Make) -> None:
 
 @scenario
 async def hints_spread_over_networks(make: Make) -> None:
-    """A network's third match comes after every other network's first two."""
+    """A network's third match comes after every other network's first two
+    (here two /24s of one wide network, which take no turns)."""
     registry = make(TTL)
     holder = hints.filter_bytes(["x"])
     for port in range(1, 5):
@@ -249,55 +250,73 @@ async def hints_spread_over_networks(make: Make) -> None:
     found = await call(registry.likely_holders(1.0, hints.name_hint("x"), 4, 100))
     assert addresses(found) == [
         ("10.0.0.1", 1),
-        ("10.0.9.1", 1),
         ("10.0.0.1", 2),
+        ("10.0.9.1", 1),
         ("10.0.0.1", 3),
     ]
 
 
-# -- listing order: networks take turns ---------------------------------------
+# -- listing order: wide networks take turns ----------------------------------
 
 
 @scenario
-async def networks_take_turns(make: Make) -> None:
-    """Each tier lists every network's first lease, then every network's
-    second, and so on, each round oldest first; pages follow that order."""
+async def wide_networks_take_turns(make: Make) -> None:
+    """Each tier lists every wide network's (IPv4 /16, IPv6 /32) first
+    lease, then every one's second, and so on, each round oldest first;
+    pages follow that order."""
     registry = make(TTL)
     for host in ("10.0.0.1", "10.0.0.2", "10.0.0.3"):
         await call(registry.register(host, 1, None, 0.0))
-    await call(registry.register("10.0.1.1", 1, None, 1.0))
+    await call(registry.register("10.1.0.1", 1, None, 1.0))
     await call(registry.register("2001:db8:1::1", 1, None, 2.0))
-    await call(registry.register("10.0.1.2", 1, None, 3.0))
+    await call(registry.register("10.1.0.2", 1, None, 3.0))
     assert await listed(registry, 4.0) == [
         ("10.0.0.1", 1),
-        ("10.0.1.1", 1),
+        ("10.1.0.1", 1),
         ("2001:db8:1::1", 1),
         ("10.0.0.2", 1),
-        ("10.0.1.2", 1),
+        ("10.1.0.2", 1),
         ("10.0.0.3", 1),
     ]
     # Paging from a cursor in the middle of a round.
     page = await call(registry.page(4.0, 0, 2))
-    assert addresses(page[0]) == [("10.0.0.1", 1), ("10.0.1.1", 1)] and page[1]
+    assert addresses(page[0]) == [("10.0.0.1", 1), ("10.1.0.1", 1)] and page[1]
     page = await call(registry.page(4.0, registry.position(page[0][-1]), 2))
     assert addresses(page[0]) == [("2001:db8:1::1", 1), ("10.0.0.2", 1)]
     # A verified lease keeps its round in the verified tier.
     await call(registry.mark_verified("10.0.0.3", 1))
-    await call(registry.mark_verified("10.0.1.1", 1))
-    assert (await listed(registry, 4.0))[:2] == [("10.0.1.1", 1), ("10.0.0.3", 1)]
+    await call(registry.mark_verified("10.1.0.1", 1))
+    assert (await listed(registry, 4.0))[:2] == [("10.1.0.1", 1), ("10.0.0.3", 1)]
+
+
+@scenario
+async def a_wide_network_takes_one_turn(make: Make) -> None:
+    """Leases from several /24s (or IPv6 /48s) of one wide network share
+    its turns: a peer from another comes second, not last."""
+    registry = make(TTL)
+    for host in ("10.0.0.1", "10.0.1.1", "10.0.2.1", "2001:db8:1::1", "2001:db8:2::1"):
+        await call(registry.register(host, 1, None, 0.0))
+    await call(registry.register("10.9.0.1", 1, None, 1.0))
+    await call(registry.register("2001:db9::1", 1, None, 1.0))
+    assert (await listed(registry, 2.0))[:4] == [
+        ("10.0.0.1", 1),
+        ("2001:db8:1::1", 1),
+        ("10.9.0.1", 1),
+        ("2001:db9::1", 1),
+    ]
 
 
 @scenario
 async def many_addresses_cannot_bury_a_newcomer(make: Make) -> None:
-    """A peer alone in its network, registered after 3 networks x 40 leases,
-    is listed fourth and found by a hinted scan of the first four leases."""
+    """A peer alone in its wide network, registered after 3 wide networks
+    x 40 leases, is listed fourth and found by a hinted scan of the first
+    four leases."""
     registry = make(TTL)
     names = hints.filter_bytes(["x"])
     for index in range(40):
         for network in range(3):
-            await call(
-                registry.register(f"10.0.{network}.{index + 1}", 1, None, 0.0, names)
-            )
+            host = f"10.{network}.{index}.1"
+            await call(registry.register(host, 1, None, 0.0, names))
     await call(registry.register("10.9.9.9", 1, None, 1.0, names))
     assert (await listed(registry, 2.0))[3] == ("10.9.9.9", 1)
     found = await call(registry.likely_holders(2.0, hints.name_hint("x"), 10, 4))
@@ -306,7 +325,7 @@ async def many_addresses_cannot_bury_a_newcomer(make: Make) -> None:
 
 @scenario
 async def late_rounds_page_exactly(make: Make) -> None:
-    """Keys past the last round (a network's 256th lease and on) still
+    """Keys past the last round (a wide network's 256th lease and on) still
     list and page each lease once, in registration order: a store that
     keeps them as doubles (Redis) must not round them."""
     registry = make(TTL)
@@ -322,21 +341,22 @@ async def late_rounds_page_exactly(make: Make) -> None:
 
 
 @scenario
-async def rounds_follow_what_a_network_holds(make: Make) -> None:
-    """A lease's round is what its network held when it registered: one
-    that registers after its network's others ended is in an early round."""
+async def rounds_follow_what_a_wide_network_holds(make: Make) -> None:
+    """A lease's round is what its wide network held when it registered:
+    one that registers after its wide network's others ended is in an
+    early round."""
     registry = make(TTL)
     await call(registry.register("10.0.0.1", 1, None, 0.0))
     await call(registry.register("10.0.0.2", 1, None, 0.0))
-    await call(registry.register("10.0.1.1", 1, None, 0.0))
-    await call(registry.register("10.0.1.2", 1, None, 0.0))
+    await call(registry.register("10.1.0.1", 1, None, 0.0))
+    await call(registry.register("10.1.0.2", 1, None, 0.0))
     await call(registry.unregister("10.0.0.1", 1))
     await call(registry.unregister("10.0.0.2", 1))
     await call(registry.register("10.0.0.3", 1, None, 1.0))  # round 0 again
     assert await listed(registry, 2.0) == [
-        ("10.0.1.1", 1),
+        ("10.1.0.1", 1),
         ("10.0.0.3", 1),
-        ("10.0.1.2", 1),
+        ("10.1.0.2", 1),
     ]
 
 

@@ -11,9 +11,9 @@ sockets to sources in other /24s than the honest parties (127.1.0.1,
   ports where nothing listens, where a socket accepts and never speaks, or
   with a filter that has every bit set; an honest peer registers after
   them and is still listed first, suggested alone, and served at once.
-* Fakes that answer: 32 /24s register two ports each that greet as a
+* Fakes that answer: 32 /16s register two ports each that greet as a
   peer and then say nothing, suggested for the wanted name before the
-  honest holder; networks take turns in the listing and the client's
+  honest holder; wide networks take turns in the listing and the client's
   silent attempts double and give way, so the fetch still takes seconds.
 * Connection exhaustion: twenty sources open all the connections they can
   and hold them; the per-source and per-network caps refuse the rest, the
@@ -288,11 +288,12 @@ async def test_fakes_that_answer_do_not_bury_the_holder(
     launcher: Launcher, crowd: Crowd
 ):
     """
-    32 sources in 32 /24s each register two ports where a fake greets as a
+    32 sources in 32 /16s each register two ports where a fake greets as a
     peer and then says nothing, with a filter naming sample1.txt, before an
     honest peer shares it: the dial-back verifies all 65 leases, and all
-    are suggested for the name.  Networks take turns in the listing, so the
-    holder is suggested 33rd, not 65th; and ``p2p get`` is served within 8
+    are suggested for the name.  Wide networks take turns in the listing,
+    so the holder is suggested 33rd, not 65th (second, were the fakes in
+    one /16); and ``p2p get`` is served within 8
     s: its question to the first holders ends after 2 s of silence, and
     its silent attempts double at each stagger.  (Before: 16 attempts at a
     time, each silent fake holding one for the 10 s idle timeout, and the

@@ -33,6 +33,23 @@ class GroupsTests(SynchronousTestCase):
         self.assertEqual(netgroup.groups("010.1.2.3"), ("010.1.2.3", "010.1.2.3"))
         self.assertEqual(netgroup.groups("1.2.3.256"), ("1.2.3.256", "1.2.3.256"))
 
+    def test_wide_networks(self) -> None:
+        """
+        Listings take turns by IPv4 /16 and IPv6 /32 (Bitcoin Core's
+        address groups); an IPv4 address's is read from its text, and is
+        the parsed one.
+        """
+        self.assertEqual(netgroup.wide_network_of("10.1.2.3"), "10.1.0.0/16")
+        self.assertEqual(netgroup.wide_network_of("10.1.200.3"), "10.1.0.0/16")
+        self.assertEqual(netgroup.wide_network_of("2001:db8:1:2::1"), "2001:db8::/32")
+        self.assertEqual(netgroup.wide_network_of("2001:db9::1"), "2001:db9::/32")
+        self.assertEqual(netgroup.wide_network_of("?"), "?")
+        rng = random.Random(7)
+        for _ in range(300):
+            host = str(ipaddress.IPv4Address(rng.getrandbits(32)))
+            wide = ipaddress.ip_network(f"{host}/16", strict=False)
+            self.assertEqual(netgroup.wide_network_of(host), str(wide))
+
     def test_ipv6(self) -> None:
         """An IPv6 address counts as its /64, in its /48: a host that picks
         any address of its /64 is still one source."""

@@ -159,6 +159,7 @@ async def test_scripts_reloaded_after_flush(make, connection) -> None:
 
 
 GHOST_HOST = "127.80.0.1"
+GHOST_WIDE_NETWORK = b"127.80.0.0/16"
 GHOST_TTL = 5.0
 
 
@@ -169,6 +170,7 @@ async def table(registry: RedisRegistry, redis) -> dict[str, object]:
     return {
         "src": await redis.hgetall(prefix + "src"),
         "net": await redis.hgetall(prefix + "net"),
+        "grp": await redis.hgetall(prefix + "grp"),
         "due": await redis.zcard(prefix + "due"),
         "ver": await redis.zcard(prefix + "ver"),
         "unv": await redis.zcard(prefix + "unv"),
@@ -202,6 +204,7 @@ async def test_every_relay_down_longer_than_a_lease_leaves_no_ghost(
     assert await table(back, redis) == {
         "src": {},
         "net": {},
+        "grp": {},
         "due": 0,
         "ver": 0,
         "unv": 0,
@@ -217,8 +220,8 @@ async def test_ghosts_are_never_listed_and_their_counts_go(make, connection) -> 
     A lease whose hash is gone all the same (expired under an earlier
     version, evicted, deleted by hand) is a ghost: a listing skips it and
     ends it, a sweep or UNREGISTER ends it, a registration of it starts
-    afresh; its source and network counts go with it, and no cursor is
-    made of it.
+    afresh; its source, network and wide network counts go with it, and
+    no cursor is made of it.
     """
     redis = connection.handler
     registry = make(GHOST_TTL, max_per_host=8)
@@ -239,6 +242,7 @@ async def test_ghosts_are_never_listed_and_their_counts_go(make, connection) -> 
     assert all(lease.seq for lease in page)
     counts = await table(registry, redis)
     assert counts["src"] == {GHOST_HOST.encode(): b"6"}, counts
+    assert counts["grp"] == {GHOST_WIDE_NETWORK: b"6"}, counts
     assert (counts["due"], counts["ver"], counts["unv"]) == (6, 3, 3)
 
     # UNREGISTER ends a ghost; a registration of one starts afresh.
@@ -249,6 +253,7 @@ async def test_ghosts_are_never_listed_and_their_counts_go(make, connection) -> 
     assert again.created and not again.verified
     counts = await table(registry, redis)
     assert counts["src"] == {GHOST_HOST.encode(): b"5"}, counts
+    assert counts["grp"] == {GHOST_WIDE_NETWORK: b"5"}, counts
     assert (counts["due"], counts["ver"], counts["unv"]) == (5, 2, 3)
 
     # A sweep ends ghosts that came due, and a hinted query never names one.
@@ -258,6 +263,7 @@ async def test_ghosts_are_never_listed_and_their_counts_go(make, connection) -> 
     assert sorted(lease.port for lease in ended) == [9002, 9003, 9006, 9007]
     counts = await table(registry, redis)
     assert counts["src"] == {GHOST_HOST.encode(): b"1"}, counts
+    assert counts["grp"] == {GHOST_WIDE_NETWORK: b"1"}, counts
     assert (counts["due"], counts["ver"], counts["unv"]) == (1, 0, 1)
 
 
