@@ -46,7 +46,7 @@ import relay_rate  # noqa: E402
 import relay_scale  # noqa: E402
 from _harness import Daemon, Report, Series  # noqa: E402
 
-from p2p.redis_registry import EXPIRE_BATCH, SCRIPTS  # noqa: E402
+from p2p.redis_registry import EXPIRE_BATCH, SCRIPTS, register_arguments  # noqa: E402
 from tests._redis import free_port  # noqa: E402
 
 PREFIX = "p2p:"
@@ -179,10 +179,8 @@ def resp(*args: str | bytes) -> bytes:
     return b"".join(parts)
 
 
-def register_args(host: str, port: int, now: float) -> list[str]:
+def register_args(host: str, port: int, now: float) -> list[str | bytes]:
     """EVALSHA arguments of the register script (see p2p.redis_registry)."""
-    from p2p import netgroup
-
     return [
         "EVALSHA",
         SCRIPTS["register"].sha,
@@ -190,15 +188,10 @@ def register_args(host: str, port: int, now: float) -> list[str]:
         PREFIX,
         repr(now),
         str(EXPIRE_BATCH),
-        f"{host} {port}",
-        repr(now + TTL),
-        "",
-        "",
-        netgroup.source_of(host),
-        netgroup.network_of(host),
-        "0",
-        "0",
-        "0",
+        *(
+            value if isinstance(value, bytes) else str(value)
+            for value in register_arguments(host, port, now + TTL)
+        ),
     ]
 
 
@@ -353,9 +346,10 @@ def main(argv: list[str] | None = None, report: Report | None = None) -> Report:
             note=(
                 f"one lease's hash alone: {stored['hash_bytes']} B (MEMORY USAGE); "
                 "the rest is its members in the due and order sorted sets and "
-                "its source's and network's counts; a name filter adds about "
-                f"270 B; loading took {stored['seconds'] / leases * 1e6:.1f} us "
-                "per lease through redis-cli --pipe"
+                "its source's, network's and wide network's counts; a name "
+                "filter adds about 270 B; loading took "
+                f"{stored['seconds'] / leases * 1e6:.1f} us per lease through "
+                "redis-cli --pipe"
             ),
         )
     finally:

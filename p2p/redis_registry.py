@@ -412,6 +412,32 @@ return {redis.call('ZCARD', DUE), fields(m)}
 """
 
 
+def register_arguments(
+    host: str,
+    port: int,
+    expires: float,
+    name: str | None = None,
+    files: bytes | None = None,
+    limits: tuple[int, int, int] = (0, 0, 0),
+) -> list[object]:
+    """
+    The register script's arguments after the prefix, the time and the
+    expiry batch (see L{_REGISTER}): the one place that lays them out, for
+    L{RedisRegistry.register} and for tools that load leases in bulk.
+    C{limits}: the most peers, per source and per network (0: none).
+    """
+    return [
+        _member(host, port),
+        repr(expires),
+        name or "",
+        files or b"",
+        netgroup.source_of(host),
+        netgroup.network_of(host),
+        *limits,
+        netgroup.wide_network_of(host),
+    ]
+
+
 class _Script:
     """One Lua script and the SHA-1 that EVALSHA names it by."""
 
@@ -589,19 +615,11 @@ class RedisRegistry:
         if files is not None and saturated(files):
             files = None
         member = _member(host, port)
+        limits = (self.max_peers, self.max_per_host, self.max_per_network)
         d = self._call(
             "register",
             now,
-            member,
-            repr(now + self.ttl),
-            name or "",
-            files or b"",
-            netgroup.source_of(host),
-            netgroup.network_of(host),
-            self.max_peers,
-            self.max_per_host,
-            self.max_per_network,
-            netgroup.wide_network_of(host),
+            *register_arguments(host, port, now + self.ttl, name, files, limits),
         )
 
         def registered(reply: list) -> SharedLease:
