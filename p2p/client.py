@@ -812,17 +812,24 @@ def likely_holders(
     token: str | None = None,
 ) -> Deferred[list[wire.PeerEntry]]:
     """
-    The peers the relay suggests for C{name} (``PEERS hint=``), oldest
-    registration first: those whose announced name filter may hold it.
+    The peers the relay suggests for C{name} (``PEERS hint=``), in its
+    listing's order: those whose announced name filter may hold it.
 
     Only a hint: a suggested peer may not hold the file (a false positive
     or a stale filter) and a holder may be missing (it announced no filter,
-    or registered after the relay's scan bound).  The relay learns the
-    name's hint, never the name.  A relay from before hints answers
-    ``ERR 400``: that means no suggestion, an empty list.
+    or came after the relay's scan bound).  The relay learns the name's
+    hint, never the name.  A relay from before hints answers ``ERR 400``:
+    that means no suggestion, an empty list.  Any other refusal (``ERR
+    429`` from a busy relay, not waited for) fails, and the caller goes on
+    without one.
     """
     request = wire.Peers(token=token, hint=hints.name_hint(name))
-    d = request_lines(relay, "relay", request.to_line(), clock, True, timeout)
+    # Never asked again after an ERR 429: a suggestion is not worth a wait
+    # (the fetch can go on over the full list), nor more load on a relay
+    # that says it is busy.
+    d = request_lines(
+        relay, "relay", request.to_line(), clock, True, timeout, retries=0
+    )
 
     def read(lines: list[bytes]) -> list[wire.PeerEntry]:
         wire.parse_listing_header(lines[0], wire.MAX_PEERS_PER_PAGE)

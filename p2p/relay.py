@@ -38,7 +38,7 @@ from p2p.limits import (
     RefusalLog,
     ServerLineProtocol,
 )
-from p2p.ratelimit import GuessBrake, RequestBudget
+from p2p.ratelimit import BucketTable, GuessBrake, RequestBudget
 from p2p.registry import MAX_HINT_SCAN, Lease, RegistryFull, RegistryUnavailable
 from p2p.transports import (
     cap_send_buffer,
@@ -64,6 +64,13 @@ LINE_CACHE_ENTRIES = 16_384
 # Request costs in budget tokens (see Relay.charge): a hinted query scans up
 # to MAX_HINT_SCAN leases, about three times a full page's work.
 HINT_COST = 3.0
+# Name queries (PEERS hint=) answered per second by the whole relay, from
+# every source together (bursts of as many).  Each may scan 10,000 leases
+# (up to 3 ms), and sources in 80 /24s, each within its own budget, kept a
+# relay busy with them and other clients' requests waiting for seconds.  A
+# query refused here costs its client only the suggestion: it fetches over
+# the full list, which it asked for at the same time.
+NAME_QUERIES_PER_SECOND = 200.0
 PAGE_LINES_PER_TOKEN = 1000
 # A line with its filter (files=1) is about nine times as long: bytes are
 # what such a page costs.
@@ -152,6 +159,8 @@ class Relay:
         is listed in one group.
     :param refusals: where refused registrations are logged (rate-limited);
         default: a L{RefusalLog} of its own.
+    :param name_queries_per_second: ``PEERS hint=`` answered per second
+        from all sources together (0: no limit); past it, ``ERR 429``.
     """
 
     log = Logger()
@@ -168,6 +177,7 @@ class Relay:
         budget: RequestBudget | None = None,
         brake: GuessBrake | None = None,
         refusals: RefusalLog | None = None,
+        name_queries_per_second: float = NAME_QUERIES_PER_SECOND,
     ) -> None:
         if token_for_queries and not token:
             raise ValueError("token_for_queries needs a token")
@@ -198,6 +208,14 @@ class Relay:
         self.totals = Activity()
         self.durations: Callable[[float], object] | None = None
         self.budget = budget
+        # One bucket for the whole relay (see NAME_QUERIES_PER_SECOND).
+        self.name_queries = (
+            BucketTable(
+                name_queries_per_second, max(1.0, name_queries_per_second), size=1
+            )
+            if name_queries_per_second
+            else None
+        )
         self.brake = brake
         self.dialback: DialBack | None = None
         self.refusals = (
@@ -251,6 +269,8 @@ class Relay:
         """
         if self.budget is not None:
             self.charge(request, source)
+        if isinstance(request, wire.Peers) and request.hint is not None:
+            self.charge_name_query()
         if isinstance(request, wire.Register):
             self.check_token(request.token, source)
             registered = self.register(request, source)
@@ -297,6 +317,20 @@ class Relay:
         wait = self.budget.charge(source, cost, exempt_network=renewal)
         if wait:
             raise wire.retry_later("too many requests", wait)
+
+    def charge_name_query(self) -> None:
+        """
+        Take a name query from the relay's budget for them, or refuse it
+        (429 with a retry-after): past that rate the relay stops spending
+        its CPU on suggestions, never on the listing itself.
+        """
+        if self.name_queries is None:
+            return
+        now = self.clock.seconds()
+        wait = self.name_queries.wait("", 1.0, now)
+        if wait:
+            raise wire.retry_later("the relay's name queries are spent", wait)
+        self.name_queries.take("", 1.0, now)
 
     def check_token(self, given: str | None, source: str | None = None) -> None:
         """

@@ -35,6 +35,7 @@ from p2p.relay import (
     DEFAULT_IDLE_TIMEOUT_SECONDS,
     DEFAULT_TTL_SECONDS,
     DESCRIPTORS_PER_CONNECTION,
+    NAME_QUERIES_PER_SECOND,
     Relay,
     RelayFactory,
     default_renew_interval,
@@ -105,6 +106,15 @@ class Options(DaemonOptions):
             ],
             *CONNECTION_OPTIONS,
             *REQUEST_OPTIONS,
+            [
+                "name-queries-per-second",
+                None,
+                NAME_QUERIES_PER_SECOND,
+                "Name queries (PEERS hint=) answered per second from all "
+                "addresses together; past it they get ERR 429 and clients "
+                "fetch without a suggestion (0: no limit).",
+                float,
+            ],
             [
                 "dial-back-timeout",
                 None,
@@ -215,6 +225,7 @@ class Options(DaemonOptions):
                 "max-peers",
                 "max-per-host",
                 "max-per-network",
+                "name-queries-per-second",
                 *REQUEST_LIMIT_OPTIONS,
                 *CONNECTION_LIMIT_OPTIONS,
             ],
@@ -320,6 +331,7 @@ def makeService(config: Options, reactor=None) -> MultiService:
         budget=request_budget(config, reactor),
         brake=GuessBrake(reactor) if config["token"] else None,
         refusals=policy.refusals,
+        name_queries_per_second=config["name-queries-per-second"],
     )
     probes = 0
     # The connection reserve is for addresses whose lease a dial-back

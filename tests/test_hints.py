@@ -414,6 +414,27 @@ class ClientOrderTests(CommandTestCase):
         self.assertIn("2 active peer(s), 0 suggested", self.console.err_lines[0])
         self.assert_no_timers()
 
+    def test_busy_relay_refuses_the_hint(self) -> None:
+        """
+        ERR 429 to hint= (the relay's name queries are spent): the fetch
+        goes on over the full list, and stderr says why there is no
+        suggestion.
+        """
+        target = self.mktemp()
+        d = self.run_cli("--relay", "127.0.0.1:9", "get", "-o", target, "a.txt")
+        self.answer_peers(0, self.A)
+        protocol, _ = self.connect(1, b"P2P/1 relay")
+        protocol.dataReceived(
+            b"ERR 429 the relay's name queries are spent; retry-after=0.5\n"
+        )
+        self.serve(2, self.CONTENT)
+        self.assertEqual(self.successResultOf(d), cli.EXIT_OK)
+        self.assertIn(
+            "no suggestion (refused: ERR 429 the relay's name queries are spent",
+            self.console.stderr.getvalue(),
+        )
+        self.assert_no_timers()
+
     def test_hint_request_fails(self) -> None:
         """A relay that fails the hinted query: go on with the full list."""
         target = self.mktemp()

@@ -115,6 +115,44 @@ class RequestBudgetTests(HostileRelayTestCase):
             self.assertTrue(reply[0].startswith(b"OK "), reply)
 
 
+class NameQueryBudgetTests(HostileRelayTestCase):
+    """The relay-wide budget of name queries (``PEERS hint=``)."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.relay.name_queries = Relay(
+            self.registry, self.clock, ttl=TTL, name_queries_per_second=20
+        ).name_queries
+
+    def test_many_networks_share_one_budget(self) -> None:
+        """
+        Name queries from 40 /24s, each well within its own budget, get
+        ERR 429 once the relay's 20 a second are spent; plain listings
+        are still answered, and a second later name queries are again.
+        """
+        hint = b"PEERS hint=0123456789abcdef"
+        replies = [self.ask(f"127.{n + 1}.0.1", hint)[0] for n in range(40)]
+        self.assertEqual(replies[:20], [b"OK 0"] * 20)
+        for refused in replies[20:]:
+            text = refused.decode()
+            self.assertTrue(
+                text.startswith("ERR 429 the relay's name queries are spent"), text
+            )
+            self.assertIsNotNone(wire.retry_after(text))
+        self.assertEqual(self.ask("127.99.0.1", b"PEERS")[0], b"OK 0")
+        self.clock.advance(1)
+        self.assertEqual(self.ask("127.98.0.1", hint)[0], b"OK 0")
+
+    def test_no_limit(self) -> None:
+        """0: no relay-wide limit (the per-source budgets still hold)."""
+        self.relay.name_queries = Relay(
+            self.registry, self.clock, ttl=TTL, name_queries_per_second=0
+        ).name_queries
+        hint = b"PEERS hint=0123456789abcdef"
+        replies = {self.ask(f"127.{n + 1}.0.1", hint)[0] for n in range(100)}
+        self.assertEqual(replies, {b"OK 0"})
+
+
 class LeaseCapTests(HostileRelayTestCase):
     def test_per_network_cap(self) -> None:
         """Several addresses of one /24 share its lease cap; the next /24
