@@ -65,12 +65,15 @@ LINE_CACHE_ENTRIES = 16_384
 # to MAX_HINT_SCAN leases, about three times a full page's work.
 HINT_COST = 3.0
 # Name queries (PEERS hint=) answered per second by the whole relay, from
-# every source together (bursts of as many).  Each may scan 10,000 leases
-# (up to 3 ms), and sources in 80 /24s, each within its own budget, kept a
-# relay busy with them and other clients' requests waiting for seconds.  A
-# query refused here costs its client only the suggestion: it fetches over
-# the full list, which it asked for at the same time.
+# every source together (bursts of as many), counted as full scans: one
+# over a table of MAX_HINT_SCAN leases or more costs 1 (up to 3 ms), one
+# over a smaller table its share of that (at least MIN_NAME_QUERY_COST),
+# so a small relay answers proportionally more.  Sources in 80 /24s, each
+# within its own budget, kept a relay busy with them and other clients'
+# requests waiting for seconds.  A query refused here costs its client only
+# the suggestion: it fetches over the full list, asked for at the same time.
 NAME_QUERIES_PER_SECOND = 200.0
+MIN_NAME_QUERY_COST = 0.01
 PAGE_LINES_PER_TOKEN = 1000
 # A line with its filter (files=1) is about nine times as long: bytes are
 # what such a page costs.
@@ -160,7 +163,8 @@ class Relay:
     :param refusals: where refused registrations are logged (rate-limited);
         default: a L{RefusalLog} of its own.
     :param name_queries_per_second: ``PEERS hint=`` answered per second
-        from all sources together (0: no limit); past it, ``ERR 429``.
+        from all sources together, over a table of 10,000 leases or more
+        (see L{NAME_QUERIES_PER_SECOND}; 0: no limit); past it, ``ERR 429``.
     """
 
     log = Logger()
@@ -327,10 +331,11 @@ class Relay:
         if self.name_queries is None:
             return
         now = self.clock.seconds()
-        wait = self.name_queries.wait("", 1.0, now)
+        cost = max(MIN_NAME_QUERY_COST, min(1.0, len(self.registry) / MAX_HINT_SCAN))
+        wait = self.name_queries.wait("", cost, now)
         if wait:
             raise wire.retry_later("the relay's name queries are spent", wait)
-        self.name_queries.take("", 1.0, now)
+        self.name_queries.take("", cost, now)
 
     def check_token(self, given: str | None, source: str | None = None) -> None:
         """

@@ -111,8 +111,10 @@ class Options(DaemonOptions):
                 None,
                 NAME_QUERIES_PER_SECOND,
                 "Name queries (PEERS hint=) answered per second from all "
-                "addresses together; past it they get ERR 429 and clients "
-                "fetch without a suggestion (0: no limit).",
+                "addresses together, over a table of 10,000 peers or more "
+                "(a smaller table allows proportionally more); past it they "
+                "get ERR 429 and clients fetch without a suggestion (0: no "
+                "limit).",
                 float,
             ],
             [

@@ -18,6 +18,7 @@ from twisted.internet.testing import StringTransport
 from twisted.trial.unittest import SynchronousTestCase
 
 from p2p import hints, wire
+from p2p import relay as relay_module
 from p2p.limits import ConnectionPolicy
 from p2p.peer import PeerFactory
 from p2p.ratelimit import GuessBrake, RequestBudget
@@ -116,22 +117,32 @@ class RequestBudgetTests(HostileRelayTestCase):
 
 
 class NameQueryBudgetTests(HostileRelayTestCase):
-    """The relay-wide budget of name queries (``PEERS hint=``)."""
+    """The relay-wide budget of name queries (``PEERS hint=``), counted in
+    full scans (here of 4 leases: MAX_HINT_SCAN patched)."""
+
+    HINT = b"PEERS hint=0123456789abcdef"
 
     def setUp(self) -> None:
         super().setUp()
+        self.patch(relay_module, "MAX_HINT_SCAN", 4)
         self.relay.name_queries = Relay(
             self.registry, self.clock, ttl=TTL, name_queries_per_second=20
         ).name_queries
 
+    def fill(self, count: int) -> None:
+        now = self.clock.seconds()
+        for n in range(count):
+            self.registry.register(f"10.{n + 1}.0.1", 9000, None, now)
+
     def test_many_networks_share_one_budget(self) -> None:
         """
-        Name queries from 40 /24s, each well within its own budget, get
-        ERR 429 once the relay's 20 a second are spent; plain listings
-        are still answered, and a second later name queries are again.
+        Name queries over a full table from 40 /24s, each well within its
+        own budget, get ERR 429 once the relay's 20 a second are spent;
+        plain listings are still answered, and a second later name
+        queries are again.
         """
-        hint = b"PEERS hint=0123456789abcdef"
-        replies = [self.ask(f"127.{n + 1}.0.1", hint)[0] for n in range(40)]
+        self.fill(4)
+        replies = [self.ask(f"127.{n + 1}.0.1", self.HINT)[0] for n in range(40)]
         self.assertEqual(replies[:20], [b"OK 0"] * 20)
         for refused in replies[20:]:
             text = refused.decode()
@@ -139,17 +150,25 @@ class NameQueryBudgetTests(HostileRelayTestCase):
                 text.startswith("ERR 429 the relay's name queries are spent"), text
             )
             self.assertIsNotNone(wire.retry_after(text))
-        self.assertEqual(self.ask("127.99.0.1", b"PEERS")[0], b"OK 0")
+        self.assertTrue(self.ask("127.99.0.1", b"PEERS")[0].startswith(b"OK 4"))
         self.clock.advance(1)
-        self.assertEqual(self.ask("127.98.0.1", hint)[0], b"OK 0")
+        self.assertEqual(self.ask("127.98.0.1", self.HINT)[0], b"OK 0")
+
+    def test_a_smaller_table_allows_more(self) -> None:
+        """A query over 1 lease of a 4-lease scan costs a quarter: 80 in
+        the same second."""
+        self.fill(1)
+        replies = [self.ask(f"127.{n + 1}.0.1", self.HINT)[0] for n in range(100)]
+        self.assertEqual(replies[:80], [b"OK 0"] * 80)
+        self.assertTrue(replies[80].startswith(b"ERR 429"), replies[80])
 
     def test_no_limit(self) -> None:
         """0: no relay-wide limit (the per-source budgets still hold)."""
+        self.fill(4)
         self.relay.name_queries = Relay(
             self.registry, self.clock, ttl=TTL, name_queries_per_second=0
         ).name_queries
-        hint = b"PEERS hint=0123456789abcdef"
-        replies = {self.ask(f"127.{n + 1}.0.1", hint)[0] for n in range(100)}
+        replies = {self.ask(f"127.{n + 1}.0.1", self.HINT)[0] for n in range(100)}
         self.assertEqual(replies, {b"OK 0"})
 
 
