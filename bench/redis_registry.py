@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None, report: Report | None = None) -> Report:
         daemons.append(memory_relay)
         url = f"redis://127.0.0.1:{redis_port}/0"
         shared_relay, shared_port = relay_rate.start_relay(
-            work, "info", ["--registry", url], name="shared"
+            work, "info", ["--registry", url], name="shared", ready="registry: redis://"
         )
         daemons.append(shared_relay)
         kinds = [("register", "REGISTER <port>"), ("peers", "PEERS limit=20")]

@@ -257,10 +257,16 @@ def measure(server: Daemon, port: int, kind: str, args, limit: int) -> dict:
 
 
 def start_relay(
-    work: str, log_level: str, extra: list[str] | None = None, name: str = "relay"
+    work: str,
+    log_level: str,
+    extra: list[str] | None = None,
+    name: str = "relay",
+    ready: str | None = None,
 ) -> tuple[Daemon, int]:
     """A relay on core 0 holding the 10,000 preloaded peers (C{extra}: more
-    options, e.g. another registry)."""
+    options, e.g. another registry; C{ready}: a log line to wait for before
+    the preload, e.g. a shared registry's, which answers ERR 503 until it
+    has reached its store)."""
     port_file = os.path.join(work, f"{name}-{log_level}.port")
     relay = Daemon(
         name,
@@ -280,10 +286,15 @@ def start_relay(
     with open(port_file) as stream:
         port = int(stream.read().split()[1])
     os.sched_setaffinity(relay.pid, {SERVER_CORE})
+    if ready is not None:
+        relay.wait_for(ready, 30, after=0)
     preload = run_load(port, "preload", 0, 0, 0)
     if preload["done"] != 10_000 or preload["errors"]:
         relay.stop()
-        raise RuntimeError(f"preload failed: {preload}")
+        tail = "".join(relay.lines[-8:])
+        raise RuntimeError(
+            f"preload failed: {preload}; the relay's last lines:\n{tail}"
+        )
     return relay, port
 
 
