@@ -59,7 +59,12 @@ ONE_SOURCE = [
     "--requests-per-second", "1e9",
     "--network-requests-per-second", "1e9",
 ]  # fmt: skip
-RELAY_ONE_SOURCE = [*ONE_SOURCE, "--max-per-host", "0", "--max-per-network", "0"]
+RELAY_ONE_SOURCE = [
+    *ONE_SOURCE,
+    "--max-per-host", "0",
+    "--max-per-network", "0",
+    "--name-queries-per-second", "1e9",
+]  # fmt: skip
 MiB = 1024 * 1024
 GiB = 1024 * MiB
 
