@@ -205,7 +205,7 @@ class Lease:
 @implementer(IRegistry)
 class MemoryRegistry:
     """
-    Leases by address, by registration order and by expiry time (see the
+    Leases by address, by listing order and by expiry time (see the
     module docstring for the layout and its costs).
 
     Expiry costs O(expired + renewed) heap operations and never scans the
