@@ -161,7 +161,9 @@ def ask_roots(
     line = wire.Range(0, 0, name).to_line()
     offers: list[Offer | None] = [None] * len(holders)
     requests: list[Deferred] = []
+    # The grace timer (once a holder offered), and the silence timer.
     timer: list[IDelayedCall] = []
+    silence: list[IDelayedCall] = []
     # Requests still to settle; and whether the result is decided.
     pending = [0]
     over: list[bool] = []
@@ -266,7 +268,6 @@ def ask_roots(
         if not timer and not indexing:
             finish()
 
-    silence: list[IDelayedCall] = []
     if not requests:
         finish()
     elif not over:

@@ -255,6 +255,15 @@ class AskRootsTests(SynchronousTestCase):
         )
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
+    def test_every_holder_refuses_at_once(self) -> None:
+        """Holders that all fail before the question is even set up (their
+        connections refused at once) end it at once, with no offer and no
+        timer left."""
+        refusing = [self.network.add("refuse"), self.network.add("refuse")]
+        self.assertEqual(self.ask(), [])
+        self.assertEqual(self.clock.seconds(), 0)
+        self.assertEqual([peer for peer, _, _ in self.failed], refusing)
+
     def test_cancel(self) -> None:
         self.network.add("silent")
         self.network.add("blackhole")
