@@ -232,9 +232,9 @@ class MemoryRegistry:
         self.max_per_host = max_per_host
         self.max_per_network = max_per_network
         self._by_host: dict[str, Lease | dict[int, Lease]] = {}
-        # Leases per network (for the cap), per wide network (for listing
-        # keys), and per IPv6 /64 (an IPv4 source is one host, counted by
-        # _by_host; kept only while its limit is on).
+        # Leases per wide network (for listing keys), and per network and
+        # per IPv6 /64 (an IPv4 source is one host, counted by _by_host)
+        # for the caps, kept only while their limit is on.
         self._per_network: dict[str, int] = {}
         self._per_wide_network: dict[str, int] = {}
         self._per_source_v6: dict[str, int] = {}
@@ -304,9 +304,10 @@ class MemoryRegistry:
     def _count_groups(self, lease: Lease, step: int) -> None:
         """Add C{step} to C{lease}'s network, wide network and IPv6 source
         counts."""
-        netgroup.tally(self._per_network, lease.network, step)
         wide = netgroup.wide_network_of(lease.host)
         netgroup.tally(self._per_wide_network, wide, step)
+        if self.max_per_network:
+            netgroup.tally(self._per_network, lease.network, step)
         if self.max_per_host and ":" in lease.host:
             source = netgroup.source_of(lease.host)
             if source != lease.host:
