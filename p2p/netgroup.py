@@ -57,22 +57,7 @@ def groups(host: str) -> tuple[str, str]:
     """
     if _CANONICAL_IPV4.fullmatch(host):
         return host, host[: host.rfind(".")] + ".0/24"
-    return _parsed_groups(host)
-
-
-@functools.lru_cache(maxsize=8192)
-def _parsed_groups(host: str) -> tuple[str, str]:
-    """L{groups} of anything but a canonical IPv4 address."""
-    try:
-        address = ipaddress.ip_address(host)
-    except ValueError:
-        return host, host
-    if address.version == 4:
-        network = ipaddress.ip_network(f"{host}/{NETWORK_PREFIX_V4}", strict=False)
-        return host, str(network)
-    source = ipaddress.ip_network(f"{address}/{SOURCE_PREFIX_V6}", strict=False)
-    network = ipaddress.ip_network(f"{address}/{NETWORK_PREFIX_V6}", strict=False)
-    return str(source), str(network)
+    return _parsed(host)[:2]
 
 
 def wide_network_of(host: str) -> str:
@@ -83,18 +68,31 @@ def wide_network_of(host: str) -> str:
     """
     if _CANONICAL_IPV4.fullmatch(host):
         return host[: host.find(".", host.find(".") + 1)] + ".0.0/16"
-    return _parsed_wide_network(host)
+    return _parsed(host)[2]
 
 
 @functools.lru_cache(maxsize=8192)
-def _parsed_wide_network(host: str) -> str:
-    """L{wide_network_of} of anything but a canonical IPv4 address."""
+def _parsed(host: str) -> tuple[str, str, str]:
+    """
+    The source, network and wide network of anything but a canonical IPv4
+    address (L{groups}, L{wide_network_of}): one parse and one cache entry
+    for all three.
+    """
     try:
         address = ipaddress.ip_address(host)
     except ValueError:
-        return host
-    prefix = WIDE_PREFIX_V4 if address.version == 4 else WIDE_PREFIX_V6
-    return str(ipaddress.ip_network(f"{address}/{prefix}", strict=False))
+        return host, host, host
+
+    def prefix(length: int) -> str:
+        return str(ipaddress.ip_network(f"{address}/{length}", strict=False))
+
+    if address.version == 4:
+        return host, prefix(NETWORK_PREFIX_V4), prefix(WIDE_PREFIX_V4)
+    return (
+        prefix(SOURCE_PREFIX_V6),
+        prefix(NETWORK_PREFIX_V6),
+        prefix(WIDE_PREFIX_V6),
+    )
 
 
 def source_of(host: str) -> str:
