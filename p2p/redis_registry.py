@@ -12,15 +12,15 @@ string ``"HOST PORT"``:
 * ``<prefix>l:<member>``: a hash per lease: name ``n``, listing key
   ``s``, registered ``r``, renewed ``w``, expires ``e``, verified ``v``,
   and the source ``S``, network ``N`` and wide network ``G`` it counts
-  against (L{p2p.netgroup}).  It has no key TTL: it lives exactly as long as the
-  member's entries in the sets below, since ending a lease (below) needs
-  its source and network.  (A TTL, once kept as a safety net, removed the
-  hash of every lease when all relays were down longer than three lease
-  lengths, and left its counts and index entries behind for good.)  A
-  member whose hash is gone all the same (evicted, deleted by hand, or
-  expired under an earlier version) is a *ghost*: it is never listed,
-  ending it removes its entries, and the relay that ends it takes it off
-  the counts (L{RedisRegistry}, ``uncount``).
+  against (L{p2p.netgroup}).  It has no key TTL: it lives exactly as long
+  as the member's entries in the sets below, since ending a lease (below)
+  needs its source, network and wide network.  (A TTL, once kept as a
+  safety net, removed the hash of every lease when all relays were down
+  longer than three lease lengths, and left its counts and index entries
+  behind for good.)  A member whose hash is gone all the same (evicted,
+  deleted by hand, or expired under an earlier version) is a *ghost*: it
+  is never listed, ending it removes its entries, and the relay that ends
+  it takes it off the counts (L{RedisRegistry}, ``uncount``).
 * ``<prefix>due``: a sorted set of members by expiry time.  Every script
   first ends the leases due by the caller's "now" (``ZRANGEBYSCORE -inf
   now``, at most L{EXPIRE_BATCH} of them): O(expired), never a scan.  The
@@ -766,9 +766,9 @@ class RedisRegistry:
         """
         Take the ghosts among C{leases} (ended with their hash gone: no
         sequence number) off the source, network and wide network counts,
-        which the script could not read from the hash.  One more round trip, only
-        when there are ghosts; a failure leaves the counts high (logged
-        as any unanswered call).
+        which the script could not read from the hash.  One more round
+        trip, only when there are ghosts; a failure leaves the counts high
+        (logged as any unanswered call).
         """
         groups = [
             group
